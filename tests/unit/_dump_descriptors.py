@@ -1,14 +1,49 @@
-import json, sys
-def msgs(fd):
-    out={}
-    def rec(m):
-        out[m.full_name]={f.name:[f.number,f.type,f.label] for f in m.fields}
-        for n in m.nested_types: rec(n)
-    for m in fd.message_types_by_name.values(): rec(m)
+"""Prints the field table of a descriptor set as JSON: `ours` (server._proto) or `triton`
+(tritonclient's copy). Run in a subprocess: both register the same names in protobuf's default
+pool, so they cannot be imported into one process."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def fields(fd: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def rec(m: Any) -> None:
+        out[m.full_name] = {f.name: [f.number, f.type, f.is_repeated] for f in m.fields}
+        for n in m.nested_types:
+            rec(n)
+
+    for m in fd.message_types_by_name.values():
+        rec(m)
     return out
-if sys.argv[1]=="ours":
-    from server._proto.inference import grpc_service_pb2 as p; d=msgs(p.DESCRIPTOR); s=p.DESCRIPTOR.services_by_name['GRPCInferenceService']
-else:
-    from tritonclient.grpc import service_pb2 as p, model_config_pb2 as c; d={**msgs(p.DESCRIPTOR),**msgs(c.DESCRIPTOR)}; s=p.DESCRIPTOR.services_by_name['GRPCInferenceService']
-d["__service__"]={m.name:[m.input_type.full_name,m.output_type.full_name,m.client_streaming,m.server_streaming] for m in s.methods}
-print(json.dumps(d))
+
+
+def main(which: str) -> None:
+    if which == "ours":
+        from server._proto.inference import grpc_service_pb2 as p
+
+        table = fields(p.DESCRIPTOR)
+    else:
+        from tritonclient.grpc import model_config_pb2 as c
+        from tritonclient.grpc import service_pb2 as p
+
+        table = {**fields(p.DESCRIPTOR), **fields(c.DESCRIPTOR)}
+    svc = p.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    table["__service__"] = {
+        m.name: [
+            m.input_type.full_name,
+            m.output_type.full_name,
+            m.client_streaming,
+            m.server_streaming,
+        ]
+        for m in svc.methods
+    }
+    print(json.dumps(table))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

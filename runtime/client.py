@@ -1,0 +1,303 @@
+"""The front's side of the worker link: an asyncio client over the worker's Unix socket.
+
+Owns the front's shared-memory arena and slot pool. `infer` leases a run of slots, copies the
+inputs into it (the one host copy of a request's tensors), sends an Infer message, and awaits
+InferDone. A lease is returned only once the worker can no longer write to it: on its reply, or
+when the worker is known dead. If the link drops, every pending call fails with WorkerGone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from runtime.ipc.protocol import (
+    FRAME_HEADER,
+    PROTOCOL_VERSION,
+    Code,
+    Hello,
+    Infer,
+    InferDone,
+    LoadDone,
+    LoadModel,
+    OutputRequest,
+    TensorRef,
+    Timings,
+    UnloadDone,
+    UnloadModel,
+    Welcome,
+    decode_worker,
+    encode,
+)
+from runtime.ipc.shm import Arena, Lease, SlotPool, align_up
+
+__all__ = [
+    "ArenaFull",
+    "CallFailed",
+    "InferResult",
+    "OutputTensor",
+    "PreparedInput",
+    "RuntimeClient",
+    "WorkerGone",
+]
+
+log = logging.getLogger(__name__)
+
+
+class WorkerGone(Exception):
+    """The worker process died or the link to it broke."""
+
+
+class CallFailed(Exception):
+    """The worker answered a call with a non-OK code."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ArenaFull(Exception):
+    """No run of free slots large enough appeared before the call's deadline."""
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedInput:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    payload: bytes | memoryview  # the tensor in KServe raw form
+
+
+@dataclass(frozen=True, slots=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: bytes
+    inline: bool  # True when it came back in the message (slow path)
+
+
+@dataclass(frozen=True, slots=True)
+class InferResult:
+    outputs: tuple[OutputTensor, ...]
+    timings: Timings
+
+
+class RuntimeClient:
+    def __init__(self, socket_path: str, arena: Arena, pool: SlotPool, frontend_id: int) -> None:
+        self.socket_path = socket_path
+        self.arena = arena
+        self.pool = pool
+        self.frontend_id = frontend_id
+        self.welcome: Welcome | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[object]] = {}
+        self._leases: dict[int, Lease] = {}
+        self._space_waiters: list[asyncio.Future[None]] = []
+        self._on_lost: Callable[[], None] | None = None
+        self.closed = True
+        self.inline_outputs = 0  # counted slow path: outputs that did not fit the reservation
+
+    async def connect(self, on_lost: Callable[[], None] | None = None) -> Welcome:
+        self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
+        self._on_lost = on_lost
+        self.closed = False
+        self._task = asyncio.create_task(self._read_loop(), name="worker-link")
+        fut = self._expect(0)
+        self._send(Hello(PROTOCOL_VERSION, self.frontend_id, self.arena.name, self.arena.size))
+        welcome = await asyncio.wait_for(fut, 30)
+        assert isinstance(welcome, Welcome)
+        self.welcome = welcome
+        return welcome
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._fail_all(WorkerGone("link closed"))
+
+    async def load(self, msg: LoadModel) -> LoadDone:
+        fut = self._expect(msg.request_id)
+        self._send(msg)
+        done = await fut
+        assert isinstance(done, LoadDone)
+        return done
+
+    async def unload(self, name: str, version: int) -> None:
+        rid = self.next_request_id()
+        fut = self._expect(rid)
+        self._send(UnloadModel(rid, name, version))
+        await fut
+
+    def next_request_id(self) -> int:
+        return next(self._ids)
+
+    async def infer(
+        self,
+        name: str,
+        version: int,
+        inputs: Sequence[PreparedInput],
+        outputs: Sequence[str],
+        output_reserve: int,
+        deadline: float | None,
+    ) -> InferResult:
+        """Run one call. `deadline` is a time.monotonic() value or None."""
+        if self.closed:
+            raise WorkerGone("worker is not connected")
+        need = sum(align_up(len(t.payload)) for t in inputs) + align_up(output_reserve)
+        lease = self.pool.try_lease(need) or await self._wait_for_space(need, deadline)
+        call_id = next(self._ids)
+        released = False
+        try:
+            buf = self.arena.buf
+            pos = lease.offset
+            refs: list[TensorRef] = []
+            for t in inputs:
+                n = len(t.payload)
+                buf[pos : pos + n] = t.payload
+                refs.append(TensorRef(t.name, t.datatype, t.shape, pos, n))
+                pos += align_up(n)
+            deadline_ns = int(deadline * 1e9) if deadline is not None else 0
+            msg = Infer(
+                call_id,
+                name,
+                version,
+                tuple(refs),
+                tuple(OutputRequest(o) for o in outputs),
+                pos,
+                lease.offset + lease.size - pos,
+                deadline_ns,
+            )
+            fut = self._expect(call_id)
+            self._leases[call_id] = lease
+            self._send(msg)
+            released = True  # from here the reader returns the lease
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                done = await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except BaseException:
+                fut.cancel()  # the reader returns the lease when the worker answers
+                raise
+        finally:
+            if not released:
+                self._release(lease)
+        assert isinstance(done, InferDone)
+        if done.code != Code.OK:
+            raise CallFailed(done.code, done.message)
+        out: list[OutputTensor] = []
+        for o in done.outputs:
+            if o.inline is not None:
+                self.inline_outputs += 1
+                out.append(OutputTensor(o.name, o.datatype, o.shape, o.inline, True))
+            else:
+                data = bytes(buf[o.offset : o.offset + o.nbytes])
+                out.append(OutputTensor(o.name, o.datatype, o.shape, data, False))
+        # The outputs are copied out: the slots can go back now.
+        lease_back = self._leases.pop(call_id, None)
+        if lease_back is not None:
+            self._release(lease_back)
+        return InferResult(tuple(out), done.timings or Timings())
+
+    # ------------------------------------------------------------------ internals
+
+    def _expect(self, key: int) -> asyncio.Future[object]:
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._pending[key] = fut
+        return fut
+
+    def _send(self, msg: Hello | LoadModel | UnloadModel | Infer) -> None:
+        if self._writer is None or self.closed:
+            raise WorkerGone("worker is not connected")
+        self._writer.write(encode(msg))
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        reader = self._reader
+        try:
+            while True:
+                header = await reader.readexactly(FRAME_HEADER.size)
+                (size,) = FRAME_HEADER.unpack(header)
+                msg = decode_worker(await reader.readexactly(size))
+                if isinstance(msg, InferDone):
+                    key = msg.call_id
+                    fut = self._pending.pop(key, None)
+                    if fut is None or fut.cancelled() or fut.done():
+                        # The caller gave up (deadline): nobody will copy outputs out.
+                        lease = self._leases.pop(key, None)
+                        if lease is not None:
+                            self._release(lease)
+                        continue
+                    fut.set_result(msg)
+                    continue
+                if isinstance(msg, Welcome):
+                    key = 0
+                elif isinstance(msg, LoadDone | UnloadDone):
+                    key = msg.request_id
+                else:  # pragma: no cover - the union is closed
+                    continue
+                fut = self._pending.pop(key, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            if not self.closed:
+                log.warning("worker link lost: %s", exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("worker link protocol error")
+        finally:
+            self.closed = True
+            self._fail_all(WorkerGone("worker process exited"))
+            if self._on_lost is not None:
+                self._on_lost()
+
+    def _fail_all(self, exc: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for key, fut in pending.items():
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved: callers may have gone
+            # Unanswered calls: the dead worker will never write to their slots again.
+            lease = self._leases.pop(key, None)
+            if lease is not None:
+                self._release(lease)
+
+    def _release(self, lease: Lease) -> None:
+        self.pool.release(lease)
+        waiters, self._space_waiters = self._space_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def _wait_for_space(self, need: int, deadline: float | None) -> Lease:
+        if self.pool.slots_for(need) > self.pool.slots:
+            raise ArenaFull(
+                f"request needs {need} bytes of shared memory; the arena holds {self.pool.capacity}"
+            )
+        limit = time.monotonic() + 5.0 if deadline is None else deadline
+        while True:
+            lease = self.pool.try_lease(need)
+            if lease is not None:
+                return lease
+            remaining = limit - time.monotonic()
+            if remaining <= 0:
+                raise ArenaFull("shared-memory slots are all in use")
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._space_waiters.append(waiter)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(waiter, remaining)

@@ -1,0 +1,164 @@
+"""A loaded model version: its onnxruntime session, signature, and one-call execution.
+
+`execute` reads input tensors as zero-copy numpy views over the shared-memory arena, runs the
+session, and writes outputs back into the arena (or inline if they do not fit the reserved
+space). Time is measured per phase for Triton-style statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.engine.session import make_session, signature_of
+from runtime.engine.signature import reconcile
+from runtime.ipc.dtypes import DTYPES, BytesDecodeError, decode_bytes_tensor, encode_bytes_tensor
+from runtime.ipc.protocol import (
+    Code,
+    Infer,
+    InferDone,
+    LoadModel,
+    ModelSignature,
+    OutputData,
+    Timings,
+)
+from runtime.ipc.shm import align_up
+
+__all__ = ["LoadedModel"]
+
+log = logging.getLogger(__name__)
+
+
+class BadInput(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    name: str
+    version: int
+    session: ort.InferenceSession
+    signature: ModelSignature
+    output_names: tuple[str, ...]
+    input_types: dict[str, str]
+
+    @classmethod
+    def load(cls, spec: LoadModel, device: str) -> LoadedModel:
+        session = make_session(spec.path, device, spec.intra_op_threads)
+        sig = reconcile(signature_of(session), spec.declared, spec.max_batch_size)
+        model = cls(
+            spec.name,
+            spec.version,
+            session,
+            sig,
+            tuple(t.name for t in sig.outputs),
+            {t.name: t.datatype for t in sig.inputs},
+        )
+        model.warm_up()
+        return model
+
+    def warm_up(self) -> None:
+        """One run at batch 1 with zeros so that the first request does not pay lazy
+        initialisation. Skipped when a shape is not fully known or an input is text."""
+        feeds: dict[str, Any] = {}
+        for t in self.signature.inputs:
+            dims = [1 if (i == 0 and d == -1) else d for i, d in enumerate(t.shape)]
+            if t.datatype == "BYTES" or any(d < 0 for d in dims):
+                return
+            feeds[t.name] = np.zeros(dims, dtype=DTYPES[t.datatype].numpy)
+        self.session.run(list(self.output_names), feeds)
+
+    def execute(self, call: Infer, buf: memoryview, received_ns: int) -> InferDone:
+        t0 = time.monotonic_ns()
+        if call.deadline_ns and t0 > call.deadline_ns:
+            return InferDone(call.call_id, Code.DEADLINE, "deadline expired before execution")
+        try:
+            feeds = {ref.name: _input_array(ref, buf) for ref in call.inputs}
+        except BadInput as exc:
+            return InferDone(call.call_id, Code.BAD_INPUT, str(exc))
+        names = [o.name for o in call.outputs] or list(self.output_names)
+        t1 = time.monotonic_ns()
+        try:
+            results = self.session.run(names, feeds)
+        except Exception as exc:
+            return _run_error(call.call_id, exc)
+        t2 = time.monotonic_ns()
+        outputs = _write_outputs(names, results, self.signature, buf, call)
+        t3 = time.monotonic_ns()
+        batch = _batch_of(call)
+        timings = Timings(t0 - received_ns, t1 - t0, t2 - t1, t3 - t2, batch)
+        return InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings)
+
+
+def _batch_of(call: Infer) -> int:
+    first = call.inputs[0].shape if call.inputs else ()
+    return first[0] if first else 1
+
+
+def _input_array(ref: Any, buf: memoryview) -> np.ndarray[Any, Any]:
+    count = math.prod(ref.shape)
+    if ref.datatype == "BYTES":
+        try:
+            items = decode_bytes_tensor(buf[ref.offset : ref.offset + ref.nbytes], count)
+            # onnxruntime's Python binding only takes str for string tensors.
+            text = [b.decode("utf-8") for b in items]
+        except BytesDecodeError as exc:
+            raise BadInput(f"input '{ref.name}': malformed BYTES: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise BadInput(
+                f"input '{ref.name}': BYTES element is not valid UTF-8 "
+                "(onnxruntime string tensors hold text)"
+            ) from exc
+        return np.array(text, dtype=object).reshape(ref.shape)
+    dtype = np.dtype(DTYPES[ref.datatype].numpy)
+    return np.frombuffer(buf, dtype=dtype, count=count, offset=ref.offset).reshape(ref.shape)
+
+
+def _write_outputs(
+    names: list[str],
+    results: list[Any],
+    sig: ModelSignature,
+    buf: memoryview,
+    call: Infer,
+) -> tuple[OutputData, ...]:
+    types = {t.name: t.datatype for t in sig.outputs}
+    pos, end = call.out_offset, call.out_offset + call.out_capacity
+    out: list[OutputData] = []
+    for name, arr in zip(names, results, strict=True):
+        datatype = types[name]
+        shape = tuple(int(d) for d in arr.shape)
+        if datatype == "BYTES":
+            flat = [s.encode("utf-8") if isinstance(s, str) else bytes(s) for s in arr.ravel()]
+            data: Any = encode_bytes_tensor(flat)
+            nbytes = len(data)
+        else:
+            data = np.ascontiguousarray(arr)
+            nbytes = data.nbytes
+        if pos + nbytes <= end:
+            if datatype == "BYTES":
+                buf[pos : pos + nbytes] = data
+            elif nbytes:
+                dst = np.frombuffer(buf, dtype=data.dtype, count=data.size, offset=pos)
+                np.copyto(dst, data.reshape(-1))
+            out.append(OutputData(name, datatype, shape, pos, nbytes))
+            pos += align_up(nbytes)
+        else:
+            # Shapes the front could not predict (variable dims, text): carried inline.
+            payload = data if isinstance(data, bytes) else data.tobytes()
+            out.append(OutputData(name, datatype, shape, 0, nbytes, payload))
+    return tuple(out)
+
+
+def _run_error(call_id: int, exc: Exception) -> InferDone:
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else type(exc).__name__
+    # onnxruntime reports shape/type problems in the caller's data as INVALID_ARGUMENT.
+    if "INVALID_ARGUMENT" in msg or type(exc).__name__ == "InvalidArgument":
+        return InferDone(call_id, Code.BAD_INPUT, msg.replace("[ONNXRuntimeError] : 2 : ", ""))
+    return InferDone(call_id, Code.MODEL_FAILED, msg.replace("[ONNXRuntimeError] : ", ""))

@@ -1,0 +1,204 @@
+"""The closed, typed message protocol between a front process and the runtime worker.
+
+Every message is a msgspec Struct in one tagged union per direction, encoded as msgpack and framed
+with a 4-byte little-endian length on a Unix stream socket. Tensors never travel here: messages
+carry (offset, nbytes) references into the front's shared-memory arena (`runtime.ipc.shm`).
+Nothing is pickled; an unknown tag or a malformed frame is a protocol error that closes the link.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Final
+
+import msgspec
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Code",
+    "FrontMessage",
+    "Hello",
+    "Infer",
+    "InferDone",
+    "LoadDone",
+    "LoadModel",
+    "ModelSignature",
+    "OutputData",
+    "OutputRequest",
+    "Shutdown",
+    "TensorInfo",
+    "TensorRef",
+    "Timings",
+    "UnloadDone",
+    "UnloadModel",
+    "Welcome",
+    "WorkerMessage",
+    "decode_front",
+    "decode_worker",
+    "encode",
+]
+
+PROTOCOL_VERSION: Final = 1
+FRAME_HEADER: Final = struct.Struct("<I")
+MAX_FRAME: Final = 64 * 1024 * 1024  # inline outputs are the only large payloads
+
+
+class Code(enum.IntEnum):
+    """Outcome of a worker operation; the front maps these onto its domain errors."""
+
+    OK = 0
+    BAD_INPUT = 1
+    NOT_LOADED = 2
+    NOT_READY = 3
+    OVERLOADED = 4
+    DEADLINE = 5
+    INTERNAL = 6
+    MODEL_FAILED = 7  # onnxruntime rejected the data at run time (e.g. Cast of "abc" to int)
+
+
+class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
+    pass
+
+
+class TensorInfo(_Msg):
+    """A model tensor as the ONNX graph (and config) declares it; -1 = variable dimension."""
+
+    name: str
+    datatype: str  # KServe wire datatype
+    shape: tuple[int, ...]
+
+
+class ModelSignature(_Msg):
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+
+class TensorRef(_Msg):
+    """A tensor held in the sender's shared-memory arena at [offset, offset + nbytes)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+class OutputRequest(_Msg):
+    name: str
+
+
+class Timings(_Msg):
+    """Nanoseconds spent in the worker for one call (Triton's statistics phases)."""
+
+    queue_ns: int = 0
+    input_ns: int = 0
+    infer_ns: int = 0
+    output_ns: int = 0
+    batch_size: int = 1  # size of the execution this call ran in
+
+
+# ----------------------------------------------------------------------------- front -> worker
+
+
+class Hello(_Msg, tag="hello"):
+    version: int
+    frontend_id: int
+    arena_name: str  # POSIX shm name, e.g. "/microtune-1234-0"
+    arena_size: int
+
+
+class LoadModel(_Msg, tag="load"):
+    request_id: int
+    name: str
+    version: int
+    path: str  # model.onnx on disk
+    max_batch_size: int
+    declared: ModelSignature  # inputs/outputs from the config file; empty = take the graph's
+    intra_op_threads: int = 1
+
+
+class UnloadModel(_Msg, tag="unload"):
+    request_id: int
+    name: str
+    version: int
+
+
+class Infer(_Msg, tag="infer"):
+    call_id: int
+    name: str
+    version: int
+    inputs: tuple[TensorRef, ...]
+    outputs: tuple[OutputRequest, ...]  # empty = all outputs
+    out_offset: int  # where in the arena the worker may write outputs
+    out_capacity: int
+    deadline_ns: int = 0  # CLOCK_MONOTONIC deadline; 0 = none
+
+
+class Shutdown(_Msg, tag="shutdown"):
+    pass
+
+
+FrontMessage = Hello | LoadModel | UnloadModel | Infer | Shutdown
+
+# ----------------------------------------------------------------------------- worker -> front
+
+
+class Welcome(_Msg, tag="welcome"):
+    version: int
+    pid: int
+    device: str  # "cpu" or "cuda:N"
+    providers: tuple[str, ...]
+
+
+class LoadDone(_Msg, tag="loaded"):
+    request_id: int
+    code: Code
+    message: str = ""
+    signature: ModelSignature | None = None
+    load_ns: int = 0
+
+
+class UnloadDone(_Msg, tag="unloaded"):
+    request_id: int
+
+
+class OutputData(_Msg):
+    """An output written at [offset, offset + nbytes) of the arena, or carried inline when it
+    did not fit in the space the front reserved (counted as a slow path)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    inline: bytes | None = None
+
+
+class InferDone(_Msg, tag="done"):
+    call_id: int
+    code: Code
+    message: str = ""
+    outputs: tuple[OutputData, ...] = ()
+    timings: Timings | None = None
+
+
+WorkerMessage = Welcome | LoadDone | UnloadDone | InferDone
+
+_encoder = msgspec.msgpack.Encoder()
+_front_decoder = msgspec.msgpack.Decoder(FrontMessage)
+_worker_decoder = msgspec.msgpack.Decoder(WorkerMessage)
+
+
+def encode(msg: FrontMessage | WorkerMessage) -> bytes:
+    """Encode one message as a complete frame (length header + msgpack body)."""
+    body = _encoder.encode(msg)
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+def decode_front(body: bytes | memoryview) -> FrontMessage:
+    return _front_decoder.decode(body)
+
+
+def decode_worker(body: bytes | memoryview) -> WorkerMessage:
+    return _worker_decoder.decode(body)

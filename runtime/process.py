@@ -1,0 +1,66 @@
+"""Starting and stopping the worker process from the front (spawn, never fork)."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import time
+from multiprocessing.process import BaseProcess
+
+from runtime.settings import WorkerSettings
+
+__all__ = ["WorkerProcess"]
+
+
+class WorkerProcess:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self._proc: BaseProcess | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> None:
+        from runtime import worker  # the spawn target; importing it does not import onnxruntime
+
+        ctx = multiprocessing.get_context("spawn")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.settings.socket_path)
+        self._proc = ctx.Process(
+            target=worker.run,
+            args=(self.settings.encode(),),
+            name="microtune-worker",
+            daemon=True,
+        )
+        self._proc.start()
+
+    def wait_listening(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.settings.socket_path):
+            if not self.is_alive():
+                raise RuntimeError(f"worker exited with code {self.exitcode} during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError("worker did not start listening in time")
+            time.sleep(0.01)
+
+    def is_alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._proc.exitcode if self._proc else None
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(1)

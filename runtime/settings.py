@@ -1,0 +1,27 @@
+"""Settings of the runtime worker process: a frozen struct handed over by the front at spawn
+(the worker reads no environment of its own)."""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = ["WorkerSettings"]
+
+
+class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    socket_path: str
+    """Unix socket the worker listens on; front processes connect to it."""
+    device: str = "auto"
+    """"auto" (CUDA when onnxruntime-gpu and a GPU are present, else CPU), "cpu" or "cuda:N"."""
+    exec_threads: int = 2
+    """Threads running inference calls; onnxruntime releases the GIL while it computes."""
+    log_level: str = "INFO"
+    parent_pid: int = 0
+    """Exit when this process disappears (so a SIGKILLed front leaves no orphan worker)."""
+
+    def encode(self) -> bytes:
+        return msgspec.json.encode(self)
+
+    @staticmethod
+    def decode(data: bytes) -> WorkerSettings:
+        return msgspec.json.decode(data, type=WorkerSettings)

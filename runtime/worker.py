@@ -1,0 +1,226 @@
+"""The runtime worker process: owns the onnxruntime sessions and executes calls from fronts.
+
+Started by the front with multiprocessing `spawn` (never fork: a CUDA context does not survive
+it). It listens on a Unix socket; each front connects, says Hello with the name of its
+shared-memory arena, then sends typed messages (runtime.ipc.protocol). Per connection, a reader
+thread decodes frames and hands inference calls to a thread pool; loads run on their own thread
+so that a slow load never stalls inference. Replies are written under a per-connection lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from runtime.engine.model import LoadedModel
+from runtime.engine.session import SessionError, choose_device
+from runtime.engine.signature import SignatureMismatch
+from runtime.ipc.protocol import (
+    FRAME_HEADER,
+    MAX_FRAME,
+    PROTOCOL_VERSION,
+    Code,
+    Hello,
+    Infer,
+    InferDone,
+    LoadDone,
+    LoadModel,
+    Shutdown,
+    UnloadDone,
+    UnloadModel,
+    Welcome,
+    decode_front,
+    encode,
+)
+from runtime.ipc.shm import Arena
+from runtime.settings import WorkerSettings
+
+__all__ = ["Worker", "run"]
+
+log = logging.getLogger("microtune.worker")
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.device = choose_device(settings.device)
+        self.models: dict[tuple[str, int], LoadedModel] = {}
+        self._models_lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(settings.exec_threads, thread_name_prefix="exec")
+        self.stopping = threading.Event()
+
+    def serve_forever(self) -> None:
+        path = self.settings.socket_path
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path + ".tmp")
+        srv.listen(64)
+        os.rename(path + ".tmp", path)  # appears atomically: the front polls for it
+        srv.settimeout(0.5)
+        log.info("worker %d listening on %s (device %s)", os.getpid(), path, self.device)
+        try:
+            while not self.stopping.is_set():
+                if self.settings.parent_pid and not _alive(self.settings.parent_pid):
+                    log.warning(
+                        "front process %d is gone; worker exiting", self.settings.parent_pid
+                    )
+                    break
+                try:
+                    conn, _ = srv.accept()
+                except TimeoutError:
+                    continue
+                conn.settimeout(None)
+                threading.Thread(target=Connection(self, conn).run, daemon=True).start()
+        finally:
+            srv.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def load(self, msg: LoadModel) -> LoadDone:
+        t0 = time.monotonic_ns()
+        try:
+            model = LoadedModel.load(msg, self.device)
+        except (SessionError, SignatureMismatch) as exc:
+            return LoadDone(msg.request_id, Code.BAD_INPUT, str(exc))
+        except Exception as exc:
+            log.exception("loading %s version %d failed", msg.name, msg.version)
+            return LoadDone(msg.request_id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+        with self._models_lock:
+            self.models[(msg.name, msg.version)] = model
+        return LoadDone(
+            msg.request_id, Code.OK, signature=model.signature, load_ns=time.monotonic_ns() - t0
+        )
+
+    def unload(self, msg: UnloadModel) -> UnloadDone:
+        with self._models_lock:
+            self.models.pop((msg.name, msg.version), None)
+        return UnloadDone(msg.request_id)
+
+
+class Connection:
+    """One front process: its arena and its socket."""
+
+    def __init__(self, worker: Worker, sock: socket.socket) -> None:
+        self.worker = worker
+        self.sock = sock
+        self.send_lock = threading.Lock()
+        self.arena: Arena | None = None
+
+    def send(self, msg: Any) -> None:
+        frame = encode(msg)
+        with self.send_lock:
+            self.sock.sendall(frame)
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except (ConnectionError, OSError) as exc:
+            log.info("front connection closed: %s", exc)
+        except Exception:
+            log.exception("protocol error; closing the connection")
+        finally:
+            self.sock.close()
+            if self.arena is not None:
+                # The front is gone or done: nothing else will unlink its arena.
+                self.arena.unlink()
+                self.arena.close()
+
+    def _loop(self) -> None:
+        header = bytearray(FRAME_HEADER.size)
+        while True:
+            if not _recv_exact(self.sock, header):
+                return
+            (size,) = FRAME_HEADER.unpack(header)
+            if size > MAX_FRAME:
+                raise ValueError(f"frame of {size} bytes")
+            body = bytearray(size)
+            if not _recv_exact(self.sock, body):
+                return
+            msg = decode_front(body)
+            if isinstance(msg, Infer):
+                self.worker.pool.submit(self._infer, msg, time.monotonic_ns())
+            elif isinstance(msg, Hello):
+                self._hello(msg)
+            elif isinstance(msg, LoadModel):
+                threading.Thread(target=self._load, args=(msg,), daemon=True).start()
+            elif isinstance(msg, UnloadModel):
+                self.send(self.worker.unload(msg))
+            elif isinstance(msg, Shutdown):
+                self.worker.stopping.set()
+                return
+
+    def _hello(self, msg: Hello) -> None:
+        if msg.version != PROTOCOL_VERSION:
+            raise ValueError(f"front speaks protocol {msg.version}, worker {PROTOCOL_VERSION}")
+        self.arena = Arena(msg.arena_name, msg.arena_size, create=False)
+        import onnxruntime as ort
+
+        self.send(
+            Welcome(
+                PROTOCOL_VERSION,
+                os.getpid(),
+                self.worker.device,
+                tuple(ort.get_available_providers()),
+            )
+        )
+
+    def _load(self, msg: LoadModel) -> None:
+        self.send(self.worker.load(msg))
+
+    def _infer(self, call: Infer, received_ns: int) -> None:
+        try:
+            model = self.worker.models.get((call.name, call.version))
+            if model is None:
+                done = InferDone(
+                    call.call_id,
+                    Code.NOT_LOADED,
+                    f"model '{call.name}' version {call.version} is not loaded",
+                )
+            elif self.arena is None:
+                done = InferDone(call.call_id, Code.INTERNAL, "no arena: Hello not received")
+            else:
+                done = model.execute(call, self.arena.buf, received_ns)
+        except Exception as exc:
+            log.exception("call %d failed", call.call_id)
+            done = InferDone(call.call_id, Code.INTERNAL, type(exc).__name__)
+        with contextlib.suppress(OSError):
+            self.send(done)
+
+
+def _recv_exact(sock: socket.socket, buf: bytearray) -> bool:
+    view = memoryview(buf)
+    got = 0
+    while got < len(buf):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run(settings_json: bytes) -> None:
+    """Entry point of the spawned worker process."""
+    settings = WorkerSettings.decode(settings_json)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
+    )
+    Worker(settings).serve_forever()

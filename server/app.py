@@ -1,0 +1,107 @@
+"""Composition root of the front process: builds every piece, starts and stops them in order.
+
+settings -> WorkerLink (spawns the worker) -> ModelTable + ModelManager (loads models)
+         -> InferenceHandler -> InferenceServicer + health + reflection on grpc.aio
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server._proto.inference import grpc_service_pb2 as pb
+from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from server.handler import InferenceHandler
+from server.lifecycle import ModelManager
+from server.models import ModelTable
+from server.rpc.health import HealthState
+from server.rpc.servicer import InferenceServicer
+from server.settings import Settings
+from server.worker_link import WorkerLink
+
+__all__ = ["App", "serve"]
+
+log = logging.getLogger("microtune")
+
+
+class App:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.table = ModelTable()
+        self.link = WorkerLink(settings)
+        self.manager = ModelManager(
+            settings.model_repository, self.link, self.table, settings.intra_op_threads
+        )
+        self.handler = InferenceHandler(self.table, self.link, settings.server_name)
+        self.health = HealthState()
+        self.port = 0
+        self.server: grpc.aio.Server | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        s = self.settings
+        opts = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=opts)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.handler), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        reflection.enable_server_reflection(
+            (
+                pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self.port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        await server.start()
+        self.server = server
+        await self.health.start()
+        log.info("gRPC listening on %s:%d", s.grpc_host, self.port)
+        if s.port_file is not None:
+            s.port_file.write_text(str(self.port))
+        await self.link.start()
+        await self.manager.load_repository()
+        self.handler.started = True
+        self._watch = asyncio.create_task(self._watch_readiness())
+        return self.port
+
+    async def _watch_readiness(self) -> None:
+        # Readiness can change under our feet (worker death, loads): re-derive it often.
+        while True:
+            await self.health.set_ready(self.handler.ready())
+            await asyncio.sleep(0.1)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self.health.shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        await self.link.stop()
+
+
+async def serve(settings: Settings) -> None:
+    app = App(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+        log.info("microtune ready: %d model(s)", len(app.table.models))
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await app.stop()

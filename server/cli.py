@@ -1,0 +1,74 @@
+"""`microtune` command line: one flag per Settings field; flags override MICROTUNE_* variables.
+
+microtune serve [--model-repository DIR] [--grpc-host H] [--grpc-port P] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from server import __version__
+from server.settings import Settings
+
+__all__ = ["build_parser", "main", "settings_from_args"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="microtune",
+        description="KServe v2 / Triton-compatible gRPC model server for ONNX models.",
+    )
+    parser.add_argument("--version", action="version", version=f"microtune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model repository over gRPC",
+        description="Serve a model repository. Every flag can also be set "
+        "as MICROTUNE_<NAME> in the environment; flags win.",
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        serve.add_argument(
+            flag,
+            dest=name,
+            default=None,
+            metavar=name.upper(),
+            help=(field.description or "") + f" (default: {field.default})",
+        )
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    given: dict[str, Any] = {
+        k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None
+    }
+    return Settings(**given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"microtune: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(settings))
+    return 0
+
+
+async def _serve(settings: Settings) -> None:
+    from server.app import serve
+
+    await serve(settings)

@@ -1,0 +1,81 @@
+"""The domain error tree of the front process. No transport types here: server/rpc/status.py
+maps each ErrorCode to a gRPC status in one table.
+
+    MicrotuneError (code)
+    ├── NotFound          model, version or region unknown
+    ├── InvalidInput      request does not match the model (message names the tensor)
+    ├── NotReady          loading, restarting, draining: retry later
+    ├── Overloaded        queue or shared memory full
+    ├── DeadlineExceeded  the deadline passed before the result
+    ├── AlreadyExists     a name is taken
+    ├── Unsupported       RPC or feature not implemented
+    └── ModelFailed       the model itself failed on this input (onnxruntime run error)
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "AlreadyExists",
+    "DeadlineExceeded",
+    "ErrorCode",
+    "InvalidInput",
+    "MicrotuneError",
+    "ModelFailed",
+    "NotFound",
+    "NotReady",
+    "Overloaded",
+    "Unsupported",
+]
+
+
+class ErrorCode(enum.Enum):
+    NOT_FOUND = "not_found"
+    INVALID_INPUT = "invalid_input"
+    NOT_READY = "not_ready"
+    OVERLOADED = "overloaded"
+    DEADLINE = "deadline"
+    ALREADY_EXISTS = "already_exists"
+    UNSUPPORTED = "unsupported"
+    MODEL_FAILED = "model_failed"
+
+
+class MicrotuneError(Exception):
+    code: ErrorCode
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(MicrotuneError):
+    code = ErrorCode.NOT_FOUND
+
+
+class InvalidInput(MicrotuneError):
+    code = ErrorCode.INVALID_INPUT
+
+
+class NotReady(MicrotuneError):
+    code = ErrorCode.NOT_READY
+
+
+class Overloaded(MicrotuneError):
+    code = ErrorCode.OVERLOADED
+
+
+class DeadlineExceeded(MicrotuneError):
+    code = ErrorCode.DEADLINE
+
+
+class AlreadyExists(MicrotuneError):
+    code = ErrorCode.ALREADY_EXISTS
+
+
+class Unsupported(MicrotuneError):
+    code = ErrorCode.UNSUPPORTED
+
+
+class ModelFailed(MicrotuneError):
+    code = ErrorCode.MODEL_FAILED

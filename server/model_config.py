@@ -1,0 +1,95 @@
+"""Reads a model's config file into a ModelSpec.
+
+The format is Triton's: `config.pbtxt` (protobuf text) or `config.json` (the same message as
+JSON, which is also what RepositoryModelLoad's `config` parameter carries), restricted to the
+fields microtune uses. Everything is optional: inputs and outputs left out are read from the
+ONNX graph by the worker. See docs/model-repository.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from google.protobuf import json_format, text_format
+
+from runtime.ipc.dtypes import BY_CONFIG
+from server._proto.inference import grpc_service_pb2 as pb
+from server.types import DynamicBatching, ModelSpec, TensorSpec, VersionPolicy
+
+__all__ = ["ConfigError", "parse_config_json", "read_model_config", "spec_from_pb"]
+
+
+class ConfigError(ValueError):
+    """The config file is unreadable or asks for something microtune cannot do."""
+
+
+def read_model_config(model_dir: Path) -> ModelSpec:
+    pbtxt, js = model_dir / "config.pbtxt", model_dir / "config.json"
+    msg = pb.ModelConfig()
+    try:
+        if pbtxt.exists():
+            text_format.Parse(pbtxt.read_text(), msg)
+        elif js.exists():
+            json_format.Parse(js.read_text(), msg)
+    except (text_format.ParseError, json_format.ParseError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config of model '{model_dir.name}' does not parse: {exc}") from exc
+    return spec_from_pb(msg, model_dir.name)
+
+
+def parse_config_json(text: str, name: str) -> ModelSpec:
+    msg = pb.ModelConfig()
+    try:
+        json_format.Parse(text, msg)
+    except json_format.ParseError as exc:
+        raise ConfigError(f"config of model '{name}' does not parse: {exc}") from exc
+    return spec_from_pb(msg, name)
+
+
+def spec_from_pb(msg: pb.ModelConfig, dir_name: str) -> ModelSpec:
+    if msg.name and msg.name != dir_name:
+        raise ConfigError(f"config name '{msg.name}' differs from its directory '{dir_name}'")
+    platform = msg.platform or "onnxruntime_onnx"
+    if platform != "onnxruntime_onnx" or msg.backend not in ("", "onnxruntime"):
+        raise ConfigError(
+            f"model '{dir_name}': platform '{msg.platform or msg.backend}' is not supported "
+            "(microtune serves onnxruntime_onnx models)"
+        )
+    if msg.max_batch_size < 0:
+        raise ConfigError(f"model '{dir_name}': max_batch_size must be >= 0")
+    batching = None
+    if msg.HasField("dynamic_batching"):
+        db = msg.dynamic_batching
+        batching = DynamicBatching(tuple(db.preferred_batch_size), db.max_queue_delay_microseconds)
+    return ModelSpec(
+        name=dir_name,
+        max_batch_size=msg.max_batch_size,
+        inputs=tuple(_tensor(dir_name, "input", t.name, t.data_type, t.dims) for t in msg.input),
+        outputs=tuple(_tensor(dir_name, "output", t.name, t.data_type, t.dims) for t in msg.output),
+        version_policy=_policy(msg),
+        dynamic_batching=batching,
+        default_model_filename=msg.default_model_filename or "model.onnx",
+        platform=platform,
+        parameters={k: v.string_value for k, v in msg.parameters.items()},
+    )
+
+
+def _tensor(model: str, kind: str, name: str, data_type: int, dims: object) -> TensorSpec:
+    type_name = pb.DataType.Name(data_type)
+    dt = BY_CONFIG.get(type_name)
+    if dt is None:
+        raise ConfigError(f"model '{model}': {kind} '{name}' has unsupported type {type_name}")
+    shape = tuple(int(d) for d in dims)  # type: ignore[attr-defined]
+    if any(d < -1 or d == 0 for d in shape):
+        raise ConfigError(f"model '{model}': {kind} '{name}' has invalid dims {list(shape)}")
+    return TensorSpec(name, dt.wire, shape)
+
+
+def _policy(msg: pb.ModelConfig) -> VersionPolicy:
+    which = msg.version_policy.WhichOneof("policy_choice")
+    if which == "all":
+        return VersionPolicy("all")
+    if which == "specific":
+        return VersionPolicy("specific", versions=tuple(msg.version_policy.specific.versions))
+    if which == "latest":
+        return VersionPolicy("latest", num_versions=msg.version_policy.latest.num_versions or 1)
+    return VersionPolicy()

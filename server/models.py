@@ -1,0 +1,123 @@
+"""The front's table of models and versions: state, reason, signature and statistics.
+
+Mutated only on the event loop by the lifecycle (server.lifecycle); read by the handler.
+Resolution turns a (model, version string) into a READY version or a domain error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from runtime.ipc.protocol import ModelSignature
+from server.errors import InvalidInput, NotFound, NotReady
+from server.stats import VersionStats
+from server.types import ModelIndexEntry, ModelSpec, ModelState
+
+__all__ = ["ModelEntry", "ModelTable", "VersionEntry"]
+
+
+@dataclass(slots=True)
+class VersionEntry:
+    model: str
+    version: int
+    state: ModelState
+    reason: str = ""
+    signature: ModelSignature | None = None
+    path: str = ""
+    load_ns: int = 0
+    stats: VersionStats = field(default_factory=VersionStats)
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    name: str
+    spec: ModelSpec | None
+    reason: str = ""  # model-level failure (bad config, no versions)
+    versions: dict[int, VersionEntry] = field(default_factory=dict)
+
+    def ready_versions(self) -> list[int]:
+        return sorted(v for v, e in self.versions.items() if e.state is ModelState.READY)
+
+
+class ModelTable:
+    def __init__(self) -> None:
+        self.models: dict[str, ModelEntry] = {}
+
+    def get(self, name: str) -> ModelEntry:
+        entry = self.models.get(name)
+        if entry is None:
+            # Wording as Triton's: tritonclient's examples look for "Request for unknown model".
+            raise NotFound(f"Request for unknown model: '{name}' is not found")
+        return entry
+
+    def resolve(self, name: str, version: str) -> VersionEntry:
+        """The READY version to serve, or NotFound / NotReady / InvalidInput."""
+        entry = self.get(name)
+        if version:
+            v = parse_version(version)
+            ve = entry.versions.get(v)
+            if ve is None:
+                have = ", ".join(str(x) for x in sorted(entry.versions)) or "none"
+                raise NotFound(f"model '{name}' has no version {v} (versions: {have})")
+            if ve.state is not ModelState.READY:
+                raise NotReady(_not_ready(name, ve))
+            return ve
+        ready = entry.ready_versions()
+        if ready:
+            return entry.versions[ready[-1]]
+        if entry.reason:
+            raise NotReady(f"model '{name}' is not available: {entry.reason}")
+        loading = [e for e in entry.versions.values() if e.state is ModelState.LOADING]
+        if loading:
+            raise NotReady(f"model '{name}' is loading")
+        reasons = "; ".join(_not_ready(name, e) for e in entry.versions.values())
+        raise NotReady(reasons or f"model '{name}' has no ready version")
+
+    def is_ready(self, name: str, version: str) -> bool:
+        try:
+            self.resolve(name, version)
+        except (NotFound, NotReady, InvalidInput):
+            return False
+        return True
+
+    def index(self, ready_only: bool) -> list[ModelIndexEntry]:
+        out: list[ModelIndexEntry] = []
+        for name in sorted(self.models):
+            entry = self.models[name]
+            if entry.reason and not entry.versions:
+                if not ready_only:
+                    out.append(
+                        ModelIndexEntry(name, "", ModelState.UNAVAILABLE.value, entry.reason)
+                    )
+                continue
+            for v in sorted(entry.versions):
+                ve = entry.versions[v]
+                if ready_only and ve.state is not ModelState.READY:
+                    continue
+                out.append(ModelIndexEntry(name, str(v), ve.state.value, ve.reason))
+        return out
+
+    def loading(self) -> bool:
+        return any(
+            ve.state is ModelState.LOADING
+            for e in self.models.values()
+            for ve in e.versions.values()
+        )
+
+
+def parse_version(version: str) -> int:
+    v = int(version) if version.isdigit() else 0
+    if v <= 0:
+        # Triton's wording, which clients match on.
+        raise InvalidInput(
+            f"failed to get model version from specified version string '{version}': "
+            "version should be an integral value > 0"
+        )
+    return v
+
+
+def _not_ready(name: str, ve: VersionEntry) -> str:
+    if ve.state is ModelState.LOADING:
+        return f"model '{name}' version {ve.version} is loading"
+    why = f": {ve.reason}" if ve.reason else ""
+    return f"model '{name}' version {ve.version} is {ve.state.value.lower()}{why}"

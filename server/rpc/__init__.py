@@ -1,0 +1,1 @@
+"""gRPC transport: servicers that only translate protobuf <-> domain, the status table, health."""

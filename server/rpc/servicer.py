@@ -1,0 +1,173 @@
+"""`inference.GRPCInferenceService`: each method decodes, makes one handler call, encodes.
+
+No logic lives here: decisions are in server.handler, conversions in server.rpc.codec, and
+@rpc_errors maps every exception to a status (tests check that every RPC is wrapped).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from server._proto.inference import grpc_service_pb2 as pb
+from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from server.errors import MicrotuneError
+from server.handler import InferenceHandler
+from server.rpc import codec
+from server.rpc.status import rpc_errors
+
+__all__ = ["InferenceServicer"]
+
+log = logging.getLogger("microtune.rpc")
+
+Ctx = grpc.aio.ServicerContext
+
+
+def _deadline(context: Ctx) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, handler: InferenceHandler) -> None:
+        self.h = handler
+
+    @rpc_errors
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: Ctx
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.h.live())
+
+    @rpc_errors
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: Ctx
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.h.ready())
+
+    @rpc_errors
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Ctx
+    ) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.h.model_ready(request.name, request.version))
+
+    @rpc_errors
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Ctx
+    ) -> pb.ServerMetadataResponse:
+        name, version, extensions = self.h.server_metadata()
+        return pb.ServerMetadataResponse(name=name, version=version, extensions=extensions)
+
+    @rpc_errors
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Ctx
+    ) -> pb.ModelMetadataResponse:
+        return codec.encode_metadata(self.h.model_view(request.name, request.version))
+
+    @rpc_errors
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Ctx
+    ) -> pb.ModelConfigResponse:
+        return codec.encode_config(self.h.model_view(request.name, request.version))
+
+    @rpc_errors
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Ctx
+    ) -> pb.ModelInferResponse:
+        result = await self.h.infer(codec.decode_infer(request), _deadline(context))
+        return codec.encode_infer(result)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Ctx
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # Errors of one request travel in error_message and the stream goes on (Triton's form).
+        async for request in request_iterator:
+            try:
+                result = await self.h.infer(codec.decode_infer(request), _deadline(context))
+                yield pb.ModelStreamInferResponse(infer_response=codec.encode_infer(result))
+            except MicrotuneError as exc:
+                yield pb.ModelStreamInferResponse(
+                    error_message=exc.message,
+                    infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name, id=request.id
+                    ),
+                )
+            except Exception:
+                log.exception("internal error in ModelStreamInfer")
+                yield pb.ModelStreamInferResponse(error_message="internal error; see server log")
+
+    ModelStreamInfer.__rpc_errors__ = True  # type: ignore[attr-defined]  # handles its own
+
+    @rpc_errors
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Ctx
+    ) -> pb.ModelStatisticsResponse:
+        return codec.encode_statistics(self.h.statistics(request.name, request.version))
+
+    @rpc_errors
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Ctx
+    ) -> pb.RepositoryIndexResponse:
+        return codec.encode_index(self.h.repository_index(request.ready))
+
+    @rpc_errors
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Ctx
+    ) -> pb.RepositoryModelLoadResponse:
+        raise self.h.unsupported("RepositoryModelLoad", "explicit model control is not enabled")
+
+    @rpc_errors
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Ctx
+    ) -> pb.RepositoryModelUnloadResponse:
+        raise self.h.unsupported("RepositoryModelUnload", "explicit model control is not enabled")
+
+    @rpc_errors
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Ctx
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        raise self.h.unsupported("SystemSharedMemoryStatus", "client shared memory is off")
+
+    @rpc_errors
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Ctx
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        raise self.h.unsupported("SystemSharedMemoryRegister", "client shared memory is off")
+
+    @rpc_errors
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Ctx
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        raise self.h.unsupported("SystemSharedMemoryUnregister", "client shared memory is off")
+
+    @rpc_errors
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Ctx
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        raise self.h.unsupported("CudaSharedMemoryStatus", "client shared memory is off")
+
+    @rpc_errors
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: Ctx
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        raise self.h.unsupported("CudaSharedMemoryRegister", "client shared memory is off")
+
+    @rpc_errors
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Ctx
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        raise self.h.unsupported("CudaSharedMemoryUnregister", "client shared memory is off")
+
+    @rpc_errors
+    async def TraceSetting(
+        self, request: pb.TraceSettingRequest, context: Ctx
+    ) -> pb.TraceSettingResponse:
+        raise self.h.unsupported("TraceSetting", "tracing is configured with OTEL_* variables")
+
+    @rpc_errors
+    async def LogSettings(
+        self, request: pb.LogSettingsRequest, context: Ctx
+    ) -> pb.LogSettingsResponse:
+        raise self.h.unsupported("LogSettings", "set the log level with --log-level")

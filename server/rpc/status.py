@@ -1,0 +1,57 @@
+"""The one table from domain errors to gRPC status codes, and the decorator that applies it to
+every RPC. Unexpected exceptions answer INTERNAL with a generic message and an error id; the
+detail goes to the log only.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from server.errors import ErrorCode, MicrotuneError
+
+__all__ = ["STATUS", "rpc_errors"]
+
+log = logging.getLogger("microtune.rpc")
+
+STATUS: dict[ErrorCode, grpc.StatusCode] = {
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_READY: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorCode.UNSUPPORTED: grpc.StatusCode.UNIMPLEMENTED,
+    ErrorCode.MODEL_FAILED: grpc.StatusCode.INTERNAL,
+}
+
+R = TypeVar("R")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+
+
+def rpc_errors(fn: Handler[R]) -> Handler[R]:
+    """Wrap a unary servicer method so that every exception becomes a proper status."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await fn(self, request, context)
+        except MicrotuneError as exc:
+            await context.abort(STATUS[exc.code], exc.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("internal error %s in %s", error_id, fn.__name__)
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); see the server log"
+            )
+        raise AssertionError("unreachable")  # abort() always raises
+
+    wrapper.__rpc_errors__ = True  # type: ignore[attr-defined]
+    return wrapper

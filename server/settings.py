@@ -1,0 +1,55 @@
+"""The front process's one frozen settings object.
+
+Values come from, in increasing priority: defaults, `MICROTUNE_*` environment variables, CLI
+flags (server.cli builds one flag per field). Nothing else in the project reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEMO_REPOSITORY", "Settings"]
+
+DEMO_REPOSITORY = Path(__file__).resolve().parent / "demo_repository"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MICROTUNE_", frozen=True, extra="forbid")
+
+    model_repository: Path = DEMO_REPOSITORY
+    """Directory of models: <repo>/<model>/[config.pbtxt|config.json] and <version>/model.onnx."""
+    grpc_host: str = "127.0.0.1"
+    """Address to bind the gRPC server to ("0.0.0.0" or "[::]" in a container)."""
+    grpc_port: int = Field(8001, ge=0, le=65535)
+    """gRPC port; 0 picks a free one (written to --port-file)."""
+    port_file: Path | None = None
+    """If set, the bound gRPC port is written here once the server is serving."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level of the front and the worker."""
+    device: str = "auto"
+    """"auto", "cpu" or "cuda:N": where the worker runs models."""
+    worker_threads: int = Field(2, ge=1, le=64)
+    """Threads in the worker that run inference calls concurrently."""
+    intra_op_threads: int = Field(1, ge=0, le=256)
+    """onnxruntime intra-op threads per session (0 = onnxruntime's default, all cores)."""
+    shm_slot_bytes: int = Field(64 * 1024, ge=4096)
+    """Size of one shared-memory slot; a request takes a contiguous run of slots."""
+    shm_slots: int = Field(1024, ge=1)
+    """Number of slots in each front's arena (arena = slots x slot bytes in /dev/shm)."""
+    max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
+    """Largest gRPC message accepted or sent."""
+    worker_start_timeout_s: float = Field(60.0, gt=0)
+    """How long the worker may take to start listening."""
+    server_name: str = "triton"
+    """Name reported by ServerMetadata. Defaults to "triton" because Triton clients (its own
+    example programs among them) check it; the version field carries microtune's version."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.shm_slot_bytes % 4096:
+            raise ValueError("shm_slot_bytes must be a multiple of 4096")
+        return self

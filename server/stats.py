@@ -1,0 +1,65 @@
+"""Per model-version statistics with Triton's semantics (ModelStatistics RPC).
+
+success/fail: end-to-end request time in the front; queue and compute_* come from the worker.
+inference_count counts batch-n requests as n; execution_count counts model executions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from runtime.ipc.protocol import Timings
+
+__all__ = ["BatchStats", "Duration", "VersionStats"]
+
+
+@dataclass(slots=True)
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += max(ns, 0)
+
+
+@dataclass(slots=True)
+class BatchStats:
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass(slots=True)
+class VersionStats:
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    batches: dict[int, BatchStats] = field(default_factory=dict)
+
+    def record_success(self, total_ns: int, t: Timings, batch_size: int) -> None:
+        self.success.add(total_ns)
+        self.queue.add(t.queue_ns)
+        self.compute_input.add(t.input_ns)
+        self.compute_infer.add(t.infer_ns)
+        self.compute_output.add(t.output_ns)
+        self.inference_count += batch_size
+        self.execution_count += 1
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        b = self.batches.get(t.batch_size)
+        if b is None:
+            b = self.batches[t.batch_size] = BatchStats()
+        b.compute_input.add(t.input_ns)
+        b.compute_infer.add(t.infer_ns)
+        b.compute_output.add(t.output_ns)
+
+    def record_failure(self, total_ns: int) -> None:
+        self.fail.add(total_ns)
+        self.last_inference_ms = time.time_ns() // 1_000_000

@@ -1,0 +1,112 @@
+"""Domain types of the front process: frozen, slotted, transport-free."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "DynamicBatching",
+    "InferRequest",
+    "InferResponse",
+    "ModelIndexEntry",
+    "ModelSpec",
+    "ModelState",
+    "ParamValue",
+    "Tensor",
+    "TensorSpec",
+    "VersionPolicy",
+]
+
+ParamValue = bool | int | float | str
+
+
+class ModelState(enum.Enum):
+    """Triton's state strings (RepositoryIndex)."""
+
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNLOADING = "UNLOADING"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    datatype: str  # KServe wire datatype
+    dims: tuple[int, ...]  # without the batch dimension when max_batch_size > 0
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPolicy:
+    """Which version directories are served (Triton's semantics; default: the latest one)."""
+
+    kind: str = "latest"  # "latest" | "all" | "specific"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+    def select(self, available: list[int]) -> list[int]:
+        ordered = sorted(available)
+        if self.kind == "all":
+            return ordered
+        if self.kind == "specific":
+            return [v for v in ordered if v in self.versions]
+        return ordered[-self.num_versions :] if self.num_versions > 0 else []
+
+
+@dataclass(frozen=True, slots=True)
+class DynamicBatching:
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A model's configuration as read from its config file (or defaulted)."""
+
+    name: str
+    max_batch_size: int = 0
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    version_policy: VersionPolicy = VersionPolicy()
+    dynamic_batching: DynamicBatching | None = None
+    default_model_filename: str = "model.onnx"
+    platform: str = "onnxruntime_onnx"
+    parameters: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """A tensor in KServe raw form: row-major little-endian bytes (BYTES: length-prefixed)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    model: str
+    version: str  # as requested; "" = let the server choose
+    id: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[str, ...]  # requested outputs; empty = all
+    parameters: Mapping[str, ParamValue]
+
+
+@dataclass(frozen=True, slots=True)
+class InferResponse:
+    model: str
+    version: str  # the version that actually ran
+    id: str
+    outputs: tuple[Tensor, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIndexEntry:
+    name: str
+    version: str
+    state: str
+    reason: str

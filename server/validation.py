@@ -1,0 +1,106 @@
+"""Checks an InferRequest against the signature of the version it was routed to (pure).
+
+Returns what the worker needs: inputs in the model's order, the outputs to compute, and how many
+bytes to reserve for outputs. Every error names the tensor and says what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from runtime.client import PreparedInput
+from runtime.ipc.dtypes import DTYPES
+from runtime.ipc.protocol import ModelSignature
+from server.errors import InvalidInput
+from server.types import InferRequest
+
+__all__ = ["Plan", "plan_call"]
+
+_MIN_UNKNOWN_RESERVE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    inputs: tuple[PreparedInput, ...]
+    outputs: tuple[str, ...]  # empty = all
+    output_reserve: int
+    batch_size: int
+
+
+def plan_call(req: InferRequest, sig: ModelSignature, max_batch_size: int) -> Plan:
+    model = req.model
+    expected = {t.name: t for t in sig.inputs}
+    seen: dict[str, PreparedInput] = {}
+    for t in req.inputs:
+        spec = expected.get(t.name)
+        if spec is None:
+            names = ", ".join(expected)
+            raise InvalidInput(f"unexpected input '{t.name}' for model '{model}' (inputs: {names})")
+        if t.name in seen:
+            raise InvalidInput(f"input '{t.name}' appears more than once")
+        if t.datatype != spec.datatype:
+            raise InvalidInput(
+                f"input '{t.name}' has datatype {t.datatype} but model '{model}' expects "
+                f"{spec.datatype}"
+            )
+        _check_shape(model, t.name, t.shape, spec.shape, max_batch_size)
+        seen[t.name] = PreparedInput(t.name, t.datatype, t.shape, t.data)
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        raise InvalidInput(
+            f"model '{model}' expects input(s) {', '.join(missing)}, missing from the request"
+        )
+    batch = 1
+    if max_batch_size > 0:
+        sizes = {t.shape[0] for t in req.inputs}
+        if len(sizes) > 1:
+            raise InvalidInput(
+                f"inputs of model '{model}' disagree on the batch size: {sorted(sizes)}"
+            )
+        batch = sizes.pop()
+    out_types = {t.name: t for t in sig.outputs}
+    for name in req.outputs:
+        if name not in out_types:
+            raise InvalidInput(
+                f"unknown output '{name}' requested from model '{model}' "
+                f"(outputs: {', '.join(out_types)})"
+            )
+    if len(set(req.outputs)) != len(req.outputs):
+        raise InvalidInput("an output is requested more than once")
+    wanted = req.outputs or tuple(out_types)
+    in_bytes = sum(len(t.data) for t in req.inputs)
+    reserve = 0
+    for name in wanted:
+        o = out_types[name]
+        dims = [
+            batch if (i == 0 and d == -1 and max_batch_size > 0) else d
+            for i, d in enumerate(o.shape)
+        ]
+        itemsize = DTYPES[o.datatype].itemsize
+        if itemsize and all(d >= 0 for d in dims):
+            reserve += math.prod(dims) * itemsize + 64
+        else:
+            # Unknown size (variable dims, text): guess the inputs' size; too small -> inline.
+            reserve += max(in_bytes, _MIN_UNKNOWN_RESERVE)
+    ordered = tuple(seen[n] for n in expected)
+    return Plan(ordered, req.outputs, reserve, batch)
+
+
+def _check_shape(
+    model: str, name: str, shape: tuple[int, ...], want: tuple[int, ...], max_batch_size: int
+) -> None:
+    if len(shape) != len(want) or any(
+        w != -1 and s != w for s, w in zip(shape, want, strict=False)
+    ):
+        raise InvalidInput(
+            f"input '{name}' has shape {list(shape)} but model '{model}' expects {list(want)}"
+        )
+    if max_batch_size > 0:
+        if shape[0] < 1:
+            raise InvalidInput(f"input '{name}' has batch size {shape[0]}; it must be >= 1")
+        if shape[0] > max_batch_size:
+            raise InvalidInput(
+                f"input '{name}' has batch size {shape[0]}, more than max_batch_size "
+                f"{max_batch_size} of model '{model}'"
+            )
