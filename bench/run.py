@@ -50,7 +50,7 @@ class Proc:
         self.log = open(Path(self.tmp) / "log", "w")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.p = subprocess.Popen(
-            args + ["--port-file", str(self.port_file)],
+            [*args, "--port-file", str(self.port_file)],
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -327,7 +327,8 @@ def render(
         f"{1000 if quick else 3000}`) and both servers on the same 2 cores.",
         "Command: `make bench` (= `python bench/run.py`).",
         "",
-        "| server | model | payload | concurrency | infer/s | p50 (ms) | p99 (ms) | server CPU (cores) |",
+        "| server | model | payload | concurrency | infer/s | p50 (ms) | p99 (ms) "
+        "| server CPU (cores) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -353,7 +354,8 @@ def render(
     )
     checks = [
         (
-            f"dense c=1 p50 {d1.p50_us / 1000:.3f} ms <= floor p50 {f1.p50_us / 1000:.3f} + 0.35 ms",
+            f"dense c=1 p50 {d1.p50_us / 1000:.3f} ms <= floor p50 "
+            f"{f1.p50_us / 1000:.3f} + 0.35 ms",
             d1.p50_us <= f1.p50_us + 350,
         ),
         (
