@@ -36,13 +36,18 @@ class App:
         self.table = ModelTable()
         self.link = WorkerLink(settings)
         self.manager = ModelManager(
-            settings.model_repository, self.link, self.table, settings.intra_op_threads
+            settings.model_repository,
+            self.link,
+            self.table,
+            settings.intra_op_threads,
+            settings.model_control_mode,
+            settings.load_model,
         )
-        self.handler = InferenceHandler(self.table, self.link, settings.server_name)
+        self.handler = InferenceHandler(self.table, self.link, self.manager, settings.server_name)
         self.health = HealthState()
         self.port = 0
         self.server: grpc.aio.Server | None = None
-        self._watch: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
         s = self.settings
@@ -72,7 +77,9 @@ class App:
         await self.link.start()
         await self.manager.load_repository()
         self.handler.started = True
-        self._watch = asyncio.create_task(self._watch_readiness())
+        self._tasks.append(asyncio.create_task(self._watch_readiness()))
+        if s.model_control_mode == "poll":
+            self._tasks.append(asyncio.create_task(self.manager.poll_forever(s.repository_poll_s)))
         return self.port
 
     async def _watch_readiness(self) -> None:
@@ -82,14 +89,15 @@ class App:
             await asyncio.sleep(0.1)
 
     async def stop(self, grace: float = 5.0) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+                await task
         await self.health.shutdown()
         if self.server is not None:
             await self.server.stop(grace)
         await self.link.stop()
+        self.manager.close()
 
 
 async def serve(settings: Settings) -> None:

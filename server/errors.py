@@ -9,7 +9,8 @@ maps each ErrorCode to a gRPC status in one table.
     ├── DeadlineExceeded  the deadline passed before the result
     ├── AlreadyExists     a name is taken
     ├── Unsupported       RPC or feature not implemented
-    └── ModelFailed       the model itself failed on this input (onnxruntime run error)
+    ├── ModelFailed       the model itself failed on this input (onnxruntime run error)
+    └── LoadFailed        a repository load request failed (Triton answers INTERNAL)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "DeadlineExceeded",
     "ErrorCode",
     "InvalidInput",
+    "LoadFailed",
     "MicrotuneError",
     "ModelFailed",
     "NotFound",
@@ -39,6 +41,7 @@ class ErrorCode(enum.Enum):
     ALREADY_EXISTS = "already_exists"
     UNSUPPORTED = "unsupported"
     MODEL_FAILED = "model_failed"
+    LOAD_FAILED = "load_failed"
 
 
 class MicrotuneError(Exception):
@@ -79,3 +82,7 @@ class Unsupported(MicrotuneError):
 
 class ModelFailed(MicrotuneError):
     code = ErrorCode.MODEL_FAILED
+
+
+class LoadFailed(MicrotuneError):
+    code = ErrorCode.LOAD_FAILED

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from runtime.client import ArenaFull, CallFailed, WorkerGone
@@ -23,6 +24,7 @@ from server.errors import (
     Overloaded,
     Unsupported,
 )
+from server.lifecycle import ModelManager
 from server.models import ModelTable, VersionEntry
 from server.stats import VersionStats
 from server.types import InferRequest, InferResponse, ModelIndexEntry, ModelSpec, Tensor
@@ -32,7 +34,12 @@ from server.worker_link import WorkerLink
 __all__ = ["EXTENSIONS", "InferenceHandler", "ModelView", "StatsRow"]
 
 # Only what is really implemented (ServerMetadata.extensions).
-EXTENSIONS = ("model_configuration", "statistics", "model_repository")
+EXTENSIONS = (
+    "model_configuration",
+    "statistics",
+    "model_repository",
+    "model_repository(unload_dependents)",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +61,12 @@ class StatsRow:
 
 
 class InferenceHandler:
-    def __init__(self, table: ModelTable, link: WorkerLink, server_name: str) -> None:
+    def __init__(
+        self, table: ModelTable, link: WorkerLink, manager: ModelManager, server_name: str
+    ) -> None:
         self.table = table
         self.link = link
+        self.manager = manager
         self.server_name = server_name
         self.started = False  # the repository's first load pass has finished
 
@@ -91,9 +101,11 @@ class InferenceHandler:
         """Run one request. `deadline` is a time.monotonic() value (from the gRPC deadline)."""
         start = time.perf_counter_ns()
         ve = self.table.resolve(req.model, req.version)
-        spec = self.table.models[req.model].spec
-        assert spec is not None and ve.signature is not None
-        plan = plan_call(req, ve.signature, spec.max_batch_size)
+        spec, sig = ve.spec, ve.signature
+        assert spec is not None and sig is not None
+        plan = plan_call(req, sig, spec.max_batch_size)
+        # Counted from routing to the answer: unloading this version waits for it (drain).
+        ve.inflight += 1
         try:
             client = self.link.require()
             result = await client.infer(
@@ -102,6 +114,8 @@ class InferenceHandler:
         except BaseException as exc:
             ve.stats.record_failure(time.perf_counter_ns() - start)
             raise _domain_error(exc, ve) from None
+        finally:
+            ve.inflight -= 1
         ve.stats.record_success(time.perf_counter_ns() - start, result.timings, plan.batch_size)
         outputs = tuple(Tensor(o.name, o.datatype, o.shape, o.data) for o in result.outputs)
         return InferResponse(req.model, str(ve.version), req.id, outputs)
@@ -113,7 +127,7 @@ class InferenceHandler:
         rows: list[StatsRow] = []
         for e in entries:
             if version and name:
-                v = int(version) if version.isdigit() else -1
+                v = int(version) if version.isascii() and version.isdigit() else -1
                 ve = e.versions.get(v)
                 if ve is None:
                     raise NotFound(f"model '{name}' has no version {version}")
@@ -124,6 +138,18 @@ class InferenceHandler:
 
     def repository_index(self, ready_only: bool) -> list[ModelIndexEntry]:
         return self.table.index(ready_only)
+
+    async def load_model(
+        self, name: str, config_json: str | None, files: Mapping[str, bytes]
+    ) -> None:
+        if not name:
+            raise InvalidInput("model_name is required")
+        await self.manager.load(name, config_json, files)
+
+    async def unload_model(self, name: str) -> None:
+        if not name:
+            raise InvalidInput("model_name is required")
+        await self.manager.unload(name)
 
     def unsupported(self, rpc: str, why: str) -> MicrotuneError:
         return Unsupported(f"{rpc} is not supported by this server: {why}")

@@ -1,18 +1,31 @@
-"""Model lifecycle in the front: scan the repository, ask the worker to load each selected
-version, record READY or UNAVAILABLE with the reason, and reload everything after a worker
-restart. Loads of different models run concurrently; a failure never affects other models.
+"""Model lifecycle in the front: which versions are loaded, loading, draining and unloading.
+
+Load is "load, warm up, then take traffic": a version becomes routable only after the worker
+has created its session, checked it against the config and run a warm-up batch. Reloading a
+loaded version swaps it in the worker only on success, so a failed reload leaves the old one
+serving. Unload first stops routing to a version (UNLOADING), waits for the requests already
+routed to it to finish (drain), then frees it in the worker. Model control follows Triton's
+modes: none (everything at start-up), explicit (Load/Unload RPCs) and poll (periodic rescan).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from runtime.client import WorkerGone
 from runtime.ipc.protocol import Code, LoadModel, ModelSignature, TensorInfo
+from server.errors import LoadFailed, NotFound, Unsupported
+from server.model_config import ConfigError, parse_config_json
 from server.models import ModelEntry, ModelTable, VersionEntry
-from server.repository import ScannedModel, scan_repository
+from server.repository import ScannedModel, scan_model, scan_repository
 from server.types import ModelSpec, ModelState
 from server.worker_link import WorkerLink
 
@@ -20,32 +33,178 @@ __all__ = ["ModelManager"]
 
 log = logging.getLogger(__name__)
 
+DRAIN_TIMEOUT_S = 30.0
+_FILE_PARAM = re.compile(r"^file:([1-9][0-9]*)/([A-Za-z0-9._-]{1,128})$")
+
 
 class ModelManager:
     def __init__(
-        self, repository: Path, link: WorkerLink, table: ModelTable, intra_op_threads: int
+        self,
+        repository: Path,
+        link: WorkerLink,
+        table: ModelTable,
+        intra_op_threads: int,
+        mode: str = "none",
+        startup: str = "*",
     ) -> None:
         self.repository = repository
         self.link = link
         self.table = table
         self.intra_op_threads = intra_op_threads
+        self.mode = mode
+        self.startup = startup
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tmp: dict[str, Path] = {}  # override directories made from load parameters
         link.on_restart = self.reload_all
         link.on_lost = self.mark_worker_lost
 
+    # ------------------------------------------------------------------ start-up
+
     async def load_repository(self) -> None:
         scanned = await asyncio.to_thread(scan_repository, self.repository)
+        wanted = self._startup_set([s.name for s in scanned])
         for s in scanned:
-            self.table.models[s.name] = _entry(s)
-        await asyncio.gather(*(self._load_model(self.table.models[s.name]) for s in scanned))
+            if s.name in wanted:
+                self.table.models[s.name] = _entry(s)
+            else:
+                self.table.models[s.name] = ModelEntry(s.name, s.spec, "not loaded")
+        await asyncio.gather(
+            *(self._load_pending(self.table.models[n]) for n in wanted if n in self.table.models)
+        )
+        missing = wanted - {s.name for s in scanned}
+        for name in sorted(missing):
+            log.error("--load-model %s: no such model in %s", name, self.repository)
+
+    def _startup_set(self, names: list[str]) -> set[str]:
+        if self.mode != "explicit" or self.startup.strip() == "*":
+            return set(names)
+        return {n.strip() for n in self.startup.split(",") if n.strip()}
+
+    # ------------------------------------------------------------------ model control
+
+    def _require_control(self, rpc: str) -> None:
+        if self.mode == "none":
+            raise Unsupported(f"{rpc} needs --model-control-mode explicit (or poll)")
+
+    async def load(
+        self, name: str, config_json: str | None = None, files: Mapping[str, bytes] | None = None
+    ) -> None:
+        """Load or reload `name` (Triton's RepositoryModelLoad); raises LoadFailed."""
+        self._require_control("RepositoryModelLoad")
+        async with self._lock(name):
+            spec = None
+            root = self.repository
+            if config_json is not None:
+                try:
+                    spec = parse_config_json(config_json, name)
+                except ConfigError as exc:
+                    raise LoadFailed(
+                        f"failed to load '{name}', failed to poll from model "
+                        f"repository: invalid config override: {exc}"
+                    ) from None
+            if files:
+                if spec is None:
+                    raise LoadFailed(
+                        f"failed to load '{name}': file parameters need a 'config' parameter too"
+                    )
+                root = await asyncio.to_thread(self._write_override, name, files)
+            scanned = await asyncio.to_thread(scan_model, root, name, spec)
+            if scanned.spec is None or (scanned.reason and not scanned.versions):
+                raise LoadFailed(
+                    f"failed to load '{name}', failed to poll from model "
+                    f"repository: {scanned.reason}"
+                )
+            await self._apply(scanned)
+
+    async def unload(self, name: str) -> None:
+        self._require_control("RepositoryModelUnload")
+        async with self._lock(name):
+            entry = self.table.models.get(name)
+            if entry is None:
+                raise NotFound(f"Request for unknown model: '{name}' is not found")
+            await asyncio.gather(
+                *(
+                    self._unload_version(ve)
+                    for ve in entry.versions.values()
+                    if ve.state is ModelState.READY
+                )
+            )
+            entry.reason = "unloaded"
+
+    async def poll_forever(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await self.poll_once()
+            except Exception:
+                log.exception("repository poll failed")
+
+    async def poll_once(self) -> None:
+        """Load new models and version directories, unload what disappeared."""
+        scanned = {s.name: s for s in await asyncio.to_thread(scan_repository, self.repository)}
+        for name, s in scanned.items():
+            entry = self.table.models.get(name)
+            loaded = (
+                set()
+                if entry is None
+                else {
+                    v
+                    for v, ve in entry.versions.items()
+                    if ve.state in (ModelState.READY, ModelState.LOADING)
+                }
+            )
+            changed = entry is None or entry.spec != s.spec
+            if changed or set(s.versions) != loaded:
+                async with self._lock(name):
+                    await self._apply(s)
+        for name in set(self.table.models) - set(scanned):
+            async with self._lock(name):
+                entry = self.table.models[name]
+                await asyncio.gather(
+                    *(
+                        self._unload_version(ve)
+                        for ve in entry.versions.values()
+                        if ve.state is ModelState.READY
+                    )
+                )
+                del self.table.models[name]
+
+    async def _apply(self, s: ScannedModel) -> None:
+        """Make the loaded versions of a model those of `s`: load (or reload) the selected
+        versions, then drain and unload the ones no longer selected."""
+        entry = self.table.models.get(s.name)
+        if entry is None:
+            entry = self.table.models[s.name] = ModelEntry(s.name, s.spec)
+        entry.spec, entry.reason = s.spec, s.reason
+        assert s.spec is not None
+        jobs = []
+        for v, path in s.versions.items():
+            ve = entry.versions.get(v)
+            if ve is None or ve.state is not ModelState.READY:
+                ve = entry.versions[v] = VersionEntry(s.name, v, ModelState.LOADING, path=str(path))
+            jobs.append(self._load_version(s.spec, ve, str(path)))
+        for v, why in s.version_errors.items():
+            entry.versions[v] = VersionEntry(s.name, v, ModelState.UNAVAILABLE, why)
+        failures = [r for r in await asyncio.gather(*jobs) if r]
+        stale = [
+            ve
+            for v, ve in entry.versions.items()
+            if v not in s.versions and v not in s.version_errors and ve.state is ModelState.READY
+        ]
+        await asyncio.gather(*(self._unload_version(ve) for ve in stale))
+        if failures or s.version_errors:
+            reasons = failures + list(s.version_errors.values())
+            raise LoadFailed(f"failed to load '{s.name}': {'; '.join(reasons)}")
+
+    # ------------------------------------------------------------------ worker restarts
 
     async def reload_all(self) -> None:
         """After a worker restart: every version that was READY or LOADING loads again."""
-        entries = list(self.table.models.values())
-        for e in entries:
+        for e in self.table.models.values():
             for ve in e.versions.values():
                 if ve.state is ModelState.READY:
                     ve.state, ve.reason = ModelState.LOADING, "worker restarted; reloading"
-        await asyncio.gather(*(self._load_model(e) for e in entries))
+        await asyncio.gather(*(self._load_pending(e) for e in list(self.table.models.values())))
 
     def mark_worker_lost(self) -> None:
         for e in self.table.models.values():
@@ -53,46 +212,88 @@ class ModelManager:
                 if ve.state is ModelState.READY:
                     ve.state, ve.reason = ModelState.LOADING, "worker restarting"
 
-    async def _load_model(self, entry: ModelEntry) -> None:
-        if entry.spec is None:
-            return
-        spec = entry.spec
+    # ------------------------------------------------------------------ internals
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def _load_pending(self, entry: ModelEntry) -> None:
         await asyncio.gather(
             *(
-                self._load_version(spec, ve)
+                self._load_version(ve.spec or entry.spec, ve, ve.path)
                 for ve in entry.versions.values()
-                if ve.state is ModelState.LOADING
+                if ve.state is ModelState.LOADING and (ve.spec or entry.spec) is not None
             )
         )
 
-    async def _load_version(self, spec: ModelSpec, ve: VersionEntry) -> None:
+    async def _load_version(self, spec: ModelSpec | None, ve: VersionEntry, path: str) -> str:
+        """Load one version; returns "" on success or the reason it failed. A READY version
+        stays READY (serving the old instance) until the worker has the new one."""
+        assert spec is not None
         try:
             client = self.link.require()
             msg = LoadModel(
                 client.next_request_id(),
                 spec.name,
                 ve.version,
-                ve.path,
+                path,
                 spec.max_batch_size,
                 _declared(spec),
                 self.intra_op_threads,
             )
             done = await client.load(msg)
         except WorkerGone:
-            return  # the restart path reloads it
+            return "the runtime worker restarted during the load"
         if done.code == Code.OK and done.signature is not None:
-            ve.signature, ve.load_ns = done.signature, done.load_ns
+            ve.signature, ve.spec, ve.path, ve.load_ns = done.signature, spec, path, done.load_ns
             ve.state, ve.reason = ModelState.READY, ""
             log.info("loaded %s version %d in %.1f ms", spec.name, ve.version, done.load_ns / 1e6)
-        else:
+            return ""
+        reason = f"version {ve.version}: {done.message}"
+        if ve.state is not ModelState.READY:
             ve.state, ve.reason = ModelState.UNAVAILABLE, done.message
-            log.error("model %s version %d failed to load: %s", spec.name, ve.version, done.message)
+        log.error("model %s %s", spec.name, reason)
+        return reason
+
+    async def _unload_version(self, ve: VersionEntry) -> None:
+        ve.state, ve.reason = ModelState.UNLOADING, "draining"
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while ve.inflight > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - a counter
+            await asyncio.sleep(0.005)
+        with contextlib.suppress(WorkerGone):
+            await self.link.require().unload(ve.model, ve.version)
+        ve.state, ve.reason, ve.signature = ModelState.UNAVAILABLE, "unloaded", None
+
+    def _write_override(self, name: str, files: Mapping[str, bytes]) -> Path:
+        """Triton's `file:<version>/<name>` load parameters: a private copy of the model."""
+        for key in files:
+            if not _FILE_PARAM.match(key):
+                raise LoadFailed(
+                    f"failed to load '{name}', failed to poll from model "
+                    f"repository: invalid file parameter '{key[:64]}'"
+                )
+        old = self._tmp.pop(name, None)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        root = Path(tempfile.mkdtemp(prefix="microtune-override-"))
+        for key, data in files.items():
+            m = _FILE_PARAM.match(key)
+            assert m is not None
+            target = root / name / m.group(1) / m.group(2)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        self._tmp[name] = root
+        return root
+
+    def close(self) -> None:
+        for d in self._tmp.values():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _entry(s: ScannedModel) -> ModelEntry:
     entry = ModelEntry(s.name, s.spec, s.reason)
     for v, path in s.versions.items():
-        entry.versions[v] = VersionEntry(s.name, v, ModelState.LOADING, path=str(path))
+        entry.versions[v] = VersionEntry(s.name, v, ModelState.LOADING, path=str(path), spec=s.spec)
     for v, why in s.version_errors.items():
         entry.versions[v] = VersionEntry(s.name, v, ModelState.UNAVAILABLE, why)
     return entry

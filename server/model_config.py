@@ -31,7 +31,7 @@ def read_model_config(model_dir: Path) -> ModelSpec:
             text_format.Parse(pbtxt.read_text(), msg)
         elif js.exists():
             json_format.Parse(js.read_text(), msg)
-    except (text_format.ParseError, json_format.ParseError, UnicodeDecodeError) as exc:
+    except (text_format.ParseError, json_format.ParseError, UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"config of model '{model_dir.name}' does not parse: {exc}") from exc
     return spec_from_pb(msg, model_dir.name)
 
@@ -50,8 +50,13 @@ def spec_from_pb(msg: pb.ModelConfig, dir_name: str) -> ModelSpec:
         raise ConfigError(f"config name '{msg.name}' differs from its directory '{dir_name}'")
     platform = msg.platform or "onnxruntime_onnx"
     if platform != "onnxruntime_onnx" or msg.backend not in ("", "onnxruntime"):
+        what = (
+            f"backend '{msg.backend}'"
+            if platform == "onnxruntime_onnx"
+            else f"platform '{platform}'"
+        )
         raise ConfigError(
-            f"model '{dir_name}': platform '{msg.platform or msg.backend}' is not supported "
+            f"model '{dir_name}': {what} is not supported "
             "(microtune serves onnxruntime_onnx models)"
         )
     if msg.max_batch_size < 0:
@@ -74,7 +79,10 @@ def spec_from_pb(msg: pb.ModelConfig, dir_name: str) -> ModelSpec:
 
 
 def _tensor(model: str, kind: str, name: str, data_type: int, dims: object) -> TensorSpec:
-    type_name = pb.DataType.Name(data_type)
+    try:
+        type_name = pb.DataType.Name(data_type)
+    except ValueError:  # a number outside the enum (proto3 text and JSON accept it)
+        type_name = str(data_type)
     dt = BY_CONFIG.get(type_name)
     if dt is None:
         raise ConfigError(f"model '{model}': {kind} '{name}' has unsupported type {type_name}")

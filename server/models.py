@@ -23,7 +23,9 @@ class VersionEntry:
     state: ModelState
     reason: str = ""
     signature: ModelSignature | None = None
+    spec: ModelSpec | None = None  # the config this version was loaded with
     path: str = ""
+    inflight: int = 0  # requests routed here and not finished: unload drains them first
     load_ns: int = 0
     stats: VersionStats = field(default_factory=VersionStats)
 
@@ -106,7 +108,7 @@ class ModelTable:
 
 
 def parse_version(version: str) -> int:
-    v = int(version) if version.isdigit() else 0
+    v = int(version) if version.isascii() and version.isdigit() else 0
     if v <= 0:
         # Triton's wording, which clients match on.
         raise InvalidInput(

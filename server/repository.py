@@ -46,7 +46,7 @@ def scan_model(root: Path, name: str, spec: ModelSpec | None = None) -> ScannedM
     available = [
         int(d.name)
         for d in model_dir.iterdir()
-        if d.is_dir() and d.name.isdigit() and not d.name.startswith("0")
+        if d.is_dir() and d.name.isascii() and d.name.isdigit() and not d.name.startswith("0")
     ]
     selected = spec.version_policy.select(available)
     if not selected:

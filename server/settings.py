@@ -28,6 +28,14 @@ class Settings(BaseSettings):
     """gRPC port; 0 picks a free one (written to --port-file)."""
     port_file: Path | None = None
     """If set, the bound gRPC port is written here once the server is serving."""
+    model_control_mode: Literal["none", "explicit", "poll"] = "none"
+    """Triton's model control: "none" loads every model at start-up and refuses load/unload
+    requests; "explicit" loads --load-model at start-up and obeys RepositoryModelLoad/Unload;
+    "poll" also rescans the repository every --repository-poll-s seconds."""
+    load_model: str = ""
+    """Comma-separated models to load at start-up in explicit mode ("*" = all)."""
+    repository_poll_s: float = Field(15.0, gt=0)
+    """Rescan period of the repository in poll mode."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the front and the worker."""
     device: str = "auto"

@@ -107,6 +107,25 @@ def decode_parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Para
     return out
 
 
+def decode_load_parameters(
+    params: Mapping[str, pb.ModelRepositoryParameter],
+) -> tuple[str | None, dict[str, bytes]]:
+    """RepositoryModelLoad parameters: `config` (JSON string) and `file:<version>/<name>`."""
+    config: str | None = None
+    files: dict[str, bytes] = {}
+    for key, p in params.items():
+        which = p.WhichOneof("parameter_choice")
+        if key == "config":
+            if which != "string_param":
+                raise InvalidInput("load parameter 'config' must be a string (JSON)")
+            config = p.string_param
+        elif key.startswith("file:"):
+            if which != "bytes_param":
+                raise InvalidInput(f"load parameter '{key[:64]}' must be bytes")
+            files[key] = p.bytes_param
+    return config, files
+
+
 def encode_infer(res: InferResponse) -> pb.ModelInferResponse:
     msg = pb.ModelInferResponse(model_name=res.model, model_version=res.version, id=res.id)
     for t in res.outputs:

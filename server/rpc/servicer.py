@@ -116,13 +116,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Ctx
     ) -> pb.RepositoryModelLoadResponse:
-        raise self.h.unsupported("RepositoryModelLoad", "explicit model control is not enabled")
+        config, files = codec.decode_load_parameters(request.parameters)
+        await self.h.load_model(request.model_name, config, files)
+        return pb.RepositoryModelLoadResponse()
 
     @rpc_errors
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Ctx
     ) -> pb.RepositoryModelUnloadResponse:
-        raise self.h.unsupported("RepositoryModelUnload", "explicit model control is not enabled")
+        await self.h.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     @rpc_errors
     async def SystemSharedMemoryStatus(

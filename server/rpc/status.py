@@ -28,6 +28,7 @@ STATUS: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     ErrorCode.UNSUPPORTED: grpc.StatusCode.UNIMPLEMENTED,
     ErrorCode.MODEL_FAILED: grpc.StatusCode.INTERNAL,
+    ErrorCode.LOAD_FAILED: grpc.StatusCode.INTERNAL,
 }
 
 R = TypeVar("R")
