@@ -23,6 +23,7 @@ from server.models import ModelTable
 from server.rpc.health import HealthState
 from server.rpc.servicer import InferenceServicer
 from server.settings import Settings
+from server.shm_regions import SharedMemoryRegistry
 from server.worker_link import WorkerLink
 
 __all__ = ["App", "serve"]
@@ -43,7 +44,10 @@ class App:
             settings.model_control_mode,
             settings.load_model,
         )
-        self.handler = InferenceHandler(self.table, self.link, self.manager, settings.server_name)
+        self.shm = SharedMemoryRegistry(settings.allow_client_shm)
+        self.handler = InferenceHandler(
+            self.table, self.link, self.manager, self.shm, settings.server_name
+        )
         self.health = HealthState()
         self.port = 0
         self.server: grpc.aio.Server | None = None
@@ -98,6 +102,7 @@ class App:
             await self.server.stop(grace)
         await self.link.stop()
         self.manager.close()
+        self.shm.close()
 
 
 async def serve(settings: Settings) -> None:

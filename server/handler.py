@@ -7,11 +7,13 @@ result; errors are domain errors (server/errors) that server/rpc/status maps to 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from runtime.client import ArenaFull, CallFailed, WorkerGone
+from runtime.ipc.dtypes import BytesDecodeError, decode_bytes_tensor
 from runtime.ipc.protocol import Code, ModelSignature
 from server import __version__
 from server.errors import (
@@ -26,8 +28,16 @@ from server.errors import (
 )
 from server.lifecycle import ModelManager
 from server.models import ModelTable, VersionEntry
+from server.shm_regions import SharedMemoryRegistry
 from server.stats import VersionStats
-from server.types import InferRequest, InferResponse, ModelIndexEntry, ModelSpec, Tensor
+from server.types import (
+    InferRequest,
+    InferResponse,
+    ModelIndexEntry,
+    ModelSpec,
+    ShmRef,
+    Tensor,
+)
 from server.validation import plan_call
 from server.worker_link import WorkerLink
 
@@ -35,6 +45,7 @@ __all__ = ["EXTENSIONS", "InferenceHandler", "ModelView", "StatsRow"]
 
 # Only what is really implemented (ServerMetadata.extensions).
 EXTENSIONS = (
+    "system_shared_memory",
     "model_configuration",
     "statistics",
     "model_repository",
@@ -62,8 +73,14 @@ class StatsRow:
 
 class InferenceHandler:
     def __init__(
-        self, table: ModelTable, link: WorkerLink, manager: ModelManager, server_name: str
+        self,
+        table: ModelTable,
+        link: WorkerLink,
+        manager: ModelManager,
+        shm: SharedMemoryRegistry,
+        server_name: str,
     ) -> None:
+        self.shm = shm
         self.table = table
         self.link = link
         self.manager = manager
@@ -103,6 +120,8 @@ class InferenceHandler:
         ve = self.table.resolve(req.model, req.version)
         spec, sig = ve.spec, ve.signature
         assert spec is not None and sig is not None
+        if any(t.shm is not None for t in req.inputs):
+            req = replace(req, inputs=tuple(self._shm_input(t) for t in req.inputs))
         plan = plan_call(req, sig, spec.max_batch_size)
         # Counted from routing to the answer: unloading this version waits for it (drain).
         ve.inflight += 1
@@ -116,9 +135,39 @@ class InferenceHandler:
             raise _domain_error(exc, ve) from None
         finally:
             ve.inflight -= 1
+        outputs = tuple(
+            self._output(req, o.name, o.datatype, o.shape, o.data) for o in result.outputs
+        )
         ve.stats.record_success(time.perf_counter_ns() - start, result.timings, plan.batch_size)
-        outputs = tuple(Tensor(o.name, o.datatype, o.shape, o.data) for o in result.outputs)
         return InferResponse(req.model, str(ve.version), req.id, outputs)
+
+    def _shm_input(self, t: Tensor) -> Tensor:
+        if t.shm is None:
+            return t
+        view = self.shm.view(t.shm, t.name)
+        if t.datatype == "BYTES":
+            try:
+                decode_bytes_tensor(view, math.prod(t.shape))
+            except BytesDecodeError as exc:
+                raise InvalidInput(
+                    f"input '{t.name}' has malformed BYTES content in shared memory: {exc}"
+                ) from None
+        return replace(t, data=view)
+
+    def _output(
+        self, req: InferRequest, name: str, datatype: str, shape: tuple[int, ...], data: bytes
+    ) -> Tensor:
+        ref = req.output_shm.get(name)
+        if ref is None:
+            return Tensor(name, datatype, shape, data)
+        view = self.shm.view(ref, name)
+        if len(data) > ref.byte_size:
+            raise InvalidInput(
+                f"shared memory size specified with the request for output '{name}' "
+                f"({ref.byte_size} bytes) should be at least {len(data)} bytes to hold the results"
+            )
+        view[: len(data)] = data
+        return Tensor(name, datatype, shape, b"", ShmRef(ref.region, ref.offset, len(data)))
 
     # ------------------------------------------------------------ statistics and repository
 

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     """Largest gRPC message accepted or sent."""
     worker_start_timeout_s: float = Field(60.0, gt=0)
     """How long the worker may take to start listening."""
+    allow_client_shm: bool = False
+    """Allow clients to register system shared-memory regions for inputs and outputs
+    (Triton's --allow-client-shm); off by default because it maps client-named objects."""
     server_name: str = "triton"
     """Name reported by ServerMetadata. Defaults to "triton" because Triton clients (its own
     example programs among them) check it; the version field carries microtune's version."""

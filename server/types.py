@@ -14,6 +14,7 @@ __all__ = [
     "ModelSpec",
     "ModelState",
     "ParamValue",
+    "ShmRef",
     "Tensor",
     "TensorSpec",
     "VersionPolicy",
@@ -77,13 +78,24 @@ class ModelSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ShmRef:
+    """A tensor's place in a registered client shared-memory region (tensor parameters)."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
+@dataclass(frozen=True, slots=True)
 class Tensor:
-    """A tensor in KServe raw form: row-major little-endian bytes (BYTES: length-prefixed)."""
+    """A tensor in KServe raw form: row-major little-endian bytes (BYTES: length-prefixed).
+    With `shm` set, the data lives in a client shared-memory region instead."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
     data: bytes | memoryview
+    shm: ShmRef | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +106,7 @@ class InferRequest:
     inputs: tuple[Tensor, ...]
     outputs: tuple[str, ...]  # requested outputs; empty = all
     parameters: Mapping[str, ParamValue]
+    output_shm: Mapping[str, ShmRef] = field(default_factory=dict)  # outputs to write to shm
 
 
 @dataclass(frozen=True, slots=True)

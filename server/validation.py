@@ -58,7 +58,7 @@ def plan_call(req: InferRequest, sig: ModelSignature, max_batch_size: int) -> Pl
             raise InvalidInput(
                 f"inputs of model '{model}' disagree on the batch size: {sorted(sizes)}"
             )
-        batch = sizes.pop()
+        batch = sizes.pop() if sizes else 1  # a model without inputs
     out_types = {t.name: t for t in sig.outputs}
     for name in req.outputs:
         if name not in out_types:
@@ -66,8 +66,9 @@ def plan_call(req: InferRequest, sig: ModelSignature, max_batch_size: int) -> Pl
                 f"unknown output '{name}' requested from model '{model}' "
                 f"(outputs: {', '.join(out_types)})"
             )
-    if len(set(req.outputs)) != len(req.outputs):
-        raise InvalidInput("an output is requested more than once")
+    for i, name in enumerate(req.outputs):
+        if name in req.outputs[:i]:
+            raise InvalidInput(f"output '{name}' is requested more than once")
     wanted = req.outputs or tuple(out_types)
     in_bytes = sum(len(t.data) for t in req.inputs)
     reserve = 0

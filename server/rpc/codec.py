@@ -16,8 +16,16 @@ from runtime.ipc.dtypes import DTYPES, BytesDecodeError, decode_bytes_tensor, en
 from server._proto.inference import grpc_service_pb2 as pb
 from server.errors import InvalidInput
 from server.handler import ModelView, StatsRow
+from server.shm_regions import SystemRegion
 from server.stats import Duration
-from server.types import InferRequest, InferResponse, ModelIndexEntry, ParamValue, Tensor
+from server.types import (
+    InferRequest,
+    InferResponse,
+    ModelIndexEntry,
+    ParamValue,
+    ShmRef,
+    Tensor,
+)
 
 __all__ = [
     "decode_infer",
@@ -33,6 +41,7 @@ def decode_infer(req: pb.ModelInferRequest) -> InferRequest:
     if not req.model_name:
         raise InvalidInput("model_name is required")
     raw = req.raw_input_contents
+    shm = [_shm_ref(i.name, i.parameters) for i in req.inputs]
     if raw:
         for i in req.inputs:
             if i.HasField("contents"):
@@ -40,19 +49,86 @@ def decode_infer(req: pb.ModelInferRequest) -> InferRequest:
                     "contents field must not be specified when using raw_input_contents for "
                     f"'{i.name}' for model '{req.model_name}'"
                 )
-        if len(raw) != len(req.inputs):
+        # Inputs in shared memory have no raw entry (Triton advances only for the others).
+        with_data = sum(1 for ref in shm if ref is None)
+        if len(raw) != with_data:
             raise InvalidInput(
-                f"request has {len(raw)} raw_input_contents entries for {len(req.inputs)} inputs"
+                f"request has {len(raw)} raw_input_contents entries for {with_data} inputs "
+                "that carry data"
             )
-    tensors = tuple(_decode_input(inp, raw[i] if raw else None) for i, inp in enumerate(req.inputs))
+    tensors: list[Tensor] = []
+    k = 0
+    for inp, ref in zip(req.inputs, shm, strict=True):
+        if ref is not None:
+            tensors.append(_decode_shm_input(inp, ref))
+        else:
+            tensors.append(_decode_input(inp, raw[k] if raw else None))
+            k += 1
+    output_shm = {}
+    for o in req.outputs:
+        ref = _shm_ref(o.name, o.parameters)
+        if ref is not None:
+            output_shm[o.name] = ref
     return InferRequest(
         model=req.model_name,
         version=req.model_version,
         id=req.id,
-        inputs=tensors,
+        inputs=tuple(tensors),
         outputs=tuple(o.name for o in req.outputs),
         parameters=decode_parameters(req.parameters),
+        output_shm=output_shm,
     )
+
+
+def _shm_ref(name: str, params: Mapping[str, pb.InferParameter]) -> ShmRef | None:
+    region = params.get("shared_memory_region")
+    size = params.get("shared_memory_byte_size")
+    if region is None and size is None:
+        return None
+    if region is None or size is None:
+        raise InvalidInput(
+            f"tensor '{name}': shared_memory_region and shared_memory_byte_size must be given "
+            "together"
+        )
+    offset = params.get("shared_memory_offset")
+    if region.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidInput(f"tensor '{name}': shared_memory_region must be a string")
+    return ShmRef(
+        region.string_param,
+        _int_param(name, "shared_memory_offset", offset),
+        _int_param(name, "shared_memory_byte_size", size),
+    )
+
+
+def _int_param(tensor: str, key: str, p: pb.InferParameter | None) -> int:
+    if p is None:
+        return 0
+    which = p.WhichOneof("parameter_choice")
+    if which not in ("int64_param", "uint64_param"):
+        raise InvalidInput(f"tensor '{tensor}': {key} must be an integer")
+    value = int(getattr(p, which))
+    if value < 0:
+        raise InvalidInput(f"tensor '{tensor}': {key} must be >= 0")
+    return value
+
+
+def _decode_shm_input(inp: pb.ModelInferRequest.InferInputTensor, ref: ShmRef) -> Tensor:
+    dt = DTYPES.get(inp.datatype)
+    if dt is None:
+        raise InvalidInput(f"input '{inp.name}' has unknown datatype '{inp.datatype}'")
+    if inp.HasField("contents"):
+        raise InvalidInput(f"input '{inp.name}' is in shared memory and must not set contents")
+    shape = tuple(inp.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input '{inp.name}' has a negative dimension in shape {list(shape)}")
+    if dt.itemsize:
+        want = math.prod(shape) * dt.itemsize
+        if ref.byte_size != want:
+            raise InvalidInput(
+                f"input '{inp.name}' has shared_memory_byte_size {ref.byte_size} but shape "
+                f"{list(shape)} of {dt.wire} needs {want}"
+            )
+    return Tensor(inp.name, dt.wire, shape, b"", ref)
 
 
 def _decode_input(inp: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Tensor:
@@ -129,8 +205,16 @@ def decode_load_parameters(
 def encode_infer(res: InferResponse) -> pb.ModelInferResponse:
     msg = pb.ModelInferResponse(model_name=res.model, model_version=res.version, id=res.id)
     for t in res.outputs:
-        msg.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
-    msg.raw_output_contents.extend(bytes(t.data) for t in res.outputs)
+        out = msg.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        if t.shm is not None:
+            out.parameters["shared_memory_region"].string_param = t.shm.region
+            out.parameters["shared_memory_byte_size"].int64_param = t.shm.byte_size
+            if t.shm.offset:
+                out.parameters["shared_memory_offset"].int64_param = t.shm.offset
+    if any(t.shm is None for t in res.outputs):
+        # One entry per output keeps positions aligned for clients that index by position;
+        # outputs written to shared memory get an empty entry.
+        msg.raw_output_contents.extend(bytes(t.data) for t in res.outputs)
     return msg
 
 
@@ -220,6 +304,16 @@ def encode_statistics(rows: Iterable[StatsRow]) -> pb.ModelStatisticsResponse:
                 compute_infer=_dur(b.compute_infer),
                 compute_output=_dur(b.compute_output),
             )
+    return out
+
+
+def encode_system_shm_status(
+    regions: Iterable[SystemRegion],
+) -> pb.SystemSharedMemoryStatusResponse:
+    out = pb.SystemSharedMemoryStatusResponse()
+    for r in regions:
+        st = out.regions[r.name]
+        st.name, st.key, st.offset, st.byte_size = r.name, r.key, r.offset, r.byte_size
     return out
 
 

@@ -14,7 +14,7 @@ import grpc
 
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from server.errors import MicrotuneError
+from server.errors import MicrotuneError, NotFound
 from server.handler import InferenceHandler
 from server.rpc import codec
 from server.rpc.status import rpc_errors
@@ -131,37 +131,45 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryStatus(
         self, request: pb.SystemSharedMemoryStatusRequest, context: Ctx
     ) -> pb.SystemSharedMemoryStatusResponse:
-        raise self.h.unsupported("SystemSharedMemoryStatus", "client shared memory is off")
+        regions = self.h.shm.system_status(request.name)
+        return codec.encode_system_shm_status(regions)
 
     @rpc_errors
     async def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest, context: Ctx
     ) -> pb.SystemSharedMemoryRegisterResponse:
-        raise self.h.unsupported("SystemSharedMemoryRegister", "client shared memory is off")
+        self.h.shm.register_system(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
 
     @rpc_errors
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: Ctx
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        raise self.h.unsupported("SystemSharedMemoryUnregister", "client shared memory is off")
+        self.h.shm.unregister_system(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     @rpc_errors
     async def CudaSharedMemoryStatus(
         self, request: pb.CudaSharedMemoryStatusRequest, context: Ctx
     ) -> pb.CudaSharedMemoryStatusResponse:
-        raise self.h.unsupported("CudaSharedMemoryStatus", "client shared memory is off")
+        self.h.shm.cuda_unregister("")  # checks that client shm is enabled
+        if request.name:
+            raise NotFound(f"Unable to find cuda shared memory region: '{request.name}'")
+        return pb.CudaSharedMemoryStatusResponse()
 
     @rpc_errors
     async def CudaSharedMemoryRegister(
         self, request: pb.CudaSharedMemoryRegisterRequest, context: Ctx
     ) -> pb.CudaSharedMemoryRegisterResponse:
-        raise self.h.unsupported("CudaSharedMemoryRegister", "client shared memory is off")
+        self.h.shm.cuda_register(request.name)
+        return pb.CudaSharedMemoryRegisterResponse()
 
     @rpc_errors
     async def CudaSharedMemoryUnregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest, context: Ctx
     ) -> pb.CudaSharedMemoryUnregisterResponse:
-        raise self.h.unsupported("CudaSharedMemoryUnregister", "client shared memory is off")
+        self.h.shm.cuda_unregister(request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     @rpc_errors
     async def TraceSetting(
