@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import multiprocessing
 import os
 import time
@@ -11,6 +12,12 @@ from multiprocessing.process import BaseProcess
 from runtime.settings import WorkerSettings
 
 __all__ = ["WorkerProcess"]
+
+
+def _worker_main(settings_json: bytes) -> None:
+    """The spawn target. It imports runtime.worker (and with it onnxruntime) in the child only:
+    the front must never import onnxruntime or CUDA (tests/test_import_rules.py)."""
+    importlib.import_module("runtime.worker").run(settings_json)
 
 
 class WorkerProcess:
@@ -23,13 +30,11 @@ class WorkerProcess:
         return self._proc.pid if self._proc else None
 
     def start(self) -> None:
-        from runtime import worker  # the spawn target; importing it does not import onnxruntime
-
         ctx = multiprocessing.get_context("spawn")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.settings.socket_path)
         self._proc = ctx.Process(
-            target=worker.run,
+            target=_worker_main,
             args=(self.settings.encode(),),
             name="microtune-worker",
             daemon=True,

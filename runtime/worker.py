@@ -18,6 +18,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import msgspec
+
 from runtime.engine.model import LoadedModel
 from runtime.engine.session import SessionError, choose_device
 from runtime.engine.signature import SignatureMismatch
@@ -86,6 +88,12 @@ class Worker:
 
     def load(self, msg: LoadModel) -> LoadDone:
         t0 = time.monotonic_ns()
+        with self._models_lock:
+            current = self.models.get((msg.name, msg.version))
+        same = msgspec.structs.replace(msg, request_id=0, force=False)
+        if current is not None and not msg.force and current.spec == same:
+            # Several fronts load the same models: the first load serves them all.
+            return LoadDone(msg.request_id, Code.OK, signature=current.signature)
         try:
             model = LoadedModel.load(msg, self.device)
         except (SessionError, SignatureMismatch) as exc:

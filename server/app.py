@@ -35,7 +35,7 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.table = ModelTable()
-        self.link = WorkerLink(settings)
+        self.link = WorkerLink(settings, settings.frontend_index)
         self.manager = ModelManager(
             settings.model_repository,
             self.link,
@@ -44,6 +44,7 @@ class App:
             settings.model_control_mode,
             settings.load_model,
         )
+        self.manager.single_front = not settings.worker_socket
         self.shm = SharedMemoryRegistry(settings.allow_client_shm)
         self.handler = InferenceHandler(
             self.table, self.link, self.manager, self.shm, settings.server_name
@@ -58,7 +59,8 @@ class App:
         opts = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Several fronts share the port (server.supervisor); a lone one keeps it alone.
+            ("grpc.so_reuseport", 1 if s.worker_socket else 0),
         ]
         server = grpc.aio.server(options=opts)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.handler), server)

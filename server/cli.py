@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
     )
+    from server.supervisor import frontends_for, run_supervisor
+
+    if frontends_for(settings) > 1:
+        return run_supervisor(settings)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(settings))
     return 0

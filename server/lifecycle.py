@@ -54,6 +54,7 @@ class ModelManager:
         self.mode = mode
         self.startup = startup
         self._locks: dict[str, asyncio.Lock] = {}
+        self.single_front = True
         self._tmp: dict[str, Path] = {}  # override directories made from load parameters
         link.on_restart = self.reload_all
         link.on_lost = self.mark_worker_lost
@@ -85,6 +86,8 @@ class ModelManager:
     def _require_control(self, rpc: str) -> None:
         if self.mode == "none":
             raise Unsupported(f"{rpc} needs --model-control-mode explicit (or poll)")
+        if self.single_front is False:
+            raise Unsupported(f"{rpc} needs a single front process (--frontends 1)")
 
     async def load(
         self, name: str, config_json: str | None = None, files: Mapping[str, bytes] | None = None
@@ -182,7 +185,7 @@ class ModelManager:
             ve = entry.versions.get(v)
             if ve is None or ve.state is not ModelState.READY:
                 ve = entry.versions[v] = VersionEntry(s.name, v, ModelState.LOADING, path=str(path))
-            jobs.append(self._load_version(s.spec, ve, str(path)))
+            jobs.append(self._load_version(s.spec, ve, str(path), force=True))
         for v, why in s.version_errors.items():
             entry.versions[v] = VersionEntry(s.name, v, ModelState.UNAVAILABLE, why)
         failures = [r for r in await asyncio.gather(*jobs) if r]
@@ -226,7 +229,9 @@ class ModelManager:
             )
         )
 
-    async def _load_version(self, spec: ModelSpec | None, ve: VersionEntry, path: str) -> str:
+    async def _load_version(
+        self, spec: ModelSpec | None, ve: VersionEntry, path: str, force: bool = False
+    ) -> str:
         """Load one version; returns "" on success or the reason it failed. A READY version
         stays READY (serving the old instance) until the worker has the new one."""
         assert spec is not None
@@ -240,6 +245,7 @@ class ModelManager:
                 spec.max_batch_size,
                 _declared(spec),
                 self.intra_op_threads,
+                force,
             )
             done = await client.load(msg)
         except WorkerGone:

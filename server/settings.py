@@ -18,7 +18,9 @@ DEMO_REPOSITORY = Path(__file__).resolve().parent / "demo_repository"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MICROTUNE_", frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="MICROTUNE_", frozen=True, extra="forbid", use_attribute_docstrings=True
+    )
 
     model_repository: Path = DEMO_REPOSITORY
     """Directory of models: <repo>/<model>/[config.pbtxt|config.json] and <version>/model.onnx."""
@@ -55,6 +57,13 @@ class Settings(BaseSettings):
     allow_client_shm: bool = False
     """Allow clients to register system shared-memory regions for inputs and outputs
     (Triton's --allow-client-shm); off by default because it maps client-named objects."""
+    frontends: int = Field(0, ge=0, le=64)
+    """gRPC front processes sharing the port (SO_REUSEPORT) and one worker; 0 = sized to the
+    machine (one per two cores, at most 4). Model control RPCs need a single front."""
+    worker_socket: str = ""
+    """Internal: the socket of a worker owned by the supervisor (set for front processes)."""
+    frontend_index: int = Field(0, ge=0)
+    """Internal: this front's index under the supervisor."""
     server_name: str = "triton"
     """Name reported by ServerMetadata. Defaults to "triton" because Triton clients (its own
     example programs among them) check it; the version field carries microtune's version."""

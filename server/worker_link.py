@@ -1,8 +1,11 @@
-"""The front's handle on the runtime worker: process, arena, client, and automatic restart.
+"""The front's handle on the runtime worker: arena, client, and recovery when the worker dies.
 
-Each worker generation gets a fresh shared-memory arena and client. When the link drops, every
-call in flight fails at once (WorkerGone -> UNAVAILABLE), `ready` turns false, and a new worker
-is spawned with backoff; `on_restart` then reloads the models (server.lifecycle).
+Two modes. With one front (the default) the front owns the worker process: it spawns it, and
+respawns it with backoff when it dies. With `--frontends N` the supervisor (server.supervisor)
+owns the worker and each front only attaches to its socket, reconnecting when the supervisor
+has started a new one. Each connection gets a fresh shared-memory arena and client. When the
+link drops, every call in flight fails at once (WorkerGone -> UNAVAILABLE), `ready` turns false,
+and after reconnecting `on_restart` reloads the models (server.lifecycle).
 """
 
 from __future__ import annotations
@@ -22,23 +25,34 @@ from runtime.process import WorkerProcess
 from runtime.settings import WorkerSettings
 from server.settings import Settings
 
-__all__ = ["WorkerLink"]
+__all__ = ["WorkerLink", "worker_settings_for"]
 
 log = logging.getLogger(__name__)
 
 
+def worker_settings_for(settings: Settings, socket_path: str) -> WorkerSettings:
+    return WorkerSettings(
+        socket_path=socket_path,
+        device=settings.device,
+        exec_threads=settings.worker_threads,
+        log_level=settings.log_level,
+        parent_pid=os.getpid(),
+    )
+
+
 class WorkerLink:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, frontend_id: int = 0) -> None:
         self.settings = settings
-        self._dir = Path(tempfile.mkdtemp(prefix="microtune-"))
-        self.worker_settings = WorkerSettings(
-            socket_path=str(self._dir / "worker.sock"),
-            device=settings.device,
-            exec_threads=settings.worker_threads,
-            log_level=settings.log_level,
-            parent_pid=os.getpid(),
-        )
-        self.process = WorkerProcess(self.worker_settings)
+        self.frontend_id = frontend_id
+        self.owner = not settings.worker_socket
+        self._dir: Path | None = None
+        if self.owner:
+            self._dir = Path(tempfile.mkdtemp(prefix="microtune-"))
+            socket_path = str(self._dir / "worker.sock")
+        else:
+            socket_path = settings.worker_socket
+        self.worker_settings = worker_settings_for(settings, socket_path)
+        self.process = WorkerProcess(self.worker_settings) if self.owner else None
         self.client: RuntimeClient | None = None
         self._arena: Arena | None = None
         self._generation = 0
@@ -59,24 +73,44 @@ class WorkerLink:
         return self.client
 
     async def start(self) -> None:
-        removed = remove_stale_arenas()
-        if removed:
-            log.info("removed stale shared-memory arenas: %s", ", ".join(removed))
-        await self._spawn_and_connect()
+        if self.owner:
+            removed = remove_stale_arenas()
+            if removed:
+                log.info("removed stale shared-memory arenas: %s", ", ".join(removed))
+            await self._spawn()
+        await self._connect(self.settings.worker_start_timeout_s)
 
-    async def _spawn_and_connect(self) -> None:
+    async def _spawn(self) -> None:
+        assert self.process is not None
         self.process.start()
         await asyncio.to_thread(self.process.wait_listening, self.settings.worker_start_timeout_s)
+
+    async def _connect(self, within_s: float) -> None:
+        """Connect to the worker's socket, retrying for `within_s` (it may be starting)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while True:
+            try:
+                await self._connect_once()
+                return
+            except (OSError, WorkerGone, TimeoutError):
+                if loop.time() > deadline or self._stopping:
+                    raise
+                await asyncio.sleep(0.05)
+
+    async def _connect_once(self) -> None:
         self._generation += 1
         s = self.settings
         arena = Arena(
-            arena_name(os.getpid(), self._generation), s.shm_slot_bytes * s.shm_slots, create=True
+            arena_name(os.getpid(), self._generation),
+            s.shm_slot_bytes * s.shm_slots,
+            create=True,
         )
         client = RuntimeClient(
             self.worker_settings.socket_path,
             arena,
             SlotPool(s.shm_slot_bytes, s.shm_slots),
-            frontend_id=0,
+            frontend_id=self.frontend_id,
         )
         try:
             self.welcome = await client.connect(on_lost=self._lost)
@@ -87,7 +121,7 @@ class WorkerLink:
         self._retire_arena()
         self._arena, self.client = arena, client
         log.info(
-            "runtime worker %d up on %s (providers: %s)",
+            "runtime worker %d connected on %s (providers: %s)",
             self.welcome.pid,
             self.welcome.device,
             ", ".join(self.welcome.providers),
@@ -102,7 +136,8 @@ class WorkerLink:
     def _lost(self) -> None:
         if self._stopping:
             return
-        log.error("runtime worker died (exit code %s); restarting", self.process.exitcode)
+        code = self.process.exitcode if self.process is not None else "?"
+        log.error("runtime worker link lost (worker exit code %s); recovering", code)
         if self.on_lost is not None:
             self.on_lost()
         if self._restart_task is None or self._restart_task.done():
@@ -111,12 +146,16 @@ class WorkerLink:
     async def _restart(self) -> None:
         delay = 0.1
         while not self._stopping:
-            self.process.kill()
-            await asyncio.to_thread(self.process.stop, 2.0)
             try:
-                await self._spawn_and_connect()
+                if self.process is not None:
+                    self.process.kill()
+                    await asyncio.to_thread(self.process.stop, 2.0)
+                    await self._spawn()
+                    await self._connect(5.0)
+                else:  # the supervisor respawns it: wait for the new socket
+                    await self._connect(self.settings.worker_start_timeout_s)
             except Exception as exc:
-                log.error("worker restart failed: %s; retrying in %.1fs", exc, delay)
+                log.error("worker recovery failed: %s; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -133,9 +172,11 @@ class WorkerLink:
                 await self._restart_task
         if self.client is not None:
             await self.client.close()
-        await asyncio.to_thread(self.process.stop, 5.0)
+        if self.process is not None:
+            await asyncio.to_thread(self.process.stop, 5.0)
         self._retire_arena()
-        with contextlib.suppress(OSError):
-            for p in self._dir.iterdir():
-                p.unlink()
-            self._dir.rmdir()
+        if self._dir is not None:
+            with contextlib.suppress(OSError):
+                for p in self._dir.iterdir():
+                    p.unlink()
+                self._dir.rmdir()

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 import onnxruntime as ort
 
@@ -47,6 +48,7 @@ class LoadedModel:
     signature: ModelSignature
     output_names: tuple[str, ...]
     input_types: dict[str, str]
+    spec: LoadModel | None = None  # what it was loaded from (request_id and force zeroed)
 
     @classmethod
     def load(cls, spec: LoadModel, device: str) -> LoadedModel:
@@ -59,6 +61,7 @@ class LoadedModel:
             sig,
             tuple(t.name for t in sig.outputs),
             {t.name: t.datatype for t in sig.inputs},
+            msgspec.structs.replace(spec, request_id=0, force=False),
         )
         model.warm_up()
         return model

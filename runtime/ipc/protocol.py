@@ -116,6 +116,7 @@ class LoadModel(_Msg, tag="load"):
     max_batch_size: int
     declared: ModelSignature  # inputs/outputs from the config file; empty = take the graph's
     intra_op_threads: int = 1
+    force: bool = False  # reload even if loaded with the same file and config (explicit load)
 
 
 class UnloadModel(_Msg, tag="unload"):

@@ -1,41 +1,21 @@
-"""The routing table of one model: an immutable, validated snapshot, and its plain-dict form.
-May import: server.routing.errors.
-
-A table comes from a model config's ``parameters`` (key ``routing``, the JSON text below), from
-the routing file (``{"models": {"<model>": <table>, ...}}``) or from the admin RPC; all three
-use this dict::
-
-    {
-      "weights": {"1": 9000, "2": 1000},   # version -> basis points; sum 10000, or {} / absent
-      "labels": {"stable": 1, "canary": 2},# label -> version; a letter first, then [A-Za-z0-9_.-]
-      "default_label": null,               # label to fall back on; null = "stable"
-      "allow_weight_override": false,      # honour the x-canary-weight request header
-      "guard": {                           # optional canary guard (compares canary with stable)
-        "window_s": 60, "min_samples": 100,
-        "max_error_rate_delta": 0.05,      # canary error rate - stable's, as a fraction
-        "max_p95_ratio": 1.5               # canary p95 latency / stable's
-      },
-      "shadow": {"version": 3, "sample_bp": 500}  # optional: mirror 5% of requests to v3
-    }
-
-Version numbers may be JSON numbers or digit strings (JSON object keys are strings). Every key
-but ``weights`` is optional. Empty ``weights`` means no split: unpinned requests go to
-``default_label``'s version, or to the highest ready version when there is no default label.
+"""The routing table of one model: an immutable, validated snapshot; the model -> table
+container. May import: server.routing.errors. The dict form (config, file, admin RPC) is in
+routing/parse.py.
 
 Rules that hold for any table (checked when it is built, so every ``RoutingTable`` in memory is
-well-formed): weights are integers >= 0 summing to 10000 (or empty); versions are > 0; label
-names are valid; ``default_label`` is a label; a guard needs labels ``stable`` and ``canary``;
-a shadow's ``sample_bp`` is within [0, 10000]. ``validate`` adds the rules that depend on what
-is loaded: every version named in weights, labels or shadow must be loaded. Both raise
-``RoutingError`` listing every problem found, so one round trip fixes a table.
+well-formed): weights are integers >= 0 summing to 10000 (or empty: no split); versions are > 0;
+label names are a letter, then letters, digits, ``_``, ``.`` or ``-``; ``default_label`` is a
+label; a guard needs labels ``stable`` and ``canary``; a shadow's ``sample_bp`` is within
+[0, 10000]. ``validate`` adds the rules that depend on what is loaded: every version named in
+weights, labels or shadow must be loaded. Both raise ``RoutingError`` listing every problem
+found, so one round trip fixes a table.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from server.routing.errors import RoutingError
@@ -48,12 +28,7 @@ __all__ = [
     "RoutingTable",
     "RoutingTables",
     "ShadowConfig",
-    "parse_routing_file",
-    "parse_table",
-    "parse_table_json",
-    "table_to_dict",
     "validate",
-    "with_canary_weight",
 ]
 
 BP_TOTAL = 10_000  # basis points in a whole: weights sum to this
@@ -61,9 +36,6 @@ STABLE = "stable"
 CANARY = "canary"
 # A letter first, so a label can never be mistaken for a version number in x-model-version.
 _LABEL_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}")
-_TABLE_KEYS = ("weights", "labels", "default_label", "allow_weight_override", "guard", "shadow")
-_EMPTY: Mapping[int, int] = MappingProxyType({})
-_NO_LABELS: Mapping[str, int] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +86,8 @@ class RoutingTable:
     """One model's routing snapshot. Immutable: the mappings are read-only copies, so a table
     can be shared by every request in flight while a new one is swapped in beside it."""
 
-    weights: Mapping[int, int] = _EMPTY
-    labels: Mapping[str, int] = _NO_LABELS
+    weights: Mapping[int, int] = field(default_factory=dict)
+    labels: Mapping[str, int] = field(default_factory=dict)
     default_label: str | None = None
     allow_weight_override: bool = False
     guard: GuardConfig | None = None
@@ -182,129 +154,8 @@ def validate(table: RoutingTable, loaded_versions: frozenset[int]) -> None:
         if v not in loaded_versions
     ]
     if table.shadow is not None and table.shadow.version not in loaded_versions:
-        problems.append(
-            f"shadow version {table.shadow.version} is not loaded (loaded: {have})"
-        )
+        problems.append(f"shadow version {table.shadow.version} is not loaded (loaded: {have})")
     _raise(problems)
-
-
-def with_canary_weight(table: RoutingTable, canary_bp: int) -> RoutingTable:
-    """The table with the canary's weight set to ``canary_bp``, stable absorbing the difference
-    and other versions untouched (the guard's rollback is ``with_canary_weight(t, 0)``)."""
-    stable, canary = table.stable_version, table.canary_version
-    if stable is None or canary is None:
-        raise RoutingError("setting the canary weight needs labels 'stable' and 'canary'")
-    if not 0 <= canary_bp <= BP_TOTAL:
-        raise RoutingError(f"canary weight must be within [0, 10000] bp, got {canary_bp}")
-    if canary == stable:
-        return table
-    weights = dict(table.weights) or {stable: BP_TOTAL}
-    shift = canary_bp - weights.get(canary, 0)
-    weights[canary] = canary_bp
-    weights[stable] = weights.get(stable, 0) - shift
-    if weights[stable] < 0:
-        raise RoutingError(
-            f"canary weight {canary_bp} bp leaves stable (version {stable}) a negative weight; "
-            "other versions hold the rest"
-        )
-    return RoutingTable(
-        weights,
-        table.labels,
-        table.default_label,
-        table.allow_weight_override,
-        table.guard,
-        table.shadow,
-    )
-
-
-def parse_table(data: Mapping[str, object]) -> RoutingTable:
-    """Build a table from its dict form (see the module docstring); RoutingError if malformed."""
-    if not isinstance(data, Mapping):
-        raise RoutingError(f"a routing table must be an object, got {type(data).__name__}")
-    unknown = sorted(str(k) for k in data if k not in _TABLE_KEYS)
-    if unknown:
-        raise RoutingError(
-            f"unknown key(s) {', '.join(unknown)} in routing table "
-            f"(expected: {', '.join(_TABLE_KEYS)})"
-        )
-    weights = {
-        _version(k, "weights"): _int(v, f"weights[{k}]")
-        for k, v in _obj(data.get("weights"), "weights").items()
-    }
-    labels = {
-        str(k): _version(v, f"labels[{k}]") for k, v in _obj(data.get("labels"), "labels").items()
-    }
-    default_label = data.get("default_label")
-    if default_label is not None and not isinstance(default_label, str):
-        raise RoutingError("default_label must be a string or null")
-    allow = data.get("allow_weight_override", False)
-    if not isinstance(allow, bool):
-        raise RoutingError("allow_weight_override must be true or false")
-    guard = shadow = None
-    if data.get("guard") is not None:
-        g = _obj(data["guard"], "guard", _GUARD_KEYS)
-        d = GuardConfig()
-        guard = GuardConfig(
-            window_s=_int(g.get("window_s", d.window_s), "guard.window_s"),
-            min_samples=_int(g.get("min_samples", d.min_samples), "guard.min_samples"),
-            max_error_rate_delta=_number(
-                g.get("max_error_rate_delta", d.max_error_rate_delta), "guard.max_error_rate_delta"
-            ),
-            max_p95_ratio=_number(g.get("max_p95_ratio", d.max_p95_ratio), "guard.max_p95_ratio"),
-        )
-    if data.get("shadow") is not None:
-        s = _obj(data["shadow"], "shadow", ("version", "sample_bp"))
-        if "version" not in s or "sample_bp" not in s:
-            raise RoutingError("shadow needs 'version' and 'sample_bp'")
-        shadow = ShadowConfig(
-            _version(s["version"], "shadow.version"), _int(s["sample_bp"], "shadow.sample_bp")
-        )
-    return RoutingTable(weights, labels, default_label, allow, guard, shadow)
-
-
-def parse_table_json(text: str | bytes) -> RoutingTable:
-    """``parse_table`` over JSON text (a config parameter's value, an admin RPC's payload)."""
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise RoutingError(f"routing table is not valid JSON: {exc}") from None
-    return parse_table(data)
-
-
-def parse_routing_file(data: Mapping[str, object]) -> RoutingTables:
-    """The routing file's dict form, ``{"models": {"<model>": <table>, ...}}``."""
-    if not isinstance(data, Mapping) or set(data) - {"models"}:
-        raise RoutingError('a routing file must be an object with one key, "models"')
-    tables: dict[str, RoutingTable] = {}
-    for model, raw in _obj(data.get("models"), "models").items():
-        try:
-            tables[str(model)] = parse_table(_obj(raw, f"models[{model}]"))
-        except RoutingError as exc:
-            raise RoutingError(f"model '{model}': {exc.message}") from None
-    return RoutingTables(tables)
-
-
-def table_to_dict(table: RoutingTable) -> dict[str, object]:
-    """The dict form (JSON-ready); ``parse_table(table_to_dict(t)) == t``."""
-    g, s = table.guard, table.shadow
-    return {
-        "weights": {str(v): w for v, w in table.weights.items()},
-        "labels": dict(table.labels),
-        "default_label": table.default_label,
-        "allow_weight_override": table.allow_weight_override,
-        "guard": None
-        if g is None
-        else {
-            "window_s": g.window_s,
-            "min_samples": g.min_samples,
-            "max_error_rate_delta": g.max_error_rate_delta,
-            "max_p95_ratio": g.max_p95_ratio,
-        },
-        "shadow": None if s is None else {"version": s.version, "sample_bp": s.sample_bp},
-    }
-
-
-_GUARD_KEYS = ("window_s", "min_samples", "max_error_rate_delta", "max_p95_ratio")
 
 
 def _structure_problems(t: RoutingTable) -> list[str]:
@@ -337,33 +188,3 @@ def _structure_problems(t: RoutingTable) -> list[str]:
 def _raise(problems: list[str]) -> None:
     if problems:
         raise RoutingError("invalid routing table: " + "; ".join(problems))
-
-
-def _obj(value: object, where: str, keys: tuple[str, ...] | None = None) -> Mapping[str, object]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise RoutingError(f"{where} must be an object, got {type(value).__name__}")
-    if keys is not None and (unknown := sorted(str(k) for k in value if k not in keys)):
-        raise RoutingError(f"unknown key(s) {', '.join(unknown)} in {where}")
-    return {str(k): v for k, v in value.items()}
-
-
-def _int(value: object, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RoutingError(f"{where} must be an integer, got {value!r}")
-    return value
-
-
-def _number(value: object, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise RoutingError(f"{where} must be a number, got {value!r}")
-    return float(value)
-
-
-def _version(value: object, where: str) -> int:
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise RoutingError(f"{where}: version must be an integer > 0, got {value!r}")
-    return value

@@ -1,0 +1,123 @@
+"""`--frontends N`: one supervisor process, one runtime worker, N gRPC front processes.
+
+The fronts share the gRPC port through SO_REUSEPORT (the kernel spreads connections over
+them), so protobuf decoding and the Python gRPC stack are not bound to one core, while every
+request still batches in the one worker. The supervisor owns the worker (and restarts it; the
+fronts reconnect and reload), restarts a front that dies, and stops everything on SIGTERM.
+Fronts are started with `spawn` and receive their settings as JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from runtime.ipc.shm import remove_stale_arenas
+from runtime.process import WorkerProcess
+from server.settings import Settings
+from server.worker_link import worker_settings_for
+
+__all__ = ["frontends_for", "run_supervisor"]
+
+log = logging.getLogger("microtune.supervisor")
+
+
+def frontends_for(settings: Settings) -> int:
+    if settings.frontends:
+        return settings.frontends
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def _front_main(settings_json: str) -> None:
+    import asyncio
+
+    from server.app import serve
+
+    settings = Settings.model_validate_json(settings_json)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings))
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) with SO_REUSEPORT to learn the port that every front will share."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host.strip("[]"), port))
+    return sock
+
+
+def run_supervisor(settings: Settings) -> int:
+    n = frontends_for(settings)
+    remove_stale_arenas()
+    tmp = Path(tempfile.mkdtemp(prefix="microtune-"))
+    worker = WorkerProcess(worker_settings_for(settings, str(tmp / "worker.sock")))
+    reserved = _reserve_port(settings.grpc_host, settings.grpc_port)
+    port = reserved.getsockname()[1]
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    ctx = multiprocessing.get_context("spawn")
+
+    def front(i: int) -> BaseProcess:
+        s = settings.model_copy(
+            update={
+                "grpc_port": port,
+                "worker_socket": worker.settings.socket_path,
+                "frontend_index": i,
+                "frontends": n,
+                # Only the first front reports the port, once it really listens.
+                "port_file": settings.port_file if i == 0 else None,
+            }
+        )
+        p = ctx.Process(
+            target=_front_main, args=(s.model_dump_json(),), name=f"microtune-front-{i}"
+        )
+        p.start()
+        return p
+
+    worker.start()
+    worker.wait_listening(settings.worker_start_timeout_s)
+    fronts = [front(i) for i in range(n)]
+    log.info("supervisor %d: %d front(s) on port %d, worker %s", os.getpid(), n, port, worker.pid)
+    try:
+        while not stop.wait(0.2):
+            if not worker.is_alive():
+                log.error("runtime worker died (exit code %s); restarting", worker.exitcode)
+                worker.stop(1.0)
+                worker.start()
+                with contextlib.suppress(Exception):
+                    worker.wait_listening(settings.worker_start_timeout_s)
+            for i, p in enumerate(fronts):
+                if not p.is_alive():
+                    log.error("front %d died (exit code %s); restarting", i, p.exitcode)
+                    fronts[i] = front(i)
+    finally:
+        for p in fronts:
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in fronts:
+            p.join(max(0.1, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+        worker.stop(5.0)
+        reserved.close()
+        with contextlib.suppress(OSError):
+            for f in tmp.iterdir():
+                f.unlink()
+            tmp.rmdir()
+    return 0

@@ -1,0 +1,348 @@
+"""Prometheus metrics of one front process: the `microtune_` family, on a private registry.
+
+Every series is written through a method with explicit arguments (`observe_request`,
+`observe_execution`, ...), so label names and values live in this module only. Durations are in
+seconds, sizes in bytes, routing weights in basis points (Prometheus base units).
+
+Several front processes (`--frontends N`) each own a `Metrics`; `server.telemetry.aggregate`
+merges their expositions into one pod-wide scrape. Each family is therefore either
+*front-scoped*: each front counts its own requests, arena and in-flight work, and the pod's value
+is the sum (counters, histograms, and the gauges inflight, pending, saturation, shm slots, pinned
+bytes); or *pod-scoped*: every front reports the same fact about the shared worker, the model
+configuration or the GPUs, and the pod's value is the max (`POD_SCOPED`).
+
+Label values: `version` is the version that served a request ("" when none was resolved);
+`reason` is the routing reason (pinned, label, canary, stable; "" before routing decides);
+`model` is a name declared with `set_model_state`, any other name counts as `OTHER_MODEL`.
+The saturation gauge is defined in `server.telemetry.saturation`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from enum import StrEnum
+from typing import Final
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from server.telemetry.http import MetricsHttpServer, start_http_server
+from server.telemetry.saturation import Saturation
+from server.types import ModelState
+
+__all__ = [
+    "BATCH_BUCKETS",
+    "DIFF_BUCKETS",
+    "LATENCY_BUCKETS",
+    "OTHER_MODEL",
+    "POD_SCOPED",
+    "Metrics",
+    "ShadowOutcome",
+]
+
+# 25 us .. 10 s: a `dense` request takes ~100-300 us end to end on CPU, so the low buckets matter.
+LATENCY_BUCKETS: Final = (
+    25e-6, 50e-6, 100e-6, 250e-6, 500e-6,
+    1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
+    1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+# Powers of two, like the CUDA-graph batch buckets (issue 4).
+BATCH_BUCKETS: Final = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+# le=0 isolates bit-identical shadow answers; then one bucket per decade up to "clearly wrong".
+DIFF_BUCKETS: Final = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+# The model name comes from the client: one series per invented name would let any client grow
+# the exposition without bound, so undeclared names share this label value.
+OTHER_MODEL: Final = "_other"
+
+# Families every front reports identically; merged by max (see aggregate.merge_exposition).
+POD_SCOPED: Final = frozenset(
+    {
+        "microtune_model_state",
+        "microtune_model_load_duration_seconds",
+        "microtune_model_device_memory_bytes",
+        "microtune_routing_weight_basis_points",
+        "microtune_gpu_utilization_ratio",
+        "microtune_gpu_memory_used_bytes",
+        "microtune_gpu_memory_total_bytes",
+        "microtune_gpu_power_watts",
+        "microtune_gpu_temperature_celsius",
+    }
+)
+
+_MV: Final = ("model", "version")
+
+
+class ShadowOutcome(StrEnum):
+    MATCH = "match"  # the shadow answered and every output is within tolerance
+    MISMATCH = "mismatch"  # it answered, but some output differs beyond tolerance
+    ERROR = "error"  # the shadow call failed (never visible to the client)
+
+
+class Metrics:
+    """All `microtune_` series of one front process, on `self.registry` (not the global one)."""
+
+    def __init__(
+        self, *, saturation_tau_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.registry = r = CollectorRegistry()
+        self._models: set[str] = set()  # declared model names (label values we accept)
+        self._weighted: dict[str, set[str]] = {}  # model -> versions with a weight series
+        # .labels() takes a lock and builds a tuple per call; the request path caches children.
+        self._req_cache: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
+        self._mv_cache: dict[tuple[str, str], tuple[Histogram, Histogram, Counter]] = {}
+
+        def counter(name: str, doc: str, labels: Sequence[str] = _MV) -> Counter:
+            return Counter(name, doc, labels, registry=r)
+
+        def gauge(name: str, doc: str, labels: Sequence[str] = _MV) -> Gauge:
+            return Gauge(name, doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: Sequence[float] = LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, _MV, buckets=buckets, registry=r)
+
+        self.requests = counter(
+            "microtune_requests",
+            "Inference requests answered, by routing reason, outcome and gRPC status code.",
+            [*_MV, "reason", "outcome", "code"],
+        )
+        self.request_seconds = Histogram(
+            "microtune_request_duration_seconds",
+            "End-to-end request time in the front process.",
+            [*_MV, "reason", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = histogram(
+            "microtune_queue_duration_seconds", "Time a request waited in the worker's queue."
+        )
+        self.compute_seconds = histogram(
+            "microtune_compute_duration_seconds",
+            "Worker compute time of a request (input + infer + output).",
+        )
+        self.inferences = counter(
+            "microtune_inferences", "Successful inferences (a batch-n request counts n)."
+        )
+        self.executions = counter(
+            "microtune_executions", "Model executions (average batch = inferences / executions)."
+        )
+        self.batch_size = histogram(
+            "microtune_execution_batch_size", "Batch size of each model execution.", BATCH_BUCKETS
+        )
+        self.graph_replays = counter(
+            "microtune_graph_replays", "Executions that replayed a captured CUDA graph."
+        )
+        self.eager_fallbacks = counter(
+            "microtune_eager_fallbacks",
+            "Executions run eagerly on a model that has CUDA graphs (no bucket fits).",
+        )
+        self.inflight = gauge(
+            "microtune_inflight_requests",
+            "Requests admitted by the front and not yet answered.",
+            ["model"],
+        )
+        self.pending = gauge(
+            "microtune_pending_requests",
+            "Requests waiting in the front (for arena room) before dispatch to the worker.",
+            ["model"],
+        )
+        self.rollbacks = counter(
+            "microtune_canary_rollbacks", "Canary guard rollbacks (the version's weight set to 0)."
+        )
+        self.shadow = counter(
+            "microtune_shadow_comparisons",
+            "Shadow requests compared with the served answer, by outcome.",
+            [*_MV, "outcome"],
+        )
+        self.shadow_diff = histogram(
+            "microtune_shadow_max_abs_diff",
+            "Largest absolute difference between shadow and served outputs, per comparison.",
+            DIFF_BUCKETS,
+        )
+        self.shm_in_use = gauge("microtune_shm_slots_in_use", "Arena slots leased to calls.", ())
+        self.shm_capacity = gauge("microtune_shm_slots_capacity", "Arena slots in total.", ())
+        self.pinned = gauge(
+            "microtune_pinned_memory_bytes",
+            "Bytes of this front's arena page-locked by the worker.",
+            (),
+        )
+        self.model_state = gauge(
+            "microtune_model_state",
+            "1 for the state a model version is in, 0 for the other states.",
+            [*_MV, "state"],
+        )
+        self.load_seconds = gauge(
+            "microtune_model_load_duration_seconds",
+            "Time the last load of a version took (load, warm-up, self-test).",
+        )
+        self.device_memory = gauge(
+            "microtune_model_device_memory_bytes", "Device memory attributed to a version at load."
+        )
+        self.weights = gauge(
+            "microtune_routing_weight_basis_points",
+            "Routing weight of a version in basis points of 10000 (a canary's share).",
+        )
+        self.saturation = Saturation(saturation_tau_s, clock)
+        r.register(self.saturation)
+
+    # ------------------------------------------------------------ request path
+
+    def observe_request(
+        self,
+        model: str,
+        version: int | None,
+        reason: str,
+        code: grpc.StatusCode,
+        seconds: float,
+        *,
+        queue_s: float | None = None,
+        compute_s: float | None = None,
+        batch: int = 1,
+    ) -> None:
+        """Record one answered ModelInfer.
+
+        `version`: the version that served it (None: none was resolved); `seconds`: end to end in
+        the front; `queue_s`/`compute_s`: the worker's times when the request ran; `batch`: the
+        request's own batch size (inferences count it on success).
+        """
+        m = model if model in self._models else OTHER_MODEL
+        v = "" if version is None else str(version)
+        outcome = "success" if code is grpc.StatusCode.OK else "failure"
+        pair = self._req_cache.get((m, v, reason, code.name))
+        if pair is None:
+            pair = self._req_cache[(m, v, reason, code.name)] = (
+                self.requests.labels(m, v, reason, outcome, code.name),
+                self.request_seconds.labels(m, v, reason, outcome),
+            )
+        pair[0].inc()
+        pair[1].observe(seconds)
+        if queue_s is None and compute_s is None and outcome != "success":
+            return
+        mv = self._mv_cache.get((m, v))
+        if mv is None:
+            mv = self._mv_cache[(m, v)] = (
+                self.queue_seconds.labels(m, v),
+                self.compute_seconds.labels(m, v),
+                self.inferences.labels(m, v),
+            )
+        if queue_s is not None:
+            mv[0].observe(queue_s)
+        if compute_s is not None:
+            mv[1].observe(compute_s)
+        if outcome == "success":
+            mv[2].inc(batch)
+
+    def observe_execution(
+        self, model: str, version: int, batch_size: int, *, graph_replay: bool | None = None
+    ) -> None:
+        """Record one model execution.
+
+        Call exactly once per execution: when a batch serves several requests (possibly from
+        several fronts), only the reply the worker marks as the batch's first carries it, so the
+        pod sum counts each execution once. `graph_replay`: True = replayed a CUDA graph, False =
+        ran eagerly on a model that has graphs, None = graphs not in use (CPU).
+        """
+        m = model if model in self._models else OTHER_MODEL
+        v = str(version)
+        self.executions.labels(m, v).inc()
+        self.batch_size.labels(m, v).observe(batch_size)
+        if graph_replay is True:
+            self.graph_replays.labels(m, v).inc()
+        elif graph_replay is False:
+            self.eager_fallbacks.labels(m, v).inc()
+
+    @contextmanager
+    def track_inflight(self, model: str, batch: int = 1) -> Iterator[None]:
+        """Count a request as in flight, and its `batch` inferences toward saturation."""
+        known = model in self._models
+        gauge = self.inflight.labels(model if known else OTHER_MODEL)
+        gauge.inc()
+        if known:  # saturation exists for declared models only: they have a capacity
+            self.saturation.step(model, batch)
+        try:
+            yield
+        finally:
+            gauge.dec()
+            if known:
+                self.saturation.step(model, -batch)
+
+    @contextmanager
+    def track_pending(self, model: str) -> Iterator[None]:
+        """Count a request as waiting in this front (e.g. for arena room) before dispatch."""
+        gauge = self.pending.labels(model if model in self._models else OTHER_MODEL)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
+
+    # ------------------------------------------------------------ models and routing
+
+    def set_model_state(self, model: str, version: int, state: ModelState) -> None:
+        """Set a version's state (one series per state, 1 for the current one); this also
+        declares `model` as a label value."""
+        self._models.add(model)
+        for s in ModelState:
+            self.model_state.labels(model, str(version), s.value).set(1.0 if s is state else 0.0)
+
+    def forget_version(self, model: str, version: int) -> None:
+        """Drop an unloaded version's gauges (counters stay: removing one would look like a
+        reset to Prometheus)."""
+        v = str(version)
+        for s in ModelState:
+            _remove(self.model_state, model, v, s.value)
+        for g in (self.load_seconds, self.device_memory, self.weights):
+            _remove(g, model, v)
+        self._weighted.get(model, set()).discard(v)
+
+    def observe_model_load(self, model: str, version: int, seconds: float) -> None:
+        self.load_seconds.labels(model, str(version)).set(seconds)
+
+    def set_model_device_memory(self, model: str, version: int, nbytes: int) -> None:
+        self.device_memory.labels(model, str(version)).set(nbytes)
+
+    def set_capacity(self, model: str, inferences: int) -> None:
+        """The model's pod capacity in inferences (`saturation.capacity_for`); 0 = not serving."""
+        self.saturation.set_capacity(model, inferences)
+
+    def set_routing_weights(self, model: str, weights: Mapping[int, int]) -> None:
+        """Replace the model's routing weights (basis points per version)."""
+        new = {str(v) for v in weights}
+        for v in self._weighted.get(model, set()) - new:
+            _remove(self.weights, model, v)
+        self._weighted[model] = new
+        for version, bp in weights.items():
+            self.weights.labels(model, str(version)).set(bp)
+
+    def count_rollback(self, model: str, version: int) -> None:
+        """The canary guard set `version`'s weight to 0."""
+        self.rollbacks.labels(model, str(version)).inc()
+
+    def observe_shadow(
+        self, model: str, version: int, outcome: ShadowOutcome, max_abs_diff: float | None = None
+    ) -> None:
+        """One shadow comparison of shadow `version`; `max_abs_diff` when outputs compared."""
+        self.shadow.labels(model, str(version), outcome.value).inc()
+        if max_abs_diff is not None:
+            self.shadow_diff.labels(model, str(version)).observe(max_abs_diff)
+
+    # ------------------------------------------------------------ resources and serving
+
+    def track_shm_slots(self, in_use: Callable[[], int], capacity: Callable[[], int]) -> None:
+        """Read the arena's slot counts at scrape time (nothing on the request path)."""
+        self.shm_in_use.set_function(lambda: float(in_use()))
+        self.shm_capacity.set_function(lambda: float(capacity()))
+
+    def set_pinned_bytes(self, nbytes: int) -> None:
+        self.pinned.set(nbytes)
+
+    def start_http_server(self, port: int, host: str = "0.0.0.0") -> MetricsHttpServer:
+        """Serve this registry at http://host:port/metrics (port 0 picks a free port)."""
+        return start_http_server(self.registry, port, host)
+
+
+def _remove(metric: Gauge, *labels: str) -> None:
+    with suppress(KeyError):  # removing a series that was never set is fine
+        metric.remove(*labels)
