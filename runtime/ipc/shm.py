@@ -106,7 +106,7 @@ class SlotPool:
     """
 
     def __init__(self, slot_bytes: int, slots: int) -> None:
-        if slot_bytes % mmap.PAGESIZE:
+        if slot_bytes <= 0 or slot_bytes % mmap.PAGESIZE:
             raise ValueError("slot size must be a multiple of the page size")
         self.slot_bytes = slot_bytes
         self.slots = slots

@@ -1,0 +1,250 @@
+"""server.model_config: config.pbtxt / config.json -> ModelSpec, and its errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runtime.ipc.dtypes import DTYPES
+from server.model_config import ConfigError, parse_config_json, read_model_config
+from server.types import DynamicBatching, ModelSpec, TensorSpec, VersionPolicy
+
+SIMPLE_PBTXT = """
+name: "simple"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+version_policy: { latest: { num_versions: 2 } }
+input [
+  { name: "INPUT0", data_type: TYPE_INT32, dims: [ 16 ] },
+  { name: "INPUT1", data_type: TYPE_STRING, dims: [ -1, 3 ] }
+]
+output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 16 ] } ]
+dynamic_batching { preferred_batch_size: [ 4, 8 ] max_queue_delay_microseconds: 100 }
+default_model_filename: "net.onnx"
+parameters { key: "k" value: { string_value: "v" } }
+"""
+
+
+def model_dir(
+    tmp_path: Path, name: str = "m", pbtxt: str | None = None, js: str | None = None
+) -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    if pbtxt is not None:
+        (d / "config.pbtxt").write_text(pbtxt)
+    if js is not None:
+        (d / "config.json").write_text(js)
+    return d
+
+
+def test_full_pbtxt(tmp_path: Path) -> None:
+    spec = read_model_config(model_dir(tmp_path, "simple", SIMPLE_PBTXT))
+    assert spec == ModelSpec(
+        name="simple",
+        max_batch_size=8,
+        inputs=(TensorSpec("INPUT0", "INT32", (16,)), TensorSpec("INPUT1", "BYTES", (-1, 3))),
+        outputs=(TensorSpec("OUTPUT0", "FP32", (16,)),),
+        version_policy=VersionPolicy("latest", num_versions=2),
+        dynamic_batching=DynamicBatching((4, 8), 100),
+        default_model_filename="net.onnx",
+        platform="onnxruntime_onnx",
+        parameters={"k": "v"},
+    )
+
+
+def test_no_config_file_gives_defaults(tmp_path: Path) -> None:
+    spec = read_model_config(model_dir(tmp_path, "plain"))
+    assert spec == ModelSpec(name="plain")
+    assert spec.version_policy == VersionPolicy("latest", 1)
+    assert spec.dynamic_batching is None
+    assert spec.default_model_filename == "model.onnx"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # json_format accepts both the proto field names and their lowerCamelCase JSON names
+        '{"name": "m", "max_batch_size": 4, "version_policy": {"all": {}},'
+        ' "input": [{"name": "a", "data_type": "TYPE_STRING", "dims": [-1]}],'
+        ' "dynamic_batching": {}}',
+        '{"maxBatchSize": 4, "versionPolicy": {"all": {}},'
+        ' "input": [{"name": "a", "dataType": "TYPE_STRING", "dims": ["-1"]}],'
+        ' "dynamicBatching": {}}',
+    ],
+    ids=["snake", "camel"],
+)
+def test_config_json(tmp_path: Path, text: str) -> None:
+    want = ModelSpec(
+        name="m",
+        max_batch_size=4,
+        inputs=(TensorSpec("a", "BYTES", (-1,)),),
+        version_policy=VersionPolicy("all"),
+        dynamic_batching=DynamicBatching((), 0),
+    )
+    assert read_model_config(model_dir(tmp_path, "m", js=text)) == want
+    assert parse_config_json(text, "m") == want
+
+
+def test_pbtxt_wins_over_json(tmp_path: Path) -> None:
+    d = model_dir(tmp_path, "m", pbtxt="max_batch_size: 2", js='{"max_batch_size": 3}')
+    assert read_model_config(d).max_batch_size == 2
+
+
+@pytest.mark.parametrize(
+    ("policy", "want"),
+    [
+        ("", VersionPolicy("latest", 1)),
+        ("version_policy: { latest: { num_versions: 3 } }", VersionPolicy("latest", 3)),
+        ("version_policy: { latest: {} }", VersionPolicy("latest", 1)),  # 0 means 1
+        ("version_policy: { all: {} }", VersionPolicy("all")),
+        (
+            "version_policy: { specific: { versions: [ 3, 1 ] } }",
+            VersionPolicy("specific", versions=(3, 1)),
+        ),
+    ],
+    ids=["default", "latest-3", "latest-empty", "all", "specific"],
+)
+def test_version_policies(tmp_path: Path, policy: str, want: VersionPolicy) -> None:
+    assert read_model_config(model_dir(tmp_path, "m", policy)).version_policy == want
+
+
+@pytest.mark.parametrize("wire", sorted(DTYPES))
+def test_every_config_type_maps_to_its_wire_type(tmp_path: Path, wire: str) -> None:
+    cfg = DTYPES[wire].config
+    text = f'input {{ name: "x" data_type: {cfg} dims: [ 2 ] }}'
+    text += f' output {{ name: "y" data_type: {cfg} dims: [ -1 ] }}'
+    spec = read_model_config(model_dir(tmp_path, "m", text))
+    assert spec.inputs == (TensorSpec("x", wire, (2,)),)
+    assert spec.outputs == (TensorSpec("y", wire, (-1,)),)
+
+
+@pytest.mark.parametrize(
+    ("pbtxt", "message"),
+    [
+        ("max_batch_size: eight", "config of model 'm' does not parse: "),
+        ("nonsense_field: 1", "config of model 'm' does not parse: "),
+        ('input { name: "x" ', "config of model 'm' does not parse: "),
+        ('name: "other"', "config name 'other' differs from its directory 'm'"),
+        (
+            'platform: "tensorrt_plan"',
+            "model 'm': platform 'tensorrt_plan' is not supported "
+            "(microtune serves onnxruntime_onnx models)",
+        ),
+        ('backend: "python"', "model 'm': backend 'python' is not supported"),
+        (
+            'platform: "onnxruntime_onnx" backend: "pytorch"',
+            "model 'm': backend 'pytorch' is not supported",
+        ),
+        ('platform: "onnxruntime_onnx" backend: "onnxruntime"', None),
+        ('backend: "onnxruntime"', None),
+        ("max_batch_size: -1", "model 'm': max_batch_size must be >= 0"),
+        (
+            'input { name: "x" data_type: TYPE_FP32 dims: [ 0 ] }',
+            "model 'm': input 'x' has invalid dims [0]",
+        ),
+        (
+            'output { name: "y" data_type: TYPE_FP32 dims: [ 4, -2 ] }',
+            "model 'm': output 'y' has invalid dims [4, -2]",
+        ),
+        (
+            'input { name: "x" data_type: TYPE_BF16 dims: [ 1 ] }',
+            "model 'm': input 'x' has unsupported type TYPE_BF16",
+        ),
+        (
+            'input { name: "x" dims: [ 1 ] }',
+            "model 'm': input 'x' has unsupported type TYPE_INVALID",
+        ),
+        (
+            # proto3 enums are open: text format takes a number outside DataType
+            'output { name: "y" data_type: 99 dims: [ 1 ] }',
+            "model 'm': output 'y' has unsupported type 99",
+        ),
+    ],
+    ids=[
+        "bad-value",
+        "unknown-field",
+        "truncated",
+        "name-mismatch",
+        "platform",
+        "backend",
+        "platform-and-backend",
+        "both-ok",
+        "backend-ok",
+        "negative-batch",
+        "zero-dim",
+        "negative-dim",
+        "bf16",
+        "no-type",
+        "type-number",
+    ],
+)
+def test_pbtxt_errors(tmp_path: Path, pbtxt: str, message: str | None) -> None:
+    if message is None:  # accepted
+        assert read_model_config(model_dir(tmp_path, "m", pbtxt)).platform == "onnxruntime_onnx"
+        return
+    with pytest.raises(ConfigError) as info:
+        read_model_config(model_dir(tmp_path, "m", pbtxt))
+    assert str(info.value).startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", "config of model 'm' does not parse: Failed to load JSON"),
+        (
+            '{"bogus": 1}',
+            "config of model 'm' does not parse: Message type \"inference.ModelConfig\"",
+        ),
+        ('{"max_batch_size": "x"}', "config of model 'm' does not parse: "),
+        ('{"name": "n"}', "config name 'n' differs from its directory 'm'"),
+        (
+            '{"input": [{"name": "a", "data_type": 99, "dims": [1]}]}',
+            "model 'm': input 'a' has unsupported type 99",
+        ),
+    ],
+    ids=["syntax", "unknown-field", "bad-value", "name-mismatch", "type-number"],
+)
+def test_json_errors(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config_json(text, "m")
+    assert str(info.value).startswith(message), str(info.value)
+    with pytest.raises(ConfigError) as info:
+        read_model_config(model_dir(tmp_path, "m", js=text))
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_undecodable_pbtxt_is_a_config_error(tmp_path: Path) -> None:
+    d = model_dir(tmp_path, "m")
+    (d / "config.pbtxt").write_bytes(b'name: "\xff\xfe"')
+    with pytest.raises(ConfigError, match="config of model 'm' does not parse"):
+        read_model_config(d)
+
+
+def test_unreadable_config_is_a_config_error(tmp_path: Path) -> None:
+    d = model_dir(tmp_path, "m")
+    (d / "config.pbtxt").mkdir()  # exists, but cannot be read
+    with pytest.raises(ConfigError, match="config of model 'm' does not parse"):
+        read_model_config(d)
+
+
+def test_config_error_is_a_value_error() -> None:
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_demo_configs_parse() -> None:
+    from server.settings import DEMO_REPOSITORY
+
+    spec = read_model_config(DEMO_REPOSITORY / "simple_string")
+    assert spec.max_batch_size == 8
+    assert [(t.name, t.datatype, t.dims) for t in spec.inputs] == [
+        ("INPUT0", "BYTES", (16,)),
+        ("INPUT1", "BYTES", (16,)),
+    ]
+    dense = read_model_config(DEMO_REPOSITORY / "dense")
+    assert dense.version_policy == VersionPolicy("all")
+    large = read_model_config(DEMO_REPOSITORY / "dense_large")
+    assert large.dynamic_batching is not None
+    assert large.dynamic_batching.max_queue_delay_us == 2000
+    assert json.dumps(dict(large.parameters)) is not None

@@ -1,0 +1,199 @@
+"""server.models.ModelTable: resolving (model, version string) and the repository index."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.errors import InvalidInput, NotFound, NotReady
+from server.handler import InferenceHandler
+from server.models import ModelEntry, ModelTable, VersionEntry, parse_version
+from server.types import ModelIndexEntry, ModelSpec, ModelState
+
+READY, LOADING, UNAVAILABLE, UNLOADING = (
+    ModelState.READY,
+    ModelState.LOADING,
+    ModelState.UNAVAILABLE,
+    ModelState.UNLOADING,
+)
+
+
+def table(**models: dict[int, tuple[ModelState, str]] | str) -> ModelTable:
+    """table(m={1: (READY, ""), 2: (LOADING, "")}, broken="bad config")"""
+    t = ModelTable()
+    for name, spec in models.items():
+        if isinstance(spec, str):
+            t.models[name] = ModelEntry(name, None, reason=spec)
+            continue
+        entry = ModelEntry(name, ModelSpec(name=name))
+        for v, (state, reason) in spec.items():
+            entry.versions[v] = VersionEntry(name, v, state, reason)
+        t.models[name] = entry
+    return t
+
+
+def test_unknown_model() -> None:
+    with pytest.raises(NotFound) as info:
+        table().resolve("nope", "")
+    assert "Request for unknown model" in info.value.message
+    assert info.value.message == "Request for unknown model: 'nope' is not found"
+    with pytest.raises(NotFound, match="Request for unknown model"):
+        table().get("nope")
+
+
+@pytest.mark.parametrize("version", ["abc", "0", "-1", "+1", " 1", "1.0", "01x", "²", "٣", "00"])
+def test_bad_version_string(version: str) -> None:
+    t = table(m={1: (READY, "")})
+    with pytest.raises(InvalidInput) as info:
+        t.resolve("m", version)
+    assert info.value.message == (
+        f"failed to get model version from specified version string '{version}': "
+        "version should be an integral value > 0"
+    )
+    assert "failed to get model version from specified version string" in info.value.message
+
+
+@pytest.mark.parametrize(("version", "value"), [("1", 1), ("01", 1), ("42", 42)])
+def test_parse_version(version: str, value: int) -> None:
+    assert parse_version(version) == value
+
+
+def test_unknown_version() -> None:
+    t = table(m={1: (READY, ""), 3: (UNAVAILABLE, "x")}, empty={})
+    with pytest.raises(NotFound) as info:
+        t.resolve("m", "2")
+    assert info.value.message == "model 'm' has no version 2 (versions: 1, 3)"
+    with pytest.raises(NotFound, match=r"model 'empty' has no version 1 \(versions: none\)"):
+        t.resolve("empty", "1")
+
+
+def test_default_is_the_highest_ready_version() -> None:
+    t = table(m={1: (READY, ""), 2: (READY, ""), 3: (LOADING, ""), 4: (UNAVAILABLE, "boom")})
+    ve = t.resolve("m", "")
+    assert (ve.model, ve.version) == ("m", 2)
+    assert t.resolve("m", "1").version == 1
+    assert t.models["m"].ready_versions() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("state", "reason", "message"),
+    [
+        (LOADING, "", "model 'm' version 2 is loading"),
+        (UNAVAILABLE, "", "model 'm' version 2 is unavailable"),
+        (
+            UNAVAILABLE,
+            "onnxruntime: bad graph",
+            "model 'm' version 2 is unavailable: onnxruntime: bad graph",
+        ),
+        (UNLOADING, "", "model 'm' version 2 is unloading"),
+    ],
+)
+def test_explicit_version_not_ready(state: ModelState, reason: str, message: str) -> None:
+    t = table(m={1: (READY, ""), 2: (state, reason)})
+    with pytest.raises(NotReady) as info:
+        t.resolve("m", "2")
+    assert info.value.message == message
+    assert not t.is_ready("m", "2")
+    assert t.is_ready("m", "1") and t.is_ready("m", "")
+
+
+@pytest.mark.parametrize(
+    ("versions", "message"),
+    [
+        ({1: (LOADING, ""), 2: (UNAVAILABLE, "x")}, "model 'm' is loading"),
+        (
+            {1: (UNAVAILABLE, "bad graph"), 2: (UNAVAILABLE, "")},
+            "model 'm' version 1 is unavailable: bad graph; model 'm' version 2 is unavailable",
+        ),
+        ({}, "model 'm' has no ready version"),
+    ],
+    ids=["loading", "all-unavailable", "no-versions"],
+)
+def test_default_version_not_ready(
+    versions: dict[int, tuple[ModelState, str]], message: str
+) -> None:
+    t = table(m=versions)
+    with pytest.raises(NotReady) as info:
+        t.resolve("m", "")
+    assert info.value.message == message
+
+
+def test_model_level_reason() -> None:
+    t = table(broken="config name 'x' differs from its directory 'broken'")
+    with pytest.raises(NotReady) as info:
+        t.resolve("broken", "")
+    assert info.value.message == (
+        "model 'broken' is not available: config name 'x' differs from its directory 'broken'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "ready"),
+    [("m", "", True), ("m", "1", True), ("m", "2", False), ("m", "9", False), ("m", "x", False),
+     ("nope", "", False), ("broken", "", False)],
+)  # fmt: skip
+def test_is_ready(name: str, version: str, ready: bool) -> None:
+    t = table(m={1: (READY, ""), 2: (LOADING, "")}, broken="bad")
+    assert t.is_ready(name, version) is ready
+
+
+def test_index() -> None:
+    t = table(
+        b={2: (READY, ""), 1: (UNAVAILABLE, "boom"), 3: (LOADING, "")},
+        a={1: (READY, "")},
+        broken="bad config",
+    )
+    assert t.index(ready_only=False) == [
+        ModelIndexEntry("a", "1", "READY", ""),
+        ModelIndexEntry("b", "1", "UNAVAILABLE", "boom"),
+        ModelIndexEntry("b", "2", "READY", ""),
+        ModelIndexEntry("b", "3", "LOADING", ""),
+        ModelIndexEntry("broken", "", "UNAVAILABLE", "bad config"),
+    ]
+    assert t.index(ready_only=True) == [
+        ModelIndexEntry("a", "1", "READY", ""),
+        ModelIndexEntry("b", "2", "READY", ""),
+    ]
+    assert t.loading()
+    t.models["b"].versions[3].state = READY
+    assert not t.loading()
+
+
+def test_index_of_an_empty_table() -> None:
+    assert table().index(ready_only=False) == []
+    assert not table().loading()
+
+
+# ----------------------------------------------------------------------------- statistics rows
+
+
+def _stats_handler(t: ModelTable) -> InferenceHandler:
+    h = InferenceHandler.__new__(InferenceHandler)  # statistics() reads only the table
+    h.table = t
+    return h
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "rows"),
+    [
+        ("", "", [("a", 1), ("m", 1), ("m", 2)]),  # every ready version of every model
+        ("m", "", [("m", 1), ("m", 2)]),
+        ("m", "3", [("m", 3)]),  # an explicit version, ready or not
+    ],
+)
+def test_statistics_rows(name: str, version: str, rows: list[tuple[str, int]]) -> None:
+    t = table(m={1: (READY, ""), 2: (READY, ""), 3: (UNAVAILABLE, "x")}, a={1: (READY, "")})
+    got = _stats_handler(t).statistics(name, version)
+    assert sorted((r.name, r.version) for r in got) == rows
+
+
+@pytest.mark.parametrize("version", ["9", "x", "²", "-1"])
+def test_statistics_unknown_version(version: str) -> None:
+    t = table(m={1: (READY, "")})
+    with pytest.raises(NotFound) as info:
+        _stats_handler(t).statistics("m", version)
+    assert info.value.message == f"model 'm' has no version {version}"
+
+
+def test_statistics_unknown_model() -> None:
+    with pytest.raises(NotFound, match="Request for unknown model"):
+        _stats_handler(table()).statistics("nope", "")

@@ -1,0 +1,301 @@
+"""server.rpc.status and the servicer: every RPC is wrapped; every domain error has a status;
+unexpected errors answer INTERNAL without leaking their text."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+
+from server import errors
+from server._proto.inference import grpc_service_pb2 as pb
+from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from server.errors import ErrorCode, MicrotuneError
+from server.rpc.servicer import InferenceServicer
+from server.rpc.status import STATUS, rpc_errors
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+METHODS = [m.name for m in SERVICE.methods]
+
+# ----------------------------------------------------------------------------- coverage
+
+
+def test_service_has_the_20_triton_methods() -> None:
+    assert len(METHODS) == 20
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_rpc_is_implemented_and_wrapped(name: str) -> None:
+    assert name in vars(InferenceServicer), f"{name} falls through to the UNIMPLEMENTED stub"
+    method = vars(InferenceServicer)[name]
+    assert getattr(method, "__rpc_errors__", False) is True, f"{name} is not wrapped by rpc_errors"
+    streaming = SERVICE.methods_by_name[name].server_streaming
+    if streaming:
+        assert inspect.isasyncgenfunction(method), name
+    else:
+        assert inspect.iscoroutinefunction(method), name
+
+
+def test_servicer_defines_no_method_outside_the_service() -> None:
+    public = {n for n, v in vars(InferenceServicer).items() if callable(v) and n[:1].isupper()}
+    assert public == set(METHODS)
+    assert issubclass(InferenceServicer, pb_grpc.GRPCInferenceServiceServicer)
+
+
+def test_status_covers_every_error_code() -> None:
+    assert set(STATUS) == set(ErrorCode)
+    assert all(isinstance(v, grpc.StatusCode) for v in STATUS.values())
+    assert grpc.StatusCode.OK not in STATUS.values()
+    assert grpc.StatusCode.UNKNOWN not in STATUS.values()
+
+
+def _error_classes() -> list[type[MicrotuneError]]:
+    out: list[type[MicrotuneError]] = []
+    todo = list(MicrotuneError.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return sorted(out, key=lambda c: c.__name__)
+
+
+EXPECTED = {
+    "NotFound": grpc.StatusCode.NOT_FOUND,
+    "InvalidInput": grpc.StatusCode.INVALID_ARGUMENT,
+    "NotReady": grpc.StatusCode.UNAVAILABLE,
+    "Overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "DeadlineExceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "AlreadyExists": grpc.StatusCode.ALREADY_EXISTS,
+    "Unsupported": grpc.StatusCode.UNIMPLEMENTED,
+    "ModelFailed": grpc.StatusCode.INTERNAL,
+    "LoadFailed": grpc.StatusCode.INTERNAL,  # Triton answers INTERNAL for failed loads
+}
+
+
+def test_every_error_class_has_a_code() -> None:
+    classes = _error_classes()
+    assert {c.__name__ for c in classes} >= {n for n in EXPECTED if hasattr(errors, n)}
+    for cls in classes:
+        assert cls.code in STATUS, cls
+
+
+# ----------------------------------------------------------------------------- the decorator
+
+
+class Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(code, details)
+        self.code, self.details = code, details
+
+
+class FakeContext:
+    """Like grpc.aio.ServicerContext.abort: records the status and raises."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[grpc.StatusCode, str]] = []
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        self.calls.append((code, details))
+        raise Aborted(code, details)
+
+    def time_remaining(self) -> float | None:
+        return None
+
+
+class Boom:
+    def __init__(self, exc: BaseException | None) -> None:
+        self.exc = exc
+
+    @rpc_errors
+    async def call(self, request: Any, context: Any) -> str:
+        if self.exc is not None:
+            raise self.exc
+        return f"ok {request}"
+
+
+def _run(exc: BaseException | None, request: object = 1) -> tuple[object, FakeContext]:
+    ctx = FakeContext()
+
+    async def go() -> object:
+        return await Boom(exc).call(request, ctx)
+
+    try:
+        return asyncio.run(go()), ctx
+    except Aborted as a:
+        return a, ctx
+
+
+def test_success_passes_through() -> None:
+    result, ctx = _run(None, 5)
+    assert result == "ok 5" and ctx.calls == []
+
+
+@pytest.mark.parametrize(
+    "cls", [c for c in _error_classes() if c.__name__ in EXPECTED], ids=lambda c: c.__name__
+)
+def test_domain_errors_map_to_their_status(cls: type[MicrotuneError]) -> None:
+    result, ctx = _run(cls(f"message of {cls.__name__} for 'INPUT0'"))
+    assert isinstance(result, Aborted)
+    assert ctx.calls == [(EXPECTED[cls.__name__], f"message of {cls.__name__} for 'INPUT0'")]
+
+
+def test_unexpected_error_is_internal_without_its_text(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="microtune.rpc"):
+        result, ctx = _run(RuntimeError("secret"))
+    assert isinstance(result, Aborted)
+    ((code, details),) = ctx.calls
+    assert code is grpc.StatusCode.INTERNAL
+    assert "secret" not in details
+    assert details.startswith("internal error (id ") and "see the server log" in details
+    error_id = details.split("(id ")[1].split(")")[0]
+    # the detail is in the log, under the same id
+    assert any(error_id in r.getMessage() and r.exc_info for r in caplog.records)
+    assert "secret" in caplog.text
+
+
+def test_abort_error_passes_through() -> None:
+    with pytest.raises(grpc.aio.AbortError):
+        _run(grpc.aio.AbortError())
+
+
+def test_cancellation_is_not_turned_into_a_status() -> None:
+    with pytest.raises(asyncio.CancelledError):
+        _run(asyncio.CancelledError())
+
+
+def test_wrapper_keeps_the_name() -> None:
+    assert Boom.call.__name__ == "call"
+    assert Boom.call.__rpc_errors__ is True  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------- a real server
+
+
+class Generic:
+    @rpc_errors
+    async def boom(self, request: bytes, context: Any) -> bytes:
+        raise RuntimeError("secret")
+
+    @rpc_errors
+    async def missing(self, request: bytes, context: Any) -> bytes:
+        raise errors.NotFound("Request for unknown model: 'nope' is not found")
+
+    @rpc_errors
+    async def echo(self, request: bytes, context: Any) -> bytes:
+        return request
+
+
+def test_statuses_on_a_real_grpc_aio_server(caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> list[tuple[grpc.StatusCode, str]]:
+        impl = Generic()
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(getattr(impl, name))
+            for name in ("boom", "missing", "echo")
+        }
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("test.Generic", handlers),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        out: list[tuple[grpc.StatusCode, str]] = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                assert await ch.unary_unary("/test.Generic/echo")(b"hi", timeout=10) == b"hi"
+                for name in ("boom", "missing"):
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await ch.unary_unary(f"/test.Generic/{name}")(b"", timeout=10)
+                    out.append((info.value.code(), info.value.details() or ""))
+        finally:
+            await server.stop(None)
+        return out
+
+    with caplog.at_level(logging.ERROR, logger="microtune.rpc"):
+        (boom, missing) = asyncio.run(go())
+    assert boom[0] is grpc.StatusCode.INTERNAL
+    assert "secret" not in boom[1]
+    assert boom[1].startswith("internal error (id ")
+    assert missing == (
+        grpc.StatusCode.NOT_FOUND,
+        "Request for unknown model: 'nope' is not found",
+    )
+
+
+# ----------------------------------------------------------------------------- the servicer
+
+
+def _servicer(**handler_attrs: Any) -> InferenceServicer:
+    return InferenceServicer(SimpleNamespace(**handler_attrs))  # type: ignore[arg-type]
+
+
+def _call_unary(
+    servicer: InferenceServicer, name: str, request: object
+) -> tuple[object, FakeContext]:
+    ctx = FakeContext()
+
+    async def go() -> object:
+        return await getattr(servicer, name)(request, ctx)
+
+    try:
+        return asyncio.run(go()), ctx
+    except Aborted as a:
+        return a, ctx
+
+
+def test_servicer_maps_handler_errors() -> None:
+    def live() -> bool:
+        raise RuntimeError("secret")
+
+    def model_ready(name: str, version: str) -> bool:
+        raise errors.InvalidInput("model name is required")
+
+    s = _servicer(live=live, model_ready=model_ready, ready=lambda: True)
+    result, ctx = _call_unary(s, "ServerReady", pb.ServerReadyRequest())
+    assert result == pb.ServerReadyResponse(ready=True) and ctx.calls == []
+    _, ctx = _call_unary(s, "ServerLive", pb.ServerLiveRequest())
+    assert ctx.calls[0][0] is grpc.StatusCode.INTERNAL and "secret" not in ctx.calls[0][1]
+    _, ctx = _call_unary(s, "ModelReady", pb.ModelReadyRequest())
+    assert ctx.calls == [(grpc.StatusCode.INVALID_ARGUMENT, "model name is required")]
+
+
+def test_servicer_infer_decodes_before_calling_the_handler() -> None:
+    called: list[object] = []
+
+    async def infer(req: object, deadline: object) -> object:
+        called.append(req)
+        raise AssertionError("not reached")
+
+    s = _servicer(infer=infer)
+    _, ctx = _call_unary(s, "ModelInfer", pb.ModelInferRequest())  # no model name
+    assert ctx.calls == [(grpc.StatusCode.INVALID_ARGUMENT, "model_name is required")]
+    assert called == []
+
+
+def test_stream_errors_travel_in_error_message() -> None:
+    async def infer(req: Any, deadline: object) -> object:
+        if req.model == "missing":
+            raise errors.NotFound("Request for unknown model: 'missing' is not found")
+        raise RuntimeError("secret")
+
+    s = _servicer(infer=infer)
+
+    async def requests() -> AsyncIterator[pb.ModelInferRequest]:
+        yield pb.ModelInferRequest(model_name="missing", id="a")
+        yield pb.ModelInferRequest(model_name="other", id="b")
+        yield pb.ModelInferRequest(id="c")  # no model name: a decode error, stream goes on
+
+    async def go() -> list[pb.ModelStreamInferResponse]:
+        return [r async for r in s.ModelStreamInfer(requests(), FakeContext())]  # type: ignore[arg-type]
+
+    first, second, third = asyncio.run(go())
+    assert first.error_message == "Request for unknown model: 'missing' is not found"
+    assert (first.infer_response.model_name, first.infer_response.id) == ("missing", "a")
+    assert second.error_message and "secret" not in second.error_message
+    assert third.error_message == "model_name is required"
+    assert third.infer_response.id == "c"

@@ -1,0 +1,172 @@
+"""server.settings and server.cli: defaults < MICROTUNE_* environment < CLI flags; frozen;
+validated; `microtune --help` works. No test here starts a server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from server import __version__
+from server.cli import build_parser, main, settings_from_args
+from server.settings import DEMO_REPOSITORY, Settings
+
+FLAGS = ["--" + name.replace("_", "-") for name in Settings.model_fields]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.upper().startswith("MICROTUNE_"):
+            monkeypatch.delenv(key)
+
+
+def from_cli(*argv: str) -> Settings:
+    return settings_from_args(build_parser().parse_args(["serve", *argv]))
+
+
+def test_defaults() -> None:
+    s = Settings()
+    assert s.model_repository == DEMO_REPOSITORY
+    assert (s.grpc_host, s.grpc_port) == ("127.0.0.1", 8001)
+    assert s.shm_slot_bytes % 4096 == 0
+    assert s.server_name == "triton"
+    assert from_cli() == s
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "field", "want"),
+    [
+        ("MICROTUNE_GRPC_PORT", "9100", "grpc_port", 9100),
+        ("MICROTUNE_GRPC_HOST", "0.0.0.0", "grpc_host", "0.0.0.0"),
+        ("MICROTUNE_LOG_LEVEL", "DEBUG", "log_level", "DEBUG"),
+        ("MICROTUNE_MODEL_REPOSITORY", "/models", "model_repository", Path("/models")),
+        ("MICROTUNE_SHM_SLOT_BYTES", "8192", "shm_slot_bytes", 8192),
+        ("microtune_worker_threads", "3", "worker_threads", 3),  # case-insensitive
+    ],
+)
+def test_env_prefix(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, field: str, want: object
+) -> None:
+    monkeypatch.setenv(env, value)
+    assert getattr(Settings(), field) == want
+    assert getattr(from_cli(), field) == want  # the CLI without flags keeps the environment
+
+
+def test_unprefixed_env_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRPC_PORT", "1234")
+    assert Settings().grpc_port == 8001
+
+
+def test_cli_flags_override_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MICROTUNE_GRPC_PORT", "9100")
+    monkeypatch.setenv("MICROTUNE_LOG_LEVEL", "ERROR")
+    monkeypatch.setenv("MICROTUNE_SERVER_NAME", "from-env")
+    s = from_cli(
+        "--grpc-port",
+        "9200",
+        "--log-level",
+        "WARNING",
+        "--model-repository",
+        str(tmp_path),
+        "--port-file",
+        str(tmp_path / "port"),
+    )
+    assert s.grpc_port == 9200
+    assert s.log_level == "WARNING"
+    assert s.model_repository == tmp_path
+    assert s.port_file == tmp_path / "port"
+    assert s.server_name == "from-env"  # not given on the command line: the environment's
+
+
+def test_frozen() -> None:
+    s = Settings()
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        s.grpc_port = 1  # type: ignore[misc]
+    assert s.grpc_port == 8001
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"shm_slot_bytes": 4096 + 1}, "shm_slot_bytes must be a multiple of 4096"),
+        ({"shm_slot_bytes": 3 * 4096 // 2 + 4096}, "shm_slot_bytes must be a multiple of 4096"),
+        ({"shm_slot_bytes": 1024}, "greater than or equal to 4096"),
+        ({"grpc_port": 70000}, "less than or equal to 65535"),
+        ({"grpc_port": -1}, "greater than or equal to 0"),
+        ({"worker_threads": 0}, "greater than or equal to 1"),
+        ({"log_level": "TRACE"}, "log_level"),
+        ({"no_such_setting": 1}, "Extra inputs are not permitted"),
+    ],
+)
+def test_validation_errors(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=message):
+        Settings(**kwargs)  # type: ignore[arg-type]
+
+
+def test_invalid_env_is_a_validation_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MICROTUNE_SHM_SLOT_BYTES", "5000")
+    with pytest.raises(pydantic.ValidationError, match="multiple of 4096"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--shm-slot-bytes", "5000"], "shm_slot_bytes must be a multiple of 4096"),
+        (["--grpc-port", "http"], "grpc_port"),
+    ],
+)
+def test_main_reports_invalid_settings(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("microtune: invalid settings:")
+    assert message in err
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: microtune" in out
+    assert "serve" in out
+
+
+def test_serve_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: microtune serve" in out
+    assert "MICROTUNE_<NAME>" in out
+    for flag in FLAGS:
+        assert flag in out, flag
+    # the field docstrings are the help texts
+    assert "Address to bind the gRPC server to" in out
+    assert "(default: 8001)" in out
+
+
+def test_every_setting_has_a_description() -> None:
+    missing = [n for n, f in Settings.model_fields.items() if not f.description]
+    assert missing == []
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"microtune {__version__}"
+
+
+@pytest.mark.parametrize("argv", [[], ["bogus"], ["serve", "--no-such-flag", "1"]])
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "usage: microtune" in capsys.readouterr().err
