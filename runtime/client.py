@@ -197,20 +197,23 @@ class RuntimeClient:
             if not released:
                 self._release(lease)
         assert isinstance(done, InferDone)
-        if done.code != Code.OK:
-            raise CallFailed(done.code, done.message)
-        out: list[OutputTensor] = []
-        for o in done.outputs:
-            if o.inline is not None:
-                self.inline_outputs += 1
-                out.append(OutputTensor(o.name, o.datatype, o.shape, o.inline, True))
-            else:
-                data = bytes(buf[o.offset : o.offset + o.nbytes])
-                out.append(OutputTensor(o.name, o.datatype, o.shape, data, False))
-        # The outputs are copied out: the slots can go back now.
-        lease_back = self._leases.pop(call_id, None)
-        if lease_back is not None:
-            self._release(lease_back)
+        try:
+            if done.code != Code.OK:
+                raise CallFailed(done.code, done.message)
+            out: list[OutputTensor] = []
+            for o in done.outputs:
+                if o.inline is not None:
+                    self.inline_outputs += 1
+                    out.append(OutputTensor(o.name, o.datatype, o.shape, o.inline, True))
+                else:
+                    data = bytes(buf[o.offset : o.offset + o.nbytes])
+                    out.append(OutputTensor(o.name, o.datatype, o.shape, data, False))
+        finally:
+            # The worker has answered (OK or not) and the outputs are copied out: the slots can
+            # go back now. A failed call must return them too, or every error leaks its lease.
+            lease_back = self._leases.pop(call_id, None)
+            if lease_back is not None:
+                self._release(lease_back)
         return InferResult(tuple(out), done.timings or Timings())
 
     # ------------------------------------------------------------------ internals

@@ -20,7 +20,8 @@ from typing import Any
 
 import msgspec
 
-from runtime.engine.model import LoadedModel
+from runtime.engine.batcher import Batcher, BatcherClosed, Pending, QueueFull
+from runtime.engine.model import LoadedModel, execute_batch
 from runtime.engine.session import SessionError, choose_device
 from runtime.engine.signature import SignatureMismatch
 from runtime.ipc.protocol import (
@@ -47,12 +48,16 @@ __all__ = ["Worker", "run"]
 
 log = logging.getLogger("microtune.worker")
 
+# What a queued call carries to the batch thread: its connection, the call, when it arrived.
+Queued = tuple["Connection", Infer, int]
+
 
 class Worker:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.device = choose_device(settings.device)
         self.models: dict[tuple[str, int], LoadedModel] = {}
+        self.batchers: dict[tuple[str, int], Batcher[Queued]] = {}
         self._models_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(settings.exec_threads, thread_name_prefix="exec")
         self.stopping = threading.Event()
@@ -101,8 +106,15 @@ class Worker:
         except Exception as exc:
             log.exception("loading %s version %d failed", msg.name, msg.version)
             return LoadDone(msg.request_id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+        key = (msg.name, msg.version)
+        batcher = self._start_batcher(model, msg)
         with self._models_lock:
-            self.models[(msg.name, msg.version)] = model
+            self.models[key] = model
+            old = self.batchers.pop(key, None)
+            if batcher is not None:
+                self.batchers[key] = batcher
+        if old is not None:  # calls already queued on the old instance finish there
+            threading.Thread(target=old.close, daemon=True).start()
         return LoadDone(
             msg.request_id, Code.OK, signature=model.signature, load_ns=time.monotonic_ns() - t0
         )
@@ -110,7 +122,42 @@ class Worker:
     def unload(self, msg: UnloadModel) -> UnloadDone:
         with self._models_lock:
             self.models.pop((msg.name, msg.version), None)
+            batcher = self.batchers.pop((msg.name, msg.version), None)
+        if batcher is not None:
+            batcher.close()  # drains what is queued
         return UnloadDone(msg.request_id)
+
+    def _start_batcher(self, model: LoadedModel, msg: LoadModel) -> Batcher[Queued] | None:
+        if msg.batching is None or msg.max_batch_size < 1:
+            return None
+        b = msg.batching
+        batcher: Batcher[Queued] = Batcher(
+            msg.max_batch_size,
+            preferred=[p for p in b.preferred if 1 <= p <= msg.max_batch_size],
+            max_queue_delay_ns=b.max_queue_delay_us * 1000,
+            max_queue_size=b.max_queue_size,
+            name=f"model '{msg.name}' version {msg.version}",
+        )
+
+        def run_batch(batch: list[Pending[Queued]]) -> None:
+            calls = []
+            for p in batch:
+                conn, call, received = p.payload
+                calls.append((call, conn.arena_buf(), received))
+            for p, done in zip(batch, execute_batch(model, calls), strict=True):
+                p.payload[0].send_quiet(done)
+
+        def expire(p: Pending[Queued]) -> None:
+            conn, call, _ = p.payload
+            conn.send_quiet(InferDone(call.call_id, Code.DEADLINE, "deadline expired while queued"))
+
+        threading.Thread(
+            target=batcher.run,
+            args=(run_batch, expire),
+            daemon=True,
+            name=f"batch-{msg.name}-{msg.version}",
+        ).start()
+        return batcher
 
 
 class Connection:
@@ -126,6 +173,16 @@ class Connection:
         frame = encode(msg)
         with self.send_lock:
             self.sock.sendall(frame)
+
+    def send_quiet(self, msg: Any) -> None:
+        """Send, ignoring a front that has gone (its calls die with it)."""
+        with contextlib.suppress(OSError):
+            self.send(msg)
+
+    def arena_buf(self) -> memoryview:
+        if self.arena is None:
+            raise RuntimeError("no arena: Hello not received")
+        return self.arena.buf
 
     def run(self) -> None:
         try:
@@ -154,7 +211,7 @@ class Connection:
                 return
             msg = decode_front(body)
             if isinstance(msg, Infer):
-                self.worker.pool.submit(self._infer, msg, time.monotonic_ns())
+                self._dispatch(msg, time.monotonic_ns())
             elif isinstance(msg, Hello):
                 self._hello(msg)
             elif isinstance(msg, LoadModel):
@@ -182,6 +239,30 @@ class Connection:
 
     def _load(self, msg: LoadModel) -> None:
         self.send(self.worker.load(msg))
+
+    def _dispatch(self, call: Infer, received_ns: int) -> None:
+        """Batched models queue the call on their batcher (answered by its thread); others
+        run it on the pool."""
+        batcher = self.worker.batchers.get((call.name, call.version))
+        if batcher is None:
+            self.worker.pool.submit(self._infer, call, received_ns)
+            return
+        rows = call.inputs[0].shape[0] if call.inputs and call.inputs[0].shape else 1
+        try:
+            batcher.submit(
+                Pending(
+                    call.call_id,
+                    rows,
+                    received_ns,
+                    call.deadline_ns,
+                    payload=(self, call, received_ns),
+                )
+            )
+        except QueueFull as exc:
+            self.send_quiet(InferDone(call.call_id, Code.OVERLOADED, str(exc)))
+        except BatcherClosed:
+            # Replaced or unloading: the new instance (if any) takes it.
+            self.worker.pool.submit(self._infer, call, received_ns)
 
     def _infer(self, call: Infer, received_ns: int) -> None:
         try:

@@ -45,6 +45,7 @@ class App:
             settings.load_model,
         )
         self.manager.single_front = not settings.worker_socket
+        self.manager.batching_enabled = settings.dynamic_batching
         self.shm = SharedMemoryRegistry(settings.allow_client_shm)
         self.handler = InferenceHandler(
             self.table, self.link, self.manager, self.shm, settings.server_name

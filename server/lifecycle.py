@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from runtime.client import WorkerGone
-from runtime.ipc.protocol import Code, LoadModel, ModelSignature, TensorInfo
+from runtime.ipc.protocol import Batching, Code, LoadModel, ModelSignature, TensorInfo
 from server.errors import LoadFailed, NotFound, Unsupported
 from server.model_config import ConfigError, parse_config_json
 from server.models import ModelEntry, ModelTable, VersionEntry
@@ -55,6 +55,7 @@ class ModelManager:
         self.startup = startup
         self._locks: dict[str, asyncio.Lock] = {}
         self.single_front = True
+        self.batching_enabled = True
         self._tmp: dict[str, Path] = {}  # override directories made from load parameters
         link.on_restart = self.reload_all
         link.on_lost = self.mark_worker_lost
@@ -217,6 +218,12 @@ class ModelManager:
 
     # ------------------------------------------------------------------ internals
 
+    def _batching(self, spec: ModelSpec) -> Batching | None:
+        db = spec.dynamic_batching
+        if db is None or not self.batching_enabled or spec.max_batch_size < 1:
+            return None
+        return Batching(db.max_queue_delay_us, db.preferred_batch_sizes, db.max_queue_size)
+
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
@@ -246,6 +253,7 @@ class ModelManager:
                 _declared(spec),
                 self.intra_op_threads,
                 force,
+                self._batching(spec),
             )
             done = await client.load(msg)
         except WorkerGone:

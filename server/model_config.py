@@ -64,7 +64,10 @@ def spec_from_pb(msg: pb.ModelConfig, dir_name: str) -> ModelSpec:
     batching = None
     if msg.HasField("dynamic_batching"):
         db = msg.dynamic_batching
-        batching = DynamicBatching(tuple(db.preferred_batch_size), db.max_queue_delay_microseconds)
+        queue = db.default_queue_policy.max_queue_size or 1024
+        batching = DynamicBatching(
+            tuple(db.preferred_batch_size), db.max_queue_delay_microseconds, queue
+        )
     return ModelSpec(
         name=dir_name,
         max_batch_size=msg.max_batch_size,

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     allow_client_shm: bool = False
     """Allow clients to register system shared-memory regions for inputs and outputs
     (Triton's --allow-client-shm); off by default because it maps client-named objects."""
+    dynamic_batching: bool = True
+    """Honour each model's dynamic_batching config; false runs every request alone (the
+    comparison point of the batching benchmark)."""
     frontends: int = Field(0, ge=0, le=64)
     """gRPC front processes sharing the port (SO_REUSEPORT) and one worker; 0 = sized to the
     machine (one per two cores, at most 4). Model control RPCs need a single front."""

@@ -51,8 +51,10 @@ class VersionStats:
         self.compute_infer.add(t.infer_ns)
         self.compute_output.add(t.output_ns)
         self.inference_count += batch_size
-        self.execution_count += 1
         self.last_inference_ms = time.time_ns() // 1_000_000
+        if not t.executions:
+            return  # another request of the same execution counts it
+        self.execution_count += t.executions
         b = self.batches.get(t.batch_size)
         if b is None:
             b = self.batches[t.batch_size] = BatchStats()

@@ -60,6 +60,7 @@ class VersionPolicy:
 class DynamicBatching:
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_us: int = 0
+    max_queue_size: int = 1024  # requests waiting; beyond it RESOURCE_EXHAUSTED
 
 
 @dataclass(frozen=True, slots=True)

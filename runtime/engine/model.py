@@ -31,7 +31,7 @@ from runtime.ipc.protocol import (
 )
 from runtime.ipc.shm import align_up
 
-__all__ = ["LoadedModel"]
+__all__ = ["BadInput", "LoadedModel", "execute_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,78 @@ class LoadedModel:
         batch = _batch_of(call)
         timings = Timings(t0 - received_ns, t1 - t0, t2 - t1, t3 - t2, batch)
         return InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings)
+
+
+def execute_batch(
+    model: LoadedModel, calls: list[tuple[Infer, memoryview, int]]
+) -> list[InferDone]:
+    """Run several calls as one execution: their rows are concatenated along the batch
+    dimension, the session runs once, and each call gets its rows back. Calls whose non-batch
+    shapes or requested outputs differ cannot share an execution and run in separate groups.
+    Answers are in the order of `calls`."""
+    t0 = time.monotonic_ns()
+    answers: list[InferDone | None] = [None] * len(calls)
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for i, (call, _buf, _recv) in enumerate(calls):
+        if call.deadline_ns and t0 > call.deadline_ns:
+            answers[i] = InferDone(call.call_id, Code.DEADLINE, "deadline expired in the queue")
+            continue
+        key = (
+            tuple((r.name, r.datatype, r.shape[1:]) for r in call.inputs),
+            tuple(o.name for o in call.outputs),
+        )
+        groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        if len(members) == 1:
+            call, buf, recv = calls[members[0]]
+            answers[members[0]] = model.execute(call, buf, recv)
+            continue
+        for i, done in zip(
+            members, _run_group(model, [calls[i] for i in members], t0), strict=True
+        ):
+            answers[i] = done
+    return [a for a in answers if a is not None]
+
+
+def _run_group(
+    model: LoadedModel, calls: list[tuple[Infer, memoryview, int]], t0: int
+) -> list[InferDone]:
+    out: list[InferDone | None] = [None] * len(calls)
+    feeds_each: list[dict[str, Any]] = []
+    ok: list[int] = []
+    for i, (call, buf, _recv) in enumerate(calls):
+        try:
+            feeds_each.append({ref.name: _input_array(ref, buf) for ref in call.inputs})
+            ok.append(i)
+        except BadInput as exc:
+            out[i] = InferDone(call.call_id, Code.BAD_INPUT, str(exc))
+    if ok:
+        first = calls[ok[0]][0]
+        names = [o.name for o in first.outputs] or list(model.output_names)
+        feeds = {k: np.concatenate([f[k] for f in feeds_each]) for k in feeds_each[0]}
+        rows = [_batch_of(calls[i][0]) for i in ok]
+        t1 = time.monotonic_ns()
+        try:
+            results = model.session.run(names, feeds)
+        except Exception as exc:
+            for i in ok:
+                out[i] = _run_error(calls[i][0].call_id, exc)
+            return [o for o in out if o is not None]
+        t2 = time.monotonic_ns()
+        start = 0
+        dones: list[tuple[int, tuple[OutputData, ...]]] = []
+        for i, n in zip(ok, rows, strict=True):
+            call, buf, _recv = calls[i]
+            part = [r[start : start + n] for r in results]
+            dones.append((i, _write_outputs(names, part, model.signature, buf, call)))
+            start += n
+        t3 = time.monotonic_ns()
+        total = sum(rows)
+        for k, (i, outputs) in enumerate(dones):
+            call, _buf, recv = calls[i]
+            timings = Timings(t0 - recv, t1 - t0, t2 - t1, t3 - t2, total, 1 if k == 0 else 0)
+            out[i] = InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings)
+    return [o for o in out if o is not None]
 
 
 def _batch_of(call: Infer) -> int:

@@ -16,6 +16,7 @@ import msgspec
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "Batching",
     "Code",
     "FrontMessage",
     "Hello",
@@ -95,7 +96,8 @@ class Timings(_Msg):
     input_ns: int = 0
     infer_ns: int = 0
     output_ns: int = 0
-    batch_size: int = 1  # size of the execution this call ran in
+    batch_size: int = 1  # rows of the execution this call ran in
+    executions: int = 1  # 1 for one call of each execution (so executions are counted once)
 
 
 # ----------------------------------------------------------------------------- front -> worker
@@ -108,6 +110,14 @@ class Hello(_Msg, tag="hello"):
     arena_size: int
 
 
+class Batching(_Msg):
+    """Dynamic batching of a model version (Triton's dynamic_batching block)."""
+
+    max_queue_delay_us: int = 0
+    preferred: tuple[int, ...] = ()
+    max_queue_size: int = 1024
+
+
 class LoadModel(_Msg, tag="load"):
     request_id: int
     name: str
@@ -117,6 +127,7 @@ class LoadModel(_Msg, tag="load"):
     declared: ModelSignature  # inputs/outputs from the config file; empty = take the graph's
     intra_op_threads: int = 1
     force: bool = False  # reload even if loaded with the same file and config (explicit load)
+    batching: Batching | None = None  # None: each call runs alone
 
 
 class UnloadModel(_Msg, tag="unload"):

@@ -17,25 +17,44 @@ from server.routing.errors import (
     UnknownLabel,
     VersionNotReady,
 )
-from server.routing.guard import Decision, GuardState, WindowStats, evaluate, observe
+from server.routing.guard import (
+    Decision,
+    GuardState,
+    WindowStats,
+    evaluate,
+    observe,
+    window_stats,
+)
 from server.routing.parse import (
     parse_routing_file,
     parse_table,
     parse_table_json,
     table_to_dict,
 )
-from server.routing.resolve import Route, RouteReason, parse_canary_weight, resolve
+from server.routing.resolve import (
+    HEADER_CANARY_WEIGHT,
+    HEADER_MODEL_VERSION,
+    HEADER_ROUTING_KEY,
+    Route,
+    RouteReason,
+    parse_canary_weight,
+    resolve,
+)
 from server.routing.shadow import ShadowDiff, compare_outputs, should_shadow
 from server.routing.split import (
     RandomSource,
+    Span,
     layout,
     override_canary,
     pick_weighted,
+    random_point,
     route_key_point,
     with_canary_weight,
 )
 from server.routing.table import (
     BP_TOTAL,
+    CANARY,
+    STABLE,
     GuardConfig,
     RoutingTable,
     RoutingTables,
@@ -45,6 +64,11 @@ from server.routing.table import (
 
 __all__ = [
     "BP_TOTAL",
+    "CANARY",
+    "HEADER_CANARY_WEIGHT",
+    "HEADER_MODEL_VERSION",
+    "HEADER_ROUTING_KEY",
+    "STABLE",
     "Decision",
     "GuardConfig",
     "GuardState",
@@ -57,6 +81,7 @@ __all__ = [
     "RoutingTables",
     "ShadowConfig",
     "ShadowDiff",
+    "Span",
     "UnknownLabel",
     "VersionNotReady",
     "WindowStats",
@@ -70,10 +95,12 @@ __all__ = [
     "parse_table",
     "parse_table_json",
     "pick_weighted",
+    "random_point",
     "resolve",
     "route_key_point",
     "should_shadow",
     "table_to_dict",
     "validate",
+    "window_stats",
     "with_canary_weight",
 ]

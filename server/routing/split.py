@@ -1,5 +1,6 @@
 """The sticky weighted split: a routing key hashed to a point on [0, 10000), the versions laid on
-that line by weight, and the weight arithmetic for the canary. Pure. May import: routing.table.
+that line by weight, and the weight arithmetic for the canary. Pure. May import: routing.table,
+routing.errors.
 
 Layout: versions in ascending order, each taking ``[S(k-1), S(k))`` where ``S(k)`` is the sum of
 the weights of the versions up to and including ``k``; a zero weight takes an empty range. The

@@ -1,0 +1,293 @@
+"""Dynamic batching for one model version: the pure decision `form_batch` and the thread-safe
+`Batcher` (bounded queue + loop) that the worker runs on one dedicated thread per version.
+
+Invariants: requests are never split and never reordered (a batch is a FIFO prefix of the live
+queue); a batch never exceeds max_batch_size rows (a lone request larger than that, which the
+front's validation should have refused, runs alone rather than block the queue forever); a
+request whose deadline has passed is handed to `expire` and never computed. Time comes from an
+injected clock in nanoseconds (CLOCK_MONOTONIC in production, the same clock as
+`Infer.deadline_ns`), so tests drive every decision deterministically.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Generic, NamedTuple, TypeVar
+
+__all__ = [
+    "DEFAULT_MAX_QUEUE_SIZE",
+    "Batcher",
+    "BatcherClosed",
+    "BatcherStats",
+    "Formed",
+    "Pending",
+    "QueueFull",
+    "form_batch",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_MAX_QUEUE_SIZE: Final = 1024
+"""Requests (not rows) waiting per model version, as Triton's `max_queue_size` counts. The
+arena's slots already bound the bytes in flight; this bound caps queueing latency: beyond it a
+client is better served by RESOURCE_EXHAUSTED and a retry than by waiting behind 1024 calls."""
+
+
+class QueueFull(Exception):
+    """The bounded queue is full; the worker answers OVERLOADED (RESOURCE_EXHAUSTED)."""
+
+
+class BatcherClosed(Exception):
+    """submit() after close(): the version is unloading; the worker answers NOT_READY."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pending(Generic[T]):
+    """One queued request."""
+
+    call_id: int
+    batch_size: int  # rows this request contributes (its inputs' leading dimension)
+    enqueued_ns: int  # clock() when it was queued
+    deadline_ns: int = 0  # absolute, same clock; 0 = none
+    payload: T = field(kw_only=True)  # what execute/expire need (the Infer call, its link...)
+
+    def expired_at(self, now_ns: int) -> bool:
+        return 0 < self.deadline_ns <= now_ns
+
+
+class Formed(NamedTuple, Generic[T]):
+    """The outcome of one `form_batch` decision."""
+
+    batch: list[Pending[T]]  # run now (empty = keep waiting)
+    expired: list[Pending[T]]  # answer DEADLINE_EXCEEDED; never compute
+    wait_ns: int | None  # until the next timed event of what stays queued; None = none
+
+
+def form_batch(
+    queue: Sequence[Pending[T]],
+    now_ns: int,
+    max_batch_size: int,
+    preferred: tuple[int, ...],
+    max_queue_delay_ns: int,
+    *,
+    drain: bool = False,
+) -> Formed[T]:
+    """Decide what to run now, following Triton's dynamic batcher.
+
+    1. Requests whose deadline passed are expired, wherever they are in the queue.
+    2. Take the longest FIFO prefix of the rest that fits in max_batch_size rows.
+    3. Release that prefix when it cannot grow: it reached max_batch_size, or the next request
+       does not fit (requests are not split, and skipping it would reorder).
+    4. Else release it when the oldest request has waited max_queue_delay (0 = at once), or
+       when draining.
+    5. Else release the longest sub-prefix whose rows equal a preferred size, if any.
+    6. Else wait: until the oldest request's delay runs out or the first deadline passes.
+    """
+    expired = [p for p in queue if p.expired_at(now_ns)]
+    live = [p for p in queue if not p.expired_at(now_ns)] if expired else list(queue)
+    if not live:
+        return Formed([], expired, None)
+    rows = cut = at_preferred = 0
+    for p in live:
+        if cut and rows + p.batch_size > max_batch_size:
+            break
+        rows += p.batch_size
+        cut += 1
+        if rows in preferred:
+            at_preferred = cut
+        if rows >= max_batch_size:
+            break
+    cannot_grow = rows >= max_batch_size or cut < len(live)
+    waited = now_ns - live[0].enqueued_ns >= max_queue_delay_ns
+    take = cut if cannot_grow or waited or drain else at_preferred
+    rest = live[take:]
+    return Formed(live[:take], expired, _next_event(rest, now_ns, max_queue_delay_ns))
+
+
+def _next_event(rest: Sequence[Pending[T]], now_ns: int, delay_ns: int) -> int | None:
+    if not rest:
+        return None
+    # The oldest request's delay (it is rest[0]: FIFO), or any deadline, whichever is first.
+    due = rest[0].enqueued_ns + delay_ns
+    for p in rest:
+        if p.deadline_ns and p.deadline_ns < due:
+            due = p.deadline_ns
+    return max(0, due - now_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherStats:
+    queued: int  # requests waiting now
+    queued_rows: int
+    batches: int  # batches executed
+    batched_requests: int
+    batched_rows: int
+    expired: int  # deadline passed while queued
+    rejected: int  # QueueFull
+
+
+class Batcher(Generic[T]):
+    """Bounded FIFO queue + batching loop for one model version.
+
+    Any thread may `submit`. One thread calls `run(execute_batch, expire)`, which sleeps on a
+    condition variable until `form_batch` releases something, then calls `expire(item)` for
+    each expired request and `execute_batch(batch)` for the batch, outside the lock (new
+    requests keep queueing, and form the next batch, while one executes). Both callbacks own
+    answering their requests; an exception escaping them is logged and the loop goes on,
+    because a dead loop would leave every later caller waiting forever.
+
+    `close()` refuses new requests, then the loop drains: it releases batches without waiting
+    for delays or preferred sizes (deadlines still expire) and returns once the queue is empty.
+    """
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        *,
+        preferred: Sequence[int] = (),
+        max_queue_delay_ns: int = 0,
+        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        clock: Callable[[], int] = time.monotonic_ns,
+        name: str = "",
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        bad = [s for s in preferred if not 1 <= s <= max_batch_size]
+        if bad:
+            raise ValueError(f"preferred batch sizes {bad} are outside 1..{max_batch_size}")
+        if max_queue_delay_ns < 0 or max_queue_size < 1:
+            raise ValueError("max_queue_delay_ns must be >= 0 and max_queue_size >= 1")
+        self.max_batch_size = max_batch_size
+        self.preferred = tuple(sorted(set(preferred)))
+        self.max_queue_delay_ns = max_queue_delay_ns
+        self.max_queue_size = max_queue_size
+        self.name = name or "batcher"
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._queue: deque[Pending[T]] = deque()
+        self._closing = False
+        self._runner: int | None = None  # thread id of the active run() loop
+        self._batches = self._batched_requests = self._batched_rows = 0
+        self._expired = self._rejected = 0
+
+    def submit(self, item: Pending[T]) -> None:
+        with self._cond:
+            if self._closing:
+                raise BatcherClosed(f"{self.name} is closing; not accepting requests")
+            if len(self._queue) >= self.max_queue_size:
+                self._rejected += 1
+                raise QueueFull(
+                    f"{self.name}: queue full ({len(self._queue)} requests waiting, "
+                    f"max_queue_size {self.max_queue_size}); retry later"
+                )
+            self._queue.append(item)
+            self._cond.notify()
+
+    def poll(
+        self,
+        execute_batch: Callable[[list[Pending[T]]], None],
+        expire: Callable[[Pending[T]], None],
+    ) -> Formed[T]:
+        """One decision at clock() and its callbacks, without waiting (run's body)."""
+        with self._cond:
+            formed = self._take()
+        self._dispatch(formed, execute_batch, expire)
+        return formed
+
+    def run(
+        self,
+        execute_batch: Callable[[list[Pending[T]]], None],
+        expire: Callable[[Pending[T]], None],
+    ) -> None:
+        """The batching loop; returns after close() once the queue is drained."""
+        with self._cond:
+            if self._runner is not None:
+                raise RuntimeError(f"{self.name}: run() is already active")
+            self._runner = threading.get_ident()
+        try:
+            while True:
+                with self._cond:
+                    formed = self._take()
+                    if not formed.batch and not formed.expired:
+                        if self._closing and not self._queue:
+                            return
+                        # submit() and close() notify; a timed event wakes us by timeout.
+                        timeout = None if formed.wait_ns is None else formed.wait_ns / 1e9
+                        self._cond.wait(timeout)
+                        continue
+                self._dispatch(formed, execute_batch, expire)
+        finally:
+            with self._cond:
+                self._runner = None
+                self._cond.notify_all()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop accepting requests and let the loop drain the queue. Waits for the loop to
+        return (unless called from the loop itself) and says whether it has; with no loop
+        running, it says whether the queue is empty (a later run() drains it and returns)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            if self._runner is None:
+                return not self._queue
+            if self._runner == threading.get_ident():
+                return False
+            return self._cond.wait_for(lambda: self._runner is None, timeout)
+
+    def stats(self) -> BatcherStats:
+        with self._cond:
+            return BatcherStats(
+                queued=len(self._queue),
+                queued_rows=sum(p.batch_size for p in self._queue),
+                batches=self._batches,
+                batched_requests=self._batched_requests,
+                batched_rows=self._batched_rows,
+                expired=self._expired,
+                rejected=self._rejected,
+            )
+
+    def _take(self) -> Formed[T]:
+        """Decide under the lock and remove what was decided from the queue."""
+        formed = form_batch(
+            self._queue,
+            self._clock(),
+            self.max_batch_size,
+            self.preferred,
+            self.max_queue_delay_ns,
+            drain=self._closing,
+        )
+        if formed.batch or formed.expired:
+            gone = {id(p) for p in formed.batch} | {id(p) for p in formed.expired}
+            self._queue = deque(p for p in self._queue if id(p) not in gone)
+            self._expired += len(formed.expired)
+            if formed.batch:
+                self._batches += 1
+                self._batched_requests += len(formed.batch)
+                self._batched_rows += sum(p.batch_size for p in formed.batch)
+        return formed
+
+    def _dispatch(
+        self,
+        formed: Formed[T],
+        execute_batch: Callable[[list[Pending[T]]], None],
+        expire: Callable[[Pending[T]], None],
+    ) -> None:
+        # Expired first: they are answered at once instead of after a whole batch's compute.
+        for p in formed.expired:
+            try:
+                expire(p)
+            except Exception:
+                log.exception("%s: expire(call %d) raised", self.name, p.call_id)
+        if formed.batch:
+            try:
+                execute_batch(formed.batch)
+            except Exception:
+                ids = [p.call_id for p in formed.batch]
+                log.exception("%s: execute_batch(calls %s) raised", self.name, ids)
