@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,9 +18,13 @@ from grpc_reflection.v1alpha import reflection
 
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from server._proto.microtune import admin_pb2 as apb
+from server._proto.microtune import admin_pb2_grpc as apb_grpc
 from server.handler import InferenceHandler
 from server.lifecycle import ModelManager
 from server.models import ModelTable
+from server.router import Router
+from server.rpc.admin import RoutingAdminServicer
 from server.rpc.health import HealthState
 from server.rpc.servicer import InferenceServicer
 from server.settings import Settings
@@ -47,8 +52,10 @@ class App:
         self.manager.single_front = not settings.worker_socket
         self.manager.batching_enabled = settings.dynamic_batching
         self.shm = SharedMemoryRegistry(settings.allow_client_shm)
+        self.router = Router(self.table)
+        self.manager.on_model_loaded = self._model_loaded
         self.handler = InferenceHandler(
-            self.table, self.link, self.manager, self.shm, settings.server_name
+            self.table, self.link, self.manager, self.shm, self.router, settings.server_name
         )
         self.health = HealthState()
         self.port = 0
@@ -66,9 +73,11 @@ class App:
         server = grpc.aio.server(options=opts)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.handler), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        apb_grpc.add_RoutingAdminServicer_to_server(RoutingAdminServicer(self.router), server)
         reflection.enable_server_reflection(
             (
                 pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                apb.DESCRIPTOR.services_by_name["RoutingAdmin"].full_name,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -83,11 +92,27 @@ class App:
             s.port_file.write_text(str(self.port))
         await self.link.start()
         await self.manager.load_repository()
+        for name in self.table.models:
+            self._model_loaded(name)
+        if s.routing_file is not None:
+            self.router.reload_file(s.routing_file)
+            self._tasks.append(asyncio.create_task(self._watch_routing_file(s.routing_file)))
         self.handler.started = True
         self._tasks.append(asyncio.create_task(self._watch_readiness()))
         if s.model_control_mode == "poll":
             self._tasks.append(asyncio.create_task(self.manager.poll_forever(s.repository_poll_s)))
         return self.port
+
+    def _model_loaded(self, name: str) -> None:
+        entry = self.table.models.get(name)
+        spec = None if entry is None else entry.spec
+        self.router.set_config_table(name, None if spec is None else spec.parameters.get("routing"))
+
+    async def _watch_routing_file(self, path: Path) -> None:
+        # A mounted ConfigMap changes by an atomic symlink swap: polling stat() catches it.
+        while True:
+            await asyncio.sleep(1.0)
+            self.router.reload_file(path)
 
     async def _watch_readiness(self) -> None:
         # Readiness can change under our feet (worker death, loads): re-derive it often.

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from runtime.client import ArenaFull, CallFailed, WorkerGone
+from runtime.client import ArenaFull, CallFailed, OutputTensor, WorkerGone
 from runtime.ipc.dtypes import BytesDecodeError, decode_bytes_tensor
 from runtime.ipc.protocol import Code, ModelSignature
 from server import __version__
@@ -28,6 +29,9 @@ from server.errors import (
 )
 from server.lifecycle import ModelManager
 from server.models import ModelTable, VersionEntry
+from server.router import RouteHints, Router
+from server.routing import compare_outputs, route_key_point, should_shadow
+from server.routing.shadow import OutputLike
 from server.shm_regions import SharedMemoryRegistry
 from server.stats import VersionStats
 from server.types import (
@@ -35,13 +39,16 @@ from server.types import (
     InferResponse,
     ModelIndexEntry,
     ModelSpec,
+    ModelState,
     ShmRef,
     Tensor,
 )
-from server.validation import plan_call
+from server.validation import Plan, plan_call
 from server.worker_link import WorkerLink
 
 __all__ = ["EXTENSIONS", "InferenceHandler", "ModelView", "StatsRow"]
+
+_NO_HINTS = RouteHints()
 
 # Only what is really implemented (ServerMetadata.extensions).
 EXTENSIONS = (
@@ -78,9 +85,12 @@ class InferenceHandler:
         link: WorkerLink,
         manager: ModelManager,
         shm: SharedMemoryRegistry,
+        router: Router,
         server_name: str,
     ) -> None:
         self.shm = shm
+        self.router = router
+        self._background: set[asyncio.Task[None]] = set()
         self.table = table
         self.link = link
         self.manager = manager
@@ -114,10 +124,15 @@ class InferenceHandler:
 
     # ------------------------------------------------------------ inference
 
-    async def infer(self, req: InferRequest, deadline: float | None) -> InferResponse:
+    async def infer(
+        self, req: InferRequest, deadline: float | None, hints: RouteHints = _NO_HINTS
+    ) -> InferResponse:
         """Run one request. `deadline` is a time.monotonic() value (from the gRPC deadline)."""
         start = time.perf_counter_ns()
-        ve = self.table.resolve(req.model, req.version)
+        if hints.routing_key is None and "routing_key" in req.parameters:
+            hints = replace(hints, routing_key=str(req.parameters["routing_key"]))
+        route = self.router.route(req.model, req.version, hints)
+        ve = self.table.models[req.model].versions[route.version]
         spec, sig = ve.spec, ve.signature
         assert spec is not None and sig is not None
         if any(t.shm is not None for t in req.inputs):
@@ -131,15 +146,79 @@ class InferenceHandler:
                 req.model, ve.version, plan.inputs, plan.outputs, plan.output_reserve, deadline
             )
         except BaseException as exc:
-            ve.stats.record_failure(time.perf_counter_ns() - start)
-            raise _domain_error(exc, ve) from None
+            elapsed = time.perf_counter_ns() - start
+            ve.stats.record_failure(elapsed)
+            err = _domain_error(exc, ve)
+            if not isinstance(err, InvalidInput | DeadlineExceeded | asyncio.CancelledError):
+                self.router.observe(req.model, ve.version, elapsed / 1e9, ok=False)
+            raise err from None
         finally:
             ve.inflight -= 1
         outputs = tuple(
             self._output(req, o.name, o.datatype, o.shape, o.data) for o in result.outputs
         )
-        ve.stats.record_success(time.perf_counter_ns() - start, result.timings, plan.batch_size)
-        return InferResponse(req.model, str(ve.version), req.id, outputs)
+        elapsed = time.perf_counter_ns() - start
+        ve.stats.record_success(elapsed, result.timings, plan.batch_size)
+        self.router.observe(req.model, ve.version, elapsed / 1e9, ok=True)
+        self._maybe_shadow(req.model, route.version, plan, result.outputs, hints)
+        return InferResponse(req.model, str(ve.version), req.id, outputs, route.reason)
+
+    def _maybe_shadow(
+        self,
+        model: str,
+        served: int,
+        plan: Plan,
+        outputs: Sequence[OutputTensor],
+        hints: RouteHints,
+    ) -> None:
+        """Mirror a sampled share of requests to the shadow version, off the response path."""
+        table = self.router.tables.get(model)
+        shadow = None if table is None else table.shadow
+        if shadow is None or shadow.version == served:
+            return
+        source: int | random.Random = (
+            route_key_point(hints.routing_key, salt="shadow")
+            if hints.routing_key is not None
+            else self.router.rng
+        )
+        if not should_shadow(source, shadow.sample_bp):
+            return
+        ve = self.table.models[model].versions.get(shadow.version)
+        if ve is None or ve.state is not ModelState.READY:
+            return
+        # Shared-memory inputs may change once the client has its answer: copy them now.
+        inputs = tuple(replace(t, payload=bytes(t.payload)) for t in plan.inputs)
+        served_out = [(o.name, o.datatype, o.shape, o.data) for o in outputs]
+        task = asyncio.create_task(
+            self._shadow(model, ve, replace(plan, inputs=inputs), served_out)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _shadow(
+        self, model: str, ve: VersionEntry, plan: Plan, served: list[OutputLike]
+    ) -> None:
+        tally = self.router.shadow_tally(model)
+        tally.requests += 1
+        start = time.perf_counter()
+        ve.inflight += 1
+        try:
+            result = await self.link.require().infer(
+                model, ve.version, plan.inputs, plan.outputs, plan.output_reserve, None
+            )
+            diff = compare_outputs(
+                served, [(o.name, o.datatype, o.shape, o.data) for o in result.outputs]
+            )
+        except Exception:  # a shadow failure never reaches the client
+            tally.errors += 1
+            return
+        finally:
+            ve.inflight -= 1
+            tally.latency_s += time.perf_counter() - start
+        if not diff.identical:
+            tally.mismatches += 1
+        if diff.max_abs_diff is not None:
+            tally.max_abs_diff = max(tally.max_abs_diff, diff.max_abs_diff)
 
     def _shm_input(self, t: Tensor) -> Tensor:
         if t.shm is None:

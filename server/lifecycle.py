@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from runtime.client import WorkerGone
@@ -55,6 +55,7 @@ class ModelManager:
         self.startup = startup
         self._locks: dict[str, asyncio.Lock] = {}
         self.single_front = True
+        self.on_model_loaded: Callable[[str], None] | None = None
         self.batching_enabled = True
         self._tmp: dict[str, Path] = {}  # override directories made from load parameters
         link.on_restart = self.reload_all
@@ -118,7 +119,11 @@ class ModelManager:
                     f"failed to load '{name}', failed to poll from model "
                     f"repository: {scanned.reason}"
                 )
-            await self._apply(scanned)
+            try:
+                await self._apply(scanned)
+            finally:
+                if self.on_model_loaded is not None:
+                    self.on_model_loaded(name)
 
     async def unload(self, name: str) -> None:
         self._require_control("RepositoryModelUnload")
@@ -160,7 +165,12 @@ class ModelManager:
             changed = entry is None or entry.spec != s.spec
             if changed or set(s.versions) != loaded:
                 async with self._lock(name):
-                    await self._apply(s)
+                    try:
+                        await self._apply(s)
+                    except LoadFailed as exc:
+                        log.error("%s", exc.message)
+                    if self.on_model_loaded is not None:
+                        self.on_model_loaded(name)
         for name in set(self.table.models) - set(scanned):
             async with self._lock(name):
                 entry = self.table.models[name]

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     """Comma-separated models to load at start-up in explicit mode ("*" = all)."""
     repository_poll_s: float = Field(15.0, gt=0)
     """Rescan period of the repository in poll mode."""
+    routing_file: Path | None = None
+    """JSON routing file ({"models": {name: table}}), re-read when it changes (a mounted
+    ConfigMap); see docs/routing.md."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the front and the worker."""
     device: str = "auto"

@@ -116,6 +116,7 @@ class InferResponse:
     version: str  # the version that actually ran
     id: str
     outputs: tuple[Tensor, ...]
+    route_reason: str = ""  # pinned | label | canary | stable
 
 
 @dataclass(frozen=True, slots=True)

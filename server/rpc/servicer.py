@@ -16,6 +16,8 @@ from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from server.errors import MicrotuneError, NotFound
 from server.handler import InferenceHandler
+from server.router import RouteHints
+from server.routing import HEADER_CANARY_WEIGHT, HEADER_MODEL_VERSION, HEADER_ROUTING_KEY
 from server.rpc import codec
 from server.rpc.status import rpc_errors
 
@@ -24,6 +26,28 @@ __all__ = ["InferenceServicer"]
 log = logging.getLogger("microtune.rpc")
 
 Ctx = grpc.aio.ServicerContext
+
+
+ROUTE_REASON_KEY = "x-route-reason"
+_NO_HINTS = RouteHints()
+
+
+def _hints(context: Ctx) -> RouteHints:
+    """Routing hints from gRPC metadata (x-model-version, x-routing-key, x-canary-weight)."""
+    md = context.invocation_metadata()
+    if not md:
+        return _NO_HINTS
+    found: dict[str, str] = {}
+    for key, value in md:
+        if key in (HEADER_MODEL_VERSION, HEADER_ROUTING_KEY, HEADER_CANARY_WEIGHT):
+            found[key] = value if isinstance(value, str) else value.decode()
+    if not found:
+        return _NO_HINTS
+    return RouteHints(
+        found.get(HEADER_MODEL_VERSION),
+        found.get(HEADER_ROUTING_KEY),
+        found.get(HEADER_CANARY_WEIGHT),
+    )
 
 
 def _deadline(context: Ctx) -> float | None:
@@ -76,16 +100,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Ctx
     ) -> pb.ModelInferResponse:
-        result = await self.h.infer(codec.decode_infer(request), _deadline(context))
+        hints = _hints(context)
+        result = await self.h.infer(codec.decode_infer(request), _deadline(context), hints)
+        context.set_trailing_metadata(((ROUTE_REASON_KEY, result.route_reason),))
         return codec.encode_infer(result)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Ctx
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # Errors of one request travel in error_message and the stream goes on (Triton's form).
+        hints = _hints(context)
         async for request in request_iterator:
             try:
-                result = await self.h.infer(codec.decode_infer(request), _deadline(context))
+                result = await self.h.infer(codec.decode_infer(request), _deadline(context), hints)
                 yield pb.ModelStreamInferResponse(infer_response=codec.encode_infer(result))
             except MicrotuneError as exc:
                 yield pb.ModelStreamInferResponse(

@@ -107,6 +107,9 @@ class FakeContext:
     def time_remaining(self) -> float | None:
         return None
 
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
 
 class Boom:
     def __init__(self, exc: BaseException | None) -> None:
@@ -267,7 +270,7 @@ def test_servicer_maps_handler_errors() -> None:
 def test_servicer_infer_decodes_before_calling_the_handler() -> None:
     called: list[object] = []
 
-    async def infer(req: object, deadline: object) -> object:
+    async def infer(req: object, deadline: object, hints: object = None) -> object:
         called.append(req)
         raise AssertionError("not reached")
 
@@ -278,7 +281,7 @@ def test_servicer_infer_decodes_before_calling_the_handler() -> None:
 
 
 def test_stream_errors_travel_in_error_message() -> None:
-    async def infer(req: Any, deadline: object) -> object:
+    async def infer(req: Any, deadline: object, hints: object = None) -> object:
         if req.model == "missing":
             raise errors.NotFound("Request for unknown model: 'missing' is not found")
         raise RuntimeError("secret")

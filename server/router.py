@@ -1,0 +1,253 @@
+"""Routing state of the front: the effective table per model, canary guards, shadow stats.
+
+Tables come from three sources; the first that has one for a model wins:
+admin RPC override > routing file (watched, e.g. a mounted ConfigMap) > the model config's
+`parameters { key: "routing" }`. The effective tables are one immutable snapshot
+(`RoutingTables`) replaced whole on every change, after validation against the loaded
+versions; a rejected change leaves the previous snapshot serving. Per-request decisions are
+the pure `server.routing.resolve`; time and randomness are injected here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.errors import NotFound
+from server.models import ModelTable
+from server.routing import (
+    GuardState,
+    Route,
+    RoutingError,
+    RoutingTable,
+    RoutingTables,
+    evaluate,
+    observe,
+    parse_routing_file,
+    parse_table_json,
+    resolve,
+    table_to_dict,
+    validate,
+    with_canary_weight,
+)
+
+__all__ = ["RouteHints", "Router", "RoutingView", "ShadowTally"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteHints:
+    """What a request says about routing besides model_version (gRPC metadata, parameters)."""
+
+    header_version: str | None = None  # x-model-version: a number or a label
+    routing_key: str | None = None  # x-routing-key, else the `routing_key` parameter
+    canary_weight: str | None = None  # x-canary-weight
+
+
+@dataclass(slots=True)
+class ShadowTally:
+    requests: int = 0
+    errors: int = 0
+    mismatches: int = 0
+    max_abs_diff: float = 0.0
+    latency_s: float = 0.0
+
+
+@dataclass(slots=True)
+class _Guard:
+    state: GuardState
+    last_eval: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingView:
+    model: str
+    source: str
+    table: dict[str, object] | None
+    ready_versions: tuple[int, ...]
+    rollbacks: int
+    last_rollback: str
+    shadow: ShadowTally
+    file_error: str
+
+
+@dataclass(slots=True)
+class _Counters:
+    rollbacks: dict[str, int] = field(default_factory=dict)
+    last_rollback: dict[str, str] = field(default_factory=dict)
+    shadow: dict[str, ShadowTally] = field(default_factory=dict)
+
+
+class Router:
+    def __init__(
+        self,
+        models: ModelTable,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_rollback: Callable[[str, int, str], None] | None = None,
+    ) -> None:
+        self.models = models
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.on_rollback = on_rollback
+        self.tables = RoutingTables()  # the effective snapshot, read per request
+        self.sources: dict[str, str] = {}
+        self._admin: dict[str, RoutingTable] = {}
+        self._file = RoutingTables()
+        self._config: dict[str, RoutingTable] = {}
+        self._guards: dict[str, _Guard] = {}
+        self.counters = _Counters()
+        self.file_error = ""
+        self._file_mtime: float | None = None
+
+    # ------------------------------------------------------------------ per request
+
+    def route(self, model: str, request_version: str, hints: RouteHints) -> Route:
+        entry = self.models.get(model)
+        return resolve(
+            request_version=request_version,
+            header_version=hints.header_version,
+            routing_key=hints.routing_key,
+            table=self.tables.get(model),
+            ready_versions=frozenset(entry.ready_versions()),
+            rng=self.rng,
+            canary_weight_header=hints.canary_weight,
+            model=model,
+            known_versions=frozenset(entry.versions),
+        )
+
+    def observe(self, model: str, version: int, latency_s: float, ok: bool) -> None:
+        """Feed the canary guard (if the model has one) and roll back on a breach."""
+        table = self.tables.get(model)
+        if table is None or table.guard is None:
+            return
+        now = self.clock()
+        g = self._guards.get(model)
+        if g is None:
+            g = self._guards[model] = _Guard(GuardState.for_config(table.guard))
+        g.state = observe(g.state, version, now, latency_s, ok)
+        if now - g.last_eval < 0.5:  # evaluating twice a second is plenty
+            return
+        g.last_eval = now
+        stable, canary = table.stable_version, table.canary_version
+        if stable is None or canary is None or table.weights.get(canary, 0) == 0:
+            return
+        decision = evaluate(g.state, table.guard, stable, canary, now)
+        if decision.rollback:
+            self._rollback(model, table, canary, decision.reason)
+
+    def _rollback(self, model: str, table: RoutingTable, canary: int, reason: str) -> None:
+        rolled = with_canary_weight(table, 0)
+        # The rollback is an admin-level decision: it must survive file or config reloads.
+        self._admin[model] = rolled
+        self._rebuild()
+        self._guards.pop(model, None)  # old samples would trigger the same rollback again
+        self.counters.rollbacks[model] = self.counters.rollbacks.get(model, 0) + 1
+        self.counters.last_rollback[model] = reason
+        entry = self.models.models.get(model)
+        if entry is not None and canary in entry.versions:
+            entry.versions[canary].reason = f"canary rolled back by the guard: {reason}"
+        log.warning("canary guard rolled back model %s version %d: %s", model, canary, reason)
+        if self.on_rollback is not None:
+            self.on_rollback(model, canary, reason)
+
+    # ------------------------------------------------------------------ sources
+
+    def set_admin(self, model: str, table_json: str) -> None:
+        self.models.get(model)
+        table = parse_table_json(table_json)
+        self._validate(model, table)
+        self._admin[model] = table
+        self._rebuild()
+
+    def clear_admin(self, model: str) -> None:
+        self.models.get(model)
+        self._admin.pop(model, None)
+        self._rebuild()
+
+    def set_config_table(self, model: str, routing_json: str | None) -> None:
+        """From the model config's `routing` parameter, after a (re)load of the model."""
+        if routing_json is None:
+            self._config.pop(model, None)
+        else:
+            try:
+                table = parse_table_json(routing_json)
+                self._validate(model, table)
+            except RoutingError as exc:
+                log.error("model %s: routing in its config is ignored: %s", model, exc.message)
+                self._config.pop(model, None)
+            else:
+                self._config[model] = table
+        self._rebuild()
+
+    def reload_file(self, path: Path) -> bool:
+        """(Re)read the routing file if it changed; True if a new file was applied."""
+        try:
+            mtime = path.stat().st_mtime
+        except OSError as exc:
+            self.file_error = f"cannot read {path}: {exc.strerror}"
+            return False
+        if mtime == self._file_mtime:
+            return False
+        self._file_mtime = mtime
+        try:
+            data = json.loads(path.read_text())
+            tables = parse_routing_file(data)
+            for model, table in tables.items():
+                self._validate(model, table)
+        except (OSError, ValueError, RoutingError) as exc:
+            msg = exc.message if isinstance(exc, RoutingError) else str(exc)
+            self.file_error = f"{path}: {msg}; the previous tables keep serving"
+            log.error("routing file rejected: %s", self.file_error)
+            return False
+        self._file, self.file_error = tables, ""
+        self._rebuild()
+        log.info("routing file %s applied (%d model(s))", path, len(tables))
+        return True
+
+    def _validate(self, model: str, table: RoutingTable) -> None:
+        entry = self.models.models.get(model)
+        if entry is None:
+            raise RoutingError(f"routing table for unknown model '{model}'")
+        validate(table, frozenset(entry.ready_versions()))
+
+    def _rebuild(self) -> None:
+        tables: dict[str, RoutingTable] = {}
+        sources: dict[str, str] = {}
+        for source, mapping in (
+            ("config", self._config),
+            ("file", self._file),
+            ("admin", self._admin),
+        ):
+            for model, table in mapping.items():
+                tables[model] = table
+                sources[model] = source
+        self.tables = RoutingTables(tables)
+        self.sources = sources
+
+    # ------------------------------------------------------------------ reporting
+
+    def shadow_tally(self, model: str) -> ShadowTally:
+        return self.counters.shadow.setdefault(model, ShadowTally())
+
+    def view(self, model: str) -> RoutingView:
+        entry = self.models.models.get(model)
+        if entry is None:
+            raise NotFound(f"Request for unknown model: '{model}' is not found")
+        table = self.tables.get(model)
+        return RoutingView(
+            model=model,
+            source=self.sources.get(model, "none"),
+            table=None if table is None else table_to_dict(table),
+            ready_versions=tuple(entry.ready_versions()),
+            rollbacks=self.counters.rollbacks.get(model, 0),
+            last_rollback=self.counters.last_rollback.get(model, ""),
+            shadow=self.counters.shadow.get(model, ShadowTally()),
+            file_error=self.file_error,
+        )
