@@ -27,6 +27,7 @@ drop (which Prometheus would read as a counter reset).
 
 from __future__ import annotations
 
+import http.client
 import logging
 import threading
 import urllib.request
@@ -166,7 +167,7 @@ class PodMetrics(Collector):
         try:
             with urllib.request.urlopen(req, timeout=self._timeout) as resp:
                 return parse_exposition(resp.read())
-        except (OSError, ValueError) as exc:
+        except (OSError, http.client.HTTPException, ValueError) as exc:
             log.warning("metrics of front %s unavailable (%s); using its last values", url, exc)
             return None
 

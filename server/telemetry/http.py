@@ -27,7 +27,7 @@ _App = Callable[[dict[str, Any], _StartResponse], Iterable[bytes]]
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (base signature)
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # one access-log line per scrape on stderr would break the JSON log stream
 
 
@@ -44,8 +44,9 @@ class MetricsHttpServer:
 
     @property
     def url(self) -> str:
-        host = self._httpd.server_address[0]
-        host = f"[{host}]" if ":" in str(host) else str(host)
+        raw = self._httpd.server_address[0]
+        host = raw.decode() if isinstance(raw, bytes) else str(raw)
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}{METRICS_PATH}"
 
     def close(self) -> None:
@@ -74,8 +75,9 @@ def start_http_server(
 
     app = _only_metrics(make_wsgi_app(registry))
     httpd = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+    # close() waits up to one poll interval for serve_forever to notice the shutdown.
     thread = threading.Thread(
-        target=httpd.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True,
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True,
         name=f"metrics-http-{httpd.server_port}",
     )  # fmt: skip
     thread.start()

@@ -104,6 +104,9 @@ class Saturation(Collector):
         # at least as alarming as any ratio and keeps the series finite for the HPA.
         return load / max(self._capacity.get(model, 0), 1)
 
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(SATURATION_METRIC, "")]
+
     def collect(self) -> Iterable[Metric]:
         fam = GaugeMetricFamily(
             SATURATION_METRIC,

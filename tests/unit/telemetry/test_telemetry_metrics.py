@@ -1,0 +1,280 @@
+"""Metrics: family names, types, labels and units as a scraper sees them; saturation; /metrics."""
+
+from __future__ import annotations
+
+import math
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.telemetry.gpu import GpuSample, GpuSampler
+from server.telemetry.metrics import LATENCY_BUCKETS, OTHER_MODEL, Metrics, ShadowOutcome
+from server.telemetry.saturation import capacity_for
+from server.types import ModelState
+
+OK = grpc.StatusCode.OK
+
+# name -> (type, label names) for every family a fully exercised Metrics exports.
+FAMILIES: dict[str, tuple[str, set[str]]] = {
+    "microtune_requests": ("counter", {"model", "version", "reason", "outcome", "code"}),
+    "microtune_request_duration_seconds": ("histogram", {"model", "version", "reason", "outcome"}),
+    "microtune_queue_duration_seconds": ("histogram", {"model", "version"}),
+    "microtune_compute_duration_seconds": ("histogram", {"model", "version"}),
+    "microtune_inferences": ("counter", {"model", "version"}),
+    "microtune_executions": ("counter", {"model", "version"}),
+    "microtune_execution_batch_size": ("histogram", {"model", "version"}),
+    "microtune_graph_replays": ("counter", {"model", "version"}),
+    "microtune_eager_fallbacks": ("counter", {"model", "version"}),
+    "microtune_inflight_requests": ("gauge", {"model"}),
+    "microtune_pending_requests": ("gauge", {"model"}),
+    "microtune_saturation_ratio": ("gauge", {"model"}),
+    "microtune_canary_rollbacks": ("counter", {"model", "version"}),
+    "microtune_shadow_comparisons": ("counter", {"model", "version", "outcome"}),
+    "microtune_shadow_max_abs_diff": ("histogram", {"model", "version"}),
+    "microtune_shm_slots_in_use": ("gauge", set()),
+    "microtune_shm_slots_capacity": ("gauge", set()),
+    "microtune_pinned_memory_bytes": ("gauge", set()),
+    "microtune_model_state": ("gauge", {"model", "version", "state"}),
+    "microtune_model_load_duration_seconds": ("gauge", {"model", "version"}),
+    "microtune_model_device_memory_bytes": ("gauge", {"model", "version"}),
+    "microtune_routing_weight_basis_points": ("gauge", {"model", "version"}),
+    "microtune_gpu_utilization_ratio": ("gauge", {"gpu", "uuid"}),
+    "microtune_gpu_memory_used_bytes": ("gauge", {"gpu", "uuid"}),
+    "microtune_gpu_memory_total_bytes": ("gauge", {"gpu", "uuid"}),
+    "microtune_gpu_power_watts": ("gauge", {"gpu", "uuid"}),
+    "microtune_gpu_temperature_celsius": ("gauge", {"gpu", "uuid"}),
+}
+
+
+class _FixedProbe:
+    def devices(self) -> list[GpuSample]:
+        return [GpuSample(0, "GPU-a", 0.5, 1 << 30, 80 << 30, 300.0, 61.0)]
+
+    def close(self) -> None:
+        pass
+
+
+def exercise(m: Metrics) -> None:
+    """Touch every family once, the way the server will."""
+    with m.track_inflight("dense", 2), m.track_pending("dense"):
+        m.observe_request("dense", 1, "stable", OK, 3e-4, queue_s=2e-5, compute_s=2e-4, batch=2)
+    m.observe_request("nope", None, "", grpc.StatusCode.NOT_FOUND, 1e-5)
+    m.observe_execution("dense", 1, 2, graph_replay=True)
+    m.observe_execution("dense", 1, 512, graph_replay=False)
+    m.count_rollback("dense", 2)
+    m.observe_shadow("dense", 2, ShadowOutcome.MISMATCH, 0.25)
+    m.track_shm_slots(lambda: 3, lambda: 64)
+    m.set_pinned_bytes(64 << 20)
+    m.observe_model_load("dense", 1, 0.75)
+    m.set_model_device_memory("dense", 1, 12 << 20)
+    m.set_routing_weights("dense", {1: 9000, 2: 1000})
+    m.set_capacity("dense", capacity_for([8, 8]))
+    sampler = GpuSampler(m.registry, probe_factory=_FixedProbe)
+    assert sampler.open()
+    sampler.sample_once()
+
+
+def test_every_family_has_its_type_and_labels(metrics: Metrics) -> None:
+    exercise(metrics)
+    seen: dict[str, tuple[str, set[str]]] = {}
+    for fam in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        if fam.name.endswith("_created"):
+            continue
+        labels = {n for s in fam.samples for n in s.labels if n not in ("le",)}
+        seen[fam.name] = (fam.type, labels)
+    assert seen == FAMILIES
+
+
+def test_exposition_passes_promtool(
+    metrics: Metrics, check_metrics: Callable[[bytes], None]
+) -> None:
+    exercise(metrics)
+    check_metrics(generate_latest(metrics.registry))
+
+
+def test_observe_request_counts_labels_and_seconds(
+    metrics: Metrics, scrape: Callable[..., Any], k: Callable[..., Any]
+) -> None:
+    metrics.observe_request("dense", 1, "canary", OK, 3e-4, queue_s=4e-5, compute_s=2e-4, batch=4)
+    metrics.observe_request("dense", 1, "canary", grpc.StatusCode.DEADLINE_EXCEEDED, 2.0)
+    s = scrape(metrics.registry)
+    mv = {"model": "dense", "version": "1"}
+    ok = {**mv, "reason": "canary", "outcome": "success"}
+    bad = {**mv, "reason": "canary", "outcome": "failure"}
+    assert s[k("microtune_requests_total", **ok, code="OK")] == 1
+    assert s[k("microtune_requests_total", **bad, code="DEADLINE_EXCEEDED")] == 1
+    # 300 us is above the 250 us bucket and inside the 500 us one: sub-ms work is resolved.
+    hist = "microtune_request_duration_seconds_bucket"
+    assert s[k(hist, **ok, le="0.00025")] == 0
+    assert s[k(hist, **ok, le="0.0005")] == 1
+    assert s[k(hist, **bad, le="1.0")] == 0 and s[k(hist, **bad, le="2.5")] == 1
+    assert s[k("microtune_request_duration_seconds_sum", **ok)] == pytest.approx(3e-4)
+    assert s[k("microtune_queue_duration_seconds_bucket", **mv, le="5e-05")] == 1
+    assert s[k("microtune_compute_duration_seconds_sum", **mv)] == pytest.approx(2e-4)
+    # Only the successful batch-4 request counts inferences, and counts 4.
+    assert s[k("microtune_inferences_total", **mv)] == 4
+
+
+def test_latency_buckets_span_50us_to_10s() -> None:
+    assert LATENCY_BUCKETS[0] <= 50e-6 and LATENCY_BUCKETS[-1] == 10.0
+    assert list(LATENCY_BUCKETS) == sorted(set(LATENCY_BUCKETS))
+    assert sum(b < 1e-3 for b in LATENCY_BUCKETS) >= 4
+
+
+def test_undeclared_model_names_share_one_label(
+    metrics: Metrics, scrape: Callable[..., Any], k: Callable[..., Any]
+) -> None:
+    for i in range(50):
+        metrics.observe_request(f"made-up-{i}", None, "", grpc.StatusCode.NOT_FOUND, 1e-5)
+        with metrics.track_inflight(f"made-up-{i}"):
+            pass
+    s = scrape(metrics.registry)
+    labels = {"model": OTHER_MODEL, "version": "", "reason": "", "outcome": "failure"}
+    assert s[k("microtune_requests_total", **labels, code="NOT_FOUND")] == 50
+    assert not any("made-up" in v for _, lbls in s for _, v in lbls)
+
+
+def test_observe_execution_batches_and_graphs(
+    metrics: Metrics, scrape: Callable[..., Any], k: Callable[..., Any]
+) -> None:
+    metrics.observe_execution("dense", 1, 8, graph_replay=True)
+    metrics.observe_execution("dense", 1, 8, graph_replay=True)
+    metrics.observe_execution("dense", 1, 300, graph_replay=False)
+    metrics.observe_execution("simple", 1, 1)  # CPU: no graphs
+    s = scrape(metrics.registry)
+    d = {"model": "dense", "version": "1"}
+    assert s[k("microtune_executions_total", **d)] == 3
+    assert s[k("microtune_graph_replays_total", **d)] == 2
+    assert s[k("microtune_eager_fallbacks_total", **d)] == 1
+    assert s[k("microtune_execution_batch_size_bucket", **d, le="8.0")] == 2
+    assert s[k("microtune_execution_batch_size_bucket", **d, le="256.0")] == 2
+    assert s[k("microtune_execution_batch_size_sum", **d)] == 316
+    assert k("microtune_graph_replays_total", model="simple", version="1") not in s
+
+
+def test_inflight_and_pending_return_to_zero_on_errors(
+    metrics: Metrics, scrape: Callable[..., Any], k: Callable[..., Any]
+) -> None:
+    with metrics.track_inflight("dense", 3), metrics.track_pending("dense"):
+        s = scrape(metrics.registry)
+        assert s[k("microtune_inflight_requests", model="dense")] == 1
+        assert s[k("microtune_pending_requests", model="dense")] == 1
+    with pytest.raises(RuntimeError), metrics.track_inflight("dense"):
+        raise RuntimeError("boom")
+    s = scrape(metrics.registry)
+    assert s[k("microtune_inflight_requests", model="dense")] == 0
+    assert s[k("microtune_pending_requests", model="dense")] == 0
+
+
+def test_saturation_is_the_inflight_average_over_capacity(metrics: Metrics, clock: Any) -> None:
+    metrics.set_capacity("dense", capacity_for([8]))  # 16 inferences
+    assert capacity_for([8]) == 16 and capacity_for([0, 4], executions_per_version=3) == 15
+    inflight = metrics.track_inflight("dense", 8)  # half the capacity, from now on
+    inflight.__enter__()
+    assert metrics.saturation.value("dense") == 0.0
+    clock.now += 10.0  # one time constant
+    assert metrics.saturation.value("dense") == pytest.approx(0.5 * (1 - math.exp(-1)))
+    clock.now += 1000.0
+    assert metrics.saturation.value("dense") == pytest.approx(0.5)
+    inflight.__exit__(None, None, None)
+    clock.now += 10.0
+    assert metrics.saturation.value("dense") == pytest.approx(0.5 * math.exp(-1))
+
+
+def test_saturation_of_a_burst_is_its_time_average(metrics: Metrics, clock: Any) -> None:
+    """A short burst counts by its area (inferences x seconds / tau), whenever it happens, so a
+    scrape cannot miss it or catch only its peak."""
+    metrics.set_capacity("dense", 10)
+    with metrics.track_inflight("dense", 100):
+        clock.now += 0.1
+    burst = metrics.saturation.value("dense")
+    assert burst == pytest.approx(100 * (1 - math.exp(-0.01)) / 10, rel=1e-9)
+    assert burst == pytest.approx(100 * 0.1 / 10.0 / 10, rel=0.01)  # area / tau / capacity
+
+
+def test_saturation_exported_per_model(
+    metrics: Metrics, clock: Any, scrape: Callable[..., Any], k: Callable[..., Any]
+) -> None:
+    metrics.set_capacity("simple", 2)
+    with metrics.track_inflight("simple", 1):
+        clock.now += 1e6
+        s = scrape(metrics.registry)
+    assert s[k("microtune_saturation_ratio", model="simple")] == pytest.approx(0.5)
+
+
+def test_model_state_is_one_hot_and_forgotten(
+    metrics: Metrics, scrape: Callable[..., Any], k: Callable[..., Any]
+) -> None:
+    metrics.set_model_state("dense", 2, ModelState.READY)
+    metrics.observe_model_load("dense", 2, 1.5)
+    s = scrape(metrics.registry)
+    states = {st.value: s[k("microtune_model_state", model="dense", version="2", state=st.value)]
+              for st in ModelState}  # fmt: skip
+    assert states == {"LOADING": 0, "READY": 1, "UNAVAILABLE": 0, "UNLOADING": 0}
+    assert s[k("microtune_model_load_duration_seconds", model="dense", version="2")] == 1.5
+    metrics.forget_version("dense", 2)
+    s = scrape(metrics.registry)
+    assert not [key for key in s if ("version", "2") in key[1] and "model_" in key[0]]
+
+
+def test_routing_weights_replace_the_previous_table(
+    metrics: Metrics, scrape: Callable[..., Any], k: Callable[..., Any]
+) -> None:
+    metrics.set_routing_weights("dense", {1: 9000, 2: 1000})
+    metrics.set_routing_weights("dense", {1: 10000})  # guard rollback
+    metrics.count_rollback("dense", 2)
+    s = scrape(metrics.registry)
+    w = "microtune_routing_weight_basis_points"
+    assert s[k(w, model="dense", version="1")] == 10000
+    assert k(w, model="dense", version="2") not in s
+    assert s[k("microtune_canary_rollbacks_total", model="dense", version="2")] == 1
+
+
+def test_shadow_and_resources(
+    metrics: Metrics, scrape: Callable[..., Any], k: Callable[..., Any]
+) -> None:
+    slots = {"used": 5}
+    metrics.track_shm_slots(lambda: slots["used"], lambda: 128)
+    metrics.set_pinned_bytes(1 << 26)
+    metrics.observe_shadow("dense", 2, ShadowOutcome.MATCH, 0.0)
+    metrics.observe_shadow("dense", 2, ShadowOutcome.ERROR)
+    slots["used"] = 7  # read at scrape time
+    s = scrape(metrics.registry)
+    assert s[k("microtune_shm_slots_in_use")] == 7
+    assert s[k("microtune_shm_slots_capacity")] == 128
+    assert s[k("microtune_pinned_memory_bytes")] == 1 << 26
+    sc = "microtune_shadow_comparisons_total"
+    assert s[k(sc, model="dense", version="2", outcome="match")] == 1
+    assert s[k(sc, model="dense", version="2", outcome="error")] == 1
+    assert s[k("microtune_shadow_max_abs_diff_bucket", model="dense", version="2", le="0.0")] == 1
+    assert s[k("microtune_shadow_max_abs_diff_count", model="dense", version="2")] == 1
+
+
+def test_registry_is_private(metrics: Metrics) -> None:
+    from prometheus_client import REGISTRY
+
+    exercise(metrics)
+    assert b"microtune_" not in generate_latest(REGISTRY)
+    Metrics()  # a second instance registers the same names on its own registry without clash
+
+
+def test_http_server_serves_metrics_only_at_metrics(metrics: Metrics) -> None:
+    exercise(metrics)
+    server = metrics.start_http_server(0, "127.0.0.1")
+    try:
+        assert server.port > 0 and server.url.endswith(f":{server.port}/metrics")
+        with urllib.request.urlopen(server.url, timeout=5) as resp:
+            body = resp.read()
+            assert resp.headers["Content-Type"].startswith("text/plain")
+        assert b"microtune_requests_total" in body
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/", timeout=5)
+        assert err.value.code == 404
+    finally:
+        server.close()
