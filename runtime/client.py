@@ -155,6 +155,7 @@ class RuntimeClient:
         outputs: Sequence[str],
         output_reserve: int,
         deadline: float | None,
+        span: bytes = b"",
     ) -> InferResult:
         """Run one call. `deadline` is a time.monotonic() value or None."""
         if self.closed:
@@ -182,6 +183,7 @@ class RuntimeClient:
                 pos,
                 lease.offset + lease.size - pos,
                 deadline_ns,
+                span,
             )
             fut = self._expect(call_id)
             self._leases[call_id] = lease

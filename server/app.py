@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace.export import SpanExporter
 
+from server import __version__
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from server._proto.microtune import admin_pb2 as apb
@@ -27,8 +30,12 @@ from server.router import Router
 from server.rpc.admin import RoutingAdminServicer
 from server.rpc.health import HealthState
 from server.rpc.servicer import InferenceServicer
+from server.rpc.status import status_of
 from server.settings import Settings
 from server.shm_regions import SharedMemoryRegistry
+from server.telemetry import GpuSampler, Metrics, MetricsHttpServer, capacity_for
+from server.telemetry.tracing import RequestTracer, make_tracer_provider, server_interceptor
+from server.types import ModelState
 from server.worker_link import WorkerLink
 
 __all__ = ["App", "serve"]
@@ -37,7 +44,8 @@ log = logging.getLogger("microtune")
 
 
 class App:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, span_exporter: SpanExporter | None = None) -> None:
+        """`span_exporter` replaces the configured trace exporter (tests)."""
         self.settings = settings
         self.table = ModelTable()
         self.link = WorkerLink(settings, settings.frontend_index)
@@ -52,11 +60,25 @@ class App:
         self.manager.single_front = not settings.worker_socket
         self.manager.batching_enabled = settings.dynamic_batching
         self.shm = SharedMemoryRegistry(settings.allow_client_shm)
-        self.router = Router(self.table)
+        self.metrics = Metrics() if settings.metrics_port >= 0 else None
+        self.tracer_provider = make_tracer_provider(
+            settings.tracing, settings.trace_sampling_ratio, __version__, span_exporter
+        )
+        self.router = Router(self.table, on_rollback=self._rolled_back)
         self.manager.on_model_loaded = self._model_loaded
         self.handler = InferenceHandler(
-            self.table, self.link, self.manager, self.shm, self.router, settings.server_name
+            self.table,
+            self.link,
+            self.manager,
+            self.shm,
+            self.router,
+            settings.server_name,
+            metrics=self.metrics,
+            tracer=None if self.tracer_provider is None else RequestTracer(self.tracer_provider),
+            status_of=status_of,
         )
+        self.metrics_server: MetricsHttpServer | None = None
+        self.gpu_sampler: GpuSampler | None = None
         self.health = HealthState()
         self.port = 0
         self.server: grpc.aio.Server | None = None
@@ -70,7 +92,10 @@ class App:
             # Several fronts share the port (server.supervisor); a lone one keeps it alone.
             ("grpc.so_reuseport", 1 if s.worker_socket else 0),
         ]
-        server = grpc.aio.server(options=opts)
+        interceptors = []
+        if self.tracer_provider is not None:
+            interceptors.append(server_interceptor(self.tracer_provider))
+        server = grpc.aio.server(options=opts, interceptors=interceptors)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.handler), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         apb_grpc.add_RoutingAdminServicer_to_server(RoutingAdminServicer(self.router), server)
@@ -90,6 +115,7 @@ class App:
         log.info("gRPC listening on %s:%d", s.grpc_host, self.port)
         if s.port_file is not None:
             s.port_file.write_text(str(self.port))
+        self._start_metrics()
         await self.link.start()
         await self.manager.load_repository()
         for name in self.table.models:
@@ -98,10 +124,57 @@ class App:
             self.router.reload_file(s.routing_file)
             self._tasks.append(asyncio.create_task(self._watch_routing_file(s.routing_file)))
         self.handler.started = True
+        if self.metrics is not None:
+            self._tasks.append(asyncio.create_task(self._sync_metrics()))
         self._tasks.append(asyncio.create_task(self._watch_readiness()))
         if s.model_control_mode == "poll":
             self._tasks.append(asyncio.create_task(self.manager.poll_forever(s.repository_poll_s)))
         return self.port
+
+    def _start_metrics(self) -> None:
+        s, m = self.settings, self.metrics
+        if m is None:
+            return
+        m.track_shm_slots(
+            lambda: self.link.client.pool.in_use if self.link.client else 0,
+            lambda: self.link.client.pool.slots if self.link.client else 0,
+        )
+        if s.worker_socket:
+            # Under the supervisor: a private port, announced in a file the supervisor reads
+            # to merge every front's metrics into the pod's one scrape.
+            self.metrics_server = m.start_http_server(0, "127.0.0.1")
+            announce = Path(s.worker_socket).parent / f"metrics-{s.frontend_index}"
+            announce.write_text(f"{os.getpid()} {self.metrics_server.url}")
+            return
+        self.metrics_server = m.start_http_server(s.metrics_port, s.grpc_host.strip("[]"))
+        log.info("metrics on %s", self.metrics_server.url)
+        self.gpu_sampler = GpuSampler(m.registry)
+        if self.gpu_sampler.open():
+            self.gpu_sampler.start()
+        else:
+            self.gpu_sampler = None
+
+    async def _sync_metrics(self) -> None:
+        """Model states, load times, capacities and weights, refreshed off the request path."""
+        m = self.metrics
+        assert m is not None
+        while True:
+            for name, entry in self.table.models.items():
+                ready_batches = []
+                for v, ve in entry.versions.items():
+                    m.set_model_state(name, v, ve.state)
+                    if ve.load_ns:
+                        m.observe_model_load(name, v, ve.load_ns / 1e9)
+                    if ve.state is ModelState.READY and ve.spec is not None:
+                        ready_batches.append(ve.spec.max_batch_size)
+                m.set_capacity(name, capacity_for(ready_batches))
+                table = self.router.tables.get(name)
+                m.set_routing_weights(name, {} if table is None else table.weights)
+            await asyncio.sleep(1.0)
+
+    def _rolled_back(self, model: str, version: int, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count_rollback(model, version)
 
     def _model_loaded(self, name: str) -> None:
         entry = self.table.models.get(name)
@@ -130,6 +203,12 @@ class App:
             await self.server.stop(grace)
         await self.link.stop()
         self.manager.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        if self.gpu_sampler is not None:
+            self.gpu_sampler.stop()
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()  # flushes spans still queued for export
         self.shm.close()
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import sys
 from typing import Any
 
@@ -59,10 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"microtune: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
-    )
+    from server.telemetry.logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
     from server.supervisor import frontends_for, run_supervisor
 
     if frontends_for(settings) > 1:

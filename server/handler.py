@@ -7,11 +7,13 @@ result; errors are domain errors (server/errors) that server/rpc/status maps to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from runtime.client import ArenaFull, CallFailed, OutputTensor, WorkerGone
 from runtime.ipc.dtypes import BytesDecodeError, decode_bytes_tensor
@@ -34,6 +36,8 @@ from server.routing import compare_outputs, route_key_point, should_shadow
 from server.routing.shadow import OutputLike
 from server.shm_regions import SharedMemoryRegistry
 from server.stats import VersionStats
+from server.telemetry.metrics import Metrics, ShadowOutcome
+from server.telemetry.tracing import RequestTracer, encode_span_ref
 from server.types import (
     InferRequest,
     InferResponse,
@@ -49,6 +53,15 @@ from server.worker_link import WorkerLink
 __all__ = ["EXTENSIONS", "InferenceHandler", "ModelView", "StatsRow"]
 
 _NO_HINTS = RouteHints()
+
+
+@dataclass(slots=True)
+class _Routed:
+    """Where routing sent a request, for the metrics of a request that then failed."""
+
+    version: int | None = None
+    reason: str = ""
+
 
 # Only what is really implemented (ServerMetadata.extensions).
 EXTENSIONS = (
@@ -87,7 +100,13 @@ class InferenceHandler:
         shm: SharedMemoryRegistry,
         router: Router,
         server_name: str,
+        metrics: Metrics | None = None,
+        tracer: RequestTracer | None = None,
+        status_of: Callable[[BaseException | None], Any] = lambda exc: None,
     ) -> None:
+        self.metrics = metrics
+        self.tracer = tracer
+        self.status_of = status_of
         self.shm = shm
         self.router = router
         self._background: set[asyncio.Task[None]] = set()
@@ -129,22 +148,59 @@ class InferenceHandler:
     ) -> InferResponse:
         """Run one request. `deadline` is a time.monotonic() value (from the gRPC deadline)."""
         start = time.perf_counter_ns()
+        routed = _Routed()
+        try:
+            return await self._infer(req, deadline, hints, start, routed)
+        except BaseException as exc:
+            if self.metrics is not None and not isinstance(exc, asyncio.CancelledError):
+                seconds = (time.perf_counter_ns() - start) / 1e9
+                self.metrics.observe_request(
+                    req.model, routed.version, routed.reason, self.status_of(exc), seconds
+                )
+            raise
+
+    async def _infer(
+        self,
+        req: InferRequest,
+        deadline: float | None,
+        hints: RouteHints,
+        start: int,
+        routed: _Routed,
+    ) -> InferResponse:
         if hints.routing_key is None and "routing_key" in req.parameters:
             hints = replace(hints, routing_key=str(req.parameters["routing_key"]))
+        tracer = self.tracer
+        route_span = tracer.route_span() if tracer is not None else None
         route = self.router.route(req.model, req.version, hints)
+        if route_span is not None and tracer is not None:
+            tracer.end_route(route_span, req.model, req.version, route.version, route.reason)
+        routed.version, routed.reason = route.version, route.reason
         ve = self.table.models[req.model].versions[route.version]
         spec, sig = ve.spec, ve.signature
         assert spec is not None and sig is not None
         if any(t.shm is not None for t in req.inputs):
             req = replace(req, inputs=tuple(self._shm_input(t) for t in req.inputs))
         plan = plan_call(req, sig, spec.max_batch_size)
+        metrics = self.metrics
         # Counted from routing to the answer: unloading this version waits for it (drain).
         ve.inflight += 1
         try:
             client = self.link.require()
-            result = await client.infer(
-                req.model, ve.version, plan.inputs, plan.outputs, plan.output_reserve, deadline
-            )
+            span_ref = encode_span_ref() if tracer is not None else b""
+            with (
+                metrics.track_inflight(req.model, plan.batch_size)
+                if metrics is not None
+                else contextlib.nullcontext()
+            ):
+                result = await client.infer(
+                    req.model,
+                    ve.version,
+                    plan.inputs,
+                    plan.outputs,
+                    plan.output_reserve,
+                    deadline,
+                    span_ref,
+                )
         except BaseException as exc:
             elapsed = time.perf_counter_ns() - start
             ve.stats.record_failure(elapsed)
@@ -158,8 +214,25 @@ class InferenceHandler:
             self._output(req, o.name, o.datatype, o.shape, o.data) for o in result.outputs
         )
         elapsed = time.perf_counter_ns() - start
-        ve.stats.record_success(elapsed, result.timings, plan.batch_size)
+        t = result.timings
+        ve.stats.record_success(elapsed, t, plan.batch_size)
         self.router.observe(req.model, ve.version, elapsed / 1e9, ok=True)
+        if metrics is not None:
+            metrics.observe_request(
+                req.model,
+                ve.version,
+                route.reason,
+                self.status_of(None),
+                elapsed / 1e9,
+                queue_s=t.queue_ns / 1e9,
+                compute_s=(t.input_ns + t.infer_ns + t.output_ns) / 1e9,
+                batch=plan.batch_size,
+            )
+            if t.executions:
+                replay = None if not t.padded_batch else t.mode == "replay"
+                metrics.observe_execution(req.model, ve.version, t.batch_size, graph_replay=replay)
+        if tracer is not None:
+            tracer.execution(req.model, ve.version, t, t.links)
         self._maybe_shadow(req.model, route.version, plan, result.outputs, hints)
         return InferResponse(req.model, str(ve.version), req.id, outputs, route.reason)
 
@@ -211,6 +284,8 @@ class InferenceHandler:
             )
         except Exception:  # a shadow failure never reaches the client
             tally.errors += 1
+            if self.metrics is not None:
+                self.metrics.observe_shadow(model, ve.version, ShadowOutcome.ERROR)
             return
         finally:
             ve.inflight -= 1
@@ -219,6 +294,9 @@ class InferenceHandler:
             tally.mismatches += 1
         if diff.max_abs_diff is not None:
             tally.max_abs_diff = max(tally.max_abs_diff, diff.max_abs_diff)
+        if self.metrics is not None:
+            outcome = ShadowOutcome.MATCH if diff.identical else ShadowOutcome.MISMATCH
+            self.metrics.observe_shadow(model, ve.version, outcome, diff.max_abs_diff)
 
     def _shm_input(self, t: Tensor) -> Tensor:
         if t.shm is None:

@@ -67,13 +67,17 @@ class ModelTable:
         ready = entry.ready_versions()
         if ready:
             return entry.versions[ready[-1]]
+        raise NotReady(self.why_unavailable(name))
+
+    def why_unavailable(self, name: str) -> str:
+        """Why model `name` has no READY version: config error, loading, load failures."""
+        entry = self.get(name)
         if entry.reason:
-            raise NotReady(f"model '{name}' is not available: {entry.reason}")
-        loading = [e for e in entry.versions.values() if e.state is ModelState.LOADING]
-        if loading:
-            raise NotReady(f"model '{name}' is loading")
+            return f"model '{name}' is not available: {entry.reason}"
+        if any(e.state is ModelState.LOADING for e in entry.versions.values()):
+            return f"model '{name}' is loading"
         reasons = "; ".join(_not_ready(name, e) for e in entry.versions.values())
-        raise NotReady(reasons or f"model '{name}' has no ready version")
+        return reasons or f"model '{name}' has no ready version"
 
     def is_ready(self, name: str, version: str) -> bool:
         try:

@@ -26,6 +26,7 @@ from server.routing import (
     RoutingError,
     RoutingTable,
     RoutingTables,
+    VersionNotReady,
     evaluate,
     observe,
     parse_routing_file,
@@ -110,17 +111,25 @@ class Router:
 
     def route(self, model: str, request_version: str, hints: RouteHints) -> Route:
         entry = self.models.get(model)
-        return resolve(
-            request_version=request_version,
-            header_version=hints.header_version,
-            routing_key=hints.routing_key,
-            table=self.tables.get(model),
-            ready_versions=frozenset(entry.ready_versions()),
-            rng=self.rng,
-            canary_weight_header=hints.canary_weight,
-            model=model,
-            known_versions=frozenset(entry.versions),
-        )
+        ready = frozenset(entry.ready_versions())
+        try:
+            return resolve(
+                request_version=request_version,
+                header_version=hints.header_version,
+                routing_key=hints.routing_key,
+                table=self.tables.get(model),
+                ready_versions=ready,
+                rng=self.rng,
+                canary_weight_header=hints.canary_weight,
+                model=model,
+                known_versions=frozenset(entry.versions),
+            )
+        except VersionNotReady:
+            if ready:
+                raise
+            # resolve() sees version numbers only; the table knows why none is ready (failed
+            # to load, loading, worker restarting), which is what the client needs to hear.
+            raise VersionNotReady(self.models.why_unavailable(model)) from None
 
     def observe(self, model: str, version: int, latency_s: float, ok: bool) -> None:
         """Feed the canary guard (if the model has one) and roll back on a breach."""

@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     routing_file: Path | None = None
     """JSON routing file ({"models": {name: table}}), re-read when it changes (a mounted
     ConfigMap); see docs/routing.md."""
+    metrics_port: int = Field(8002, ge=-1, le=65535)
+    """Prometheus /metrics port (on --grpc-host); 0 picks a free one, -1 turns metrics off."""
+    tracing: Literal["off", "otlp", "console"] = "off"
+    """OpenTelemetry traces: "otlp" exports over OTLP/gRPC, configured by the standard
+    OTEL_EXPORTER_OTLP_* variables; "console" prints spans."""
+    trace_sampling_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    """Share of new traces sampled (parent-based: a sampled client trace is always kept)."""
+    log_format: Literal["auto", "json", "text"] = "auto"
+    """Logs: JSON lines (default when stderr is not a terminal, as in a container) or text."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the front and the worker."""
     device: str = "auto"

@@ -21,9 +21,12 @@ import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from runtime.ipc.shm import remove_stale_arenas
 from runtime.process import WorkerProcess
 from server.settings import Settings
+from server.telemetry import GpuSampler, PodMetrics, setup_logging
 from server.worker_link import worker_settings_for
 
 __all__ = ["frontends_for", "run_supervisor"]
@@ -43,10 +46,7 @@ def _front_main(settings_json: str) -> None:
     from server.app import serve
 
     settings = Settings.model_validate_json(settings_json)
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
-    )
+    setup_logging(settings.log_level, settings.log_format)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(settings))
 
@@ -58,6 +58,32 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host.strip("[]"), port))
     return sock
+
+
+def _pod_metrics(settings: Settings, tmp: Path) -> tuple[PodMetrics | None, GpuSampler | None]:
+    """The pod's one /metrics: every front's registry merged, plus the GPU gauges."""
+    if settings.metrics_port < 0:
+        return None, None
+
+    def sources() -> dict[str, str]:
+        found: dict[str, str] = {}
+        for f in tmp.glob("metrics-*"):
+            with contextlib.suppress(OSError, ValueError):
+                pid, url = f.read_text().split()
+                found[f"{f.name}:{pid}"] = url  # a restarted front gets a new key
+        return found
+
+    local = CollectorRegistry(auto_describe=False)
+    gpu: GpuSampler | None = GpuSampler(local)
+    assert gpu is not None
+    if gpu.open():
+        gpu.start()
+    else:
+        gpu = None
+    pod = PodMetrics(sources, local=local)
+    server = pod.start_http_server(settings.metrics_port, settings.grpc_host.strip("[]"))
+    log.info("pod metrics on %s", server.url)
+    return pod, gpu
 
 
 def run_supervisor(settings: Settings) -> int:
@@ -92,6 +118,7 @@ def run_supervisor(settings: Settings) -> int:
     worker.start()
     worker.wait_listening(settings.worker_start_timeout_s)
     fronts = [front(i) for i in range(n)]
+    pod, gpu = _pod_metrics(settings, tmp)
     log.info("supervisor %d: %d front(s) on port %d, worker %s", os.getpid(), n, port, worker.pid)
     try:
         while not stop.wait(0.2):
@@ -116,6 +143,10 @@ def run_supervisor(settings: Settings) -> int:
                 p.kill()
         worker.stop(5.0)
         reserved.close()
+        if pod is not None:
+            pod.close()
+        if gpu is not None:
+            gpu.stop()
         with contextlib.suppress(OSError):
             for f in tmp.iterdir():
                 f.unlink()

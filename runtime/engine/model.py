@@ -164,9 +164,13 @@ def _run_group(
             start += n
         t3 = time.monotonic_ns()
         total = sum(rows)
+        links = tuple(calls[i][0].span for i in ok if calls[i][0].span)
         for k, (i, outputs) in enumerate(dones):
             call, _buf, recv = calls[i]
-            timings = Timings(t0 - recv, t1 - t0, t2 - t1, t3 - t2, total, 1 if k == 0 else 0)
+            timings = Timings(
+                t0 - recv, t1 - t0, t2 - t1, t3 - t2, total, 1 if k == 0 else 0,
+                links=links if k == 0 else (),
+            )
             out[i] = InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings)
     return [o for o in out if o is not None]
 

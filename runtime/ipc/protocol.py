@@ -98,6 +98,9 @@ class Timings(_Msg):
     output_ns: int = 0
     batch_size: int = 1  # rows of the execution this call ran in
     executions: int = 1  # 1 for one call of each execution (so executions are counted once)
+    padded_batch: int = 0  # the CUDA-graph bucket the batch was padded to (0 = no padding)
+    mode: str = "eager"  # "replay" (a captured CUDA graph) or "eager"
+    links: tuple[bytes, ...] = ()  # on the counted call: span refs of every call in the batch
 
 
 # ----------------------------------------------------------------------------- front -> worker
@@ -145,6 +148,7 @@ class Infer(_Msg, tag="infer"):
     out_offset: int  # where in the arena the worker may write outputs
     out_capacity: int
     deadline_ns: int = 0  # CLOCK_MONOTONIC deadline; 0 = none
+    span: bytes = b""  # the request's trace/span id (24 bytes) for execution span links
 
 
 class Shutdown(_Msg, tag="shutdown"):

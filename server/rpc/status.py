@@ -15,7 +15,7 @@ import grpc
 
 from server.errors import ErrorCode, MicrotuneError
 
-__all__ = ["STATUS", "rpc_errors"]
+__all__ = ["STATUS", "rpc_errors", "status_of"]
 
 log = logging.getLogger("microtune.rpc")
 
@@ -30,6 +30,16 @@ STATUS: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.MODEL_FAILED: grpc.StatusCode.INTERNAL,
     ErrorCode.LOAD_FAILED: grpc.StatusCode.INTERNAL,
 }
+
+
+def status_of(exc: BaseException | None) -> grpc.StatusCode:
+    """The status an outcome is answered with (for metrics): None = OK."""
+    if exc is None:
+        return grpc.StatusCode.OK
+    if isinstance(exc, MicrotuneError):
+        return STATUS[exc.code]
+    return grpc.StatusCode.INTERNAL
+
 
 R = TypeVar("R")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
