@@ -14,7 +14,15 @@ import onnxruntime as ort
 from runtime.ipc.dtypes import BY_ONNX
 from runtime.ipc.protocol import ModelSignature, TensorInfo
 
-__all__ = ["SessionError", "choose_device", "make_session", "signature_of"]
+__all__ = [
+    "GraphsUnsupported",
+    "SessionError",
+    "choose_device",
+    "make_graph_session",
+    "make_session",
+    "preload_cuda_libraries",
+    "signature_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +92,108 @@ def _info(arg: Any) -> TensorInfo:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+# --- CUDA graphs (issue 4): the session runtime.engine.graphs captures on ---------------------
+# Kept apart from make_session: a graph session differs in three ways, each load-bearing.
+# (1) `enable_cuda_graph` with the device id. (2) `session.disable_cpu_ep_fallback`: a compute
+# node placed on the CPU EP would make the captured graph incomplete, so it must fail loudly
+# (and, with it, the provider list must not name the CPU EP: onnxruntime refuses that
+# combination). (3) Refusals that mean "this model cannot be captured" (control flow, CPU
+# nodes) are told apart from real load errors: the version then runs eagerly, it still loads.
+
+_CONTROL_FLOW_REFUSAL = "control flow"  # "...as the model has control flow nodes..." (1.31.1)
+_CPU_FALLBACK_REFUSAL = "fallback to CPU EP has been explicitly disabled"
+
+
+class GraphsUnsupported(Exception):
+    """onnxruntime will not capture this model (control-flow nodes, nodes on the CPU EP).
+    Not a load failure: the version runs without graphs, and `str(exc)` is the reason."""
+
+
+def preload_cuda_libraries() -> None:
+    """Load the CUDA 13 / cuDNN 9 libraries of onnxruntime-gpu before the first CUDA session.
+
+    onnxruntime-gpu's provider library has no RUNPATH to pip's nvidia/ packages; its
+    `preload_dlls` looks beside onnxruntime, then on the default search path (LD_LIBRARY_PATH).
+    A no-op on a CPU build. Never raises: a missing library shows up as a SessionError when
+    the CUDA session is created, with onnxruntime's own message."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None or CUDA not in ort.get_available_providers():
+        return
+    try:
+        preload(cuda=True, cudnn=True, msvc=False)
+    except Exception as exc:  # preload_dlls raises RuntimeError for a bad directory only
+        log.warning("onnxruntime.preload_dlls failed: %s", _first_line(exc))
+
+
+def make_graph_session(
+    path: str,
+    device_id: int,
+    intra_op_threads: int,
+    *,
+    provider_options: dict[str, str] | None = None,
+) -> ort.InferenceSession:
+    """A CUDA EP session with CUDA graphs enabled, every node on the GPU.
+
+    Raises GraphsUnsupported when the model cannot be captured (the caller falls back to a
+    session without graphs) and SessionError when it cannot be loaded on the GPU at all (bad
+    file, no CUDA EP in this onnxruntime build, the EP failed to start). `provider_options`
+    adds CUDA EP options (tests use {"arena_extend_strategy": "kSameAsRequested"})."""
+    if CUDA not in ort.get_available_providers():
+        raise SessionError(
+            f"CUDA graphs need onnxruntime-gpu; this onnxruntime {ort.__version__} has "
+            f"{ort.get_available_providers()}"
+        )
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = intra_op_threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    options = {
+        **(provider_options or {}),
+        "device_id": str(device_id),
+        "enable_cuda_graph": "1",
+    }
+    try:
+        sess = ort.InferenceSession(path, so, providers=[(CUDA, options)])
+    except Exception as exc:
+        text = str(exc)
+        if _CONTROL_FLOW_REFUSAL in text.lower():
+            raise GraphsUnsupported(
+                "the model has control-flow nodes (If/Loop/Scan), which onnxruntime cannot "
+                f"capture: {_first_line(exc)}"
+            ) from exc
+        if _CPU_FALLBACK_REFUSAL in text:
+            _raise_for_cpu_nodes(path, device_id, exc)
+        raise SessionError(
+            f"onnxruntime cannot load {path} on CUDA with graphs: {_first_line(exc)}"
+        ) from exc
+    if sess.get_providers()[0] != CUDA:  # defensive: the CPU EP was not named, see above
+        raise SessionError(
+            f"asked for {CUDA} with graphs but onnxruntime gave {sess.get_providers()}"
+        )
+    return sess
+
+
+def _raise_for_cpu_nodes(path: str, device_id: int, exc: Exception) -> None:
+    """The CPU-fallback refusal has two causes that need different answers: some nodes have no
+    CUDA kernel (the model runs, without graphs), or the CUDA EP itself failed to start and
+    *every* node landed on the CPU (a GPU load error). A plain session tells them apart; this
+    costs a second session creation, on this failure path only."""
+    try:
+        probe = ort.InferenceSession(path, providers=[(CUDA, {"device_id": str(device_id)}), CPU])
+    except Exception as probe_exc:
+        raise SessionError(
+            f"onnxruntime cannot load {path} on CUDA: {_first_line(probe_exc)}"
+        ) from probe_exc
+    if probe.get_providers()[0] != CUDA:
+        raise SessionError(
+            f"the CUDA EP did not start on device {device_id} (onnxruntime fell back to "
+            f"{probe.get_providers()}): check the CUDA 13 and cuDNN 9 libraries"
+        ) from exc
+    raise GraphsUnsupported(
+        "some nodes of the model have no CUDA kernel and would run on the CPU EP, which a "
+        f"CUDA graph cannot contain: {_first_line(exc)}"
+    ) from exc

@@ -1,0 +1,352 @@
+"""GPU benchmark of issue 4: the worker's compute time per batch with CUDA graphs on vs off.
+
+    python bench/gpu_bench.py [--out PATH] [--json PATH] [--models dense,encoder]
+                              [--batches 1-8] [--iters 300] [--warmup 30] [--device cuda|cpu]
+
+Builds its models where it runs (bench/gpu_models.py: `dense` = the demo's 256->256->10 MLP,
+`encoder` = 6 layers, hidden 384, 6 heads, sequence 128), then for every batch size b (b
+requests of one row each, as the dynamic batcher forms them) times, per batch:
+
+  graphs on        GraphSet.run: gather into pinned staging, pad to the bucket, H2D into the
+                   bound buffers, registry check, graph replay, D2H, trim and split (the
+                   worker's path with graphs; buckets = the default table for max_batch_size 8)
+  off: IOBinding   the same static-buffer IOBinding path without graphs: update_inplace,
+                   run_with_iobinding with gpu_graph_id -1 on a session without graphs,
+                   outputs to host (the fairest "off": only the graph differs)
+  off: run()       GraphSet with graphs disabled: session.run on the concatenated rows
+                   (what the worker runs for a model that cannot be captured)
+  in-process       onnxruntime alone with IOBinding and graphs, exact batch size, no padding:
+                   the reference the end-to-end criterion compares the server with
+
+and writes a markdown table (to --out, default $OUT/gpu.md when $OUT is set, else
+bench/results/gpu.md) naming the device, versions and command. `--device cpu` runs the same
+code on the CPU EP (graph ids ignored) to check the script; its figures are not GPU figures.
+End-to-end p50 over gRPC needs the worker wiring and is reported as not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gpu_models  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from runtime.engine.buckets import BucketTable  # noqa: E402
+from runtime.engine.graphs import GraphSet  # noqa: E402
+from runtime.engine.session import (  # noqa: E402
+    make_graph_session,
+    make_session,
+    preload_cuda_libraries,
+    signature_of,
+)
+from runtime.ipc.pinning import cuda_available  # noqa: E402
+
+MODELS: dict[str, tuple[Callable[[], Any], tuple[int, ...], str]] = {
+    "dense": (gpu_models.mlp, (256,), "FP32 [b, 256] -> Gemm 256 + Relu -> Gemm 10"),
+    "encoder": (
+        gpu_models.encoder,
+        (128, 384),
+        "FP32 [b, 128, 384] -> 6 x (MHA 6 heads + LayerNorm, FFN 1536 GELU + LayerNorm)",
+    ),
+}
+TABLE = BucketTable.default(8)  # (1, 2, 4, 8): what the worker uses for max_batch_size 8
+
+
+@dataclass
+class Row:
+    model: str
+    batch: int
+    bucket: int
+    graphs_on_us: float  # p50
+    off_iobinding_us: float
+    off_run_us: float
+    in_process_us: float
+    graphs_on_mean_us: float
+    off_iobinding_mean_us: float
+
+    @property
+    def cut_vs_iobinding(self) -> float:
+        return 1.0 - self.graphs_on_us / self.off_iobinding_us
+
+    @property
+    def cut_vs_run(self) -> float:
+        return 1.0 - self.graphs_on_us / self.off_run_us
+
+
+def timed(fn: Callable[[], object], warmup: int, iters: int) -> list[float]:
+    """Per-call wall time in microseconds, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    out: list[float] = []
+    for _ in range(iters):
+        t0 = time.perf_counter_ns()
+        fn()
+        out.append((time.perf_counter_ns() - t0) / 1000.0)
+    return out
+
+
+class StaticBinding:
+    """onnxruntime alone: static buffers of exactly `batch` rows bound once to one IOBinding;
+    `graph_id` None = no graph (gpu_graph_id -1), else that graph, captured on first use."""
+
+    def __init__(
+        self,
+        sess: Any,
+        row: tuple[int, ...],
+        out_row: tuple[int, ...],
+        batch: int,
+        device: str,
+        graph_id: int | None,
+    ) -> None:
+        self.sess = sess
+        self.x = ort.OrtValue.ortvalue_from_shape_and_type([batch, *row], np.float32, device, 0)
+        self.y = ort.OrtValue.ortvalue_from_shape_and_type([batch, *out_row], np.float32, device, 0)
+        self.io = sess.io_binding()
+        self.io.bind_ortvalue_input("INPUT0", self.x)
+        self.io.bind_ortvalue_output("OUTPUT0", self.y)
+        self.ro = ort.RunOptions()
+        self.ro.add_run_config_entry("gpu_graph_id", "-1" if graph_id is None else str(graph_id))
+        self.host = np.zeros((batch, *row), dtype=np.float32)
+        if graph_id is not None:  # warm up without a graph, then capture
+            warm = ort.RunOptions()
+            warm.add_run_config_entry("gpu_graph_id", "-1")
+            for _ in range(2):
+                sess.run_with_iobinding(self.io, warm)
+            sess.run_with_iobinding(self.io, self.ro)
+
+    def __call__(self, rows: list[np.ndarray]) -> np.ndarray:
+        np.concatenate(rows, out=self.host)
+        self.x.update_inplace(self.host)
+        self.sess.run_with_iobinding(self.io, self.ro)
+        out: np.ndarray = self.y.numpy()
+        return out
+
+
+def bench_model(
+    name: str, path: str, row: tuple[int, ...], batches: list[int], args: argparse.Namespace
+) -> list[Row]:
+    cuda = args.device == "cuda"
+    dev_type = "cuda" if cuda else "cpu"
+    if cuda:
+        on = GraphSet.load(path, 0, TABLE, intra_op_threads=1)
+        if not on.captured:
+            raise SystemExit(f"{name}: graphs were not captured: {on.reason}")
+        off = GraphSet.load(path, 0, TABLE, intra_op_threads=1, graphs=False)
+        plain = make_session(path, "cuda:0", 1)
+        graph_sess = make_graph_session(path, 0, 1)
+    else:
+        plain = make_session(path, "cpu", 1)
+        graph_sess = make_session(path, "cpu", 1)
+        on = GraphSet(plain, TABLE, signature_of(plain), device_type="cpu")
+        on.capture()
+        off = GraphSet(plain, TABLE, signature_of(plain), device_type="cpu", capturable=False)
+    out_row = tuple(signature_of(plain).outputs[0].shape[1:])
+    rs = np.random.RandomState(0)
+    rows_out: list[Row] = []
+    for b in batches:
+        reqs = [rs.standard_normal((1, *row)).astype(np.float32) for _ in range(b)]
+        feeds = [{"INPUT0": r} for r in reqs]
+        eager_io = StaticBinding(plain, row, out_row, b, dev_type, None)
+        in_proc = StaticBinding(graph_sess, row, out_row, b, dev_type, b)  # graph id = b
+        ref = on.run(feeds).outputs
+        for got in (off.run(feeds).outputs, [[o] for o in np.split(in_proc(reqs), b)]):
+            for (x,), (y,) in zip(ref, got, strict=True):
+                np.testing.assert_allclose(x, y, rtol=1e-2, atol=1e-2)
+        w, n = args.warmup, args.iters
+        t_on = timed(lambda: on.run(feeds), w, n)  # noqa: B023 - called at once
+        t_io = timed(lambda: eager_io(reqs), w, n)  # noqa: B023
+        t_run = timed(lambda: off.run(feeds), w, n)  # noqa: B023
+        t_in = timed(lambda: in_proc(reqs), w, n)  # noqa: B023
+        bucket = TABLE.bucket_for(b)
+        assert bucket is not None
+        rows_out.append(
+            Row(
+                name,
+                b,
+                bucket,
+                statistics.median(t_on),
+                statistics.median(t_io),
+                statistics.median(t_run),
+                statistics.median(t_in),
+                statistics.fmean(t_on),
+                statistics.fmean(t_io),
+            )
+        )
+        print(
+            f"{name} b={b}: on {rows_out[-1].graphs_on_us:.1f} us, off(io) "
+            f"{rows_out[-1].off_iobinding_us:.1f} us, off(run) {rows_out[-1].off_run_us:.1f} "
+            f"us, in-process {rows_out[-1].in_process_us:.1f} us",
+            flush=True,
+        )
+    stats = on.stats().graphs
+    print(f"{name}: replays {stats.replays}, eager {stats.eager}, mismatches {stats.mismatches}")
+    return rows_out
+
+
+def describe_device(cuda: bool) -> dict[str, str]:
+    info = {
+        "python": platform.python_version(),
+        "onnxruntime": f"{ort.__version__} ({Path(ort.__file__).parent})",
+        "providers": ", ".join(ort.get_available_providers()),
+        "host": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
+    }
+    if not cuda:
+        info["device"] = f"CPU EP dry run on {platform.processor() or platform.machine()}"
+        return info
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        info["device"] = smi.stdout.strip().splitlines()[0]
+    except Exception as exc:
+        info["device"] = f"unknown (nvidia-smi: {exc})"
+    try:
+        import cupy
+
+        rt = cupy.cuda.runtime
+        name = rt.getDeviceProperties(0)["name"]
+        info["device 0 (cupy)"] = name.decode() if isinstance(name, bytes) else str(name)
+        versions = f"CUDA runtime {rt.runtimeGetVersion()}, driver {rt.driverGetVersion()}"
+        info["cupy"] = f"{cupy.__version__}, {versions}"
+    except Exception as exc:
+        info["cupy"] = f"unavailable ({exc})"
+    return info
+
+
+def render(rows: list[Row], info: dict[str, str], args: argparse.Namespace, cuda: bool) -> str:
+    cmd = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    lines = [
+        "# GPU benchmark: CUDA graphs per batch bucket (issue 4)",
+        "",
+    ]
+    if not cuda:
+        lines += ["**CPU dry run of the script (`--device cpu`): these are NOT GPU figures.**", ""]
+    lines += [f"- {k}: {v}" for k, v in info.items()]
+    lines += [
+        f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+        f"- command: `{cmd}` (run by scripts/gpu/run_gpu_checks.sh on the GPU machine)",
+        f"- buckets: {' '.join(map(str, TABLE.sizes))} (default table for max_batch_size 8); "
+        f"a batch of b requests of one row each; {args.iters} timed batches after "
+        f"{args.warmup} warm-up, p50 in microseconds of wall time on the calling thread",
+        "",
+        "Worker compute time per batch = gather + pad + H2D + run + D2H + split. "
+        "`cut` = 1 - graphs on / graphs off.",
+        "",
+    ]
+    for model in dict.fromkeys(r.model for r in rows):
+        what = MODELS[model][2]
+        lines += [
+            f"## {model}: {what}",
+            "",
+            "| batch | bucket | graphs on | off: IOBinding | cut | off: run() | cut "
+            "| in-process ORT IOBinding+graphs |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        sel = [r for r in rows if r.model == model]
+        for r in sel:
+            lines.append(
+                f"| {r.batch} | {r.bucket} | {r.graphs_on_us:.1f} | {r.off_iobinding_us:.1f} | "
+                f"{r.cut_vs_iobinding:+.0%} | {r.off_run_us:.1f} | {r.cut_vs_run:+.0%} | "
+                f"{r.in_process_us:.1f} |"
+            )
+        worst = min(r.cut_vs_iobinding for r in sel)
+        verdict = "PASS" if worst >= 0.30 else "FAIL"
+        if not cuda:
+            verdict = "not applicable (CPU dry run)"
+        lines += [
+            "",
+            f'Criterion "graphs on cut compute time per batch by >= 30% against graphs off, '
+            f'batch 1-8" (against the IOBinding path, the stricter one): smallest cut '
+            f"{worst:+.0%}: **{verdict}**.",
+            "",
+        ]
+    lines += [
+        "## End-to-end p50 over gRPC at concurrency 1: NOT MEASURED YET",
+        "",
+        "TODO: the worker does not route batches through GraphSet yet (runtime/worker.py and "
+        "runtime/engine/model.py are being wired). Once it does: run the server with "
+        "`--device cuda:0` on these models and perf_analyzer at concurrency 1; the criterion is "
+        "server p50 within 0.5 ms of the in-process column above. No figure is given here "
+        "rather than an estimate.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def parse_batches(text: str) -> list[int]:
+    if "-" in text:
+        lo, hi = text.split("-")
+        return list(range(int(lo), int(hi) + 1))
+    return [int(x) for x in text.split(",")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    default_out = (
+        Path(os.environ["OUT"]) / "gpu.md"
+        if os.environ.get("OUT")
+        else (ROOT / "bench" / "results" / "gpu.md")
+    )
+    p.add_argument("--out", type=Path, default=default_out)
+    p.add_argument("--json", type=Path, default=None, help="also write the raw rows as JSON")
+    p.add_argument("--models", default="dense,encoder")
+    p.add_argument("--batches", default="1-8")
+    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda:
+        preload_cuda_libraries()
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise SystemExit(
+                f"onnxruntime {ort.__version__} has no CUDA EP: install onnxruntime-gpu"
+            )
+        if not cuda_available():
+            raise SystemExit("cupy is missing or sees no CUDA device (pinned staging needs it)")
+    batches = parse_batches(args.batches)
+    if max(batches) > TABLE.sizes[-1]:
+        raise SystemExit(f"batches above {TABLE.sizes[-1]} have no bucket")
+    info = describe_device(cuda)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
+        for name in args.models.split(","):
+            build, row, _ = MODELS[name]
+            path = str(gpu_models.save(build(), Path(tmp) / f"{name}.onnx"))
+            rows += bench_model(name, path, row, batches, args)
+    text = render(rows, info, args, cuda)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    if args.json:
+        args.json.write_text(
+            json.dumps({"info": info, "rows": [asdict(r) for r in rows]}, indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,556 @@
+"""One model version's CUDA graphs: per batch bucket, static device buffers bound once to an
+IOBinding, captured at load, replayed at fixed addresses; plus the explicit, counted eager path.
+
+Allowed imports: numpy, onnxruntime (the CPU build has every API used here; only CUDA device
+buffers need onnxruntime-gpu), runtime.engine.{buckets,capturability,graph_registry,session},
+runtime.ipc.{protocol,pinning}. CUDA itself is reached only through onnxruntime and
+runtime.ipc.pinning (imported inside a function), so this module imports anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from runtime.engine.buckets import BucketTable, pad_batch, split_outputs
+from runtime.engine.capturability import (
+    TensorSpec,
+    control_flow_reason,
+    signature_reason,
+    specs_of,
+)
+from runtime.engine.graph_registry import GraphRegistry, GraphStats, TensorBinding
+from runtime.engine.session import (
+    GraphsUnsupported,
+    make_graph_session,
+    make_session,
+    signature_of,
+)
+from runtime.ipc.protocol import ModelSignature
+
+__all__ = [
+    "BadBatch",
+    "BatchResult",
+    "BatchTimings",
+    "BucketBuffers",
+    "CaptureFailed",
+    "GraphSet",
+    "GraphSetStats",
+    "HostBuffer",
+    "WrongThread",
+]
+
+log = logging.getLogger(__name__)
+
+Array = npt.NDArray[Any]
+
+_NO_GRAPH: Final = "-1"  # gpu_graph_id for a run that neither captures nor replays
+_WARMUP_RUNS: Final = 2  # the CUDA EP wants 2 regular runs before a capture (ref. §2.2)
+
+
+class BadBatch(ValueError):
+    """The requests of a batch do not match the model's inputs (names, dtypes, row shapes)."""
+
+
+class CaptureFailed(RuntimeError):
+    """Capturing a bucket failed at load. The session's other graphs may be unusable: discard
+    this GraphSet and its session (GraphSet.load then reloads without graphs)."""
+
+
+class WrongThread(RuntimeError):
+    """A graph was about to be replayed on a thread other than the one that captured it.
+    onnxruntime keeps graphs per thread: another thread would capture anew, unguarded."""
+
+
+class HostBuffer(Protocol):
+    """Host memory for the staging buffers: `array` is a uint8 view, `pinned` whether it is
+    page-locked (then copies from it finish before cudaMemcpy returns), `close()` frees it."""
+
+    array: npt.NDArray[np.uint8]
+    pinned: bool
+
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _NumpyBuffer:
+    array: npt.NDArray[np.uint8]
+    pinned: bool = False
+
+    def close(self) -> None:
+        self.array = np.empty(0, dtype=np.uint8)
+
+
+def _numpy_alloc(nbytes: int) -> HostBuffer:
+    return _NumpyBuffer(np.zeros(nbytes, dtype=np.uint8))
+
+
+def _pinned_alloc(nbytes: int) -> HostBuffer:
+    from runtime.ipc.pinning import CudaError, alloc_pinned
+
+    try:
+        return alloc_pinned(nbytes)
+    except CudaError as exc:
+        log.warning(
+            "pinned staging unavailable (%s); using pageable memory with a device "
+            "synchronisation after each input copy",
+            exc,
+        )
+        return _numpy_alloc(nbytes)
+
+
+@dataclass(slots=True)
+class BucketBuffers:
+    """What one bucket's graph was captured with. Shapes: every input and output is
+    [bucket, *row_shape]. The OrtValues are the bound device buffers: write into them only in
+    place (update_inplace, or a copy to `data_ptr()`); replacing an entry is exactly the rebind
+    the registry refuses before the next replay."""
+
+    bucket: int
+    graph_id: int
+    inputs: dict[str, ort.OrtValue]
+    outputs: dict[str, ort.OrtValue]
+    binding: Any  # onnxruntime.IOBinding, bound once
+    run_options: ort.RunOptions  # gpu_graph_id = graph_id
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTimings:
+    gather_ns: int  # requests -> padded host staging (~0 when one pinned request fills it)
+    h2d_ns: int  # staging -> bound device inputs (eager: inside run_ns)
+    run_ns: int  # graph replay, or the eager run
+    d2h_ns: int  # bound device outputs -> host arrays (eager: inside run_ns)
+
+    @property
+    def total_ns(self) -> int:
+        return self.gather_ns + self.h2d_ns + self.run_ns + self.d2h_ns
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    outputs: list[list[Array]]  # [request][output, in GraphSet.output_names order]
+    rows: int  # real rows in the batch
+    bucket: int | None  # the bucket the batch mapped to; None above the largest
+    replayed: bool  # False: the eager path ran (counted in the registry)
+    timings: BatchTimings
+
+
+@dataclass(frozen=True, slots=True)
+class GraphSetStats:
+    capturable: bool
+    reason: str | None  # why not capturable (None when it is)
+    buckets: tuple[int, ...]
+    graphs: GraphStats = field(repr=False)
+
+
+class GraphSet:
+    """CUDA graphs of one model version, one per bucket of a BucketTable, and its eager path.
+
+    Lifecycle (style rule 5): construct (or `GraphSet.load`) -> `capture()` on the version's
+    serving thread, before the version takes traffic -> `run()` on that same thread -> `close()`.
+
+    `run(feeds)` for a batch of requests:
+      1. rows = sum of the requests' rows; bucket = the smallest bucket >= rows;
+      2. no captured graph for it (above the largest bucket, model not capturable) -> the eager
+         path: one `session.run` with gpu_graph_id -1 on the concatenated rows, counted in
+         the registry (`record_eager`), never a silent fallback;
+      3. else gather the requests' rows into the bucket's host staging buffer (pinned when
+         CUDA is there), zero rows for the padding; a request already filling the bucket is
+         copied from directly when the caller says it is pinned;
+      4. `registry.check` that the bucket's bound buffers are those the graph was captured
+         with (onnxruntime replays without checking), then copy the staging into the bound
+         inputs in place (`update_inplace`: same address), replay with `run_with_iobinding`;
+      5. copy the outputs to host, trim the padding and split them per request.
+    What it does not do: batch formation, deadlines, output placement in the arena (the
+    batcher and the worker do), async copies on a user stream (docs/gpu.md §6, later).
+
+    Threads: capture and every replay happen on one thread (onnxruntime keeps graphs in the
+    capturing thread's context); `run` from another thread raises WrongThread. Every GPU run
+    holds `device_lock`, as a capture does for its whole duration (a capture uses
+    cudaStreamCaptureModeGlobal: another thread's cudaMalloc would break it). `stats()` may be
+    called from any thread.
+
+    device_type "cpu" runs the same code on the CPU EP, where gpu_graph_id is accepted and
+    ignored: CPU tests exercise binding, staging, padding, the registry and the counters.
+    """
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        table: BucketTable,
+        signature: ModelSignature,
+        *,
+        device_id: int = 0,
+        device_type: str = "cuda",
+        capturable: bool = True,
+        reason: str | None = None,
+        device_lock: contextlib.AbstractContextManager[Any] | None = None,
+        host_alloc: Callable[[int], HostBuffer] | None = None,
+        warmup_runs: int = _WARMUP_RUNS,
+    ) -> None:
+        self.session = session
+        self.table = table
+        self.signature = signature
+        self.device_id = device_id
+        self.device_type = device_type
+        self.registry = GraphRegistry()
+        self._lock: contextlib.AbstractContextManager[Any] = (
+            device_lock if device_lock is not None else contextlib.nullcontext()
+        )
+        if host_alloc is None:
+            host_alloc = _pinned_alloc if device_type == "cuda" else _numpy_alloc
+        self._host_alloc = host_alloc
+        self._warmup_runs = warmup_runs
+        self._inputs, self._outputs = specs_of(signature)
+        self.input_names = tuple(s.name for s in self._inputs)
+        self.output_names = tuple(s.name for s in self._outputs)
+        self._reason: str | None
+        if not capturable:
+            self._reason = reason or "graphs disabled"
+        elif len(table) == 0:
+            self._reason = "the bucket table is empty"
+        else:
+            self._reason = signature_reason(signature)
+        # Precomputed for the hot path (numpy's dtype.name and np.prod cost microseconds).
+        self._layout = [  # (name, dtype name, is input) of every bound tensor
+            *((s.name, s.dtype.name, True) for s in self._inputs),
+            *((s.name, s.dtype.name, False) for s in self._outputs),
+        ]
+        self._buckets: dict[int, BucketBuffers] = {}
+        self._staging: dict[str, HostBuffer] = {}  # per input: [largest bucket, *row_shape]
+        self._views: dict[int, list[Array]] = {}  # per bucket, per input: its staging rows
+        self._owner: int | None = None  # thread that captured
+        self._eager_options = ort.RunOptions()
+        self._eager_options.add_run_config_entry("gpu_graph_id", _NO_GRAPH)
+        self._closed = False
+
+    # --- load ------------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        path: str,
+        device_id: int,
+        table: BucketTable,
+        *,
+        intra_op_threads: int = 1,
+        signature: Callable[[ort.InferenceSession], ModelSignature] = signature_of,
+        graphs: bool = True,
+        provider_options: dict[str, str] | None = None,
+        device_lock: contextlib.AbstractContextManager[Any] | None = None,
+    ) -> GraphSet:
+        """Load `path` on CUDA device `device_id` and capture every bucket, or fall back.
+
+        The result is captured, or not capturable with `reason` set and a session without
+        graphs: control flow (checked with onnx when it is installed, and by onnxruntime),
+        nodes on the CPU EP, a signature with BYTES or non-batch variable dims, an empty
+        table, `graphs=False`, or a capture that failed (that session is discarded). Real load
+        errors raise: SessionError (bad file, no CUDA), and whatever `signature` raises
+        (the caller's reconciliation with the model config). Call it on the version's serving
+        thread: that thread then owns the graphs."""
+        # Session creation and destruction cudaMalloc/cudaFree: never while another version's
+        # capture runs (global capture mode), so they hold the device lock; capture() takes it.
+        lock = device_lock if device_lock is not None else contextlib.nullcontext()
+        reason: str | None = None
+        if not graphs:
+            reason = "graphs disabled by configuration"
+        elif len(table) == 0:
+            reason = "the bucket table is empty"
+        else:
+            reason = control_flow_reason(path)
+        if reason is None:
+            try:
+                with lock:
+                    sess = make_graph_session(
+                        path, device_id, intra_op_threads, provider_options=provider_options
+                    )
+            except GraphsUnsupported as exc:
+                reason = str(exc)
+            else:
+                gs = cls(sess, table, signature(sess), device_id=device_id, device_lock=device_lock)
+                if gs.capturable:
+                    try:
+                        gs.capture()
+                        return gs
+                    except CaptureFailed as exc:
+                        reason = str(exc)
+                else:
+                    reason = gs.reason
+                gs.close()
+                with lock:
+                    del gs, sess  # graphs are freed only with their session
+        log.info("%s: CUDA graphs off (%s)", path, reason)
+        with lock:
+            plain = make_session(path, f"cuda:{device_id}", intra_op_threads)
+        return cls(
+            plain,
+            table,
+            signature(plain),
+            device_id=device_id,
+            capturable=False,
+            reason=reason,
+            device_lock=device_lock,
+        )
+
+    # --- properties ------------------------------------------------------------------------
+
+    @property
+    def capturable(self) -> bool:
+        return self._reason is None
+
+    @property
+    def reason(self) -> str | None:
+        """Why this version runs without graphs (None when it has them)."""
+        return self._reason
+
+    @property
+    def captured(self) -> bool:
+        return self._owner is not None
+
+    def bucket(self, size: int) -> BucketBuffers:
+        """The captured buffers of bucket `size` (KeyError when it has no graph)."""
+        return self._buckets[size]
+
+    def binding(self, size: int) -> tuple[TensorBinding, ...]:
+        """What bucket `size` is bound to now: (name, shape, dtype, address) per tensor, as
+        `GraphRegistry.check` compares it with what was captured."""
+        return tuple(TensorBinding(*b) for b in self._signature(self._buckets[size]))
+
+    def stats(self) -> GraphSetStats:
+        return GraphSetStats(self.capturable, self._reason, self.table.sizes, self.registry.stats())
+
+    # --- capture ---------------------------------------------------------------------------
+
+    def capture(self) -> None:
+        """Capture every bucket, largest first (the memory arena grows to its peak once), on
+        this thread, holding the device lock throughout. Raises CaptureFailed naming the
+        bucket (then discard this GraphSet); a no-op for a GraphSet that is not capturable."""
+        if self._closed:
+            raise RuntimeError("GraphSet is closed")
+        if self._owner is not None:
+            raise RuntimeError("graphs are already captured (a gpu_graph_id is captured once)")
+        if not self.capturable:
+            return
+        largest = self.table.largest
+        assert largest is not None  # capturable implies a non-empty table
+        for spec in self._inputs:
+            self._staging[spec.name] = self._host_alloc(max(1, largest * spec.row_nbytes))
+        for size in self.table:
+            self._views[size] = [self._staging_view(spec, size) for spec in self._inputs]
+        with self._lock:
+            for size in self.table.capture_order():
+                try:
+                    self._capture_bucket(size)
+                except Exception as exc:
+                    text = str(exc).strip().splitlines()
+                    raise CaptureFailed(
+                        f"capture of bucket {size} (gpu_graph_id {self.table.graph_id(size)}) "
+                        f"failed: {text[0][:300] if text else type(exc).__name__}"
+                    ) from exc
+        self._owner = threading.get_ident()
+
+    def _capture_bucket(self, size: int) -> None:
+        def alloc(spec: TensorSpec) -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_shape_and_type(
+                [size, *spec.row_shape], spec.dtype.type, self.device_type, self.device_id
+            )
+
+        inputs = {s.name: alloc(s) for s in self._inputs}
+        outputs = {s.name: alloc(s) for s in self._outputs}
+        binding = self.session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        for name, value in outputs.items():
+            binding.bind_ortvalue_output(name, value)
+        for spec, zeros in zip(self._inputs, self._views[size], strict=True):
+            zeros[...] = 0  # device memory starts uninitialised: capture on zeros
+            inputs[spec.name].update_inplace(zeros)
+        # Regular runs first: they grow the arena for this shape, so that the capturing run
+        # allocates nothing (cudaMalloc is illegal during a capture; the EP's own warm-up
+        # counter is per thread, not per graph id, so it would not protect later buckets).
+        for _ in range(self._warmup_runs):
+            self.session.run_with_iobinding(binding, self._eager_options)
+        graph_id = self.table.graph_id(size)
+        run_options = ort.RunOptions()
+        run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.session.run_with_iobinding(binding, run_options)  # captures, then replays once
+        self.session.run_with_iobinding(binding, run_options)  # a plain replay, before traffic
+        buffers = BucketBuffers(size, graph_id, inputs, outputs, binding, run_options)
+        self.registry.register(size, self._signature(buffers))
+        self._buckets[size] = buffers
+
+    # --- run -------------------------------------------------------------------------------
+
+    def run_arrays(self, arrays: Sequence[Array], *, inputs_pinned: bool = False) -> BatchResult:
+        """`run` for a model with one input: `arrays[i]` is request i's rows."""
+        if len(self.input_names) != 1:
+            raise BadBatch(f"the model takes inputs {list(self.input_names)}: name them")
+        (name,) = self.input_names
+        return self.run([{name: a} for a in arrays], inputs_pinned=inputs_pinned)
+
+    def run(
+        self, feeds: Sequence[Mapping[str, Array]], *, inputs_pinned: bool = False
+    ) -> BatchResult:
+        """Run one batch: `feeds[i]` maps every input name to request i's array (its rows on
+        axis 0). Returns each request's outputs, padding trimmed. `inputs_pinned`: the arrays
+        live in page-locked memory (the pinned arena), so a request that fills its bucket
+        alone is copied to the device without a staging copy."""
+        if self._closed:
+            raise RuntimeError("GraphSet is closed")
+        sizes = self._check_feeds(feeds)
+        rows = sum(sizes)
+        bucket = self.table.bucket_for(rows) if len(self.table) else None
+        if self.capturable and self._owner is None:
+            raise RuntimeError("capture() before run(): a capturable GraphSet replays graphs")
+        if bucket is not None and bucket in self._buckets:
+            if threading.get_ident() != self._owner:
+                raise WrongThread(
+                    f"bucket {bucket} was captured on thread {self._owner}; "
+                    f"replaying it on thread {threading.get_ident()} is refused"
+                )
+            return self._replay(self._buckets[bucket], feeds, sizes, inputs_pinned)
+        self.registry.record_eager(bucket)
+        return self._eager(bucket, feeds, sizes)
+
+    def _replay(
+        self,
+        buf: BucketBuffers,
+        feeds: Sequence[Mapping[str, Array]],
+        sizes: list[int],
+        inputs_pinned: bool,
+    ) -> BatchResult:
+        t0 = time.perf_counter_ns()
+        hosts: list[Array] = []
+        sync = False  # a pageable source: wait for its DMA before the replay reads it
+        for spec, staging in zip(self._inputs, self._views[buf.bucket], strict=True):
+            arrays = [f[spec.name] for f in feeds]
+            if inputs_pinned and len(arrays) == 1 and arrays[0].shape[0] == buf.bucket:
+                hosts.append(np.ascontiguousarray(arrays[0]))  # fills the bucket: no gather
+            else:
+                hosts.append(pad_batch(arrays, buf.bucket, out=staging))
+                sync = sync or not self._staging[spec.name].pinned
+        t1 = time.perf_counter_ns()
+        with self._lock:
+            self.registry.check(buf.bucket, self._signature(buf))
+            for spec, host in zip(self._inputs, hosts, strict=True):
+                buf.inputs[spec.name].update_inplace(host)
+            if sync and self.device_type != "cpu":
+                buf.binding.synchronize_inputs()
+            t2 = time.perf_counter_ns()
+            self.session.run_with_iobinding(buf.binding, buf.run_options)
+            t3 = time.perf_counter_ns()
+            results = [buf.outputs[name].numpy() for name in self.output_names]
+            if self.device_type == "cpu":  # a CPU OrtValue's numpy() is a view of the buffer
+                results = [r.copy() for r in results]
+        t4 = time.perf_counter_ns()
+        return BatchResult(
+            _per_request(results, sizes),
+            sum(sizes),
+            buf.bucket,
+            True,
+            BatchTimings(t1 - t0, t2 - t1, t3 - t2, t4 - t3),
+        )
+
+    def _eager(
+        self, bucket: int | None, feeds: Sequence[Mapping[str, Array]], sizes: list[int]
+    ) -> BatchResult:
+        t0 = time.perf_counter_ns()
+        joined: dict[str, Array] = {}
+        for name in self.input_names:
+            arrays = [f[name] for f in feeds]
+            joined[name] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        t1 = time.perf_counter_ns()
+        with self._lock:
+            # gpu_graph_id -1: on a graph session a run without it would capture graph 0.
+            results = self.session.run(list(self.output_names), joined, self._eager_options)
+        t2 = time.perf_counter_ns()
+        return BatchResult(
+            _per_request([np.asarray(r) for r in results], sizes),
+            sum(sizes),
+            bucket,
+            False,
+            BatchTimings(t1 - t0, 0, t2 - t1, 0),
+        )
+
+    def close(self) -> None:
+        """Drop the bindings and free the staging buffers. The graphs themselves are freed
+        only with the session (onnxruntime has no release for CUDA graphs)."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:  # frees device and pinned memory: not during another's capture
+            self._buckets.clear()
+            self._views.clear()
+            for staging in self._staging.values():
+                staging.close()
+            self._staging.clear()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _staging_view(self, spec: TensorSpec, rows: int) -> Array:
+        """The first `rows` rows of input `spec`'s staging buffer, as [rows, *row_shape]."""
+        raw = self._staging[spec.name].array[: rows * spec.row_nbytes]
+        return raw.view(spec.dtype).reshape(rows, *spec.row_shape)
+
+    def _signature(self, buf: BucketBuffers) -> list[tuple[str, tuple[int, ...], str, int]]:
+        """Read back what the bucket's OrtValues are now (shape, address), for the registry."""
+        sig = []
+        for name, dtype, is_input in self._layout:
+            v = buf.inputs[name] if is_input else buf.outputs[name]
+            sig.append((name, tuple(v.shape()), dtype, v.data_ptr()))
+        return sig
+
+    def _check_feeds(self, feeds: Sequence[Mapping[str, Array]]) -> list[int]:
+        """Rows per request, after checking names, dtypes and row shapes against the model."""
+        if not feeds:
+            raise BadBatch("a batch has at least one request")
+        sizes: list[int] = []
+        for i, feed in enumerate(feeds):
+            if len(feed) != len(self._inputs) or any(n not in feed for n in self.input_names):
+                raise BadBatch(
+                    f"request {i} has inputs {sorted(feed)}; the model takes "
+                    f"{sorted(self.input_names)}"
+                )
+            rows = -1
+            for spec in self._inputs:
+                a = feed[spec.name]
+                shape = a.shape
+                if a.dtype != spec.dtype and spec.dtype.kind != "O":
+                    raise BadBatch(
+                        f"request {i} input '{spec.name}' is {a.dtype}, the model takes "
+                        f"{spec.dtype}"
+                    )
+                row = shape[1:]
+                if not shape or (row != spec.row_shape and not _matches(row, spec.row_shape)):
+                    raise BadBatch(
+                        f"request {i} input '{spec.name}' has shape {list(shape)}, the model "
+                        f"takes {[-1, *spec.row_shape]}"
+                    )
+                if rows == -1:
+                    rows = shape[0]
+                elif shape[0] != rows:
+                    raise BadBatch(f"request {i}: inputs disagree on the batch size")
+            if rows < 1:
+                raise BadBatch(f"request {i} has no rows")
+            sizes.append(rows)
+        return sizes
+
+
+def _matches(dims: tuple[int, ...], wanted: tuple[int, ...]) -> bool:
+    """dims fit wanted, where -1 in wanted matches any size."""
+    return len(dims) == len(wanted) and all(w in (-1, d) for d, w in zip(dims, wanted, strict=True))
+
+
+def _per_request(results: list[Array], sizes: list[int]) -> list[list[Array]]:
+    """[output][bucket rows] -> [request][output], padding dropped (views into `results`)."""
+    pieces = [split_outputs(r, sizes) for r in results]
+    return [[p[i] for p in pieces] for i in range(len(sizes))]

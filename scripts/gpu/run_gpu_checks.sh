@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Runs ON THE GPU MACHINE after scripts/gpu/install_on_device.sh: the GPU tests and the GPU
+# benchmark, with onnxruntime-gpu from $SITE ahead of the image's CPU onnxruntime.
+#
+# Writes into $OUT (the device tool's result folder; else bench/results/):
+#   gpu-env.txt      device, driver, versions, library paths
+#   gpu-tests.log    pytest -m gpu tests/gpu (MICROTUNE_REQUIRE_GPU=1: no silent skips)
+#   gpu.md, gpu.json the benchmark table (bench/gpu_bench.py) and its raw rows
+#   gpu-bench.log    the benchmark's output
+# Runs both even when the first fails; exits non-zero if either failed.
+#
+# Usage: bash scripts/gpu/run_gpu_checks.sh [extra bench/gpu_bench.py arguments]
+# Env:   SITE (/tmp/site), PYTHON (python3), OUT, PYTEST_ARGS
+set -uo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$SCRIPT_DIR/../.." && pwd)"
+SITE="${SITE:-/tmp/site}"
+PYTHON="${PYTHON:-python3}"
+RESULTS="${OUT:-$REPO/bench/results}"
+mkdir -p "$RESULTS"
+cd "$REPO"
+
+log() { echo "run_gpu_checks: $*" >&2; }
+
+[[ -d "$SITE/onnxruntime" ]] || { log "no onnxruntime in $SITE: run install_on_device.sh first"; exit 1; }
+
+# onnxruntime-gpu in $SITE finds its CUDA 13 / cuDNN 9 libraries neither beside itself nor by
+# RUNPATH: point the loader at the nvidia/*/lib folders of the image's Python (torch's CUDA).
+NVIDIA_LIBS=$("$PYTHON" - <<'EOF'
+import glob, os, site
+dirs = []
+for sp in [*site.getsitepackages(), site.getusersitepackages()]:
+    dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "*", "lib")))
+print(":".join(d for d in dirs if os.path.isdir(d)))
+EOF
+)
+export LD_LIBRARY_PATH="${NVIDIA_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PYTHONPATH="$SITE:$REPO"
+export MICROTUNE_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
+
+{
+    echo "# $(date -u +%FT%TZ)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1
+    echo "python: $("$PYTHON" --version 2>&1) ($(command -v "$PYTHON"))"
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    "$PYTHON" - <<'EOF' 2>&1
+import onnxruntime as ort
+print(f"onnxruntime {ort.__version__} {ort.__file__}")
+print(f"available providers {ort.get_available_providers()}")
+try:
+    from onnxruntime.capi import build_and_package_info as b
+    print(f"package {b.package_name} cuda {getattr(b, 'cuda_version', '?')}")
+except Exception as exc:
+    print(f"build info: {exc}")
+import cupy
+print(f"cupy {cupy.__version__}; runtime {cupy.cuda.runtime.runtimeGetVersion()}; "
+      f"driver {cupy.cuda.runtime.driverGetVersion()}; "
+      f"device 0 {cupy.cuda.runtime.getDeviceProperties(0)['name']}")
+EOF
+} | tee "$RESULTS/gpu-env.txt"
+
+log "pytest -m gpu tests/gpu"
+# shellcheck disable=SC2086  # PYTEST_ARGS is a list of flags
+"$PYTHON" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
+    | tee "$RESULTS/gpu-tests.log"
+rc_tests=${PIPESTATUS[0]}
+
+log "bench/gpu_bench.py $*"
+"$PYTHON" bench/gpu_bench.py --out "$RESULTS/gpu.md" --json "$RESULTS/gpu.json" "$@" 2>&1 \
+    | tee "$RESULTS/gpu-bench.log"
+rc_bench=${PIPESTATUS[0]}
+
+log "tests exit $rc_tests, benchmark exit $rc_bench; results in $RESULTS"
+(( rc_tests == 0 && rc_bench == 0 ))
