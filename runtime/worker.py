@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 
 from runtime.engine.batcher import Batcher, BatcherClosed, Pending, QueueFull
+from runtime.engine.golden import GoldenMismatch
 from runtime.engine.model import LoadedModel, execute_batch
 from runtime.engine.session import SessionError, choose_device
 from runtime.engine.signature import SignatureMismatch
@@ -101,7 +102,7 @@ class Worker:
             return LoadDone(msg.request_id, Code.OK, signature=current.signature)
         try:
             model = LoadedModel.load(msg, self.device)
-        except (SessionError, SignatureMismatch) as exc:
+        except (SessionError, SignatureMismatch, GoldenMismatch) as exc:
             return LoadDone(msg.request_id, Code.BAD_INPUT, str(exc))
         except Exception as exc:
             log.exception("loading %s version %d failed", msg.name, msg.version)

@@ -1,7 +1,8 @@
 """Model lifecycle in the front: which versions are loaded, loading, draining and unloading.
 
-Load is "load, warm up, then take traffic": a version becomes routable only after the worker
-has created its session, checked it against the config and run a warm-up batch. Reloading a
+Load is "load, warm up, self-test, then take traffic": a version becomes routable only after the
+worker has created its session, checked it against the config, run a warm-up batch of every
+batch size and, when the version has a golden.json, reproduced its golden answer. Reloading a
 loaded version swaps it in the worker only on success, so a failed reload leaves the old one
 serving. Unload first stops routing to a version (UNLOADING), waits for the requests already
 routed to it to finish (drain), then frees it in the worker. Model control follows Triton's
@@ -21,7 +22,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from runtime.client import WorkerGone
-from runtime.ipc.protocol import Batching, Code, LoadModel, ModelSignature, TensorInfo
+from runtime.ipc.protocol import (
+    GOLDEN_FILE,
+    Batching,
+    Code,
+    LoadModel,
+    ModelSignature,
+    TensorInfo,
+)
 from server.errors import LoadFailed, NotFound, Unsupported
 from server.model_config import ConfigError, parse_config_json
 from server.models import ModelEntry, ModelTable, VersionEntry
@@ -264,6 +272,7 @@ class ModelManager:
                 self.intra_op_threads,
                 force,
                 self._batching(spec),
+                _golden(path),
             )
             done = await client.load(msg)
         except WorkerGone:
@@ -321,6 +330,13 @@ def _entry(s: ScannedModel) -> ModelEntry:
     for v, why in s.version_errors.items():
         entry.versions[v] = VersionEntry(s.name, v, ModelState.UNAVAILABLE, why)
     return entry
+
+
+def _golden(model_path: str) -> str:
+    """The version's golden request/response pair (golden.json beside its model file), if any:
+    the worker must reproduce it before the version takes traffic."""
+    golden = Path(model_path).with_name(GOLDEN_FILE)
+    return str(golden) if golden.is_file() else ""
 
 
 def _declared(spec: ModelSpec) -> ModelSignature:

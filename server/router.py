@@ -21,6 +21,7 @@ from pathlib import Path
 from server.errors import NotFound
 from server.models import ModelTable
 from server.routing import (
+    GuardConfig,
     GuardState,
     Route,
     RoutingError,
@@ -63,6 +64,7 @@ class ShadowTally:
 @dataclass(slots=True)
 class _Guard:
     state: GuardState
+    watching: tuple[int | None, int | None, GuardConfig]  # (stable, canary, rule) it samples for
     last_eval: float = 0.0
 
 
@@ -125,6 +127,11 @@ class Router:
                 known_versions=frozenset(entry.versions),
             )
         except VersionNotReady:
+            pinned = request_version or (hints.header_version or "").strip()
+            if pinned.isascii() and pinned.isdigit():
+                # A pinned version: the table says why it is not ready (its load failure,
+                # loading, unloaded), in Triton's words; this raises.
+                self.models.resolve(model, pinned)
             if ready:
                 raise
             # resolve() sees version numbers only; the table knows why none is ready (failed
@@ -138,8 +145,11 @@ class Router:
             return
         now = self.clock()
         g = self._guards.get(model)
-        if g is None:
-            g = self._guards[model] = _Guard(GuardState.for_config(table.guard))
+        watching = (table.stable_version, table.canary_version, table.guard)
+        if g is None or g.watching != watching:
+            # A new canary, stable or rule starts a fresh window: samples taken before (say, of
+            # a version pinned for testing before it became the canary) must not judge it.
+            g = self._guards[model] = _Guard(GuardState.for_config(table.guard), watching)
         g.state = observe(g.state, version, now, latency_s, ok)
         if now - g.last_eval < 0.5:  # evaluating twice a second is plenty
             return

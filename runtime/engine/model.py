@@ -17,6 +17,8 @@ import msgspec
 import numpy as np
 import onnxruntime as ort
 
+from runtime.engine.buckets import default_buckets
+from runtime.engine.golden import GoldenMismatch, check_golden, load_golden
 from runtime.engine.session import make_session, signature_of
 from runtime.engine.signature import reconcile
 from runtime.ipc.dtypes import DTYPES, BytesDecodeError, decode_bytes_tensor, encode_bytes_tensor
@@ -64,18 +66,37 @@ class LoadedModel:
             msgspec.structs.replace(spec, request_id=0, force=False),
         )
         model.warm_up()
+        if spec.golden_path:
+            model.self_test(spec.golden_path)
         return model
 
     def warm_up(self) -> None:
-        """One run at batch 1 with zeros so that the first request does not pay lazy
-        initialisation. Skipped when a shape is not fully known or an input is text."""
-        feeds: dict[str, Any] = {}
-        for t in self.signature.inputs:
-            dims = [1 if (i == 0 and d == -1) else d for i, d in enumerate(t.shape)]
-            if t.datatype == "BYTES" or any(d < 0 for d in dims):
-                return
-            feeds[t.name] = np.zeros(dims, dtype=DTYPES[t.datatype].numpy)
-        self.session.run(list(self.output_names), feeds)
+        """Run zeros at every batch size the model will see (each bucket of
+        `default_buckets(max_batch_size)`; once without a batch dimension), so that no request
+        pays lazy initialisation. Skipped when a shape is not fully known or an input is text."""
+        max_batch = self.spec.max_batch_size if self.spec is not None else 0
+        for batch in default_buckets(max_batch) if max_batch > 0 else (1,):
+            feeds: dict[str, Any] = {}
+            for t in self.signature.inputs:
+                dims = [batch if (i == 0 and d == -1) else d for i, d in enumerate(t.shape)]
+                if t.datatype == "BYTES" or any(d < 0 for d in dims):
+                    return
+                feeds[t.name] = np.zeros(dims, dtype=DTYPES[t.datatype].numpy)
+            self.session.run(list(self.output_names), feeds)
+
+    def self_test(self, golden_path: str) -> None:
+        """The golden request must give the golden answer (runtime/engine/golden.py);
+        GoldenMismatch otherwise, which fails the load."""
+        feeds, expected = load_golden(golden_path, self.signature)
+        names = list(expected)
+        try:
+            results = self.session.run(names, feeds)
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            raise GoldenMismatch(
+                f"the model failed on the golden inputs: {lines[0] if lines else exc!r}"
+            ) from None
+        check_golden(expected, names, results)
 
     def execute(self, call: Infer, buf: memoryview, received_ns: int) -> InferDone:
         t0 = time.monotonic_ns()
@@ -168,7 +189,12 @@ def _run_group(
         for k, (i, outputs) in enumerate(dones):
             call, _buf, recv = calls[i]
             timings = Timings(
-                t0 - recv, t1 - t0, t2 - t1, t3 - t2, total, 1 if k == 0 else 0,
+                t0 - recv,
+                t1 - t0,
+                t2 - t1,
+                t3 - t2,
+                total,
+                1 if k == 0 else 0,
                 links=links if k == 0 else (),
             )
             out[i] = InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings)

@@ -15,6 +15,7 @@ from typing import Final
 import msgspec
 
 __all__ = [
+    "GOLDEN_FILE",
     "PROTOCOL_VERSION",
     "Batching",
     "Code",
@@ -43,6 +44,7 @@ __all__ = [
 PROTOCOL_VERSION: Final = 1
 FRAME_HEADER: Final = struct.Struct("<I")
 MAX_FRAME: Final = 64 * 1024 * 1024  # inline outputs are the only large payloads
+GOLDEN_FILE: Final = "golden.json"  # a version's golden request/response, beside its model file
 
 
 class Code(enum.IntEnum):
@@ -131,6 +133,7 @@ class LoadModel(_Msg, tag="load"):
     intra_op_threads: int = 1
     force: bool = False  # reload even if loaded with the same file and config (explicit load)
     batching: Batching | None = None  # None: each call runs alone
+    golden_path: str = ""  # its GOLDEN_FILE, if any: must be reproduced before it is ready
 
 
 class UnloadModel(_Msg, tag="unload"):
