@@ -16,6 +16,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     exec_threads: int = 2
     """Threads running inference calls; onnxruntime releases the GIL while it computes."""
     log_level: str = "INFO"
+    cpu_graphs: bool = False
+    """Serve batched models through the CUDA-graph executor on the CPU EP (graph ids accepted
+    and ignored): runs the GPU code path in CPU-only tests. No use in production."""
     parent_pid: int = 0
     """Exit when this process disappears (so a SIGKILLed front leaves no orphan worker)."""
 

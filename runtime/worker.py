@@ -21,10 +21,21 @@ from typing import Any
 import msgspec
 
 from runtime.engine.batcher import Batcher, BatcherClosed, Pending, QueueFull
+from runtime.engine.buckets import BucketTable
 from runtime.engine.golden import GoldenMismatch
+from runtime.engine.graph_model import GraphModel
+from runtime.engine.graph_model import Queued as GraphQueued
+from runtime.engine.graphs import GraphSet
 from runtime.engine.model import LoadedModel, execute_batch
-from runtime.engine.session import SessionError, choose_device
-from runtime.engine.signature import SignatureMismatch
+from runtime.engine.session import (
+    SessionError,
+    choose_device,
+    make_session,
+    preload_cuda_libraries,
+    signature_of,
+)
+from runtime.engine.signature import SignatureMismatch, reconcile
+from runtime.ipc.pinning import CudaError, PinnedRegion, pin_arena
 from runtime.ipc.protocol import (
     FRAME_HEADER,
     MAX_FRAME,
@@ -35,6 +46,7 @@ from runtime.ipc.protocol import (
     InferDone,
     LoadDone,
     LoadModel,
+    ModelSignature,
     Shutdown,
     UnloadDone,
     UnloadModel,
@@ -59,6 +71,14 @@ class Worker:
         self.device = choose_device(settings.device)
         self.models: dict[tuple[str, int], LoadedModel] = {}
         self.batchers: dict[tuple[str, int], Batcher[Queued]] = {}
+        # Batched models on a CUDA device (or on the CPU with cpu_graphs, for tests): served
+        # from captured graphs, each on its own thread (runtime.engine.graph_model).
+        self.graph_models: dict[tuple[str, int], GraphModel] = {}
+        # Held by graph captures, GPU runs and hostRegister: a capture is global on a device.
+        self.device_lock = threading.Lock()
+        self.use_graphs = self.device.startswith("cuda") or settings.cpu_graphs
+        if self.device.startswith("cuda"):
+            preload_cuda_libraries()
         self._models_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(settings.exec_threads, thread_name_prefix="exec")
         self.stopping = threading.Event()
@@ -93,6 +113,8 @@ class Worker:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
     def load(self, msg: LoadModel) -> LoadDone:
+        if self.use_graphs and msg.max_batch_size > 0:
+            return self._load_graphs(msg)
         t0 = time.monotonic_ns()
         with self._models_lock:
             current = self.models.get((msg.name, msg.version))
@@ -120,7 +142,69 @@ class Worker:
             msg.request_id, Code.OK, signature=model.signature, load_ns=time.monotonic_ns() - t0
         )
 
+    def _load_graphs(self, msg: LoadModel) -> LoadDone:
+        t0 = time.monotonic_ns()
+        key = (msg.name, msg.version)
+        same = msgspec.structs.replace(msg, request_id=0, force=False)
+        with self._models_lock:
+            current = self.graph_models.get(key)
+        if current is not None and not msg.force and current.spec == same:
+            return LoadDone(msg.request_id, Code.OK, current.reason or "", current.signature)
+        table = BucketTable.default(msg.max_batch_size)
+        device_id = int(self.device.partition(":")[2] or 0)
+
+        def reconciled(sess: Any) -> ModelSignature:
+            return reconcile(signature_of(sess), msg.declared, msg.max_batch_size)
+
+        def make_graphs() -> GraphSet:
+            if not self.device.startswith("cuda"):  # cpu_graphs: the same path on the CPU EP
+                sess = make_session(msg.path, "cpu", msg.intra_op_threads)
+                gs = GraphSet(
+                    sess, table, reconciled(sess), device_type="cpu", device_lock=self.device_lock
+                )
+                gs.capture()
+                return gs
+            return GraphSet.load(
+                msg.path,
+                device_id,
+                table,
+                intra_op_threads=msg.intra_op_threads,
+                signature=reconciled,
+                device_lock=self.device_lock,
+            )
+
+        b = msg.batching
+        batcher: Batcher[GraphQueued] = Batcher(
+            msg.max_batch_size,
+            preferred=[] if b is None else [p for p in b.preferred if p <= msg.max_batch_size],
+            max_queue_delay_ns=0 if b is None else b.max_queue_delay_us * 1000,
+            max_queue_size=1024 if b is None else b.max_queue_size,
+            name=f"model '{msg.name}' version {msg.version}",
+        )
+        try:
+            model = GraphModel.start(same, make_graphs, batcher)
+        except (SessionError, SignatureMismatch, GoldenMismatch) as exc:
+            return LoadDone(msg.request_id, Code.BAD_INPUT, str(exc))
+        except Exception as exc:
+            log.exception("loading %s version %d failed", msg.name, msg.version)
+            return LoadDone(msg.request_id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+        with self._models_lock:
+            old = self.graph_models.get(key)
+            self.graph_models[key] = model
+        if old is not None:  # calls already queued on the old instance finish there
+            threading.Thread(target=old.close, daemon=True).start()
+        if model.reason:
+            log.warning(
+                "%s version %d runs without CUDA graphs: %s", msg.name, msg.version, model.reason
+            )
+        note = f"running without CUDA graphs: {model.reason}" if model.reason else ""
+        return LoadDone(msg.request_id, Code.OK, note, model.signature, time.monotonic_ns() - t0)
+
     def unload(self, msg: UnloadModel) -> UnloadDone:
+        with self._models_lock:
+            graph_model = self.graph_models.pop((msg.name, msg.version), None)
+        if graph_model is not None:
+            graph_model.close()  # drains what is queued
         with self._models_lock:
             self.models.pop((msg.name, msg.version), None)
             batcher = self.batchers.pop((msg.name, msg.version), None)
@@ -169,6 +253,7 @@ class Connection:
         self.sock = sock
         self.send_lock = threading.Lock()
         self.arena: Arena | None = None
+        self.pinned: PinnedRegion | None = None
 
     def send(self, msg: Any) -> None:
         frame = encode(msg)
@@ -194,6 +279,9 @@ class Connection:
             log.exception("protocol error; closing the connection")
         finally:
             self.sock.close()
+            if self.pinned is not None:
+                with self.worker.device_lock:
+                    self.pinned.close()
             if self.arena is not None:
                 # The front is gone or done: nothing else will unlink its arena.
                 self.arena.unlink()
@@ -227,6 +315,8 @@ class Connection:
         if msg.version != PROTOCOL_VERSION:
             raise ValueError(f"front speaks protocol {msg.version}, worker {PROTOCOL_VERSION}")
         self.arena = Arena(msg.arena_name, msg.arena_size, create=False)
+        if self.worker.device.startswith("cuda"):
+            self._pin()
         import onnxruntime as ort
 
         self.send(
@@ -238,17 +328,52 @@ class Connection:
             )
         )
 
+    def _pin(self) -> None:
+        """Page-lock the front's arena so host-to-device copies from it are plain DMA."""
+        assert self.arena is not None
+        device_id = int(self.worker.device.partition(":")[2] or 0)
+        try:
+            with self.worker.device_lock:
+                self.pinned = pin_arena(self.arena.buf, device_id=device_id)
+        except (CudaError, ValueError) as exc:
+            log.warning(
+                "arena %s stays pageable (%s): copies to the GPU get slower", self.arena.name, exc
+            )
+
     def _load(self, msg: LoadModel) -> None:
         self.send(self.worker.load(msg))
 
     def _dispatch(self, call: Infer, received_ns: int) -> None:
         """Batched models queue the call on their batcher (answered by its thread); others
         run it on the pool."""
+        rows = call.inputs[0].shape[0] if call.inputs and call.inputs[0].shape else 1
+        graph_model = self.worker.graph_models.get((call.name, call.version))
+        if graph_model is not None and self.arena is not None:
+            try:
+                graph_model.submit(
+                    Pending(
+                        call.call_id,
+                        rows,
+                        received_ns,
+                        call.deadline_ns,
+                        payload=(self.send_quiet, call, self.arena.buf, received_ns),
+                    )
+                )
+            except QueueFull as exc:
+                self.send_quiet(InferDone(call.call_id, Code.OVERLOADED, str(exc)))
+            except BatcherClosed:
+                self.send_quiet(
+                    InferDone(
+                        call.call_id,
+                        Code.NOT_READY,
+                        f"model '{call.name}' version {call.version} is being replaced or unloaded",
+                    )
+                )
+            return
         batcher = self.worker.batchers.get((call.name, call.version))
         if batcher is None:
             self.worker.pool.submit(self._infer, call, received_ns)
             return
-        rows = call.inputs[0].shape[0] if call.inputs and call.inputs[0].shape else 1
         try:
             batcher.submit(
                 Pending(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -24,10 +25,17 @@ from runtime.ipc.shm import Arena, SlotPool, arena_name, remove_stale_arenas
 from runtime.process import WorkerProcess
 from runtime.settings import WorkerSettings
 from server.settings import Settings
+from server.telemetry.logs import setup_logging
 
-__all__ = ["WorkerLink", "worker_settings_for"]
+__all__ = ["WorkerLink", "worker_log_setup", "worker_settings_for"]
 
 log = logging.getLogger(__name__)
+
+
+def worker_log_setup(settings: Settings) -> Callable[[], object]:
+    """What the spawned worker runs first: the front's log format and level (JSON lines in a
+    container), instead of the worker's text fallback on the shared stderr."""
+    return functools.partial(setup_logging, settings.log_level, settings.log_format)
 
 
 def worker_settings_for(settings: Settings, socket_path: str) -> WorkerSettings:
@@ -36,6 +44,7 @@ def worker_settings_for(settings: Settings, socket_path: str) -> WorkerSettings:
         device=settings.device,
         exec_threads=settings.worker_threads,
         log_level=settings.log_level,
+        cpu_graphs=settings.cpu_graphs,
         parent_pid=os.getpid(),
     )
 
@@ -52,7 +61,9 @@ class WorkerLink:
         else:
             socket_path = settings.worker_socket
         self.worker_settings = worker_settings_for(settings, socket_path)
-        self.process = WorkerProcess(self.worker_settings) if self.owner else None
+        self.process = (
+            WorkerProcess(self.worker_settings, worker_log_setup(settings)) if self.owner else None
+        )
         self.client: RuntimeClient | None = None
         self._arena: Arena | None = None
         self._generation = 0
