@@ -112,8 +112,14 @@ def build_model_metadata(model: FloorModel) -> pb.ModelMetadataResponse:
         name=model.name,
         versions=[MODEL_VERSION],
         platform="floor",
-        inputs=[TM(name=t.name, datatype=t.datatype, shape=_metadata_shape(model, t)) for t in model.inputs],
-        outputs=[TM(name=t.name, datatype=t.datatype, shape=_metadata_shape(model, t)) for t in model.outputs],
+        inputs=[
+            TM(name=t.name, datatype=t.datatype, shape=_metadata_shape(model, t))
+            for t in model.inputs
+        ],
+        outputs=[
+            TM(name=t.name, datatype=t.datatype, shape=_metadata_shape(model, t))
+            for t in model.outputs
+        ],
     )
 
 
@@ -123,37 +129,51 @@ def build_model_config(model: FloorModel) -> pb.ModelConfigResponse:
             name=model.name,
             platform="floor",
             backend="floor",
-            version_policy=pb.ModelVersionPolicy(latest=pb.ModelVersionPolicy.Latest(num_versions=1)),
+            version_policy=pb.ModelVersionPolicy(
+                latest=pb.ModelVersionPolicy.Latest(num_versions=1)
+            ),
             max_batch_size=model.max_batch_size,
-            input=[pb.ModelInput(name=t.name, data_type=_CONFIG_DTYPE[t.datatype], dims=t.dims) for t in model.inputs],
-            output=[
-                pb.ModelOutput(name=t.name, data_type=_CONFIG_DTYPE[t.datatype], dims=t.dims) for t in model.outputs
+            input=[
+                pb.ModelInput(name=t.name, data_type=_CONFIG_DTYPE[t.datatype], dims=t.dims)
+                for t in model.inputs
             ],
-            instance_group=[pb.ModelInstanceGroup(name=model.name, count=1, kind=pb.ModelInstanceGroup.KIND_CPU)],
+            output=[
+                pb.ModelOutput(name=t.name, data_type=_CONFIG_DTYPE[t.datatype], dims=t.dims)
+                for t in model.outputs
+            ],
+            instance_group=[
+                pb.ModelInstanceGroup(name=model.name, count=1, kind=pb.ModelInstanceGroup.KIND_CPU)
+            ],
         )
     )
 
 
-def build_model_statistics(model: FloorModel) -> pb.ModelStatisticsResponse:
-    """Empty-but-valid statistics: every duration present, all counts zero."""
-    zero = pb.StatisticDuration
+def build_model_statistics(model: FloorModel, count: int = 0) -> pb.ModelStatisticsResponse:
+    """Valid statistics for the model: every duration present, every count = ``count``, all ns 0.
+
+    ``count`` 0 gives the empty-but-valid answer.
+    """
+
+    def zero() -> pb.StatisticDuration:
+        return pb.StatisticDuration(count=count, ns=0)
+
     return pb.ModelStatisticsResponse(
         model_stats=[
             pb.ModelStatistics(
                 name=model.name,
                 version=MODEL_VERSION,
                 last_inference=0,
-                inference_count=0,
-                execution_count=0,
+                inference_count=count,
+                execution_count=count,
                 inference_stats=pb.InferStatistics(
                     success=zero(),
-                    fail=zero(),
+                    fail=pb.StatisticDuration(),
                     queue=zero(),
                     compute_input=zero(),
                     compute_infer=zero(),
                     compute_output=zero(),
-                    cache_hit=zero(),
-                    cache_miss=zero(),
+                    cache_hit=pb.StatisticDuration(),
+                    cache_miss=pb.StatisticDuration(),
                 ),
             )
         ]
@@ -166,7 +186,9 @@ def build_batch1_response(model: FloorModel) -> bytes:
         model_name=model.name,
         model_version=MODEL_VERSION,
         outputs=[
-            pb.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=[1, *t.dims])
+            pb.ModelInferResponse.InferOutputTensor(
+                name=t.name, datatype=t.datatype, shape=[1, *t.dims]
+            )
             for t in model.outputs
         ],
         raw_output_contents=list(model.batch1_outputs),
@@ -260,7 +282,9 @@ class IdentityResponder:
         self._head = b"".join(
             _len_field(1, model.name.encode()) + _len_field(2, MODEL_VERSION.encode())
         )  # model_name, model_version
-        self._tensor_head = b"".join(_len_field(1, out.name.encode()) + _len_field(2, out.datatype.encode()))
+        self._tensor_head = b"".join(
+            _len_field(1, out.name.encode()) + _len_field(2, out.datatype.encode())
+        )
 
     def __call__(self, request: bytes) -> bytes:
         buf = memoryview(request)
@@ -300,17 +324,35 @@ class LogRpcInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _abort_unknown_model(context, name: str):
-    return context.abort(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{name}' is not found")
+    return context.abort(
+        grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{name}' is not found"
+    )
 
 
-def build_handler(model: FloorModel) -> grpc.GenericRpcHandler:
+def build_handler(model: FloorModel, *, statistics: bool = False) -> grpc.GenericRpcHandler:
+    """The service's method table.
+
+    statistics=False (the default, the true floor): ServerMetadata lists no "statistics"
+    extension, so perf_analyzer never calls ModelStatistics; the RPC still answers (for other
+    clients) with empty-but-valid statistics.
+
+    statistics=True: list "statistics" (as Triton does) and count ModelInfer calls (one integer
+    increment per request), reported as inference/execution/success/queue/compute counts.
+    perf_analyzer then calls ModelStatistics before and after every measurement window and,
+    when no model version is given (-x), it needs the queue count to grow during the window:
+    constant (empty) statistics make it fail with "failed to find the requested model version".
+    """
     metadata = build_model_metadata(model)
     config = build_model_config(model)
-    stats = build_model_statistics(model)
-    server_metadata = pb.ServerMetadataResponse(name="microtune-floor", version="0.0.0", extensions=[])
+    empty_stats = build_model_statistics(model)
+    infer_count = 0
+    extensions = ["model_configuration"] + (["statistics"] if statistics else [])
+    server_meta = pb.ServerMetadataResponse(
+        name="microtune-floor", version="0.0.0", extensions=extensions
+    )
     live = pb.ServerLiveResponse(live=True)
     ready = pb.ServerReadyResponse(ready=True)
-    model_ready = pb.ModelReadyResponse(ready=True)
+    model_is_ready = pb.ModelReadyResponse(ready=True)
     model_not_ready = pb.ModelReadyResponse(ready=False)
 
     def known(name: str, version: str) -> bool:
@@ -323,10 +365,10 @@ def build_handler(model: FloorModel) -> grpc.GenericRpcHandler:
         return ready
 
     async def server_metadata(request, context):
-        return server_metadata
+        return server_meta
 
     async def model_ready_rpc(request, context):
-        return model_ready if known(request.name, request.version) else model_not_ready
+        return model_is_ready if known(request.name, request.version) else model_not_ready
 
     async def model_metadata(request, context):
         if not known(request.name, request.version):
@@ -341,36 +383,55 @@ def build_handler(model: FloorModel) -> grpc.GenericRpcHandler:
     async def model_statistics(request, context):
         if request.name and not known(request.name, request.version):
             await _abort_unknown_model(context, request.name)
-        return stats
+        return build_model_statistics(model, infer_count) if statistics else empty_stats
 
     if model.batch1_outputs is not None:
         response_bytes = build_batch1_response(model)
 
-        async def model_infer(request: bytes, context) -> bytes:
-            return response_bytes
+        if statistics:
+
+            async def model_infer(request: bytes, context) -> bytes:
+                nonlocal infer_count
+                infer_count += 1
+                return response_bytes
+
+        else:
+
+            async def model_infer(request: bytes, context) -> bytes:
+                return response_bytes
 
     else:
         responder = IdentityResponder(model)
 
         async def model_infer(request: bytes, context) -> bytes:
+            nonlocal infer_count
             try:
-                return responder(request)
+                response = responder(request)
             except (ValueError, IndexError) as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if statistics:
+                infer_count += 1
+            return response
 
     def unary(fn, req_cls, resp_cls):
         return grpc.unary_unary_rpc_method_handler(
-            fn, request_deserializer=req_cls.FromString, response_serializer=resp_cls.SerializeToString
+            fn,
+            request_deserializer=req_cls.FromString,
+            response_serializer=resp_cls.SerializeToString,
         )
 
     handlers = {
         "ServerLive": unary(server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
         "ServerReady": unary(server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
-        "ServerMetadata": unary(server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+        "ServerMetadata": unary(
+            server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse
+        ),
         "ModelReady": unary(model_ready_rpc, pb.ModelReadyRequest, pb.ModelReadyResponse),
         "ModelMetadata": unary(model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
         "ModelConfig": unary(model_config, pb.ModelConfigRequest, pb.ModelConfigResponse),
-        "ModelStatistics": unary(model_statistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
+        "ModelStatistics": unary(
+            model_statistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse
+        ),
         # raw bytes in and out: no protobuf (de)serialization on the hot path
         "ModelInfer": grpc.unary_unary_rpc_method_handler(
             model_infer, request_deserializer=None, response_serializer=None
@@ -396,13 +457,19 @@ async def serve(args: argparse.Namespace) -> None:
             ("grpc.so_reuseport", 0),
         ],
     )
-    server.add_generic_rpc_handlers((build_handler(model),))
+    server.add_generic_rpc_handlers((build_handler(model, statistics=args.statistics),))
     address = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
     port = server.add_insecure_port(address)
     if port == 0:
         raise SystemExit(f"floor_server: could not bind {address}")
     await server.start()
-    log.info("floor server for model %r serving on %s:%d (pid %d)", model.name, args.host, port, os.getpid())
+    log.info(
+        "floor server for model %r serving on %s:%d (pid %d)",
+        model.name,
+        args.host,
+        port,
+        os.getpid(),
+    )
     if args.port_file:
         _write_port_file(args.port_file, port)
 
@@ -421,13 +488,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (see --port-file)")
     p.add_argument("--port-file", help="write the bound port here once serving")
-    p.add_argument("--log-rpcs", action="store_true", help="log every RPC (method and metadata) to stderr")
+    p.add_argument(
+        "--statistics",
+        action="store_true",
+        help='list the "statistics" extension in ServerMetadata and count ModelInfer calls in '
+        "ModelStatistics (perf_analyzer then polls ModelStatistics around each window)",
+    )
+    p.add_argument(
+        "--log-rpcs", action="store_true", help="log every RPC (method and metadata) to stderr"
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
+    )
     asyncio.run(serve(args))
 
 
