@@ -1,0 +1,178 @@
+"""Shared pieces of the benchmarks: server subprocesses, perf_analyzer runs, CPU accounting.
+
+Every load generator targets 127.0.0.1 only and runs for a bounded window.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shlex
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PA = ROOT / "bench" / "tools" / "perf_analyzer"
+
+__all__ = ["PA", "ROOT", "Proc", "Row", "measure", "perf"]
+
+
+@dataclass
+class Row:
+    server: str
+    model: str
+    concurrency: int
+    payload: str
+    infer_s: float
+    p50_us: float
+    p99_us: float
+    cpu_cores: float  # server CPU seconds per wall second (front + worker)
+    command: str
+
+
+class Proc:
+    """A server subprocess that writes its port to a file."""
+
+    def __init__(self, args: list[str], name: str) -> None:
+        self.tmp = tempfile.mkdtemp(prefix=f"bench-{name}-")
+        self.port_file = Path(self.tmp) / "port"
+        self.log = open(Path(self.tmp) / "log", "w")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.p = subprocess.Popen(
+            [*args, "--port-file", str(self.port_file)],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        self.name = name
+
+    def wait(self, ready_check: bool) -> int:
+        deadline = time.monotonic() + 120
+        while not self.port_file.exists() or not self.port_file.read_text().strip():
+            if self.p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not start: see {self.log.name}")
+            time.sleep(0.05)
+        port = int(self.port_file.read_text())
+        if ready_check:
+            _wait_health(port, deadline)
+        return port
+
+    def cpu_seconds(self) -> float:
+        return sum(_proc_cpu(pid) for pid in [self.p.pid, *_children(self.p.pid)])
+
+    def stop(self) -> None:
+        self.p.terminate()
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+        self.log.close()
+
+
+def _wait_health(port: int, deadline: float) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError("server did not become ready")
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            kids = (task / "children").read_text().split()
+            for k in kids:
+                out += [int(k), *_children(int(k))]
+    except OSError:
+        pass
+    return out
+
+
+def _proc_cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def perf(
+    model: str,
+    port: int,
+    concurrency: int,
+    interval_ms: int,
+    shape: str | None,
+    extra: tuple[str, ...] = (),
+) -> tuple[dict[str, float], str]:
+    with tempfile.NamedTemporaryFile(suffix=".csv", delete=False) as f:
+        csv_path = f.name
+    args = [
+        str(PA),
+        "-m",
+        model,
+        "-u",
+        f"127.0.0.1:{port}",
+        "-i",
+        "grpc",
+        "--concurrency-range",
+        str(concurrency),
+        "--measurement-interval",
+        str(interval_ms),
+        "-f",
+        csv_path,
+    ]
+    if shape:
+        args += ["--shape", shape]
+    else:
+        args += ["-b", "1"]
+    args += list(extra)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"perf_analyzer failed ({proc.returncode}): {proc.stdout[-2000:]}")
+    with open(csv_path) as fh:
+        row = next(csv.DictReader(fh))
+    os.unlink(csv_path)
+    shown = " ".join(shlex.quote(a) for a in ["perf_analyzer", *args[1:]] if a != csv_path)
+    shown = shown.replace(f"127.0.0.1:{port}", "127.0.0.1:$PORT").replace(" -f", "")
+    return {k: float(v) for k, v in row.items()}, shown
+
+
+def measure(
+    server: Proc,
+    name: str,
+    port: int,
+    model: str,
+    conc: int,
+    interval: int,
+    shape: str | None,
+    payload: str,
+    extra: tuple[str, ...] = (),
+) -> Row:
+    c0, t0 = server.cpu_seconds(), time.monotonic()
+    r, cmd = perf(model, port, conc, interval, shape, extra)
+    cpu = (server.cpu_seconds() - c0) / (time.monotonic() - t0)
+    return Row(
+        name,
+        model,
+        conc,
+        payload,
+        r["Inferences/Second"],
+        r["p50 latency"],
+        r["p99 latency"],
+        cpu,
+        cmd,
+    )
