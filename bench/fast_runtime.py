@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, Proc, Row, measure  # noqa: E402
+from harness import ROOT, Proc, Row, measure
 
 REPO = ROOT / "server" / "demo_repository"
 MIB4 = 4 * 1024 * 1024
