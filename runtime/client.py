@@ -193,7 +193,11 @@ class RuntimeClient:
             try:
                 done = await asyncio.wait_for(asyncio.shield(fut), timeout)
             except BaseException:
-                fut.cancel()  # the reader returns the lease when the worker answers
+                # Still pending: the reader returns the lease when the worker answers. Already
+                # answered (the reply landed as the deadline or a cancellation hit): the reader
+                # left the lease to this call, which must return it.
+                if not fut.cancel():
+                    self._release_call(call_id)
                 raise
         finally:
             if not released:
@@ -213,9 +217,7 @@ class RuntimeClient:
         finally:
             # The worker has answered (OK or not) and the outputs are copied out: the slots can
             # go back now. A failed call must return them too, or every error leaks its lease.
-            lease_back = self._leases.pop(call_id, None)
-            if lease_back is not None:
-                self._release(lease_back)
+            self._release_call(call_id)
         return InferResult(tuple(out), done.timings or Timings())
 
     # ------------------------------------------------------------------ internals
@@ -282,6 +284,11 @@ class RuntimeClient:
             if lease is not None:
                 self._release(lease)
 
+    def _release_call(self, call_id: int) -> None:
+        lease = self._leases.pop(call_id, None)
+        if lease is not None:
+            self._release(lease)
+
     def _release(self, lease: Lease) -> None:
         self.pool.release(lease)
         waiters, self._space_waiters = self._space_waiters, []
@@ -301,6 +308,8 @@ class RuntimeClient:
                 return lease
             remaining = limit - time.monotonic()
             if remaining <= 0:
+                if deadline is not None:  # the caller's own deadline ran out first
+                    raise TimeoutError("deadline expired waiting for shared-memory slots")
                 raise ArenaFull("shared-memory slots are all in use")
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._space_waiters.append(waiter)

@@ -225,11 +225,20 @@ class Worker:
         )
 
         def run_batch(batch: list[Pending[Queued]]) -> None:
-            calls = []
-            for p in batch:
-                conn, call, received = p.payload
-                calls.append((call, conn.arena_buf(), received))
-            for p, done in zip(batch, execute_batch(model, calls), strict=True):
+            try:
+                calls = []
+                for p in batch:
+                    conn, call, received = p.payload
+                    calls.append((call, conn.arena_buf(), received))
+                dones = execute_batch(model, calls)
+            except Exception as exc:
+                # Every call must be answered, or its caller (and its arena lease) waits forever.
+                log.exception("batch of %s version %d failed", msg.name, msg.version)
+                dones = [
+                    InferDone(p.payload[1].call_id, Code.INTERNAL, type(exc).__name__)
+                    for p in batch
+                ]
+            for p, done in zip(batch, dones, strict=True):
                 p.payload[0].send_quiet(done)
 
         def expire(p: Pending[Queued]) -> None:

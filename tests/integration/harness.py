@@ -1,0 +1,349 @@
+"""Test harness for the integration suite (no pytest fixtures here; see conftest.py).
+
+- `build_repository`: a model repository made with onnx.helper: an identity model per KServe
+  datatype, symlinks to the demo models the tests use, and four broken models.
+- `Server`: `python -m server serve` in a subprocess on 127.0.0.1:0 (after vLLM's
+  RemoteOpenAIServer): reads the port file, waits on grpc.health.v1, fails fast with the log.
+
+Nothing here imports server._proto: its protobuf names clash with tritonclient's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from onnx import TensorProto, helper
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "server" / "demo_repository"
+SHM = Path("/dev/shm")
+
+OPSET = 17
+IR_VERSION = 8
+MAX_BATCH = 8
+ID_DIMS = 4  # identity models: [batch, 4]
+
+# KServe datatype -> (onnx element type, Triton config type, numpy dtype)
+DATATYPES: dict[str, tuple[int, str, str]] = {
+    "BOOL": (TensorProto.BOOL, "TYPE_BOOL", "bool"),
+    "UINT8": (TensorProto.UINT8, "TYPE_UINT8", "uint8"),
+    "UINT16": (TensorProto.UINT16, "TYPE_UINT16", "uint16"),
+    "UINT32": (TensorProto.UINT32, "TYPE_UINT32", "uint32"),
+    "UINT64": (TensorProto.UINT64, "TYPE_UINT64", "uint64"),
+    "INT8": (TensorProto.INT8, "TYPE_INT8", "int8"),
+    "INT16": (TensorProto.INT16, "TYPE_INT16", "int16"),
+    "INT32": (TensorProto.INT32, "TYPE_INT32", "int32"),
+    "INT64": (TensorProto.INT64, "TYPE_INT64", "int64"),
+    "FP16": (TensorProto.FLOAT16, "TYPE_FP16", "float16"),
+    "FP32": (TensorProto.FLOAT, "TYPE_FP32", "float32"),
+    "FP64": (TensorProto.DOUBLE, "TYPE_FP64", "float64"),
+    "BYTES": (TensorProto.STRING, "TYPE_STRING", "object"),
+}
+
+DEMO_MODELS = ("simple", "simple_string", "simple_identity", "dense", "dense_large")
+BAD_MODELS = ("bad_corrupt", "bad_dtype", "bad_input_name", "bad_no_versions")
+
+
+def identity_name(datatype: str) -> str:
+    return f"id_{datatype.lower()}"
+
+
+# ----------------------------------------------------------------------------- repository
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _identity_model(elem: int) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["IN"], ["OUT"])],
+        "identity",
+        [helper.make_tensor_value_info("IN", elem, ["batch", ID_DIMS])],
+        [helper.make_tensor_value_info("OUT", elem, ["batch", ID_DIMS])],
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+
+
+def _config(name: str, ins: list[tuple[str, str]], outs: list[tuple[str, str]]) -> str:
+    def block(kind: str, items: list[tuple[str, str]]) -> str:
+        body = ",\n".join(
+            f'  {{ name: "{n}" data_type: {t} dims: [ {ID_DIMS} ] }}' for n, t in items
+        )
+        return f"{kind} [\n{body}\n]\n"
+
+    return (
+        f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {MAX_BATCH}\n'
+        + block("input", ins)
+        + block("output", outs)
+    )
+
+
+def build_repository(root: Path) -> Path:
+    """Identity models for every datatype, the demo models needed, and four broken models."""
+    root.mkdir(parents=True, exist_ok=True)
+    for dt, (elem, cfg_type, _) in DATATYPES.items():
+        name = identity_name(dt)
+        _save(_identity_model(elem), root / name / "1" / "model.onnx")
+        (root / name / "config.pbtxt").write_text(
+            _config(name, [("IN", cfg_type)], [("OUT", cfg_type)])
+        )
+    for name in DEMO_MODELS:
+        (root / name).symlink_to(DEMO / name, target_is_directory=True)
+    fp32 = _identity_model(TensorProto.FLOAT)
+    # (1) garbage instead of an ONNX file
+    bad = root / "bad_corrupt"
+    (bad / "1").mkdir(parents=True)
+    (bad / "1" / "model.onnx").write_bytes(b"\x00not an onnx model\xff" * 64)
+    (bad / "config.pbtxt").write_text(_config("bad_corrupt", [("IN", "TYPE_FP32")], []))
+    # (2) the config declares INT64 where the graph has FP32
+    _save(fp32, root / "bad_dtype" / "1" / "model.onnx")
+    (root / "bad_dtype" / "config.pbtxt").write_text(
+        _config("bad_dtype", [("IN", "TYPE_INT64")], [("OUT", "TYPE_FP32")])
+    )
+    # (3) the config names an input the graph lacks
+    _save(fp32, root / "bad_input_name" / "1" / "model.onnx")
+    (root / "bad_input_name" / "config.pbtxt").write_text(
+        _config("bad_input_name", [("NOPE", "TYPE_FP32")], [("OUT", "TYPE_FP32")])
+    )
+    # (4) a config and no version directory
+    (root / "bad_no_versions").mkdir()
+    (root / "bad_no_versions" / "config.pbtxt").write_text(
+        _config("bad_no_versions", [("IN", "TYPE_FP32")], [("OUT", "TYPE_FP32")])
+    )
+    return root
+
+
+# ----------------------------------------------------------------------------- server
+
+
+def children_of(pid: int) -> list[int]:
+    out: list[int] = []
+    for f in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            out.extend(int(x) for x in f.read_text().split())
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def shm_arenas(pid: int) -> list[str]:
+    """Shared-memory arenas owned by the front process `pid` (microtune-<pid>-<generation>)."""
+    return sorted(p.name for p in SHM.glob(f"microtune-{pid}-*"))
+
+
+class ServerExited(RuntimeError):
+    """The server process exited while a test waited on it."""
+
+
+class Server:
+    """`python -m server serve` in a subprocess (after vLLM's RemoteOpenAIServer).
+
+    Starts on port 0, reads the bound port from the port file, then waits until
+    grpc.health.v1 Check(service="readiness") is SERVING; fails at once with the server's log if
+    the process exits. `stop()` sends SIGTERM, then SIGKILL after `kill_after` seconds, and
+    checks the exit was graceful, the worker is gone and no arena of this front is left in
+    /dev/shm.
+    """
+
+    def __init__(
+        self,
+        repository: Path,
+        log_dir: Path,
+        *,
+        extra_args: tuple[str, ...] = (),
+        start_timeout: float = 60.0,
+        kill_after: float = 8.0,
+    ) -> None:
+        self.repository = repository
+        self.log_path = log_dir / "server.log"
+        self.port_file = log_dir / "port"
+        self.kill_after = kill_after
+        self.port = 0
+        self.url = ""
+        self._log = self.log_path.open("wb")
+        # Hermetic: no MICROTUNE_* setting of the caller's environment reaches the server.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MICROTUNE_")}
+        env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "serve",
+                "--model-repository",
+                str(repository),
+                "--grpc-host",
+                "127.0.0.1",
+                "--grpc-port",
+                "0",
+                "--port-file",
+                str(self.port_file),
+                "--metrics-port",
+                "0",  # never a fixed port: several servers run at once
+                "--device",
+                "cpu",
+                "--log-level",
+                "INFO",
+                *extra_args,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            self._wait_port(start_timeout)
+            self.wait_health("readiness", health_pb2.HealthCheckResponse.SERVING, start_timeout)
+        except BaseException:
+            self.stop(check=False)
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise ServerExited(
+                f"server exited with code {self.proc.returncode}; log:\n{self.log()[-6000:]}"
+            )
+
+    def _wait_port(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            text = self.port_file.read_text().strip() if self.port_file.exists() else ""
+            if text.isdigit():
+                self.port = int(text)
+                self.url = f"127.0.0.1:{self.port}"
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no port file after {timeout}s; log:\n{self.log()[-6000:]}")
+            time.sleep(0.02)
+
+    def wait_health(self, service: str, status: int, timeout: float) -> float:
+        """Poll Check(service) until it answers `status`; returns the seconds it took."""
+        start = time.monotonic()
+        deadline = start + timeout
+        with grpc.insecure_channel(self.url) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                self._check_alive()
+                with contextlib.suppress(grpc.RpcError):
+                    got = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                    if got.status == status:
+                        return time.monotonic() - start
+                if time.monotonic() > deadline:
+                    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+                    raise TimeoutError(
+                        f"health '{service}' not {name} after {timeout}s; log:\n"
+                        f"{self.log()[-6000:]}"
+                    )
+                time.sleep(0.02)
+
+    def worker_pid(self) -> int:
+        """The runtime worker: the child of the front that runs multiprocessing's spawn_main
+        (the other child, if any, is multiprocessing's resource tracker)."""
+        for pid in children_of(self.pid):
+            line = cmdline(pid)
+            if "spawn_main" in line and "resource_tracker" not in line:
+                return pid
+        raise LookupError(f"no worker child of {self.pid}: {children_of(self.pid)}")
+
+    def stop(self, *, check: bool = True) -> None:
+        """SIGTERM, then SIGKILL after `kill_after` seconds. With `check`, assert a graceful
+        exit (code 0, no SIGKILL needed), no child process left, and no arena in /dev/shm."""
+        children = children_of(self.pid)
+        killed = False
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.kill_after)
+            except subprocess.TimeoutExpired:
+                killed = True
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        if not check:
+            return
+        assert not killed, (
+            f"server ignored SIGTERM for {self.kill_after}s; log:\n{self.log()[-4000:]}"
+        )
+        assert self.proc.returncode == 0, (self.proc.returncode, self.log()[-4000:])
+        # The worker unlinks too when its front vanishes; give it a moment.
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and (
+            shm_arenas(self.pid) or any(pid_alive(c) for c in children)
+        ):
+            time.sleep(0.05)
+        alive = [c for c in children if pid_alive(c)]
+        assert not alive, f"children of server {self.pid} still running: {alive}"
+        left = shm_arenas(self.pid)
+        assert not left, f"shared memory left behind by server {self.pid}: {left}"
+
+
+@contextlib.contextmanager
+def running_server(
+    repository: Path, log_dir: Path, extra_args: tuple[str, ...] = ()
+) -> Iterator[Server]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    server = Server(repository, log_dir, extra_args=extra_args)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def sample(datatype: str, batch: int = 2) -> np.ndarray:
+    """Values that exercise each datatype's range (batch x 4)."""
+    n = batch * ID_DIMS
+    np_type = DATATYPES[datatype][2]
+    if datatype == "BOOL":
+        flat = np.array([i % 3 == 0 for i in range(n)], dtype=bool)
+    elif datatype == "BYTES":
+        base = [b"", b"a\x00b", "h\u00e9llo \u2603".encode(), b"\x00", b"plain", b"x" * 300]
+        flat = np.array([base[i % len(base)] for i in range(n)], dtype=object)
+    elif datatype.startswith("FP"):
+        flat = (np.arange(n, dtype=np.float64) * 1.5 - 3.25).astype(np_type)
+        flat[0] = np.finfo(np_type).max
+        flat[1] = np.finfo(np_type).min
+    else:
+        info = np.iinfo(np_type)
+        flat = (np.arange(n) % 7).astype(np_type)
+        flat[0], flat[1] = info.max, info.min
+    return flat.reshape(batch, ID_DIMS)

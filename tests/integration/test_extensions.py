@@ -1,0 +1,162 @@
+"""Extensions that are off by default, on a server started with them on:
+`--model-control-mode explicit` (RepositoryModelLoad/Unload) and `--allow-client-shm` (system
+shared memory), both driven by tritonclient as a Triton user would."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as shm
+from harness import Server, running_server
+from tritonclient.utils import InferenceServerException
+
+ARGS = (
+    "--model-control-mode",
+    "explicit",
+    "--load-model",
+    "simple,id_fp32",
+    "--allow-client-shm",
+    "true",
+)
+
+
+@pytest.fixture(scope="module")
+def ext(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with running_server(model_repository, tmp_path_factory.mktemp("ext"), ARGS) as s:
+        yield s
+
+
+@pytest.fixture()
+def c(ext: Server) -> Iterator[grpcclient.InferenceServerClient]:
+    client = grpcclient.InferenceServerClient(ext.url)
+    yield client
+    client.close()
+
+
+def fp32_input(batch: int) -> tuple[grpcclient.InferInput, np.ndarray]:
+    x = np.arange(batch * 4, dtype=np.float32).reshape(batch, 4)
+    inp = grpcclient.InferInput("IN", [batch, 4], "FP32")
+    inp.set_data_from_numpy(x)
+    return inp, x
+
+
+def dense_input() -> grpcclient.InferInput:
+    inp = grpcclient.InferInput("INPUT0", [1, 256], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 256), dtype=np.float32))
+    return inp
+
+
+def raises(call: object, status: str, *needles: str) -> str:
+    assert callable(call)
+    with pytest.raises(InferenceServerException) as ei:
+        call()
+    msg = ei.value.message() or ""
+    assert ei.value.status() == f"StatusCode.{status}", (ei.value.status(), msg)
+    for n in needles:
+        assert n in msg, (n, msg)
+    return msg
+
+
+# ---------------------------------------------------------------------------- model control
+
+
+def test_startup_loads_only_the_named_models(c: grpcclient.InferenceServerClient) -> None:
+    assert c.is_server_ready()
+    assert c.is_model_ready("simple") and c.is_model_ready("id_fp32")
+    assert not c.is_model_ready("dense")
+    index = {m.name: m for m in c.get_model_repository_index().models}
+    assert "dense" in index and index["dense"].state != "READY"
+
+
+def test_load_infer_unload(c: grpcclient.InferenceServerClient) -> None:
+    c.load_model("dense")
+    assert c.is_model_ready("dense", "1") and c.is_model_ready("dense", "2")
+    assert c.infer("dense", [dense_input()]).as_numpy("OUTPUT0").shape == (1, 10)
+    c.unload_model("dense")
+    assert not c.is_model_ready("dense")
+    raises(lambda: c.infer("dense", [dense_input()]), "UNAVAILABLE", "'dense'")
+    # Loading again brings it back.
+    c.load_model("dense")
+    assert c.infer("dense", [dense_input()]).get_response().model_version == "2"
+    c.unload_model("dense")
+
+
+def test_load_failures(c: grpcclient.InferenceServerClient) -> None:
+    raises(lambda: c.load_model("no_such_model"), "INTERNAL", "'no_such_model'")
+    raises(lambda: c.load_model("bad_corrupt"), "INTERNAL", "bad_corrupt")
+    raises(lambda: c.unload_model("no_such_model"), "NOT_FOUND", "'no_such_model'")
+    # The server goes on serving what it has.
+    inp, x = fp32_input(2)
+    np.testing.assert_array_equal(c.infer("id_fp32", [inp]).as_numpy("OUT"), x)
+
+
+def test_reload_with_config_override(c: grpcclient.InferenceServerClient) -> None:
+    cfg = {
+        "name": "id_fp32",
+        "platform": "onnxruntime_onnx",
+        "max_batch_size": 2,
+        "input": [{"name": "IN", "data_type": "TYPE_FP32", "dims": [4]}],
+        "output": [{"name": "OUT", "data_type": "TYPE_FP32", "dims": [4]}],
+    }
+    try:
+        c.load_model("id_fp32", config=json.dumps(cfg))
+        assert c.get_model_config("id_fp32").config.max_batch_size == 2
+        inp, _ = fp32_input(3)
+        raises(lambda: c.infer("id_fp32", [inp]), "INVALID_ARGUMENT", "'IN'", "max_batch_size 2")
+    finally:
+        c.load_model("id_fp32")  # back to the repository's config
+    assert c.get_model_config("id_fp32").config.max_batch_size == 8
+
+
+# ---------------------------------------------------------------------------- system shm
+
+
+def test_system_shared_memory_roundtrip(c: grpcclient.InferenceServerClient) -> None:
+    inp_x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    nbytes = inp_x.nbytes
+    key = f"/mt-itest-{os.getpid()}"  # not "microtune-": that prefix is the server's arenas
+    region = shm.create_shared_memory_region("io", key, 2 * nbytes)
+    try:
+        shm.set_shared_memory_region(region, [inp_x])
+        c.register_system_shared_memory("io", key, 2 * nbytes)
+        status = c.get_system_shared_memory_status()
+        assert [(r.name, r.byte_size) for r in status.regions.values()] == [("io", 2 * nbytes)]
+        raises(
+            lambda: c.register_system_shared_memory("io", key, nbytes),
+            "ALREADY_EXISTS",
+            "'io'",
+        )
+        inp = grpcclient.InferInput("IN", [2, 4], "FP32")
+        inp.set_shared_memory("io", nbytes)
+        out = grpcclient.InferRequestedOutput("OUT")
+        out.set_shared_memory("io", nbytes, offset=nbytes)
+        res = c.infer("id_fp32", [inp], outputs=[out])
+        # The output went to the region: the response describes it but carries no bytes.
+        resp = res.get_response()
+        assert [(o.name, list(o.shape)) for o in resp.outputs] == [("OUT", [2, 4])]
+        assert all(len(raw) == 0 for raw in resp.raw_output_contents)
+        got = shm.get_contents_as_numpy(region, np.float32, [2, 4], offset=nbytes)
+        np.testing.assert_array_equal(got, inp_x)
+        c.unregister_system_shared_memory("io")
+        assert not c.get_system_shared_memory_status().regions
+        # A tensor that names a region no longer registered.
+        raises(lambda: c.infer("id_fp32", [inp]), "INVALID_ARGUMENT", "'IN'", "'io'")
+    finally:
+        c.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(region)
+
+
+def test_system_shared_memory_errors(c: grpcclient.InferenceServerClient) -> None:
+    raises(
+        lambda: c.register_system_shared_memory("x", "/mt-itest-missing", 64),
+        "INVALID_ARGUMENT",
+        "'x'",
+    )
+    raises(lambda: c.get_system_shared_memory_status("nope"), "NOT_FOUND", "'nope'")
+    raises(lambda: c.register_cuda_shared_memory("g", b"\0" * 64, 0, 64), "UNIMPLEMENTED", "'g'")

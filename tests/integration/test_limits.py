@@ -1,0 +1,142 @@
+"""Shared-memory backpressure on a server with a tiny arena (16 slots of 64 KiB): a request larger
+than the arena is RESOURCE_EXHAUSTED, concurrent requests that do not fit at once wait for
+slots instead of failing, and no failure path leaks a slot (a request needing the whole arena
+still runs afterwards)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures as cf
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from harness import Server, running_server
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+
+SLOT = 64 * 1024
+SLOTS = 16
+ARENA = SLOT * SLOTS
+Code = grpc.StatusCode
+
+
+@pytest.fixture(scope="module")
+def small(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    args = ("--shm-slots", str(SLOTS), "--shm-slot-bytes", str(SLOT))
+    with running_server(model_repository, tmp_path_factory.mktemp("small"), args) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def stub(small: Server) -> Iterator[service_pb2_grpc.GRPCInferenceServiceStub]:
+    ch = grpc.insecure_channel(small.url)
+    yield service_pb2_grpc.GRPCInferenceServiceStub(ch)
+    ch.close()
+
+
+def identity_request(columns: int, item: bytes = b"x" * 100) -> pb.ModelInferRequest:
+    """simple_identity (BYTES [batch, -1]) at batch 8. The server reserves as many output bytes
+    as the input has, so the request takes about twice its payload in the arena."""
+    arr = np.array([[item] * columns] * 8, dtype=object)
+    req = pb.ModelInferRequest(model_name="simple_identity")
+    req.inputs.add(name="INPUT0", datatype="BYTES", shape=[8, columns])
+    req.raw_input_contents.append(serialize_byte_tensor(arr).item())
+    return req
+
+
+def whole_arena_request() -> pb.ModelInferRequest:
+    # 8 x 630 x (4 + 100) = 524160 bytes in, as many reserved out: 1048320 <= ARENA (16 slots).
+    req = identity_request(630)
+    assert ARENA - SLOT < 2 * len(req.raw_input_contents[0]) <= ARENA
+    return req
+
+
+def test_request_larger_than_the_arena(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.ModelInfer(identity_request(1000), timeout=10)
+    assert ei.value.code() == Code.RESOURCE_EXHAUSTED, ei.value.details()
+    assert "shared memory" in ei.value.details() and str(ARENA) in ei.value.details()
+    resp = stub.ModelInfer(identity_request(10), timeout=10)
+    assert list(resp.outputs[0].shape) == [8, 10]
+
+
+def test_contention_waits_for_slots(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+    req = identity_request(300)  # ~250 KB in + out: 8 slots, two requests fit at a time
+
+    def one(_: int) -> str:
+        try:
+            resp = stub.ModelInfer(req, timeout=30)
+        except grpc.RpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+        out = deserialize_bytes_tensor(resp.raw_output_contents[0])
+        return "OK" if out.size == 8 * 300 and bytes(out[-1]) == b"x" * 100 else "WRONG"
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(24)))
+    assert results == ["OK"] * 24, sorted(set(results))
+
+
+def test_no_slot_leaks_on_failure_paths(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+    # Worker-side rejection (invalid UTF-8 is found by the worker, after the slots are leased).
+    bad_text = identity_request(4, item=b"\xff\xfe")
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.ModelInfer(bad_text, timeout=10)
+    assert ei.value.code() == Code.INVALID_ARGUMENT
+    # onnxruntime rejects the data at run time (Cast "abc" -> INT32).
+    text = serialize_byte_tensor(np.array([[b"abc"] * 16], dtype=object)).item()
+    req = pb.ModelInferRequest(model_name="simple_string")
+    for name in ("INPUT0", "INPUT1"):
+        req.inputs.add(name=name, datatype="BYTES", shape=[1, 16])
+        req.raw_input_contents.append(text)
+    with pytest.raises(grpc.RpcError):
+        stub.ModelInfer(req, timeout=10)
+    # Callers that gave up: the worker answers later and the slots come back then.
+    x = np.zeros((32, 1024), dtype=np.float32)
+    slow = pb.ModelInferRequest(model_name="dense_large")
+    slow.inputs.add(name="INPUT0", datatype="FP32", shape=[32, 1024])
+    slow.raw_input_contents.append(x.tobytes())
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.ModelInfer(slow, timeout=0.005)
+        assert ei.value.code() == Code.DEADLINE_EXCEEDED
+    # Only a fully free arena can hold this one (it waits for late answers, within its deadline).
+    resp = stub.ModelInfer(whole_arena_request(), timeout=20)
+    assert list(resp.outputs[0].shape) == [8, 630]
+
+
+def test_no_slot_leaks_when_deadlines_race_answers(
+    small: Server, stub: service_pb2_grpc.GRPCInferenceServiceStub
+) -> None:
+    """Deadlines about as long as the call itself: some answers land just as their caller
+    gives up. Whoever holds the slots then (caller or reader) must return them."""
+    x = np.zeros((8, 256), dtype=np.float32)
+    req = pb.ModelInferRequest(model_name="dense")
+    req.inputs.add(name="INPUT0", datatype="FP32", shape=[8, 256])
+    req.raw_input_contents.append(x.tobytes())
+    rng = random.Random(7)
+    timeouts = [rng.uniform(0.0003, 0.004) for _ in range(8 * 120)]
+    codes: collections.Counter[str] = collections.Counter()
+
+    async def client(mine: list[float]) -> None:
+        async with grpc.aio.insecure_channel(small.url) as ch:
+            aio_stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+            for t in mine:
+                try:
+                    await aio_stub.ModelInfer(req, timeout=t)
+                    codes["OK"] += 1
+                except grpc.aio.AioRpcError as exc:
+                    codes[exc.code().name] += 1
+
+    async def run_all() -> None:
+        await asyncio.gather(*(client(timeouts[i::8]) for i in range(8)))
+
+    asyncio.run(asyncio.wait_for(run_all(), 60))
+    assert set(codes) <= {"OK", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}, dict(codes)
+    resp = stub.ModelInfer(whole_arena_request(), timeout=20)
+    assert list(resp.outputs[0].shape) == [8, 630]
