@@ -7,6 +7,7 @@ import importlib
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
 from runtime.settings import WorkerSettings
@@ -14,15 +15,24 @@ from runtime.settings import WorkerSettings
 __all__ = ["WorkerProcess"]
 
 
-def _worker_main(settings_json: bytes) -> None:
+def _worker_main(settings_json: bytes, log_setup: Callable[[], object] | None = None) -> None:
     """The spawn target. It imports runtime.worker (and with it onnxruntime) in the child only:
-    the front must never import onnxruntime or CUDA (tests/test_import_rules.py)."""
+    the front must never import onnxruntime or CUDA (tests/test_import_rules.py).
+
+    `log_setup` (picklable: a module-level function or a functools.partial of one) configures
+    the child's logging before the worker starts, so that its lines share the front's format on
+    the same stderr; the worker's own fallback (text lines) then does nothing."""
+    if log_setup is not None:
+        log_setup()
     importlib.import_module("runtime.worker").run(settings_json)
 
 
 class WorkerProcess:
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(
+        self, settings: WorkerSettings, log_setup: Callable[[], object] | None = None
+    ) -> None:
         self.settings = settings
+        self.log_setup = log_setup
         self._proc: BaseProcess | None = None
 
     @property
@@ -35,7 +45,7 @@ class WorkerProcess:
             os.unlink(self.settings.socket_path)
         self._proc = ctx.Process(
             target=_worker_main,
-            args=(self.settings.encode(),),
+            args=(self.settings.encode(), self.log_setup),
             name="microtune-worker",
             daemon=True,
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import random
 import time
@@ -53,6 +54,8 @@ from server.worker_link import WorkerLink
 __all__ = ["EXTENSIONS", "InferenceHandler", "ModelView", "StatsRow"]
 
 _NO_HINTS = RouteHints()
+
+log = logging.getLogger("microtune.handler")
 
 
 @dataclass(slots=True)
@@ -157,6 +160,19 @@ class InferenceHandler:
                 self.metrics.observe_request(
                     req.model, routed.version, routed.reason, self.status_of(exc), seconds
                 )
+            if isinstance(exc, ModelFailed):
+                # The model failed at run time: the operator's business, one attributed line.
+                # Client errors log nothing (the client has the message); unexpected exceptions
+                # are logged with their traceback by server.rpc.status.
+                log.warning(
+                    "inference failed: %s",
+                    exc.message,
+                    extra={
+                        "request_id": req.id or None,
+                        "model": req.model,
+                        "version": None if routed.version is None else str(routed.version),
+                    },
+                )
             raise
 
     async def _infer(
@@ -170,8 +186,15 @@ class InferenceHandler:
         if hints.routing_key is None and "routing_key" in req.parameters:
             hints = replace(hints, routing_key=str(req.parameters["routing_key"]))
         tracer = self.tracer
+        if tracer is not None and not tracer.recording():
+            tracer = None  # the sampler dropped this trace: its inner spans would be dropped too
         route_span = tracer.route_span() if tracer is not None else None
-        route = self.router.route(req.model, req.version, hints)
+        try:
+            route = self.router.route(req.model, req.version, hints)
+        except BaseException as exc:
+            if route_span is not None and tracer is not None:
+                tracer.fail_route(route_span, req.model, req.version, exc)  # else never ended
+            raise
         if route_span is not None and tracer is not None:
             tracer.end_route(route_span, req.model, req.version, route.version, route.reason)
         routed.version, routed.reason = route.version, route.reason

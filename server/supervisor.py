@@ -27,7 +27,7 @@ from runtime.ipc.shm import remove_stale_arenas
 from runtime.process import WorkerProcess
 from server.settings import Settings
 from server.telemetry import GpuSampler, PodMetrics, setup_logging
-from server.worker_link import worker_settings_for
+from server.worker_link import worker_log_setup, worker_settings_for
 
 __all__ = ["frontends_for", "run_supervisor"]
 
@@ -90,7 +90,9 @@ def run_supervisor(settings: Settings) -> int:
     n = frontends_for(settings)
     remove_stale_arenas()
     tmp = Path(tempfile.mkdtemp(prefix="microtune-"))
-    worker = WorkerProcess(worker_settings_for(settings, str(tmp / "worker.sock")))
+    worker = WorkerProcess(
+        worker_settings_for(settings, str(tmp / "worker.sock")), worker_log_setup(settings)
+    )
     reserved = _reserve_port(settings.grpc_host, settings.grpc_port)
     port = reserved.getsockname()[1]
     stop = threading.Event()

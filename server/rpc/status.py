@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import grpc
 
 from server.errors import ErrorCode, MicrotuneError
+from server.telemetry.logs import request_context
 
 __all__ = ["STATUS", "rpc_errors", "status_of"]
 
@@ -41,6 +42,19 @@ def status_of(exc: BaseException | None) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def _request_fields(request: Any) -> dict[str, str | None]:
+    """The log fields of an RPC's request message: ModelInfer's model_name / model_version / id,
+    the model RPCs' name / version (the requested version: the served one is not known here)."""
+    model = getattr(request, "model_name", "") or getattr(request, "name", "")
+    version = getattr(request, "model_version", "") or getattr(request, "version", "")
+    request_id = getattr(request, "id", "")
+    return {
+        "request_id": request_id or None,
+        "model": model or None,
+        "version": version or None,
+    }
+
+
 R = TypeVar("R")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
 
@@ -58,7 +72,8 @@ def rpc_errors(fn: Handler[R]) -> Handler[R]:
             raise
         except Exception:
             error_id = uuid.uuid4().hex[:12]
-            log.exception("internal error %s in %s", error_id, fn.__name__)
+            with request_context(**_request_fields(request)):
+                log.exception("internal error %s in %s", error_id, fn.__name__)
             await context.abort(
                 grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); see the server log"
             )

@@ -12,8 +12,11 @@ handler adds, through `RequestTracer`:
 
 Queue and execute spans are reconstructed from the worker's measured durations, ending when
 the answer reached the front. With tracing off no provider exists and the handler skips all of
-this with one `is None` check. Export: OTLP/gRPC configured by the standard OTEL_EXPORTER_OTLP_*
-variables (read by the exporter), or the console; sampling parent-based with a ratio.
+this with one `is None` check; a request whose trace the sampler dropped skips it as well.
+Export: OTLP/gRPC configured by the standard OTEL_EXPORTER_OTLP_* variables (read by the
+exporter), or the console; sampling parent-based with a ratio. Resource: service.name
+"microtune" and service.version unless OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES say
+otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
@@ -50,8 +53,11 @@ def make_tracer_provider(
     """`exporter`: "off", "otlp" or "console"; `span_exporter` overrides it (tests)."""
     if exporter == "off" and span_exporter is None:
         return None
-    # Resource.create also merges OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME (k8s pod name).
-    resource = Resource.create({"service.name": "microtune", "service.version": service_version})
+    # Our service.name/version are defaults: OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
+    # (e.g. a k8s pod name) win. Resource.create() alone would let the code's attributes win.
+    resource = Resource.create(
+        {"service.name": "microtune", "service.version": service_version}
+    ).merge(OTELResourceDetector().detect())
     tp = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(ratio)))
     if span_exporter is None:
         if exporter == "otlp":
@@ -99,6 +105,11 @@ class RequestTracer:
     def __init__(self, tp: TracerProvider) -> None:
         self.tracer = tp.get_tracer("microtune")
 
+    def recording(self) -> bool:
+        """Whether the current (server) span is sampled; if not, the request's inner spans
+        would be dropped by the parent-based sampler, so the handler skips them altogether."""
+        return trace.get_current_span().is_recording()
+
     def route_span(self) -> trace.Span:
         return self.tracer.start_span("microtune.route")
 
@@ -109,6 +120,13 @@ class RequestTracer:
         span.set_attribute("microtune.requested_version", requested)
         span.set_attribute("microtune.served_version", served)
         span.set_attribute("microtune.route_reason", reason)
+        span.end()
+
+    def fail_route(self, span: trace.Span, model: str, requested: str, exc: BaseException) -> None:
+        """Routing refused the request (unknown model or version, nothing ready)."""
+        span.set_attribute("microtune.model", model)
+        span.set_attribute("microtune.requested_version", requested)
+        span.record_exception(exc)
         span.end()
 
     def execution(self, model: str, version: int, t: Timings, links: Sequence[bytes]) -> None:

@@ -1,0 +1,119 @@
+"""Logs: JSON lines on stderr (front and worker alike), nothing per successful request at INFO,
+and a failing request's line attributed with its request id, model, served version and trace."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from obs_support import ServerProcess, fp32_request, json_log_records, wait_for
+from opentelemetry import propagate, trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+from server._proto.inference import grpc_service_pb2 as pb
+from server._proto.inference import grpc_service_pb2_grpc as pbg
+from server.rpc.status import rpc_errors
+from server.telemetry.logs import setup_logging
+
+TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
+PARENT_ID = 0xB7AD6B7169203331
+
+
+def _traceparent() -> list[tuple[str, str]]:
+    ctx = SpanContext(TRACE_ID, PARENT_ID, is_remote=False, trace_flags=TraceFlags(1))
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(NonRecordingSpan(ctx)))
+    return sorted(carrier.items())
+
+
+def test_json_lines_and_one_attributed_line_per_failed_request(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    args = ["--model-repository", str(model_repository), "--log-format", "json",
+            "--tracing", "console", "--metrics-port", "-1"]  # fmt: skip
+    with ServerProcess(tmp_path / "server", args) as server:
+        with grpc.insecure_channel(server.target) as ch:
+            stub = pbg.GRPCInferenceServiceStub(ch)
+            for i in range(5):
+                stub.ModelInfer(fp32_request("dense", request_id=f"ok-{i}"))
+            bad_shape = fp32_request("dense", values=7, request_id="client-error-1")
+            with pytest.raises(grpc.RpcError) as client_err:
+                stub.ModelInfer(bad_shape)
+            assert client_err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.RpcError) as model_err:
+                stub.ModelInfer(
+                    fp32_request("rows4", values=3, request_id="fail-1"), metadata=_traceparent()
+                )
+            assert model_err.value.code() is grpc.StatusCode.INTERNAL
+
+        def failure_line() -> list[dict[str, Any]]:
+            return [r for r in json_log_records(server.stderr()) if r.get("request_id")]
+
+        wait_for(failure_line, 10, "the failed request's log line")
+    records = json_log_records(server.stderr())  # every line, worker's included, is JSON
+    assert records
+    for r in records:
+        assert {"ts", "level", "logger", "msg", "pid"} <= r.keys(), r
+        assert r["ts"].endswith("Z")
+    pids = {r["pid"] for r in records}
+    assert len(pids) >= 2, "the worker's lines are missing (or not JSON)"
+    assert any(r["logger"] == "microtune.worker" for r in records)
+
+    # Exactly one request-level line: the model failure. Successes and the client's own error
+    # (INVALID_ARGUMENT, answered to the client) log nothing at INFO.
+    request_lines = [r for r in records if "request_id" in r or "trace_id" in r]
+    assert len(request_lines) == 1, request_lines
+    (line,) = request_lines
+    assert line["level"] == "WARNING"
+    assert line["request_id"] == "fail-1"
+    assert line["model"] == "rows4"
+    assert line["version"] == "1"  # the served version
+    assert line["trace_id"] == f"{TRACE_ID:032x}"  # the client's trace, continued
+    assert len(line["span_id"]) == 16 and int(line["span_id"], 16) != PARENT_ID
+    assert "Reshape" in line["msg"]
+    assert not [r for r in records if "ok-" in json.dumps(r) or "client-error" in json.dumps(r)]
+
+
+def test_internal_error_line_carries_the_request_fields() -> None:
+    """rpc_errors' INTERNAL path (an unexpected exception) logs the error id with the request's
+    id, model and requested version bound, and the traceback."""
+
+    class Context:
+        details = ""
+
+        async def abort(self, code: grpc.StatusCode, details: str) -> None:
+            self.details = details
+            raise grpc.aio.AbortError()
+
+    class Servicer:
+        @rpc_errors
+        async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> None:
+            raise RuntimeError("boom")
+
+    stream = io.StringIO()
+    logger = logging.getLogger("microtune.rpc")
+    saved = (logger.level, logger.propagate)
+    setup_logging("INFO", "json", stream=stream, logger=logger)
+    logger.propagate = False
+    try:
+        ctx = Context()
+        req = pb.ModelInferRequest(model_name="dense", model_version="2", id="req-42")
+        with pytest.raises(grpc.aio.AbortError):
+            asyncio.run(Servicer().ModelInfer(req, ctx))
+    finally:
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+    (line,) = [json.loads(x) for x in stream.getvalue().splitlines()]
+    error_id = ctx.details.split("(id ")[1].split(")")[0]
+    assert line["level"] == "ERROR"
+    assert line["msg"] == f"internal error {error_id} in ModelInfer"
+    assert (line["request_id"], line["model"], line["version"]) == ("req-42", "dense", "2")
+    assert "RuntimeError: boom" in line["exc"]
