@@ -85,7 +85,9 @@ def main() -> int:
         "microtune",
     )
     floors = {
-        m: Proc([py, "bench/floor_server.py", "--model", m, "--port", "0"], f"floor-{m}")
+        m: Proc(
+            [py, "bench/floor_server.py", "--model", m, "--port", "0", "--statistics"], f"floor-{m}"
+        )
         for m in ("dense", "identity_fp32")
     }
     rows: list[Row] = []

@@ -96,9 +96,8 @@ class RuntimeClient:
         self.pool = pool
         self.frontend_id = frontend_id
         self.welcome: Welcome | None = None
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []  # frames written this loop iteration, flushed together
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[object]] = {}
         self._leases: dict[int, Lease] = {}
@@ -108,10 +107,11 @@ class RuntimeClient:
         self.inline_outputs = 0  # counted slow path: outputs that did not fit the reservation
 
     async def connect(self, on_lost: Callable[[], None] | None = None) -> Welcome:
-        self._reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_unix_connection(lambda: _Link(self), self.socket_path)
+        self._transport = transport
         self._on_lost = on_lost
         self.closed = False
-        self._task = asyncio.create_task(self._read_loop(), name="worker-link")
         fut = self._expect(0)
         self._send(Hello(PROTOCOL_VERSION, self.frontend_id, self.arena.name, self.arena.size))
         welcome = await asyncio.wait_for(fut, 30)
@@ -121,14 +121,10 @@ class RuntimeClient:
 
     async def close(self) -> None:
         self.closed = True
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(Exception):
-                await self._writer.wait_closed()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        if self._transport is not None:
+            self._flush()
+            self._transport.close()
+            await asyncio.sleep(0)  # let connection_lost run
         self._fail_all(WorkerGone("link closed"))
 
     async def load(self, msg: LoadModel) -> LoadDone:
@@ -189,15 +185,20 @@ class RuntimeClient:
             self._leases[call_id] = lease
             self._send(msg)
             released = True  # from here the reader returns the lease
-            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                done = await asyncio.wait_for(asyncio.shield(fut), timeout)
+                if deadline is None:
+                    done = await fut
+                else:
+                    done = await asyncio.wait_for(fut, max(deadline - time.monotonic(), 0.0))
             except BaseException:
-                # Still pending: the reader returns the lease when the worker answers. Already
-                # answered (the reply landed as the deadline or a cancellation hit): the reader
-                # left the lease to this call, which must return it.
-                if not fut.cancel():
+                if fut.done() and not fut.cancelled():
+                    # Answered as the deadline or a cancellation hit: the reader left the
+                    # lease to this call, which must return it.
                     self._release_call(call_id)
+                else:
+                    # Not answered yet (wait_for may already have cancelled it): the reader
+                    # returns the lease when the worker's answer arrives.
+                    fut.cancel()
                 raise
         finally:
             if not released:
@@ -228,50 +229,47 @@ class RuntimeClient:
         return fut
 
     def _send(self, msg: Hello | LoadModel | UnloadModel | Infer) -> None:
-        if self._writer is None or self.closed:
+        if self._transport is None or self.closed:
             raise WorkerGone("worker is not connected")
-        self._writer.write(encode(msg))
+        # Concurrent requests of one loop iteration leave in one write (one syscall).
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(encode(msg))
 
-    async def _read_loop(self) -> None:
-        assert self._reader is not None
-        reader = self._reader
-        try:
-            while True:
-                header = await reader.readexactly(FRAME_HEADER.size)
-                (size,) = FRAME_HEADER.unpack(header)
-                msg = decode_worker(await reader.readexactly(size))
-                if isinstance(msg, InferDone):
-                    key = msg.call_id
-                    fut = self._pending.pop(key, None)
-                    if fut is None or fut.cancelled() or fut.done():
-                        # The caller gave up (deadline): nobody will copy outputs out.
-                        lease = self._leases.pop(key, None)
-                        if lease is not None:
-                            self._release(lease)
-                        continue
-                    fut.set_result(msg)
-                    continue
-                if isinstance(msg, Welcome):
-                    key = 0
-                elif isinstance(msg, LoadDone | UnloadDone):
-                    key = msg.request_id
-                else:  # pragma: no cover - the union is closed
-                    continue
-                fut = self._pending.pop(key, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
-            if not self.closed:
-                log.warning("worker link lost: %s", exc)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("worker link protocol error")
-        finally:
-            self.closed = True
-            self._fail_all(WorkerGone("worker process exited"))
-            if self._on_lost is not None:
-                self._on_lost()
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _on_message(self, msg: object) -> None:
+        if isinstance(msg, InferDone):
+            key = msg.call_id
+            fut = self._pending.pop(key, None)
+            if fut is None or fut.done():
+                # The caller gave up (deadline, cancellation): nobody copies outputs out.
+                self._release_call(key)
+                return
+            fut.set_result(msg)
+            return
+        if isinstance(msg, Welcome):
+            key = 0
+        elif isinstance(msg, LoadDone | UnloadDone):
+            key = msg.request_id
+        else:  # pragma: no cover - the union is closed
+            return
+        fut = self._pending.pop(key, None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    def _lost(self, exc: BaseException | None) -> None:
+        if not self.closed and exc is not None:
+            log.warning("worker link lost: %s", exc)
+        elif not self.closed:
+            log.warning("worker link lost: the worker closed the connection")
+        self.closed = True
+        self._fail_all(WorkerGone("worker process exited"))
+        if self._on_lost is not None:
+            self._on_lost()
 
     def _fail_all(self, exc: Exception) -> None:
         pending, self._pending = self._pending, {}
@@ -315,3 +313,35 @@ class RuntimeClient:
             self._space_waiters.append(waiter)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(waiter, remaining)
+
+
+class _Link(asyncio.Protocol):
+    """Frames from the worker: every complete frame of a read is handled in one callback,
+    without a coroutine step per frame."""
+
+    def __init__(self, client: RuntimeClient) -> None:
+        self.client = client
+        self.buf = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos, end = 0, len(buf)
+        hdr = FRAME_HEADER.size
+        try:
+            while end - pos >= hdr:
+                (size,) = FRAME_HEADER.unpack_from(buf, pos)
+                if end - pos - hdr < size:
+                    break
+                msg = decode_worker(bytes(buf[pos + hdr : pos + hdr + size]))
+                pos += hdr + size
+                self.client._on_message(msg)
+        except Exception:
+            log.exception("worker link protocol error")
+            if self.client._transport is not None:
+                self.client._transport.close()
+        if pos:
+            del buf[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client._lost(exc)

@@ -41,14 +41,13 @@ def frontends_for(settings: Settings) -> int:
 
 
 def _front_main(settings_json: str) -> None:
-    import asyncio
-
     from server.app import serve
+    from server.cli import run_loop
 
     settings = Settings.model_validate_json(settings_json)
     setup_logging(settings.log_level, settings.log_format)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+        run_loop(serve(settings))
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:

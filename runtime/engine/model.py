@@ -51,6 +51,7 @@ class LoadedModel:
     output_names: tuple[str, ...]
     input_types: dict[str, str]
     spec: LoadModel | None = None  # what it was loaded from (request_id and force zeroed)
+    avg_ns: float = 1e9  # moving average of execute() time; unknown (slow) until measured
 
     @classmethod
     def load(cls, spec: LoadModel, device: str) -> LoadedModel:
@@ -115,6 +116,9 @@ class LoadedModel:
         t2 = time.monotonic_ns()
         outputs = _write_outputs(names, results, self.signature, buf, call)
         t3 = time.monotonic_ns()
+        # EWMA over ~16 calls: decides whether calls may run on the worker's reader thread.
+        elapsed = t3 - t0
+        self.avg_ns = elapsed if self.avg_ns >= 1e9 else self.avg_ns + (elapsed - self.avg_ns) / 16
         batch = _batch_of(call)
         timings = Timings(t0 - received_ns, t1 - t0, t2 - t1, t3 - t2, batch)
         return InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings)
