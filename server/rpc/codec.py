@@ -211,10 +211,9 @@ def encode_infer(res: InferResponse) -> pb.ModelInferResponse:
             out.parameters["shared_memory_byte_size"].int64_param = t.shm.byte_size
             if t.shm.offset:
                 out.parameters["shared_memory_offset"].int64_param = t.shm.offset
-    if any(t.shm is None for t in res.outputs):
-        # One entry per output keeps positions aligned for clients that index by position;
-        # outputs written to shared memory get an empty entry.
-        msg.raw_output_contents.extend(bytes(t.data) for t in res.outputs)
+    # One entry per output, empty for those written to shared memory: clients index raw
+    # contents by output position (perf_analyzer's C++ client crashes on a missing entry).
+    msg.raw_output_contents.extend(bytes(t.data) for t in res.outputs)
     return msg
 
 

@@ -28,6 +28,7 @@ from server.types import (
     InferResponse,
     ModelIndexEntry,
     ModelSpec,
+    ShmRef,
     Tensor,
     TensorSpec,
     VersionPolicy,
@@ -468,3 +469,20 @@ def test_encode_index() -> None:
         ("a", "1", "READY", ""),
         ("b", "", "UNAVAILABLE", "bad config"),
     ]
+
+
+def test_outputs_in_shared_memory_keep_an_empty_raw_entry_each() -> None:
+    # perf_analyzer's C++ client indexes raw_output_contents by output position and crashes
+    # (SIGSEGV) when an output written to shared memory has no entry.
+    res = InferResponse(
+        "simple",
+        "1",
+        "",
+        (
+            Tensor("OUTPUT0", "INT32", (1, 16), b"", ShmRef("out", 0, 64)),
+            Tensor("OUTPUT1", "INT32", (1, 16), b"\x01" * 64),
+        ),
+    )
+    msg = encode_infer(res)
+    assert list(msg.raw_output_contents) == [b"", b"\x01" * 64]
+    assert msg.outputs[0].parameters["shared_memory_region"].string_param == "out"
