@@ -28,6 +28,7 @@ from typing import Final
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from server.telemetry.fastpath import FastCounter, FastHistogram, RequestPathCollector
 from server.telemetry.http import MetricsHttpServer, start_http_server
 from server.telemetry.saturation import Saturation
 from server.types import ModelState
@@ -90,9 +91,6 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self._models: set[str] = set()  # declared model names (label values we accept)
         self._weighted: dict[str, set[str]] = {}  # model -> versions with a weight series
-        # .labels() takes a lock and builds a tuple per call; the request path caches children.
-        self._req_cache: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
-        self._mv_cache: dict[tuple[str, str], tuple[Histogram, Histogram, Counter]] = {}
         self._inflight_cache: dict[str, Gauge] = {}
 
         def counter(name: str, doc: str, labels: Sequence[str] = _MV) -> Counter:
@@ -104,40 +102,66 @@ class Metrics:
         def histogram(name: str, doc: str, buckets: Sequence[float] = LATENCY_BUCKETS) -> Histogram:
             return Histogram(name, doc, _MV, buckets=buckets, registry=r)
 
-        self.requests = counter(
+        # The families written on every request: plain counters and bucket lists (fastpath).
+        self.requests = FastCounter(
             "microtune_requests",
             "Inference requests answered, by routing reason, outcome and gRPC status code.",
             [*_MV, "reason", "outcome", "code"],
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = FastHistogram(
             "microtune_request_duration_seconds",
             "End-to-end request time in the front process.",
             [*_MV, "reason", "outcome"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.queue_seconds = histogram(
-            "microtune_queue_duration_seconds", "Time a request waited in the worker's queue."
+        self.queue_seconds = FastHistogram(
+            "microtune_queue_duration_seconds",
+            "Time a request waited in the worker's queue.",
+            _MV,
+            LATENCY_BUCKETS,
         )
-        self.compute_seconds = histogram(
+        self.compute_seconds = FastHistogram(
             "microtune_compute_duration_seconds",
             "Worker compute time of a request (input + infer + output).",
+            _MV,
+            LATENCY_BUCKETS,
         )
-        self.inferences = counter(
-            "microtune_inferences", "Successful inferences (a batch-n request counts n)."
+        self.inferences = FastCounter(
+            "microtune_inferences", "Successful inferences (a batch-n request counts n).", _MV
         )
-        self.executions = counter(
-            "microtune_executions", "Model executions (average batch = inferences / executions)."
+        self.executions = FastCounter(
+            "microtune_executions",
+            "Model executions (average batch = inferences / executions).",
+            _MV,
         )
-        self.batch_size = histogram(
-            "microtune_execution_batch_size", "Batch size of each model execution.", BATCH_BUCKETS
+        self.batch_size = FastHistogram(
+            "microtune_execution_batch_size",
+            "Batch size of each model execution.",
+            _MV,
+            BATCH_BUCKETS,
         )
-        self.graph_replays = counter(
-            "microtune_graph_replays", "Executions that replayed a captured CUDA graph."
+        self.graph_replays = FastCounter(
+            "microtune_graph_replays", "Executions that replayed a captured CUDA graph.", _MV
         )
-        self.eager_fallbacks = counter(
+        self.eager_fallbacks = FastCounter(
             "microtune_eager_fallbacks",
             "Executions run eagerly on a model that has CUDA graphs (no bucket fits).",
+            _MV,
+        )
+        r.register(
+            RequestPathCollector(
+                (
+                    self.requests,
+                    self.request_seconds,
+                    self.queue_seconds,
+                    self.compute_seconds,
+                    self.inferences,
+                    self.executions,
+                    self.batch_size,
+                    self.graph_replays,
+                    self.eager_fallbacks,
+                )
+            )
         )
         self.inflight = gauge(
             "microtune_inflight_requests",
@@ -210,30 +234,17 @@ class Metrics:
         """
         m = model if model in self._models else OTHER_MODEL
         v = "" if version is None else str(version)
-        outcome = "success" if code is grpc.StatusCode.OK else "failure"
-        pair = self._req_cache.get((m, v, reason, code.name))
-        if pair is None:
-            pair = self._req_cache[(m, v, reason, code.name)] = (
-                self.requests.labels(m, v, reason, outcome, code.name),
-                self.request_seconds.labels(m, v, reason, outcome),
-            )
-        pair[0].inc()
-        pair[1].observe(seconds)
-        if queue_s is None and compute_s is None and outcome != "success":
-            return
-        mv = self._mv_cache.get((m, v))
-        if mv is None:
-            mv = self._mv_cache[(m, v)] = (
-                self.queue_seconds.labels(m, v),
-                self.compute_seconds.labels(m, v),
-                self.inferences.labels(m, v),
-            )
+        ok = code is grpc.StatusCode.OK
+        outcome = "success" if ok else "failure"
+        self.requests.inc((m, v, reason, outcome, code.name))
+        self.request_seconds.observe((m, v, reason, outcome), seconds)
+        mv = (m, v)
         if queue_s is not None:
-            mv[0].observe(queue_s)
+            self.queue_seconds.observe(mv, queue_s)
         if compute_s is not None:
-            mv[1].observe(compute_s)
-        if outcome == "success":
-            mv[2].inc(batch)
+            self.compute_seconds.observe(mv, compute_s)
+        if ok:
+            self.inferences.inc(mv, batch)
 
     def observe_execution(
         self, model: str, version: int, batch_size: int, *, graph_replay: bool | None = None
@@ -245,14 +256,13 @@ class Metrics:
         pod sum counts each execution once. `graph_replay`: True = replayed a CUDA graph, False =
         ran eagerly on a model that has graphs, None = graphs not in use (CPU).
         """
-        m = model if model in self._models else OTHER_MODEL
-        v = str(version)
-        self.executions.labels(m, v).inc()
-        self.batch_size.labels(m, v).observe(batch_size)
+        mv = (model if model in self._models else OTHER_MODEL, str(version))
+        self.executions.inc(mv)
+        self.batch_size.observe(mv, batch_size)
         if graph_replay is True:
-            self.graph_replays.labels(m, v).inc()
+            self.graph_replays.inc(mv)
         elif graph_replay is False:
-            self.eager_fallbacks.labels(m, v).inc()
+            self.eager_fallbacks.inc(mv)
 
     def track_inflight(self, model: str, batch: int = 1) -> AbstractContextManager[None]:
         """`with` block counting a request as in flight, and its `batch` inferences toward
