@@ -56,9 +56,10 @@ def run_one(
     shape: str | None,
     payload: str,
     extra: tuple[str, ...] = (),
+    health: bool = True,
 ) -> Row:
     try:
-        port = server.wait(ready_check=True)
+        port = server.wait(ready_check=health)
         return measure(server, label, port, model, conc, interval, shape, payload, extra)
     finally:
         server.stop()
