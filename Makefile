@@ -4,13 +4,15 @@ PYTHON ?= python3
 VENV   ?= .venv
 EXTRAS ?= cpu,test
 BIN    := $(VENV)/bin
+comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: setup serve test test-fast lint proto demo-repository bench bench-quick clean
+.PHONY: setup serve test test-fast lint proto demo-repository bench bench-quick bench-fast \
+	bench-observability clean
 
-setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+setup: $(STAMP)
 
-comma := ,
-$(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml
+$(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "microtune needs Python >= 3.11"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || \
@@ -45,6 +47,12 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python bench/run.py --quick $(ARGS)
+
+bench-fast: setup
+	$(BIN)/python bench/fast_runtime.py $(ARGS)
+
+bench-observability: setup
+	$(BIN)/python bench/observability_overhead.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info
