@@ -266,11 +266,23 @@ class Connection:
         self.send_lock = threading.Lock()
         self.arena: Arena | None = None
         self.pinned: PinnedRegion | None = None
+        self._reader = 0  # thread id of the reader, once it runs
+        self._collect: list[bytes] | None = None
 
     def send(self, msg: Any) -> None:
         frame = encode(msg)
+        if self._collect is not None and threading.get_ident() == self._reader:
+            # Answers of calls run inline while handling one read leave in one write.
+            self._collect.append(frame)
+            return
         with self.send_lock:
             self.sock.sendall(frame)
+
+    def _flush(self) -> None:
+        out, self._collect = self._collect, None
+        if out:
+            with self.send_lock:
+                self.sock.sendall(out[0] if len(out) == 1 else b"".join(out))
 
     def send_quiet(self, msg: Any) -> None:
         """Send, ignoring a front that has gone (its calls die with it)."""
@@ -305,22 +317,27 @@ class Connection:
         buf = bytearray()
         chunk = bytearray(1 << 20)
         hdr = FRAME_HEADER.size
+        self._reader = threading.get_ident()
         while True:
             n = self.sock.recv_into(chunk)
             if n == 0:
                 return
             buf += memoryview(chunk)[:n]
             pos, end = 0, len(buf)
-            while end - pos >= hdr:
-                (size,) = FRAME_HEADER.unpack_from(buf, pos)
-                if size > MAX_FRAME:
-                    raise ValueError(f"frame of {size} bytes")
-                if end - pos - hdr < size:
-                    break
-                msg = decode_front(bytes(buf[pos + hdr : pos + hdr + size]))
-                pos += hdr + size
-                if not self._handle(msg):
-                    return
+            self._collect = []
+            try:
+                while end - pos >= hdr:
+                    (size,) = FRAME_HEADER.unpack_from(buf, pos)
+                    if size > MAX_FRAME:
+                        raise ValueError(f"frame of {size} bytes")
+                    if end - pos - hdr < size:
+                        break
+                    msg = decode_front(bytes(buf[pos + hdr : pos + hdr + size]))
+                    pos += hdr + size
+                    if not self._handle(msg):
+                        return
+            finally:
+                self._flush()
             if pos:
                 del buf[:pos]
 

@@ -28,11 +28,56 @@ class Plan:
     batch_size: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """What validation concluded for one request shape; reused while the signature stands."""
+
+    sig: ModelSignature
+    order: tuple[int, ...]  # index in the request of each model input, in model order
+    fixed_reserve: int  # output bytes known from the shapes
+    unknown: int  # outputs whose size is not known (variable dims, text)
+    batch: int
+
+
+# (id(signature), max_batch_size, inputs' (name, datatype, shape), requested outputs) -> layout.
+# Requests of one client repeat the same shapes, so most calls skip the checks below.
+_LAYOUTS: dict[tuple[object, ...], _Layout] = {}
+_MAX_LAYOUTS = 4096
+
+
 def plan_call(req: InferRequest, sig: ModelSignature, max_batch_size: int) -> Plan:
+    inputs = req.inputs
+    key = (
+        id(sig),
+        max_batch_size,
+        tuple([(t.name, t.datatype, t.shape) for t in inputs]),
+        req.outputs,
+    )
+    layout = _LAYOUTS.get(key)
+    if layout is None or layout.sig is not sig:
+        layout = _layout(req, sig, max_batch_size)
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = layout
+    ordered = tuple(
+        [
+            PreparedInput(t.name, t.datatype, t.shape, t.data)
+            for t in (inputs[i] for i in layout.order)
+        ]
+    )
+    reserve = layout.fixed_reserve
+    if layout.unknown:
+        # Unknown sizes (variable dims, text): guess the inputs' size; too small -> inline.
+        in_bytes = sum(len(t.data) for t in inputs)
+        reserve += layout.unknown * max(in_bytes, _MIN_UNKNOWN_RESERVE)
+    return Plan(ordered, req.outputs, reserve, layout.batch)
+
+
+def _layout(req: InferRequest, sig: ModelSignature, max_batch_size: int) -> _Layout:
     model = req.model
     expected = {t.name: t for t in sig.inputs}
-    seen: dict[str, PreparedInput] = {}
-    for t in req.inputs:
+    seen: dict[str, int] = {}
+    for index, t in enumerate(req.inputs):
         spec = expected.get(t.name)
         if spec is None:
             names = ", ".join(expected)
@@ -45,7 +90,7 @@ def plan_call(req: InferRequest, sig: ModelSignature, max_batch_size: int) -> Pl
                 f"{spec.datatype}"
             )
         _check_shape(model, t.name, t.shape, spec.shape, max_batch_size)
-        seen[t.name] = PreparedInput(t.name, t.datatype, t.shape, t.data)
+        seen[t.name] = index
     missing = [n for n in expected if n not in seen]
     if missing:
         raise InvalidInput(
@@ -70,8 +115,7 @@ def plan_call(req: InferRequest, sig: ModelSignature, max_batch_size: int) -> Pl
         if name in req.outputs[:i]:
             raise InvalidInput(f"output '{name}' is requested more than once")
     wanted = req.outputs or tuple(out_types)
-    in_bytes = sum(len(t.data) for t in req.inputs)
-    reserve = 0
+    reserve = unknown = 0
     for name in wanted:
         o = out_types[name]
         dims = [
@@ -82,10 +126,8 @@ def plan_call(req: InferRequest, sig: ModelSignature, max_batch_size: int) -> Pl
         if itemsize and all(d >= 0 for d in dims):
             reserve += math.prod(dims) * itemsize + 64
         else:
-            # Unknown size (variable dims, text): guess the inputs' size; too small -> inline.
-            reserve += max(in_bytes, _MIN_UNKNOWN_RESERVE)
-    ordered = tuple(seen[n] for n in expected)
-    return Plan(ordered, req.outputs, reserve, batch)
+            unknown += 1
+    return _Layout(sig, tuple(seen[n] for n in expected), reserve, unknown, batch)
 
 
 def _check_shape(

@@ -65,7 +65,9 @@ def decode_infer(req: pb.ModelInferRequest) -> InferRequest:
             tensors.append(_decode_input(inp, raw[k] if raw else None))
             k += 1
     output_shm = {}
+    names = []
     for o in req.outputs:
+        names.append(o.name)
         ref = _shm_ref(o.name, o.parameters)
         if ref is not None:
             output_shm[o.name] = ref
@@ -74,13 +76,15 @@ def decode_infer(req: pb.ModelInferRequest) -> InferRequest:
         version=req.model_version,
         id=req.id,
         inputs=tuple(tensors),
-        outputs=tuple(o.name for o in req.outputs),
+        outputs=tuple(names),
         parameters=decode_parameters(req.parameters),
         output_shm=output_shm,
     )
 
 
 def _shm_ref(name: str, params: Mapping[str, pb.InferParameter]) -> ShmRef | None:
+    if not params:  # the common case, and map lookups cost more than this check
+        return None
     region = params.get("shared_memory_region")
     size = params.get("shared_memory_byte_size")
     if region is None and size is None:
@@ -174,6 +178,8 @@ def _decode_input(inp: pb.ModelInferRequest.InferInputTensor, raw: bytes | None)
 
 
 def decode_parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, ParamValue]:
+    if not params:
+        return {}
     out: dict[str, ParamValue] = {}
     for key, p in params.items():
         which = p.WhichOneof("parameter_choice")
