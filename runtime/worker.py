@@ -18,8 +18,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import msgspec
-
 from runtime.engine.batcher import Batcher, BatcherClosed, Pending, QueueFull
 from runtime.engine.buckets import BucketTable
 from runtime.engine.golden import GoldenMismatch
@@ -54,7 +52,7 @@ from runtime.ipc.protocol import (
     decode_front,
     encode,
 )
-from runtime.ipc.shm import Arena
+from runtime.ipc.shm import Arena, pid_alive
 from runtime.settings import WorkerSettings
 
 __all__ = ["Worker", "run"]
@@ -98,7 +96,7 @@ class Worker:
         log.info("worker %d listening on %s (device %s)", os.getpid(), path, self.device)
         try:
             while not self.stopping.is_set():
-                if self.settings.parent_pid and not _alive(self.settings.parent_pid):
+                if self.settings.parent_pid and not pid_alive(self.settings.parent_pid):
                     log.warning(
                         "front process %d is gone; worker exiting", self.settings.parent_pid
                     )
@@ -121,8 +119,7 @@ class Worker:
         t0 = time.monotonic_ns()
         with self._models_lock:
             current = self.models.get((msg.name, msg.version))
-        same = msgspec.structs.replace(msg, request_id=0, force=False)
-        if current is not None and not msg.force and current.spec == same:
+        if current is not None and not msg.force and current.spec == msg.identity():
             # Several fronts load the same models: the first load serves them all.
             return LoadDone(msg.request_id, Code.OK, signature=current.signature)
         try:
@@ -148,7 +145,7 @@ class Worker:
     def _load_graphs(self, msg: LoadModel) -> LoadDone:
         t0 = time.monotonic_ns()
         key = (msg.name, msg.version)
-        same = msgspec.structs.replace(msg, request_id=0, force=False)
+        same = msg.identity()
         with self._models_lock:
             current = self.graph_models.get(key)
         if current is not None and not msg.force and current.spec == same:
@@ -459,27 +456,6 @@ class Connection:
             done = InferDone(call.call_id, Code.INTERNAL, type(exc).__name__)
         with contextlib.suppress(OSError):
             self.send(done)
-
-
-def _recv_exact(sock: socket.socket, buf: bytearray) -> bool:
-    view = memoryview(buf)
-    got = 0
-    while got < len(buf):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            return False
-        got += n
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run(settings_json: bytes) -> None:

@@ -139,13 +139,7 @@ class ModelManager:
             entry = self.table.models.get(name)
             if entry is None:
                 raise NotFound(f"Request for unknown model: '{name}' is not found")
-            await asyncio.gather(
-                *(
-                    self._unload_version(ve)
-                    for ve in entry.versions.values()
-                    if ve.state is ModelState.READY
-                )
-            )
+            await self._unload_ready(entry)
             entry.reason = "unloaded"
 
     async def poll_forever(self, period_s: float) -> None:
@@ -181,14 +175,7 @@ class ModelManager:
                         self.on_model_loaded(name)
         for name in set(self.table.models) - set(scanned):
             async with self._lock(name):
-                entry = self.table.models[name]
-                await asyncio.gather(
-                    *(
-                        self._unload_version(ve)
-                        for ve in entry.versions.values()
-                        if ve.state is ModelState.READY
-                    )
-                )
+                await self._unload_ready(self.table.models[name])
                 del self.table.models[name]
 
     async def _apply(self, s: ScannedModel) -> None:
@@ -287,6 +274,16 @@ class ModelManager:
             ve.state, ve.reason = ModelState.UNAVAILABLE, done.message
         log.error("model %s %s", spec.name, reason)
         return reason
+
+    async def _unload_ready(self, entry: ModelEntry) -> None:
+        """Drain and unload every READY version of a model, concurrently."""
+        await asyncio.gather(
+            *(
+                self._unload_version(ve)
+                for ve in entry.versions.values()
+                if ve.state is ModelState.READY
+            )
+        )
 
     async def _unload_version(self, ve: VersionEntry) -> None:
         ve.state, ve.reason = ModelState.UNLOADING, "draining"

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 import numpy as np
 import onnxruntime as ort
 
@@ -64,7 +63,7 @@ class LoadedModel:
             sig,
             tuple(t.name for t in sig.outputs),
             {t.name: t.datatype for t in sig.inputs},
-            msgspec.structs.replace(spec, request_id=0, force=False),
+            spec.identity(),
         )
         model.warm_up()
         if spec.golden_path:

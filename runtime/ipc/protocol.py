@@ -133,6 +133,11 @@ class LoadModel(_Msg, tag="load"):
     intra_op_threads: int = 1
     force: bool = False  # reload even if loaded with the same file and config (explicit load)
     batching: Batching | None = None  # None: each call runs alone
+
+    def identity(self) -> LoadModel:
+        """What makes two loads the same model instance (request id and force left out)."""
+        return msgspec.structs.replace(self, request_id=0, force=False)
+
     golden_path: str = ""  # its GOLDEN_FILE, if any: must be reproduced before it is ready
 
 

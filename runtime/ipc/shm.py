@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-__all__ = ["ALIGN", "Arena", "Lease", "SlotPool", "align_up", "remove_stale_arenas"]
+__all__ = ["ALIGN", "Arena", "Lease", "SlotPool", "align_up", "pid_alive", "remove_stale_arenas"]
 
 ALIGN: Final = 64  # tensor offsets inside a lease are 64-byte aligned (SIMD loads, cudaMemcpy)
 _SHM_DIR: Final = Path("/dev/shm")
@@ -71,14 +71,14 @@ def remove_stale_arenas() -> list[str]:
             pid = int(path.name[len(PREFIX) :].split("-")[0])
         except ValueError:
             continue
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path.name)
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
