@@ -53,6 +53,7 @@ from runtime.ipc.protocol import (
     encode,
 )
 from runtime.ipc.shm import Arena, pid_alive
+from runtime.native_stderr import route_native_stderr
 from runtime.settings import WorkerSettings
 
 __all__ = ["Worker", "run"]
@@ -465,4 +466,10 @@ def run(settings_json: bytes) -> None:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
     )
-    Worker(settings).serve_forever()
+    # Native libraries' stderr lines become log records in the configured format (JSON lines
+    # stay JSON lines).
+    native = route_native_stderr()
+    try:
+        Worker(settings).serve_forever()
+    finally:
+        native.close()

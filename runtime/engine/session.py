@@ -7,7 +7,7 @@ provider actually obtained, because onnxruntime-gpu silently falls back to CPU o
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Final
 
 import onnxruntime as ort
 
@@ -15,6 +15,7 @@ from runtime.ipc.dtypes import BY_ONNX
 from runtime.ipc.protocol import ModelSignature, TensorInfo
 
 __all__ = [
+    "ORT_LOG_SEVERITY",
     "GraphsUnsupported",
     "SessionError",
     "choose_device",
@@ -28,6 +29,13 @@ log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+
+# Sessions log nothing below FATAL (4). Everything a session logs at ERROR (a failed run, a
+# refused model) is also raised to us, and reaches the log through our own logger (the load's
+# reason, the failed request's WARNING line): the raw native line, written straight to fd 2 with
+# colour codes, was a duplicate that broke JSON logs. What other native code writes to stderr
+# is routed into the log by runtime.native_stderr.
+ORT_LOG_SEVERITY: Final = 4
 
 
 class SessionError(Exception):
@@ -57,7 +65,7 @@ def make_session(path: str, device: str, intra_op_threads: int) -> ort.Inference
     so.intra_op_num_threads = intra_op_threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = ORT_LOG_SEVERITY
     providers: list[Any]
     if device.startswith("cuda"):
         device_id = int(device.partition(":")[2] or 0)
@@ -149,7 +157,7 @@ def make_graph_session(
     so.intra_op_num_threads = intra_op_threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = ORT_LOG_SEVERITY
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     options = {
         **(provider_options or {}),
@@ -182,8 +190,12 @@ def _raise_for_cpu_nodes(path: str, device_id: int, exc: Exception) -> None:
     CUDA kernel (the model runs, without graphs), or the CUDA EP itself failed to start and
     *every* node landed on the CPU (a GPU load error). A plain session tells them apart; this
     costs a second session creation, on this failure path only."""
+    so = ort.SessionOptions()
+    so.log_severity_level = ORT_LOG_SEVERITY
     try:
-        probe = ort.InferenceSession(path, providers=[(CUDA, {"device_id": str(device_id)}), CPU])
+        probe = ort.InferenceSession(
+            path, so, providers=[(CUDA, {"device_id": str(device_id)}), CPU]
+        )
     except Exception as probe_exc:
         raise SessionError(
             f"onnxruntime cannot load {path} on CUDA: {_first_line(probe_exc)}"

@@ -293,20 +293,13 @@ def promtool_check(bin_dir: Path, exposition: bytes) -> None:
 
 # ----------------------------------------------------------------------------- logs
 
-# onnxruntime's C++ logger writes a failing run's error straight to file descriptor 2 (colour
-# codes included), bypassing Python logging; the session's log_severity_level (3 = ERROR, set in
-# runtime/engine/session.py) lets errors through. Those lines are the only non-JSON ones allowed.
-ORT_NATIVE_LINE = re.compile(
-    r"^(\x1b\[[0-9;]*m)?(\d{4}-\d\d-\d\d [0-9:.]+ \[[EWF]:onnxruntime:.*)?$"  # or a colour reset
-)
-
 
 def json_log_records(stderr: str) -> list[dict[str, Any]]:
-    """Every stderr line parsed as one JSON object (asserting that each one is), except
-    onnxruntime's native error lines (see ORT_NATIVE_LINE)."""
+    """Every stderr line parsed as one JSON object, asserting that each one is (onnxruntime's
+    native lines included: the worker routes them into the log, runtime/native_stderr.py)."""
     records = []
     for line in stderr.splitlines():
-        if not line.strip() or ORT_NATIVE_LINE.match(line):
+        if not line.strip():
             continue
         try:
             obj = json.loads(line)

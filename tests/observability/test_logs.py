@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pbg
 from server.rpc.status import rpc_errors
+from server.settings import DEMO_REPOSITORY
 from server.telemetry.logs import setup_logging
 
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
@@ -78,6 +80,43 @@ def test_json_lines_and_one_attributed_line_per_failed_request(
     assert len(line["span_id"]) == 16 and int(line["span_id"], 16) != PARENT_ID
     assert "Reshape" in line["msg"]
     assert not [r for r in records if "ok-" in json.dumps(r) or "client-error" in json.dumps(r)]
+
+
+def _string_request(model: str, value: bytes) -> pb.ModelInferRequest:
+    """simple_string's two BYTES [1, 16] inputs, every element `value` (KServe raw framing:
+    a 4-byte little-endian length before each element)."""
+    req = pb.ModelInferRequest(model_name=model)
+    raw = (struct.pack("<I", len(value)) + value) * 16
+    for name in ("INPUT0", "INPUT1"):
+        t = req.inputs.add()
+        t.name, t.datatype = name, "BYTES"
+        t.shape.extend([1, 16])
+        req.raw_input_contents.append(raw)
+    return req
+
+
+def test_every_stderr_line_is_json_with_the_demo_repository(tmp_path: Path) -> None:
+    """`--log-format json` with the demo repository: start-up, every model's load, a request that
+    onnxruntime fails at run time (simple_string's Cast of "abc" to int32) and shutdown write
+    only JSON objects to stderr, the worker's lines included. onnxruntime's own error line is
+    not among them: the error reaches the log once, as the failed request's WARNING."""
+    args = ["--model-repository", str(DEMO_REPOSITORY), "--log-format", "json",
+            "--metrics-port", "-1"]  # fmt: skip
+    with ServerProcess(tmp_path / "server", args) as server:
+        with grpc.insecure_channel(server.target) as ch:
+            stub = pbg.GRPCInferenceServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(_string_request("simple_string", b"abc"), timeout=30)
+            assert err.value.code() is grpc.StatusCode.INTERNAL
+            assert "Cast" in (err.value.details() or "")
+        wait_for(lambda: "inference failed" in server.stderr(), 10, "the failure's log line")
+    records = json_log_records(server.stderr())  # asserts that every line is one JSON object
+    loaded = {r["msg"].split()[1] for r in records if r["msg"].startswith("loaded ")}
+    assert loaded == {p.name for p in DEMO_REPOSITORY.iterdir() if p.is_dir()}
+    assert any(r["logger"] == "microtune.worker" for r in records)  # the worker's lines too
+    assert not [r for r in records if r["logger"] in ("onnxruntime", "microtune.worker.stderr")]
+    (failure,) = [r for r in records if "Cast" in r["msg"]]
+    assert failure["level"] == "WARNING" and failure["model"] == "simple_string"
 
 
 def test_internal_error_line_carries_the_request_fields() -> None:
