@@ -34,7 +34,7 @@ from server.rpc.status import status_of
 from server.settings import Settings
 from server.shm_regions import SharedMemoryRegistry
 from server.telemetry import GpuSampler, Metrics, MetricsHttpServer, capacity_for
-from server.telemetry.tracing import RequestTracer, make_tracer_provider, server_interceptor
+from server.telemetry.tracing import make_tracing, server_interceptor
 from server.types import ModelState
 from server.worker_link import WorkerLink
 
@@ -61,7 +61,7 @@ class App:
         self.manager.batching_enabled = settings.dynamic_batching
         self.shm = SharedMemoryRegistry(settings.allow_client_shm)
         self.metrics = Metrics() if settings.metrics_port >= 0 else None
-        self.tracer_provider = make_tracer_provider(
+        self.tracing = make_tracing(
             settings.tracing, settings.trace_sampling_ratio, __version__, span_exporter
         )
         self.router = Router(self.table, on_rollback=self._rolled_back)
@@ -74,7 +74,7 @@ class App:
             self.router,
             settings.server_name,
             metrics=self.metrics,
-            tracer=None if self.tracer_provider is None else RequestTracer(self.tracer_provider),
+            tracer=None if self.tracing is None else self.tracing.request_tracer(),
             status_of=status_of,
         )
         self.metrics_server: MetricsHttpServer | None = None
@@ -93,8 +93,8 @@ class App:
             ("grpc.so_reuseport", 1 if s.worker_socket else 0),
         ]
         interceptors = []
-        if self.tracer_provider is not None:
-            interceptors.append(server_interceptor(self.tracer_provider))
+        if self.tracing is not None:
+            interceptors.append(server_interceptor(self.tracing))
         server = grpc.aio.server(options=opts, interceptors=interceptors)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.handler), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
@@ -135,6 +135,8 @@ class App:
         s, m = self.settings, self.metrics
         if m is None:
             return
+        # An unloaded version's series leave the exposition (its counters stay; see forget_version).
+        self.manager.on_version_unloaded = m.forget_version
         m.track_shm_slots(
             lambda: self.link.client.pool.in_use if self.link.client else 0,
             lambda: self.link.client.pool.slots if self.link.client else 0,
@@ -162,6 +164,8 @@ class App:
             for name, entry in self.table.models.items():
                 ready_batches = []
                 for v, ve in entry.versions.items():
+                    if ve.unloaded:  # its series were dropped at unload
+                        continue
                     m.set_model_state(name, v, ve.state)
                     if ve.load_ns:
                         m.observe_model_load(name, v, ve.load_ns / 1e9)
@@ -207,8 +211,8 @@ class App:
             self.metrics_server.close()
         if self.gpu_sampler is not None:
             self.gpu_sampler.stop()
-        if self.tracer_provider is not None:
-            self.tracer_provider.shutdown()  # flushes spans still queued for export
+        if self.tracing is not None:
+            self.tracing.shutdown()
         self.shm.close()
 
 

@@ -37,8 +37,9 @@ from server.routing import compare_outputs, route_key_point, should_shadow
 from server.routing.shadow import OutputLike
 from server.shm_regions import SharedMemoryRegistry
 from server.stats import VersionStats
+from server.telemetry.infer_trace import InferTrace
 from server.telemetry.metrics import Metrics, ShadowOutcome
-from server.telemetry.tracing import RequestTracer, encode_span_ref
+from server.telemetry.tracing import RequestTracer
 from server.types import (
     InferRequest,
     InferResponse,
@@ -147,13 +148,18 @@ class InferenceHandler:
     # ------------------------------------------------------------ inference
 
     async def infer(
-        self, req: InferRequest, deadline: float | None, hints: RouteHints = _NO_HINTS
+        self,
+        req: InferRequest,
+        deadline: float | None,
+        hints: RouteHints = _NO_HINTS,
+        span: InferTrace | None = None,
     ) -> InferResponse:
-        """Run one request. `deadline` is a time.monotonic() value (from the gRPC deadline)."""
+        """Run one request. `deadline` is a time.monotonic() value (from the gRPC deadline);
+        `span`: the request's trace record when it is sampled (the servicer starts and ends it)."""
         start = time.perf_counter_ns()
         routed = _Routed()
         try:
-            return await self._infer(req, deadline, hints, start, routed)
+            return await self._infer(req, deadline, hints, start, routed, span)
         except BaseException as exc:
             if self.metrics is not None and not isinstance(exc, asyncio.CancelledError):
                 seconds = (time.perf_counter_ns() - start) / 1e9
@@ -182,21 +188,22 @@ class InferenceHandler:
         hints: RouteHints,
         start: int,
         routed: _Routed,
+        span: InferTrace | None,
     ) -> InferResponse:
         if hints.routing_key is None and "routing_key" in req.parameters:
             hints = replace(hints, routing_key=str(req.parameters["routing_key"]))
-        tracer = self.tracer
-        if tracer is not None and not tracer.recording():
-            tracer = None  # the sampler dropped this trace: its inner spans would be dropped too
-        route_span = tracer.route_span() if tracer is not None else None
+        if span is not None:
+            span.model, span.requested, span.route_start = req.model, req.version, time.time_ns()
         try:
             route = self.router.route(req.model, req.version, hints)
         except BaseException as exc:
-            if route_span is not None and tracer is not None:
-                tracer.fail_route(route_span, req.model, req.version, exc)  # else never ended
+            if span is not None:
+                span.route_end = time.time_ns()
+                span.route_error = (type(exc).__name__, str(exc))
             raise
-        if route_span is not None and tracer is not None:
-            tracer.end_route(route_span, req.model, req.version, route.version, route.reason)
+        if span is not None:
+            span.route_end = time.time_ns()
+            span.served, span.reason = route.version, route.reason
         routed.version, routed.reason = route.version, route.reason
         ve = self.table.models[req.model].versions[route.version]
         spec, sig = ve.spec, ve.signature
@@ -209,7 +216,7 @@ class InferenceHandler:
         ve.inflight += 1
         try:
             client = self.link.require()
-            span_ref = encode_span_ref() if tracer is not None else b""
+            span_ref = span.ref() if span is not None else b""
             with (
                 metrics.track_inflight(req.model, plan.batch_size)
                 if metrics is not None
@@ -254,8 +261,8 @@ class InferenceHandler:
             if t.executions:
                 replay = None if not t.padded_batch else t.mode == "replay"
                 metrics.observe_execution(req.model, ve.version, t.batch_size, graph_replay=replay)
-        if tracer is not None:
-            tracer.execution(req.model, ve.version, t, t.links)
+        if span is not None:
+            span.timings, span.answer_ns = t, time.time_ns()
         self._maybe_shadow(req.model, route.version, plan, result.outputs, hints)
         return InferResponse(req.model, str(ve.version), req.id, outputs, route.reason)
 

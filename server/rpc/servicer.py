@@ -6,6 +6,7 @@ No logic lives here: decisions are in server.handler, conversions in server.rpc.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,9 @@ from server.handler import InferenceHandler
 from server.router import RouteHints
 from server.routing import HEADER_CANARY_WEIGHT, HEADER_MODEL_VERSION, HEADER_ROUTING_KEY
 from server.rpc import codec
-from server.rpc.status import rpc_errors
+from server.rpc.status import rpc_errors, status_of
+from server.telemetry.infer_trace import InferTrace
+from server.telemetry.logs import LOG_SPAN
 
 __all__ = ["InferenceServicer"]
 
@@ -96,12 +99,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelConfigResponse:
         return codec.encode_config(self.h.model_view(request.name, request.version))
 
-    @rpc_errors
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Ctx
     ) -> pb.ModelInferResponse:
+        # The server span of ModelInfer is ours, not the interceptor's (server.telemetry.tracing);
+        # it ends with the status @rpc_errors answered with.
+        tracer = self.h.tracer
+        span = None if tracer is None else tracer.begin(context)
+        if span is None:
+            return await self._model_infer(request, context, None)
+        assert tracer is not None
+        LOG_SPAN.set((span.trace_id, span.span_id))  # this RPC's task only (see its comment)
+        try:
+            response = await self._model_infer(request, context, span)
+        except grpc.aio.AbortError:
+            tracer.end(span, context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
+            raise
+        except asyncio.CancelledError:
+            tracer.end(span, grpc.StatusCode.CANCELLED)
+            raise
+        tracer.end(span, grpc.StatusCode.OK)
+        return response
+
+    ModelInfer.__rpc_errors__ = True  # type: ignore[attr-defined]  # _model_infer is wrapped
+
+    @rpc_errors
+    async def _model_infer(
+        self, request: pb.ModelInferRequest, context: Ctx, span: InferTrace | None
+    ) -> pb.ModelInferResponse:
         hints = _hints(context)
-        result = await self.h.infer(codec.decode_infer(request), _deadline(context), hints)
+        result = await self.h.infer(codec.decode_infer(request), _deadline(context), hints, span)
         context.set_trailing_metadata(((ROUTE_REASON_KEY, result.route_reason),))
         return codec.encode_infer(result)
 
@@ -110,11 +137,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # Errors of one request travel in error_message and the stream goes on (Triton's form).
         hints = _hints(context)
+        tracer = self.h.tracer
         async for request in request_iterator:
+            # The stream's server span is the interceptor's; each request adds its inner spans.
+            span = None if tracer is None else tracer.begin_inner()
             try:
-                result = await self.h.infer(codec.decode_infer(request), _deadline(context), hints)
+                result = await self.h.infer(
+                    codec.decode_infer(request), _deadline(context), hints, span
+                )
+                if span is not None:
+                    tracer.end(span, grpc.StatusCode.OK)  # type: ignore[union-attr]
                 yield pb.ModelStreamInferResponse(infer_response=codec.encode_infer(result))
             except MicrotuneError as exc:
+                if span is not None:
+                    tracer.end(span, status_of(exc), exc.message)  # type: ignore[union-attr]
                 yield pb.ModelStreamInferResponse(
                     error_message=exc.message,
                     infer_response=pb.ModelInferResponse(
@@ -122,6 +158,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     ),
                 )
             except Exception:
+                if span is not None:
+                    tracer.end(span, grpc.StatusCode.INTERNAL)  # type: ignore[union-attr]
                 log.exception("internal error in ModelStreamInfer")
                 yield pb.ModelStreamInferResponse(error_message="internal error; see server log")
 

@@ -56,16 +56,16 @@ def _request_fields(request: Any) -> dict[str, str | None]:
 
 
 R = TypeVar("R")
-Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+Handler = Callable[..., Awaitable[R]]  # (self, request, context, *extra)
 
 
 def rpc_errors(fn: Handler[R]) -> Handler[R]:
     """Wrap a unary servicer method so that every exception becomes a proper status."""
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext, *args: Any) -> R:
         try:
-            return await fn(self, request, context)
+            return await fn(self, request, context, *args)
         except MicrotuneError as exc:
             await context.abort(STATUS[exc.code], exc.message)
         except grpc.aio.AbortError:

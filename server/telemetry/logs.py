@@ -30,6 +30,7 @@ from typing import Any, Final, Literal, TextIO
 from opentelemetry import trace
 
 __all__ = [
+    "LOG_SPAN",
     "REQUEST_CONTEXT",
     "JsonFormatter",
     "RequestContext",
@@ -64,6 +65,14 @@ _CONTEXT_KEYS: Final = (*_FIELDS, "span_id")
 _STANDARD: Final = frozenset(
     logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys()
     | {"message", "asctime", "taskName", *_CONTEXT_KEYS}
+)
+
+
+# The (trace id, span id) of a request traced without an active SDK span (ModelInfer's
+# InferTrace, server.telemetry.tracing). Set once per RPC task, never reset: each gRPC call runs
+# in its own asyncio task, whose context copy dies with it.
+LOG_SPAN: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "microtune_log_span", default=None
 )
 
 
@@ -103,11 +112,12 @@ class _ContextFilter(logging.Filter):
             if getattr(record, name, None) is None:
                 setattr(record, name, getattr(ctx, name))
         span = trace.get_current_span().get_span_context()
-        if span.is_valid:
+        ids = (span.trace_id, span.span_id) if span.is_valid else LOG_SPAN.get()
+        if ids is not None:
             if record.trace_id is None:  # type: ignore[attr-defined]
-                record.trace_id = trace.format_trace_id(span.trace_id)
+                record.trace_id = trace.format_trace_id(ids[0])
             if getattr(record, "span_id", None) is None:
-                record.span_id = trace.format_span_id(span.span_id)
+                record.span_id = trace.format_span_id(ids[1])
         return True
 
 

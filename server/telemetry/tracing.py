@@ -1,56 +1,82 @@
 """OpenTelemetry tracing of the front process (the worker exports nothing itself).
 
-One SERVER span per RPC comes from opentelemetry-instrumentation-grpc's aio interceptor (health
-checks filtered out; a client's W3C `traceparent` continues its trace). Inside ModelInfer the
-handler adds, through `RequestTracer`:
+Every RPC but ModelInfer gets its SERVER span from opentelemetry-instrumentation-grpc's aio
+interceptor (health checks filtered out; a client's W3C `traceparent` continues its trace).
+ModelInfer, the hot RPC, is traced by `RequestTracer` with the same span name, kind,
+attributes and parent-based sampling, at a fraction of the cost (docs/architecture.md,
+Decisions): one `InferTrace` record per sampled request, turned into spans in the export
+thread (server.telemetry.infer_trace, server.telemetry.otlp_fast). Inside, ModelInfer and each
+request of ModelStreamInfer have:
 
 - `microtune.route`: model, requested and served version, routing reason;
 - `microtune.queue`: time the call waited in the worker (batcher queue);
 - `microtune.execute`: the model execution the request ran in: batch size, padded bucket,
-  graph replay or eager, input/compute/output nanoseconds. The first request of a batch carries
-  span links to every request the batch served (the worker returns their span contexts).
+  graph replay or eager, input/compute/output nanoseconds. The request the worker counted the
+  execution on carries span links to every request the batch served.
 
 Queue and execute spans are reconstructed from the worker's measured durations, ending when
-the answer reached the front. With tracing off no provider exists and the handler skips all of
-this with one `is None` check; a request whose trace the sampler dropped skips it as well.
-Export: OTLP/gRPC configured by the standard OTEL_EXPORTER_OTLP_* variables (read by the
-exporter), or the console; sampling parent-based with a ratio. Resource: service.name
-"microtune" and service.version unless OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES say
-otherwise.
+the answer reached the front. With tracing off no provider exists and the servicer and handler
+skip all of this with one `is None` check; an unsampled request skips it as well.
+Export: OTLP/gRPC configured by the standard OTEL_EXPORTER_OTLP_* and OTEL_BSP_* variables (read
+by the exporter and the batch processor), or the console; sampling parent-based with a ratio.
+Resource: service.name "microtune" and service.version unless OTEL_SERVICE_NAME /
+OTEL_RESOURCE_ATTRIBUTES say otherwise.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry import trace
+import grpc
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
+    SimpleSpanProcessor,
     SpanExporter,
 )
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Link, SpanContext, TraceFlags
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from runtime.ipc.protocol import Timings
+from server.telemetry.infer_trace import InferTrace
+from server.telemetry.otlp_fast import (
+    ExpandingSpanExporter,
+    FastOTLPSpanExporter,
+    InferTraceEncoder,
+)
 
-__all__ = [
-    "RequestTracer",
-    "decode_span_ref",
-    "encode_span_ref",
-    "make_tracer_provider",
-    "server_interceptor",
-]
+__all__ = ["INFER_METHOD", "RequestTracer", "Tracing", "make_tracing", "server_interceptor"]
+
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+_SCOPE = "microtune"
 
 
-def make_tracer_provider(
+@dataclass(frozen=True)
+class Tracing:
+    """The front's tracing: the SDK provider (for the interceptor) and the span processor
+    that also takes the handler's `InferTrace` records."""
+
+    provider: TracerProvider
+    processor: SpanProcessor
+    ratio: float
+    scope_version: str
+
+    def request_tracer(self) -> RequestTracer:
+        return RequestTracer(self)
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()  # flushes spans still queued for export
+
+
+def make_tracing(
     exporter: str, ratio: float, service_version: str, span_exporter: SpanExporter | None = None
-) -> TracerProvider | None:
-    """`exporter`: "off", "otlp" or "console"; `span_exporter` overrides it (tests)."""
+) -> Tracing | None:
+    """`exporter`: "off", "otlp" or "console"; `span_exporter` overrides it (tests: exported
+    synchronously, each record as SDK spans)."""
     if exporter == "off" and span_exporter is None:
         return None
     # Our service.name/version are defaults: OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
@@ -59,97 +85,85 @@ def make_tracer_provider(
         {"service.name": "microtune", "service.version": service_version}
     ).merge(OTELResourceDetector().detect())
     tp = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(ratio)))
-    if span_exporter is None:
-        if exporter == "otlp":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-            span_exporter = OTLPSpanExporter()
-        else:
-            span_exporter = ConsoleSpanExporter()
-        tp.add_span_processor(BatchSpanProcessor(span_exporter))
+    encoder = InferTraceEncoder(
+        resource, InstrumentationScope(_SCOPE, service_version), tp.id_generator.generate_span_id
+    )
+    processor: SpanProcessor
+    if span_exporter is not None:
+        processor = SimpleSpanProcessor(ExpandingSpanExporter(span_exporter, encoder))
+    elif exporter == "otlp":
+        processor = BatchSpanProcessor(FastOTLPSpanExporter(encoder))
     else:
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        processor = BatchSpanProcessor(ExpandingSpanExporter(ConsoleSpanExporter(), encoder))
+    tp.add_span_processor(processor)
+    return Tracing(tp, processor, ratio, service_version)
 
-        tp.add_span_processor(SimpleSpanProcessor(span_exporter))
-    return tp
 
-
-def server_interceptor(tp: TracerProvider) -> Any:
+def server_interceptor(tracing: Tracing) -> Any:
+    """The instrumentation's interceptor for every RPC but health checks and ModelInfer."""
     from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
     return aio_server_interceptor(
-        tracer_provider=tp, filter_=filters.negate(filters.health_check())
-    )
-
-
-def encode_span_ref() -> bytes:
-    """The current span's (trace id, span id) as 24 bytes for the worker; b"" if none."""
-    ctx = trace.get_current_span().get_span_context()
-    if not ctx.is_valid:
-        return b""
-    return ctx.trace_id.to_bytes(16, "big") + ctx.span_id.to_bytes(8, "big")
-
-
-def decode_span_ref(ref: bytes) -> SpanContext | None:
-    if len(ref) != 24:
-        return None
-    return SpanContext(
-        trace_id=int.from_bytes(ref[:16], "big"),
-        span_id=int.from_bytes(ref[16:], "big"),
-        is_remote=True,
-        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        tracer_provider=tracing.provider,
+        filter_=filters.negate(
+            filters.any_of(filters.health_check(), filters.full_method_name(INFER_METHOD))
+        ),
     )
 
 
 class RequestTracer:
-    def __init__(self, tp: TracerProvider) -> None:
-        self.tracer = tp.get_tracer("microtune")
+    """Starts and finishes the `InferTrace` of a request; everything else is slot writes."""
 
-    def recording(self) -> bool:
-        """Whether the current (server) span is sampled; if not, the request's inner spans
-        would be dropped by the parent-based sampler, so the handler skips them altogether."""
-        return trace.get_current_span().is_recording()
+    def __init__(self, tracing: Tracing) -> None:
+        self._on_end = tracing.processor.on_end
+        self._new_trace_id = tracing.provider.id_generator.generate_trace_id
+        self._new_span_id = tracing.provider.id_generator.generate_span_id
+        # TraceIdRatioBased's own rule, applied without building a sampling result per request.
+        self._bound = TraceIdRatioBased.get_bound_for_rate(tracing.ratio)
+        self._fields = frozenset(propagate.get_global_textmap().fields)
 
-    def route_span(self) -> trace.Span:
-        return self.tracer.start_span("microtune.route")
+    def begin(
+        self, context: grpc.aio.ServicerContext, method: str = INFER_METHOD
+    ) -> InferTrace | None:
+        """The trace of a ModelInfer that starts now, or None when it is not sampled: a
+        sampled client `traceparent` is continued; otherwise the ratio decides."""
+        start = time.time_ns()
+        md = context.invocation_metadata() or ()
+        parent = None
+        user_agent = ""
+        for key, value in md:
+            if key == "user-agent":
+                user_agent = value if isinstance(value, str) else value.decode()
+            elif key in self._fields:
+                parent = md
+        state = ""
+        if parent is not None:
+            ctx = trace.get_current_span(propagate.extract(dict(parent))).get_span_context()
+            if ctx.is_valid:
+                if not ctx.trace_flags.sampled:
+                    return None  # parent-based: the client decided
+                state = ",".join(f"{k}={v}" for k, v in ctx.trace_state.items())
+                return InferTrace(ctx.trace_id, self._new_span_id(), ctx.span_id, state,
+                                  method=method, peer=context.peer(), user_agent=user_agent,
+                                  start_ns=start)  # fmt: skip
+        trace_id = self._new_trace_id()
+        if trace_id & TraceIdRatioBased.TRACE_ID_LIMIT >= self._bound:
+            return None
+        return InferTrace(trace_id, self._new_span_id(), method=method, peer=context.peer(),
+                          user_agent=user_agent, start_ns=start)  # fmt: skip
 
-    def end_route(
-        self, span: trace.Span, model: str, requested: str, served: int, reason: str
-    ) -> None:
-        span.set_attribute("microtune.model", model)
-        span.set_attribute("microtune.requested_version", requested)
-        span.set_attribute("microtune.served_version", served)
-        span.set_attribute("microtune.route_reason", reason)
-        span.end()
+    def begin_inner(self) -> InferTrace | None:
+        """The inner spans of one request of a stream whose server span the instrumentation
+        made (the current span); None when that span is not recording."""
+        span = trace.get_current_span()
+        if not span.is_recording():
+            return None
+        ctx = span.get_span_context()
+        state = ",".join(f"{k}={v}" for k, v in ctx.trace_state.items())
+        return InferTrace(ctx.trace_id, ctx.span_id, trace_state=state, own_server=False)
 
-    def fail_route(self, span: trace.Span, model: str, requested: str, exc: BaseException) -> None:
-        """Routing refused the request (unknown model or version, nothing ready)."""
-        span.set_attribute("microtune.model", model)
-        span.set_attribute("microtune.requested_version", requested)
-        span.record_exception(exc)
-        span.end()
-
-    def execution(self, model: str, version: int, t: Timings, links: Sequence[bytes]) -> None:
-        """Queue and execute spans, ending now (when the worker's answer arrived)."""
-        end = time.time_ns()
-        exec_start = end - (t.input_ns + t.infer_ns + t.output_ns)
-        queue_start = exec_start - t.queue_ns
-        attrs = {"microtune.model": model, "microtune.version": version}
-        q = self.tracer.start_span("microtune.queue", start_time=queue_start, attributes=attrs)
-        q.end(end_time=exec_start)
-        span_links = [Link(c) for c in (decode_span_ref(r) for r in links) if c is not None]
-        e = self.tracer.start_span(
-            "microtune.execute",
-            start_time=exec_start,
-            links=span_links,
-            attributes={
-                **attrs,
-                "microtune.batch_size": t.batch_size,
-                "microtune.padded_batch": t.padded_batch or t.batch_size,
-                "microtune.execution": t.mode,
-                "microtune.input_ns": t.input_ns,
-                "microtune.compute_ns": t.infer_ns,
-                "microtune.output_ns": t.output_ns,
-            },
-        )
-        e.end(end_time=end)
+    def end(self, rec: InferTrace, code: grpc.StatusCode, details: str = "") -> None:
+        rec.end_ns = time.time_ns()
+        rec.code = code
+        rec.details = details
+        self._on_end(rec)  # type: ignore[arg-type]  # see server.telemetry.infer_trace

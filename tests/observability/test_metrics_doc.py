@@ -53,7 +53,7 @@ def test_every_registry_family_is_documented() -> None:
 
 
 def test_every_span_and_attribute_is_documented() -> None:
-    source = (ROOT / "server" / "telemetry" / "tracing.py").read_text()
+    source = (ROOT / "server" / "telemetry" / "infer_trace.py").read_text()
     names = set(re.findall(r'"(microtune\.[a-z_]+)"', source))
     assert {"microtune.route", "microtune.queue", "microtune.execute"} <= names
     assert "microtune.batch_size" in names

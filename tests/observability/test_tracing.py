@@ -27,7 +27,7 @@ from otlp_collector import FakeCollector
 
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pbg
-from server.telemetry.tracing import make_tracer_provider
+from server.telemetry.tracing import make_tracing
 
 SERVICE = "inference.GRPCInferenceService"
 INFER_CHILDREN = {"microtune.route", "microtune.queue", "microtune.execute"}
@@ -192,6 +192,26 @@ def test_infer_spans_route_queue_execute(
     assert not execute.links  # a batch of one links to nobody else
 
 
+def test_stream_requests_get_inner_spans_under_the_stream_span(traced: InProcess) -> None:
+    # ModelStreamInfer's server span is the instrumentation's; each request adds its own
+    # route, queue and execute spans under it.
+    exporter = fresh(traced)
+
+    async def stream() -> list[Any]:
+        async with grpc.aio.insecure_channel(traced.target) as ch:
+            stub = pbg.GRPCInferenceServiceStub(ch)
+            reqs = [fp32_request("dense", request_id=f"s{i}") for i in range(2)]
+            return [r async for r in stub.ModelStreamInfer(iter(reqs))]
+
+    answers = traced.run(stream())
+    assert [a.error_message for a in answers] == ["", ""]
+    spans = settle(exporter)
+    (server,) = server_spans(spans, "ModelStreamInfer")
+    kids = [s for s in spans if s.parent is not None and s.parent.span_id == server.context.span_id]
+    assert sorted(s.name for s in kids) == sorted([*INFER_CHILDREN] * 2)
+    assert {s.context.trace_id for s in kids} == {server.context.trace_id}
+
+
 def test_failed_request_span_has_error_status(traced: InProcess) -> None:
     exporter = fresh(traced)
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -289,7 +309,7 @@ def test_tracing_off_records_nothing(
     provider.add_span_processor(SimpleSpanProcessor(recorder))
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
     with in_process_app(model_repository, None, tracing="off") as srv:
-        assert srv.app.tracer_provider is None
+        assert srv.app.tracing is None
         assert srv.app.handler.tracer is None
         _, metadata = traceparent()
         srv.run(_infer(srv.target, fp32_request("dense"), fp32_request("dense_batched"),
@@ -301,10 +321,10 @@ def test_resource_service_name_defaults_and_otel_variables(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def resource() -> dict[str, Any]:
-        tp = make_tracer_provider("console", 1.0, "9.9.9", InMemorySpanExporter())
-        assert tp is not None
-        attrs = dict(tp.resource.attributes)
-        tp.shutdown()
+        tracing = make_tracing("console", 1.0, "9.9.9", InMemorySpanExporter())
+        assert tracing is not None
+        attrs = dict(tracing.provider.resource.attributes)
+        tracing.shutdown()
         return attrs
 
     for var in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):

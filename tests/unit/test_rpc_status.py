@@ -234,7 +234,7 @@ def test_statuses_on_a_real_grpc_aio_server(caplog: pytest.LogCaptureFixture) ->
 
 
 def _servicer(**handler_attrs: Any) -> InferenceServicer:
-    return InferenceServicer(SimpleNamespace(**handler_attrs))  # type: ignore[arg-type]
+    return InferenceServicer(SimpleNamespace(tracer=None, **handler_attrs))  # type: ignore[arg-type]
 
 
 def _call_unary(
@@ -270,7 +270,9 @@ def test_servicer_maps_handler_errors() -> None:
 def test_servicer_infer_decodes_before_calling_the_handler() -> None:
     called: list[object] = []
 
-    async def infer(req: object, deadline: object, hints: object = None) -> object:
+    async def infer(
+        req: object, deadline: object, hints: object = None, span: object = None
+    ) -> object:
         called.append(req)
         raise AssertionError("not reached")
 
@@ -281,7 +283,9 @@ def test_servicer_infer_decodes_before_calling_the_handler() -> None:
 
 
 def test_stream_errors_travel_in_error_message() -> None:
-    async def infer(req: Any, deadline: object, hints: object = None) -> object:
+    async def infer(
+        req: Any, deadline: object, hints: object = None, span: object = None
+    ) -> object:
         if req.model == "missing":
             raise errors.NotFound("Request for unknown model: 'missing' is not found")
         raise RuntimeError("secret")

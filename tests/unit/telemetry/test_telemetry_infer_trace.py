@@ -1,0 +1,205 @@
+"""InferTrace records: the fast OTLP encoding is exactly the SDK's encoding of the same spans,
+and the tracer's sampling rule is TraceIdRatioBased's."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any
+
+import grpc
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanKind
+
+from runtime.ipc.protocol import Timings
+from server.telemetry.infer_trace import InferTrace
+from server.telemetry.otlp_fast import ExpandingSpanExporter, InferTraceEncoder
+from server.telemetry.tracing import INFER_METHOD, RequestTracer, Tracing
+
+RESOURCE = Resource.create({"service.name": "microtune", "service.version": "0.1.0"})
+SCOPE = InstrumentationScope("microtune", "0.1.0")
+
+
+def _ids() -> Any:
+    counter = itertools.count(0x1000)
+    return lambda: next(counter)
+
+
+def record(**kw: Any) -> InferTrace:
+    """A finished, successful ModelInfer record; keyword arguments override its fields."""
+    rec = InferTrace(
+        kw.pop("trace_id", 0xABC),
+        kw.pop("span_id", 0x51),
+        kw.pop("parent_id", 0),
+        kw.pop("trace_state", ""),
+        own_server=kw.pop("own_server", True),
+        method=INFER_METHOD,
+        peer=kw.pop("peer", "ipv4:127.0.0.1:50001"),
+        user_agent=kw.pop("user_agent", "grpc-c++/1.70"),
+        start_ns=1_000_000,
+    )
+    rec.model, rec.requested, rec.served, rec.reason = "dense", "", 2, "stable"
+    rec.route_start, rec.route_end = 1_000_100, 1_000_200
+    rec.timings = kw.pop("timings", Timings(queue_ns=300, input_ns=40, infer_ns=5000, output_ns=60))
+    rec.answer_ns = 1_010_000
+    rec.end_ns = 1_011_000
+    for key, value in kw.items():
+        setattr(rec, key, value)
+    return rec
+
+
+def sdk_encoding(encoder: InferTraceEncoder, data: list[Any]) -> Any:
+    expanded: list[ReadableSpan] = []
+    for d in data:
+        if isinstance(d, InferTrace):
+            expanded.extend(d.readable_spans(encoder.resource, encoder.scope, encoder.new_span_id))
+        else:
+            expanded.append(d)
+    return encode_spans(expanded)
+
+
+LINK = (0xABC).to_bytes(16, "big") + (0x51).to_bytes(8, "big")
+OTHER = (0xDEF).to_bytes(16, "big") + (0x77).to_bytes(8, "big")
+CASES = {
+    "root": {},
+    "client parent + tracestate": {"parent_id": 0x99, "trace_state": "vendor=a,other=b"},
+    "ipv6 peer, no user agent": {"peer": "ipv6:[::1]:40000", "user_agent": ""},
+    "unix peer": {"peer": "unix:/tmp/s"},
+    "batch with links": {
+        "timings": Timings(
+            queue_ns=1,
+            input_ns=2,
+            infer_ns=3,
+            output_ns=4,
+            batch_size=2,
+            padded_batch=4,
+            mode="replay",
+            links=(LINK, OTHER),
+        ),
+    },
+    "stream request (no server span)": {"own_server": False},
+    "canary route": {"served": 3, "reason": "canary", "requested": "canary"},
+    "failed in the worker": {
+        "timings": None,
+        "code": grpc.StatusCode.UNAVAILABLE,
+        "details": "worker restarting",
+    },
+    "refused by routing": {
+        "timings": None,
+        "served": None,
+        "reason": "",
+        "route_error": ("NotFound", "no version 7"),
+        "code": grpc.StatusCode.NOT_FOUND,
+        "details": "no version 7",
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_encoding_equals_the_sdk_encoding(case: str) -> None:
+    encoder = InferTraceEncoder(RESOURCE, SCOPE, _ids())
+    recs = [record(**CASES[case]), record(**CASES[case])]  # the second one hits the caches
+    fast = encoder.encode(recs)
+    assert fast == sdk_encoding(encoder, recs)
+    assert encoder.count(recs) == sum(len(ss.spans) for ss in fast.resource_spans[0].scope_spans)
+
+
+def by_scope(request: Any) -> dict[tuple[bytes, str], list[bytes]]:
+    """(resource, scope) -> the spans, serialized: an export request up to the groups' order."""
+    return {
+        (rs.resource.SerializeToString(deterministic=True), ss.scope.name): [
+            span.SerializeToString(deterministic=True) for span in ss.spans
+        ]
+        for rs in request.resource_spans
+        for ss in rs.scope_spans
+    }
+
+
+def test_mixed_batch_keeps_the_sdk_grouping() -> None:
+    # Spans of the grpc instrumentation (another scope) travel in the same export request.
+    memory = InMemorySpanExporter()
+    tp = TracerProvider(resource=RESOURCE)
+    tp.add_span_processor(SimpleSpanProcessor(memory))
+    with tp.get_tracer("opentelemetry.instrumentation.grpc").start_as_current_span(
+        "/inference.GRPCInferenceService/ModelMetadata", kind=SpanKind.SERVER
+    ):
+        pass
+    (other,) = memory.get_finished_spans()
+    encoder = InferTraceEncoder(RESOURCE, SCOPE, _ids())
+    data: list[Any] = [record(), other, record(parent_id=5)]
+    fast = encoder.encode(data)
+    assert by_scope(fast) == by_scope(sdk_encoding(encoder, data))  # groups' order is free
+    scopes = {ss.scope.name: len(ss.spans) for rs in fast.resource_spans for ss in rs.scope_spans}
+    assert scopes == {"opentelemetry.instrumentation.grpc": 1, "microtune": 8}
+
+
+def test_expanding_exporter_hands_sdk_spans_to_any_exporter() -> None:
+    memory = InMemorySpanExporter()
+    encoder = InferTraceEncoder(RESOURCE, SCOPE, _ids())
+    ExpandingSpanExporter(memory, encoder).export([record()])
+    spans = memory.get_finished_spans()
+    assert [s.name for s in spans] == [
+        INFER_METHOD, "microtune.route", "microtune.queue", "microtune.execute",
+    ]  # fmt: skip
+    server = spans[0]
+    assert server.kind is SpanKind.SERVER and server.parent is None
+    assert dict(server.attributes) == {
+        "rpc.system": "grpc", "rpc.grpc.status_code": 0, "rpc.method": "ModelInfer",
+        "rpc.service": "inference.GRPCInferenceService", "rpc.user_agent": "grpc-c++/1.70",
+        "net.peer.ip": "127.0.0.1", "net.peer.port": "50001", "net.peer.name": "localhost",
+    }  # fmt: skip
+    for child in spans[1:]:
+        assert child.parent is not None and child.parent.span_id == server.context.span_id
+        assert server.start_time <= child.start_time <= child.end_time <= server.end_time
+
+
+def _tracer(ratio: float) -> RequestTracer:
+    tp = TracerProvider()
+    return RequestTracer(Tracing(tp, SimpleSpanProcessor(InMemorySpanExporter()), ratio, "0"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    trace_id=st.integers(min_value=1, max_value=(1 << 128) - 1),
+    ratio=st.sampled_from([0.0, 0.001, 0.1, 0.5, 0.999, 1.0]),
+)
+def test_sampling_rule_is_trace_id_ratio_based(trace_id: int, ratio: float) -> None:
+    tracer = _tracer(ratio)
+    tracer._new_trace_id = lambda: trace_id  # type: ignore[method-assign]
+
+    class Ctx:
+        def invocation_metadata(self) -> tuple[()]:
+            return ()
+
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:1"
+
+    sampled = tracer.begin(Ctx()) is not None  # type: ignore[arg-type]
+    sdk = TraceIdRatioBased(ratio).should_sample(None, trace_id, "x").decision
+    assert sampled == (sdk is Decision.RECORD_AND_SAMPLE)
+
+
+def test_sampling_ratio_is_honoured_statistically() -> None:
+    tracer = _tracer(0.25)
+    rng = random.Random(7)
+    tracer._new_trace_id = lambda: rng.getrandbits(128) or 1  # type: ignore[method-assign]
+
+    class Ctx:
+        def invocation_metadata(self) -> tuple[()]:
+            return ()
+
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:1"
+
+    n = 20_000
+    got = sum(tracer.begin(Ctx()) is not None for _ in range(n))  # type: ignore[arg-type]
+    assert abs(got / n - 0.25) < 0.02
