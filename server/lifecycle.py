@@ -64,6 +64,9 @@ class ModelManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self.single_front = True
         self.on_model_loaded: Callable[[str], None] | None = None
+        # Called with (model, version) once a version is gone from the worker (unloaded, or its
+        # model removed from the repository): the owner drops what it keeps about it (metrics).
+        self.on_version_unloaded: Callable[[str, int], None] | None = None
         self.batching_enabled = True
         self._tmp: dict[str, Path] = {}  # override directories made from load parameters
         link.on_restart = self.reload_all
@@ -175,8 +178,11 @@ class ModelManager:
                         self.on_model_loaded(name)
         for name in set(self.table.models) - set(scanned):
             async with self._lock(name):
-                await self._unload_ready(self.table.models[name])
+                entry = self.table.models[name]
+                await self._unload_ready(entry)
                 del self.table.models[name]
+                for ve in entry.versions.values():  # failed versions too: the model is gone
+                    self._forget(ve)
 
     async def _apply(self, s: ScannedModel) -> None:
         """Make the loaded versions of a model those of `s`: load (or reload) the selected
@@ -293,6 +299,12 @@ class ModelManager:
         with contextlib.suppress(WorkerGone):
             await self.link.require().unload(ve.model, ve.version)
         ve.state, ve.reason, ve.signature = ModelState.UNAVAILABLE, "unloaded", None
+        self._forget(ve)
+
+    def _forget(self, ve: VersionEntry) -> None:
+        ve.unloaded = True
+        if self.on_version_unloaded is not None:
+            self.on_version_unloaded(ve.model, ve.version)
 
     def _write_override(self, name: str, files: Mapping[str, bytes]) -> Path:
         """Triton's `file:<version>/<name>` load parameters: a private copy of the model."""

@@ -28,6 +28,9 @@ class VersionEntry:
     inflight: int = 0  # requests routed here and not finished: unload drains them first
     load_ns: int = 0
     stats: VersionStats = field(default_factory=VersionStats)
+    # Freed in the worker by an unload (not a failed load): listed as UNAVAILABLE, but its
+    # metric series are gone (Metrics.forget_version). A new load makes a new entry.
+    unloaded: bool = False
 
 
 @dataclass(slots=True)

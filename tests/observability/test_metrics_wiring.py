@@ -1,0 +1,115 @@
+"""The metrics the running server writes from the worker's reports and the model lifecycle, seen
+through a real scrape of an in-process server (explicit model control, CPU worker):
+
+- an unloaded version's gauges leave /metrics (and the periodic sync does not bring them back),
+  its counters stay; a model removed from the repository loses its gauges the same way.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from obs_support import InProcess, fp32_request, in_process_app, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from server._proto.inference import grpc_service_pb2 as pb
+from server._proto.inference import grpc_service_pb2_grpc as pbg
+from server.settings import DEMO_REPOSITORY
+
+SYNC_PERIOD_S = 1.0  # App._sync_metrics
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("wiring-repo") / "models"
+    for name in ("dense", "simple"):
+        shutil.copytree(DEMO_REPOSITORY / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def explicit(repo: Path) -> Iterator[InProcess]:
+    with in_process_app(repo, model_control_mode="explicit", load_model="*") as srv:
+        yield srv
+
+
+def scrape(srv: InProcess) -> list[tuple[str, dict[str, str], float]]:
+    assert srv.app.metrics_server is not None
+    with urllib.request.urlopen(srv.app.metrics_server.url, timeout=10) as r:
+        text = r.read().decode()
+    return [
+        (s.name, s.labels, s.value)
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    ]
+
+
+def series(srv: InProcess, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of `name` whose labels include `labels`."""
+    return [
+        (lab, v)
+        for n, lab, v in scrape(srv)
+        if n == name and all(lab.get(k) == want for k, want in labels.items())
+    ]
+
+
+def gauges_of(srv: InProcess, model: str) -> set[str]:
+    """Names of the per-version gauge families that have a series for `model`."""
+    per_version = (
+        "microtune_model_state",
+        "microtune_model_load_duration_seconds",
+        "microtune_model_device_memory_bytes",
+        "microtune_routing_weight_basis_points",
+    )
+    return {n for n, lab, _ in scrape(srv) if n in per_version and lab.get("model") == model}
+
+
+def test_unloaded_versions_leave_the_exposition(explicit: InProcess, repo: Path) -> None:
+    srv = explicit
+    ready = {"state": "READY"}
+    wait_for(
+        lambda: (
+            len(series(srv, "microtune_model_state", model="dense", **ready)) == 2
+            and series(srv, "microtune_model_state", model="simple", **ready)
+        ),
+        10,
+        "dense versions 1 and 2 and simple READY in /metrics",
+    )
+    assert series(srv, "microtune_model_load_duration_seconds", model="dense", version="2")
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pbg.GRPCInferenceServiceStub(ch)
+        stub.ModelInfer(fp32_request("dense"), timeout=10)
+        stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="dense"), timeout=30)
+        assert gauges_of(srv, "dense") == set()  # at once, not at the next sync
+        time.sleep(2.5 * SYNC_PERIOD_S)
+        assert gauges_of(srv, "dense") == set()  # and the periodic sync does not re-add them
+        # Counters stay: removing one would look like a reset to Prometheus.
+        assert series(srv, "microtune_requests_total", model="dense", code="OK")
+        # The index still lists the versions, as unloaded.
+        index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
+        assert {(m.version, m.state) for m in index.models if m.name == "dense"} == {
+            ("1", "UNAVAILABLE"),
+            ("2", "UNAVAILABLE"),
+        }
+        # Loading again brings them back.
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="dense"), timeout=60)
+    wait_for(
+        lambda: len(series(srv, "microtune_model_state", model="dense", **ready)) == 2,
+        10,
+        "dense READY again",
+    )
+
+    # Poll path: a model whose directory is gone is unloaded and loses its gauges.
+    shutil.rmtree(repo / "simple")
+    srv.run(srv.app.manager.poll_once())
+    assert "simple" not in srv.app.table.models
+    assert gauges_of(srv, "simple") == set()
+    time.sleep(1.5 * SYNC_PERIOD_S)
+    assert gauges_of(srv, "simple") == set()
+    assert gauges_of(srv, "dense") >= {"microtune_model_state"}
