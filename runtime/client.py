@@ -20,6 +20,7 @@ from runtime.ipc.protocol import (
     FRAME_HEADER,
     PROTOCOL_VERSION,
     Code,
+    GetStatus,
     Hello,
     Infer,
     InferDone,
@@ -31,6 +32,7 @@ from runtime.ipc.protocol import (
     UnloadDone,
     UnloadModel,
     Welcome,
+    WorkerStatus,
     decode_worker,
     encode,
 )
@@ -140,6 +142,16 @@ class RuntimeClient:
         self._send(UnloadModel(rid, name, version))
         await fut
 
+    async def status(self) -> WorkerStatus:
+        """What the worker holds for this front: its calls waiting in batcher queues, its
+        arena's pinned bytes (runtime.ipc.protocol.WorkerStatus)."""
+        rid = self.next_request_id()
+        fut = self._expect(rid)
+        self._send(GetStatus(rid))
+        done = await fut
+        assert isinstance(done, WorkerStatus)
+        return done
+
     def next_request_id(self) -> int:
         return next(self._ids)
 
@@ -228,7 +240,7 @@ class RuntimeClient:
         self._pending[key] = fut
         return fut
 
-    def _send(self, msg: Hello | LoadModel | UnloadModel | Infer) -> None:
+    def _send(self, msg: Hello | LoadModel | UnloadModel | Infer | GetStatus) -> None:
         if self._transport is None or self.closed:
             raise WorkerGone("worker is not connected")
         # Concurrent requests of one loop iteration leave in one write (one syscall).
@@ -253,7 +265,7 @@ class RuntimeClient:
             return
         if isinstance(msg, Welcome):
             key = 0
-        elif isinstance(msg, LoadDone | UnloadDone):
+        elif isinstance(msg, LoadDone | UnloadDone | WorkerStatus):
             key = msg.request_id
         else:  # pragma: no cover - the union is closed
             return

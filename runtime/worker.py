@@ -39,16 +39,19 @@ from runtime.ipc.protocol import (
     MAX_FRAME,
     PROTOCOL_VERSION,
     Code,
+    GetStatus,
     Hello,
     Infer,
     InferDone,
     LoadDone,
     LoadModel,
     ModelSignature,
+    QueuedCalls,
     Shutdown,
     UnloadDone,
     UnloadModel,
     Welcome,
+    WorkerStatus,
     decode_front,
     encode,
 )
@@ -349,6 +352,8 @@ class Connection:
             threading.Thread(target=self._load, args=(msg,), daemon=True).start()
         elif isinstance(msg, UnloadModel):
             self.send(self.worker.unload(msg))
+        elif isinstance(msg, GetStatus):
+            self.send(self._status(msg))
         elif isinstance(msg, Shutdown):
             self.worker.stopping.set()
             return False
@@ -369,6 +374,22 @@ class Connection:
                 self.worker.device,
                 tuple(ort.get_available_providers()),
             )
+        )
+
+    def _status(self, msg: GetStatus) -> WorkerStatus:
+        """This front's calls waiting in batcher queues, and its arena's pinned bytes. Counted
+        on the reader thread: a pass over queues that are short unless the worker is behind."""
+        with self.worker._models_lock:
+            plain = list(self.worker.batchers.items())
+            graphs = [(key, gm.batcher) for key, gm in self.worker.graph_models.items()]
+        answer = self.send_quiet  # graph models' calls carry their answer callback, not us
+        counts = [((name, v), b.count_queued(lambda q: q[0] is self)) for (name, v), b in plain]
+        counts += [((name, v), b.count_queued(lambda q: q[0] == answer)) for (name, v), b in graphs]
+        pinned = self.pinned
+        return WorkerStatus(
+            msg.request_id,
+            tuple(QueuedCalls(name, v, n) for (name, v), n in counts if n),
+            0 if pinned is None or pinned.closed else pinned.size,
         )
 
     def _pin(self) -> None:

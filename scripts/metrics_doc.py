@@ -51,8 +51,9 @@ def exercise() -> CollectorRegistry:
     )
     m.observe_execution("dense", 1, 4, graph_replay=True)
     m.observe_execution("dense", 1, 3, graph_replay=False)
-    with m.track_inflight("dense"), m.track_pending("dense"):
+    with m.track_inflight("dense"):
         pass
+    m.set_pending([("dense", 0)])
     m.count_rollback("dense", 1)
     m.observe_shadow("dense", 1, ShadowOutcome.MATCH, 0.0)
     m.track_shm_slots(lambda: 0, lambda: 1024)

@@ -157,7 +157,8 @@ class App:
             self.gpu_sampler = None
 
     async def _sync_metrics(self) -> None:
-        """Model states, load times, capacities and weights, refreshed off the request path."""
+        """Model states, load times, capacities and weights, and the worker's report on this
+        front (queued calls, pinned arena), refreshed off the request path."""
         m = self.metrics
         assert m is not None
         while True:
@@ -174,6 +175,10 @@ class App:
                 m.set_capacity(name, capacity_for(ready_batches))
                 table = self.router.tables.get(name)
                 m.set_routing_weights(name, {} if table is None else table.weights)
+            with contextlib.suppress(TimeoutError):  # a busy worker: keep the last sample
+                status = await self.link.status(timeout_s=1.0)
+                m.set_pending(() if status is None else ((q.name, q.calls) for q in status.queued))
+                m.set_pinned_bytes(0 if status is None else status.pinned_bytes)
             await asyncio.sleep(1.0)
 
     def _rolled_back(self, model: str, version: int, reason: str) -> None:

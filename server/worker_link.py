@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from runtime.client import RuntimeClient, WorkerGone
-from runtime.ipc.protocol import Welcome
+from runtime.ipc.protocol import Welcome, WorkerStatus
 from runtime.ipc.shm import Arena, SlotPool, arena_name, remove_stale_arenas
 from runtime.process import WorkerProcess
 from runtime.settings import WorkerSettings
@@ -82,6 +82,18 @@ class WorkerLink:
         if self.client is None or self.client.closed:
             raise WorkerGone("the runtime worker is restarting")
         return self.client
+
+    async def status(self, timeout_s: float) -> WorkerStatus | None:
+        """The worker's report on this front (runtime.client.RuntimeClient.status); None while
+        no worker is connected, when nothing of this front waits or is pinned in a worker.
+        TimeoutError when a connected worker has not answered within `timeout_s`."""
+        client = self.client
+        if client is None or client.closed:
+            return None
+        try:
+            return await asyncio.wait_for(client.status(), timeout_s)
+        except WorkerGone:
+            return None
 
     async def start(self) -> None:
         if self.owner:

@@ -253,6 +253,11 @@ class Batcher(Generic[T]):
                 rejected=self._rejected,
             )
 
+    def count_queued(self, where: Callable[[T], bool]) -> int:
+        """Requests waiting now whose payload satisfies `where` (e.g. those of one front)."""
+        with self._cond:
+            return sum(1 for p in self._queue if where(p.payload))
+
     def _take(self) -> Formed[T]:
         """Decide under the lock and remove what was decided from the queue."""
         formed = form_batch(

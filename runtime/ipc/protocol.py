@@ -20,6 +20,7 @@ __all__ = [
     "Batching",
     "Code",
     "FrontMessage",
+    "GetStatus",
     "Hello",
     "Infer",
     "InferDone",
@@ -28,6 +29,7 @@ __all__ = [
     "ModelSignature",
     "OutputData",
     "OutputRequest",
+    "QueuedCalls",
     "Shutdown",
     "TensorInfo",
     "TensorRef",
@@ -36,6 +38,7 @@ __all__ = [
     "UnloadModel",
     "Welcome",
     "WorkerMessage",
+    "WorkerStatus",
     "decode_front",
     "decode_worker",
     "encode",
@@ -159,11 +162,18 @@ class Infer(_Msg, tag="infer"):
     span: bytes = b""  # the request's trace/span id (24 bytes) for execution span links
 
 
+class GetStatus(_Msg, tag="status"):
+    """Ask what the worker holds for this front (the front's metrics poll it about once a
+    second, off the request path)."""
+
+    request_id: int
+
+
 class Shutdown(_Msg, tag="shutdown"):
     pass
 
 
-FrontMessage = Hello | LoadModel | UnloadModel | Infer | Shutdown
+FrontMessage = Hello | LoadModel | UnloadModel | Infer | GetStatus | Shutdown
 
 # ----------------------------------------------------------------------------- worker -> front
 
@@ -207,7 +217,23 @@ class InferDone(_Msg, tag="done"):
     timings: Timings | None = None
 
 
-WorkerMessage = Welcome | LoadDone | UnloadDone | InferDone
+class QueuedCalls(_Msg):
+    """Calls of one front waiting in the queue of one model version's batcher."""
+
+    name: str
+    version: int
+    calls: int
+
+
+class WorkerStatus(_Msg, tag="report"):
+    """The answer to GetStatus, about the asking front only."""
+
+    request_id: int
+    queued: tuple[QueuedCalls, ...] = ()  # versions with calls waiting (none listed: none)
+    pinned_bytes: int = 0  # bytes of the front's arena page-locked for the GPU (0 on a CPU)
+
+
+WorkerMessage = Welcome | LoadDone | UnloadDone | InferDone | WorkerStatus
 
 _encoder = msgspec.msgpack.Encoder()
 _front_decoder = msgspec.msgpack.Decoder(FrontMessage)

@@ -20,8 +20,8 @@ The saturation gauge is defined in `server.telemetry.saturation`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, suppress
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, suppress
 from enum import StrEnum
 from typing import Final
 
@@ -92,6 +92,7 @@ class Metrics:
         self._models: set[str] = set()  # declared model names (label values we accept)
         self._weighted: dict[str, set[str]] = {}  # model -> versions with a weight series
         self._inflight_cache: dict[str, Gauge] = {}
+        self._pending_labels: set[str] = set()  # model labels with a pending series
 
         def counter(name: str, doc: str, labels: Sequence[str] = _MV) -> Counter:
             return Counter(name, doc, labels, registry=r)
@@ -170,7 +171,7 @@ class Metrics:
         )
         self.pending = gauge(
             "microtune_pending_requests",
-            "Requests waiting in the front (for arena room) before dispatch to the worker.",
+            "Requests of this front waiting in a worker batcher queue (sampled every second).",
             ["model"],
         )
         self.rollbacks = counter(
@@ -275,15 +276,18 @@ class Metrics:
         # Saturation exists for declared models only: they have a capacity.
         return _InFlight(gauge, self.saturation if known else None, model, batch)
 
-    @contextmanager
-    def track_pending(self, model: str) -> Iterator[None]:
-        """Count a request as waiting in this front (e.g. for arena room) before dispatch."""
-        gauge = self.pending.labels(model if model in self._models else OTHER_MODEL)
-        gauge.inc()
-        try:
-            yield
-        finally:
-            gauge.dec()
+    def set_pending(self, queued: Iterable[tuple[str, int]]) -> None:
+        """Replace every model's pending count with `queued`: (model, calls) for each version
+        with calls of this front waiting in the worker's batcher queue, as the worker reported
+        them (not per request: the front samples the worker off the request path). Declared
+        models not in it have 0 waiting."""
+        counts = dict.fromkeys(self._models | self._pending_labels, 0)
+        for model, calls in queued:
+            label = model if model in self._models else OTHER_MODEL
+            counts[label] = counts.get(label, 0) + calls
+        for label, calls in counts.items():
+            self.pending.labels(label).set(calls)
+        self._pending_labels = set(counts)
 
     # ------------------------------------------------------------ models and routing
 

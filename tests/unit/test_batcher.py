@@ -201,6 +201,16 @@ def test_queue_full() -> None:
     assert DEFAULT_MAX_QUEUE_SIZE == Batcher(1).max_queue_size == 1024
 
 
+def test_count_queued_counts_waiting_requests_by_payload() -> None:
+    b: Batcher[str] = Batcher(8, max_queue_delay_ns=MS)
+    for i, owner in enumerate(["a", "b", "a"]):
+        b.submit(Pending(i, 1, 0, payload=owner))
+    assert b.count_queued(lambda owner: owner == "a") == 2
+    assert b.count_queued(lambda owner: owner == "c") == 0
+    b.poll(lambda batch: None, lambda p: None)  # the clock is past the delay: all three go
+    assert b.count_queued(lambda owner: True) == 0
+
+
 def test_submit_after_close_is_refused() -> None:
     b: Batcher[None] = Batcher(8)
     assert b.close() is True  # nothing queued, no loop

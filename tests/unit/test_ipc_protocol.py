@@ -16,6 +16,7 @@ from runtime.ipc.protocol import (
     PROTOCOL_VERSION,
     Code,
     FrontMessage,
+    GetStatus,
     Hello,
     Infer,
     InferDone,
@@ -24,6 +25,7 @@ from runtime.ipc.protocol import (
     ModelSignature,
     OutputData,
     OutputRequest,
+    QueuedCalls,
     Shutdown,
     TensorInfo,
     TensorRef,
@@ -32,6 +34,7 @@ from runtime.ipc.protocol import (
     UnloadModel,
     Welcome,
     WorkerMessage,
+    WorkerStatus,
     decode_front,
     decode_worker,
     encode,
@@ -61,6 +64,7 @@ FRONT: list[FrontMessage] = [
         deadline_ns=123_456_789,
     ),
     Infer(1, "m", 2, (), (), 0, 0),
+    GetStatus(5),
     Shutdown(),
 ]
 
@@ -81,6 +85,8 @@ WORKER: list[WorkerMessage] = [
     ),
     InferDone(43, Code.MODEL_FAILED, "Cast failed"),
     InferDone(44, Code.DEADLINE),
+    WorkerStatus(5, (QueuedCalls("dense_large", 1, 3), QueuedCalls("dense", 2, 1)), 1 << 26),
+    WorkerStatus(6),
 ]
 
 

@@ -62,8 +62,9 @@ class _FixedProbe:
 
 def exercise(m: Metrics) -> None:
     """Touch every family once, the way the server will."""
-    with m.track_inflight("dense", 2), m.track_pending("dense"):
+    with m.track_inflight("dense", 2):
         m.observe_request("dense", 1, "stable", OK, 3e-4, queue_s=2e-5, compute_s=2e-4, batch=2)
+    m.set_pending([("dense", 1)])
     m.observe_request("nope", None, "", grpc.StatusCode.NOT_FOUND, 1e-5)
     m.observe_execution("dense", 1, 2, graph_replay=True)
     m.observe_execution("dense", 1, 512, graph_replay=False)
@@ -158,18 +159,33 @@ def test_observe_execution_batches_and_graphs(
     assert k("microtune_graph_replays_total", model="simple", version="1") not in s
 
 
-def test_inflight_and_pending_return_to_zero_on_errors(
+def test_inflight_returns_to_zero_on_errors(
     metrics: Metrics, scrape: Callable[..., Any], k: Callable[..., Any]
 ) -> None:
-    with metrics.track_inflight("dense", 3), metrics.track_pending("dense"):
+    with metrics.track_inflight("dense", 3):
         s = scrape(metrics.registry)
         assert s[k("microtune_inflight_requests", model="dense")] == 1
-        assert s[k("microtune_pending_requests", model="dense")] == 1
     with pytest.raises(RuntimeError), metrics.track_inflight("dense"):
         raise RuntimeError("boom")
     s = scrape(metrics.registry)
     assert s[k("microtune_inflight_requests", model="dense")] == 0
+
+
+def test_pending_is_replaced_by_each_report(
+    metrics: Metrics, scrape: Callable[..., Any], k: Callable[..., Any]
+) -> None:
+    """set_pending takes the worker's (model, calls) per version: versions add up per model,
+    models left out have none waiting, an undeclared name counts as OTHER_MODEL."""
+    metrics.set_pending([("dense", 2), ("dense", 3), ("typo", 1)])
+    s = scrape(metrics.registry)
+    assert s[k("microtune_pending_requests", model="dense")] == 5
+    assert s[k("microtune_pending_requests", model="simple")] == 0
+    assert s[k("microtune_pending_requests", model=OTHER_MODEL)] == 1
+    metrics.set_pending([("simple", 1)])
+    s = scrape(metrics.registry)
     assert s[k("microtune_pending_requests", model="dense")] == 0
+    assert s[k("microtune_pending_requests", model="simple")] == 1
+    assert s[k("microtune_pending_requests", model=OTHER_MODEL)] == 0
 
 
 def test_saturation_is_the_inflight_average_over_capacity(metrics: Metrics, clock: Any) -> None:

@@ -1,0 +1,100 @@
+"""The worker's status report (GetStatus -> WorkerStatus): each front learns how many of its own
+calls wait in batcher queues (plain and CUDA-graph models alike) and how much of its arena the
+worker has pinned. No model runs: the batchers have no loop, so what is submitted stays queued.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from runtime.engine.batcher import Batcher, Pending
+from runtime.ipc.pinning import PinnedRegion
+from runtime.ipc.protocol import (
+    FRAME_HEADER,
+    GetStatus,
+    Infer,
+    QueuedCalls,
+    WorkerStatus,
+    decode_worker,
+)
+from runtime.settings import WorkerSettings
+from runtime.worker import Connection, Worker
+
+CALL = Infer(1, "m", 1, (), (), 0, 0)
+NEVER_NS = 10**15  # a queue delay no test waits out
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[Worker]:
+    w = Worker(WorkerSettings(socket_path=str(tmp_path / "w.sock"), device="cpu"))
+    yield w
+    w.pool.shutdown()
+
+
+@pytest.fixture
+def fronts(worker: Worker) -> Iterator[tuple[Connection, Connection, socket.socket]]:
+    """Two fronts' connections; the third item is the first front's end of its socket."""
+    a_sock, a_front = socket.socketpair()
+    b_sock, b_front = socket.socketpair()
+    yield Connection(worker, a_sock), Connection(worker, b_sock), a_front
+    for s in (a_sock, a_front, b_sock, b_front):
+        s.close()
+
+
+def _queue(worker: Worker, a: Connection, b: Connection) -> None:
+    plain: Batcher[Any] = Batcher(8, max_queue_delay_ns=NEVER_NS)
+    worker.batchers[("dense", 1)] = plain
+    for i, conn in enumerate((a, a, b)):
+        plain.submit(Pending(i, 1, 0, payload=(conn, CALL, 0)))
+    graphs: Batcher[Any] = Batcher(8, max_queue_delay_ns=NEVER_NS)
+    worker.graph_models[("dense_large", 2)] = SimpleNamespace(batcher=graphs)  # type: ignore[assignment]
+    for i, conn in enumerate((b, b, b, a)):
+        # A graph model's call carries its connection's answer callback, not the connection.
+        graphs.submit(Pending(10 + i, 2, 0, payload=(conn.send_quiet, CALL, memoryview(b""), 0)))
+    worker.batchers[("idle", 1)] = Batcher(8)  # nothing queued: not listed
+
+
+def test_each_front_sees_only_its_own_queued_calls(
+    worker: Worker, fronts: tuple[Connection, Connection, socket.socket]
+) -> None:
+    a, b, _ = fronts
+    _queue(worker, a, b)
+    assert a._status(GetStatus(7)) == WorkerStatus(
+        7, (QueuedCalls("dense", 1, 2), QueuedCalls("dense_large", 2, 1)), 0
+    )
+    assert b._status(GetStatus(8)) == WorkerStatus(
+        8, (QueuedCalls("dense", 1, 1), QueuedCalls("dense_large", 2, 3)), 0
+    )
+
+
+def test_pinned_bytes_are_the_fronts_registered_arena(
+    worker: Worker, fronts: tuple[Connection, Connection, socket.socket]
+) -> None:
+    a, b, _ = fronts
+    a.pinned = PinnedRegion(0x7F00_0000_0000, 64 << 20, device_id=0, flags=1)
+    assert a._status(GetStatus(1)).pinned_bytes == 64 << 20
+    assert b._status(GetStatus(2)).pinned_bytes == 0  # nothing pinned (a CPU worker): 0
+    a.pinned.closed = True  # unregistered: no longer page-locked
+    assert a._status(GetStatus(3)).pinned_bytes == 0
+
+
+def test_get_status_is_answered_on_the_socket(
+    worker: Worker, fronts: tuple[Connection, Connection, socket.socket]
+) -> None:
+    a, b, a_front = fronts
+    _queue(worker, a, b)
+    assert a._handle(GetStatus(9)) is True
+    header = a_front.recv(FRAME_HEADER.size, socket.MSG_WAITALL)
+    (size,) = FRAME_HEADER.unpack(header)
+    report = decode_worker(a_front.recv(size, socket.MSG_WAITALL))
+    assert isinstance(report, WorkerStatus) and report.request_id == 9
+    assert {(q.name, q.version, q.calls) for q in report.queued} == {
+        ("dense", 1, 2),
+        ("dense_large", 2, 1),
+    }
