@@ -2,12 +2,17 @@
 through a real scrape of an in-process server (explicit model control, CPU worker):
 
 - an unloaded version's gauges leave /metrics (and the periodic sync does not bring them back),
-  its counters stay; a model removed from the repository loses its gauges the same way.
+  its counters stay; a model removed from the repository loses its gauges the same way;
+- `microtune_pending_requests` shows a request while it waits in a worker batcher queue
+  (`dense_slow`: a batching delay of seconds), and 0 once it has run;
+- the pending and pinned gauges are what the worker reports (a stand-in report proves the
+  wiring: on this CPU worker the real pinned figure is 0).
 """
 
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,11 +23,13 @@ import pytest
 from obs_support import InProcess, fp32_request, in_process_app, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
+from runtime.ipc.protocol import QueuedCalls, WorkerStatus
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pbg
 from server.settings import DEMO_REPOSITORY
 
 SYNC_PERIOD_S = 1.0  # App._sync_metrics
+SLOW_DELAY_S = 4.0  # dense_slow's max_queue_delay: a lone request waits this long in the queue
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +37,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("wiring-repo") / "models"
     for name in ("dense", "simple"):
         shutil.copytree(DEMO_REPOSITORY / name, root / name)
+    slow = root / "dense_slow"
+    shutil.copytree(DEMO_REPOSITORY / "dense" / "1", slow / "1")
+    config = (DEMO_REPOSITORY / "dense" / "config.pbtxt").read_text()
+    config = config.replace('name: "dense"', 'name: "dense_slow"')
+    config += f"dynamic_batching {{ max_queue_delay_microseconds: {int(SLOW_DELAY_S * 1e6)} }}\n"
+    (slow / "config.pbtxt").write_text(config)
     return root
 
 
@@ -113,3 +126,63 @@ def test_unloaded_versions_leave_the_exposition(explicit: InProcess, repo: Path)
     time.sleep(1.5 * SYNC_PERIOD_S)
     assert gauges_of(srv, "simple") == set()
     assert gauges_of(srv, "dense") >= {"microtune_model_state"}
+
+
+def pending(srv: InProcess, model: str) -> float | None:
+    found = series(srv, "microtune_pending_requests", model=model)
+    return found[0][1] if found else None
+
+
+def test_a_request_queued_in_the_worker_is_pending(explicit: InProcess) -> None:
+    srv = explicit
+    wait_for(lambda: pending(srv, "dense_slow") == 0, 10, "dense_slow pending at 0")
+    answered: list[bool] = []
+
+    def call() -> None:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pbg.GRPCInferenceServiceStub(ch)
+            stub.ModelInfer(fp32_request("dense_slow"), timeout=30)
+            answered.append(True)
+
+    started = time.monotonic()
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    wait_for(lambda: pending(srv, "dense_slow") == 1, SLOW_DELAY_S, "the queued request")
+    assert not answered and time.monotonic() - started < SLOW_DELAY_S  # seen while queued
+    assert pending(srv, "dense") == 0  # no batcher: requests never wait
+    caller.join(30)
+    assert answered
+    wait_for(lambda: pending(srv, "dense_slow") == 0, 3 * SYNC_PERIOD_S, "pending back at 0")
+
+
+def test_pending_and_pinned_gauges_are_the_workers_report(
+    explicit: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = explicit
+    wait_for(
+        lambda: series(srv, "microtune_pinned_memory_bytes") == [({}, 0.0)],
+        10,
+        "pinned bytes reported as 0 by a CPU worker",
+    )
+
+    async def report(timeout_s: float) -> WorkerStatus:
+        return WorkerStatus(0, (QueuedCalls("dense", 1, 3), QueuedCalls("dense", 2, 4)), 1 << 26)
+
+    monkeypatch.setattr(srv.app.link, "status", report)
+    wait_for(
+        lambda: (
+            series(srv, "microtune_pinned_memory_bytes") == [({}, float(1 << 26))]
+            and pending(srv, "dense") == 7
+        ),
+        3 * SYNC_PERIOD_S,
+        "the stand-in report in /metrics",
+    )
+    monkeypatch.undo()
+    wait_for(
+        lambda: (
+            series(srv, "microtune_pinned_memory_bytes") == [({}, 0.0)]
+            and pending(srv, "dense") == 0
+        ),
+        3 * SYNC_PERIOD_S,
+        "the real report again",
+    )
