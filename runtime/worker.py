@@ -10,11 +10,13 @@ so that a slow load never stalls inference. Replies are written under a per-conn
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,6 +26,7 @@ from runtime.engine.golden import GoldenMismatch
 from runtime.engine.graph_model import GraphModel
 from runtime.engine.graph_model import Queued as GraphQueued
 from runtime.engine.graphs import GraphSet
+from runtime.engine.memory import DeviceMemoryMeter, Probe
 from runtime.engine.model import LoadedModel, execute_batch
 from runtime.engine.session import (
     SessionError,
@@ -33,7 +36,7 @@ from runtime.engine.session import (
     signature_of,
 )
 from runtime.engine.signature import SignatureMismatch, reconcile
-from runtime.ipc.pinning import CudaError, PinnedRegion, pin_arena
+from runtime.ipc.pinning import CudaError, PinnedRegion, device_memory_used, pin_arena
 from runtime.ipc.protocol import (
     FRAME_HEADER,
     MAX_FRAME,
@@ -84,6 +87,8 @@ class Worker:
         self.use_graphs = self.device.startswith("cuda") or settings.cpu_graphs
         if self.device.startswith("cuda"):
             preload_cuda_libraries()
+        # Device memory each load takes, reported in LoadDone (runtime.engine.memory).
+        self.memory = DeviceMemoryMeter(self._memory_probe())
         self._models_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(settings.exec_threads, thread_name_prefix="exec")
         self.stopping = threading.Event()
@@ -117,6 +122,18 @@ class Worker:
                 os.unlink(path)
             self.pool.shutdown(wait=False, cancel_futures=True)
 
+    def _memory_probe(self) -> Probe | None:
+        """The device's memory in use, on a GPU; None on the CPU, where no memory is attributed
+        to a version (its metric is absent, not 0)."""
+        if not self.device.startswith("cuda"):
+            return None
+        return functools.partial(device_memory_used, int(self.device.partition(":")[2] or 0))
+
+    def _released(self, close: Callable[[], object]) -> None:
+        """Run `close` (a replaced version freeing its device memory) as a release."""
+        with self.memory.releasing():
+            close()
+
     def load(self, msg: LoadModel) -> LoadDone:
         if self.use_graphs and msg.max_batch_size > 0:
             return self._load_graphs(msg)
@@ -125,25 +142,39 @@ class Worker:
             current = self.models.get((msg.name, msg.version))
         if current is not None and not msg.force and current.spec == msg.identity():
             # Several fronts load the same models: the first load serves them all.
-            return LoadDone(msg.request_id, Code.OK, signature=current.signature)
+            return LoadDone(
+                msg.request_id,
+                Code.OK,
+                signature=current.signature,
+                device_memory=current.device_memory,
+            )
         try:
-            model = LoadedModel.load(msg, self.device)
+            with self.memory.measure() as used:
+                model = LoadedModel.load(msg, self.device)
         except (SessionError, SignatureMismatch, GoldenMismatch) as exc:
             return LoadDone(msg.request_id, Code.BAD_INPUT, str(exc))
         except Exception as exc:
             log.exception("loading %s version %d failed", msg.name, msg.version)
             return LoadDone(msg.request_id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+        model.device_memory = used.nbytes
         key = (msg.name, msg.version)
         batcher = self._start_batcher(model, msg)
-        with self._models_lock:
-            self.models[key] = model
-            old = self.batchers.pop(key, None)
-            if batcher is not None:
-                self.batchers[key] = batcher
+        # Replacing a loaded instance frees its session: a release for loads measured meanwhile.
+        with self.memory.releasing() if current is not None else contextlib.nullcontext():
+            with self._models_lock:
+                self.models[key] = model
+                old = self.batchers.pop(key, None)
+                if batcher is not None:
+                    self.batchers[key] = batcher
+            del current
         if old is not None:  # calls already queued on the old instance finish there
             threading.Thread(target=old.close, daemon=True).start()
         return LoadDone(
-            msg.request_id, Code.OK, signature=model.signature, load_ns=time.monotonic_ns() - t0
+            msg.request_id,
+            Code.OK,
+            signature=model.signature,
+            load_ns=time.monotonic_ns() - t0,
+            device_memory=model.device_memory,
         )
 
     def _load_graphs(self, msg: LoadModel) -> LoadDone:
@@ -153,7 +184,13 @@ class Worker:
         with self._models_lock:
             current = self.graph_models.get(key)
         if current is not None and not msg.force and current.spec == same:
-            return LoadDone(msg.request_id, Code.OK, current.reason or "", current.signature)
+            return LoadDone(
+                msg.request_id,
+                Code.OK,
+                current.reason or "",
+                current.signature,
+                device_memory=current.device_memory,
+            )
         table = BucketTable.default(msg.max_batch_size)
         device_id = int(self.device.partition(":")[2] or 0)
 
@@ -186,34 +223,44 @@ class Worker:
             name=f"model '{msg.name}' version {msg.version}",
         )
         try:
-            model = GraphModel.start(same, make_graphs, batcher)
+            with self.memory.measure() as used:
+                model = GraphModel.start(same, make_graphs, batcher)
         except (SessionError, SignatureMismatch, GoldenMismatch) as exc:
             return LoadDone(msg.request_id, Code.BAD_INPUT, str(exc))
         except Exception as exc:
             log.exception("loading %s version %d failed", msg.name, msg.version)
             return LoadDone(msg.request_id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+        model.device_memory = used.nbytes
         with self._models_lock:
             old = self.graph_models.get(key)
             self.graph_models[key] = model
         if old is not None:  # calls already queued on the old instance finish there
-            threading.Thread(target=old.close, daemon=True).start()
+            threading.Thread(target=self._released, args=(old.close,), daemon=True).start()
         if model.reason:
             log.warning(
                 "%s version %d runs without CUDA graphs: %s", msg.name, msg.version, model.reason
             )
         note = f"running without CUDA graphs: {model.reason}" if model.reason else ""
-        return LoadDone(msg.request_id, Code.OK, note, model.signature, time.monotonic_ns() - t0)
+        return LoadDone(
+            msg.request_id,
+            Code.OK,
+            note,
+            model.signature,
+            time.monotonic_ns() - t0,
+            model.device_memory,
+        )
 
     def unload(self, msg: UnloadModel) -> UnloadDone:
-        with self._models_lock:
-            graph_model = self.graph_models.pop((msg.name, msg.version), None)
-        if graph_model is not None:
-            graph_model.close()  # drains what is queued
-        with self._models_lock:
-            self.models.pop((msg.name, msg.version), None)
-            batcher = self.batchers.pop((msg.name, msg.version), None)
-        if batcher is not None:
-            batcher.close()  # drains what is queued
+        with self.memory.releasing():
+            with self._models_lock:
+                graph_model = self.graph_models.pop((msg.name, msg.version), None)
+            if graph_model is not None:
+                graph_model.close()  # drains what is queued
+            with self._models_lock:
+                self.models.pop((msg.name, msg.version), None)
+                batcher = self.batchers.pop((msg.name, msg.version), None)
+            if batcher is not None:
+                batcher.close()  # drains what is queued
         return UnloadDone(msg.request_id)
 
     def _start_batcher(self, model: LoadedModel, msg: LoadModel) -> Batcher[Queued] | None:

@@ -170,6 +170,7 @@ class App:
                     m.set_model_state(name, v, ve.state)
                     if ve.load_ns:
                         m.observe_model_load(name, v, ve.load_ns / 1e9)
+                    m.set_model_device_memory(name, v, ve.device_memory)
                     if ve.state is ModelState.READY and ve.spec is not None:
                         ready_batches.append(ve.spec.max_batch_size)
                 m.set_capacity(name, capacity_for(ready_batches))

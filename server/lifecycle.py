@@ -272,6 +272,7 @@ class ModelManager:
             return "the runtime worker restarted during the load"
         if done.code == Code.OK and done.signature is not None:
             ve.signature, ve.spec, ve.path, ve.load_ns = done.signature, spec, path, done.load_ns
+            ve.device_memory = done.device_memory
             ve.state, ve.reason = ModelState.READY, done.message  # e.g. "without CUDA graphs"
             log.info("loaded %s version %d in %.1f ms", spec.name, ve.version, done.load_ns / 1e6)
             return ""

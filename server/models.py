@@ -27,6 +27,7 @@ class VersionEntry:
     path: str = ""
     inflight: int = 0  # requests routed here and not finished: unload drains them first
     load_ns: int = 0
+    device_memory: int | None = None  # bytes its load took on the GPU (None: CPU, unknown)
     stats: VersionStats = field(default_factory=VersionStats)
     # Freed in the worker by an unload (not a failed load): listed as UNAVAILABLE, but its
     # metric series are gone (Metrics.forget_version). A new load makes a new entry.

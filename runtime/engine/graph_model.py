@@ -41,6 +41,7 @@ class GraphModel:
         self.batcher = batcher
         self.graphs: GraphSet | None = None
         self.signature: ModelSignature | None = None
+        self.device_memory: int | None = None  # bytes its load took on the device (None: unknown)
         self._thread: threading.Thread | None = None
 
     @classmethod

@@ -51,6 +51,7 @@ class LoadedModel:
     input_types: dict[str, str]
     spec: LoadModel | None = None  # what it was loaded from (request_id and force zeroed)
     avg_ns: float = 1e9  # moving average of execute() time; unknown (slow) until measured
+    device_memory: int | None = None  # bytes its load took on the device (None: CPU, unknown)
 
     @classmethod
     def load(cls, spec: LoadModel, device: str) -> LoadedModel:

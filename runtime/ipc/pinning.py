@@ -1,5 +1,6 @@
 """Worker-only CUDA host-memory helpers: page-lock (hostRegister) a shared-memory arena, allocate
-pinned staging buffers, open Triton CUDA shared-memory IPC handles.
+pinned staging buffers, open Triton CUDA shared-memory IPC handles; and read how much device
+memory is in use (the probe that attributes device memory to model loads).
 
 Allowed imports: stdlib and numpy at import time; cupy (and the driver library libcuda.so.1,
 through ctypes) only inside functions, so this module imports on a machine without CUDA and
@@ -29,6 +30,7 @@ __all__ = [
     "alloc_pinned",
     "call_cuda",
     "cuda_available",
+    "device_memory_used",
     "is_pinned",
     "open_cuda_ipc_handle",
     "pin_arena",
@@ -116,6 +118,14 @@ def cuda_available() -> bool:
         return int(call_cuda(_runtime().getDeviceCount)) > 0
     except CudaError:
         return False
+
+
+def device_memory_used(device_id: int) -> int:
+    """Bytes of device `device_id`'s memory in use now, by every process and context
+    (cudaMemGetInfo: total - free). Raises CudaError when CUDA is not usable here."""
+    with _on_device(device_id) as rt:
+        free, total = call_cuda(rt.memGetInfo)
+    return int(total) - int(free)
 
 
 @contextlib.contextmanager

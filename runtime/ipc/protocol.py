@@ -191,6 +191,9 @@ class LoadDone(_Msg, tag="loaded"):
     message: str = ""
     signature: ModelSignature | None = None
     load_ns: int = 0
+    # Bytes of device memory the load took (runtime.engine.memory); None on a CPU worker, or
+    # when it could not be attributed.
+    device_memory: int | None = None
 
 
 class UnloadDone(_Msg, tag="unloaded"):

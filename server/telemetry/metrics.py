@@ -311,8 +311,13 @@ class Metrics:
     def observe_model_load(self, model: str, version: int, seconds: float) -> None:
         self.load_seconds.labels(model, str(version)).set(seconds)
 
-    def set_model_device_memory(self, model: str, version: int, nbytes: int) -> None:
-        self.device_memory.labels(model, str(version)).set(nbytes)
+    def set_model_device_memory(self, model: str, version: int, nbytes: int | None) -> None:
+        """Device memory the worker attributed to the version's load; None (a CPU worker, or
+        not attributable) leaves no series rather than a misleading 0."""
+        if nbytes is None:
+            _remove(self.device_memory, model, str(version))
+        else:
+            self.device_memory.labels(model, str(version)).set(nbytes)
 
     def set_capacity(self, model: str, inferences: int) -> None:
         """The model's pod capacity in inferences (`saturation.capacity_for`); 0 = not serving."""

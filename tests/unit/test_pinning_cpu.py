@@ -13,6 +13,7 @@ from runtime.ipc.pinning import (
     alloc_pinned,
     call_cuda,
     cuda_available,
+    device_memory_used,
     is_pinned,
     open_cuda_ipc_handle,
     pin_arena,
@@ -39,6 +40,8 @@ def test_cuda_entry_points_raise_cuda_error_saying_why() -> None:
         is_pinned(0x1000)
     with pytest.raises(CudaError, match="cannot import cupy"):
         open_cuda_ipc_handle(bytes(64), 0, 16)
+    with pytest.raises(CudaError, match="cannot import cupy"):
+        device_memory_used(0)
 
 
 def test_arguments_are_checked_before_cuda() -> None:
