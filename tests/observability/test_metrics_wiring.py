@@ -6,7 +6,9 @@ through a real scrape of an in-process server (explicit model control, CPU worke
 - `microtune_pending_requests` shows a request while it waits in a worker batcher queue
   (`dense_slow`: a batching delay of seconds), and 0 once it has run;
 - the pending and pinned gauges are what the worker reports (a stand-in report proves the
-  wiring: on this CPU worker the real pinned figure is 0).
+  wiring: on this CPU worker the real pinned figure is 0);
+- `microtune_model_device_memory_bytes` is absent on a CPU worker, and is the figure the
+  worker's load answer carries when there is one (a stand-in answer, as a GPU worker's).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import msgspec
 import pytest
 from obs_support import InProcess, fp32_request, in_process_app, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.ipc.protocol import QueuedCalls, WorkerStatus
+from runtime.ipc.protocol import LoadDone, LoadModel, QueuedCalls, WorkerStatus
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pbg
 from server.settings import DEMO_REPOSITORY
@@ -186,3 +189,37 @@ def test_pending_and_pinned_gauges_are_the_workers_report(
         3 * SYNC_PERIOD_S,
         "the real report again",
     )
+
+
+def test_device_memory_is_absent_on_cpu_and_follows_the_load_answer(
+    explicit: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = explicit
+    dm = "microtune_model_device_memory_bytes"
+    wait_for(lambda: series(srv, "microtune_model_state", model="dense"), 10, "dense in /metrics")
+    assert series(srv, dm) == []  # a CPU worker attributes no device memory: no series at all
+    client = srv.app.link.client
+    assert client is not None
+    real_load = client.load
+
+    async def gpu_like_load(msg: LoadModel) -> LoadDone:
+        done = await real_load(msg)
+        return msgspec.structs.replace(done, device_memory=(40 + msg.version) << 20)
+
+    def reload_dense() -> None:
+        with grpc.insecure_channel(srv.target) as ch:
+            pbg.GRPCInferenceServiceStub(ch).RepositoryModelLoad(
+                pb.RepositoryModelLoadRequest(model_name="dense"), timeout=60
+            )
+
+    monkeypatch.setattr(client, "load", gpu_like_load)
+    reload_dense()
+    want = {"1": float(41 << 20), "2": float(42 << 20)}
+    wait_for(
+        lambda: {lab["version"]: v for lab, v in series(srv, dm, model="dense")} == want,
+        3 * SYNC_PERIOD_S,
+        "the load answers' device memory in /metrics",
+    )
+    monkeypatch.undo()
+    reload_dense()  # answered without a figure again: the series go
+    wait_for(lambda: series(srv, dm) == [], 3 * SYNC_PERIOD_S, "no device memory series")

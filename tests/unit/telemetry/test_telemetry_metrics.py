@@ -239,6 +239,18 @@ def test_model_state_is_one_hot_and_forgotten(
     assert not [key for key in s if ("version", "2") in key[1] and "model_" in key[0]]
 
 
+def test_device_memory_unknown_has_no_series(
+    metrics: Metrics, scrape: Callable[..., Any], k: Callable[..., Any]
+) -> None:
+    dm = "microtune_model_device_memory_bytes"
+    metrics.set_model_device_memory("dense", 1, None)  # a CPU worker: nothing, not 0
+    assert k(dm, model="dense", version="1") not in scrape(metrics.registry)
+    metrics.set_model_device_memory("dense", 1, 48 << 20)
+    assert scrape(metrics.registry)[k(dm, model="dense", version="1")] == 48 << 20
+    metrics.set_model_device_memory("dense", 1, None)  # reloaded without a figure
+    assert k(dm, model="dense", version="1") not in scrape(metrics.registry)
+
+
 def test_routing_weights_replace_the_previous_table(
     metrics: Metrics, scrape: Callable[..., Any], k: Callable[..., Any]
 ) -> None:
