@@ -352,6 +352,8 @@ class Metrics:
         self.shm_capacity.set_function(lambda: float(capacity()))
 
     def set_pinned_bytes(self, nbytes: int) -> None:
+        """This front's arena bytes the worker reports page-locked (0: nothing pinned, e.g. a
+        CPU worker)."""
         self.pinned.set(nbytes)
 
     def start_http_server(self, port: int, host: str = "0.0.0.0") -> MetricsHttpServer:
