@@ -33,11 +33,17 @@ from opentelemetry.trace.span import TraceState
 
 from runtime.ipc.protocol import Timings
 
-__all__ = ["InferTrace", "decode_span_ref", "server_attributes", "server_status"]
+__all__ = [
+    "PROCESSOR_VIEW",
+    "InferTrace",
+    "decode_span_ref",
+    "server_attributes",
+    "server_status",
+]
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 # What span processors look at before queueing a finished span (see the module docstring).
-_PROCESSOR_VIEW = SpanContext(trace_id=1, span_id=1, is_remote=False, trace_flags=_SAMPLED)
+PROCESSOR_VIEW = SpanContext(trace_id=1, span_id=1, is_remote=False, trace_flags=_SAMPLED)
 # The status codes that make a server span an error (the instrumentation's `_server_status`;
 # other codes are the client's doing and leave the status unset, per the RPC conventions).
 _SERVER_FAULTS = frozenset(
@@ -80,7 +86,7 @@ class InferTrace:
         "user_agent",
     )  # fmt: skip
 
-    context = _PROCESSOR_VIEW
+    context = PROCESSOR_VIEW
 
     def __init__(
         self,

@@ -3,6 +3,7 @@ and the tracer's sampling rule is TraceIdRatioBased's."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 from typing import Any
@@ -22,7 +23,13 @@ from opentelemetry.trace import SpanKind
 
 from runtime.ipc.protocol import Timings
 from server.telemetry.infer_trace import InferTrace
-from server.telemetry.otlp_fast import ExpandingSpanExporter, InferTraceEncoder
+from server.telemetry.otlp_fast import (
+    EncodedChunk,
+    ExpandingSpanExporter,
+    FastOTLPSpanExporter,
+    InferTraceEncoder,
+    SpanChunker,
+)
 from server.telemetry.tracing import INFER_METHOD, RequestTracer, Tracing
 
 RESOURCE = Resource.create({"service.name": "microtune", "service.version": "0.1.0"})
@@ -164,7 +171,7 @@ def test_expanding_exporter_hands_sdk_spans_to_any_exporter() -> None:
 
 def _tracer(ratio: float) -> RequestTracer:
     tp = TracerProvider()
-    return RequestTracer(Tracing(tp, SimpleSpanProcessor(InMemorySpanExporter()), ratio, "0"))
+    return RequestTracer(Tracing(tp, lambda rec: None, ratio))
 
 
 @settings(max_examples=300, deadline=None)
@@ -203,3 +210,33 @@ def test_sampling_ratio_is_honoured_statistically() -> None:
     n = 20_000
     got = sum(tracer.begin(Ctx()) is not None for _ in range(n))  # type: ignore[arg-type]
     assert abs(got / n - 0.25) < 0.02
+
+
+def test_chunker_encodes_full_chunks_and_flushes_old_ones() -> None:
+    encoder = InferTraceEncoder(RESOURCE, SCOPE, _ids())
+    emitted: list[EncodedChunk] = []
+    recs = [record(trace_id=i + 1) for i in range(7)]
+
+    async def go() -> None:
+        chunker = SpanChunker(encoder, emitted.append, records_per_chunk=3, flush_s=0.05)
+        for rec in recs:
+            chunker.add(rec)
+        assert [c.records for c in emitted] == [3, 3]  # full chunks leave at once
+        await asyncio.sleep(0.2)  # the last one, partial, leaves when it is 0.05 s old
+        assert [c.records for c in emitted] == [3, 3, 1]
+        chunker.flush()  # nothing open: nothing more
+        assert len(emitted) == 3
+
+    asyncio.run(go())
+    # The exporter sends a chunk as it is; several merge into one request. Either way the
+    # spans are exactly the SDK's encoding of the same records.
+    exporter = FastOTLPSpanExporter(encoder, endpoint="127.0.0.1:9")
+    for chunk, part in zip(emitted, (recs[0:3], recs[3:6], recs[6:]), strict=True):
+        assert chunk.span_count == 4 * len(part)
+        assert exporter._translate_data([chunk]) == sdk_encoding(encoder, part)
+    merged = exporter._translate_data(emitted)
+    spans = [span for rs in merged.resource_spans for ss in rs.scope_spans for span in ss.spans]
+    expected = sdk_encoding(encoder, recs).resource_spans[0].scope_spans[0].spans
+    assert spans == list(expected)
+    assert exporter._count_data(emitted) == 4 * len(recs)
+    exporter.shutdown()
