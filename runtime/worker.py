@@ -296,12 +296,13 @@ class Worker:
             conn, call, _ = p.payload
             conn.send_quiet(InferDone(call.call_id, Code.DEADLINE, "deadline expired while queued"))
 
-        threading.Thread(
-            target=batcher.run,
-            args=(run_batch, expire),
-            daemon=True,
-            name=f"batch-{msg.name}-{msg.version}",
-        ).start()
+        for i in range(max(1, b.instances)):  # each runs one batch at a time (instance_group)
+            threading.Thread(
+                target=batcher.run,
+                args=(run_batch, expire),
+                daemon=True,
+                name=f"batch-{msg.name}-{msg.version}-{i}",
+            ).start()
         return batcher
 
 

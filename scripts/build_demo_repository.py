@@ -96,6 +96,8 @@ class Model:
     versions: dict[int, Callable[[Model, int], onnx.GraphProto]]
     all_versions: bool = False
     max_queue_delay_us: int | None = None
+    preferred_batch_sizes: tuple[int, ...] = ()
+    cpu_instances: int | None = None  # instance_group { count, KIND_CPU }
 
 
 # ----------------------------------------------------------------------------- graph helpers
@@ -283,6 +285,10 @@ def models() -> list[Model]:
                 )
             },
             max_queue_delay_us=2000,
+            # Two batches at once (both cores of a small machine); batches of 8 leave the
+            # second instance work when 16 clients wait (one batch of 16 would take them all).
+            preferred_batch_sizes=(8,),
+            cpu_instances=2,
         ),
         Model(
             name="identity_fp32",
@@ -326,9 +332,16 @@ def config_text(model: Model) -> str:
     if model.max_queue_delay_us is not None:
         lines += [
             "dynamic_batching {",
+            *(
+                [f"  preferred_batch_size: [ {', '.join(map(str, model.preferred_batch_sizes))} ]"]
+                if model.preferred_batch_sizes
+                else []
+            ),
             f"  max_queue_delay_microseconds: {model.max_queue_delay_us}",
             "}",
         ]
+    if model.cpu_instances is not None:
+        lines.append(f"instance_group [ {{ count: {model.cpu_instances} kind: KIND_CPU }} ]")
     return "\n".join(lines) + "\n"
 
 

@@ -233,7 +233,9 @@ class ModelManager:
         db = spec.dynamic_batching
         if db is None or not self.batching_enabled or spec.max_batch_size < 1:
             return None
-        return Batching(db.max_queue_delay_us, db.preferred_batch_sizes, db.max_queue_size)
+        return Batching(
+            db.max_queue_delay_us, db.preferred_batch_sizes, db.max_queue_size, db.instances
+        )
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())

@@ -66,7 +66,10 @@ def spec_from_pb(msg: pb.ModelConfig, dir_name: str) -> ModelSpec:
         db = msg.dynamic_batching
         queue = db.default_queue_policy.max_queue_size or 1024
         batching = DynamicBatching(
-            tuple(db.preferred_batch_size), db.max_queue_delay_microseconds, queue
+            tuple(db.preferred_batch_size),
+            db.max_queue_delay_microseconds,
+            queue,
+            _instances(msg, dir_name),
         )
     return ModelSpec(
         name=dir_name,
@@ -93,6 +96,23 @@ def _tensor(model: str, kind: str, name: str, data_type: int, dims: object) -> T
     if any(d < -1 or d == 0 for d in shape):
         raise ConfigError(f"model '{model}': {kind} '{name}' has invalid dims {list(shape)}")
     return TensorSpec(name, dt.wire, shape)
+
+
+MAX_INSTANCES = 64
+
+
+def _instances(msg: pb.ModelConfig, model: str) -> int:
+    """How many batches of a version may execute at once: the instance_group counts, summed
+    (a group without a count is one instance, as in Triton); 1 without instance_group. Each
+    instance is a thread of the worker running the version's one session (onnxruntime sessions
+    are safe to run concurrently), so on CPU several batches use several cores."""
+    counts = [g.count for g in msg.instance_group]
+    if any(c < 0 for c in counts):
+        raise ConfigError(f"model '{model}': instance_group count must be >= 0")
+    total = sum(c or 1 for c in counts) or 1
+    if total > MAX_INSTANCES:
+        raise ConfigError(f"model '{model}': {total} instances is more than {MAX_INSTANCES}")
+    return total
 
 
 def _policy(msg: pb.ModelConfig) -> VersionPolicy:

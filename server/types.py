@@ -61,6 +61,7 @@ class DynamicBatching:
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_us: int = 0
     max_queue_size: int = 1024  # requests waiting; beyond it RESOURCE_EXHAUSTED
+    instances: int = 1  # batches executing at once: instance_group counts, summed
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,10 +136,12 @@ class BatcherStats:
 class Batcher(Generic[T]):
     """Bounded FIFO queue + batching loop for one model version.
 
-    Any thread may `submit`. One thread calls `run(execute_batch, expire)`, which sleeps on a
-    condition variable until `form_batch` releases something, then calls `expire(item)` for
-    each expired request and `execute_batch(batch)` for the batch, outside the lock (new
-    requests keep queueing, and form the next batch, while one executes). Both callbacks own
+    Any thread may `submit`. One or more threads (a version's instances) call
+    `run(execute_batch, expire)`, which sleeps on a condition variable until `form_batch`
+    releases something, then calls `expire(item)` for each expired request and
+    `execute_batch(batch)` for the batch, outside the lock (new requests keep queueing, and form
+    the next batch, or run on another instance, while one executes). Batches are still formed
+    one at a time, in FIFO order, under the lock. Both callbacks own
     answering their requests; an exception escaping them is logged and the loop goes on,
     because a dead loop would leave every later caller waiting forever.
 
@@ -173,7 +175,7 @@ class Batcher(Generic[T]):
         self._cond = threading.Condition()
         self._queue: deque[Pending[T]] = deque()
         self._closing = False
-        self._runner: int | None = None  # thread id of the active run() loop
+        self._runners: set[int] = set()  # thread ids of the active run() loops
         self._batches = self._batched_requests = self._batched_rows = 0
         self._expired = self._rejected = 0
 
@@ -207,10 +209,11 @@ class Batcher(Generic[T]):
         expire: Callable[[Pending[T]], None],
     ) -> None:
         """The batching loop; returns after close() once the queue is drained."""
+        me = threading.get_ident()
         with self._cond:
-            if self._runner is not None:
-                raise RuntimeError(f"{self.name}: run() is already active")
-            self._runner = threading.get_ident()
+            if me in self._runners:
+                raise RuntimeError(f"{self.name}: run() is already active on this thread")
+            self._runners.add(me)
         try:
             while True:
                 with self._cond:
@@ -222,10 +225,12 @@ class Batcher(Generic[T]):
                         timeout = None if formed.wait_ns is None else formed.wait_ns / 1e9
                         self._cond.wait(timeout)
                         continue
+                    if self._queue and len(self._runners) > 1:
+                        self._cond.notify()  # what is left may be another instance's batch
                 self._dispatch(formed, execute_batch, expire)
         finally:
             with self._cond:
-                self._runner = None
+                self._runners.discard(me)
                 self._cond.notify_all()
 
     def close(self, timeout: float | None = None) -> bool:
@@ -235,11 +240,11 @@ class Batcher(Generic[T]):
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-            if self._runner is None:
+            if not self._runners:
                 return not self._queue
-            if self._runner == threading.get_ident():
+            if threading.get_ident() in self._runners:
                 return False
-            return self._cond.wait_for(lambda: self._runner is None, timeout)
+            return self._cond.wait_for(lambda: not self._runners, timeout)
 
     def stats(self) -> BatcherStats:
         with self._cond:

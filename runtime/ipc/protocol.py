@@ -124,6 +124,7 @@ class Batching(_Msg):
     max_queue_delay_us: int = 0
     preferred: tuple[int, ...] = ()
     max_queue_size: int = 1024
+    instances: int = 1  # batches that may execute at once (Triton's instance_group count)
 
 
 class LoadModel(_Msg, tag="load"):

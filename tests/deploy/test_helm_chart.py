@@ -18,8 +18,13 @@ CHART = ROOT / "deploy" / "helm" / "microtune"
 
 @pytest.fixture(scope="module")
 def helm() -> str:
-    proc = subprocess.run([str(ROOT / "scripts" / "install_helm.sh")], capture_output=True,
-                          text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "install_helm.sh")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     binary = ROOT / ".cache" / "helm" / "helm"
     if proc.returncode != 0 or not binary.exists():
         pytest.skip(f"helm could not be installed: {proc.stderr.strip()[-300:]}")
@@ -28,8 +33,9 @@ def helm() -> str:
 
 def _run(helm: str, *args: str) -> str:
     env = {**os.environ, "HOME": tempfile.mkdtemp()}  # no helm state outside the test
-    proc = subprocess.run([helm, *args], capture_output=True, text=True, env=env, check=False,
-                          timeout=120)
+    proc = subprocess.run(
+        [helm, *args], capture_output=True, text=True, env=env, check=False, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 

@@ -346,13 +346,33 @@ def test_close_from_inside_the_loop_does_not_deadlock() -> None:
     assert seen == [False, False]  # both still executed: close drains
 
 
-def test_one_loop_per_batcher() -> None:
-    b: Batcher[None] = Batcher(1)
+def test_instances_run_batches_at_the_same_time() -> None:
+    # Two run() loops (instance_group count 2): two batches execute at once, each request once,
+    # and close() waits for both loops to drain and return.
+    b: Batcher[None] = Batcher(2)
+    both_inside = threading.Barrier(2, timeout=5)
+    ran: list[list[int]] = []
+    lock = threading.Lock()
+
+    def execute(batch: list[Pending[None]]) -> None:
+        with lock:
+            ran.append([p.call_id for p in batch])
+            first_two = len(ran) <= 2
+        if first_two:
+            both_inside.wait()  # BrokenBarrierError if the other batch never starts meanwhile
+
     rec = Recorder()
-    t = start(b, rec)
-    b.submit(req(1))
-    assert rec.ran.wait(5)  # the first loop is running
-    with pytest.raises(RuntimeError, match="already active"):
-        b.run(rec.execute, rec.expire)
+    loops = [
+        threading.Thread(target=b.run, args=(execute, rec.expire), daemon=True) for _ in range(2)
+    ]
+    for t in loops:
+        t.start()
+    for i in range(1, 7):
+        b.submit(req(i))
     assert b.close(timeout=5) is True
-    t.join(5)
+    for t in loops:
+        t.join(5)
+        assert not t.is_alive()
+    assert not both_inside.broken
+    assert sorted(c for batch in ran for c in batch) == [1, 2, 3, 4, 5, 6]
+    assert all(len(batch) <= 2 for batch in ran)

@@ -248,3 +248,33 @@ def test_demo_configs_parse() -> None:
     assert large.dynamic_batching is not None
     assert large.dynamic_batching.max_queue_delay_us == 2000
     assert json.dumps(dict(large.parameters)) is not None
+
+
+@pytest.mark.parametrize(
+    ("groups", "instances"),
+    [
+        ("", 1),  # none: one batch at a time
+        ("instance_group [ { count: 2 kind: KIND_CPU } ]", 2),
+        ("instance_group [ { count: 2 }, { kind: KIND_CPU } ]", 3),  # no count = one
+    ],
+)
+def test_instance_groups_set_the_batch_instances(
+    tmp_path: Path, groups: str, instances: int
+) -> None:
+    pbtxt = f"max_batch_size: 8\ndynamic_batching {{ }}\n{groups}\n"
+    spec = read_model_config(model_dir(tmp_path, pbtxt=pbtxt))
+    assert spec.dynamic_batching == DynamicBatching((), 0, 1024, instances)
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        ("instance_group [ { count: -1 } ]", "model 'm': instance_group count must be >= 0"),
+        ("instance_group [ { count: 65 } ]", "model 'm': 65 instances is more than 64"),
+    ],
+)
+def test_bad_instance_groups(tmp_path: Path, groups: str, message: str) -> None:
+    pbtxt = f"max_batch_size: 8\ndynamic_batching {{ }}\n{groups}\n"
+    with pytest.raises(ConfigError) as err:
+        read_model_config(model_dir(tmp_path, pbtxt=pbtxt))
+    assert str(err.value) == message
