@@ -25,6 +25,7 @@ OTEL_RESOURCE_ATTRIBUTES say otherwise.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ from server.telemetry.otlp_fast import (
 )
 
 __all__ = ["INFER_METHOD", "RequestTracer", "Tracing", "make_tracing", "server_interceptor"]
+
+log = logging.getLogger("microtune.tracing")
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 _SCOPE = "microtune"
@@ -150,6 +153,7 @@ class RequestTracer:
 
     def __init__(self, tracing: Tracing) -> None:
         self._sink = tracing.sink
+        self.dropped = 0  # records the sink refused (see end())
         self._new_trace_id = tracing.provider.id_generator.generate_trace_id
         self._new_span_id = tracing.provider.id_generator.generate_span_id
         # TraceIdRatioBased's own rule, applied without building a sampling result per request.
@@ -200,4 +204,11 @@ class RequestTracer:
         rec.end_ns = time.time_ns()
         rec.code = code
         rec.details = details
-        self._sink(rec)
+        try:
+            self._sink(rec)
+        except Exception:
+            # A trace is never worth a request: the answer is ready, so drop the spans (and
+            # say so once; a bug here would otherwise log on every request).
+            self.dropped += 1
+            if self.dropped == 1:
+                log.exception("could not record the spans of a request; dropping them")

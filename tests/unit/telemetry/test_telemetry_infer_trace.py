@@ -240,3 +240,15 @@ def test_chunker_encodes_full_chunks_and_flushes_old_ones() -> None:
     assert spans == list(expected)
     assert exporter._count_data(emitted) == 4 * len(recs)
     exporter.shutdown()
+
+
+def test_a_failing_sink_never_fails_the_request(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(rec: InferTrace) -> None:
+        raise ValueError("encoder bug")
+
+    tracer = RequestTracer(Tracing(TracerProvider(), broken, 1.0))
+    for _ in range(3):
+        tracer.end(record(), grpc.StatusCode.OK)  # must not raise
+    assert tracer.dropped == 3
+    lines = [r for r in caplog.records if "dropping them" in r.getMessage()]
+    assert len(lines) == 1  # said once, not per request
