@@ -34,7 +34,7 @@ from server.rpc.status import status_of
 from server.settings import Settings
 from server.shm_regions import SharedMemoryRegistry
 from server.telemetry import GpuSampler, Metrics, MetricsHttpServer, capacity_for
-from server.telemetry.tracing import make_tracing, server_interceptor
+from server.telemetry.tracing import make_tracing, register_services
 from server.types import ModelState
 from server.worker_link import WorkerLink
 
@@ -92,21 +92,23 @@ class App:
             # Several fronts share the port (server.supervisor); a lone one keeps it alone.
             ("grpc.so_reuseport", 1 if s.worker_socket else 0),
         ]
-        interceptors = []
-        if self.tracing is not None:
-            interceptors.append(server_interceptor(self.tracing))
-        server = grpc.aio.server(options=opts, interceptors=interceptors)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.handler), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
-        apb_grpc.add_RoutingAdminServicer_to_server(RoutingAdminServicer(self.router), server)
-        reflection.enable_server_reflection(
-            (
-                pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-                apb.DESCRIPTOR.services_by_name["RoutingAdmin"].full_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
+        server = grpc.aio.server(options=opts)
+        names = (
+            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            apb.DESCRIPTOR.services_by_name["RoutingAdmin"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        infer, admin = InferenceServicer(self.handler), RoutingAdminServicer(self.router)
+        await register_services(
             server,
+            (
+                lambda s: pb_grpc.add_GRPCInferenceServiceServicer_to_server(infer, s),
+                lambda s: health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, s),
+                lambda s: apb_grpc.add_RoutingAdminServicer_to_server(admin, s),
+                lambda s: reflection.enable_server_reflection(names, s),
+            ),
+            self.tracing,
         )
         self.port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
         await server.start()

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from opentelemetry import propagate, trace
@@ -51,7 +52,7 @@ from server.telemetry.otlp_fast import (
     SpanChunker,
 )
 
-__all__ = ["INFER_METHOD", "RequestTracer", "Tracing", "make_tracing", "server_interceptor"]
+__all__ = ["INFER_METHOD", "RequestTracer", "Tracing", "make_tracing", "register_services"]
 
 log = logging.getLogger("microtune.tracing")
 
@@ -123,29 +124,93 @@ def make_tracing(
 UNTRACED = frozenset({INFER_METHOD, "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
 
-def server_interceptor(tracing: Tracing) -> grpc.aio.ServerInterceptor:
-    """The instrumentation's interceptor for every RPC not in UNTRACED."""
+Registration = Callable[[grpc.aio.Server], None]
+
+
+async def register_services(
+    server: grpc.aio.Server, registrations: Sequence[Registration], tracing: Tracing | None
+) -> None:
+    """Run each registration (a generated `add_*_to_server(servicer, s)`, reflection...) on
+    `server`; with tracing, every method not in UNTRACED is wrapped once, here, by
+    opentelemetry-instrumentation-grpc's interceptor.
+
+    Why not install the interceptor: grpc.aio then runs an interceptor chain on every call, a
+    coroutine per RPC before the handler is even found, ModelInfer included (a pass-through
+    interceptor cost a bare grpc.aio server ~15 % of its throughput, bench/floor_server.py at
+    c=16). The instrumentation's interceptor only reads the method name from the call details,
+    so wrapping each method's handler once gives the same spans per call.
+    """
+    if tracing is None:
+        for add in registrations:
+            add(server)
+        return
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return _Untraced(aio_server_interceptor(tracer_provider=tracing.provider))
+    inner = aio_server_interceptor(tracer_provider=tracing.provider)
+    capture = _Capture()
+    for add in registrations:
+        add(capture)
+    for service, handlers in capture.tables.items():
+        traced: dict[str, grpc.RpcMethodHandler] = {}
+        for name, handler in handlers.items():
+            method = f"/{service}/{name}"
+            if method in UNTRACED:
+                traced[name] = handler
+                continue
+
+            async def same(_details: grpc.HandlerCallDetails, h: grpc.RpcMethodHandler = handler):
+                return h
+
+            traced[name] = await inner.intercept_service(same, _Details(method))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, traced),))
+        server.add_registered_method_handlers(service, traced)
+    for generic in capture.untabled():
+        server.add_generic_rpc_handlers((generic,))  # no method table to wrap: left untraced
 
 
-class _Untraced(grpc.aio.ServerInterceptor):
-    """Passes UNTRACED RPCs straight on. The instrumentation's own `filter_` does the same
-    through a chain of generic predicates that cost ModelInfer ~7 µs each (py-spy); here it
-    is one set lookup."""
+@dataclass(frozen=True)
+class _Details(grpc.HandlerCallDetails):  # type: ignore[misc]
+    """A method's call details as the instrumentation reads them (the name; no metadata)."""
 
-    def __init__(self, inner: grpc.aio.ServerInterceptor) -> None:
-        self._inner = inner
+    method: str
+    invocation_metadata: tuple[tuple[str, str], ...] = ()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        if handler_call_details.method in UNTRACED:
-            return await continuation(handler_call_details)
-        return await self._inner.intercept_service(continuation, handler_call_details)
+
+class _Capture(grpc.aio.Server):
+    """Records what registrations add. A grpc.aio.Server because grpc-reflection picks its
+    asyncio servicer by `isinstance(server, grpc.aio.Server)`."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+        self.generic: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[Any]) -> None:
+        self.generic.extend(generic_rpc_handlers)
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: Any) -> None:
+        self.tables[service_name] = dict(method_handlers)
+
+    def untabled(self) -> list[grpc.GenericRpcHandler]:
+        """Generic handlers of services that came without a method table."""
+        return [
+            g for g in self.generic
+            if getattr(g, "service_name", lambda: None)() not in self.tables
+        ]  # fmt: skip
+
+    def add_insecure_port(self, address: str) -> int:
+        raise NotImplementedError
+
+    def add_secure_port(self, address: str, server_credentials: Any) -> int:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self, grace: float | None) -> None:
+        raise NotImplementedError
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        raise NotImplementedError
 
 
 class RequestTracer:

@@ -212,6 +212,32 @@ def test_stream_requests_get_inner_spans_under_the_stream_span(traced: InProcess
     assert {s.context.trace_id for s in kids} == {server.context.trace_id}
 
 
+def test_reflection_and_admin_rpcs_are_traced_too(traced: InProcess) -> None:
+    # Every service's methods are wrapped at registration (no server interceptor): reflection,
+    # registered through grpc-reflection's own helper, and the admin service get spans as well.
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from server._proto.microtune import admin_pb2, admin_pb2_grpc
+
+    exporter = fresh(traced)
+
+    async def calls() -> list[str]:
+        async with grpc.aio.insecure_channel(traced.target) as ch:
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            req = reflection_pb2.ServerReflectionRequest(list_services="")
+            answers = [a async for a in stub.ServerReflectionInfo(iter([req]))]
+            await admin_pb2_grpc.RoutingAdminStub(ch).GetRouting(
+                admin_pb2.GetRoutingRequest(model="dense")
+            )
+            return [s.name for s in answers[0].list_services_response.service]
+
+    services = traced.run(calls())
+    assert f"{SERVICE}" in services and "grpc.health.v1.Health" in services
+    names = {s.name for s in settle(exporter) if s.kind is SpanKind.SERVER}
+    assert "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo" in names
+    assert "/microtune.admin.v1.RoutingAdmin/GetRouting" in names
+
+
 def test_failed_request_span_has_error_status(traced: InProcess) -> None:
     exporter = fresh(traced)
     with pytest.raises(grpc.aio.AioRpcError) as err:
