@@ -218,20 +218,26 @@ def test_chunker_encodes_full_chunks_and_flushes_old_ones() -> None:
     recs = [record(trace_id=i + 1) for i in range(7)]
 
     async def go() -> None:
-        chunker = SpanChunker(encoder, emitted.append, records_per_chunk=3, flush_s=0.05)
-        for rec in recs:
+        chunker = SpanChunker(
+            encoder, emitted.append, records_per_chunk=3, encode_every=2, flush_s=0.05
+        )
+        for rec in recs[:5]:
             chunker.add(rec)
-        assert [c.records for c in emitted] == [3, 3]  # full chunks leave at once
-        await asyncio.sleep(0.2)  # the last one, partial, leaves when it is 0.05 s old
-        assert [c.records for c in emitted] == [3, 3, 1]
+        # Records are encoded 2 at a time; a chunk leaves once it holds 3 or more.
+        assert [c.records for c in emitted] == [4]
+        chunker.add(recs[5])
+        chunker.add(recs[6])
+        assert [c.records for c in emitted] == [4]  # 2 encoded and 1 waiting: not full yet
+        await asyncio.sleep(0.2)  # the rest, partial, leaves when it is 0.05 s old
+        assert [c.records for c in emitted] == [4, 3]
         chunker.flush()  # nothing open: nothing more
-        assert len(emitted) == 3
+        assert len(emitted) == 2
 
     asyncio.run(go())
     # The exporter sends a chunk as it is; several merge into one request. Either way the
     # spans are exactly the SDK's encoding of the same records.
     exporter = FastOTLPSpanExporter(encoder, endpoint="127.0.0.1:9")
-    for chunk, part in zip(emitted, (recs[0:3], recs[3:6], recs[6:]), strict=True):
+    for chunk, part in zip(emitted, (recs[0:4], recs[4:]), strict=True):
         assert chunk.span_count == 4 * len(part)
         assert exporter._translate_data([chunk]) == sdk_encoding(encoder, part)
     merged = exporter._translate_data(emitted)
