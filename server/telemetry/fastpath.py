@@ -14,10 +14,15 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-__all__ = ["FastCounter", "FastHistogram", "RequestPathCollector"]
+__all__ = ["FastCounter", "FastGauge", "FastHistogram", "RequestPathCollector"]
 
 
 class FastCounter:
@@ -34,6 +39,25 @@ class FastCounter:
 
     def family(self) -> Metric:
         fam = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        for key, value in list(self.values.items()):
+            fam.add_metric(list(key), value)
+        return fam
+
+
+class FastGauge:
+    """One gauge family moved up and down by the request path: labels tuple -> value."""
+
+    __slots__ = ("doc", "labels", "name", "values")
+
+    def __init__(self, name: str, doc: str, labels: Sequence[str]) -> None:
+        self.name, self.doc, self.labels = name, doc, tuple(labels)
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def add(self, key: tuple[str, ...], amount: float) -> None:
+        self.values[key] = self.values.get(key, 0.0) + amount
+
+    def family(self) -> Metric:
+        fam = GaugeMetricFamily(self.name, self.doc, labels=self.labels)
         for key, value in list(self.values.items()):
             fam.add_metric(list(key), value)
         return fam
@@ -83,7 +107,7 @@ def _le(bound: float) -> str:
 class RequestPathCollector(Collector):
     """Exposes a set of FastCounter / FastHistogram families from one registry."""
 
-    def __init__(self, families: Iterable[FastCounter | FastHistogram]) -> None:
+    def __init__(self, families: Iterable[FastCounter | FastGauge | FastHistogram]) -> None:
         self.families = tuple(families)
 
     def collect(self) -> Iterable[Metric]:

@@ -28,7 +28,7 @@ from typing import Final
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from server.telemetry.fastpath import FastCounter, FastHistogram, RequestPathCollector
+from server.telemetry.fastpath import FastCounter, FastGauge, FastHistogram, RequestPathCollector
 from server.telemetry.http import MetricsHttpServer, start_http_server
 from server.telemetry.saturation import Saturation
 from server.types import ModelState
@@ -91,7 +91,6 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self._models: set[str] = set()  # declared model names (label values we accept)
         self._weighted: dict[str, set[str]] = {}  # model -> versions with a weight series
-        self._inflight_cache: dict[str, Gauge] = {}
         self._pending_labels: set[str] = set()  # model labels with a pending series
 
         def counter(name: str, doc: str, labels: Sequence[str] = _MV) -> Counter:
@@ -164,11 +163,12 @@ class Metrics:
                 )
             )
         )
-        self.inflight = gauge(
+        self.inflight = FastGauge(
             "microtune_inflight_requests",
             "Requests admitted by the front and not yet answered.",
             ["model"],
         )
+        r.register(RequestPathCollector((self.inflight,)))
         self.pending = gauge(
             "microtune_pending_requests",
             "Requests of this front waiting in a worker batcher queue (sampled every second).",
@@ -269,12 +269,14 @@ class Metrics:
         """`with` block counting a request as in flight, and its `batch` inferences toward
         saturation."""
         known = model in self._models
-        label = model if known else OTHER_MODEL
-        gauge = self._inflight_cache.get(label)
-        if gauge is None:
-            gauge = self._inflight_cache[label] = self.inflight.labels(label)
         # Saturation exists for declared models only: they have a capacity.
-        return _InFlight(gauge, self.saturation if known else None, model, batch)
+        return _InFlight(
+            self.inflight.values,
+            (model,) if known else (OTHER_MODEL,),
+            self.saturation if known else None,
+            model,
+            batch,
+        )
 
     def set_pending(self, queued: Iterable[tuple[str, int]]) -> None:
         """Replace every model's pending count with `queued`: (model, calls) for each version
@@ -362,22 +364,34 @@ class Metrics:
 
 
 class _InFlight(AbstractContextManager[None]):
-    # A class, not @contextmanager: the generator machinery cost ~1.5 us per request.
-    __slots__ = ("batch", "gauge", "model", "saturation")
+    # A class, not @contextmanager: the generator machinery cost ~1.5 us per request. The gauge
+    # is a plain dict entry (server.telemetry.fastpath): prometheus_client's Gauge took a lock
+    # and several calls on each inc and dec.
+    __slots__ = ("batch", "key", "model", "saturation", "values")
 
-    def __init__(self, gauge: Gauge, saturation: Saturation | None, model: str, batch: int) -> None:
-        self.gauge = gauge
+    def __init__(
+        self,
+        values: dict[tuple[str, ...], float],
+        key: tuple[str, ...],
+        saturation: Saturation | None,
+        model: str,
+        batch: int,
+    ) -> None:
+        self.values = values
+        self.key = key
         self.saturation = saturation
         self.model = model
         self.batch = batch
 
     def __enter__(self) -> None:
-        self.gauge.inc()
+        values, key = self.values, self.key
+        values[key] = values.get(key, 0.0) + 1
         if self.saturation is not None:
             self.saturation.step(self.model, self.batch)
 
     def __exit__(self, *exc: object) -> None:
-        self.gauge.dec()
+        values, key = self.values, self.key
+        values[key] -= 1
         if self.saturation is not None:
             self.saturation.step(self.model, -self.batch)
 
