@@ -22,7 +22,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-__all__ = ["FastCounter", "FastGauge", "FastHistogram", "RequestPathCollector"]
+__all__ = ["FastCounter", "FastGauge", "FastHistogram", "HistogramSeries", "RequestPathCollector"]
 
 
 class FastCounter:
@@ -63,12 +63,17 @@ class FastGauge:
         return fam
 
 
-class _Series:
-    __slots__ = ("counts", "total")
+class HistogramSeries:
+    __slots__ = ("bounds", "counts", "total")
 
-    def __init__(self, n: int) -> None:
-        self.counts = [0] * (n + 1)  # one per bound, then +Inf
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # one per bound, then +Inf
         self.total = 0.0
+
+    def add(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # first bound >= value: `le` semantics
+        self.total += value
 
 
 class FastHistogram:
@@ -79,14 +84,17 @@ class FastHistogram:
     def __init__(self, name: str, doc: str, labels: Sequence[str], bounds: Sequence[float]):
         self.name, self.doc, self.labels = name, doc, tuple(labels)
         self.bounds = tuple(bounds)
-        self.series: dict[tuple[str, ...], _Series] = {}
+        self.series: dict[tuple[str, ...], HistogramSeries] = {}
 
     def observe(self, key: tuple[str, ...], value: float) -> None:
+        self.series_for(key).add(value)
+
+    def series_for(self, key: tuple[str, ...]) -> HistogramSeries:
+        """The series of `key` (created empty if new): callers may keep it and `add` to it."""
         s = self.series.get(key)
         if s is None:
-            s = self.series[key] = _Series(len(self.bounds))
-        s.counts[bisect_left(self.bounds, value)] += 1  # first bound >= value: `le` semantics
-        s.total += value
+            s = self.series[key] = HistogramSeries(self.bounds)
+        return s
 
     def family(self) -> Metric:
         fam = HistogramMetricFamily(self.name, self.doc, labels=self.labels)

@@ -28,7 +28,13 @@ from typing import Final
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from server.telemetry.fastpath import FastCounter, FastGauge, FastHistogram, RequestPathCollector
+from server.telemetry.fastpath import (
+    FastCounter,
+    FastGauge,
+    FastHistogram,
+    HistogramSeries,
+    RequestPathCollector,
+)
 from server.telemetry.http import MetricsHttpServer, start_http_server
 from server.telemetry.saturation import Saturation
 from server.types import ModelState
@@ -90,6 +96,7 @@ class Metrics:
     ) -> None:
         self.registry = r = CollectorRegistry()
         self._models: set[str] = set()  # declared model names (label values we accept)
+        self._observed: dict[tuple[object, ...], _Observed] = {}  # see observe_request
         self._weighted: dict[str, set[str]] = {}  # model -> versions with a weight series
         self._pending_labels: set[str] = set()  # model labels with a pending series
 
@@ -234,18 +241,42 @@ class Metrics:
         request's own batch size (inferences count it on success).
         """
         m = model if model in self._models else OTHER_MODEL
+        # The label tuples and series of one (model, version, reason, code) are built once:
+        # this runs for every request (bounded: m is a declared model or OTHER_MODEL).
+        e = self._observed.get((m, version, reason, code))
+        if e is None:
+            e = self._request_entry(m, version, reason, code)
+        values = self.requests.values
+        values[e.counter_key] = values.get(e.counter_key, 0.0) + 1
+        e.latency.add(seconds)
+        if queue_s is not None:
+            if e.queue is None:
+                e.queue = self.queue_seconds.series_for(e.mv)
+            e.queue.add(queue_s)
+        if compute_s is not None:
+            if e.compute is None:
+                e.compute = self.compute_seconds.series_for(e.mv)
+            e.compute.add(compute_s)
+        if e.ok:
+            values = self.inferences.values
+            values[e.mv] = values.get(e.mv, 0.0) + batch
+
+    def _request_entry(
+        self, m: str, version: int | None, reason: str, code: grpc.StatusCode
+    ) -> _Observed:
+        if len(self._observed) >= 4096:
+            self._observed.clear()
         v = "" if version is None else str(version)
         ok = code is grpc.StatusCode.OK
         outcome = "success" if ok else "failure"
-        self.requests.inc((m, v, reason, outcome, code.name))
-        self.request_seconds.observe((m, v, reason, outcome), seconds)
-        mv = (m, v)
-        if queue_s is not None:
-            self.queue_seconds.observe(mv, queue_s)
-        if compute_s is not None:
-            self.compute_seconds.observe(mv, compute_s)
-        if ok:
-            self.inferences.inc(mv, batch)
+        e = _Observed(
+            (m, v, reason, outcome, code.name),
+            self.request_seconds.series_for((m, v, reason, outcome)),
+            (m, v),
+            ok,
+        )
+        self._observed[(m, version, reason, code)] = e
+        return e
 
     def observe_execution(
         self, model: str, version: int, batch_size: int, *, graph_replay: bool | None = None
@@ -361,6 +392,22 @@ class Metrics:
     def start_http_server(self, port: int, host: str = "0.0.0.0") -> MetricsHttpServer:
         """Serve this registry at http://host:port/metrics (port 0 picks a free port)."""
         return start_http_server(self.registry, port, host)
+
+
+class _Observed:
+    """What observe_request updates for one (model, version, reason, code)."""
+
+    __slots__ = ("compute", "counter_key", "latency", "mv", "ok", "queue")
+
+    def __init__(
+        self, counter_key: tuple[str, ...], latency: HistogramSeries, mv: tuple[str, str], ok: bool
+    ) -> None:
+        self.counter_key = counter_key
+        self.latency = latency
+        self.mv = mv
+        self.ok = ok
+        self.queue: HistogramSeries | None = None  # made on first use: no empty series in /metrics
+        self.compute: HistogramSeries | None = None
 
 
 class _InFlight(AbstractContextManager[None]):
