@@ -97,6 +97,7 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self._models: set[str] = set()  # declared model names (label values we accept)
         self._observed: dict[tuple[object, ...], _Observed] = {}  # see observe_request
+        self._executed: dict[tuple[str, int], tuple[tuple[str, str], HistogramSeries]] = {}
         self._weighted: dict[str, set[str]] = {}  # model -> versions with a weight series
         self._pending_labels: set[str] = set()  # model labels with a pending series
 
@@ -288,9 +289,17 @@ class Metrics:
         pod sum counts each execution once. `graph_replay`: True = replayed a CUDA graph, False =
         ran eagerly on a model that has graphs, None = graphs not in use (CPU).
         """
-        mv = (model if model in self._models else OTHER_MODEL, str(version))
-        self.executions.inc(mv)
-        self.batch_size.observe(mv, batch_size)
+        m = model if model in self._models else OTHER_MODEL
+        got = self._executed.get((m, version))
+        if got is None:
+            if len(self._executed) >= 4096:
+                self._executed.clear()
+            mv = (m, str(version))
+            got = self._executed[(m, version)] = (mv, self.batch_size.series_for(mv))
+        mv, sizes = got
+        values = self.executions.values
+        values[mv] = values.get(mv, 0.0) + 1
+        sizes.add(batch_size)
         if graph_replay is True:
             self.graph_replays.inc(mv)
         elif graph_replay is False:
