@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PA = ROOT / "bench" / "tools" / "perf_analyzer"
 
-__all__ = ["PA", "ROOT", "Proc", "Row", "measure", "perf"]
+__all__ = ["PA", "ROOT", "Proc", "Row", "measure", "perf", "tree_cpu_seconds", "wait_ready"]
 
 
 @dataclass
@@ -57,12 +57,12 @@ class Proc:
                 raise RuntimeError(f"{self.name} did not start: see {self.log.name}")
             time.sleep(0.05)
         port = int(self.port_file.read_text())
-        if ready_check:
-            _wait_health(port, deadline)
+        if ready_check and not wait_ready(port, deadline):
+            raise RuntimeError(f"{self.name} did not become ready: see {self.log.name}")
         return port
 
     def cpu_seconds(self) -> float:
-        return sum(_proc_cpu(pid) for pid in [self.p.pid, *_children(self.p.pid)])
+        return tree_cpu_seconds(self.p.pid)
 
     def stop(self) -> None:
         self.p.terminate()
@@ -73,7 +73,9 @@ class Proc:
         self.log.close()
 
 
-def _wait_health(port: int, deadline: float) -> None:
+def wait_ready(port: int, deadline: float) -> bool:
+    """Whether the server on 127.0.0.1:`port` reports readiness SERVING before `deadline`
+    (time.monotonic())."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -83,22 +85,26 @@ def _wait_health(port: int, deadline: float) -> None:
             try:
                 r = stub.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=1)
                 if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
+                    return True
             except grpc.RpcError:
                 pass
             time.sleep(0.1)
-    raise RuntimeError("server did not become ready")
+    return False
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` and all its descendants, from /proc."""
+    return sum(_proc_cpu(p) for p in [pid, *_children(pid)])
 
 
 def _children(pid: int) -> list[int]:
     out: list[int] = []
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            kids = (task / "children").read_text().split()
-            for k in kids:
+    for f in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            for k in f.read_text().split():
                 out += [int(k), *_children(int(k))]
-    except OSError:
-        pass
+        except OSError:
+            pass
     return out
 
 

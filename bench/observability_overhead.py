@@ -40,8 +40,9 @@ from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PA = ROOT / "bench" / "tools" / "perf_analyzer"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import PA, ROOT, tree_cpu_seconds, wait_ready
+
 REPO = ROOT / "server" / "demo_repository"
 MODEL, CONCURRENCY = "dense", 16
 
@@ -126,29 +127,18 @@ class Server:
         self.port = 0
 
     def wait(self) -> int:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
         deadline = time.monotonic() + 120
         while not (self.port_file.exists() and self.port_file.read_text().strip()):
             if self.p.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} did not start: see {self.log.name}")
             time.sleep(0.05)
         self.port = int(self.port_file.read_text())
-        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while time.monotonic() < deadline:
-                try:
-                    r = stub.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=1)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return self.port
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise RuntimeError(f"{self.name} did not become ready: see {self.log.name}")
+        if not wait_ready(self.port, deadline):
+            raise RuntimeError(f"{self.name} did not become ready: see {self.log.name}")
+        return self.port
 
     def cpu_seconds(self) -> float:
-        return sum(_proc_cpu(pid) for pid in [self.p.pid, *_children(self.p.pid)])
+        return tree_cpu_seconds(self.p.pid)
 
     def command(self) -> str:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env_shown.items())
@@ -162,25 +152,6 @@ class Server:
             self.p.kill()
             self.p.wait(10)
         self.log.close()
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for f in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            for k in f.read_text().split():
-                out += [int(k), *_children(int(k))]
-        except OSError:
-            pass
-    return out
-
-
-def _proc_cpu(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ----------------------------------------------------------------------------- perf_analyzer
