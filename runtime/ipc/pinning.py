@@ -16,7 +16,7 @@ import ctypes
 import functools
 from collections.abc import Callable, Iterator
 from types import ModuleType, TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -152,7 +152,31 @@ def _address_of(buf: memoryview) -> int:
         del view
 
 
-class PinnedRegion:
+class _Released:
+    """A CUDA resource released once by `close()` (idempotent), also as a context manager.
+    Subclasses set `closed = False` and implement `_release()`."""
+
+    closed: bool
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self._release()
+        self.closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class PinnedRegion(_Released):
     """Host memory we page-locked with cudaHostRegister; `close()` unregisters it.
 
     Close it before the memory goes away (for an arena: before `Arena.close()`): unmapping a
@@ -165,20 +189,9 @@ class PinnedRegion:
         self.flags = flags
         self.closed = False
 
-    def close(self) -> None:
-        if self.closed:
-            return
+    def _release(self) -> None:
         with _on_device(self.device_id) as rt:
             call_cuda(rt.hostUnregister, self.ptr)
-        self.closed = True
-
-    def __enter__(self) -> PinnedRegion:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "pinned"
@@ -217,7 +230,7 @@ def is_pinned(ptr: int) -> bool:
     return bool(call_cuda(pinned_memory.is_memory_pinned, ptr))
 
 
-class PinnedBuffer:
+class PinnedBuffer(_Released):
     """Page-locked host memory from cudaHostAlloc, owned until `close()` (cudaFreeHost).
 
     `array` is a uint8 numpy view of it: views taken from it must not outlive `close()`."""
@@ -230,20 +243,9 @@ class PinnedBuffer:
         self.pinned = True
         self.closed = False
 
-    def close(self) -> None:
-        if self.closed:
-            return
+    def _release(self) -> None:
         self.array = np.empty(0, dtype=np.uint8)  # drop our view before the memory goes
         call_cuda(_runtime().freeHost, self.ptr)
-        self.closed = True
-
-    def __enter__(self) -> PinnedBuffer:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def alloc_pinned(nbytes: int, *, flags: int = HOST_REGISTER_PORTABLE) -> PinnedBuffer:
@@ -254,7 +256,7 @@ def alloc_pinned(nbytes: int, *, flags: int = HOST_REGISTER_PORTABLE) -> PinnedB
     return PinnedBuffer(int(ptr), nbytes)
 
 
-class CudaIpcRegion:
+class CudaIpcRegion(_Released):
     """Device memory of another process, opened from its CUDA IPC handle (Triton's CUDA shared
     memory). `ptr` is the base of the exporter's allocation; `size` the registered byte size
     (checked against the allocation); `close()` is cudaIpcCloseMemHandle."""
@@ -266,20 +268,9 @@ class CudaIpcRegion:
         self.allocation_size = allocation_size
         self.closed = False
 
-    def close(self) -> None:
-        if self.closed:
-            return
+    def _release(self) -> None:
         with _on_device(self.device_id) as rt:
             call_cuda(rt.ipcCloseMemHandle, self.ptr)
-        self.closed = True
-
-    def __enter__(self) -> CudaIpcRegion:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (
