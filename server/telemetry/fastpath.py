@@ -29,6 +29,7 @@ class FastCounter:
     """One counter family: labels tuple -> value."""
 
     __slots__ = ("doc", "labels", "name", "values")
+    _family: type[CounterMetricFamily] | type[GaugeMetricFamily] = CounterMetricFamily
 
     def __init__(self, name: str, doc: str, labels: Sequence[str]) -> None:
         self.name, self.doc, self.labels = name, doc, tuple(labels)
@@ -38,29 +39,18 @@ class FastCounter:
         self.values[key] = self.values.get(key, 0.0) + amount
 
     def family(self) -> Metric:
-        fam = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        fam = self._family(self.name, self.doc, labels=self.labels)
         for key, value in list(self.values.items()):
             fam.add_metric(list(key), value)
         return fam
 
 
-class FastGauge:
-    """One gauge family moved up and down by the request path: labels tuple -> value."""
+class FastGauge(FastCounter):
+    """One gauge family moved up and down by the request path (`inc` with a negative amount
+    goes down): labels tuple -> value."""
 
-    __slots__ = ("doc", "labels", "name", "values")
-
-    def __init__(self, name: str, doc: str, labels: Sequence[str]) -> None:
-        self.name, self.doc, self.labels = name, doc, tuple(labels)
-        self.values: dict[tuple[str, ...], float] = {}
-
-    def add(self, key: tuple[str, ...], amount: float) -> None:
-        self.values[key] = self.values.get(key, 0.0) + amount
-
-    def family(self) -> Metric:
-        fam = GaugeMetricFamily(self.name, self.doc, labels=self.labels)
-        for key, value in list(self.values.items()):
-            fam.add_metric(list(key), value)
-        return fam
+    __slots__ = ()
+    _family = GaugeMetricFamily
 
 
 class HistogramSeries:

@@ -28,7 +28,7 @@ import grpc
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, TraceFlags
 from opentelemetry.trace.span import TraceState
 
 from runtime.ipc.protocol import Timings
@@ -44,18 +44,6 @@ __all__ = [
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 # What span processors look at before queueing a finished span (see the module docstring).
 PROCESSOR_VIEW = SpanContext(trace_id=1, span_id=1, is_remote=False, trace_flags=_SAMPLED)
-# The status codes that make a server span an error (the instrumentation's `_server_status`;
-# other codes are the client's doing and leave the status unset, per the RPC conventions).
-_SERVER_FAULTS = frozenset(
-    {
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DATA_LOSS,
-    }
-)
 
 
 class InferTrace:
@@ -259,9 +247,12 @@ def server_attributes(
 
 
 def server_status(code: grpc.StatusCode, details: str) -> Status:
-    if code in _SERVER_FAULTS:
-        return Status(StatusCode.ERROR, description=f"{code}:{details}")
-    return Status(StatusCode.UNSET)
+    """The status the instrumentation gives a server span for `code` (its own rule: ERROR for
+    server faults such as INTERNAL or UNAVAILABLE, unset for the client's own errors)."""
+    from opentelemetry.instrumentation.grpc._utilities import _server_status  # pinned version
+
+    status: Status = _server_status(code, details)
+    return status
 
 
 def decode_span_ref(ref: bytes) -> SpanContext | None:
