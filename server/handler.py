@@ -216,7 +216,7 @@ class InferenceHandler:
         ve.inflight += 1
         try:
             client = self.link.require()
-            span_ref = span.ref() if span is not None else b""
+            span_ref = span.ref if span is not None else b""
             with (
                 metrics.track_inflight(req.model, plan.batch_size)
                 if metrics is not None

@@ -22,11 +22,13 @@ SimpleSpanProcessor): `context` answers that; a record exists only for a sampled
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from random import getrandbits
 from urllib.parse import unquote
 
 import grpc
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, TraceFlags
 from opentelemetry.trace.span import TraceState
@@ -37,8 +39,10 @@ __all__ = [
     "PROCESSOR_VIEW",
     "InferTrace",
     "decode_span_ref",
+    "random_span_ids",
     "server_attributes",
     "server_status",
+    "span_ids_from",
 ]
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -51,7 +55,7 @@ class InferTrace:
 
     __slots__ = (
         "answer_ns",
-        "child_ids",
+        "children",
         "code",
         "details",
         "end_ns",
@@ -61,6 +65,7 @@ class InferTrace:
         "parent_id",
         "peer",
         "reason",
+        "ref",
         "requested",
         "route_end",
         "route_error",
@@ -110,17 +115,16 @@ class InferTrace:
         self.route_error: tuple[str, str] | None = None  # (exception type, message)
         self.timings: Timings | None = None  # set once the worker answered
         self.answer_ns = 0
-        self.child_ids: tuple[int, int, int] | None = None  # route, queue, execute; at export
+        self.children = b""  # the route, queue and execute span ids, 8 bytes each; at export
+        # (trace id, server span id) as 24 bytes: what the worker returns as batch links.
+        self.ref = trace_id.to_bytes(16, "big") + span_id.to_bytes(8, "big")
 
-    def ref(self) -> bytes:
-        """(trace id, server span id) as 24 bytes: what the worker returns as batch links."""
-        return self.trace_id.to_bytes(16, "big") + self.span_id.to_bytes(8, "big")
-
-    def ids(self, new_span_id: Callable[[], int]) -> tuple[int, int, int]:
-        """The inner spans' ids, drawn once (both encodings of a record agree on them)."""
-        if self.child_ids is None:
-            self.child_ids = (new_span_id(), new_span_id(), new_span_id())
-        return self.child_ids
+    def ids(self, new_span_ids: Callable[[], bytes]) -> bytes:
+        """The inner spans' ids (route, queue, execute: 8 bytes each), drawn once: both
+        encodings of a record agree on them."""
+        if not self.children:
+            self.children = new_span_ids()
+        return self.children
 
     def queue_and_execute(self) -> tuple[int, int]:
         """(queue start, execute start): both spans end where the next begins; the execute
@@ -134,9 +138,12 @@ class InferTrace:
         self,
         resource: Resource,
         scope: InstrumentationScope,
-        new_span_id: Callable[[], int],
+        new_span_ids: Callable[[], bytes],
     ) -> list[ReadableSpan]:
-        route_id, queue_id, exec_id = self.ids(new_span_id)
+        children = self.ids(new_span_ids)
+        route_id, queue_id, exec_id = (
+            int.from_bytes(children[i : i + 8], "big") for i in (0, 8, 16)
+        )
         state = TraceState.from_header([self.trace_state]) if self.trace_state else TraceState()
 
         def ctx(span_id: int, remote: bool = False) -> SpanContext:
@@ -201,6 +208,28 @@ class InferTrace:
             add("microtune.execute", exec_id, exec_start, self.answer_ns,
                 attributes={**base, **execute_attributes(t)}, links=links)  # fmt: skip
         return spans
+
+
+_ZERO_ID = bytes(8)
+
+
+def random_span_ids() -> bytes:
+    """Three span ids (24 bytes) as the SDK's RandomIdGenerator draws them: random, not 0."""
+    while True:
+        ids = getrandbits(192).to_bytes(24, "big")
+        if _ZERO_ID not in ids:  # (rarely, also 8 zero bytes across two ids: drawn again)
+            return ids
+
+
+def span_ids_from(generator: IdGenerator) -> Callable[[], bytes]:
+    """Three span ids at a time from the tracer provider's id generator."""
+    if type(generator) is RandomIdGenerator:
+        return random_span_ids  # the same draws, one call instead of three
+
+    def draw() -> bytes:
+        return b"".join(generator.generate_span_id().to_bytes(8, "big") for _ in range(3))
+
+    return draw
 
 
 def execute_attributes(t: Timings) -> dict[str, str | int]:

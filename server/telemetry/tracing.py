@@ -44,7 +44,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from server.telemetry.infer_trace import InferTrace
+from server.telemetry.infer_trace import InferTrace, span_ids_from
 from server.telemetry.otlp_fast import (
     ExpandingSpanExporter,
     FastOTLPSpanExporter,
@@ -98,7 +98,7 @@ def make_tracing(
     ).merge(OTELResourceDetector().detect())
     tp = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(ratio)))
     encoder = InferTraceEncoder(
-        resource, InstrumentationScope(_SCOPE, service_version), tp.id_generator.generate_span_id
+        resource, InstrumentationScope(_SCOPE, service_version), span_ids_from(tp.id_generator)
     )
     if exporter == "otlp" and span_exporter is None:
         # The instrumentation's spans (other RPCs) batch as usual; ModelInfer's arrive as

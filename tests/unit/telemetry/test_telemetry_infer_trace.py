@@ -10,9 +10,11 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.internal.encoder import _VarintBytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -30,6 +32,7 @@ from server.telemetry.otlp_fast import (
     InferTraceEncoder,
     SpanChunker,
 )
+from server.telemetry.otlp_wire import uvarint
 from server.telemetry.tracing import INFER_METHOD, RequestTracer, Tracing
 
 RESOURCE = Resource.create({"service.name": "microtune", "service.version": "0.1.0"})
@@ -37,8 +40,9 @@ SCOPE = InstrumentationScope("microtune", "0.1.0")
 
 
 def _ids() -> Any:
+    """Three span ids at a time, counting."""
     counter = itertools.count(0x1000)
-    return lambda: next(counter)
+    return lambda: b"".join(next(counter).to_bytes(8, "big") for _ in range(3))
 
 
 def record(**kw: Any) -> InferTrace:
@@ -68,7 +72,7 @@ def sdk_encoding(encoder: InferTraceEncoder, data: list[Any]) -> Any:
     expanded: list[ReadableSpan] = []
     for d in data:
         if isinstance(d, InferTrace):
-            expanded.extend(d.readable_spans(encoder.resource, encoder.scope, encoder.new_span_id))
+            expanded.extend(d.readable_spans(encoder.resource, encoder.scope, encoder.new_span_ids))
         else:
             expanded.append(d)
     return encode_spans(expanded)
@@ -94,6 +98,15 @@ CASES = {
         ),
     },
     "stream request (no server span)": {"own_server": False},
+    # Past what the fast layout holds (5-byte varints, 2-byte span length): the SDK's encoder.
+    "durations over 2**35 ns": {
+        "timings": Timings(queue_ns=1, input_ns=2**35, infer_ns=2**40, output_ns=0),
+        "answer_ns": 2**42,
+        "end_ns": 2**42 + 1000,
+    },
+    "hundreds of links": {
+        "timings": Timings(batch_size=600, links=tuple(LINK for _ in range(600))),
+    },
     "canary route": {"served": 3, "reason": "canary", "requested": "canary"},
     "failed in the worker": {
         "timings": None,
@@ -118,6 +131,11 @@ def test_fast_encoding_equals_the_sdk_encoding(case: str) -> None:
     fast = encoder.encode(recs)
     assert fast == sdk_encoding(encoder, recs)
     assert encoder.count(recs) == sum(len(ss.spans) for ss in fast.resource_spans[0].scope_spans)
+
+
+@given(st.integers(min_value=-(2**63), max_value=2**64 - 1))
+def test_uvarint_is_protobufs_varint(value: int) -> None:
+    assert uvarint(value) == _VarintBytes(value & (2**64 - 1))
 
 
 def by_scope(request: Any) -> dict[tuple[bytes, str], list[bytes]]:
@@ -239,8 +257,11 @@ def test_chunker_encodes_full_chunks_and_flushes_old_ones() -> None:
     exporter = FastOTLPSpanExporter(encoder, endpoint="127.0.0.1:9")
     for chunk, part in zip(emitted, (recs[0:4], recs[4:]), strict=True):
         assert chunk.span_count == 4 * len(part)
-        assert exporter._translate_data([chunk]) == sdk_encoding(encoder, part)
+        sent = exporter._translate_data([chunk])
+        assert isinstance(sent, bytes)  # a chunk alone is sent as it is, not re-serialized
+        assert ExportTraceServiceRequest.FromString(sent) == sdk_encoding(encoder, part)
     merged = exporter._translate_data(emitted)
+    assert isinstance(merged, ExportTraceServiceRequest)
     spans = [span for rs in merged.resource_spans for ss in rs.scope_spans for span in ss.spans]
     expected = sdk_encoding(encoder, recs).resource_spans[0].scope_spans[0].spans
     assert spans == list(expected)
