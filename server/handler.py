@@ -7,7 +7,6 @@ result; errors are domain errors (server/errors) that server/rpc/status maps to 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import random
@@ -214,14 +213,12 @@ class InferenceHandler:
         metrics = self.metrics
         # Counted from routing to the answer: unloading this version waits for it (drain).
         ve.inflight += 1
+        load = metrics.inflight(req.model) if metrics is not None else None
         try:
             client = self.link.require()
-            span_ref = span.ref if span is not None else b""
-            with (
-                metrics.track_inflight(req.model, plan.batch_size)
-                if metrics is not None
-                else contextlib.nullcontext()
-            ):
+            if load is not None:
+                load.enter(plan.batch_size)
+            try:
                 result = await client.infer(
                     req.model,
                     ve.version,
@@ -229,8 +226,11 @@ class InferenceHandler:
                     plan.outputs,
                     plan.output_reserve,
                     deadline,
-                    span_ref,
+                    span.ref if span is not None else b"",
                 )
+            finally:
+                if load is not None:
+                    load.leave(plan.batch_size)
         except BaseException as exc:
             elapsed = time.perf_counter_ns() - start
             ve.stats.record_failure(elapsed)

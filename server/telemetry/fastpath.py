@@ -16,20 +16,18 @@ from collections.abc import Iterable, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
-    GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
 
-__all__ = ["FastCounter", "FastGauge", "FastHistogram", "HistogramSeries", "RequestPathCollector"]
+__all__ = ["FastCounter", "FastHistogram", "HistogramSeries", "RequestPathCollector"]
 
 
 class FastCounter:
     """One counter family: labels tuple -> value."""
 
     __slots__ = ("doc", "labels", "name", "values")
-    _family: type[CounterMetricFamily] | type[GaugeMetricFamily] = CounterMetricFamily
 
     def __init__(self, name: str, doc: str, labels: Sequence[str]) -> None:
         self.name, self.doc, self.labels = name, doc, tuple(labels)
@@ -39,18 +37,10 @@ class FastCounter:
         self.values[key] = self.values.get(key, 0.0) + amount
 
     def family(self) -> Metric:
-        fam = self._family(self.name, self.doc, labels=self.labels)
+        fam = CounterMetricFamily(self.name, self.doc, labels=self.labels)
         for key, value in list(self.values.items()):
             fam.add_metric(list(key), value)
         return fam
-
-
-class FastGauge(FastCounter):
-    """One gauge family moved up and down by the request path (`inc` with a negative amount
-    goes down): labels tuple -> value."""
-
-    __slots__ = ()
-    _family = GaugeMetricFamily
 
 
 class HistogramSeries:
@@ -105,7 +95,7 @@ def _le(bound: float) -> str:
 class RequestPathCollector(Collector):
     """Exposes a set of FastCounter / FastHistogram families from one registry."""
 
-    def __init__(self, families: Iterable[FastCounter | FastGauge | FastHistogram]) -> None:
+    def __init__(self, families: Iterable[FastCounter | FastHistogram]) -> None:
         self.families = tuple(families)
 
     def collect(self) -> Iterable[Metric]:

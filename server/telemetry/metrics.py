@@ -20,6 +20,7 @@ The saturation gauge is defined in `server.telemetry.saturation`.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, suppress
 from enum import StrEnum
@@ -27,16 +28,17 @@ from typing import Final
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from server.telemetry.fastpath import (
     FastCounter,
-    FastGauge,
     FastHistogram,
     HistogramSeries,
     RequestPathCollector,
 )
 from server.telemetry.http import MetricsHttpServer, start_http_server
-from server.telemetry.saturation import Saturation
+from server.telemetry.saturation import Load, Saturation
 from server.types import ModelState
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "ShadowOutcome",
 ]
 
+_INFLIGHT = "microtune_inflight_requests"
 # 25 us .. 10 s: a `dense` request takes ~100-300 us end to end on CPU, so the low buckets matter.
 LATENCY_BUCKETS: Final = (
     25e-6, 50e-6, 100e-6, 250e-6, 500e-6,
@@ -171,12 +174,9 @@ class Metrics:
                 )
             )
         )
-        self.inflight = FastGauge(
-            "microtune_inflight_requests",
-            "Requests admitted by the front and not yet answered.",
-            ["model"],
-        )
-        r.register(RequestPathCollector((self.inflight,)))
+        self.saturation = Saturation(saturation_tau_s, clock)
+        r.register(self.saturation)
+        r.register(_InFlightCollector(self.saturation))  # the loads' request counts
         self.pending = gauge(
             "microtune_pending_requests",
             "Requests of this front waiting in a worker batcher queue (sampled every second).",
@@ -218,8 +218,6 @@ class Metrics:
             "microtune_routing_weight_basis_points",
             "Routing weight of a version in basis points of 10000 (a canary's share).",
         )
-        self.saturation = Saturation(saturation_tau_s, clock)
-        r.register(self.saturation)
 
     # ------------------------------------------------------------ request path
 
@@ -243,21 +241,29 @@ class Metrics:
         """
         m = model if model in self._models else OTHER_MODEL
         # The label tuples and series of one (model, version, reason, code) are built once:
-        # this runs for every request (bounded: m is a declared model or OTHER_MODEL).
-        e = self._observed.get((m, version, reason, code))
+        # this runs for every request (bounded: m is a declared model or OTHER_MODEL). The code
+        # is keyed by id: hashing an Enum member runs Python code (Enum.__hash__).
+        e = self._observed.get((m, version, reason, id(code)))
         if e is None:
             e = self._request_entry(m, version, reason, code)
         values = self.requests.values
         values[e.counter_key] = values.get(e.counter_key, 0.0) + 1
-        e.latency.add(seconds)
+        # HistogramSeries.add, inlined (three method calls a request cost ~4k instructions).
+        h = e.latency
+        h.counts[bisect_left(h.bounds, seconds)] += 1
+        h.total += seconds
         if queue_s is not None:
-            if e.queue is None:
-                e.queue = self.queue_seconds.series_for(e.mv)
-            e.queue.add(queue_s)
+            h = e.queue
+            if h is None:
+                h = e.queue = self.queue_seconds.series_for(e.mv)
+            h.counts[bisect_left(h.bounds, queue_s)] += 1
+            h.total += queue_s
         if compute_s is not None:
-            if e.compute is None:
-                e.compute = self.compute_seconds.series_for(e.mv)
-            e.compute.add(compute_s)
+            h = e.compute
+            if h is None:
+                h = e.compute = self.compute_seconds.series_for(e.mv)
+            h.counts[bisect_left(h.bounds, compute_s)] += 1
+            h.total += compute_s
         if e.ok:
             values = self.inferences.values
             values[e.mv] = values.get(e.mv, 0.0) + batch
@@ -276,7 +282,7 @@ class Metrics:
             (m, v),
             ok,
         )
-        self._observed[(m, version, reason, code)] = e
+        self._observed[(m, version, reason, id(code))] = e
         return e
 
     def observe_execution(
@@ -299,24 +305,22 @@ class Metrics:
         mv, sizes = got
         values = self.executions.values
         values[mv] = values.get(mv, 0.0) + 1
-        sizes.add(batch_size)
+        sizes.counts[bisect_left(sizes.bounds, batch_size)] += 1
+        sizes.total += batch_size
         if graph_replay is True:
             self.graph_replays.inc(mv)
         elif graph_replay is False:
             self.eager_fallbacks.inc(mv)
 
+    def inflight(self, model: str) -> Load:
+        """The in-flight work of `model` (an undeclared name: OTHER_MODEL's): the request path
+        calls `enter(inferences)` when a request is admitted and `leave(inferences)` when it is
+        answered, failed or not; that is the in-flight gauge and the saturation signal."""
+        return self.saturation.load(model if model in self._models else OTHER_MODEL)
+
     def track_inflight(self, model: str, batch: int = 1) -> AbstractContextManager[None]:
-        """`with` block counting a request as in flight, and its `batch` inferences toward
-        saturation."""
-        known = model in self._models
-        # Saturation exists for declared models only: they have a capacity.
-        return _InFlight(
-            self.inflight.values,
-            (model,) if known else (OTHER_MODEL,),
-            self.saturation if known else None,
-            model,
-            batch,
-        )
+        """`with` block counting a request of `batch` inferences as in flight."""
+        return _InFlight(self.inflight(model), batch)
 
     def set_pending(self, queued: Iterable[tuple[str, int]]) -> None:
         """Replace every model's pending count with `queued`: (model, calls) for each version
@@ -420,36 +424,34 @@ class _Observed:
 
 
 class _InFlight(AbstractContextManager[None]):
-    # A class, not @contextmanager: the generator machinery cost ~1.5 us per request. The gauge
-    # is a plain dict entry (server.telemetry.fastpath): prometheus_client's Gauge took a lock
-    # and several calls on each inc and dec.
-    __slots__ = ("batch", "key", "model", "saturation", "values")
+    __slots__ = ("batch", "load")
 
-    def __init__(
-        self,
-        values: dict[tuple[str, ...], float],
-        key: tuple[str, ...],
-        saturation: Saturation | None,
-        model: str,
-        batch: int,
-    ) -> None:
-        self.values = values
-        self.key = key
-        self.saturation = saturation
-        self.model = model
-        self.batch = batch
+    def __init__(self, load: Load, batch: int) -> None:
+        self.load, self.batch = load, batch
 
     def __enter__(self) -> None:
-        values, key = self.values, self.key
-        values[key] = values.get(key, 0.0) + 1
-        if self.saturation is not None:
-            self.saturation.step(self.model, self.batch)
+        self.load.enter(self.batch)
 
     def __exit__(self, *exc: object) -> None:
-        values, key = self.values, self.key
-        values[key] -= 1
-        if self.saturation is not None:
-            self.saturation.step(self.model, -self.batch)
+        self.load.leave(self.batch)
+
+
+class _InFlightCollector(Collector):
+    """`microtune_inflight_requests`, read from the loads at scrape time."""
+
+    def __init__(self, saturation: Saturation) -> None:
+        self._saturation = saturation
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(_INFLIGHT, "")]
+
+    def collect(self) -> Iterable[Metric]:
+        fam = GaugeMetricFamily(
+            _INFLIGHT, "Requests admitted by the front and not yet answered.", labels=["model"]
+        )
+        for model, load in sorted(self._saturation.loads()):
+            fam.add_metric([model], load.requests)
+        yield fam
 
 
 def _remove(metric: Gauge, *labels: str) -> None:
