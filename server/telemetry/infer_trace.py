@@ -117,13 +117,13 @@ class InferTrace:
         self.answer_ns = 0
         self.children = b""  # the route, queue and execute span ids, 8 bytes each; at export
         # (trace id, server span id) as 24 bytes: what the worker returns as batch links.
-        self.ref = trace_id.to_bytes(16, "big") + span_id.to_bytes(8, "big")
+        self.ref = (trace_id << 64 | span_id).to_bytes(24, "big")
 
-    def ids(self, new_span_ids: Callable[[], bytes]) -> bytes:
+    def ids(self, new_span_ids: Callable[[int], bytes]) -> bytes:
         """The inner spans' ids (route, queue, execute: 8 bytes each), drawn once: both
         encodings of a record agree on them."""
         if not self.children:
-            self.children = new_span_ids()
+            self.children = new_span_ids(1)
         return self.children
 
     def queue_and_execute(self) -> tuple[int, int]:
@@ -138,7 +138,7 @@ class InferTrace:
         self,
         resource: Resource,
         scope: InstrumentationScope,
-        new_span_ids: Callable[[], bytes],
+        new_span_ids: Callable[[int], bytes],
     ) -> list[ReadableSpan]:
         children = self.ids(new_span_ids)
         route_id, queue_id, exec_id = (
@@ -213,21 +213,24 @@ class InferTrace:
 _ZERO_ID = bytes(8)
 
 
-def random_span_ids() -> bytes:
-    """Three span ids (24 bytes) as the SDK's RandomIdGenerator draws them: random, not 0."""
+def random_span_ids(records: int = 1) -> bytes:
+    """Span ids for `records` records, three each (24 bytes a record), as the SDK's
+    RandomIdGenerator draws them: random, never 0. One draw for many records: drawing them
+    one by one cost ~5k instructions a record."""
     while True:
-        ids = getrandbits(192).to_bytes(24, "big")
+        ids = getrandbits(192 * records).to_bytes(24 * records, "big")
         if _ZERO_ID not in ids:  # (rarely, also 8 zero bytes across two ids: drawn again)
             return ids
 
 
-def span_ids_from(generator: IdGenerator) -> Callable[[], bytes]:
-    """Three span ids at a time from the tracer provider's id generator."""
+def span_ids_from(generator: IdGenerator) -> Callable[[int], bytes]:
+    """Span ids for n records (three each, 8 bytes apiece) from the tracer provider's id
+    generator."""
     if type(generator) is RandomIdGenerator:
-        return random_span_ids  # the same draws, one call instead of three
+        return random_span_ids  # the same draws, one call for many
 
-    def draw() -> bytes:
-        return b"".join(generator.generate_span_id().to_bytes(8, "big") for _ in range(3))
+    def draw(records: int = 1) -> bytes:
+        return b"".join(generator.generate_span_id().to_bytes(8, "big") for _ in range(3 * records))
 
     return draw
 

@@ -110,9 +110,7 @@ class SpanChunker:
         chunk = self._chunk
         if chunk is None:
             chunk = self._chunk = EncodedChunk(self._encoder)
-        add, spans = self._encoder.add, chunk.spans
-        for rec in waiting:
-            chunk.span_count += add(spans, rec)
+        chunk.span_count += self._encoder.add_many(chunk.spans, waiting)
         chunk.records += len(waiting)
 
     def flush(self) -> None:

@@ -197,11 +197,11 @@ class InferTraceEncoder:
         self,
         resource: Resource,
         scope: InstrumentationScope,
-        new_span_ids: Callable[[], bytes],
+        new_span_ids: Callable[[int], bytes],
     ) -> None:
         self.resource = resource
         self.scope = scope
-        self.new_span_ids = new_span_ids  # three span ids, 8 bytes each
+        self.new_span_ids = new_span_ids  # n records' inner span ids: 3 x 8 bytes each
         self._servers = _Cache(_ServerLayout)
         self._inner = _Cache(_InnerLayout)
         request = encode_spans([self._template()])
@@ -211,6 +211,16 @@ class InferTraceEncoder:
         self._scope_head = ss.SerializeToString()
         del rs.scope_spans[:]
         self._resource_head = rs.SerializeToString()
+
+    def add_many(self, out: list[bytes], records: Sequence[InferTrace]) -> int:
+        """Append the spans of `records` to `out`; returns the number of spans."""
+        fresh = [rec for rec in records if not rec.children]
+        if fresh:
+            ids = self.new_span_ids(len(fresh))
+            for k, rec in enumerate(fresh):
+                rec.children = ids[24 * k : 24 * k + 24]
+        add = self.add
+        return sum([add(out, rec) for rec in records])
 
     def add(self, out: list[bytes], rec: InferTrace) -> int:
         """Append `rec`'s spans to `out`; returns the number of spans."""
@@ -306,8 +316,7 @@ class InferTraceEncoder:
                 if ss.spans and ss.spans[-1].span_id == _TEMPLATE_ID.to_bytes(8, "big"):
                     del ss.spans[-1]
                     parts: list[bytes] = []
-                    for rec in records:
-                        self.add(parts, rec)
+                    self.add_many(parts, records)
                     ss.MergeFromString(b"".join(parts))  # repeated spans: appended
                     return request
         raise AssertionError("the placeholder span vanished from the encoding")

@@ -19,12 +19,13 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind
 
 from runtime.ipc.protocol import Timings
-from server.telemetry.infer_trace import InferTrace
+from server.telemetry.infer_trace import InferTrace, random_span_ids, span_ids_from
 from server.telemetry.otlp_fast import (
     EncodedChunk,
     ExpandingSpanExporter,
@@ -40,9 +41,9 @@ SCOPE = InstrumentationScope("microtune", "0.1.0")
 
 
 def _ids() -> Any:
-    """Three span ids at a time, counting."""
+    """Span ids for n records (three each), counting."""
     counter = itertools.count(0x1000)
-    return lambda: b"".join(next(counter).to_bytes(8, "big") for _ in range(3))
+    return lambda n=1: b"".join(next(counter).to_bytes(8, "big") for _ in range(3 * n))
 
 
 def record(**kw: Any) -> InferTrace:
@@ -279,3 +280,21 @@ def test_a_failing_sink_never_fails_the_request(caplog: pytest.LogCaptureFixture
     assert tracer.dropped == 3
     lines = [r for r in caplog.records if "dropping them" in r.getMessage()]
     assert len(lines) == 1  # said once, not per request
+
+
+def test_span_ids_come_three_per_record_from_the_providers_generator() -> None:
+    ids = random_span_ids(100)
+    assert len(ids) == 2400
+    assert all(ids[k : k + 8] != bytes(8) for k in range(0, 2400, 8))
+    assert span_ids_from(RandomIdGenerator()) is random_span_ids
+
+    class Counting(RandomIdGenerator):
+        def __init__(self) -> None:
+            self.n = 0
+
+        def generate_span_id(self) -> int:
+            self.n += 1
+            return self.n
+
+    draw = span_ids_from(Counting())
+    assert draw(2) == b"".join(i.to_bytes(8, "big") for i in range(1, 7))
