@@ -90,6 +90,7 @@ class Load:
         self.requests += 1
 
     def leave(self, inferences: int) -> None:
+        # enter's mirror, written out: a shared helper would add a Python call per event.
         now = self._clock()
         if now >= self._cell_end:
             self._fold(now)
