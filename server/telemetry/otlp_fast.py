@@ -27,7 +27,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from server.telemetry.infer_trace import PROCESSOR_VIEW, InferTrace
@@ -175,14 +174,7 @@ class ExpandingSpanExporter(SpanExporter):
         self._encoder = encoder
 
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
-        e = self._encoder
-        out: list[ReadableSpan] = []
-        for s in spans:
-            if isinstance(s, InferTrace):
-                out.extend(s.readable_spans(e.resource, e.scope, e.new_span_ids))
-            else:
-                out.append(s)
-        return self.inner.export(out)
+        return self.inner.export(self._encoder.expand(spans))
 
     def shutdown(self) -> None:
         self.inner.shutdown()

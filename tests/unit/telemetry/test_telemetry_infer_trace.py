@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
@@ -70,13 +70,7 @@ def record(**kw: Any) -> InferTrace:
 
 
 def sdk_encoding(encoder: InferTraceEncoder, data: list[Any]) -> Any:
-    expanded: list[ReadableSpan] = []
-    for d in data:
-        if isinstance(d, InferTrace):
-            expanded.extend(d.readable_spans(encoder.resource, encoder.scope, encoder.new_span_ids))
-        else:
-            expanded.append(d)
-    return encode_spans(expanded)
+    return encode_spans(encoder.expand(data))
 
 
 LINK = (0xABC).to_bytes(16, "big") + (0x51).to_bytes(8, "big")
