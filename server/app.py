@@ -128,6 +128,7 @@ class App:
         self.handler.started = True
         if self.metrics is not None:
             self._tasks.append(asyncio.create_task(self._sync_metrics()))
+            self._tasks.append(asyncio.create_task(self._fold_metrics(self.metrics)))
         self._tasks.append(asyncio.create_task(self._watch_readiness()))
         if s.model_control_mode == "poll":
             self._tasks.append(asyncio.create_task(self.manager.poll_forever(s.repository_poll_s)))
@@ -184,6 +185,14 @@ class App:
                 m.set_pinned_bytes(0 if status is None else status.pinned_bytes)
             await asyncio.sleep(1.0)
 
+    @staticmethod
+    async def _fold_metrics(m: Metrics) -> None:
+        """Count the answered requests in bulk (server.telemetry.served), often enough that a
+        fold stays short (~350 requests at 7k/s: ~0.5 ms of the loop)."""
+        while True:
+            await asyncio.sleep(0.05)
+            m.fold_served()
+
     def _rolled_back(self, model: str, version: int, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.count_rollback(model, version)
@@ -220,7 +229,7 @@ class App:
         if self.gpu_sampler is not None:
             self.gpu_sampler.stop()
         if self.tracing is not None:
-            self.tracing.shutdown()
+            await self.tracing.shutdown()
         self.shm.close()
 
 

@@ -247,20 +247,9 @@ class InferenceHandler:
         t = result.timings
         ve.stats.record_success(elapsed, t, plan.batch_size)
         self.router.observe(req.model, ve.version, elapsed / 1e9, ok=True)
-        if metrics is not None:
-            metrics.observe_request(
-                req.model,
-                ve.version,
-                route.reason,
-                self.status_of(None),
-                elapsed / 1e9,
-                queue_s=t.queue_ns / 1e9,
-                compute_s=(t.input_ns + t.infer_ns + t.output_ns) / 1e9,
-                batch=plan.batch_size,
-            )
-            if t.executions:
-                replay = None if not t.padded_batch else t.mode == "replay"
-                metrics.observe_execution(req.model, ve.version, t.batch_size, graph_replay=replay)
+        if metrics is not None:  # counted in bulk (server.telemetry.served)
+            entry = (req.model, ve.version, route.reason, elapsed, t, plan.batch_size)
+            metrics.served.append(entry)
         if span is not None:
             span.timings, span.answer_ns = t, time.time_ns()
         self._maybe_shadow(req.model, route.version, plan, result.outputs, hints)

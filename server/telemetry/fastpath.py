@@ -12,7 +12,7 @@ are exactly those documented in docs/observability.md.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -93,11 +93,18 @@ def _le(bound: float) -> str:
 
 
 class RequestPathCollector(Collector):
-    """Exposes a set of FastCounter / FastHistogram families from one registry."""
+    """Exposes a set of FastCounter / FastHistogram families from one registry; `before` runs
+    first at each collection (brings deferred counts in)."""
 
-    def __init__(self, families: Iterable[FastCounter | FastHistogram]) -> None:
+    def __init__(
+        self,
+        families: Iterable[FastCounter | FastHistogram],
+        before: Callable[[], None] = lambda: None,
+    ) -> None:
         self.families = tuple(families)
+        self._before = before
 
     def collect(self) -> Iterable[Metric]:
+        self._before()
         for f in self.families:
             yield f.family()

@@ -68,10 +68,10 @@ _STANDARD: Final = frozenset(
 )
 
 
-# The (trace id, span id) of a request traced without an active SDK span (ModelInfer's
-# InferTrace, server.telemetry.tracing). Set once per RPC task, never reset: each gRPC call runs
-# in its own asyncio task, whose context copy dies with it.
-LOG_SPAN: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+# The trace id (16 bytes) and span id (8) of a request traced without an active SDK span
+# (ModelInfer's InferTrace.ref, server.telemetry.tracing). Set once per RPC task, never reset:
+# each gRPC call runs in its own asyncio task, whose context copy dies with it.
+LOG_SPAN: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
     "microtune_log_span", default=None
 )
 
@@ -112,7 +112,11 @@ class _ContextFilter(logging.Filter):
             if getattr(record, name, None) is None:
                 setattr(record, name, getattr(ctx, name))
         span = trace.get_current_span().get_span_context()
-        ids = (span.trace_id, span.span_id) if span.is_valid else LOG_SPAN.get()
+        ids: tuple[int, int] | None = None
+        if span.is_valid:
+            ids = (span.trace_id, span.span_id)
+        elif (ref := LOG_SPAN.get()) is not None:
+            ids = (int.from_bytes(ref[:16], "big"), int.from_bytes(ref[16:], "big"))
         if ids is not None:
             if record.trace_id is None:  # type: ignore[attr-defined]
                 record.trace_id = trace.format_trace_id(ids[0])

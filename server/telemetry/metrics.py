@@ -39,6 +39,7 @@ from server.telemetry.fastpath import (
 )
 from server.telemetry.http import MetricsHttpServer, start_http_server
 from server.telemetry.saturation import Load, Saturation
+from server.telemetry.served import Buckets, ServedLog, Tally
 from server.types import ModelState
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 _INFLIGHT = "microtune_inflight_requests"
+_OK = grpc.StatusCode.OK
 # 25 us .. 10 s: a `dense` request takes ~100-300 us end to end on CPU, so the low buckets matter.
 LATENCY_BUCKETS: Final = (
     25e-6, 50e-6, 100e-6, 250e-6, 500e-6,
@@ -159,6 +161,8 @@ class Metrics:
             "Executions run eagerly on a model that has CUDA graphs (no bucket fits).",
             _MV,
         )
+        # Successful requests: appended on the request path, counted in bulk (served.py).
+        self.served = ServedLog(LATENCY_BUCKETS, BATCH_BUCKETS)
         r.register(
             RequestPathCollector(
                 (
@@ -171,7 +175,8 @@ class Metrics:
                     self.batch_size,
                     self.graph_replays,
                     self.eager_fallbacks,
-                )
+                ),
+                before=self.fold_served,
             )
         )
         self.saturation = Saturation(saturation_tau_s, clock)
@@ -267,6 +272,35 @@ class Metrics:
         if e.ok:
             values = self.inferences.values
             values[e.mv] = values.get(e.mv, 0.0) + batch
+
+    def fold_served(self) -> None:
+        """Count the successful requests appended to `served` since the last fold (the event
+        loop calls this periodically, a scrape before collecting)."""
+        self.served.fold(self._count_served)
+
+    def _count_served(self, key: tuple[str, int, str], tally: Tally) -> None:
+        model, version, reason = key
+        m = model if model in self._models else OTHER_MODEL
+        e = self._observed.get((m, version, reason, id(_OK)))
+        if e is None:
+            e = self._request_entry(m, version, reason, _OK)
+        values = self.requests.values
+        values[e.counter_key] = values.get(e.counter_key, 0.0) + tally.requests
+        _merge(e.latency, tally.latency)
+        if e.queue is None:
+            e.queue = self.queue_seconds.series_for(e.mv)
+        _merge(e.queue, tally.queue)
+        if e.compute is None:
+            e.compute = self.compute_seconds.series_for(e.mv)
+        _merge(e.compute, tally.compute)
+        self.inferences.inc(e.mv, tally.inferences)
+        if tally.executions:
+            self.executions.inc(e.mv, tally.executions)
+            _merge(self.batch_size.series_for(e.mv), tally.batch)
+            if tally.replays:
+                self.graph_replays.inc(e.mv, tally.replays)
+            if tally.eager:
+                self.eager_fallbacks.inc(e.mv, tally.eager)
 
     def _request_entry(
         self, m: str, version: int | None, reason: str, code: grpc.StatusCode
@@ -452,6 +486,14 @@ class _InFlightCollector(Collector):
         for model, load in sorted(self._saturation.loads()):
             fam.add_metric([model], load.requests)
         yield fam
+
+
+def _merge(series: HistogramSeries, h: Buckets) -> None:
+    counts = series.counts
+    for i, n in enumerate(h.counts):
+        if n:
+            counts[i] += n
+    series.total += h.total
 
 
 def _remove(metric: Gauge, *labels: str) -> None:

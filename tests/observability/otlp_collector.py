@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.rpc.error_details_pb2 import RetryInfo
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 __all__ = ["ExportedSpan", "FakeCollector"]
@@ -49,10 +52,27 @@ class FakeCollector(trace_service_pb2_grpc.TraceServiceServicer):
         self.exports = 0
         self._server: grpc.Server | None = None
         self.port = 0
+        # Answers for the next Exports, in order: (code, retry delay in s or None); then OK.
+        self.refuse: list[tuple[grpc.StatusCode, float | None]] = []
+        self.attempts = 0
+        self.delay_s = 0.0  # each Export waits this long before answering
 
     def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
     ) -> trace_service_pb2.ExportTraceServiceResponse:
+        with self._lock:
+            self.attempts += 1
+            refused = self.refuse.pop(0) if self.refuse else None
+        time.sleep(self.delay_s)
+        if refused is not None:
+            code, retry_s = refused
+            if retry_s is not None:
+                info = RetryInfo()
+                info.retry_delay.FromTimedelta(datetime.timedelta(seconds=retry_s))
+                context.set_trailing_metadata(
+                    (("google.rpc.retryinfo-bin", info.SerializeToString()),)
+                )
+            context.abort(code, "refused by the test")
         with self._lock:
             self.resource_spans.extend(request.resource_spans)
             self.exports += 1

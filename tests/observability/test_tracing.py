@@ -350,7 +350,7 @@ def test_resource_service_name_defaults_and_otel_variables(
         tracing = make_tracing("console", 1.0, "9.9.9", InMemorySpanExporter())
         assert tracing is not None
         attrs = dict(tracing.provider.resource.attributes)
-        tracing.shutdown()
+        asyncio.run(tracing.shutdown())
         return attrs
 
     for var in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):

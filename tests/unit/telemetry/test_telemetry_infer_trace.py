@@ -25,11 +25,10 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind
 
 from runtime.ipc.protocol import Timings
-from server.telemetry.infer_trace import InferTrace, random_span_ids, span_ids_from
+from server.telemetry.infer_trace import InferTrace, random_span_ids, span_ids_from, span_ref
 from server.telemetry.otlp_fast import (
     EncodedChunk,
     ExpandingSpanExporter,
-    FastOTLPSpanExporter,
     InferTraceEncoder,
     SpanChunker,
 )
@@ -49,15 +48,14 @@ def _ids() -> Any:
 def record(**kw: Any) -> InferTrace:
     """A finished, successful ModelInfer record; keyword arguments override its fields."""
     rec = InferTrace(
-        kw.pop("trace_id", 0xABC),
-        kw.pop("span_id", 0x51),
+        span_ref(kw.pop("trace_id", 0xABC), kw.pop("span_id", 0x51)),
         kw.pop("parent_id", 0),
         kw.pop("trace_state", ""),
+        INFER_METHOD,
+        kw.pop("peer", "ipv4:127.0.0.1:50001"),
+        kw.pop("user_agent", "grpc-c++/1.70"),
+        1_000_000,
         own_server=kw.pop("own_server", True),
-        method=INFER_METHOD,
-        peer=kw.pop("peer", "ipv4:127.0.0.1:50001"),
-        user_agent=kw.pop("user_agent", "grpc-c++/1.70"),
-        start_ns=1_000_000,
     )
     rec.model, rec.requested, rec.served, rec.reason = "dense", "", 2, "stable"
     rec.route_start, rec.route_end = 1_000_100, 1_000_200
@@ -70,7 +68,18 @@ def record(**kw: Any) -> InferTrace:
 
 
 def sdk_encoding(encoder: InferTraceEncoder, data: list[Any]) -> Any:
-    return encode_spans(encoder.expand(data))
+    return in_span_order(encode_spans(encoder.expand(data)))
+
+
+def in_span_order(request: Any) -> Any:
+    """`request` with each scope's spans sorted by span id: OTLP gives spans no order, and the
+    fast encoder writes a run's server spans, then its inner spans."""
+    for rs in request.resource_spans:
+        for ss in rs.scope_spans:
+            spans = sorted(ss.spans, key=lambda span: span.span_id)
+            del ss.spans[:]
+            ss.spans.extend(spans)
+    return request
 
 
 LINK = (0xABC).to_bytes(16, "big") + (0x51).to_bytes(8, "big")
@@ -123,9 +132,27 @@ CASES = {
 def test_fast_encoding_equals_the_sdk_encoding(case: str) -> None:
     encoder = InferTraceEncoder(RESOURCE, SCOPE, _ids())
     recs = [record(**CASES[case]), record(**CASES[case])]  # the second one hits the caches
-    fast = encoder.encode(recs)
+    fast = in_span_order(encoder.encode(recs))
     assert fast == sdk_encoding(encoder, recs)
     assert encoder.count(recs) == sum(len(ss.spans) for ss in fast.resource_spans[0].scope_spans)
+
+
+def test_a_mixed_run_is_encoded_as_the_sdk_encodes_each_record() -> None:
+    # One run as the chunker hands it over: several peers, versions and batch sizes, linked and
+    # unlinked executions, and records only the SDK's encoder writes, interleaved.
+    encoder = InferTraceEncoder(RESOURCE, SCOPE, _ids())
+    recs = []
+    for i, case in enumerate(itertools.islice(itertools.cycle(CASES.values()), 40)):
+        kw: dict[str, Any] = {**case, "trace_id": 0x1000 + i, "span_id": 0x2000 + i}
+        if i % 3 == 0:
+            kw["peer"] = f"ipv4:127.0.0.1:{50000 + i % 4}"
+        if i % 5 == 1 and "timings" not in kw:
+            kw["timings"] = Timings(queue_ns=i, input_ns=1, infer_ns=2, output_ns=3,
+                                    batch_size=1 + i % 4, padded_batch=4 * (i % 2))  # fmt: skip
+        recs.append(record(**kw))
+    fast = in_span_order(encoder.encode(recs))
+    assert fast == sdk_encoding(encoder, recs)
+    assert encoder.count(recs) == len(fast.resource_spans[0].scope_spans[0].spans)
 
 
 @given(st.integers(min_value=-(2**63), max_value=2**64 - 1))
@@ -136,9 +163,9 @@ def test_uvarint_is_protobufs_varint(value: int) -> None:
 def by_scope(request: Any) -> dict[tuple[bytes, str], list[bytes]]:
     """(resource, scope) -> the spans, serialized: an export request up to the groups' order."""
     return {
-        (rs.resource.SerializeToString(deterministic=True), ss.scope.name): [
+        (rs.resource.SerializeToString(deterministic=True), ss.scope.name): sorted(
             span.SerializeToString(deterministic=True) for span in ss.spans
-        ]
+        )
         for rs in request.resource_spans
         for ss in rs.scope_spans
     }
@@ -194,7 +221,7 @@ def _tracer(ratio: float) -> RequestTracer:
 )
 def test_sampling_rule_is_trace_id_ratio_based(trace_id: int, ratio: float) -> None:
     tracer = _tracer(ratio)
-    tracer._new_trace_id = lambda: trace_id  # type: ignore[method-assign]
+    tracer._draw_refs = lambda: span_ref(trace_id, 1)  # the pool of new traces' ids
 
     class Ctx:
         def invocation_metadata(self) -> tuple[()]:
@@ -203,7 +230,7 @@ def test_sampling_rule_is_trace_id_ratio_based(trace_id: int, ratio: float) -> N
         def peer(self) -> str:
             return "ipv4:127.0.0.1:1"
 
-    sampled = tracer.begin(Ctx()) is not None  # type: ignore[arg-type]
+    sampled = tracer.begin(Ctx(), ()) is not None  # type: ignore[arg-type]
     sdk = TraceIdRatioBased(ratio).should_sample(None, trace_id, "x").decision
     assert sampled == (sdk is Decision.RECORD_AND_SAMPLE)
 
@@ -211,7 +238,9 @@ def test_sampling_rule_is_trace_id_ratio_based(trace_id: int, ratio: float) -> N
 def test_sampling_ratio_is_honoured_statistically() -> None:
     tracer = _tracer(0.25)
     rng = random.Random(7)
-    tracer._new_trace_id = lambda: rng.getrandbits(128) or 1  # type: ignore[method-assign]
+    tracer._draw_refs = lambda: b"".join(  # pools of 3 new traces' ids
+        span_ref(rng.getrandbits(128) or 1, 1) for _ in range(3)
+    )
 
     class Ctx:
         def invocation_metadata(self) -> tuple[()]:
@@ -221,7 +250,7 @@ def test_sampling_ratio_is_honoured_statistically() -> None:
             return "ipv4:127.0.0.1:1"
 
     n = 20_000
-    got = sum(tracer.begin(Ctx()) is not None for _ in range(n))  # type: ignore[arg-type]
+    got = sum(tracer.begin(Ctx(), ()) is not None for _ in range(n))  # type: ignore[arg-type]
     assert abs(got / n - 0.25) < 0.02
 
 
@@ -247,21 +276,31 @@ def test_chunker_encodes_full_chunks_and_flushes_old_ones() -> None:
         assert len(emitted) == 2
 
     asyncio.run(go())
-    # The exporter sends a chunk as it is; several merge into one request. Either way the
-    # spans are exactly the SDK's encoding of the same records.
-    exporter = FastOTLPSpanExporter(encoder, endpoint="127.0.0.1:9")
+    # A chunk's payload is the export request the sender sends as it is: exactly the SDK's
+    # encoding of the same records.
     for chunk, part in zip(emitted, (recs[0:4], recs[4:]), strict=True):
         assert chunk.span_count == 4 * len(part)
-        sent = exporter._translate_data([chunk])
-        assert isinstance(sent, bytes)  # a chunk alone is sent as it is, not re-serialized
-        assert ExportTraceServiceRequest.FromString(sent) == sdk_encoding(encoder, part)
-    merged = exporter._translate_data(emitted)
-    assert isinstance(merged, ExportTraceServiceRequest)
-    spans = [span for rs in merged.resource_spans for ss in rs.scope_spans for span in ss.spans]
-    expected = sdk_encoding(encoder, recs).resource_spans[0].scope_spans[0].spans
-    assert spans == list(expected)
-    assert exporter._count_data(emitted) == 4 * len(recs)
-    exporter.shutdown()
+        sent = ExportTraceServiceRequest.FromString(chunk.payload())
+        assert in_span_order(sent) == sdk_encoding(encoder, part)
+        assert chunk.nbytes == sum(map(len, chunk.spans))
+
+
+def test_a_chunk_leaves_when_its_bytes_reach_the_cap() -> None:
+    # An OTLP receiver refuses messages over 4 MiB by default: a chunk of many records is sent
+    # before it grows past its byte cap, whatever its record count.
+    encoder = InferTraceEncoder(RESOURCE, SCOPE, _ids())
+    emitted: list[EncodedChunk] = []
+
+    async def go() -> None:
+        chunker = SpanChunker(encoder, emitted.append, records_per_chunk=1000,
+                              bytes_per_chunk=3000, encode_every=1)  # fmt: skip
+        for i in range(10):
+            chunker.add(record(trace_id=i + 1))
+        chunker.flush()
+
+    asyncio.run(go())
+    assert sum(c.records for c in emitted) == 10 and len(emitted) > 2
+    assert all(c.nbytes - 1100 < 3000 for c in emitted)  # each left at most a record past it
 
 
 def test_a_failing_sink_never_fails_the_request(caplog: pytest.LogCaptureFixture) -> None:

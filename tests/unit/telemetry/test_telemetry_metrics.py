@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from runtime.ipc.protocol import Timings
 from server.telemetry.gpu import GpuSample, GpuSampler
 from server.telemetry.metrics import LATENCY_BUCKETS, OTHER_MODEL, Metrics, ShadowOutcome
 from server.telemetry.saturation import Load, capacity_for
@@ -359,3 +361,86 @@ def test_http_server_serves_metrics_only_at_metrics(metrics: Metrics) -> None:
         assert err.value.code == 404
     finally:
         server.close()
+
+
+_TIMINGS = st.builds(
+    Timings,
+    queue_ns=st.integers(0, 5 * 10**9),
+    input_ns=st.integers(0, 10**7),
+    infer_ns=st.integers(0, 10**10),
+    output_ns=st.integers(0, 10**7),
+    batch_size=st.integers(1, 600),
+    executions=st.sampled_from([0, 1]),
+    padded_batch=st.sampled_from([0, 8, 512]),
+    mode=st.sampled_from(["eager", "replay"]),
+)
+_ENTRIES = st.lists(
+    st.tuples(
+        st.sampled_from(["dense", "simple", "made-up"]),
+        st.sampled_from([1, 2]),
+        st.sampled_from(["stable", "canary", "pinned"]),
+        st.integers(0, 20 * 10**9),  # front nanoseconds
+        _TIMINGS,
+        st.integers(1, 16),  # the request's batch
+    ),
+    max_size=60,
+)
+
+
+def _samples(m: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(generate_latest(m.registry).decode())
+        for s in fam.samples
+        if not s.name.endswith("_created")
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(entries=_ENTRIES, split=st.integers(0, 60))
+def test_requests_counted_in_bulk_equal_per_request_counting(
+    entries: list[tuple[str, int, str, int, Timings, int]], split: int
+) -> None:
+    """What the handler appends to `served`, folded (in two folds here), scrapes as the same
+    series as the per-request methods fed the same requests."""
+    bulk, each = Metrics(), Metrics()
+    for m in (bulk, each):
+        m.set_model_state("dense", 1, ModelState.READY)
+        m.set_model_state("simple", 2, ModelState.READY)
+    for i, entry in enumerate(entries):
+        bulk.served.append(entry)
+        if i == split:
+            bulk.fold_served()
+        model, version, reason, ns, t, batch = entry
+        each.observe_request(model, version, reason, OK, ns / 1e9,
+                             queue_s=t.queue_ns / 1e9,
+                             compute_s=(t.input_ns + t.infer_ns + t.output_ns) / 1e9,
+                             batch=batch)  # fmt: skip
+        if t.executions:
+            replay = None if not t.padded_batch else t.mode == "replay"
+            each.observe_execution(model, version, t.batch_size, graph_replay=replay)
+    got = _samples(bulk)  # the scrape folds the rest
+    want = _samples(each)
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-12), name  # sums: another order
+
+
+def test_a_fold_on_another_thread_loses_no_request() -> None:
+    m = Metrics()
+    m.set_model_state("dense", 1, ModelState.READY)
+    n = 50_000
+    t = Timings(batch_size=1)
+
+    def serve() -> None:
+        for _ in range(n):
+            m.served.append(("dense", 1, "stable", 1000, t, 1))
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    while worker.is_alive():
+        m.fold_served()  # as a scrape does, while requests are appended
+    worker.join()
+    m.fold_served()
+    assert m.requests.values[("dense", "1", "stable", "success", "OK")] == n
+    assert sum(m.request_seconds.series[("dense", "1", "stable", "success")].counts) == n

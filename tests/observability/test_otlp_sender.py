@@ -1,0 +1,83 @@
+"""The event loop's OTLP sender: retries as the SDK exporter does, gives up on what it must,
+and never queues without bound."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import pytest
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from otlp_collector import FakeCollector
+
+from server.telemetry.otlp_async import AsyncChunkSender
+
+# A serialized export request with one span.
+REQUEST = ExportTraceServiceRequest()
+REQUEST.resource_spans.add().scope_spans.add().spans.add(name="x", trace_id=b"\1" * 16,
+                                                          span_id=b"\2" * 8)  # fmt: skip
+PAYLOAD = REQUEST.SerializeToString()
+
+
+@pytest.fixture
+def collector() -> FakeCollector:
+    c = FakeCollector().start()
+    yield c
+    c.stop()
+
+
+def sender(collector: FakeCollector, **kw: int) -> AsyncChunkSender:
+    return AsyncChunkSender(
+        OTLPSpanExporter(endpoint=f"127.0.0.1:{collector.port}", insecure=True), **kw
+    )
+
+
+async def send(s: AsyncChunkSender, times: int = 1) -> None:
+    for _ in range(times):
+        s.submit(lambda: PAYLOAD)
+    await s.close()
+
+
+def test_a_payload_arrives_as_sent(collector: FakeCollector) -> None:
+    s = sender(collector)
+    asyncio.run(send(s))
+    assert [span.span.name for span in collector.spans()] == ["x"]
+    assert (collector.attempts, s.failed, s.dropped) == (1, 0, 0)
+
+
+def test_transient_errors_are_retried_after_the_servers_retry_delay(
+    collector: FakeCollector, caplog: pytest.LogCaptureFixture
+) -> None:
+    collector.refuse = [
+        (grpc.StatusCode.UNAVAILABLE, 0.05),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, 0.05),
+    ]
+    s = sender(collector)
+    with caplog.at_level(logging.WARNING, "microtune.tracing"):
+        asyncio.run(send(s))
+    assert collector.attempts == 3 and len(collector.spans()) == 1 and s.failed == 0
+    retried = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retried) == 2 and "UNAVAILABLE" in retried[0] and "in 0.05s" in retried[0]
+
+
+def test_a_permanent_error_is_not_retried(
+    collector: FakeCollector, caplog: pytest.LogCaptureFixture
+) -> None:
+    collector.refuse = [(grpc.StatusCode.INVALID_ARGUMENT, None)]
+    s = sender(collector)
+    with caplog.at_level(logging.ERROR, "microtune.tracing"):
+        asyncio.run(send(s))
+    assert (collector.attempts, s.failed, collector.spans()) == (1, 1, [])
+    assert any(
+        "failed to export spans" in r.getMessage() and "INVALID_ARGUMENT" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_a_slow_collector_makes_it_drop_not_queue(collector: FakeCollector) -> None:
+    collector.delay_s = 0.3
+    s = sender(collector, max_in_flight=2)
+    asyncio.run(send(s, times=5))
+    assert (collector.attempts, s.dropped, len(collector.spans())) == (2, 3, 2)
