@@ -63,13 +63,14 @@ def pa(port: int, window_ms: int, trials: int) -> None:
         raise RuntimeError(f"perf_analyzer failed:\n{done.stdout[-2000:]}\n{done.stderr}")
 
 
-def measure(server: Server) -> tuple[float, float, float, float]:
-    """(loop instructions, front CPU us, worker CPU us) per request, and requests per second."""
+def measure(server: Server) -> tuple[float, float, float, float, float]:
+    """(loop instructions, loop CPU us, front CPU us, worker CPU us) per request, and requests
+    per second."""
     pid = server.p.pid
     workers = _children(pid)
     n0, f0, w0 = served(server.port), _proc_cpu(pid), sum(_proc_cpu(k) for k in workers)
     perf = subprocess.Popen(
-        ["perf", "stat", "-x,", "-e", "instructions:u", "-t", str(pid)],
+        ["perf", "stat", "-x,", "-e", "instructions:u,cycles:u,task-clock", "-t", str(pid)],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -79,10 +80,16 @@ def measure(server: Server) -> tuple[float, float, float, float]:
     n = served(server.port) - n0
     perf.send_signal(signal.SIGINT)
     _, err = perf.communicate()
-    instructions = int(err.strip().splitlines()[-1].split(",")[0])
+    counts = {
+        line.split(",")[2]: float(line.split(",")[0])
+        for line in err.strip().splitlines()
+        if line.count(",") >= 3 and not line.startswith("<")
+    }
+    print(f"   user cycles/request on the loop: {counts.get('cycles:u', 0) / n / 1e3:.0f}k")
+    instructions, loop_ms = counts["instructions:u"], counts["task-clock"]
     front = _proc_cpu(pid) - f0
     worker = sum(_proc_cpu(k) for k in workers) - w0
-    return instructions / n, 1e6 * front / n, 1e6 * worker / n, n / wall
+    return instructions / n, 1e3 * loop_ms / n, 1e6 * front / n, 1e6 * worker / n, n / wall
 
 
 def main() -> int:
@@ -110,10 +117,11 @@ def main() -> int:
             pa(s.port, 1000, 1)  # warm-up
         for r in range(1, ns.rounds + 1):
             for name, s in servers.items():
-                instr, front, worker, rate = measure(s)
+                instr, loop, front, worker, rate = measure(s)
                 print(
                     f"round {r} {name:>8}: {instr / 1e3:6.1f}k loop instructions/request, "
-                    f"front {front:5.1f} us, worker {worker:5.1f} us CPU/request, "
+                    f"loop {loop:5.1f} us, front {front:5.1f} us, worker {worker:5.1f} us "
+                    "CPU/request, "
                     f"~{rate:,.0f} requests/s",
                     flush=True,
                 )
