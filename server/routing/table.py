@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from server.routing.errors import RoutingError
 
@@ -123,6 +124,14 @@ class RoutingTables(Mapping[str, RoutingTable]):
 
     def __getitem__(self, model: str) -> RoutingTable:
         return self._tables[model]
+
+    # Read per request, mostly for models without a table: Mapping's mixins would go through
+    # __getitem__ and a caught KeyError (~4k instructions a call).
+    def get(self, model: str, default: Any = None) -> Any:
+        return self._tables.get(model, default)
+
+    def __contains__(self, model: object) -> bool:
+        return model in self._tables
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tables)
