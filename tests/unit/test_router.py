@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.errors import NotFound, NotReady
 from server.models import ModelEntry, ModelTable, VersionEntry
 from server.router import RouteHints, Router
+from server.routing import VersionNotReady, resolve
 from server.types import ModelState
 
 GUARD = {"window_s": 5, "min_samples": 20, "max_error_rate_delta": 0.05}
@@ -97,3 +100,34 @@ def test_no_ready_version_says_why() -> None:
     with pytest.raises(NotReady) as ei:
         r.route("m", "", RouteHints(routing_key="k"))
     assert ei.value.message == "model 'm' is loading"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    states=st.dictionaries(st.integers(1, 9), st.sampled_from(list(ModelState)), max_size=5),
+    key=st.none() | st.text(max_size=4),
+    weight=st.none() | st.sampled_from(["30%", "5000", "bad"]),
+)
+def test_an_unpinned_request_without_a_table_routes_as_resolve_says(
+    states: dict[int, ModelState], key: str | None, weight: str | None
+) -> None:
+    # Router.route answers this, the usual request, without calling resolve(): same answer.
+    r, _, _ = router(())
+    for v, state in states.items():
+        r.models.models["m"].versions[v] = VersionEntry("m", v, state)
+    hints = RouteHints(routing_key=key, canary_weight=weight)
+    ready = frozenset(v for v, s in states.items() if s is ModelState.READY)
+    try:
+        want = resolve(request_version="", header_version=None, routing_key=key, table=None,
+                       ready_versions=ready, rng=r.rng, canary_weight_header=weight, model="m",
+                       known_versions=frozenset(states))  # fmt: skip
+    except VersionNotReady:
+        with pytest.raises(NotReady):
+            r.route("m", "", hints)
+        return
+    except Exception as exc:  # e.g. x-canary-weight without a table
+        with pytest.raises(type(exc)) as ei:
+            r.route("m", "", hints)
+        assert str(ei.value) == str(exc)
+        return
+    assert r.route("m", "", hints) == want
