@@ -5,7 +5,8 @@ admin RPC override > routing file (watched, e.g. a mounted ConfigMap) > the mode
 `parameters { key: "routing" }`. The effective tables are one immutable snapshot
 (`RoutingTables`) replaced whole on every change, after validation against the loaded
 versions; a rejected change leaves the previous snapshot serving. Per-request decisions are
-the pure `server.routing.resolve`; time and randomness are injected here.
+the pure `server.routing.resolve` (the usual request, with nothing pinned and no table, is
+answered by its step 3 here directly); time and randomness are injected here.
 """
 
 from __future__ import annotations
