@@ -55,6 +55,14 @@ class HistogramSeries:
         self.counts[bisect_left(self.bounds, value)] += 1  # first bound >= value: `le` semantics
         self.total += value
 
+    def merge(self, counts: Sequence[int], total: float) -> None:
+        """Add bucket counts (one per bound, then +Inf) and their sum, counted elsewhere."""
+        mine = self.counts
+        for i, n in enumerate(counts):
+            if n:
+                mine[i] += n
+        self.total += total
+
 
 class FastHistogram:
     """One histogram family with fixed bucket bounds: labels tuple -> bucket counts."""

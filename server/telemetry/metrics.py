@@ -20,7 +20,6 @@ The saturation gauge is defined in `server.telemetry.saturation`.
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, suppress
 from enum import StrEnum
@@ -39,7 +38,7 @@ from server.telemetry.fastpath import (
 )
 from server.telemetry.http import MetricsHttpServer, start_http_server
 from server.telemetry.saturation import Load, Saturation
-from server.telemetry.served import Buckets, ServedLog, Tally
+from server.telemetry.served import ServedLog, Tally
 from server.types import ModelState
 
 __all__ = [
@@ -101,8 +100,7 @@ class Metrics:
     ) -> None:
         self.registry = r = CollectorRegistry()
         self._models: set[str] = set()  # declared model names (label values we accept)
-        self._observed: dict[tuple[object, ...], _Observed] = {}  # see observe_request
-        self._executed: dict[tuple[str, int], tuple[tuple[str, str], HistogramSeries]] = {}
+        self._observed: dict[tuple[object, ...], _Observed] = {}  # see _entry
         self._weighted: dict[str, set[str]] = {}  # model -> versions with a weight series
         self._pending_labels: set[str] = set()  # model labels with a pending series
 
@@ -244,34 +242,16 @@ class Metrics:
         the front; `queue_s`/`compute_s`: the worker's times when the request ran; `batch`: the
         request's own batch size (inferences count it on success).
         """
-        m = model if model in self._models else OTHER_MODEL
-        # The label tuples and series of one (model, version, reason, code) are built once:
-        # this runs for every request (bounded: m is a declared model or OTHER_MODEL). The code
-        # is keyed by id: hashing an Enum member runs Python code (Enum.__hash__).
-        e = self._observed.get((m, version, reason, id(code)))
-        if e is None:
-            e = self._request_entry(m, version, reason, code)
+        e = self._entry(model, version, reason, code)
         values = self.requests.values
         values[e.counter_key] = values.get(e.counter_key, 0.0) + 1
-        # HistogramSeries.add, inlined (three method calls a request cost ~4k instructions).
-        h = e.latency
-        h.counts[bisect_left(h.bounds, seconds)] += 1
-        h.total += seconds
+        e.latency.add(seconds)
         if queue_s is not None:
-            h = e.queue
-            if h is None:
-                h = e.queue = self.queue_seconds.series_for(e.mv)
-            h.counts[bisect_left(h.bounds, queue_s)] += 1
-            h.total += queue_s
+            self._queue_series(e).add(queue_s)
         if compute_s is not None:
-            h = e.compute
-            if h is None:
-                h = e.compute = self.compute_seconds.series_for(e.mv)
-            h.counts[bisect_left(h.bounds, compute_s)] += 1
-            h.total += compute_s
+            self._compute_series(e).add(compute_s)
         if e.ok:
-            values = self.inferences.values
-            values[e.mv] = values.get(e.mv, 0.0) + batch
+            self.inferences.inc(e.mv, batch)
 
     def fold_served(self) -> None:
         """Count the successful requests appended to `served` since the last fold (the event
@@ -280,27 +260,40 @@ class Metrics:
 
     def _count_served(self, key: tuple[str, int, str], tally: Tally) -> None:
         model, version, reason = key
-        m = model if model in self._models else OTHER_MODEL
-        e = self._observed.get((m, version, reason, id(_OK)))
-        if e is None:
-            e = self._request_entry(m, version, reason, _OK)
+        e = self._entry(model, version, reason, _OK)
         values = self.requests.values
         values[e.counter_key] = values.get(e.counter_key, 0.0) + tally.requests
-        _merge(e.latency, tally.latency)
-        if e.queue is None:
-            e.queue = self.queue_seconds.series_for(e.mv)
-        _merge(e.queue, tally.queue)
-        if e.compute is None:
-            e.compute = self.compute_seconds.series_for(e.mv)
-        _merge(e.compute, tally.compute)
+        e.latency.merge(tally.latency.counts, tally.latency.total)
+        self._queue_series(e).merge(tally.queue.counts, tally.queue.total)
+        self._compute_series(e).merge(tally.compute.counts, tally.compute.total)
         self.inferences.inc(e.mv, tally.inferences)
         if tally.executions:
             self.executions.inc(e.mv, tally.executions)
-            _merge(self.batch_size.series_for(e.mv), tally.batch)
+            self.batch_size.series_for(e.mv).merge(tally.batch.counts, tally.batch.total)
             if tally.replays:
                 self.graph_replays.inc(e.mv, tally.replays)
             if tally.eager:
                 self.eager_fallbacks.inc(e.mv, tally.eager)
+
+    def _entry(
+        self, model: str, version: int | None, reason: str, code: grpc.StatusCode
+    ) -> _Observed:
+        """The label tuples and series of one (model, version, reason, code), built once
+        (bounded: the model is a declared one or OTHER_MODEL). The code is keyed by id: hashing
+        an Enum member runs Python code (Enum.__hash__)."""
+        m = model if model in self._models else OTHER_MODEL
+        e = self._observed.get((m, version, reason, id(code)))
+        return e if e is not None else self._request_entry(m, version, reason, code)
+
+    def _queue_series(self, e: _Observed) -> HistogramSeries:
+        if e.queue is None:
+            e.queue = self.queue_seconds.series_for(e.mv)
+        return e.queue
+
+    def _compute_series(self, e: _Observed) -> HistogramSeries:
+        if e.compute is None:
+            e.compute = self.compute_seconds.series_for(e.mv)
+        return e.compute
 
     def _request_entry(
         self, m: str, version: int | None, reason: str, code: grpc.StatusCode
@@ -329,18 +322,9 @@ class Metrics:
         pod sum counts each execution once. `graph_replay`: True = replayed a CUDA graph, False =
         ran eagerly on a model that has graphs, None = graphs not in use (CPU).
         """
-        m = model if model in self._models else OTHER_MODEL
-        got = self._executed.get((m, version))
-        if got is None:
-            if len(self._executed) >= 4096:
-                self._executed.clear()
-            mv = (m, str(version))
-            got = self._executed[(m, version)] = (mv, self.batch_size.series_for(mv))
-        mv, sizes = got
-        values = self.executions.values
-        values[mv] = values.get(mv, 0.0) + 1
-        sizes.counts[bisect_left(sizes.bounds, batch_size)] += 1
-        sizes.total += batch_size
+        mv = (model if model in self._models else OTHER_MODEL, str(version))
+        self.executions.inc(mv)
+        self.batch_size.series_for(mv).add(batch_size)
         if graph_replay is True:
             self.graph_replays.inc(mv)
         elif graph_replay is False:
@@ -486,14 +470,6 @@ class _InFlightCollector(Collector):
         for model, load in sorted(self._saturation.loads()):
             fam.add_metric([model], load.requests)
         yield fam
-
-
-def _merge(series: HistogramSeries, h: Buckets) -> None:
-    counts = series.counts
-    for i, n in enumerate(h.counts):
-        if n:
-            counts[i] += n
-    series.total += h.total
 
 
 def _remove(metric: Gauge, *labels: str) -> None:

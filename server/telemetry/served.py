@@ -71,9 +71,6 @@ class ServedLog:
         self.append: Callable[[Entry], None] = self._entries.append  # thread-safe, O(1)
         self._lock = threading.Lock()
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def fold(self, apply: Callable[[tuple[str, int, str], Tally], None]) -> None:
         """Hand `apply` one tally per (model, version, reason) for the entries appended so
         far; `apply` runs under the fold lock (call from any thread)."""
