@@ -21,7 +21,7 @@ from typing import Any
 
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from server.telemetry.infer_trace import PROCESSOR_VIEW, InferTrace
+from server.telemetry.infer_trace import InferTrace
 from server.telemetry.otlp_wire import InferTraceEncoder
 
 __all__ = [
@@ -37,11 +37,11 @@ class EncodedChunk:
 
     __slots__ = ("_encoder", "nbytes", "records", "span_count", "spans")
 
-    context = PROCESSOR_VIEW  # what a span processor reads before queueing it
-
     def __init__(self, encoder: InferTraceEncoder) -> None:
         self._encoder = encoder
-        self.spans: list[bytes] = []  # ScopeSpans.spans entries, as InferTraceEncoder.add wrote
+        self.spans: list[
+            bytes
+        ] = []  # ScopeSpans.spans entries, as InferTraceEncoder.add_many wrote
         self.records = 0
         self.span_count = 0
         self.nbytes = 0

@@ -121,7 +121,7 @@ class _Row:
         for seg in segments:
             if isinstance(seg, bytes):
                 template += seg
-            elif seg == _LEN:  # the execute span's length, written per group (see add_many)
+            elif seg == _LEN:  # the execute span's length, written per group (see _write)
                 self.len_at = len(template)
                 template += bytes(2)
             else:
@@ -159,6 +159,20 @@ for _name, _width in _WIDTHS.items():
     COLUMNS[_name] = (_at, _width)
     _at += _width
 _ROW_WIDTH = _at
+
+
+def _between(first: str, last: str) -> slice:
+    """The value columns from `first` to `last` (adjacent in `_WIDTHS`), filled together."""
+    at, _ = COLUMNS[first]
+    end, width = COLUMNS[last]
+    return slice(at, end + width)
+
+
+_REFS = _between("trace", "server")  # InferTrace.ref, as it is
+_CHILDREN_IDS = _between("route_id", "exec_id")  # InferTrace.children, as it is
+_CLIENT = _between("client", "client")
+_STAMPS = _between("start", "answer")  # seven fixed64s
+_VARINTS = _between("input", "padded")  # five 5-byte varints
 _SHIFTS = np.arange(0, 35, 7, dtype=np.int64)
 _ROUTE_END = attrgetter("route_end")
 _CODE = attrgetter("code")
@@ -205,14 +219,18 @@ def _inner_row(route: tuple[str, str, int, str], mode: str) -> _Row:
         _INPUT, "input", _COMPUTE, "compute", _OUTPUT, "output", _LOCAL_TAIL,
     ]  # fmt: skip
     row = _Row([_head(route), *route, _head(queue), *queue, _SPANS_TAG, _LEN, *execute])
-    row.exec_size = _Row(execute).size
+    row.exec_size = _size(execute)
     return row
+
+
+def _size(body: Sequence[bytes | str]) -> int:
+    """The bytes `body` takes in a row (no `_LEN` in it)."""
+    return sum(len(s) if isinstance(s, bytes) else COLUMNS[s][1] for s in body)
 
 
 def _head(body: Sequence[bytes | str]) -> bytes:
     """The tag and length of a `spans` entry whose body is `body`."""
-    size = sum(len(s) if isinstance(s, bytes) else COLUMNS[s][1] for s in body)
-    return _SPANS_TAG + uvarint(size)
+    return _SPANS_TAG + uvarint(_size(body))
 
 
 class _Cache(dict[tuple[Any, ...], _Row]):
@@ -328,9 +346,9 @@ class InferTraceEncoder:
             if not count:
                 return n
         values = np.empty((count, _ROW_WIDTH), np.uint8)
-        values[:, :24] = _matrix(b"".join(map(_REF, recs)), 24)
-        values[:, 24:48] = _matrix(b"".join(map(_CHILDREN, recs)), 24)
-        values[:, 48:56] = (
+        values[:, _REFS] = _matrix(b"".join(map(_REF, recs)), 24)
+        values[:, _CHILDREN_IDS] = _matrix(b"".join(map(_CHILDREN, recs)), 24)
+        values[:, _CLIENT] = (
             np.array(list(map(_PARENT_ID, recs)), np.uint64).astype(">u8").view(np.uint8)
         ).reshape(count, 8)
         times = np.array(list(map(_TIMES, recs)), np.int64).reshape(count, 5)
@@ -340,12 +358,12 @@ class InferTraceEncoder:
         stamps[:, 4] = exec_start - numbers[:, 0]  # the queue span's start
         stamps[:, 5] = exec_start
         stamps[:, 6] = times[:, 4]  # the answer
-        values[:, 56:112] = stamps.view(np.uint8)
+        values[:, _STAMPS] = stamps.view(np.uint8)
         varints = numbers[:, 1:6].copy()  # input, compute, output, batch, padded
         varints[:, 4] = np.where(varints[:, 4] == 0, varints[:, 3], varints[:, 4])
         groups = ((varints[:, :, None] >> _SHIFTS) & 0x7F).astype(np.uint8)
         groups[:, :, :4] |= 0x80
-        values[:, 112:] = groups.reshape(count, 25)
+        values[:, _VARINTS] = groups.reshape(count, 25)
         n += self._write(out, self._servers, list(map(_SERVER_KEY, recs)), values, {})
         return n + self._write(out, self._inner, keys, values, tails)
 
