@@ -13,20 +13,24 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from runtime.ipc.protocol import (
     FRAME_HEADER,
     PROTOCOL_VERSION,
+    CloseRegion,
     Code,
+    FrontMessage,
     GetStatus,
     Hello,
     Infer,
     InferDone,
     LoadDone,
     LoadModel,
+    OpenRegion,
     OutputRequest,
+    RegionDone,
     TensorRef,
     Timings,
     UnloadDone,
@@ -75,7 +79,10 @@ class PreparedInput:
     name: str
     datatype: str
     shape: tuple[int, ...]
-    payload: bytes | memoryview  # the tensor in KServe raw form
+    payload: bytes | memoryview  # the tensor in KServe raw form (empty with `region`)
+    region: str = ""  # set: the tensor is in this client CUDA shared-memory region instead
+    offset: int = 0  # ... at [offset, offset + nbytes) of it
+    nbytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +92,7 @@ class OutputTensor:
     shape: tuple[int, ...]
     data: bytes
     inline: bool  # True when it came back in the message (slow path)
+    region_nbytes: int | None = None  # written into the client's CUDA region asked for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +162,24 @@ class RuntimeClient:
         assert isinstance(done, WorkerStatus)
         return done
 
+    async def open_region(
+        self, name: str, handle: bytes, device_id: int, byte_size: int
+    ) -> RegionDone:
+        """Have the worker open a client CUDA shared-memory region's IPC handle."""
+        rid = self.next_request_id()
+        fut = self._expect(rid)
+        self._send(OpenRegion(rid, name, handle, device_id, byte_size))
+        done = await fut
+        assert isinstance(done, RegionDone)
+        return done
+
+    async def close_region(self, name: str) -> None:
+        """Have the worker close a region ("" = all of this front's) once no call uses it."""
+        rid = self.next_request_id()
+        fut = self._expect(rid)
+        self._send(CloseRegion(rid, name))
+        await fut
+
     def next_request_id(self) -> int:
         return next(self._ids)
 
@@ -166,8 +192,11 @@ class RuntimeClient:
         output_reserve: int,
         deadline: float | None,
         span: bytes = b"",
+        output_regions: Mapping[str, tuple[str, int, int]] | None = None,
     ) -> InferResult:
-        """Run one call. `deadline` is a time.monotonic() value or None."""
+        """Run one call. `deadline` is a time.monotonic() value or None. `output_regions`:
+        outputs the worker writes into client CUDA shared memory, name -> (region, offset,
+        byte size); inputs with `region` set are read there (no arena bytes for either)."""
         if self.closed:
             raise WorkerGone("worker is not connected")
         need = sum(align_up(len(t.payload)) for t in inputs) + align_up(output_reserve)
@@ -178,22 +207,39 @@ class RuntimeClient:
             buf = self.arena.buf
             pos = lease.offset
             refs: list[TensorRef] = []
+            bound = bool(output_regions)
             for t in inputs:
+                if t.region:
+                    refs.append(
+                        TensorRef(t.name, t.datatype, t.shape, t.offset, t.nbytes, t.region)
+                    )
+                    bound = True
+                    continue
                 n = len(t.payload)
                 buf[pos : pos + n] = t.payload
                 refs.append(TensorRef(t.name, t.datatype, t.shape, pos, n))
                 pos += align_up(n)
             deadline_ns = int(deadline * 1e9) if deadline is not None else 0
+            if output_regions:
+                wanted = tuple(
+                    OutputRequest(o, *output_regions[o])
+                    if o in output_regions
+                    else OutputRequest(o)
+                    for o in outputs
+                )
+            else:
+                wanted = tuple(OutputRequest(o) for o in outputs)
             msg = Infer(
                 call_id,
                 name,
                 version,
                 tuple(refs),
-                tuple(OutputRequest(o) for o in outputs),
+                wanted,
                 pos,
                 lease.offset + lease.size - pos,
                 deadline_ns,
                 span,
+                bound,
             )
             fut = self._expect(call_id)
             self._leases[call_id] = lease
@@ -223,7 +269,9 @@ class RuntimeClient:
                 raise CallFailed(done.code, done.message)
             out: list[OutputTensor] = []
             for o in done.outputs:
-                if o.inline is not None:
+                if o.region:
+                    out.append(OutputTensor(o.name, o.datatype, o.shape, b"", False, o.nbytes))
+                elif o.inline is not None:
                     self.inline_outputs += 1
                     out.append(OutputTensor(o.name, o.datatype, o.shape, o.inline, True))
                 else:
@@ -242,7 +290,7 @@ class RuntimeClient:
         self._pending[key] = fut
         return fut
 
-    def _send(self, msg: Hello | LoadModel | UnloadModel | Infer | GetStatus) -> None:
+    def _send(self, msg: FrontMessage) -> None:
         if self._transport is None or self.closed:
             raise WorkerGone("worker is not connected")
         # Concurrent requests of one loop iteration leave in one write (one syscall).
@@ -267,7 +315,7 @@ class RuntimeClient:
             return
         if isinstance(msg, Welcome):
             key = 0
-        elif isinstance(msg, LoadDone | UnloadDone | WorkerStatus):
+        elif isinstance(msg, LoadDone | UnloadDone | WorkerStatus | RegionDone):
             key = msg.request_id
         else:  # pragma: no cover - the union is closed
             return

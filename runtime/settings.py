@@ -19,6 +19,10 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     cpu_graphs: bool = False
     """Serve batched models through the CUDA-graph executor on the CPU EP (graph ids accepted
     and ignored): runs the GPU code path in CPU-only tests. No use in production."""
+    fake_cuda_ipc: bool = False
+    """Accept CUDA shared-memory registrations on a CPU worker, with a POSIX shm object standing
+    in for device memory (runtime.engine.regions.fake_opener): runs the CUDA shared-memory
+    path in CPU-only tests. No use in production."""
     parent_pid: int = 0
     """Exit when this process disappears (so a SIGKILLed front leaves no orphan worker)."""
 

@@ -28,6 +28,16 @@ from runtime.engine.graph_model import Queued as GraphQueued
 from runtime.engine.graphs import GraphSet
 from runtime.engine.memory import DeviceMemoryMeter, Probe
 from runtime.engine.model import LoadedModel, execute_batch
+from runtime.engine.regions import (
+    Copier,
+    Opener,
+    RegionError,
+    RegionTable,
+    cuda_copier,
+    cuda_opener,
+    fake_opener,
+    host_copier,
+)
 from runtime.engine.session import (
     SessionError,
     choose_device,
@@ -41,6 +51,7 @@ from runtime.ipc.protocol import (
     FRAME_HEADER,
     MAX_FRAME,
     PROTOCOL_VERSION,
+    CloseRegion,
     Code,
     GetStatus,
     Hello,
@@ -49,7 +60,9 @@ from runtime.ipc.protocol import (
     LoadDone,
     LoadModel,
     ModelSignature,
+    OpenRegion,
     QueuedCalls,
+    RegionDone,
     Shutdown,
     UnloadDone,
     UnloadModel,
@@ -85,6 +98,14 @@ class Worker:
         # Held by graph captures, GPU runs and hostRegister: a capture is global on a device.
         self.device_lock = threading.Lock()
         self.use_graphs = self.device.startswith("cuda") or settings.cpu_graphs
+        self.device_id = int(self.device.partition(":")[2] or 0)
+        # Client CUDA shared memory: opened here, where the CUDA context lives; a CPU worker
+        # has none (registration answers UNSUPPORTED), unless a test stands host memory in.
+        self.region_io: tuple[Opener, Copier] | None = None
+        if self.device.startswith("cuda"):
+            self.region_io = (cuda_opener, cuda_copier)
+        elif settings.fake_cuda_ipc:
+            self.region_io = (fake_opener, host_copier)
         if self.device.startswith("cuda"):
             preload_cuda_libraries()
         # Device memory each load takes, reported in LoadDone (runtime.engine.memory).
@@ -315,6 +336,8 @@ class Connection:
         self.send_lock = threading.Lock()
         self.arena: Arena | None = None
         self.pinned: PinnedRegion | None = None
+        io = worker.region_io
+        self.regions = None if io is None else RegionTable(*io)
         self._reader = 0  # thread id of the reader, once it runs
         self._collect: list[bytes] | None = None
 
@@ -352,6 +375,9 @@ class Connection:
             log.exception("protocol error; closing the connection")
         finally:
             self.sock.close()
+            if self.regions is not None:
+                with self.worker.device_lock:
+                    self.regions.close()
             if self.pinned is not None:
                 with self.worker.device_lock:
                     self.pinned.close()
@@ -402,6 +428,8 @@ class Connection:
             self.send(self.worker.unload(msg))
         elif isinstance(msg, GetStatus):
             self.send(self._status(msg))
+        elif isinstance(msg, OpenRegion | CloseRegion):
+            self.send(self._region(msg))
         elif isinstance(msg, Shutdown):
             self.worker.stopping.set()
             return False
@@ -440,6 +468,33 @@ class Connection:
             0 if pinned is None or pinned.closed else pinned.size,
         )
 
+    def _region(self, msg: OpenRegion | CloseRegion) -> RegionDone:
+        """Register or unregister a client CUDA shared-memory region. On the reader thread, so
+        calls sent after the answer find it; under the device lock, since opening an IPC
+        handle during another version's graph capture would break that capture."""
+        regions = self.regions
+        if regions is None:
+            return RegionDone(
+                msg.request_id, Code.UNSUPPORTED, "this server's worker has no CUDA device"
+            )
+        if isinstance(msg, CloseRegion):
+            with self.worker.device_lock:
+                regions.unregister(msg.name)
+            return RegionDone(msg.request_id, Code.OK)
+        if msg.device_id != self.worker.device_id:
+            return RegionDone(
+                msg.request_id,
+                Code.BAD_INPUT,
+                f"CUDA shared memory region '{msg.name}' is on device {msg.device_id}; "
+                f"this server's worker runs on {self.worker.device}",
+            )
+        try:
+            with self.worker.device_lock:
+                regions.register(msg.name, msg.handle, msg.device_id, msg.byte_size)
+        except RegionError as exc:
+            return RegionDone(msg.request_id, Code.BAD_INPUT, str(exc))
+        return RegionDone(msg.request_id, Code.OK)
+
     def _pin(self) -> None:
         """Page-lock the front's arena so host-to-device copies from it are plain DMA."""
         assert self.arena is not None
@@ -468,7 +523,7 @@ class Connection:
                         rows,
                         received_ns,
                         call.deadline_ns,
-                        payload=(self.send_quiet, call, self.arena.buf, received_ns),
+                        payload=(self.send_quiet, call, self.arena.buf, received_ns, self.regions),
                     )
                 )
             except QueueFull as exc:
@@ -483,9 +538,11 @@ class Connection:
                 )
             return
         batcher = self.worker.batchers.get((call.name, call.version))
+        if batcher is not None and call.bound:
+            batcher = None  # bound in place (runtime.engine.bound): runs alone, never inline
         if batcher is None:
             model = self.worker.models.get((call.name, call.version))
-            if model is not None and model.avg_ns < INLINE_BELOW_NS:
+            if model is not None and model.avg_ns < INLINE_BELOW_NS and not call.bound:
                 # A fast model runs right here: a hop to the pool (thread wake-up, GIL
                 # handoff) would cost more than the model itself.
                 self._infer(call, received_ns)
@@ -520,7 +577,7 @@ class Connection:
             elif self.arena is None:
                 done = InferDone(call.call_id, Code.INTERNAL, "no arena: Hello not received")
             else:
-                done = model.execute(call, self.arena.buf, received_ns)
+                done = model.execute(call, self.arena.buf, received_ns, self.regions)
         except Exception as exc:
             log.exception("call %d failed", call.call_id)
             done = InferDone(call.call_id, Code.INTERNAL, type(exc).__name__)

@@ -77,6 +77,14 @@ class App:
             tracer=None if self.tracing is None else self.tracing.request_tracer(),
             status_of=status_of,
         )
+        reload_models = self.link.on_restart
+
+        async def after_worker_restart() -> None:
+            await self.handler.reopen_cuda_regions()  # before the models take traffic again
+            if reload_models is not None:
+                await reload_models()
+
+        self.link.on_restart = after_worker_restart
         self.metrics_server: MetricsHttpServer | None = None
         self.gpu_sampler: GpuSampler | None = None
         self.health = HealthState()

@@ -15,11 +15,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from runtime.client import ArenaFull, CallFailed, OutputTensor, WorkerGone
+from runtime.client import ArenaFull, CallFailed, OutputTensor, PreparedInput, WorkerGone
 from runtime.ipc.dtypes import BytesDecodeError, decode_bytes_tensor
 from runtime.ipc.protocol import Code, ModelSignature
 from server import __version__
 from server.errors import (
+    AlreadyExists,
     DeadlineExceeded,
     InvalidInput,
     MicrotuneError,
@@ -34,7 +35,7 @@ from server.models import ModelTable, VersionEntry
 from server.router import RouteHints, Router
 from server.routing import compare_outputs, route_key_point, should_shadow
 from server.routing.shadow import OutputLike
-from server.shm_regions import SharedMemoryRegistry
+from server.shm_regions import CudaRegion, SharedMemoryRegistry
 from server.stats import VersionStats
 from server.telemetry.infer_trace import InferTrace
 from server.telemetry.metrics import Metrics, ShadowOutcome
@@ -207,9 +208,14 @@ class InferenceHandler:
         ve = self.table.models[req.model].versions[route.version]
         spec, sig = ve.spec, ve.signature
         assert spec is not None and sig is not None
+        on_device = False  # some input stays in a client CUDA region (read by the worker)
         if any(t.shm is not None for t in req.inputs):
             req = replace(req, inputs=tuple(self._shm_input(t) for t in req.inputs))
+            on_device = any(t.shm is not None for t in req.inputs)
         plan = plan_call(req, sig, spec.max_batch_size)
+        if on_device:
+            plan = replace(plan, inputs=_in_regions(plan.inputs, req))
+        out_regions = self._cuda_outputs(req) if req.output_shm else None
         metrics = self.metrics
         # Counted from routing to the answer: unloading this version waits for it (drain).
         ve.inflight += 1
@@ -227,6 +233,7 @@ class InferenceHandler:
                     plan.output_reserve,
                     deadline,
                     span.ref if span is not None else b"",
+                    out_regions,
                 )
             finally:
                 if load is not None:
@@ -240,9 +247,7 @@ class InferenceHandler:
             raise err from None
         finally:
             ve.inflight -= 1
-        outputs = tuple(
-            self._output(req, o.name, o.datatype, o.shape, o.data) for o in result.outputs
-        )
+        outputs = tuple(self._output(req, o) for o in result.outputs)
         elapsed = time.perf_counter_ns() - start
         t = result.timings
         ve.stats.record_success(elapsed, t, plan.batch_size)
@@ -278,6 +283,8 @@ class InferenceHandler:
         ve = self.table.models[model].versions.get(shadow.version)
         if ve is None or ve.state is not ModelState.READY:
             return
+        if any(t.region for t in plan.inputs):
+            return  # device memory the client may reuse at once: nothing to mirror from
         # Shared-memory inputs may change once the client has its answer: copy them now.
         inputs = tuple(replace(t, payload=bytes(t.payload)) for t in plan.inputs)
         served_out = [(o.name, o.datatype, o.shape, o.data) for o in outputs]
@@ -318,7 +325,15 @@ class InferenceHandler:
             self.metrics.observe_shadow(model, ve.version, outcome, diff.max_abs_diff)
 
     def _shm_input(self, t: Tensor) -> Tensor:
+        """A system shared-memory input becomes a view of its bytes (`shm` cleared); a CUDA one
+        stays a reference, bounds-checked, for the worker to read on the device."""
         if t.shm is None:
+            return t
+        if self.shm.cuda_ref(t.shm, t.name) is not None:
+            if t.datatype == "BYTES":
+                raise InvalidInput(
+                    f"input '{t.name}' is BYTES: CUDA shared memory holds numeric tensors only"
+                )
             return t
         view = self.shm.view(t.shm, t.name)
         if t.datatype == "BYTES":
@@ -328,22 +343,76 @@ class InferenceHandler:
                 raise InvalidInput(
                     f"input '{t.name}' has malformed BYTES content in shared memory: {exc}"
                 ) from None
-        return replace(t, data=view)
+        return replace(t, data=view, shm=None)
 
-    def _output(
-        self, req: InferRequest, name: str, datatype: str, shape: tuple[int, ...], data: bytes
-    ) -> Tensor:
-        ref = req.output_shm.get(name)
+    def _cuda_outputs(self, req: InferRequest) -> dict[str, tuple[str, int, int]] | None:
+        """Outputs to be written into client CUDA regions: name -> (region, offset, size)."""
+        out = {}
+        for name, ref in req.output_shm.items():
+            if self.shm.cuda_ref(ref, name) is not None:
+                out[name] = (ref.region, ref.offset, ref.byte_size)
+        return out or None
+
+    def _output(self, req: InferRequest, o: OutputTensor) -> Tensor:
+        ref = req.output_shm.get(o.name)
         if ref is None:
-            return Tensor(name, datatype, shape, data)
-        view = self.shm.view(ref, name)
+            return Tensor(o.name, o.datatype, o.shape, o.data)
+        if o.region_nbytes is not None:  # the worker wrote it into the CUDA region
+            return Tensor(
+                o.name, o.datatype, o.shape, b"", ShmRef(ref.region, ref.offset, o.region_nbytes)
+            )
+        view = self.shm.view(ref, o.name)
+        data = o.data
         if len(data) > ref.byte_size:
             raise InvalidInput(
-                f"shared memory size specified with the request for output '{name}' "
+                f"shared memory size specified with the request for output '{o.name}' "
                 f"({ref.byte_size} bytes) should be at least {len(data)} bytes to hold the results"
             )
         view[: len(data)] = data
-        return Tensor(name, datatype, shape, b"", ShmRef(ref.region, ref.offset, len(data)))
+        return Tensor(o.name, o.datatype, o.shape, b"", ShmRef(ref.region, ref.offset, len(data)))
+
+    # ------------------------------------------------------------ CUDA shared memory
+
+    async def register_cuda(
+        self, name: str, raw_handle: bytes, device_id: int, byte_size: int
+    ) -> None:
+        """Triton's CudaSharedMemoryRegister: the front checks, the worker opens the handle."""
+        self.shm.check_cuda(name, device_id)
+        done = await self.link.require().open_region(name, raw_handle, device_id, byte_size)
+        if done.code == Code.UNSUPPORTED:
+            raise Unsupported(f"CUDA shared memory region '{name}': {done.message}")
+        if done.code != Code.OK:
+            raise InvalidInput(done.message)
+        try:
+            self.shm.add_cuda(CudaRegion(name, device_id, byte_size, bytes(raw_handle)))
+        except AlreadyExists:  # a concurrent register of the same name won the race
+            await self.link.require().close_region(name)
+            raise
+
+    async def unregister_cuda(self, name: str) -> None:
+        """Forget the region(s) now; the worker closes each once no call uses it."""
+        for n in self.shm.remove_cuda(name):
+            if self.link.ready:
+                await self.link.require().close_region(n)
+
+    def cuda_status(self, name: str) -> list[CudaRegion]:
+        return self.shm.cuda_status(name)
+
+    async def reopen_cuda_regions(self) -> None:
+        """After a worker restart: open every registered region in the new worker; one that
+        no longer opens (its owner exited) is dropped, with a warning."""
+        for region in list(self.shm.cuda.values()):
+            r = region
+            done = await self.link.require().open_region(
+                r.name, r.raw_handle, r.device_id, r.byte_size
+            )
+            if done.code != Code.OK:
+                self.shm.cuda.pop(r.name, None)
+                log.warning(
+                    "CUDA shared memory region '%s' dropped after a worker restart: %s",
+                    r.name,
+                    done.message,
+                )
 
     # ------------------------------------------------------------ statistics and repository
 
@@ -402,3 +471,17 @@ def _domain_error(exc: BaseException, ve: VersionEntry) -> BaseException:
             case Code.MODEL_FAILED:
                 return ModelFailed(f"model '{ve.model}' version {ve.version} failed: {exc.message}")
     return exc  # unexpected: the status layer logs it and answers INTERNAL
+
+
+def _in_regions(inputs: tuple[PreparedInput, ...], req: InferRequest) -> tuple[PreparedInput, ...]:
+    """Plan inputs whose tensor is in a client CUDA region, as references to it."""
+    refs = {t.name: t.shm for t in req.inputs if t.shm is not None}
+    out = []
+    for p in inputs:
+        ref = refs.get(p.name)
+        out.append(
+            p
+            if ref is None
+            else replace(p, region=ref.region, offset=ref.offset, nbytes=ref.byte_size)
+        )
+    return tuple(out)

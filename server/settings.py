@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     cpu_graphs: bool = False
     """Testing: run batched models through the CUDA-graph executor on the CPU EP, so CPU-only
     machines exercise the GPU serving path (bucketing, padding, registry, per-version thread)."""
+    fake_cuda_ipc: bool = False
+    """Testing: accept CUDA shared-memory registrations on a CPU worker, a POSIX shm object
+    standing in for device memory (its "handle" names it), so CPU-only machines exercise the
+    CUDA shared-memory path (registration, binding in place, copies into regions)."""
     worker_socket: str = ""
     """Internal: the socket of a worker owned by the supervisor (set for front processes)."""
     frontend_index: int = Field(0, ge=0)

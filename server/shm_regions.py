@@ -2,8 +2,11 @@
 
 System regions are POSIX shm objects the client created; the front maps them (whole file,
 since mmap offsets must be page-aligned) and reads inputs from / writes outputs to
-[offset, offset + byte_size). System and CUDA regions share one namespace. Regions are never
-unlinked here: the client owns them. CUDA regions need a GPU worker (issue 4's GPU part).
+[offset, offset + byte_size). CUDA regions are device memory the front never touches: it
+keeps their name, device and size (for status and bounds checks) and the worker opens the
+client's IPC handle (runtime.engine.regions); tensors in them go to the worker as references.
+System and CUDA regions share one namespace. Regions are never unlinked or freed here: the
+client owns them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pathlib import Path
 from server.errors import AlreadyExists, InvalidInput, NotFound, Unsupported
 from server.types import ShmRef
 
-__all__ = ["SharedMemoryRegistry", "ShmRef", "SystemRegion"]
+__all__ = ["CudaRegion", "SharedMemoryRegistry", "ShmRef", "SystemRegion"]
+
 
 _SHM_DIR = Path("/dev/shm")
 # Triton reserves this prefix for its Python backend; refusing it keeps the same contract.
@@ -39,10 +43,19 @@ class SystemRegion:
             self._map.close()
 
 
+@dataclass(frozen=True, slots=True)
+class CudaRegion:
+    name: str
+    device_id: int
+    byte_size: int
+    raw_handle: bytes = b""  # kept to open it again in a restarted worker
+
+
 class SharedMemoryRegistry:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.system: dict[str, SystemRegion] = {}
+        self.cuda: dict[str, CudaRegion] = {}
 
     def _check_enabled(self) -> None:
         if not self.enabled:
@@ -54,7 +67,7 @@ class SharedMemoryRegistry:
         self._check_enabled()
         if not name:
             raise InvalidInput("shared memory region name is required")
-        if name in self.system:
+        if name in self.system or name in self.cuda:
             raise AlreadyExists(f"shared memory region '{name}' already in manager")
         stem = key.lstrip("/")
         if not stem or "/" in stem or stem.startswith(_RESERVED):
@@ -94,14 +107,47 @@ class SharedMemoryRegistry:
             raise NotFound(f"Unable to find system shared memory region: '{name}'")
         return [self.system[name]]
 
-    def cuda_register(self, name: str) -> None:
+    def check_cuda(self, name: str, device_id: int) -> None:
+        """What the front checks of a CUDA registration before the worker opens the handle."""
         self._check_enabled()
-        raise Unsupported(
-            f"CUDA shared memory region '{name}': this server's worker has no CUDA device"
-        )
+        if not name:
+            raise InvalidInput("shared memory region name is required")
+        if name in self.system or name in self.cuda:
+            raise AlreadyExists(f"shared memory region '{name}' already in manager")
+        if device_id < 0:
+            raise InvalidInput(f"CUDA shared memory region '{name}': invalid device_id {device_id}")
+        # The handle's length and the size are the worker's to judge: a worker without CUDA
+        # answers UNIMPLEMENTED whatever the handle (runtime.engine.regions).
 
-    def cuda_unregister(self, name: str) -> None:
-        self._check_enabled()  # nothing registered: unregistering all or one is a no-op
+    def add_cuda(self, region: CudaRegion) -> None:
+        """Record a region the worker has opened (after `check_cuda` and the worker's OK)."""
+        if region.name in self.system or region.name in self.cuda:
+            raise AlreadyExists(f"shared memory region '{region.name}' already in manager")
+        self.cuda[region.name] = region
+
+    def remove_cuda(self, name: str) -> list[str]:
+        """Forget `name` ("" = all); the names forgotten (for the worker to close)."""
+        self._check_enabled()
+        names = list(self.cuda) if not name else [name] if name in self.cuda else []
+        for n in names:
+            del self.cuda[n]
+        return names
+
+    def cuda_status(self, name: str) -> list[CudaRegion]:
+        self._check_enabled()
+        if not name:
+            return list(self.cuda.values())
+        if name not in self.cuda:
+            raise NotFound(f"Unable to find cuda shared memory region: '{name}'")
+        return [self.cuda[name]]
+
+    def cuda_ref(self, ref: ShmRef, tensor: str) -> CudaRegion | None:
+        """The CUDA region `ref` names, bounds-checked; None when it names no CUDA region."""
+        region = self.cuda.get(ref.region)
+        if region is None:
+            return None
+        _check_bounds(ref, tensor, region.byte_size)
+        return region
 
     def view(self, ref: ShmRef, tensor: str) -> memoryview:
         """The bytes of a tensor in a region, bounds-checked."""
@@ -111,14 +157,19 @@ class SharedMemoryRegistry:
             raise InvalidInput(
                 f"tensor '{tensor}' refers to unregistered shared memory region '{ref.region}'"
             )
-        if ref.offset < 0 or ref.byte_size < 0 or ref.offset + ref.byte_size > region.byte_size:
-            raise InvalidInput(
-                f"tensor '{tensor}': offset {ref.offset} + byte_size {ref.byte_size} is outside "
-                f"shared memory region '{ref.region}' ({region.byte_size} bytes)"
-            )
+        _check_bounds(ref, tensor, region.byte_size)
         return region.view[ref.offset : ref.offset + ref.byte_size]
 
     def close(self) -> None:
         for region in self.system.values():
             region.close()
         self.system.clear()
+        self.cuda.clear()
+
+
+def _check_bounds(ref: ShmRef, tensor: str, size: int) -> None:
+    if ref.offset < 0 or ref.byte_size < 0 or ref.offset + ref.byte_size > size:
+        raise InvalidInput(
+            f"tensor '{tensor}': offset {ref.offset} + byte_size {ref.byte_size} is outside "
+            f"shared memory region '{ref.region}' ({size} bytes)"
+        )

@@ -45,6 +45,7 @@ def worker_settings_for(settings: Settings, socket_path: str) -> WorkerSettings:
         exec_threads=settings.worker_threads,
         log_level=settings.log_level,
         cpu_graphs=settings.cpu_graphs,
+        fake_cuda_ipc=settings.fake_cuda_ipc,
         parent_pid=os.getpid(),
     )
 

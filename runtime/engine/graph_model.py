@@ -17,17 +17,20 @@ from collections.abc import Callable
 from typing import Any
 
 from runtime.engine.batcher import Batcher, Pending
+from runtime.engine.bound import run_bound, uses_regions
 from runtime.engine.golden import check_golden, load_golden
 from runtime.engine.graphs import BadBatch, GraphSet
-from runtime.engine.model import BadInput, _input_array, _run_error, _write_outputs
+from runtime.engine.model import ARENA, BadInput, _input_array, _run_error, _write_outputs
+from runtime.engine.regions import RegionError, RegionTable
 from runtime.ipc.protocol import Code, Infer, InferDone, LoadModel, ModelSignature, Timings
 
 __all__ = ["GraphModel", "Queued"]
 
 log = logging.getLogger(__name__)
 
-# What a queued call carries: (answer callback, the call, the arena, when it arrived).
-Queued = tuple[Callable[[InferDone], None], Infer, memoryview, int]
+# What a queued call carries: (answer callback, the call, the arena, when it arrived, the
+# CUDA shared-memory regions of its front).
+Queued = tuple[Callable[[InferDone], None], Infer, memoryview, int, RegionTable | None]
 
 
 class GraphModel:
@@ -108,7 +111,7 @@ class GraphModel:
         check_golden(expected, wanted, [outs[names.index(n)] for n in wanted])
 
     def _expire(self, p: Pending[Queued]) -> None:
-        answer, call, _buf, _recv = p.payload
+        answer, call, _buf, _recv, _regions = p.payload
         answer(InferDone(call.call_id, Code.DEADLINE, "deadline expired while queued"))
 
     def _run_batch(self, batch: list[Pending[Queued]]) -> None:
@@ -116,11 +119,15 @@ class GraphModel:
         assert graphs is not None and self.signature is not None
         t0 = time.monotonic_ns()
         live: list[Pending[Queued]] = []
+        bound: list[Pending[Queued]] = []
         feeds: list[dict[str, Any]] = []
         for p in batch:
-            answer, call, buf, _recv = p.payload
+            answer, call, buf, _recv, _regions = p.payload
             if call.deadline_ns and t0 > call.deadline_ns:
                 answer(InferDone(call.call_id, Code.DEADLINE, "deadline expired in the queue"))
+                continue
+            if uses_regions(call):
+                bound.append(p)  # bound in place, not padded into a bucket: run alone
                 continue
             try:
                 feeds.append({ref.name: _input_array(ref, buf) for ref in call.inputs})
@@ -128,6 +135,8 @@ class GraphModel:
                 answer(InferDone(call.call_id, Code.BAD_INPUT, str(exc)))
                 continue
             live.append(p)
+        for p in bound:
+            self._run_bound(p)
         if not live:
             return
         try:
@@ -146,7 +155,7 @@ class GraphModel:
         names = list(graphs.output_names)
         links = tuple(p.payload[1].span for p in live if p.payload[1].span)
         for k, (p, outs) in enumerate(zip(live, result.outputs, strict=True)):
-            answer, call, buf, recv = p.payload
+            answer, call, buf, recv, _regions = p.payload
             wanted = [o.name for o in call.outputs] or names
             arrays = [outs[names.index(n)] for n in wanted]
             w0 = time.monotonic_ns()
@@ -167,7 +176,7 @@ class GraphModel:
     def _run_one(self, p: Pending[Queued], feed: dict[str, Any]) -> None:
         graphs = self.graphs
         assert graphs is not None and self.signature is not None
-        answer, call, buf, recv = p.payload
+        answer, call, buf, recv, _regions = p.payload
         try:
             result = graphs.run([feed])
         except Exception as exc:
@@ -191,3 +200,38 @@ class GraphModel:
             "replay" if result.replayed else "eager",
         )
         answer(InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings))
+
+    def _run_bound(self, p: Pending[Queued]) -> None:
+        """A call with tensors in CUDA shared memory: one counted eager run with an IOBinding
+        at the regions' addresses (runtime.engine.bound)."""
+        graphs = self.graphs
+        assert graphs is not None and self.signature is not None
+        answer, call, buf, recv, regions = p.payload
+        names = [o.name for o in call.outputs] or list(graphs.output_names)
+        sig = self.signature
+        t0 = time.monotonic_ns()
+        try:
+            if regions is None:
+                raise RegionError("this call names CUDA shared memory, but its front has none")
+            run = graphs.run_eager_with(
+                p.batch_size,
+                lambda session, options: run_bound(
+                    session, call, buf, regions, names, sig, graphs.device_id, ARENA, options
+                ),
+            )
+        except RegionError as exc:
+            answer(InferDone(call.call_id, Code.BAD_INPUT, str(exc)))
+            return
+        except Exception as exc:
+            answer(_run_error(call.call_id, exc))
+            return
+        timings = Timings(
+            t0 - recv,
+            run.t_bound - t0,
+            run.t_ran - run.t_bound,
+            run.t_done - run.t_ran,
+            p.batch_size,
+            mode="eager",
+            links=(call.span,) if call.span else (),
+        )
+        answer(InferDone(call.call_id, Code.OK, outputs=run.outputs, timings=timings))

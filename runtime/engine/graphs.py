@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -36,6 +36,8 @@ from runtime.engine.session import (
     signature_of,
 )
 from runtime.ipc.protocol import ModelSignature
+
+T = TypeVar("T")
 
 __all__ = [
     "BadBatch",
@@ -420,6 +422,24 @@ class GraphSet:
             return self._replay(self._buckets[bucket], feeds, sizes, inputs_pinned)
         self.registry.record_eager(bucket)
         return self._eager(bucket, feeds, sizes)
+
+    def run_eager_with(
+        self, rows: int, run: Callable[[ort.InferenceSession, ort.RunOptions], T]
+    ) -> T:
+        """Call `run(session, run_options)` as one counted eager execution of `rows` rows, on
+        this (the serving) thread under the device lock: for calls whose tensors are bound in
+        place (CUDA shared memory, runtime.engine.bound) rather than padded into a bucket.
+        The options carry gpu_graph_id -1, so nothing is captured."""
+        if self._closed:
+            raise RuntimeError("GraphSet is closed")
+        if self._owner is not None and threading.get_ident() != self._owner:
+            raise WrongThread(
+                f"graphs were captured on thread {self._owner}; an eager run on thread "
+                f"{threading.get_ident()} would race the replays"
+            )
+        self.registry.record_eager(self.table.bucket_for(rows) if len(self.table) else None)
+        with self._lock:
+            return run(self.session, self._eager_options)
 
     def _replay(
         self,

@@ -11,13 +11,15 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import onnxruntime as ort
 
+from runtime.engine.bound import run_bound, uses_regions
 from runtime.engine.buckets import default_buckets
 from runtime.engine.golden import GoldenMismatch, check_golden, load_golden
+from runtime.engine.regions import RegionError, RegionTable
 from runtime.engine.session import make_session, signature_of
 from runtime.engine.signature import reconcile
 from runtime.ipc.dtypes import DTYPES, BytesDecodeError, decode_bytes_tensor, encode_bytes_tensor
@@ -28,11 +30,12 @@ from runtime.ipc.protocol import (
     LoadModel,
     ModelSignature,
     OutputData,
+    TensorRef,
     Timings,
 )
 from runtime.ipc.shm import align_up
 
-__all__ = ["BadInput", "LoadedModel", "execute_batch"]
+__all__ = ["ARENA", "BadInput", "LoadedModel", "execute_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class LoadedModel:
     spec: LoadModel | None = None  # what it was loaded from (request_id and force zeroed)
     avg_ns: float = 1e9  # moving average of execute() time; unknown (slow) until measured
     device_memory: int | None = None  # bytes its load took on the device (None: CPU, unknown)
+    device: str = "cpu"  # where its session runs ("cpu", "cuda:N")
 
     @classmethod
     def load(cls, spec: LoadModel, device: str) -> LoadedModel:
@@ -65,6 +69,7 @@ class LoadedModel:
             tuple(t.name for t in sig.outputs),
             {t.name: t.datatype for t in sig.inputs},
             spec.identity(),
+            device=device,
         )
         model.warm_up()
         if spec.golden_path:
@@ -99,10 +104,18 @@ class LoadedModel:
             ) from None
         check_golden(expected, names, results)
 
-    def execute(self, call: Infer, buf: memoryview, received_ns: int) -> InferDone:
+    def execute(
+        self,
+        call: Infer,
+        buf: memoryview,
+        received_ns: int,
+        regions: RegionTable | None = None,
+    ) -> InferDone:
         t0 = time.monotonic_ns()
         if call.deadline_ns and t0 > call.deadline_ns:
             return InferDone(call.call_id, Code.DEADLINE, "deadline expired before execution")
+        if uses_regions(call):
+            return self._execute_bound(call, buf, received_ns, regions, t0)
         try:
             feeds = {ref.name: _input_array(ref, buf) for ref in call.inputs}
         except BadInput as exc:
@@ -122,6 +135,36 @@ class LoadedModel:
         batch = _batch_of(call)
         timings = Timings(t0 - received_ns, t1 - t0, t2 - t1, t3 - t2, batch)
         return InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings)
+
+    def _execute_bound(
+        self,
+        call: Infer,
+        buf: memoryview,
+        received_ns: int,
+        regions: RegionTable | None,
+        t0: int,
+    ) -> InferDone:
+        """A call with tensors in CUDA shared memory (runtime.engine.bound)."""
+        names = [o.name for o in call.outputs] or list(self.output_names)
+        try:
+            if regions is None:
+                raise RegionError("this call names CUDA shared memory, but its front has none")
+            device_id = int(self.device.partition(":")[2] or 0)
+            run = run_bound(
+                self.session, call, buf, regions, names, self.signature, device_id, ARENA
+            )
+        except (RegionError, BadInput) as exc:
+            return InferDone(call.call_id, Code.BAD_INPUT, str(exc))
+        except Exception as exc:
+            return _run_error(call.call_id, exc)
+        timings = Timings(
+            t0 - received_ns,
+            run.t_bound - t0,
+            run.t_ran - run.t_bound,
+            run.t_done - run.t_ran,
+            _batch_of(call),
+        )
+        return InferDone(call.call_id, Code.OK, outputs=run.outputs, timings=timings)
 
 
 def execute_batch(
@@ -262,6 +305,23 @@ def _write_outputs(
             payload = data if isinstance(data, bytes) else data.tobytes()
             out.append(OutputData(name, datatype, shape, 0, nbytes, payload))
     return tuple(out)
+
+
+class _Arena:
+    """runtime.engine.bound.ArenaIO over this module's arena reader and writer."""
+
+    @staticmethod
+    def read(ref: TensorRef, buf: memoryview) -> np.ndarray[Any, Any]:
+        return _input_array(ref, buf)
+
+    @staticmethod
+    def write(
+        names: list[str], arrays: list[Any], sig: ModelSignature, buf: memoryview, call: Infer
+    ) -> tuple[OutputData, ...]:
+        return _write_outputs(names, arrays, sig, buf, call)
+
+
+ARENA: Final = _Arena()
 
 
 def _run_error(call_id: int, exc: Exception) -> InferDone:

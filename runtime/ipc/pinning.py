@@ -29,11 +29,13 @@ __all__ = [
     "PinnedRegion",
     "alloc_pinned",
     "call_cuda",
+    "copy_on_device",
     "cuda_available",
     "device_memory_used",
     "is_pinned",
     "open_cuda_ipc_handle",
     "pin_arena",
+    "synchronize_device",
 ]
 
 T = TypeVar("T")
@@ -126,6 +128,22 @@ def device_memory_used(device_id: int) -> int:
     with _on_device(device_id) as rt:
         free, total = call_cuda(rt.memGetInfo)
     return int(total) - int(free)
+
+
+_MEMCPY_DEVICE_TO_DEVICE: Final = 3  # cudaMemcpyDeviceToDevice
+
+
+def copy_on_device(dst: int, src: int, nbytes: int, device_id: int) -> None:
+    """Queue a device-to-device copy of `nbytes` on the legacy default stream of `device_id`
+    (cudaMemcpy does not wait for a device-to-device copy: `synchronize_device` does)."""
+    with _on_device(device_id) as rt:
+        call_cuda(rt.memcpy, dst, src, nbytes, _MEMCPY_DEVICE_TO_DEVICE)
+
+
+def synchronize_device(device_id: int) -> None:
+    """Wait for the copies queued by `copy_on_device` (the legacy default stream)."""
+    with _on_device(device_id) as rt:
+        call_cuda(rt.streamSynchronize, 0)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ __all__ = [
     "GOLDEN_FILE",
     "PROTOCOL_VERSION",
     "Batching",
+    "CloseRegion",
     "Code",
     "FrontMessage",
     "GetStatus",
@@ -27,9 +28,11 @@ __all__ = [
     "LoadDone",
     "LoadModel",
     "ModelSignature",
+    "OpenRegion",
     "OutputData",
     "OutputRequest",
     "QueuedCalls",
+    "RegionDone",
     "Shutdown",
     "TensorInfo",
     "TensorRef",
@@ -61,6 +64,7 @@ class Code(enum.IntEnum):
     DEADLINE = 5
     INTERNAL = 6
     MODEL_FAILED = 7  # onnxruntime rejected the data at run time (e.g. Cast of "abc" to int)
+    UNSUPPORTED = 8  # the worker cannot do this at all (CUDA shared memory on a CPU worker)
 
 
 class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
@@ -81,17 +85,25 @@ class ModelSignature(_Msg):
 
 
 class TensorRef(_Msg):
-    """A tensor held in the sender's shared-memory arena at [offset, offset + nbytes)."""
+    """A tensor held in the sender's shared-memory arena at [offset, offset + nbytes), or, with
+    `region`, at that place of a client CUDA shared-memory region the front registered."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
     offset: int
     nbytes: int
+    region: str = ""
 
 
 class OutputRequest(_Msg):
+    """An output to compute; with `region`, written into that client CUDA shared-memory region
+    at [offset, offset + nbytes) instead of the arena."""
+
     name: str
+    region: str = ""
+    offset: int = 0
+    nbytes: int = 0
 
 
 class Timings(_Msg):
@@ -161,6 +173,7 @@ class Infer(_Msg, tag="infer"):
     out_capacity: int
     deadline_ns: int = 0  # CLOCK_MONOTONIC deadline; 0 = none
     span: bytes = b""  # the request's trace/span id (24 bytes) for execution span links
+    bound: bool = False  # some input or output lives in a client CUDA shared-memory region
 
 
 class GetStatus(_Msg, tag="status"):
@@ -174,7 +187,26 @@ class Shutdown(_Msg, tag="shutdown"):
     pass
 
 
-FrontMessage = Hello | LoadModel | UnloadModel | Infer | GetStatus | Shutdown
+class OpenRegion(_Msg, tag="region_open"):
+    """Register a client CUDA shared-memory region: open its 64-byte CUDA IPC handle."""
+
+    request_id: int
+    name: str
+    handle: bytes
+    device_id: int
+    byte_size: int
+
+
+class CloseRegion(_Msg, tag="region_close"):
+    """Unregister a region ("" = all of this front's); closed once no call uses it."""
+
+    request_id: int
+    name: str
+
+
+FrontMessage = (
+    Hello | LoadModel | UnloadModel | Infer | GetStatus | Shutdown | OpenRegion | CloseRegion
+)
 
 # ----------------------------------------------------------------------------- worker -> front
 
@@ -211,6 +243,7 @@ class OutputData(_Msg):
     offset: int
     nbytes: int
     inline: bytes | None = None
+    region: str = ""  # written into this client CUDA shared-memory region at offset
 
 
 class InferDone(_Msg, tag="done"):
@@ -237,7 +270,15 @@ class WorkerStatus(_Msg, tag="report"):
     pinned_bytes: int = 0  # bytes of the front's arena page-locked for the GPU (0 on a CPU)
 
 
-WorkerMessage = Welcome | LoadDone | UnloadDone | InferDone | WorkerStatus
+class RegionDone(_Msg, tag="region_done"):
+    """The answer to OpenRegion and CloseRegion."""
+
+    request_id: int
+    code: Code
+    message: str = ""
+
+
+WorkerMessage = Welcome | LoadDone | UnloadDone | InferDone | WorkerStatus | RegionDone
 
 _encoder = msgspec.msgpack.Encoder()
 _front_decoder = msgspec.msgpack.Decoder(FrontMessage)

@@ -16,7 +16,7 @@ from runtime.ipc.dtypes import DTYPES, BytesDecodeError, decode_bytes_tensor, en
 from server._proto.inference import grpc_service_pb2 as pb
 from server.errors import InvalidInput
 from server.handler import ModelView, StatsRow
-from server.shm_regions import SystemRegion
+from server.shm_regions import CudaRegion, SystemRegion
 from server.stats import Duration
 from server.types import (
     InferRequest,
@@ -319,6 +319,14 @@ def encode_system_shm_status(
     for r in regions:
         st = out.regions[r.name]
         st.name, st.key, st.offset, st.byte_size = r.name, r.key, r.offset, r.byte_size
+    return out
+
+
+def encode_cuda_shm_status(regions: Iterable[CudaRegion]) -> pb.CudaSharedMemoryStatusResponse:
+    out = pb.CudaSharedMemoryStatusResponse()
+    for r in regions:
+        st = out.regions[r.name]
+        st.name, st.device_id, st.byte_size = r.name, r.device_id, r.byte_size
     return out
 
 

@@ -15,7 +15,7 @@ import grpc
 
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from server.errors import MicrotuneError, NotFound
+from server.errors import MicrotuneError
 from server.handler import InferenceHandler
 from server.router import RouteHints
 from server.routing import HEADER_CANARY_WEIGHT, HEADER_MODEL_VERSION, HEADER_ROUTING_KEY
@@ -223,23 +223,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryStatus(
         self, request: pb.CudaSharedMemoryStatusRequest, context: Ctx
     ) -> pb.CudaSharedMemoryStatusResponse:
-        self.h.shm.cuda_unregister("")  # checks that client shm is enabled
-        if request.name:
-            raise NotFound(f"Unable to find cuda shared memory region: '{request.name}'")
-        return pb.CudaSharedMemoryStatusResponse()
+        return codec.encode_cuda_shm_status(self.h.cuda_status(request.name))
 
     @rpc_errors
     async def CudaSharedMemoryRegister(
         self, request: pb.CudaSharedMemoryRegisterRequest, context: Ctx
     ) -> pb.CudaSharedMemoryRegisterResponse:
-        self.h.shm.cuda_register(request.name)
+        await self.h.register_cuda(
+            request.name, request.raw_handle, request.device_id, request.byte_size
+        )
         return pb.CudaSharedMemoryRegisterResponse()
 
     @rpc_errors
     async def CudaSharedMemoryUnregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest, context: Ctx
     ) -> pb.CudaSharedMemoryUnregisterResponse:
-        self.h.shm.cuda_unregister(request.name)
+        await self.h.unregister_cuda(request.name)
         return pb.CudaSharedMemoryUnregisterResponse()
 
     @rpc_errors

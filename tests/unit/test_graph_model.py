@@ -66,7 +66,9 @@ def test_concurrent_calls_batch_pad_and_trim() -> None:
 
     now = time.monotonic_ns()
     for call, x in calls:
-        model.submit(Pending(call.call_id, x.shape[0], now, payload=(answer, call, arena, now)))
+        model.submit(
+            Pending(call.call_id, x.shape[0], now, payload=(answer, call, arena, now, None))
+        )
     assert done.wait(10)
     model.close()
     executions = 0
@@ -99,7 +101,7 @@ def test_expired_call_is_never_computed() -> None:
         call.out_capacity,
         now - 1,
     )
-    model.submit(Pending(7, 1, now, now - 1, payload=(got.append, expired, arena, now)))
+    model.submit(Pending(7, 1, now, now - 1, payload=(got.append, expired, arena, now, None)))
     model.close()
     assert [d.code for d in got] == [Code.DEADLINE]
 

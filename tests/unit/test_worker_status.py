@@ -56,7 +56,9 @@ def _queue(worker: Worker, a: Connection, b: Connection) -> None:
     worker.graph_models[("dense_large", 2)] = SimpleNamespace(batcher=graphs)  # type: ignore[assignment]
     for i, conn in enumerate((b, b, b, a)):
         # A graph model's call carries its connection's answer callback, not the connection.
-        graphs.submit(Pending(10 + i, 2, 0, payload=(conn.send_quiet, CALL, memoryview(b""), 0)))
+        graphs.submit(
+            Pending(10 + i, 2, 0, payload=(conn.send_quiet, CALL, memoryview(b""), 0, None))
+        )
     worker.batchers[("idle", 1)] = Batcher(8)  # nothing queued: not listed
 
 

@@ -1,0 +1,246 @@
+"""Client CUDA shared-memory regions opened in the worker (Triton's CUDA shared-memory extension).
+
+A client allocates device memory, exports a 64-byte CUDA IPC handle and registers it with a
+front; the front forwards it here, and the worker (the process that owns the CUDA context)
+opens it. Inference calls then name the region in their `TensorRef`/`OutputRequest`: inputs
+are bound to onnxruntime straight from the region's device pointer and outputs are copied
+device to device into it (runtime.engine.bound), so no tensor makes a host round trip.
+
+One `RegionTable` per front connection: names are the front's (Triton's namespace is per
+server, and a client talks to one front over its channel). A region in use by a running call
+is closed only after that call releases it, so an unregister racing an inference never frees
+memory under onnxruntime.
+
+Openers: `cuda_opener` (cupy, runtime.ipc.pinning.open_cuda_ipc_handle) on a CUDA worker, none
+on a CPU worker (registration answers "no CUDA device"), and `fake_opener` for CPU-only tests
+(`fake_cuda_ipc`): the "handle" names a POSIX shm object that stands in for device memory, so
+the CPU test suite drives the same registration, binding and copy code with host pointers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+import numpy as np
+
+__all__ = [
+    "FAKE_HANDLE_PREFIX",
+    "IPC_HANDLE_BYTES",
+    "Copier",
+    "OpenedMemory",
+    "Opener",
+    "RegionError",
+    "RegionTable",
+    "RegionUse",
+    "cuda_copier",
+    "cuda_opener",
+    "fake_handle",
+    "fake_opener",
+    "host_copier",
+]
+
+IPC_HANDLE_BYTES: Final = 64  # sizeof(cudaIpcMemHandle_t)
+FAKE_HANDLE_PREFIX: Final = b"microtune-fake-ipc:"
+
+
+class RegionError(ValueError):
+    """A register/unregister/lookup the client got wrong: its message goes back as
+    INVALID_ARGUMENT (or NOT_FOUND for an unknown name, decided by the front)."""
+
+
+class OpenedMemory(Protocol):
+    """Memory behind an opened handle: `ptr` is its base address in this process."""
+
+    ptr: int
+    size: int
+    device_id: int
+
+    def close(self) -> None: ...
+
+
+# (raw handle, device id, byte size) -> opened memory; raises ValueError or CudaError.
+Opener = Callable[[bytes, int, int], OpenedMemory]
+
+
+class Copier(Protocol):
+    """Copies between a region and onnxruntime's buffers in the region's memory space."""
+
+    device_type: str  # what onnxruntime calls that memory: "cuda" or, for the fake, "cpu"
+
+    def copy(self, dst: int, src: int, nbytes: int, device_id: int) -> None: ...
+
+    def synchronize(self, device_id: int) -> None: ...
+
+
+@dataclass(slots=True)
+class RegionUse:
+    """A registered region; what `RegionTable.acquire` hands out (give it back to `release`)."""
+
+    name: str
+    memory: OpenedMemory
+    users: int = 0
+    closing: bool = False
+
+
+@dataclass(slots=True)
+class RegionTable:
+    """The regions one front registered. Thread-safe: the reader thread registers and closes,
+    execution threads acquire and release."""
+
+    opener: Opener
+    copier: Copier
+    _entries: dict[str, RegionUse] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def register(self, name: str, handle: bytes, device_id: int, byte_size: int) -> None:
+        if len(handle) != IPC_HANDLE_BYTES:
+            raise RegionError(
+                f"CUDA IPC handle of region '{name}' is {len(handle)} bytes; "
+                f"a cudaIpcMemHandle_t is {IPC_HANDLE_BYTES}"
+            )
+        if byte_size < 1:
+            raise RegionError(f"CUDA shared memory region '{name}': byte_size must be positive")
+        with self._lock:
+            if name in self._entries:
+                raise RegionError(f"shared memory region '{name}' already in manager")
+        try:
+            memory = self.opener(handle, device_id, byte_size)
+        except ValueError as exc:
+            raise RegionError(
+                f"failed to register CUDA shared memory region '{name}': {exc}"
+            ) from None
+        except OSError as exc:  # the fake opener's shm object is missing
+            raise RegionError(
+                f"failed to open CUDA IPC handle of shared memory region '{name}': {exc.strerror}"
+            ) from None
+        except RuntimeError as exc:  # CudaError: CUDA refused the handle
+            raise RegionError(
+                f"failed to open CUDA IPC handle of shared memory region '{name}': {exc}"
+            ) from None
+        with self._lock:
+            if name in self._entries:  # registered meanwhile by another call
+                memory.close()
+                raise RegionError(f"shared memory region '{name}' already in manager")
+            self._entries[name] = RegionUse(name, memory)
+
+    def unregister(self, name: str) -> None:
+        """Forget `name` ("" = every region); memory in use closes when its last call ends."""
+        with self._lock:
+            names = list(self._entries) if not name else [name]
+            gone = [e for e in (self._entries.pop(n, None) for n in names) if e is not None]
+            for e in gone:
+                e.closing = True
+            idle = [e for e in gone if e.users == 0]
+        for e in idle:
+            e.memory.close()
+
+    def acquire(self, name: str) -> RegionUse:
+        """The region `name`, held open until `release` (a call runs on it meanwhile)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise RegionError(f"unable to find CUDA shared memory region '{name}'")
+            entry.users += 1
+            return entry
+
+    def release(self, use: RegionUse) -> None:
+        with self._lock:
+            use.users -= 1
+            last = use.closing and use.users == 0
+        if last:
+            use.memory.close()
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def close(self) -> None:
+        self.unregister("")
+
+
+# ----------------------------------------------------------------------------- real CUDA
+
+
+def cuda_opener(handle: bytes, device_id: int, byte_size: int) -> OpenedMemory:
+    from runtime.ipc.pinning import open_cuda_ipc_handle
+
+    return open_cuda_ipc_handle(handle, device_id, byte_size)
+
+
+class _CudaCopier:
+    device_type = "cuda"
+
+    def copy(self, dst: int, src: int, nbytes: int, device_id: int) -> None:
+        from runtime.ipc.pinning import copy_on_device
+
+        copy_on_device(dst, src, nbytes, device_id)
+
+    def synchronize(self, device_id: int) -> None:
+        from runtime.ipc.pinning import synchronize_device
+
+        synchronize_device(device_id)
+
+
+cuda_copier: Final[Copier] = _CudaCopier()
+
+
+# ----------------------------------------------------------------------------- CPU stand-in
+
+
+def fake_handle(shm_name: str) -> bytes:
+    """The 64-byte stand-in handle `fake_opener` opens: the name of a POSIX shm object."""
+    raw = FAKE_HANDLE_PREFIX + shm_name.lstrip("/").encode()
+    if len(raw) > IPC_HANDLE_BYTES:
+        raise ValueError(f"shm name '{shm_name}' is too long for a fake handle")
+    return raw.ljust(IPC_HANDLE_BYTES, b"\0")
+
+
+@dataclass(slots=True)
+class _MappedShm:
+    ptr: int
+    size: int
+    device_id: int
+    _map: mmap.mmap
+    _view: np.ndarray  # keeps the address stable; dropped before the map closes
+
+    def close(self) -> None:
+        self._view = np.empty(0, np.uint8)
+        self._map.close()
+
+
+def fake_opener(handle: bytes, device_id: int, byte_size: int) -> OpenedMemory:
+    """Map the POSIX shm object a `fake_handle` names, as if it were device memory."""
+    if not handle.startswith(FAKE_HANDLE_PREFIX):
+        raise RuntimeError("invalid argument (not a handle this test worker can open)")
+    if byte_size < 1:
+        raise ValueError(f"byte_size must be positive, got {byte_size}")
+    name = handle[len(FAKE_HANDLE_PREFIX) :].rstrip(b"\0").decode()
+    fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size < byte_size:
+            raise ValueError(f"the allocation is {size} bytes; {byte_size} bytes were registered")
+        m = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    view = np.frombuffer(m, np.uint8)
+    return _MappedShm(view.ctypes.data, byte_size, device_id, m, view)
+
+
+class _HostCopier:
+    device_type = "cpu"
+
+    def copy(self, dst: int, src: int, nbytes: int, device_id: int) -> None:
+        ctypes.memmove(dst, src, nbytes)
+
+    def synchronize(self, device_id: int) -> None:
+        pass
+
+
+host_copier: Final[Copier] = _HostCopier()

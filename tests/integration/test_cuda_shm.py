@@ -1,0 +1,228 @@
+"""Triton's CUDA shared-memory extension, driven by tritonclient, on a CPU machine.
+
+The servers run with `--fake-cuda-ipc true`: the worker opens a "handle" that names a POSIX shm
+object instead of device memory (runtime.engine.regions.fake_opener). Everything else is the
+code a GPU runs: the front's checks and bookkeeping, the worker's region table, inputs bound
+to onnxruntime in place at the region's address, outputs copied into the region, and the
+counted eager run of a graph-served version (`--cpu-graphs true`). tests/gpu/test_cuda_shm.py
+does the same with real CUDA IPC handles.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as shm
+from harness import Server, running_server
+from tritonclient.utils import InferenceServerException
+
+from runtime.engine.regions import fake_handle
+
+BASE = ("--allow-client-shm", "true", "--fake-cuda-ipc", "true")
+
+
+@pytest.fixture(scope="module", params=["sessions", "cpu-graphs"])
+def srv(
+    request: pytest.FixtureRequest,
+    model_repository: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Server]:
+    extra = ("--cpu-graphs", "true") if request.param == "cpu-graphs" else ()
+    with running_server(model_repository, tmp_path_factory.mktemp("cudashm"), BASE + extra) as s:
+        yield s
+
+
+@pytest.fixture()
+def c(srv: Server) -> Iterator[grpcclient.InferenceServerClient]:
+    client = grpcclient.InferenceServerClient(srv.url)
+    yield client
+    client.unregister_cuda_shared_memory()
+    client.close()
+
+
+class StandIn:
+    """A POSIX shm object playing a client's cudaMalloc'ed buffer, with its fake handle."""
+
+    def __init__(self, tag: str, nbytes: int) -> None:
+        self.key = f"/mt-cudashm-{os.getpid()}-{tag}"
+        self.nbytes = nbytes
+        self.region = shm.create_shared_memory_region(tag, self.key, nbytes)
+        self.handle = base64.b64encode(fake_handle(self.key))
+
+    def put(self, x: np.ndarray, offset: int = 0) -> None:
+        shm.set_shared_memory_region(self.region, [x], offset=offset)
+
+    def get(self, shape: list[int], offset: int) -> np.ndarray:
+        return shm.get_contents_as_numpy(self.region, np.float32, shape, offset=offset)
+
+    def close(self) -> None:
+        shm.destroy_shared_memory_region(self.region)
+
+
+@pytest.fixture()
+def dev() -> Iterator[StandIn]:
+    s = StandIn("dev", 4096)
+    yield s
+    s.close()
+
+
+def raises(call: object, status: str, *needles: str) -> str:
+    assert callable(call)
+    with pytest.raises(InferenceServerException) as ei:
+        call()
+    msg = ei.value.message() or ""
+    assert ei.value.status() == f"StatusCode.{status}", (ei.value.status(), msg)
+    for n in needles:
+        assert n in msg, (n, msg)
+    return msg
+
+
+def shm_input(name: str, shape: list[int], region: str, nbytes: int, offset: int = 0) -> object:
+    inp = grpcclient.InferInput(name, shape, "FP32")
+    inp.set_shared_memory(region, nbytes, offset=offset)
+    return inp
+
+
+def test_register_status_unregister(c: grpcclient.InferenceServerClient, dev: StandIn) -> None:
+    c.register_cuda_shared_memory("g0", dev.handle, 0, dev.nbytes)
+    status = c.get_cuda_shared_memory_status()
+    assert [(r.name, r.device_id, r.byte_size) for r in status.regions.values()] == [
+        ("g0", 0, dev.nbytes)
+    ]
+    assert list(c.get_cuda_shared_memory_status("g0").regions) == ["g0"]
+    raises(lambda: c.register_cuda_shared_memory("g0", dev.handle, 0, 64), "ALREADY_EXISTS", "'g0'")
+    # System and CUDA regions share one namespace, as in Triton.
+    raises(lambda: c.register_system_shared_memory("g0", dev.key, 64), "ALREADY_EXISTS", "'g0'")
+    c.unregister_cuda_shared_memory("g0")
+    assert not c.get_cuda_shared_memory_status().regions
+    raises(lambda: c.get_cuda_shared_memory_status("g0"), "NOT_FOUND", "'g0'")
+    c.unregister_cuda_shared_memory("g0")  # unknown: a no-op, as in Triton
+
+
+def test_input_and_output_in_the_region(c: grpcclient.InferenceServerClient, dev: StandIn) -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    dev.put(x)
+    c.register_cuda_shared_memory("io", dev.handle, 0, dev.nbytes)
+    out = grpcclient.InferRequestedOutput("OUT")
+    out.set_shared_memory("io", x.nbytes, offset=1024)
+    res = c.infer("id_fp32", [shm_input("IN", [3, 4], "io", x.nbytes)], outputs=[out])
+    resp = res.get_response()
+    # The output went to the region: the response describes it and carries no bytes.
+    assert [(o.name, list(o.shape)) for o in resp.outputs] == [("OUT", [3, 4])]
+    assert all(len(raw) == 0 for raw in resp.raw_output_contents)
+    params = resp.outputs[0].parameters
+    assert params["shared_memory_region"].string_param == "io"
+    assert params["shared_memory_byte_size"].int64_param == x.nbytes
+    assert params["shared_memory_offset"].int64_param == 1024
+    np.testing.assert_array_equal(dev.get([3, 4], 1024), x)
+    # The client changes its buffer in place and asks again: the server reads it anew.
+    dev.put(x * 2)
+    c.infer("id_fp32", [shm_input("IN", [3, 4], "io", x.nbytes)], outputs=[out])
+    np.testing.assert_array_equal(dev.get([3, 4], 1024), x * 2)
+
+
+def test_region_input_with_a_computed_output(
+    c: grpcclient.InferenceServerClient, dev: StandIn
+) -> None:
+    """`dense` computes: the input read from the region gives the answer the same bytes sent
+    over gRPC give, and an output not placed in a region comes back in the response."""
+    x = np.linspace(-1, 1, 256, dtype=np.float32).reshape(1, 256)
+    dev.put(x, offset=512)
+    c.register_cuda_shared_memory("d", dev.handle, 0, dev.nbytes)
+    plain = grpcclient.InferInput("INPUT0", [1, 256], "FP32")
+    plain.set_data_from_numpy(x)
+    want = c.infer("dense", [plain]).as_numpy("OUTPUT0")
+    got = c.infer("dense", [shm_input("INPUT0", [1, 256], "d", x.nbytes, 512)])
+    np.testing.assert_allclose(got.as_numpy("OUTPUT0"), want, rtol=1e-6)
+    # Output into the region, input over gRPC.
+    out = grpcclient.InferRequestedOutput("OUTPUT0")
+    out.set_shared_memory("d", 40, offset=0)
+    c.infer("dense", [plain], outputs=[out])
+    np.testing.assert_allclose(dev.get([1, 10], 0), want, rtol=1e-6)
+
+
+def test_registration_errors(c: grpcclient.InferenceServerClient, dev: StandIn) -> None:
+    short = base64.b64encode(fake_handle(dev.key)[:63])
+    raises(
+        lambda: c.register_cuda_shared_memory("e", short, 0, 64), "INVALID_ARGUMENT", "'e'", "64"
+    )
+    zeros = base64.b64encode(bytes(64))  # not a handle the worker can open
+    raises(
+        lambda: c.register_cuda_shared_memory("e", zeros, 0, 64),
+        "INVALID_ARGUMENT",
+        "failed to open CUDA IPC handle",
+        "'e'",
+    )
+    raises(
+        lambda: c.register_cuda_shared_memory("e", dev.handle, 1, 64),
+        "INVALID_ARGUMENT",
+        "device 1",
+    )
+    raises(
+        lambda: c.register_cuda_shared_memory("e", dev.handle, 0, dev.nbytes + 1),
+        "INVALID_ARGUMENT",
+        f"{dev.nbytes + 1} bytes were registered",
+    )
+    raises(lambda: c.register_cuda_shared_memory("", dev.handle, 0, 64), "INVALID_ARGUMENT")
+    assert not c.get_cuda_shared_memory_status().regions  # nothing half-registered
+
+
+def test_inference_errors_leave_the_server_serving(
+    c: grpcclient.InferenceServerClient, dev: StandIn
+) -> None:
+    c.register_cuda_shared_memory("small", dev.handle, 0, 64)
+    # Beyond the registered size.
+    raises(
+        lambda: c.infer("id_fp32", [shm_input("IN", [4, 4], "small", 64, offset=16)]),
+        "INVALID_ARGUMENT",
+        "'IN'",
+        "outside",
+        "'small'",
+    )
+    # An output region too small for the result.
+    out = grpcclient.InferRequestedOutput("OUT")
+    out.set_shared_memory("small", 16, offset=0)
+    raises(
+        lambda: c.infer("id_fp32", [shm_input("IN", [2, 4], "small", 32)], outputs=[out]),
+        "INVALID_ARGUMENT",
+        "'OUT'",
+        "should be at least 32 bytes",
+    )
+    # A region nobody registered.
+    raises(
+        lambda: c.infer("id_fp32", [shm_input("IN", [1, 4], "nope", 16)]),
+        "INVALID_ARGUMENT",
+        "'IN'",
+        "'nope'",
+    )
+    # Unregistered: the next request that names it is refused, the others are served.
+    c.unregister_cuda_shared_memory("small")
+    raises(
+        lambda: c.infer("id_fp32", [shm_input("IN", [1, 4], "small", 16)]),
+        "INVALID_ARGUMENT",
+        "'small'",
+    )
+    x = np.ones((1, 4), dtype=np.float32)
+    inp = grpcclient.InferInput("IN", [1, 4], "FP32")
+    inp.set_data_from_numpy(x)
+    np.testing.assert_array_equal(c.infer("id_fp32", [inp]).as_numpy("OUT"), x)
+
+
+def test_cpu_worker_without_cuda_refuses(server: Server) -> None:
+    """A server with client shm on and no CUDA device answers UNIMPLEMENTED (the shared test
+    server has client shm off, which is UNIMPLEMENTED too, with its own message)."""
+    client = grpcclient.InferenceServerClient(server.url)
+    try:
+        raises(
+            lambda: client.register_cuda_shared_memory("g", base64.b64encode(bytes(64)), 0, 64),
+            "UNIMPLEMENTED",
+            "--allow-client-shm",
+        )
+    finally:
+        client.close()

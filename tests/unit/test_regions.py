@@ -1,0 +1,173 @@
+"""runtime.engine.regions: the worker's table of client CUDA shared-memory regions.
+
+An in-memory opener stands in for cudaIpcOpenMemHandle; what is checked is the table's own
+contract: handle and size checks, one namespace, and that memory in use by a call is closed
+only after the call releases it (an unregister racing an inference never frees its memory).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from runtime.engine.regions import (
+    IPC_HANDLE_BYTES,
+    RegionError,
+    RegionTable,
+    fake_handle,
+    fake_opener,
+    host_copier,
+)
+
+
+@dataclass
+class Memory:
+    ptr: int
+    size: int
+    device_id: int
+    closed: int = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class Opener:
+    def __init__(self) -> None:
+        self.opened: list[Memory] = []
+
+    def __call__(self, handle: bytes, device_id: int, byte_size: int) -> Memory:
+        if handle == bytes(IPC_HANDLE_BYTES):
+            raise RuntimeError("invalid argument")  # what CudaError says for garbage
+        if byte_size > 4096:
+            raise ValueError(f"the allocation is 4096 bytes; {byte_size} bytes were registered")
+        m = Memory(0x7000 + 0x1000 * len(self.opened), byte_size, device_id)
+        self.opened.append(m)
+        return m
+
+
+H = bytes(range(IPC_HANDLE_BYTES))
+
+
+def table() -> tuple[RegionTable, Opener]:
+    opener = Opener()
+    return RegionTable(opener, host_copier), opener
+
+
+def test_register_acquire_release_unregister() -> None:
+    t, opener = table()
+    t.register("a", H, 0, 1024)
+    assert t.names() == ["a"]
+    use = t.acquire("a")
+    assert use.memory.size == 1024 and use.memory.ptr == 0x7000
+    t.release(use)
+    t.unregister("a")
+    assert opener.opened[0].closed == 1 and t.names() == []
+
+
+def test_memory_in_use_closes_after_its_last_call() -> None:
+    t, opener = table()
+    t.register("a", H, 0, 64)
+    first, second = t.acquire("a"), t.acquire("a")
+    t.unregister("a")
+    assert t.names() == []
+    with pytest.raises(RegionError, match="unable to find CUDA shared memory region 'a'"):
+        t.acquire("a")  # a new call no longer finds it
+    t.release(first)
+    assert opener.opened[0].closed == 0  # the second call still reads it
+    t.release(second)
+    assert opener.opened[0].closed == 1
+
+
+def test_same_name_registered_again_after_unregister_is_new_memory() -> None:
+    t, opener = table()
+    t.register("a", H, 0, 64)
+    old = t.acquire("a")
+    t.unregister("a")
+    t.register("a", H, 0, 128)
+    new = t.acquire("a")
+    assert new.memory is opener.opened[1]
+    t.release(old)
+    assert opener.opened[0].closed == 1 and opener.opened[1].closed == 0
+    t.release(new)
+    t.close()
+    assert opener.opened[1].closed == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "handle", "size", "needle"),
+    [
+        ("s", H[:63], 64, "CUDA IPC handle of region 's' is 63 bytes; a cudaIpcMemHandle_t is 64"),
+        ("z", H, 0, "'z': byte_size must be positive"),
+        ("g", bytes(64), 64, "failed to open CUDA IPC handle of shared memory region 'g'"),
+        ("b", H, 8192, "'b': the allocation is 4096 bytes; 8192 bytes were registered"),
+    ],
+)
+def test_registration_errors(name: str, handle: bytes, size: int, needle: str) -> None:
+    t, opener = table()
+    with pytest.raises(RegionError) as ei:
+        t.register(name, handle, 0, size)
+    assert needle in str(ei.value)
+    assert t.names() == [] and opener.opened == []
+
+
+def test_duplicate_name_is_refused_and_nothing_leaks() -> None:
+    t, opener = table()
+    t.register("a", H, 0, 64)
+    with pytest.raises(RegionError, match="'a' already in manager"):
+        t.register("a", H, 0, 64)
+    assert len(opener.opened) == 1
+
+
+def test_unregister_all_and_concurrent_users() -> None:
+    t, opener = table()
+    for n in "abc":
+        t.register(n, H, 0, 64)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def user() -> None:
+        while not stop.is_set():
+            try:
+                use = t.acquire("b")
+            except RegionError:
+                return
+            try:
+                assert opener.opened[1].closed == 0  # never closed under a user
+            except BaseException as exc:
+                errors.append(exc)
+            t.release(use)
+
+    threads = [threading.Thread(target=user) for _ in range(4)]
+    for th in threads:
+        th.start()
+    t.unregister("")
+    stop.set()
+    for th in threads:
+        th.join(5)
+    assert not errors
+    assert [m.closed for m in opener.opened] == [1, 1, 1]
+
+
+def test_fake_opener_maps_the_named_shm_object() -> None:
+    name = f"mt-unit-fake-{os.getpid()}"
+    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, 256)
+        os.pwrite(fd, b"\x07" * 16, 32)
+        t = RegionTable(fake_opener, host_copier)
+        t.register("f", fake_handle(name), 0, 256)
+        use = t.acquire("f")
+        dst = np.zeros(16, np.uint8)
+        host_copier.copy(dst.ctypes.data, use.memory.ptr + 32, 16, 0)
+        assert dst.tolist() == [7] * 16
+        t.release(use)
+        with pytest.raises(RegionError, match="257 bytes were registered"):
+            t.register("g", fake_handle(name), 0, 257)
+        t.close()
+    finally:
+        os.close(fd)
+        os.unlink(f"/dev/shm/{name}")
