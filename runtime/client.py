@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from runtime.ipc.protocol import (
     FRAME_HEADER,
@@ -79,9 +80,19 @@ class PreparedInput:
     name: str
     datatype: str
     shape: tuple[int, ...]
-    payload: bytes | memoryview  # the tensor in KServe raw form (empty with `region`)
-    region: str = ""  # set: the tensor is in this client CUDA shared-memory region instead
-    offset: int = 0  # ... at [offset, offset + nbytes) of it
+    payload: bytes | memoryview  # the tensor in KServe raw form
+    # Not a field: the request path builds a PreparedInput per tensor, and each field of a
+    # frozen dataclass costs its __init__ an object.__setattr__. RegionInput sets it.
+    region: ClassVar[str] = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RegionInput(PreparedInput):
+    """An input in a client CUDA shared-memory region, at [offset, offset + nbytes) of it
+    (payload empty: the worker reads it on the device)."""
+
+    region: str = ""  # type: ignore[misc]  # a field here, the base's ClassVar elsewhere
+    offset: int = 0
     nbytes: int = 0
 
 
@@ -92,7 +103,14 @@ class OutputTensor:
     shape: tuple[int, ...]
     data: bytes
     inline: bool  # True when it came back in the message (slow path)
-    region_nbytes: int | None = None  # written into the client's CUDA region asked for it
+    region_nbytes: ClassVar[int | None] = None  # (not a field: see PreparedInput.region)
+
+
+@dataclass(frozen=True, slots=True)
+class RegionOutput(OutputTensor):
+    """An output the worker wrote into the client's CUDA region (data empty)."""
+
+    region_nbytes: int = 0  # type: ignore[misc]
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +288,7 @@ class RuntimeClient:
             out: list[OutputTensor] = []
             for o in done.outputs:
                 if o.region:
-                    out.append(OutputTensor(o.name, o.datatype, o.shape, b"", False, o.nbytes))
+                    out.append(RegionOutput(o.name, o.datatype, o.shape, b"", False, o.nbytes))
                 elif o.inline is not None:
                     self.inline_outputs += 1
                     out.append(OutputTensor(o.name, o.datatype, o.shape, o.inline, True))

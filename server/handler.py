@@ -15,7 +15,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from runtime.client import ArenaFull, CallFailed, OutputTensor, PreparedInput, WorkerGone
+from runtime.client import (
+    ArenaFull,
+    CallFailed,
+    OutputTensor,
+    PreparedInput,
+    RegionInput,
+    WorkerGone,
+)
 from runtime.ipc.dtypes import BytesDecodeError, decode_bytes_tensor
 from runtime.ipc.protocol import Code, ModelSignature
 from server import __version__
@@ -479,9 +486,7 @@ def _in_regions(inputs: tuple[PreparedInput, ...], req: InferRequest) -> tuple[P
     out = []
     for p in inputs:
         ref = refs.get(p.name)
-        out.append(
-            p
-            if ref is None
-            else replace(p, region=ref.region, offset=ref.offset, nbytes=ref.byte_size)
-        )
+        if ref is not None:
+            p = RegionInput(p.name, p.datatype, p.shape, b"", ref.region, ref.offset, ref.byte_size)
+        out.append(p)
     return tuple(out)
