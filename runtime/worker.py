@@ -213,7 +213,8 @@ class Worker:
                 device_memory=current.device_memory,
             )
         table = BucketTable.default(msg.max_batch_size)
-        device_id = int(self.device.partition(":")[2] or 0)
+        device_id = self.device_id
+        copier = None if self.region_io is None else self.region_io[1]
 
         def reconciled(sess: Any) -> ModelSignature:
             return reconcile(signature_of(sess), msg.declared, msg.max_batch_size)
@@ -222,7 +223,12 @@ class Worker:
             if not self.device.startswith("cuda"):  # cpu_graphs: the same path on the CPU EP
                 sess = make_session(msg.path, "cpu", msg.intra_op_threads)
                 gs = GraphSet(
-                    sess, table, reconciled(sess), device_type="cpu", device_lock=self.device_lock
+                    sess,
+                    table,
+                    reconciled(sess),
+                    device_type="cpu",
+                    device_lock=self.device_lock,
+                    copier=copier,
                 )
                 gs.capture()
                 return gs
@@ -233,6 +239,7 @@ class Worker:
                 intra_op_threads=msg.intra_op_threads,
                 signature=reconciled,
                 device_lock=self.device_lock,
+                copier=copier,
             )
 
         b = msg.batching

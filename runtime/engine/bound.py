@@ -23,7 +23,15 @@ from runtime.engine.regions import RegionError, RegionTable, RegionUse
 from runtime.ipc.dtypes import DTYPES
 from runtime.ipc.protocol import Infer, ModelSignature, OutputData, TensorRef
 
-__all__ = ["ArenaIO", "BoundRun", "run_bound", "uses_regions"]
+__all__ = [
+    "ArenaIO",
+    "BoundRun",
+    "check_fits",
+    "check_nbytes",
+    "numeric_dtype",
+    "run_bound",
+    "uses_regions",
+]
 
 
 class ArenaIO(Protocol):
@@ -84,14 +92,9 @@ def run_bound(
                 io.bind_cpu_input(ref.name, arena.read(ref, buf))
                 continue
             use = _use(regions, uses, ref.region)
-            dtype = _numeric(ref.name, ref.datatype)
-            _check_fits(ref.name, ref.region, ref.offset, ref.nbytes, use.memory.size)
-            want = math.prod(ref.shape) * dtype.itemsize
-            if ref.nbytes != want:
-                raise RegionError(
-                    f"input '{ref.name}' has shared_memory_byte_size {ref.nbytes} but shape "
-                    f"{list(ref.shape)} of {ref.datatype} needs {want} bytes"
-                )
+            dtype = numeric_dtype(ref.name, ref.datatype)
+            check_fits(ref.name, ref.region, ref.offset, ref.nbytes, use.memory.size)
+            check_nbytes(ref.name, ref.datatype, ref.shape, ref.nbytes, dtype)
             io.bind_input(
                 ref.name,
                 device_type,
@@ -103,7 +106,7 @@ def run_bound(
         wanted = {o.name: o for o in call.outputs if o.region}
         for o in wanted.values():
             size = _use(regions, uses, o.region).memory.size
-            _check_fits(o.name, o.region, o.offset, o.nbytes, size)
+            check_fits(o.name, o.region, o.offset, o.nbytes, size)
         for name in names:
             io.bind_output(name, device_type, device_id)
         t_bound = time.monotonic_ns()
@@ -124,7 +127,7 @@ def run_bound(
                 host_arrays.append(value.numpy())
                 continue
             datatype = types[name]
-            dtype = _numeric(name, datatype)
+            dtype = numeric_dtype(name, datatype)
             shape = tuple(int(d) for d in value.shape())
             nbytes = math.prod(shape) * dtype.itemsize
             if nbytes > req.nbytes:
@@ -155,13 +158,24 @@ def _use(regions: RegionTable, uses: dict[str, RegionUse], name: str) -> RegionU
     return use
 
 
-def _numeric(name: str, datatype: str) -> np.dtype[Any]:
+def numeric_dtype(name: str, datatype: str) -> np.dtype[Any]:
     if datatype == "BYTES":
         raise RegionError(f"tensor '{name}' is BYTES: it cannot live in CUDA shared memory")
     return np.dtype(DTYPES[datatype].numpy)
 
 
-def _check_fits(name: str, region: str, offset: int, nbytes: int, size: int) -> None:
+def check_nbytes(
+    name: str, datatype: str, shape: tuple[int, ...], nbytes: int, dtype: np.dtype[Any]
+) -> None:
+    want = math.prod(shape) * dtype.itemsize
+    if nbytes != want:
+        raise RegionError(
+            f"input '{name}' has shared_memory_byte_size {nbytes} but shape {list(shape)} "
+            f"of {datatype} needs {want} bytes"
+        )
+
+
+def check_fits(name: str, region: str, offset: int, nbytes: int, size: int) -> None:
     if offset < 0 or nbytes < 0 or offset + nbytes > size:
         raise RegionError(
             f"tensor '{name}': offset {offset} + byte_size {nbytes} is outside CUDA shared "

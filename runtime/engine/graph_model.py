@@ -17,12 +17,21 @@ from collections.abc import Callable
 from typing import Any
 
 from runtime.engine.batcher import Batcher, Pending
-from runtime.engine.bound import run_bound, uses_regions
+from runtime.engine.bound import check_fits, check_nbytes, numeric_dtype, run_bound, uses_regions
+from runtime.engine.device_rows import DeviceRows
 from runtime.engine.golden import check_golden, load_golden
-from runtime.engine.graphs import BadBatch, GraphSet
+from runtime.engine.graphs import BadBatch, BatchResult, GraphSet
 from runtime.engine.model import ARENA, BadInput, _input_array, _run_error, _write_outputs
-from runtime.engine.regions import RegionError, RegionTable
-from runtime.ipc.protocol import Code, Infer, InferDone, LoadModel, ModelSignature, Timings
+from runtime.engine.regions import RegionError, RegionTable, RegionUse
+from runtime.ipc.protocol import (
+    Code,
+    Infer,
+    InferDone,
+    LoadModel,
+    ModelSignature,
+    OutputData,
+    Timings,
+)
 
 __all__ = ["GraphModel", "Queued"]
 
@@ -119,7 +128,7 @@ class GraphModel:
         assert graphs is not None and self.signature is not None
         t0 = time.monotonic_ns()
         live: list[Pending[Queued]] = []
-        bound: list[Pending[Queued]] = []
+        in_regions: list[Pending[Queued]] = []
         feeds: list[dict[str, Any]] = []
         for p in batch:
             answer, call, buf, _recv, _regions = p.payload
@@ -127,7 +136,7 @@ class GraphModel:
                 answer(InferDone(call.call_id, Code.DEADLINE, "deadline expired in the queue"))
                 continue
             if uses_regions(call):
-                bound.append(p)  # bound in place, not padded into a bucket: run alone
+                in_regions.append(p)
                 continue
             try:
                 feeds.append({ref.name: _input_array(ref, buf) for ref in call.inputs})
@@ -135,31 +144,64 @@ class GraphModel:
                 answer(InferDone(call.call_id, Code.BAD_INPUT, str(exc)))
                 continue
             live.append(p)
-        for p in bound:
-            self._run_bound(p)
-        if not live:
-            return
+        holds: dict[int, Held] = {}  # by id(pending): call ids repeat across fronts
+        try:
+            if in_regions:
+                rows = sum(p.batch_size for p in live) + sum(p.batch_size for p in in_regions)
+                if graphs.replays(rows) and graphs.copier is not None:
+                    # Rows in device memory join the batch: copied into the bucket's buffers.
+                    for p in in_regions:
+                        try:
+                            held, feed = _device_feed(p.payload)
+                        except RegionError as exc:
+                            p.payload[0](InferDone(p.payload[1].call_id, Code.BAD_INPUT, str(exc)))
+                            continue
+                        holds[id(p)] = held
+                        live.append(p)
+                        feeds.append(feed)
+                else:  # the batch would run eagerly: each runs alone, bound in place
+                    for p in in_regions:
+                        self._run_bound(p)
+            if live:
+                self._replay_batch(live, feeds, holds, t0)
+        finally:
+            for held in holds.values():
+                held.release()
+
+    def _replay_batch(
+        self,
+        live: list[Pending[Queued]],
+        feeds: list[dict[str, Any]],
+        holds: dict[int, Held],
+        t0: int,
+    ) -> None:
+        graphs = self.graphs
+        assert graphs is not None
         try:
             # Arena inputs are page-locked when the worker pinned the arena.
             result = graphs.run(feeds, inputs_pinned=graphs.device_type == "cuda")
         except BadBatch:
             # Requests whose shapes cannot share a batch: run them one by one.
             for p, f in zip(live, feeds, strict=True):
-                self._run_one(p, f)
+                self._run_one(p, f, holds.get(id(p)))
             return
         except Exception as exc:
             for p in live:
                 p.payload[0](_run_error(p.payload[1].call_id, exc))
             return
         t = result.timings
-        names = list(graphs.output_names)
         links = tuple(p.payload[1].span for p in live if p.payload[1].span)
+        row0 = 0
         for k, (p, outs) in enumerate(zip(live, result.outputs, strict=True)):
-            answer, call, buf, recv, _regions = p.payload
-            wanted = [o.name for o in call.outputs] or names
-            arrays = [outs[names.index(n)] for n in wanted]
+            answer, call, _buf, recv, _regions = p.payload
             w0 = time.monotonic_ns()
-            outputs = _write_outputs(wanted, arrays, self.signature, buf, call)
+            try:
+                outputs = self._outputs(p, outs, result, row0, holds.get(id(p)))
+            except RegionError as exc:
+                answer(InferDone(call.call_id, Code.BAD_INPUT, str(exc)))
+                continue
+            finally:
+                row0 += p.batch_size
             timings = Timings(
                 queue_ns=t0 - recv,
                 input_ns=t.gather_ns + t.h2d_ns,
@@ -173,21 +215,66 @@ class GraphModel:
             )
             answer(InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings))
 
-    def _run_one(self, p: Pending[Queued], feed: dict[str, Any]) -> None:
+    def _outputs(
+        self,
+        p: Pending[Queued],
+        outs: list[Any],
+        result: BatchResult,
+        row0: int,
+        held: Held | None,
+    ) -> tuple[OutputData, ...]:
+        """Write request `p`'s outputs: into the arena, or, for those the client placed in a
+        CUDA region, device to device from the bucket's output buffer at its rows."""
         graphs = self.graphs
         assert graphs is not None and self.signature is not None
-        answer, call, buf, recv, _regions = p.payload
+        _answer, call, buf, _recv, _regions = p.payload
+        names = list(graphs.output_names)
+        wanted = [o.name for o in call.outputs] or names
+        placed: dict[str, OutputData] = {}
+        if held is not None:
+            copier = graphs.copier
+            assert copier is not None and result.device_outputs is not None
+            types = {t.name: t.datatype for t in self.signature.outputs}
+            for o in call.outputs:
+                if not o.region:
+                    continue
+                arr = outs[names.index(o.name)]
+                if arr.nbytes > o.nbytes:
+                    raise RegionError(
+                        f"shared memory size specified with the request for output '{o.name}' "
+                        f"({o.nbytes} bytes) should be at least {arr.nbytes} bytes to hold the "
+                        "results"
+                    )
+                src = result.device_outputs[o.name] + row0 * graphs.output_row_nbytes[o.name]
+                memory = held.uses[o.region].memory
+                copier.copy(memory.ptr + o.offset, src, arr.nbytes, graphs.device_id)
+                shape = tuple(int(d) for d in arr.shape)
+                placed[o.name] = OutputData(
+                    o.name, types[o.name], shape, o.offset, arr.nbytes, region=o.region
+                )
+            if placed:
+                copier.synchronize(graphs.device_id)  # the client reads it on our answer
+        host = [n for n in wanted if n not in placed]
+        written = iter(
+            _write_outputs(host, [outs[names.index(n)] for n in host], self.signature, buf, call)
+            if host
+            else ()
+        )
+        return tuple(placed[n] if n in placed else next(written) for n in wanted)
+
+    def _run_one(self, p: Pending[Queued], feed: dict[str, Any], held: Held | None) -> None:
+        graphs = self.graphs
+        assert graphs is not None and self.signature is not None
+        answer, call, _buf, recv, _regions = p.payload
         try:
             result = graphs.run([feed])
+            outputs = self._outputs(p, result.outputs[0], result, 0, held)
+        except RegionError as exc:
+            answer(InferDone(call.call_id, Code.BAD_INPUT, str(exc)))
+            return
         except Exception as exc:
             answer(_run_error(call.call_id, exc))
             return
-        names = list(graphs.output_names)
-        wanted = [o.name for o in call.outputs] or names
-        outs = result.outputs[0]
-        outputs = _write_outputs(
-            wanted, [outs[names.index(n)] for n in wanted], self.signature, buf, call
-        )
         t = result.timings
         timings = Timings(
             time.monotonic_ns() - recv - t.total_ns,
@@ -235,3 +322,53 @@ class GraphModel:
             links=(call.span,) if call.span else (),
         )
         answer(InferDone(call.call_id, Code.OK, outputs=run.outputs, timings=timings))
+
+
+class Held:
+    """The regions one call uses, held open from its batch's start to its answer."""
+
+    __slots__ = ("regions", "uses")
+
+    def __init__(self, regions: RegionTable) -> None:
+        self.regions = regions
+        self.uses: dict[str, RegionUse] = {}
+
+    def use(self, name: str) -> RegionUse:
+        use = self.uses.get(name)
+        if use is None:
+            use = self.uses[name] = self.regions.acquire(name)
+        return use
+
+    def release(self) -> None:
+        uses, self.uses = self.uses, {}
+        for use in uses.values():
+            self.regions.release(use)
+
+
+def _device_feed(payload: Queued) -> tuple[Held, dict[str, Any]]:
+    """A region call's inputs for GraphSet.run: DeviceRows at the region's address, arena
+    arrays for the rest; its regions held (released by the caller). RegionError when a tensor
+    does not fit its region or cannot live there."""
+    _answer, call, buf, _recv, regions = payload
+    if regions is None:
+        raise RegionError("this call names CUDA shared memory, but its front has none")
+    held = Held(regions)
+    try:
+        feed: dict[str, Any] = {}
+        for ref in call.inputs:
+            if not ref.region:
+                feed[ref.name] = _input_array(ref, buf)
+                continue
+            memory = held.use(ref.region).memory
+            dtype = numeric_dtype(ref.name, ref.datatype)
+            check_fits(ref.name, ref.region, ref.offset, ref.nbytes, memory.size)
+            check_nbytes(ref.name, ref.datatype, ref.shape, ref.nbytes, dtype)
+            feed[ref.name] = DeviceRows(memory.ptr + ref.offset, tuple(ref.shape), dtype)
+        for o in call.outputs:
+            if o.region:
+                size = held.use(o.region).memory.size
+                check_fits(o.name, o.region, o.offset, o.nbytes, size)
+    except BaseException:
+        held.release()
+        raise
+    return held, feed

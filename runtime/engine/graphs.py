@@ -28,7 +28,9 @@ from runtime.engine.capturability import (
     signature_reason,
     specs_of,
 )
+from runtime.engine.device_rows import copy_rows_into, has_device_rows
 from runtime.engine.graph_registry import GraphRegistry, GraphStats, TensorBinding
+from runtime.engine.regions import Copier
 from runtime.engine.session import (
     GraphsUnsupported,
     make_graph_session,
@@ -144,6 +146,8 @@ class BatchResult:
     bucket: int | None  # the bucket the batch mapped to; None above the largest
     replayed: bool  # False: the eager path ran (counted in the registry)
     timings: BatchTimings
+    # Replay only: device address of each bound output buffer ([bucket, *row_shape]).
+    device_outputs: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +202,7 @@ class GraphSet:
         device_lock: contextlib.AbstractContextManager[Any] | None = None,
         host_alloc: Callable[[int], HostBuffer] | None = None,
         warmup_runs: int = _WARMUP_RUNS,
+        copier: Copier | None = None,
     ) -> None:
         self.session = session
         self.table = table
@@ -212,9 +217,11 @@ class GraphSet:
             host_alloc = _pinned_alloc if device_type == "cuda" else _numpy_alloc
         self._host_alloc = host_alloc
         self._warmup_runs = warmup_runs
+        self._copier = copier  # rows in client CUDA regions (runtime.engine.device_rows)
         self._inputs, self._outputs = specs_of(signature)
         self.input_names = tuple(s.name for s in self._inputs)
         self.output_names = tuple(s.name for s in self._outputs)
+        self.output_row_nbytes = {s.name: s.row_nbytes for s in self._outputs}
         self._reason: str | None
         if not capturable:
             self._reason = reason or "graphs disabled"
@@ -249,6 +256,7 @@ class GraphSet:
         graphs: bool = True,
         provider_options: dict[str, str] | None = None,
         device_lock: contextlib.AbstractContextManager[Any] | None = None,
+        copier: Copier | None = None,
     ) -> GraphSet:
         """Load `path` on CUDA device `device_id` and capture every bucket, or fall back.
 
@@ -278,7 +286,14 @@ class GraphSet:
             except GraphsUnsupported as exc:
                 reason = str(exc)
             else:
-                gs = cls(sess, table, signature(sess), device_id=device_id, device_lock=device_lock)
+                gs = cls(
+                    sess,
+                    table,
+                    signature(sess),
+                    device_id=device_id,
+                    device_lock=device_lock,
+                    copier=copier,
+                )
                 if gs.capturable:
                     try:
                         gs.capture()
@@ -301,6 +316,7 @@ class GraphSet:
             capturable=False,
             reason=reason,
             device_lock=device_lock,
+            copier=copier,
         )
 
     # --- properties ------------------------------------------------------------------------
@@ -317,6 +333,16 @@ class GraphSet:
     @property
     def captured(self) -> bool:
         return self._owner is not None
+
+    @property
+    def copier(self) -> Copier | None:
+        """What copies rows held in client CUDA regions (None: no regions on this worker)."""
+        return self._copier
+
+    def replays(self, rows: int) -> bool:
+        """Whether a batch of `rows` rows would replay a captured graph (not run eagerly)."""
+        bucket = self.table.bucket_for(rows) if len(self.table) else None
+        return bucket is not None and bucket in self._buckets
 
     def bucket(self, size: int) -> BucketBuffers:
         """The captured buffers of bucket `size` (KeyError when it has no graph)."""
@@ -449,11 +475,15 @@ class GraphSet:
         inputs_pinned: bool,
     ) -> BatchResult:
         t0 = time.perf_counter_ns()
-        hosts: list[Array] = []
+        hosts: list[Array | None] = []  # None: filled row by row on the device (device_rows)
         sync = False  # a pageable source: wait for its DMA before the replay reads it
+        direct = False
         for spec, staging in zip(self._inputs, self._views[buf.bucket], strict=True):
             arrays = [f[spec.name] for f in feeds]
-            if inputs_pinned and len(arrays) == 1 and arrays[0].shape[0] == buf.bucket:
+            if has_device_rows(arrays):
+                hosts.append(None)
+                direct = True
+            elif inputs_pinned and len(arrays) == 1 and arrays[0].shape[0] == buf.bucket:
                 hosts.append(np.ascontiguousarray(arrays[0]))  # fills the bucket: no gather
             else:
                 hosts.append(pad_batch(arrays, buf.bucket, out=staging))
@@ -462,8 +492,22 @@ class GraphSet:
         with self._lock:
             self.registry.check(buf.bucket, self._signature(buf))
             for spec, host in zip(self._inputs, hosts, strict=True):
-                buf.inputs[spec.name].update_inplace(host)
-            if sync and self.device_type != "cpu":
+                if host is not None:
+                    buf.inputs[spec.name].update_inplace(host)
+                    continue
+                if self._copier is None:
+                    raise BadBatch("rows in device memory, but this GraphSet has no copier")
+                copy_rows_into(
+                    buf.inputs[spec.name].data_ptr(),
+                    spec.row_nbytes,
+                    [f[spec.name] for f in feeds],
+                    buf.bucket,
+                    self._copier,
+                    self.device_id,
+                )
+            if direct and self._copier is not None:
+                self._copier.synchronize(self.device_id)  # ORT's stream does not wait for ours
+            elif sync and self.device_type != "cpu":
                 buf.binding.synchronize_inputs()
             t2 = time.perf_counter_ns()
             self.session.run_with_iobinding(buf.binding, buf.run_options)
@@ -478,6 +522,8 @@ class GraphSet:
             buf.bucket,
             True,
             BatchTimings(t1 - t0, t2 - t1, t3 - t2, t4 - t3),
+            # Valid until the next replay on this thread: region outputs are copied from here.
+            {name: buf.outputs[name].data_ptr() for name in self.output_names},
         )
 
     def _eager(
@@ -487,6 +533,8 @@ class GraphSet:
         joined: dict[str, Array] = {}
         for name in self.input_names:
             arrays = [f[name] for f in feeds]
+            if has_device_rows(arrays):
+                raise BadBatch("rows in device memory replay a captured bucket, never eagerly")
             joined[name] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         t1 = time.perf_counter_ns()
         with self._lock:

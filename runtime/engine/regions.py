@@ -73,7 +73,17 @@ class Copier(Protocol):
 
     device_type: str  # what onnxruntime calls that memory: "cuda" or, for the fake, "cpu"
 
-    def copy(self, dst: int, src: int, nbytes: int, device_id: int) -> None: ...
+    def copy(self, dst: int, src: int, nbytes: int, device_id: int) -> None:
+        """Device to device (queued: `synchronize` waits for it)."""
+        ...
+
+    def upload(self, dst: int, src: int, nbytes: int, device_id: int) -> None:
+        """Host memory at `src` to device memory at `dst`."""
+        ...
+
+    def zero(self, dst: int, nbytes: int, device_id: int) -> None:
+        """Device memory at `dst` set to zero bytes (queued like `copy`)."""
+        ...
 
     def synchronize(self, device_id: int) -> None: ...
 
@@ -181,6 +191,16 @@ class _CudaCopier:
 
         copy_on_device(dst, src, nbytes, device_id)
 
+    def upload(self, dst: int, src: int, nbytes: int, device_id: int) -> None:
+        from runtime.ipc.pinning import copy_to_device
+
+        copy_to_device(dst, src, nbytes, device_id)
+
+    def zero(self, dst: int, nbytes: int, device_id: int) -> None:
+        from runtime.ipc.pinning import zero_on_device
+
+        zero_on_device(dst, nbytes, device_id)
+
     def synchronize(self, device_id: int) -> None:
         from runtime.ipc.pinning import synchronize_device
 
@@ -238,6 +258,12 @@ class _HostCopier:
 
     def copy(self, dst: int, src: int, nbytes: int, device_id: int) -> None:
         ctypes.memmove(dst, src, nbytes)
+
+    def upload(self, dst: int, src: int, nbytes: int, device_id: int) -> None:
+        ctypes.memmove(dst, src, nbytes)
+
+    def zero(self, dst: int, nbytes: int, device_id: int) -> None:
+        ctypes.memset(dst, 0, nbytes)
 
     def synchronize(self, device_id: int) -> None:
         pass

@@ -30,12 +30,14 @@ __all__ = [
     "alloc_pinned",
     "call_cuda",
     "copy_on_device",
+    "copy_to_device",
     "cuda_available",
     "device_memory_used",
     "is_pinned",
     "open_cuda_ipc_handle",
     "pin_arena",
     "synchronize_device",
+    "zero_on_device",
 ]
 
 T = TypeVar("T")
@@ -130,6 +132,7 @@ def device_memory_used(device_id: int) -> int:
     return int(total) - int(free)
 
 
+_MEMCPY_HOST_TO_DEVICE: Final = 1  # cudaMemcpyHostToDevice
 _MEMCPY_DEVICE_TO_DEVICE: Final = 3  # cudaMemcpyDeviceToDevice
 
 
@@ -138,6 +141,19 @@ def copy_on_device(dst: int, src: int, nbytes: int, device_id: int) -> None:
     (cudaMemcpy does not wait for a device-to-device copy: `synchronize_device` does)."""
     with _on_device(device_id) as rt:
         call_cuda(rt.memcpy, dst, src, nbytes, _MEMCPY_DEVICE_TO_DEVICE)
+
+
+def copy_to_device(dst: int, src: int, nbytes: int, device_id: int) -> None:
+    """cudaMemcpy host (`src`) to device (`dst`). From pageable memory it may return before the
+    DMA ends (the source is already staged): `synchronize_device` before reading `dst`."""
+    with _on_device(device_id) as rt:
+        call_cuda(rt.memcpy, dst, src, nbytes, _MEMCPY_HOST_TO_DEVICE)
+
+
+def zero_on_device(dst: int, nbytes: int, device_id: int) -> None:
+    """cudaMemset to zero on the legacy default stream (asynchronous for device memory)."""
+    with _on_device(device_id) as rt:
+        call_cuda(rt.memset, dst, 0, nbytes)
 
 
 def synchronize_device(device_id: int) -> None:

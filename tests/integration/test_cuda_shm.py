@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -212,6 +213,45 @@ def test_inference_errors_leave_the_server_serving(
     inp = grpcclient.InferInput("IN", [1, 4], "FP32")
     inp.set_data_from_numpy(x)
     np.testing.assert_array_equal(c.infer("id_fp32", [inp]).as_numpy("OUT"), x)
+
+
+def test_concurrent_region_and_plain_requests(
+    srv: Server, c: grpcclient.InferenceServerClient, dev: StandIn
+) -> None:
+    """Threads send region and plain requests at once, so batches mix them (with cpu-graphs:
+    region rows copied into a bucket's buffers beside arena rows); every answer is its own."""
+    c.register_cuda_shared_memory("cc", dev.handle, 0, dev.nbytes)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        client = grpcclient.InferenceServerClient(srv.url)
+        try:
+            for r in range(15):
+                x = np.full((2, 4), i * 100 + r, dtype=np.float32)
+                if i % 2:
+                    inp = grpcclient.InferInput("IN", [2, 4], "FP32")
+                    inp.set_data_from_numpy(x)
+                    got = client.infer("id_fp32", [inp]).as_numpy("OUT")
+                else:
+                    dev.put(x, offset=i * 64)
+                    out = grpcclient.InferRequestedOutput("OUT")
+                    out.set_shared_memory("cc", 32, offset=2048 + i * 64)
+                    client.infer(
+                        "id_fp32", [shm_input("IN", [2, 4], "cc", 32, offset=i * 64)], outputs=[out]
+                    )
+                    got = dev.get([2, 4], 2048 + i * 64)
+                np.testing.assert_array_equal(got, x)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[0]
 
 
 def test_cpu_worker_without_cuda_refuses(server: Server) -> None:

@@ -112,3 +112,77 @@ def test_a_model_that_fails_to_load_raises_from_start() -> None:
 
     with pytest.raises(FileNotFoundError):
         GraphModel.start(_spec(), make, Batcher(8))
+
+
+def test_region_calls_join_the_replay_and_their_outputs_land_in_the_region() -> None:
+    """A call with its input and output in a client CUDA region (the CPU stand-in: host
+    memory, memmove) is batched with an arena call into one replay; its output is copied from
+    the bucket's output rows into the region, the arena call's into the arena."""
+    import ctypes
+
+    from runtime.engine.regions import RegionTable, host_copier
+
+    sess = make_session(str(DENSE / "model.onnx"), "cpu", 1)
+
+    def make() -> GraphSet:
+        s = make_session(str(DENSE / "model.onnx"), "cpu", 1)
+        gs = GraphSet(
+            s, BucketTable((1, 2, 4, 8)), signature_of(s), device_type="cpu", copier=host_copier
+        )
+        gs.capture()
+        return gs
+
+    model = GraphModel.start(_spec(), make, Batcher(8, max_queue_delay_ns=20_000_000))
+    device = np.zeros(65536, np.uint8)  # the "device allocation" behind the region
+
+    class Memory:
+        ptr, size, device_id, closed = device.ctypes.data, device.nbytes, 0, 0
+
+        def close(self) -> None:
+            Memory.closed += 1
+
+    regions = RegionTable(lambda handle, dev, size: Memory(), host_copier)
+    regions.register("g", bytes(64), 0, device.nbytes)
+    x = np.random.default_rng(5).random((2, 256), dtype=np.float32)
+    ctypes.memmove(device.ctypes.data + 1024, x.ctypes.data, x.nbytes)
+    in_region = Infer(
+        11,
+        "dense",
+        1,
+        (TensorRef("INPUT0", "FP32", (2, 256), 1024, x.nbytes, "g"),),
+        (OutputRequest("OUTPUT0", "g", 8192, 80),),
+        0,
+        0,
+        bound=True,
+    )
+    arena = memoryview(bytearray(262144))
+    plain, y = _call(arena, 12, 3, 0)
+    answers: dict[int, InferDone] = {}
+    done = threading.Event()
+
+    def answer(d: InferDone) -> None:
+        answers[d.call_id] = d
+        if len(answers) == 2:
+            done.set()
+
+    now = time.monotonic_ns()
+    model.submit(Pending(11, 2, now, payload=(answer, in_region, arena, now, regions)))
+    model.submit(Pending(12, 3, now, payload=(answer, plain, arena, now, None)))
+    assert done.wait(10)
+    model.close()
+    d = answers[11]
+    assert d.code == Code.OK, d.message
+    assert d.timings is not None and (d.timings.mode, d.timings.batch_size) == ("replay", 5)
+    (out,) = d.outputs
+    assert (out.region, out.offset, out.nbytes, out.shape) == ("g", 8192, 80, (2, 10))
+    got = np.frombuffer(device, np.float32, count=20, offset=8192).reshape(2, 10)
+    want = sess.run(["OUTPUT0"], {"INPUT0": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    e = answers[12]
+    assert e.code == Code.OK and e.outputs[0].region == ""
+    got_plain = np.frombuffer(arena, np.float32, count=30, offset=e.outputs[0].offset)
+    np.testing.assert_allclose(
+        got_plain.reshape(3, 10), sess.run(["OUTPUT0"], {"INPUT0": y})[0], rtol=1e-5, atol=1e-5
+    )
+    regions.unregister("g")
+    assert Memory.closed == 1  # released after the answer: closed by the unregister

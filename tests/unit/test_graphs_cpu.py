@@ -517,3 +517,46 @@ def test_load_on_a_cpu_build_fails_as_a_load_error_not_a_crash(tmp_path: Path, m
     path = str(gm.save(getattr(gm, model)(), tmp_path / "m.onnx"))
     with pytest.raises(SessionError):
         GraphSet.load(path, 0, BucketTable((1, 2)))
+
+
+def test_rows_in_device_memory_share_a_replay_with_host_rows() -> None:
+    """Rows held in a client CUDA region (DeviceRows; host memory with the CPU copier here) are
+    copied into the bucket's bound buffer beside host rows, the padding is zeroed even after a
+    fuller batch left data there, and each request's output rows sit at its row offset of the
+    bound output buffer (where region outputs are copied from)."""
+    from runtime.engine.device_rows import DeviceRows
+    from runtime.engine.regions import host_copier
+
+    model = gm.mlp()
+    gs = graph_set(model, (4, 8), copier=host_copier)
+    ref = cpu_session(model)
+    gs.run([{"INPUT0": rows(8, seed=9)}])  # leaves non-zero rows 5..7 in bucket 8's buffer
+    a, b, c = rows(2, seed=1), rows(1, seed=2), rows(2, seed=3)
+    region = np.ascontiguousarray(np.concatenate([c, a]))  # the "device" allocation
+    feeds = [
+        {"INPUT0": DeviceRows(region.ctypes.data + c.nbytes, a.shape, a.dtype)},
+        {"INPUT0": b},
+        {"INPUT0": DeviceRows(region.ctypes.data, c.shape, c.dtype)},
+    ]
+    result = gs.run(feeds)
+    assert (result.rows, result.bucket, result.replayed) == (5, 8, True)
+    bound = gs.bucket(8).inputs["INPUT0"].numpy()
+    np.testing.assert_array_equal(bound[:5], np.concatenate([a, b, c]))
+    assert not bound[5:].any()  # padding zeroed
+    assert result.device_outputs is not None
+    out_buf = np.ctypeslib.as_array(
+        (np.ctypeslib.ctypes.c_float * (8 * 10)).from_address(result.device_outputs["OUTPUT0"])
+    ).reshape(8, 10)
+    row0 = 0
+    for x, outs in zip((a, b, c), result.outputs, strict=True):
+        want = ref.run(None, {"INPUT0": x})[0]
+        np.testing.assert_allclose(outs[0], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out_buf[row0 : row0 + len(x)], want, rtol=1e-5, atol=1e-6)
+        row0 += len(x)
+    assert gs.output_row_nbytes == {"OUTPUT0": 40}
+    assert gs.replays(5) and gs.replays(8) and not gs.replays(9)
+    with pytest.raises(BadBatch, match="never eagerly"):  # above the largest bucket
+        gs.run([{"INPUT0": DeviceRows(region.ctypes.data, (9, 256), a.dtype)}])
+    no_copier = graph_set(model, (4,))
+    with pytest.raises(BadBatch, match="no copier"):
+        no_copier.run([feeds[0]])
