@@ -155,14 +155,14 @@ def render(r: dict[str, Row], interval: int) -> str:
         "Command: `python bench/fast_runtime.py`.",
         "",
         "| scenario | model | payload | concurrency | infer/s | p50 (ms) | p99 (ms) "
-        "| server CPU (cores) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| server CPU (cores) | perf_analyzer CPU (cores) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r.values():
         lines.append(
             f"| {row.server} | {row.model} | {row.payload} | {row.concurrency} | "
             f"{row.infer_s:,.0f} | {row.p50_us / 1000:.3f} | {row.p99_us / 1000:.3f} | "
-            f"{row.cpu_cores:.2f} |"
+            f"{row.cpu_cores:.2f} | {row.client_cores:.2f} |"
         )
     on, off = r["batch_on"], r["batch_off"]
     bound_us = 3 * (off.p50_us + 2000)  # max queue delay of dense_large: 2 ms
@@ -195,6 +195,14 @@ def render(r: dict[str, Row], interval: int) -> str:
     ]
     lines += ["", "Acceptance (fast-runtime issue, CPU part):", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks]
+    cores = os.cpu_count() or 1
+    lines += ["", f"CPU in use during the front-process runs (of {cores} cores):", ""]
+    for key in ("fe1", "fe2", "dense", "floor"):
+        row = r[key]
+        lines.append(
+            f"- {row.server} ({row.model}): server {row.cpu_cores:.2f} + perf_analyzer "
+            f"{row.client_cores:.2f} = {row.cpu_cores + row.client_cores:.2f} cores"
+        )
     lines += ["", "Commands (PORT = the server's port):", ""]
     for row in r.values():
         lines.append(f"    {row.server}: {row.command}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import os
+import resource
 import shlex
 import subprocess
 import tempfile
@@ -31,6 +32,7 @@ class Row:
     p99_us: float
     cpu_cores: float  # server CPU seconds per wall second (front + worker)
     command: str
+    client_cores: float = 0.0  # perf_analyzer's CPU seconds per wall second
 
 
 class Proc:
@@ -116,6 +118,12 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _children_cpu() -> float:
+    """CPU seconds of this process's waited-for children (perf_analyzer runs)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def perf(
     model: str,
     port: int,
@@ -147,7 +155,7 @@ def perf(
         args += ["-b", "1"]
     args += list(extra)
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
-    if proc.returncode == 2:
+    if proc.returncode == 2 and "--stability-percentage" not in args:
         # No three windows within perf_analyzer's default 10% of each other (a shared 2-core
         # machine is noisy): measure three fixed windows instead and keep their average.
         args += ["--stability-percentage", "1000", "--max-trials", "3"]
@@ -173,9 +181,11 @@ def measure(
     payload: str,
     extra: tuple[str, ...] = (),
 ) -> Row:
-    c0, t0 = server.cpu_seconds(), time.monotonic()
+    c0, t0, k0 = server.cpu_seconds(), time.monotonic(), _children_cpu()
     r, cmd = perf(model, port, conc, interval, shape, extra)
-    cpu = (server.cpu_seconds() - c0) / (time.monotonic() - t0)
+    wall = time.monotonic() - t0
+    cpu = (server.cpu_seconds() - c0) / wall
+    client = (_children_cpu() - k0) / wall
     return Row(
         name,
         model,
@@ -186,4 +196,5 @@ def measure(
         r["p99 latency"],
         cpu,
         cmd,
+        client,
     )
