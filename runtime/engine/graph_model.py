@@ -269,11 +269,8 @@ class GraphModel:
         try:
             result = graphs.run([feed])
             outputs = self._outputs(p, result.outputs[0], result, 0, held)
-        except RegionError as exc:
-            answer(InferDone(call.call_id, Code.BAD_INPUT, str(exc)))
-            return
         except Exception as exc:
-            answer(_run_error(call.call_id, exc))
+            answer(_failed(call.call_id, exc))
             return
         t = result.timings
         timings = Timings(
@@ -306,11 +303,8 @@ class GraphModel:
                     session, call, buf, regions, names, sig, graphs.device_id, ARENA, options
                 ),
             )
-        except RegionError as exc:
-            answer(InferDone(call.call_id, Code.BAD_INPUT, str(exc)))
-            return
         except Exception as exc:
-            answer(_run_error(call.call_id, exc))
+            answer(_failed(call.call_id, exc))
             return
         timings = Timings(
             t0 - recv,
@@ -322,6 +316,14 @@ class GraphModel:
             links=(call.span,) if call.span else (),
         )
         answer(InferDone(call.call_id, Code.OK, outputs=run.outputs, timings=timings))
+
+
+def _failed(call_id: int, exc: Exception) -> InferDone:
+    """The answer to a call that raised: the client's mistake with a region is BAD_INPUT,
+    anything else is what onnxruntime said (runtime.engine.model._run_error)."""
+    if isinstance(exc, RegionError):
+        return InferDone(call_id, Code.BAD_INPUT, str(exc))
+    return _run_error(call_id, exc)
 
 
 class Held:

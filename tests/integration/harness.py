@@ -347,3 +347,19 @@ def sample(datatype: str, batch: int = 2) -> np.ndarray:
         flat = (np.arange(n) % 7).astype(np_type)
         flat[0], flat[1] = info.max, info.min
     return flat.reshape(batch, ID_DIMS)
+
+
+def raises(call: object, status: str, *needles: str) -> str:
+    """Run `call` (a tritonclient call), expect an InferenceServerException with gRPC `status`
+    (e.g. "INVALID_ARGUMENT") and every needle in its message; return the message."""
+    import pytest
+    from tritonclient.utils import InferenceServerException
+
+    assert callable(call)
+    with pytest.raises(InferenceServerException) as ei:
+        call()
+    msg = ei.value.message() or ""
+    assert ei.value.status() == f"StatusCode.{status}", (ei.value.status(), msg)
+    for n in needles:
+        assert n in msg, (n, msg)
+    return msg

@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
-from harness import Server, running_server
-from tritonclient.utils import InferenceServerException
+from harness import Server, raises, running_server
 
 from runtime.engine.regions import fake_handle
 
@@ -71,17 +70,6 @@ def dev() -> Iterator[StandIn]:
     s = StandIn("dev", 4096)
     yield s
     s.close()
-
-
-def raises(call: object, status: str, *needles: str) -> str:
-    assert callable(call)
-    with pytest.raises(InferenceServerException) as ei:
-        call()
-    msg = ei.value.message() or ""
-    assert ei.value.status() == f"StatusCode.{status}", (ei.value.status(), msg)
-    for n in needles:
-        assert n in msg, (n, msg)
-    return msg
 
 
 def shm_input(name: str, shape: list[int], region: str, nbytes: int, offset: int = 0) -> object:

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
-from harness import Server, running_server
-from tritonclient.utils import InferenceServerException
+from harness import Server, raises, running_server
 
 ARGS = (
     "--model-control-mode",
@@ -50,17 +49,6 @@ def dense_input() -> grpcclient.InferInput:
     inp = grpcclient.InferInput("INPUT0", [1, 256], "FP32")
     inp.set_data_from_numpy(np.ones((1, 256), dtype=np.float32))
     return inp
-
-
-def raises(call: object, status: str, *needles: str) -> str:
-    assert callable(call)
-    with pytest.raises(InferenceServerException) as ei:
-        call()
-    msg = ei.value.message() or ""
-    assert ei.value.status() == f"StatusCode.{status}", (ei.value.status(), msg)
-    for n in needles:
-        assert n in msg, (n, msg)
-    return msg
 
 
 # ---------------------------------------------------------------------------- model control
