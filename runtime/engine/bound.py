@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from runtime.engine.regions import RegionError, RegionTable, RegionUse
+from runtime.engine.regions import Held, RegionError, RegionTable
 from runtime.ipc.dtypes import DTYPES
 from runtime.ipc.protocol import Infer, ModelSignature, OutputData, TensorRef
 
@@ -84,14 +84,14 @@ def run_bound(
     are not in a region. RegionError for a tensor that does not fit its region or cannot live
     there (BYTES); onnxruntime's errors propagate."""
     device_type = regions.copier.device_type
-    uses: dict[str, RegionUse] = {}
+    held = Held(regions)
     try:
         io = session.io_binding()
         for ref in call.inputs:
             if not ref.region:
                 io.bind_cpu_input(ref.name, arena.read(ref, buf))
                 continue
-            use = _use(regions, uses, ref.region)
+            use = held.use(ref.region)
             dtype = numeric_dtype(ref.name, ref.datatype)
             check_fits(ref.name, ref.region, ref.offset, ref.nbytes, use.memory.size)
             check_nbytes(ref.name, ref.datatype, ref.shape, ref.nbytes, dtype)
@@ -105,7 +105,7 @@ def run_bound(
             )
         wanted = {o.name: o for o in call.outputs if o.region}
         for o in wanted.values():
-            size = _use(regions, uses, o.region).memory.size
+            size = held.use(o.region).memory.size
             check_fits(o.name, o.region, o.offset, o.nbytes, size)
         for name in names:
             io.bind_output(name, device_type, device_id)
@@ -135,7 +135,7 @@ def run_bound(
                     f"shared memory size specified with the request for output '{name}' "
                     f"({req.nbytes} bytes) should be at least {nbytes} bytes to hold the results"
                 )
-            memory = uses[req.region].memory
+            memory = held.uses[req.region].memory
             if nbytes:
                 regions.copier.copy(
                     memory.ptr + req.offset, value.data_ptr(), nbytes, memory.device_id
@@ -147,15 +147,7 @@ def run_bound(
         outputs = tuple(placed[n] if n in placed else next(written) for n in names)
         return BoundRun(outputs, t_bound, t_ran, time.monotonic_ns())
     finally:
-        for use in uses.values():
-            regions.release(use)
-
-
-def _use(regions: RegionTable, uses: dict[str, RegionUse], name: str) -> RegionUse:
-    use = uses.get(name)
-    if use is None:
-        use = uses[name] = regions.acquire(name)
-    return use
+        held.release()
 
 
 def numeric_dtype(name: str, datatype: str) -> np.dtype[Any]:

@@ -22,7 +22,7 @@ from runtime.engine.device_rows import DeviceRows
 from runtime.engine.golden import check_golden, load_golden
 from runtime.engine.graphs import BadBatch, BatchResult, GraphSet
 from runtime.engine.model import ARENA, BadInput, _input_array, _run_error, _write_outputs
-from runtime.engine.regions import RegionError, RegionTable, RegionUse
+from runtime.engine.regions import Held, RegionError, RegionTable
 from runtime.ipc.protocol import (
     Code,
     Infer,
@@ -324,27 +324,6 @@ def _failed(call_id: int, exc: Exception) -> InferDone:
     if isinstance(exc, RegionError):
         return InferDone(call_id, Code.BAD_INPUT, str(exc))
     return _run_error(call_id, exc)
-
-
-class Held:
-    """The regions one call uses, held open from its batch's start to its answer."""
-
-    __slots__ = ("regions", "uses")
-
-    def __init__(self, regions: RegionTable) -> None:
-        self.regions = regions
-        self.uses: dict[str, RegionUse] = {}
-
-    def use(self, name: str) -> RegionUse:
-        use = self.uses.get(name)
-        if use is None:
-            use = self.uses[name] = self.regions.acquire(name)
-        return use
-
-    def release(self) -> None:
-        uses, self.uses = self.uses, {}
-        for use in uses.values():
-            self.regions.release(use)
 
 
 def _device_feed(payload: Queued) -> tuple[Held, dict[str, Any]]:

@@ -33,6 +33,7 @@ __all__ = [
     "FAKE_HANDLE_PREFIX",
     "IPC_HANDLE_BYTES",
     "Copier",
+    "Held",
     "OpenedMemory",
     "Opener",
     "RegionError",
@@ -172,6 +173,28 @@ class RegionTable:
 
     def close(self) -> None:
         self.unregister("")
+
+
+class Held:
+    """The regions one call uses, held open (`use`) until its answer (`release`)."""
+
+    __slots__ = ("regions", "uses")
+
+    def __init__(self, regions: RegionTable) -> None:
+        self.regions = regions
+        self.uses: dict[str, RegionUse] = {}
+
+    def use(self, name: str) -> RegionUse:
+        """Region `name`, acquired once per call however many of its tensors live there."""
+        use = self.uses.get(name)
+        if use is None:
+            use = self.uses[name] = self.regions.acquire(name)
+        return use
+
+    def release(self) -> None:
+        uses, self.uses = self.uses, {}
+        for use in uses.values():
+            self.regions.release(use)
 
 
 # ----------------------------------------------------------------------------- real CUDA
