@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
+from grpc_health.v1 import health_pb2
 from harness import Server, raises, running_server
 
 from runtime.engine.regions import fake_handle
@@ -240,6 +242,25 @@ def test_concurrent_region_and_plain_requests(
     for t in threads:
         t.join(60)
     assert not errors, errors[0]
+
+
+def test_regions_are_reopened_in_a_restarted_worker(
+    srv: Server, c: grpcclient.InferenceServerClient, dev: StandIn
+) -> None:
+    """The worker holds the opened handles; when it dies, the front opens every registered
+    region again in the new worker before the models take traffic."""
+    c.register_cuda_shared_memory("rs", dev.handle, 0, dev.nbytes)
+    os.kill(srv.worker_pid(), signal.SIGKILL)
+    # Readiness is re-derived every 100 ms and a respawn plus reload takes longer: it drops.
+    srv.wait_health("readiness", health_pb2.HealthCheckResponse.NOT_SERVING, 30)
+    srv.wait_health("readiness", health_pb2.HealthCheckResponse.SERVING, 60)
+    assert list(c.get_cuda_shared_memory_status().regions) == ["rs"]
+    x = np.arange(8, dtype=np.float32).reshape(2, 4) - 3
+    dev.put(x)
+    out = grpcclient.InferRequestedOutput("OUT")
+    out.set_shared_memory("rs", 32, offset=512)
+    c.infer("id_fp32", [shm_input("IN", [2, 4], "rs", 32)], outputs=[out])
+    np.testing.assert_array_equal(dev.get([2, 4], 512), x)
 
 
 def test_cpu_worker_without_cuda_refuses(server: Server) -> None:
