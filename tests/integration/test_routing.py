@@ -478,7 +478,12 @@ def test_shadow_traffic_is_recorded_off_the_response_path(
     for i in range(20):
         assert infer(stub, x_routing_key=f"s{i}") == ("2", "stable")
     deadline = time.monotonic() + 5
-    while (status := admin.GetRouting(apb.GetRoutingRequest(model="dense"))).shadow.requests < 20:
+    # `requests` counts a mirror when it starts, `mismatches` when its answer is compared:
+    # wait for all 20 comparisons, not only the 20 starts.
+    while True:
+        status = admin.GetRouting(apb.GetRoutingRequest(model="dense"))
+        if status.shadow.requests >= 20 and status.shadow.mismatches + status.shadow.errors >= 20:
+            break
         assert time.monotonic() < deadline, status
         time.sleep(0.05)
     s = status.shadow
