@@ -97,7 +97,13 @@ class Worker:
         self.graph_models: dict[tuple[str, int], GraphModel] = {}
         # Held by graph captures, GPU runs and hostRegister: a capture is global on a device.
         self.device_lock = threading.Lock()
+        # The same lock where there is a GPU, for what a plain (graph-less) session does there:
+        # its loads, runs and frees allocate or free device memory, which would break another
+        # version's capture (cudaStreamCaptureModeGlobal). None on the CPU: no lock to take.
+        self.gpu_lock: threading.Lock | None = None
         self.use_graphs = self.device.startswith("cuda") or settings.cpu_graphs
+        if self.device.startswith("cuda"):
+            self.gpu_lock = self.device_lock
         self.device_id = int(self.device.partition(":")[2] or 0)
         # Client CUDA shared memory: opened here, where the CUDA context lives; a CPU worker
         # has none (registration answers UNSUPPORTED), unless a test stands host memory in.
@@ -170,7 +176,7 @@ class Worker:
                 device_memory=current.device_memory,
             )
         try:
-            with self.memory.measure() as used:
+            with self.memory.measure() as used, self.gpu_lock or contextlib.nullcontext():
                 model = LoadedModel.load(msg, self.device)
         except (SessionError, SignatureMismatch, GoldenMismatch) as exc:
             return LoadDone(msg.request_id, Code.BAD_INPUT, str(exc))
@@ -187,7 +193,8 @@ class Worker:
                 old = self.batchers.pop(key, None)
                 if batcher is not None:
                     self.batchers[key] = batcher
-            del current
+            with self.gpu_lock or contextlib.nullcontext():
+                del current  # the replaced session is freed here unless a call still runs it
         if old is not None:  # calls already queued on the old instance finish there
             threading.Thread(target=old.close, daemon=True).start()
         return LoadDone(
@@ -285,10 +292,12 @@ class Worker:
             if graph_model is not None:
                 graph_model.close()  # drains what is queued
             with self._models_lock:
-                self.models.pop((msg.name, msg.version), None)
+                plain = self.models.pop((msg.name, msg.version), None)
                 batcher = self.batchers.pop((msg.name, msg.version), None)
             if batcher is not None:
                 batcher.close()  # drains what is queued
+            with self.gpu_lock or contextlib.nullcontext():
+                del plain  # its session is freed here unless a call still runs it
         return UnloadDone(msg.request_id)
 
     def _start_batcher(self, model: LoadedModel, msg: LoadModel) -> Batcher[Queued] | None:
@@ -583,8 +592,12 @@ class Connection:
                 )
             elif self.arena is None:
                 done = InferDone(call.call_id, Code.INTERNAL, "no arena: Hello not received")
-            else:
+            elif self.worker.gpu_lock is None:
                 done = model.execute(call, self.arena.buf, received_ns, self.regions)
+            else:
+                with self.worker.gpu_lock:
+                    done = model.execute(call, self.arena.buf, received_ns, self.regions)
+                    del model  # the last reference to a replaced version: freed under the lock
         except Exception as exc:
             log.exception("call %d failed", call.call_id)
             done = InferDone(call.call_id, Code.INTERNAL, type(exc).__name__)
