@@ -101,19 +101,18 @@ class Worker:
         # its loads, runs and frees allocate or free device memory, which would break another
         # version's capture (cudaStreamCaptureModeGlobal). None on the CPU: no lock to take.
         self.gpu_lock: threading.Lock | None = None
-        self.use_graphs = self.device.startswith("cuda") or settings.cpu_graphs
-        if self.device.startswith("cuda"):
-            self.gpu_lock = self.device_lock
+        cuda = self.device.startswith("cuda")
+        self.use_graphs = cuda or settings.cpu_graphs
         self.device_id = int(self.device.partition(":")[2] or 0)
         # Client CUDA shared memory: opened here, where the CUDA context lives; a CPU worker
         # has none (registration answers UNSUPPORTED), unless a test stands host memory in.
         self.region_io: tuple[Opener, Copier] | None = None
-        if self.device.startswith("cuda"):
+        if cuda:
+            self.gpu_lock = self.device_lock
             self.region_io = (cuda_opener, cuda_copier)
+            preload_cuda_libraries()
         elif settings.fake_cuda_ipc:
             self.region_io = (fake_opener, host_copier)
-        if self.device.startswith("cuda"):
-            preload_cuda_libraries()
         # Device memory each load takes, reported in LoadDone (runtime.engine.memory).
         self.memory = DeviceMemoryMeter(self._memory_probe())
         self._models_lock = threading.Lock()
@@ -154,7 +153,7 @@ class Worker:
         to a version (its metric is absent, not 0)."""
         if not self.device.startswith("cuda"):
             return None
-        return functools.partial(device_memory_used, int(self.device.partition(":")[2] or 0))
+        return functools.partial(device_memory_used, self.device_id)
 
     def _released(self, close: Callable[[], object]) -> None:
         """Run `close` (a replaced version freeing its device memory) as a release."""
@@ -220,7 +219,6 @@ class Worker:
                 device_memory=current.device_memory,
             )
         table = BucketTable.default(msg.max_batch_size)
-        device_id = self.device_id
         copier = None if self.region_io is None else self.region_io[1]
 
         def reconciled(sess: Any) -> ModelSignature:
@@ -241,7 +239,7 @@ class Worker:
                 return gs
             return GraphSet.load(
                 msg.path,
-                device_id,
+                self.device_id,
                 table,
                 intra_op_threads=msg.intra_op_threads,
                 signature=reconciled,
@@ -514,10 +512,9 @@ class Connection:
     def _pin(self) -> None:
         """Page-lock the front's arena so host-to-device copies from it are plain DMA."""
         assert self.arena is not None
-        device_id = int(self.worker.device.partition(":")[2] or 0)
         try:
             with self.worker.device_lock:
-                self.pinned = pin_arena(self.arena.buf, device_id=device_id)
+                self.pinned = pin_arena(self.arena.buf, device_id=self.worker.device_id)
         except (CudaError, ValueError) as exc:
             log.warning(
                 "arena %s stays pageable (%s): copies to the GPU get slower", self.arena.name, exc

@@ -408,13 +408,12 @@ class InferenceHandler:
     async def reopen_cuda_regions(self) -> None:
         """After a worker restart: open every registered region in the new worker; one that
         no longer opens (its owner exited) is dropped, with a warning."""
-        for region in list(self.shm.cuda.values()):
-            r = region
+        for r in list(self.shm.cuda.values()):
             done = await self.link.require().open_region(
                 r.name, r.raw_handle, r.device_id, r.byte_size
             )
             if done.code != Code.OK:
-                self.shm.cuda.pop(r.name, None)
+                self.shm.remove_cuda(r.name)
                 log.warning(
                     "CUDA shared memory region '%s' dropped after a worker restart: %s",
                     r.name,

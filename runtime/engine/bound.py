@@ -14,24 +14,18 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
 
-from runtime.engine.regions import Held, RegionError, RegionTable
+from runtime.engine.regions import Copier, Held, RegionError, RegionTable, hold
 from runtime.ipc.dtypes import DTYPES
 from runtime.ipc.protocol import Infer, ModelSignature, OutputData, TensorRef
 
-__all__ = [
-    "ArenaIO",
-    "BoundRun",
-    "check_fits",
-    "check_nbytes",
-    "numeric_dtype",
-    "run_bound",
-    "uses_regions",
-]
+__all__ = ["ArenaIO", "BoundRun", "place_outputs", "region_input", "run_bound"]
 
 
 class ArenaIO(Protocol):
@@ -49,31 +43,21 @@ class ArenaIO(Protocol):
     ) -> tuple[OutputData, ...]: ...
 
 
-def uses_regions(call: Infer) -> bool:
-    """Whether `call` runs here (the front sets `bound` when a TensorRef or OutputRequest
-    names a region: one attribute read on the dispatch path, not a scan of the tensors)."""
-    return call.bound
-
-
+@dataclass(frozen=True, slots=True)
 class BoundRun:
     """What `run_bound` produced: outputs in the order asked, and the phase boundaries."""
 
-    __slots__ = ("outputs", "t_bound", "t_done", "t_ran")
-
-    def __init__(
-        self, outputs: tuple[OutputData, ...], t_bound: int, t_ran: int, t_done: int
-    ) -> None:
-        self.outputs = outputs
-        self.t_bound = t_bound
-        self.t_ran = t_ran
-        self.t_done = t_done
+    outputs: tuple[OutputData, ...]
+    t_bound: int
+    t_ran: int
+    t_done: int
 
 
 def run_bound(
     session: ort.InferenceSession,
     call: Infer,
     buf: memoryview,
-    regions: RegionTable,
+    regions: RegionTable | None,
     names: list[str],
     sig: ModelSignature,
     device_id: int,
@@ -82,92 +66,117 @@ def run_bound(
 ) -> BoundRun:
     """Run `call` on `session` (device `device_id`); `arena` reads and writes the tensors that
     are not in a region. RegionError for a tensor that does not fit its region or cannot live
-    there (BYTES); onnxruntime's errors propagate."""
-    device_type = regions.copier.device_type
-    held = Held(regions)
+    there (BYTES), or for a front without regions; onnxruntime's errors propagate."""
+    held = hold(regions)
+    copier = held.regions.copier
     try:
         io = session.io_binding()
         for ref in call.inputs:
             if not ref.region:
                 io.bind_cpu_input(ref.name, arena.read(ref, buf))
                 continue
-            use = held.use(ref.region)
-            dtype = numeric_dtype(ref.name, ref.datatype)
-            check_fits(ref.name, ref.region, ref.offset, ref.nbytes, use.memory.size)
-            check_nbytes(ref.name, ref.datatype, ref.shape, ref.nbytes, dtype)
-            io.bind_input(
-                ref.name,
-                device_type,
-                use.memory.device_id,
-                dtype,
-                list(ref.shape),
-                use.memory.ptr + ref.offset,
-            )
-        wanted = {o.name: o for o in call.outputs if o.region}
-        for o in wanted.values():
-            size = held.use(o.region).memory.size
-            check_fits(o.name, o.region, o.offset, o.nbytes, size)
+            ptr, dtype = region_input(held, ref)
+            io.bind_input(ref.name, copier.device_type, device_id, dtype, list(ref.shape), ptr)
+        hold_outputs(held, call)
         for name in names:
-            io.bind_output(name, device_type, device_id)
+            io.bind_output(name, copier.device_type, device_id)
         t_bound = time.monotonic_ns()
         if run_options is None:
             session.run_with_iobinding(io)
         else:
             session.run_with_iobinding(io, run_options)
         t_ran = time.monotonic_ns()
-        types = {t.name: t.datatype for t in sig.outputs}
-        values = io.get_outputs()
-        placed: dict[str, OutputData] = {}
-        host_names: list[str] = []
-        host_arrays: list[Any] = []
-        for name, value in zip(names, values, strict=True):
-            req = wanted.get(name)
-            if req is None:
-                host_names.append(name)
-                host_arrays.append(value.numpy())
-                continue
-            datatype = types[name]
-            dtype = numeric_dtype(name, datatype)
-            shape = tuple(int(d) for d in value.shape())
-            nbytes = math.prod(shape) * dtype.itemsize
-            if nbytes > req.nbytes:
-                raise RegionError(
-                    f"shared memory size specified with the request for output '{name}' "
-                    f"({req.nbytes} bytes) should be at least {nbytes} bytes to hold the results"
-                )
-            memory = held.uses[req.region].memory
-            if nbytes:
-                regions.copier.copy(
-                    memory.ptr + req.offset, value.data_ptr(), nbytes, memory.device_id
-                )
-            placed[name] = OutputData(name, datatype, shape, req.offset, nbytes, region=req.region)
-        if placed:
-            regions.copier.synchronize(device_id)  # the client reads the region on our answer
-        written = iter(arena.write(host_names, host_arrays, sig, buf, call) if host_names else ())
-        outputs = tuple(placed[n] if n in placed else next(written) for n in names)
+        values = dict(zip(names, io.get_outputs(), strict=True))
+        outputs = place_outputs(
+            names,
+            call,
+            sig,
+            buf,
+            arena,
+            held,
+            copier,
+            device_id,
+            host=lambda n: values[n].numpy(),
+            on_device=lambda n: (values[n].data_ptr(), tuple(values[n].shape())),
+        )
         return BoundRun(outputs, t_bound, t_ran, time.monotonic_ns())
     finally:
         held.release()
 
 
-def numeric_dtype(name: str, datatype: str) -> np.dtype[Any]:
+def region_input(held: Held, ref: TensorRef) -> tuple[int, np.dtype[Any]]:
+    """Input `ref`, which names a region: its device address and dtype, its region held.
+    RegionError when it does not fit the region, or its size or datatype is wrong for it."""
+    memory = held.use(ref.region).memory
+    dtype = _numeric_dtype(ref.name, ref.datatype)
+    _check_fits(ref.name, ref.region, ref.offset, ref.nbytes, memory.size)
+    want = math.prod(ref.shape) * dtype.itemsize
+    if ref.nbytes != want:
+        raise RegionError(
+            f"input '{ref.name}' has shared_memory_byte_size {ref.nbytes} but shape "
+            f"{list(ref.shape)} of {ref.datatype} needs {want} bytes"
+        )
+    return memory.ptr + ref.offset, dtype
+
+
+def hold_outputs(held: Held, call: Infer) -> None:
+    """Hold the regions `call`'s outputs go to, checking that each place fits its region."""
+    for o in call.outputs:
+        if o.region:
+            size = held.use(o.region).memory.size
+            _check_fits(o.name, o.region, o.offset, o.nbytes, size)
+
+
+def place_outputs(
+    names: list[str],
+    call: Infer,
+    sig: ModelSignature,
+    buf: memoryview,
+    arena: ArenaIO,
+    held: Held | None,
+    copier: Copier | None,
+    device_id: int,
+    *,
+    host: Callable[[str], Any],
+    on_device: Callable[[str], tuple[int, tuple[int, ...]]],
+) -> tuple[OutputData, ...]:
+    """`call`'s outputs `names`, in that order: those it placed in a region (held by `held`)
+    copied device to device from `on_device(name)` (address, shape) and synced, since the
+    client reads the region on our answer; the others, `host(name)`, written to the arena.
+    RegionError when a region place is too small for its output."""
+    wanted = {o.name: o for o in call.outputs if o.region}
+    placed: dict[str, OutputData] = {}
+    if wanted:
+        assert held is not None and copier is not None
+        types = {t.name: t.datatype for t in sig.outputs}
+        for name in names:
+            o = wanted.get(name)
+            if o is None:
+                continue
+            src, shape = on_device(name)
+            nbytes = math.prod(shape) * _numeric_dtype(name, types[name]).itemsize
+            if nbytes > o.nbytes:
+                raise RegionError(
+                    f"shared memory size specified with the request for output '{name}' "
+                    f"({o.nbytes} bytes) should be at least {nbytes} bytes to hold the results"
+                )
+            if nbytes:
+                copier.copy(held.uses[o.region].memory.ptr + o.offset, src, nbytes, device_id)
+            placed[name] = OutputData(name, types[name], shape, o.offset, nbytes, region=o.region)
+        if placed:
+            copier.synchronize(device_id)
+    rest = [n for n in names if n not in placed]
+    written = iter(arena.write(rest, [host(n) for n in rest], sig, buf, call) if rest else ())
+    return tuple(placed[n] if n in placed else next(written) for n in names)
+
+
+def _numeric_dtype(name: str, datatype: str) -> np.dtype[Any]:
     if datatype == "BYTES":
         raise RegionError(f"tensor '{name}' is BYTES: it cannot live in CUDA shared memory")
     return np.dtype(DTYPES[datatype].numpy)
 
 
-def check_nbytes(
-    name: str, datatype: str, shape: tuple[int, ...], nbytes: int, dtype: np.dtype[Any]
-) -> None:
-    want = math.prod(shape) * dtype.itemsize
-    if nbytes != want:
-        raise RegionError(
-            f"input '{name}' has shared_memory_byte_size {nbytes} but shape {list(shape)} "
-            f"of {datatype} needs {want} bytes"
-        )
-
-
-def check_fits(name: str, region: str, offset: int, nbytes: int, size: int) -> None:
+def _check_fits(name: str, region: str, offset: int, nbytes: int, size: int) -> None:
     if offset < 0 or nbytes < 0 or offset + nbytes > size:
         raise RegionError(
             f"tensor '{name}': offset {offset} + byte_size {nbytes} is outside CUDA shared "

@@ -17,12 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 from runtime.engine.batcher import Batcher, Pending
-from runtime.engine.bound import check_fits, check_nbytes, numeric_dtype, run_bound, uses_regions
+from runtime.engine.bound import hold_outputs, place_outputs, region_input, run_bound
 from runtime.engine.device_rows import DeviceRows
 from runtime.engine.golden import check_golden, load_golden
 from runtime.engine.graphs import BadBatch, BatchResult, GraphSet
-from runtime.engine.model import ARENA, BadInput, _input_array, _run_error, _write_outputs
-from runtime.engine.regions import Held, RegionError, RegionTable
+from runtime.engine.model import ARENA, BadInput, _input_array, _run_error
+from runtime.engine.regions import Held, RegionError, RegionTable, hold
 from runtime.ipc.protocol import (
     Code,
     Infer,
@@ -135,7 +135,7 @@ class GraphModel:
             if call.deadline_ns and t0 > call.deadline_ns:
                 answer(InferDone(call.call_id, Code.DEADLINE, "deadline expired in the queue"))
                 continue
-            if uses_regions(call):
+            if call.bound:
                 in_regions.append(p)
                 continue
             try:
@@ -229,38 +229,25 @@ class GraphModel:
         assert graphs is not None and self.signature is not None
         _answer, call, buf, _recv, _regions = p.payload
         names = list(graphs.output_names)
-        wanted = [o.name for o in call.outputs] or names
-        placed: dict[str, OutputData] = {}
-        if held is not None:
-            copier = graphs.copier
-            assert copier is not None and result.device_outputs is not None
-            types = {t.name: t.datatype for t in self.signature.outputs}
-            for o in call.outputs:
-                if not o.region:
-                    continue
-                arr = outs[names.index(o.name)]
-                if arr.nbytes > o.nbytes:
-                    raise RegionError(
-                        f"shared memory size specified with the request for output '{o.name}' "
-                        f"({o.nbytes} bytes) should be at least {arr.nbytes} bytes to hold the "
-                        "results"
-                    )
-                src = result.device_outputs[o.name] + row0 * graphs.output_row_nbytes[o.name]
-                memory = held.uses[o.region].memory
-                copier.copy(memory.ptr + o.offset, src, arr.nbytes, graphs.device_id)
-                shape = tuple(int(d) for d in arr.shape)
-                placed[o.name] = OutputData(
-                    o.name, types[o.name], shape, o.offset, arr.nbytes, region=o.region
-                )
-            if placed:
-                copier.synchronize(graphs.device_id)  # the client reads it on our answer
-        host = [n for n in wanted if n not in placed]
-        written = iter(
-            _write_outputs(host, [outs[names.index(n)] for n in host], self.signature, buf, call)
-            if host
-            else ()
+        index = {n: i for i, n in enumerate(names)}
+
+        def on_device(name: str) -> tuple[int, tuple[int, ...]]:
+            assert result.device_outputs is not None  # region calls join replays only
+            src = result.device_outputs[name] + row0 * graphs.output_row_nbytes[name]
+            return src, tuple(int(d) for d in outs[index[name]].shape)
+
+        return place_outputs(
+            [o.name for o in call.outputs] or names,
+            call,
+            self.signature,
+            buf,
+            ARENA,
+            held,
+            graphs.copier,
+            graphs.device_id,
+            host=lambda n: outs[index[n]],
+            on_device=on_device,
         )
-        return tuple(placed[n] if n in placed else next(written) for n in wanted)
 
     def _run_one(self, p: Pending[Queued], feed: dict[str, Any], held: Held | None) -> None:
         graphs = self.graphs
@@ -295,8 +282,6 @@ class GraphModel:
         sig = self.signature
         t0 = time.monotonic_ns()
         try:
-            if regions is None:
-                raise RegionError("this call names CUDA shared memory, but its front has none")
             run = graphs.run_eager_with(
                 p.batch_size,
                 lambda session, options: run_bound(
@@ -331,24 +316,16 @@ def _device_feed(payload: Queued) -> tuple[Held, dict[str, Any]]:
     arrays for the rest; its regions held (released by the caller). RegionError when a tensor
     does not fit its region or cannot live there."""
     _answer, call, buf, _recv, regions = payload
-    if regions is None:
-        raise RegionError("this call names CUDA shared memory, but its front has none")
-    held = Held(regions)
+    held = hold(regions)
     try:
         feed: dict[str, Any] = {}
         for ref in call.inputs:
             if not ref.region:
                 feed[ref.name] = _input_array(ref, buf)
                 continue
-            memory = held.use(ref.region).memory
-            dtype = numeric_dtype(ref.name, ref.datatype)
-            check_fits(ref.name, ref.region, ref.offset, ref.nbytes, memory.size)
-            check_nbytes(ref.name, ref.datatype, ref.shape, ref.nbytes, dtype)
-            feed[ref.name] = DeviceRows(memory.ptr + ref.offset, tuple(ref.shape), dtype)
-        for o in call.outputs:
-            if o.region:
-                size = held.use(o.region).memory.size
-                check_fits(o.name, o.region, o.offset, o.nbytes, size)
+            ptr, dtype = region_input(held, ref)
+            feed[ref.name] = DeviceRows(ptr, tuple(ref.shape), dtype)
+        hold_outputs(held, call)
     except BaseException:
         held.release()
         raise

@@ -16,7 +16,7 @@ from typing import Any, Final
 import numpy as np
 import onnxruntime as ort
 
-from runtime.engine.bound import run_bound, uses_regions
+from runtime.engine.bound import run_bound
 from runtime.engine.buckets import default_buckets
 from runtime.engine.golden import GoldenMismatch, check_golden, load_golden
 from runtime.engine.regions import RegionError, RegionTable
@@ -55,7 +55,7 @@ class LoadedModel:
     spec: LoadModel | None = None  # what it was loaded from (request_id and force zeroed)
     avg_ns: float = 1e9  # moving average of execute() time; unknown (slow) until measured
     device_memory: int | None = None  # bytes its load took on the device (None: CPU, unknown)
-    device: str = "cpu"  # where its session runs ("cpu", "cuda:N")
+    device_id: int = 0  # the CUDA device its session runs on (0 on the CPU)
 
     @classmethod
     def load(cls, spec: LoadModel, device: str) -> LoadedModel:
@@ -69,7 +69,7 @@ class LoadedModel:
             tuple(t.name for t in sig.outputs),
             {t.name: t.datatype for t in sig.inputs},
             spec.identity(),
-            device=device,
+            device_id=int(device.partition(":")[2] or 0),
         )
         model.warm_up()
         if spec.golden_path:
@@ -114,7 +114,7 @@ class LoadedModel:
         t0 = time.monotonic_ns()
         if call.deadline_ns and t0 > call.deadline_ns:
             return InferDone(call.call_id, Code.DEADLINE, "deadline expired before execution")
-        if uses_regions(call):
+        if call.bound:
             return self._execute_bound(call, buf, received_ns, regions, t0)
         try:
             feeds = {ref.name: _input_array(ref, buf) for ref in call.inputs}
@@ -147,11 +147,8 @@ class LoadedModel:
         """A call with tensors in CUDA shared memory (runtime.engine.bound)."""
         names = [o.name for o in call.outputs] or list(self.output_names)
         try:
-            if regions is None:
-                raise RegionError("this call names CUDA shared memory, but its front has none")
-            device_id = int(self.device.partition(":")[2] or 0)
             run = run_bound(
-                self.session, call, buf, regions, names, self.signature, device_id, ARENA
+                self.session, call, buf, regions, names, self.signature, self.device_id, ARENA
             )
         except (RegionError, BadInput) as exc:
             return InferDone(call.call_id, Code.BAD_INPUT, str(exc))

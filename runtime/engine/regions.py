@@ -11,7 +11,7 @@ server, and a client talks to one front over its channel). A region in use by a 
 is closed only after that call releases it, so an unregister racing an inference never frees
 memory under onnxruntime.
 
-Openers: `cuda_opener` (cupy, runtime.ipc.pinning.open_cuda_ipc_handle) on a CUDA worker, none
+Openers: `cuda_opener` (runtime.ipc.pinning.open_cuda_ipc_handle, cupy) on a CUDA worker, none
 on a CPU worker (registration answers "no CUDA device"), and `fake_opener` for CPU-only tests
 (`fake_cuda_ipc`): the "handle" names a POSIX shm object that stands in for device memory, so
 the CPU test suite drives the same registration, binding and copy code with host pointers.
@@ -29,6 +29,15 @@ from typing import Final, Protocol
 
 import numpy as np
 
+from runtime.ipc.pinning import (  # imports no cupy until a function is called
+    IPC_HANDLE_BYTES,
+    copy_on_device,
+    copy_to_device,
+    open_cuda_ipc_handle,
+    synchronize_device,
+    zero_on_device,
+)
+
 __all__ = [
     "FAKE_HANDLE_PREFIX",
     "IPC_HANDLE_BYTES",
@@ -43,10 +52,10 @@ __all__ = [
     "cuda_opener",
     "fake_handle",
     "fake_opener",
+    "hold",
     "host_copier",
 ]
 
-IPC_HANDLE_BYTES: Final = 64  # sizeof(cudaIpcMemHandle_t)
 FAKE_HANDLE_PREFIX: Final = b"microtune-fake-ipc:"
 
 
@@ -197,36 +206,33 @@ class Held:
             self.regions.release(use)
 
 
+def hold(regions: RegionTable | None) -> Held:
+    """A call's holder over its front's regions; RegionError when the front has none (a CPU
+    worker's connection: the front never registers any, so a bound call is malformed)."""
+    if regions is None:
+        raise RegionError("this call names CUDA shared memory, but its front has none")
+    return Held(regions)
+
+
 # ----------------------------------------------------------------------------- real CUDA
 
 
-def cuda_opener(handle: bytes, device_id: int, byte_size: int) -> OpenedMemory:
-    from runtime.ipc.pinning import open_cuda_ipc_handle
-
-    return open_cuda_ipc_handle(handle, device_id, byte_size)
+cuda_opener: Final[Opener] = open_cuda_ipc_handle
 
 
 class _CudaCopier:
     device_type = "cuda"
 
     def copy(self, dst: int, src: int, nbytes: int, device_id: int) -> None:
-        from runtime.ipc.pinning import copy_on_device
-
         copy_on_device(dst, src, nbytes, device_id)
 
     def upload(self, dst: int, src: int, nbytes: int, device_id: int) -> None:
-        from runtime.ipc.pinning import copy_to_device
-
         copy_to_device(dst, src, nbytes, device_id)
 
     def zero(self, dst: int, nbytes: int, device_id: int) -> None:
-        from runtime.ipc.pinning import zero_on_device
-
         zero_on_device(dst, nbytes, device_id)
 
     def synchronize(self, device_id: int) -> None:
-        from runtime.ipc.pinning import synchronize_device
-
         synchronize_device(device_id)
 
 
@@ -261,8 +267,6 @@ def fake_opener(handle: bytes, device_id: int, byte_size: int) -> OpenedMemory:
     """Map the POSIX shm object a `fake_handle` names, as if it were device memory."""
     if not handle.startswith(FAKE_HANDLE_PREFIX):
         raise RuntimeError("invalid argument (not a handle this test worker can open)")
-    if byte_size < 1:
-        raise ValueError(f"byte_size must be positive, got {byte_size}")
     name = handle[len(FAKE_HANDLE_PREFIX) :].rstrip(b"\0").decode()
     fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
     try:
