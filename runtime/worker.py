@@ -33,6 +33,7 @@ from runtime.engine.regions import (
     Opener,
     RegionError,
     RegionTable,
+    SharedOpener,
     cuda_copier,
     cuda_opener,
     fake_opener,
@@ -106,13 +107,14 @@ class Worker:
         self.device_id = int(self.device.partition(":")[2] or 0)
         # Client CUDA shared memory: opened here, where the CUDA context lives; a CPU worker
         # has none (registration answers UNSUPPORTED), unless a test stands host memory in.
+        # One SharedOpener under every front's table: CUDA maps a handle once per process.
         self.region_io: tuple[Opener, Copier] | None = None
         if cuda:
             self.gpu_lock = self.device_lock
-            self.region_io = (cuda_opener, cuda_copier)
+            self.region_io = (SharedOpener(cuda_opener), cuda_copier)
             preload_cuda_libraries()
         elif settings.fake_cuda_ipc:
-            self.region_io = (fake_opener, host_copier)
+            self.region_io = (SharedOpener(fake_opener), host_copier)
         # Device memory each load takes, reported in LoadDone (runtime.engine.memory).
         self.memory = DeviceMemoryMeter(self._memory_probe())
         self._models_lock = threading.Lock()

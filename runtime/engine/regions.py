@@ -11,6 +11,12 @@ server, and a client talks to one front over its channel). A region in use by a 
 is closed only after that call releases it, so an unregister racing an inference never frees
 memory under onnxruntime.
 
+CUDA maps a handle once per process: a second cudaIpcOpenMemHandle of a handle still open fails
+("resource already mapped"). Yet one allocation can stand behind several regions: two names
+for one buffer, one buffer registered through two fronts, or a name unregistered and registered
+again while a call still holds the old mapping. `SharedOpener` (one per worker, under every
+table) opens each handle once and closes it when its last region lets go.
+
 Openers: `cuda_opener` (runtime.ipc.pinning.open_cuda_ipc_handle, cupy) on a CUDA worker, none
 on a CPU worker (registration answers "no CUDA device"), and `fake_opener` for CPU-only tests
 (`fake_cuda_ipc`): the "handle" names a POSIX shm object that stands in for device memory, so
@@ -48,6 +54,7 @@ __all__ = [
     "RegionError",
     "RegionTable",
     "RegionUse",
+    "SharedOpener",
     "cuda_copier",
     "cuda_opener",
     "fake_handle",
@@ -65,11 +72,13 @@ class RegionError(ValueError):
 
 
 class OpenedMemory(Protocol):
-    """Memory behind an opened handle: `ptr` is its base address in this process."""
+    """Memory behind an opened handle: `ptr` is its base address in this process, `size` the
+    registered byte size, `allocation_size` what the exporter allocated (>= size)."""
 
     ptr: int
     size: int
     device_id: int
+    allocation_size: int
 
     def close(self) -> None: ...
 
@@ -214,6 +223,76 @@ def hold(regions: RegionTable | None) -> Held:
     return Held(regions)
 
 
+class _Mapping:
+    __slots__ = ("memory", "regions")
+
+    def __init__(self, memory: OpenedMemory) -> None:
+        self.memory = memory
+        self.regions = 0
+
+
+class _SharedView:
+    """One region's view of a shared mapping; `close` lets go of the mapping once."""
+
+    __slots__ = ("_handle", "_owner", "allocation_size", "device_id", "ptr", "size")
+
+    def __init__(self, owner: SharedOpener, handle: bytes, base: OpenedMemory, size: int) -> None:
+        self._owner: SharedOpener | None = owner
+        self._handle = handle
+        self.ptr = base.ptr
+        self.size = size
+        self.device_id = base.device_id
+        self.allocation_size = base.allocation_size
+
+    def close(self) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.let_go(self._handle)
+
+
+class SharedOpener:
+    """An `Opener` that opens each handle once per process, whatever number of regions (of any
+    front) name it, and closes it when the last of them closes. Thread-safe; opens and closes
+    run under its lock, so a handle is never opened while its last close is still under way."""
+
+    def __init__(self, opener: Opener) -> None:
+        self._opener = opener
+        self._open: dict[bytes, _Mapping] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, handle: bytes, device_id: int, byte_size: int) -> OpenedMemory:
+        handle = bytes(handle)
+        with self._lock:
+            mapping = self._open.get(handle)
+            if mapping is None:
+                mapping = self._open[handle] = _Mapping(self._opener(handle, device_id, byte_size))
+            else:  # the checks the opener makes, against the mapping already open
+                memory = mapping.memory
+                if memory.device_id != device_id:
+                    raise ValueError(
+                        f"the handle is memory of device {memory.device_id}, not device {device_id}"
+                    )
+                if memory.allocation_size < byte_size:
+                    raise ValueError(
+                        f"the handle's allocation is {memory.allocation_size} bytes at offset 0; "
+                        f"{byte_size} bytes were registered"
+                    )
+            mapping.regions += 1
+            return _SharedView(self, handle, mapping.memory, byte_size)
+
+    def let_go(self, handle: bytes) -> None:
+        with self._lock:
+            mapping = self._open[handle]
+            mapping.regions -= 1
+            if mapping.regions == 0:
+                del self._open[handle]
+                mapping.memory.close()
+
+    def open_handles(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+
 # ----------------------------------------------------------------------------- real CUDA
 
 
@@ -250,17 +329,27 @@ def fake_handle(shm_name: str) -> bytes:
     return raw.ljust(IPC_HANDLE_BYTES, b"\0")
 
 
+# Fake handles mapped in this process: like CUDA, a second open of one still open is refused,
+# so the CPU tests catch a path that would open a handle twice.
+_fake_open: set[bytes] = set()
+_fake_lock = threading.Lock()
+
+
 @dataclass(slots=True)
 class _MappedShm:
     ptr: int
     size: int
     device_id: int
+    allocation_size: int
+    _handle: bytes
     _map: mmap.mmap
     _view: np.ndarray  # keeps the address stable; dropped before the map closes
 
     def close(self) -> None:
         self._view = np.empty(0, np.uint8)
         self._map.close()
+        with _fake_lock:
+            _fake_open.discard(self._handle)
 
 
 def fake_opener(handle: bytes, device_id: int, byte_size: int) -> OpenedMemory:
@@ -268,16 +357,22 @@ def fake_opener(handle: bytes, device_id: int, byte_size: int) -> OpenedMemory:
     if not handle.startswith(FAKE_HANDLE_PREFIX):
         raise RuntimeError("invalid argument (not a handle this test worker can open)")
     name = handle[len(FAKE_HANDLE_PREFIX) :].rstrip(b"\0").decode()
-    fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
-    try:
-        size = os.fstat(fd).st_size
-        if size < byte_size:
-            raise ValueError(f"the allocation is {size} bytes; {byte_size} bytes were registered")
-        m = mmap.mmap(fd, size)
-    finally:
-        os.close(fd)
+    with _fake_lock:
+        if handle in _fake_open:
+            raise RuntimeError("resource already mapped (the handle is open in this process)")
+        fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            if size < byte_size:
+                raise ValueError(
+                    f"the allocation is {size} bytes; {byte_size} bytes were registered"
+                )
+            m = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        _fake_open.add(handle)
     view = np.frombuffer(m, np.uint8)
-    return _MappedShm(view.ctypes.data, byte_size, device_id, m, view)
+    return _MappedShm(view.ctypes.data, byte_size, device_id, size, handle, m, view)
 
 
 class _HostCopier:

@@ -182,3 +182,39 @@ def test_a_garbage_handle_is_invalid_argument(stub: pb_grpc.GRPCInferenceService
     assert "failed to open CUDA IPC handle" in (ei.value.details() or "")
     status = stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest())
     assert not status.regions
+
+
+def test_one_allocation_under_two_names(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    """A second cudaIpcOpenMemHandle of a handle open in the worker fails ("already mapped"):
+    the worker opens it once for both names and closes it after the last one goes."""
+    buf = DeviceBuffer(1 << 14)
+    try:
+        for name in ("in", "out"):
+            stub.CudaSharedMemoryRegister(
+                pb.CudaSharedMemoryRegisterRequest(
+                    name=name, raw_handle=buf.handle, device_id=0, byte_size=buf.nbytes
+                )
+            )
+        x = np.arange(8, dtype=np.float32).reshape(2, 4) - 3
+        buf.put(x)
+        req = pb.ModelInferRequest(model_name="id_graphs")
+        inp = req.inputs.add(name="IN", datatype="FP32", shape=[2, 4])
+        for k, v in _shm_params("in", x.nbytes).items():
+            inp.parameters[k].CopyFrom(v)
+        out = req.outputs.add(name="OUT")
+        for k, v in _shm_params("out", x.nbytes, 8192).items():
+            out.parameters[k].CopyFrom(v)
+        stub.ModelInfer(req)
+        np.testing.assert_array_equal(buf.get((2, 4), 8192), x)
+        stub.CudaSharedMemoryUnregister(pb.CudaSharedMemoryUnregisterRequest(name="in"))
+        stub.CudaSharedMemoryRegister(  # again, while "out" holds the mapping
+            pb.CudaSharedMemoryRegisterRequest(
+                name="in", raw_handle=buf.handle, device_id=0, byte_size=buf.nbytes
+            )
+        )
+        buf.put(x * 2)
+        stub.ModelInfer(req)
+        np.testing.assert_array_equal(buf.get((2, 4), 8192), x * 2)
+    finally:
+        stub.CudaSharedMemoryUnregister(pb.CudaSharedMemoryUnregisterRequest())
+        buf.free()

@@ -138,6 +138,34 @@ def test_region_input_with_a_computed_output(
     np.testing.assert_allclose(dev.get([1, 10], 0), want, rtol=1e-6)
 
 
+def test_one_buffer_under_two_names(c: grpcclient.InferenceServerClient, dev: StandIn) -> None:
+    """Triton clients register one cudaMalloc'ed buffer as several regions (an input and an
+    output region, say). CUDA maps a handle once per process, so the worker opens it once
+    and keeps it open until the last of its names is unregistered."""
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    dev.put(x)
+    c.register_cuda_shared_memory("in", dev.handle, 0, 512)
+    c.register_cuda_shared_memory("out", dev.handle, 0, dev.nbytes)
+    out = grpcclient.InferRequestedOutput("OUT")
+    out.set_shared_memory("out", x.nbytes, offset=2048)
+    c.infer("id_fp32", [shm_input("IN", [2, 4], "in", x.nbytes)], outputs=[out])
+    np.testing.assert_array_equal(dev.get([2, 4], 2048), x)
+    c.unregister_cuda_shared_memory("in")
+    dev.put(x + 1, offset=1024)
+    c.infer("id_fp32", [shm_input("IN", [2, 4], "out", x.nbytes, 1024)], outputs=[out])
+    np.testing.assert_array_equal(dev.get([2, 4], 2048), x + 1)
+    c.register_cuda_shared_memory("in", dev.handle, 0, 512)  # again, while "out" maps it
+    c.unregister_cuda_shared_memory("out")
+    c.infer("id_fp32", [shm_input("IN", [2, 4], "in", x.nbytes)])
+    # Larger than the allocation: refused on the mapping already open, as on a first open.
+    raises(
+        lambda: c.register_cuda_shared_memory("big", dev.handle, 0, dev.nbytes + 1),
+        "INVALID_ARGUMENT",
+        f"'big': the handle's allocation is {dev.nbytes} bytes at offset 0; "
+        f"{dev.nbytes + 1} bytes were registered",
+    )
+
+
 def test_registration_errors(c: grpcclient.InferenceServerClient, dev: StandIn) -> None:
     short = base64.b64encode(fake_handle(dev.key)[:63])
     raises(

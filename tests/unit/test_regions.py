@@ -2,7 +2,9 @@
 
 An in-memory opener stands in for cudaIpcOpenMemHandle; what is checked is the table's own
 contract: handle and size checks, one namespace, and that memory in use by a call is closed
-only after the call releases it (an unregister racing an inference never frees its memory).
+only after the call releases it (an unregister racing an inference never frees its memory),
+and that `SharedOpener` opens a handle once per process however many regions name it (CUDA
+refuses a second open of a handle still open, and so do these openers).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from runtime.engine.regions import (
     IPC_HANDLE_BYTES,
     RegionError,
     RegionTable,
+    SharedOpener,
     fake_handle,
     fake_opener,
     host_copier,
@@ -29,6 +32,8 @@ class Memory:
     ptr: int
     size: int
     device_id: int
+    handle: bytes = b""
+    allocation_size: int = 4096
     closed: int = 0
 
     def close(self) -> None:
@@ -44,12 +49,15 @@ class Opener:
             raise RuntimeError("invalid argument")  # what CudaError says for garbage
         if byte_size > 4096:
             raise ValueError(f"the allocation is 4096 bytes; {byte_size} bytes were registered")
-        m = Memory(0x7000 + 0x1000 * len(self.opened), byte_size, device_id)
+        if any(m.handle == handle and not m.closed for m in self.opened):
+            raise RuntimeError("resource already mapped")  # what CUDA says
+        m = Memory(0x7000 + 0x1000 * len(self.opened), byte_size, device_id, handle)
         self.opened.append(m)
         return m
 
 
 H = bytes(range(IPC_HANDLE_BYTES))
+H2 = bytes(range(1, IPC_HANDLE_BYTES + 1))
 
 
 def table() -> tuple[RegionTable, Opener]:
@@ -87,7 +95,7 @@ def test_same_name_registered_again_after_unregister_is_new_memory() -> None:
     t.register("a", H, 0, 64)
     old = t.acquire("a")
     t.unregister("a")
-    t.register("a", H, 0, 128)
+    t.register("a", H2, 0, 128)
     new = t.acquire("a")
     assert new.memory is opener.opened[1]
     t.release(old)
@@ -124,8 +132,8 @@ def test_duplicate_name_is_refused_and_nothing_leaks() -> None:
 
 def test_unregister_all_and_concurrent_users() -> None:
     t, opener = table()
-    for n in "abc":
-        t.register(n, H, 0, 64)
+    for i, n in enumerate("abc"):
+        t.register(n, bytes([i + 1]) * IPC_HANDLE_BYTES, 0, 64)
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -165,9 +173,96 @@ def test_fake_opener_maps_the_named_shm_object() -> None:
         host_copier.copy(dst.ctypes.data, use.memory.ptr + 32, 16, 0)
         assert dst.tolist() == [7] * 16
         t.release(use)
+        with pytest.raises(RegionError, match=r"'g'.*resource already mapped"):
+            t.register("g", fake_handle(name), 0, 64)  # open in this process: refused like CUDA
+        t.close()
         with pytest.raises(RegionError, match="257 bytes were registered"):
             t.register("g", fake_handle(name), 0, 257)
+        t.register("g", fake_handle(name), 0, 64)  # closed, so it opens again
         t.close()
     finally:
         os.close(fd)
         os.unlink(f"/dev/shm/{name}")
+
+
+def shared() -> tuple[SharedOpener, Opener]:
+    opener = Opener()
+    return SharedOpener(opener), opener
+
+
+def test_one_handle_under_two_names_is_opened_once() -> None:
+    so, opener = shared()
+    t = RegionTable(so, host_copier)
+    t.register("in", H, 0, 1024)
+    t.register("out", H, 0, 4096)  # the same allocation, its whole size
+    a, b = t.acquire("in"), t.acquire("out")
+    assert len(opener.opened) == 1 and so.open_handles() == 1
+    assert (a.memory.ptr, a.memory.size) == (0x7000, 1024)
+    assert (b.memory.ptr, b.memory.size) == (0x7000, 4096)
+    t.release(a)
+    t.release(b)
+    t.unregister("in")
+    assert opener.opened[0].closed == 0  # "out" still maps it
+    t.unregister("out")
+    assert opener.opened[0].closed == 1 and so.open_handles() == 0
+
+
+def test_unregister_and_register_again_while_a_call_holds_the_old_mapping() -> None:
+    # The raw opener refuses this second open (CUDA: "already mapped") while the call runs.
+    so, opener = shared()
+    t = RegionTable(so, host_copier)
+    t.register("a", H, 0, 64)
+    held = t.acquire("a")
+    t.unregister("a")
+    t.register("a", H, 0, 128)
+    new = t.acquire("a")
+    assert new.memory.ptr == held.memory.ptr and len(opener.opened) == 1
+    t.release(held)
+    assert opener.opened[0].closed == 0
+    t.release(new)
+    t.close()
+    assert opener.opened[0].closed == 1
+
+
+def test_tables_of_two_fronts_share_the_mapping() -> None:
+    so, opener = shared()
+    one, two = RegionTable(so, host_copier), RegionTable(so, host_copier)
+    one.register("x", H, 0, 64)
+    two.register("x", H, 0, 64)  # names are per front
+    assert len(opener.opened) == 1
+    one.close()
+    assert opener.opened[0].closed == 0
+    two.close()
+    assert opener.opened[0].closed == 1
+
+
+@pytest.mark.parametrize(
+    ("device", "size", "needle"),
+    [
+        (1, 64, "'b': the handle is memory of device 0, not device 1"),
+        (0, 8192, "'b': the handle's allocation is 4096 bytes at offset 0; 8192 bytes were"),
+    ],
+)
+def test_a_handle_already_open_is_checked_like_a_first_open(
+    device: int, size: int, needle: str
+) -> None:
+    so, opener = shared()
+    t = RegionTable(so, host_copier)
+    t.register("a", H, 0, 64)
+    with pytest.raises(RegionError) as ei:
+        t.register("b", H, device, size)
+    assert needle in str(ei.value)
+    assert t.names() == ["a"]
+    t.close()
+    assert opener.opened[0].closed == 1 and so.open_handles() == 0
+
+
+def test_a_failed_first_open_leaves_nothing() -> None:
+    so, opener = shared()
+    t = RegionTable(so, host_copier)
+    with pytest.raises(RegionError, match="failed to open CUDA IPC handle"):
+        t.register("g", bytes(IPC_HANDLE_BYTES), 0, 64)
+    assert so.open_handles() == 0
+    t.register("g", H, 0, 64)
+    t.close()
+    assert opener.opened[0].closed == 1
