@@ -179,7 +179,11 @@ class GraphModel:
         assert graphs is not None
         try:
             # Arena inputs are page-locked when the worker pinned the arena.
-            result = graphs.run(feeds, inputs_pinned=graphs.device_type == "cuda")
+            result = graphs.run(
+                feeds,
+                inputs_pinned=graphs.device_type == "cuda",
+                host_outputs=_host_outputs(live, graphs.output_names) if holds else None,
+            )
         except BadBatch:
             # Requests whose shapes cannot share a batch: run them one by one.
             for p, f in zip(live, feeds, strict=True):
@@ -309,6 +313,18 @@ def _failed(call_id: int, exc: Exception) -> InferDone:
     if isinstance(exc, RegionError):
         return InferDone(call_id, Code.BAD_INPUT, str(exc))
     return _run_error(call_id, exc)
+
+
+def _host_outputs(batch: list[Pending[Queued]], names: tuple[str, ...]) -> set[str]:
+    """The outputs some call of `batch` reads from the host: all but those every call that
+    asks for them places in a CUDA region (copied device to device from the bucket)."""
+    wanted: set[str] = set()
+    for p in batch:
+        outputs = p.payload[1].outputs
+        if not outputs:  # no list: every output, into the arena
+            return set(names)
+        wanted.update(o.name for o in outputs if not o.region)
+    return wanted
 
 
 def _device_feed(payload: Queued) -> tuple[Held, dict[str, Any]]:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TypeVar
 
@@ -426,12 +426,20 @@ class GraphSet:
         return self.run([{name: a} for a in arrays], inputs_pinned=inputs_pinned)
 
     def run(
-        self, feeds: Sequence[Mapping[str, Array]], *, inputs_pinned: bool = False
+        self,
+        feeds: Sequence[Mapping[str, Array]],
+        *,
+        inputs_pinned: bool = False,
+        host_outputs: Collection[str] | None = None,
     ) -> BatchResult:
         """Run one batch: `feeds[i]` maps every input name to request i's array (its rows on
         axis 0). Returns each request's outputs, padding trimmed. `inputs_pinned`: the arrays
         live in page-locked memory (the pinned arena), so a request that fills its bucket
-        alone is copied to the device without a staging copy."""
+        alone is copied to the device without a staging copy. `host_outputs` (replays only;
+        None = all): the outputs copied back to the host; the others are read from
+        `device_outputs` (CUDA shared-memory calls) and come back as data-less placeholders
+        of the right shape, so a batch whose outputs all go to client regions makes no
+        device-to-host copy."""
         if self._closed:
             raise RuntimeError("GraphSet is closed")
         sizes = self._check_feeds(feeds)
@@ -445,7 +453,7 @@ class GraphSet:
                     f"bucket {bucket} was captured on thread {self._owner}; "
                     f"replaying it on thread {threading.get_ident()} is refused"
                 )
-            return self._replay(self._buckets[bucket], feeds, sizes, inputs_pinned)
+            return self._replay(self._buckets[bucket], feeds, sizes, inputs_pinned, host_outputs)
         self.registry.record_eager(bucket)
         return self._eager(bucket, feeds, sizes)
 
@@ -473,6 +481,7 @@ class GraphSet:
         feeds: Sequence[Mapping[str, Array]],
         sizes: list[int],
         inputs_pinned: bool,
+        host_outputs: Collection[str] | None = None,
     ) -> BatchResult:
         t0 = time.perf_counter_ns()
         hosts: list[Array | None] = []  # None: filled row by row on the device (device_rows)
@@ -512,9 +521,12 @@ class GraphSet:
             t2 = time.perf_counter_ns()
             self.session.run_with_iobinding(buf.binding, buf.run_options)
             t3 = time.perf_counter_ns()
-            results = [buf.outputs[name].numpy() for name in self.output_names]
-            if self.device_type == "cpu":  # a CPU OrtValue's numpy() is a view of the buffer
-                results = [r.copy() for r in results]
+            if host_outputs is None:
+                results = [buf.outputs[name].numpy() for name in self.output_names]
+                if self.device_type == "cpu":  # a CPU OrtValue's numpy() is a view of the buffer
+                    results = [r.copy() for r in results]
+            else:
+                results = [self._host_output(buf, o, host_outputs) for o in self._outputs]
         t4 = time.perf_counter_ns()
         return BatchResult(
             _per_request(results, sizes),
@@ -525,6 +537,12 @@ class GraphSet:
             # Valid until the next replay on this thread: region outputs are copied from here.
             {name: buf.outputs[name].data_ptr() for name in self.output_names},
         )
+
+    def _host_output(self, buf: BucketBuffers, spec: TensorSpec, wanted: Collection[str]) -> Array:
+        if spec.name not in wanted:  # the shape without the bytes: a zero-stride view of a zero
+            return np.broadcast_to(np.zeros((), spec.dtype), (buf.bucket, *spec.row_shape))
+        out = buf.outputs[spec.name].numpy()
+        return out.copy() if self.device_type == "cpu" else out
 
     def _eager(
         self, bucket: int | None, feeds: Sequence[Mapping[str, Array]], sizes: list[int]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -112,6 +113,23 @@ def test_a_model_that_fails_to_load_raises_from_start() -> None:
 
     with pytest.raises(FileNotFoundError):
         GraphModel.start(_spec(), make, Batcher(8))
+
+
+def test_host_outputs_of_a_batch() -> None:
+    """A replay copies to the host only the outputs some call reads there: none when every
+    call places every output it asks for in a CUDA region."""
+    from runtime.engine.graph_model import _host_outputs
+
+    names = ("A", "B")
+
+    def pending(*outputs: OutputRequest) -> Pending[Any]:
+        call = Infer(1, "m", 1, (), outputs, 0, 0, bound=True)
+        return Pending(1, 1, 0, payload=(None, call, None, 0, None))
+
+    in_region = pending(OutputRequest("A", "g", 0, 8))
+    assert _host_outputs([in_region], names) == set()
+    assert _host_outputs([in_region, pending(OutputRequest("B"))], names) == {"B"}
+    assert _host_outputs([in_region, pending()], names) == {"A", "B"}  # no list: all, arena
 
 
 def test_region_calls_join_the_replay_and_their_outputs_land_in_the_region() -> None:

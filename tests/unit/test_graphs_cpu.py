@@ -269,6 +269,29 @@ def test_multi_input_multi_output_dtypes_are_split_per_request() -> None:
         assert twice.dtype == np.int64
 
 
+def test_outputs_left_on_the_device_are_not_copied_to_the_host() -> None:
+    """`host_outputs` names what comes back to the host; the other outputs (all placed in
+    client CUDA regions, copied from `device_outputs`) come back as data-less placeholders of
+    the right shape, and their bound buffers hold the answer."""
+    gs = graph_set(two_in_two_out(), (2, 4))
+    a = [np.arange(3 * n, dtype=np.float32).reshape(n, 3) for n in (1, 2)]
+    b = [np.arange(2 * n, dtype=np.int64).reshape(n, 2) + 10 for n in (1, 2)]
+    feeds = [{"A": a[0], "B": b[0]}, {"A": a[1], "B": b[1]}]
+    result = gs.run(feeds, host_outputs={"SUM"})
+    assert result.device_outputs is not None
+    twice_buf = np.ctypeslib.as_array(
+        (np.ctypeslib.ctypes.c_int64 * (4 * 2)).from_address(result.device_outputs["TWICE"])
+    ).reshape(4, 2)
+    np.testing.assert_array_equal(twice_buf[:3], np.concatenate(b) * 2)
+    for i in range(2):
+        total, twice = result.outputs[i]
+        np.testing.assert_array_equal(total, a[i] + 1)
+        assert total.strides[0] > 0  # a real copy
+        assert (twice.shape, twice.dtype, twice.strides) == ((i + 1, 2), np.int64, (0, 0))
+    nothing = gs.run(feeds, host_outputs=())
+    assert all(o.strides == (0, 0) for outs in nothing.outputs for o in outs)
+
+
 def test_bound_addresses_never_change_across_replays() -> None:
     gs = graph_set(gm.mlp(), (2, 4))
     before = {b: gs.binding(b) for b in (2, 4)}
