@@ -21,7 +21,7 @@ from runtime.engine.bound import hold_outputs, place_outputs, region_input, run_
 from runtime.engine.device_rows import DeviceRows
 from runtime.engine.golden import check_golden, load_golden
 from runtime.engine.graphs import BadBatch, BatchResult, GraphSet
-from runtime.engine.model import ARENA, BadInput, _input_array, _run_error
+from runtime.engine.model import ARENA, BadInput, _input_array, _run_error, call_error
 from runtime.engine.regions import Held, RegionError, RegionTable, hold
 from runtime.ipc.protocol import (
     Code,
@@ -261,7 +261,7 @@ class GraphModel:
             result = graphs.run([feed])
             outputs = self._outputs(p, result.outputs[0], result, 0, held)
         except Exception as exc:
-            answer(_failed(call.call_id, exc))
+            answer(call_error(call.call_id, exc))
             return
         t = result.timings
         timings = Timings(
@@ -293,7 +293,7 @@ class GraphModel:
                 ),
             )
         except Exception as exc:
-            answer(_failed(call.call_id, exc))
+            answer(call_error(call.call_id, exc))
             return
         timings = Timings(
             t0 - recv,
@@ -305,14 +305,6 @@ class GraphModel:
             links=(call.span,) if call.span else (),
         )
         answer(InferDone(call.call_id, Code.OK, outputs=run.outputs, timings=timings))
-
-
-def _failed(call_id: int, exc: Exception) -> InferDone:
-    """The answer to a call that raised: the client's mistake with a region is BAD_INPUT,
-    anything else is what onnxruntime said (runtime.engine.model._run_error)."""
-    if isinstance(exc, RegionError):
-        return InferDone(call_id, Code.BAD_INPUT, str(exc))
-    return _run_error(call_id, exc)
 
 
 def _host_outputs(batch: list[Pending[Queued]], names: tuple[str, ...]) -> set[str]:

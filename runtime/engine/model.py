@@ -150,10 +150,8 @@ class LoadedModel:
             run = run_bound(
                 self.session, call, buf, regions, names, self.signature, self.device_id, ARENA
             )
-        except (RegionError, BadInput) as exc:
-            return InferDone(call.call_id, Code.BAD_INPUT, str(exc))
         except Exception as exc:
-            return _run_error(call.call_id, exc)
+            return call_error(call.call_id, exc)
         timings = Timings(
             t0 - received_ns,
             run.t_bound - t0,
@@ -319,6 +317,15 @@ class _Arena:
 
 
 ARENA: Final = _Arena()
+
+
+def call_error(call_id: int, exc: Exception) -> InferDone:
+    """The answer to a call that raised: the client's mistake (a tensor that does not fit its
+    CUDA region, malformed BYTES in the arena) is BAD_INPUT with its own message; anything
+    else is what onnxruntime said."""
+    if isinstance(exc, RegionError | BadInput):
+        return InferDone(call_id, Code.BAD_INPUT, str(exc))
+    return _run_error(call_id, exc)
 
 
 def _run_error(call_id: int, exc: Exception) -> InferDone:

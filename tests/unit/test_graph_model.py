@@ -204,3 +204,16 @@ def test_region_calls_join_the_replay_and_their_outputs_land_in_the_region() -> 
     )
     regions.unregister("g")
     assert Memory.closed == 1  # released after the answer: closed by the unregister
+
+
+def test_call_errors_of_both_executors() -> None:
+    """One mapping for plain and graph-served versions: the client's mistakes are BAD_INPUT
+    with their own message, anything else is what onnxruntime said."""
+    from runtime.engine.model import BadInput, call_error
+    from runtime.engine.regions import RegionError
+
+    assert call_error(1, RegionError("does not fit 'g'")).code == Code.BAD_INPUT
+    bad = call_error(2, BadInput("malformed BYTES tensor 'T'"))
+    assert (bad.code, bad.message) == (Code.BAD_INPUT, "malformed BYTES tensor 'T'")
+    ort = call_error(3, RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : boom"))
+    assert (ort.code, ort.message) == (Code.MODEL_FAILED, "6 : RUNTIME_EXCEPTION : boom")
