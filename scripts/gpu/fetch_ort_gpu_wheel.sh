@@ -18,7 +18,8 @@
 #
 # Usage: scripts/gpu/fetch_ort_gpu_wheel.sh [--parts N] [--force]
 # Env:   ORT_GPU_VERSION (1.31.1), ORT_GPU_SHA256 (pinned for 1.31.1 cp312), PY_VERSION (3.12),
-#        EXTRA_WHEELS (the front's pinned runtime wheels), PYTHON (the repo's .venv python, else python3)
+#        EXTRA_WHEELS (the front's pinned runtime wheels and the example client's), PYTHON (the
+#        repo's .venv python, else python3)
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -52,7 +53,12 @@ opentelemetry-exporter-otlp-proto-grpc==1.45.2 opentelemetry-exporter-otlp-proto
 opentelemetry-exporter-otlp-common==0.66b2 opentelemetry-semantic-conventions==0.66b2 \
 opentelemetry-instrumentation==0.66b2 opentelemetry-instrumentation-grpc==0.66b2 \
 googleapis-common-protos==1.76.0 uvloop==0.23.0 wrapt==2.5.2"
-EXTRA_WHEELS="${EXTRA_WHEELS:-$FRONT_WHEELS}"
+# tritonclient's CUDA shared-memory example (simple_grpc_cudashm_client.py) imports
+# cuda.bindings.runtime (cuda-python; its runtime is linked in, only libcuda is needed there):
+# run_gpu_checks.sh runs it, with the system shm examples, against a GPU server (~10 MB).
+CLIENT_WHEELS="tritonclient==2.73.0 python-rapidjson==1.25 cuda-bindings==13.0.3 \
+cuda-pathfinder==1.9.0"
+EXTRA_WHEELS="${EXTRA_WHEELS:-$FRONT_WHEELS $CLIENT_WHEELS}"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
@@ -171,8 +177,14 @@ done
 {
     echo "# $(date -u +%FT%TZ): $WHEEL in $PARTS parts; working tree $tree_bytes bytes"
     echo "# call  bytes-sent  carry"
+    # tritonclient's example programs, where this machine has them (scripts/run_triton_examples.py)
+    examples=""
+    if [[ -f .cache/triton-examples/simple_grpc_cudashm_client.py ]]; then
+        examples=" .cache/triton-examples"
+        deps_bytes=$((deps_bytes + $(du -cb .cache/triton-examples | tail -1 | cut -f1)))
+    fi
     printf '%-5s %-11s %s\n' 1 "$((tree_bytes + deps_bytes))" \
-        ".whl/parts/manifest.txt .whl/parts/SHA256SUMS .whl/deps"
+        ".whl/parts/manifest.txt .whl/parts/SHA256SUMS .whl/deps$examples"
     i=1
     for p in "$PARTS_DIR/$WHEEL".part-*; do
         carry=".whl/parts/manifest.txt .whl/parts/SHA256SUMS .whl/parts/$(basename "$p")"

@@ -66,6 +66,11 @@ for p in "$PARTS_DIR/$WHEEL".part-*; do
     cp "$p" "$STASH/parts/$name"
     log "stashed $name ($(stat -c %s "$p") bytes, sha256 ok)"
 done
+if [[ -f "$REPO/.cache/triton-examples/simple_grpc_cudashm_client.py" ]]; then
+    # tritonclient's example programs (run_gpu_checks.sh runs them): kept outside the tree too
+    mkdir -p "$STASH/examples" && cp "$REPO"/.cache/triton-examples/*.py "$STASH/examples/"
+    log "stashed tritonclient's example programs"
+fi
 if [[ -f "$DEPS_DIR/SHA256SUMS" ]]; then
     (cd "$DEPS_DIR" && sha256sum --quiet -c SHA256SUMS) || die "a wheel in .whl/deps is damaged"
     for w in "$DEPS_DIR"/*.whl; do cp "$w" "$STASH/deps/"; log "stashed $(basename "$w")"; done

@@ -7,7 +7,11 @@
 #   gpu-tests.log    pytest -m gpu tests/gpu (MICROTUNE_REQUIRE_GPU=1: no silent skips)
 #   gpu.md, gpu.json the benchmark table (bench/gpu_bench.py) and its raw rows
 #   gpu-bench.log    the benchmark's output
-# Runs both even when the first fails; exits non-zero if either failed.
+#   gpu-examples.log tritonclient's simple_grpc_cudashm_client.py (and the system shm examples),
+#                    unchanged, against a server on the demo repository (CUDA worker); only
+#                    where the examples travelled (.cache/triton-examples, see
+#                    fetch_ort_gpu_wheel.sh), with cuda-python from the carried wheels
+# Runs every step even when one fails; exits non-zero if any failed.
 #
 # Usage: bash scripts/gpu/run_gpu_checks.sh [extra bench/gpu_bench.py arguments]
 # Env:   SITE (/tmp/site), PYTHON (python3), OUT, PYTEST_ARGS
@@ -71,5 +75,33 @@ log "bench/gpu_bench.py $*"
     | tee "$RESULTS/gpu-bench.log"
 rc_bench=${PIPESTATUS[0]}
 
-log "tests exit $rc_tests, benchmark exit $rc_bench; results in $RESULTS"
-(( rc_tests == 0 && rc_bench == 0 ))
+# tritonclient's example programs against a whole server (the CUDA one needs a GPU client).
+EXAMPLES="${EXAMPLES:-$REPO/.cache/triton-examples}"
+[[ -f "$EXAMPLES/simple_grpc_cudashm_client.py" ]] || EXAMPLES="${STASH:-/tmp/microtune-ort-gpu}/examples"
+rc_examples=0
+if [[ -f "$EXAMPLES/simple_grpc_cudashm_client.py" ]]; then
+    log "tritonclient examples from $EXAMPLES"
+    work=$(mktemp -d)
+    "$PYTHON" -m server serve --model-repository server/demo_repository --grpc-port 0 \
+        --metrics-port -1 --allow-client-shm true --port-file "$work/port" >"$work/server.log" 2>&1 &
+    server_pid=$!
+    if "$PYTHON" scripts/gpu/wait_model_ready.py "$work/port" simple 300 \
+        2>&1 | tee "$RESULTS/gpu-examples.log"; then
+        "$PYTHON" scripts/run_triton_examples.py --examples-dir "$EXAMPLES" --strict \
+            --url "127.0.0.1:$(cat "$work/port")" --show-output all \
+            simple_grpc_cudashm_client simple_grpc_shm_client simple_grpc_shm_string_client \
+            2>&1 | tee -a "$RESULTS/gpu-examples.log"
+        rc_examples=${PIPESTATUS[0]}
+    else
+        rc_examples=1
+    fi
+    kill "$server_pid" 2>/dev/null
+    wait "$server_pid" 2>/dev/null
+    { echo "--- server log (tail)"; tail -n 60 "$work/server.log"; } >>"$RESULTS/gpu-examples.log"
+    rm -rf "$work"
+else
+    log "no tritonclient examples here (.cache/triton-examples): skipped"
+fi
+
+log "tests exit $rc_tests, benchmark exit $rc_bench, examples exit $rc_examples; results in $RESULTS"
+(( rc_tests == 0 && rc_bench == 0 && rc_examples == 0 ))
