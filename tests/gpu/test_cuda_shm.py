@@ -132,6 +132,20 @@ def _shm_params(region: str, nbytes: int, offset: int = 0) -> dict[str, pb.Infer
     return params
 
 
+def _region_request(
+    model: str, inp: tuple[str, int], out: tuple[str, int], nbytes: int
+) -> pb.ModelInferRequest:
+    """IN [2, 4] read from region inp[0] at offset inp[1]; OUT written to out[0] at out[1]."""
+    req = pb.ModelInferRequest(model_name=model)
+    tensor = req.inputs.add(name="IN", datatype="FP32", shape=[2, 4])
+    for k, v in _shm_params(inp[0], nbytes, inp[1]).items():
+        tensor.parameters[k].CopyFrom(v)
+    output = req.outputs.add(name="OUT")
+    for k, v in _shm_params(out[0], nbytes, out[1]).items():
+        output.parameters[k].CopyFrom(v)
+    return req
+
+
 @pytest.mark.parametrize("model", ["id_graphs", "id_plain"])
 def test_input_and_output_stay_on_the_device(
     stub: pb_grpc.GRPCInferenceServiceStub, model: str
@@ -149,13 +163,7 @@ def test_input_and_output_stay_on_the_device(
         ]
         x = np.arange(8, dtype=np.float32).reshape(2, 4) + 0.5
         buf.put(x)
-        req = pb.ModelInferRequest(model_name=model)
-        inp = req.inputs.add(name="IN", datatype="FP32", shape=[2, 4])
-        for k, v in _shm_params("g", x.nbytes).items():
-            inp.parameters[k].CopyFrom(v)
-        out = req.outputs.add(name="OUT")
-        for k, v in _shm_params("g", x.nbytes, 4096).items():
-            out.parameters[k].CopyFrom(v)
+        req = _region_request(model, ("g", 0), ("g", 4096), x.nbytes)
         for round_ in range(3):  # the client rewrites its buffer; each answer follows it
             buf.put(x + round_)
             resp = stub.ModelInfer(req)
@@ -197,13 +205,7 @@ def test_one_allocation_under_two_names(stub: pb_grpc.GRPCInferenceServiceStub) 
             )
         x = np.arange(8, dtype=np.float32).reshape(2, 4) - 3
         buf.put(x)
-        req = pb.ModelInferRequest(model_name="id_graphs")
-        inp = req.inputs.add(name="IN", datatype="FP32", shape=[2, 4])
-        for k, v in _shm_params("in", x.nbytes).items():
-            inp.parameters[k].CopyFrom(v)
-        out = req.outputs.add(name="OUT")
-        for k, v in _shm_params("out", x.nbytes, 8192).items():
-            out.parameters[k].CopyFrom(v)
+        req = _region_request("id_graphs", ("in", 0), ("out", 8192), x.nbytes)
         stub.ModelInfer(req)
         np.testing.assert_array_equal(buf.get((2, 4), 8192), x)
         stub.CudaSharedMemoryUnregister(pb.CudaSharedMemoryUnregisterRequest(name="in"))
