@@ -97,11 +97,13 @@ class Worker:
         # from captured graphs, each on its own thread (runtime.engine.graph_model).
         self.graph_models: dict[tuple[str, int], GraphModel] = {}
         # Held by graph captures, GPU runs and hostRegister: a capture is global on a device.
-        self.device_lock = threading.Lock()
+        # Reentrant: closing a client CUDA region takes it wherever the last release happens,
+        # which may be a path that holds it already (an unregister, a front's disconnect).
+        self.device_lock = threading.RLock()
         # The same lock where there is a GPU, for what a plain (graph-less) session does there:
         # its loads, runs and frees allocate or free device memory, which would break another
         # version's capture (cudaStreamCaptureModeGlobal). None on the CPU: no lock to take.
-        self.gpu_lock: threading.Lock | None = None
+        self.gpu_lock: threading.RLock | None = None
         cuda = self.device.startswith("cuda")
         self.use_graphs = cuda or settings.cpu_graphs
         self.device_id = int(self.device.partition(":")[2] or 0)
@@ -111,10 +113,10 @@ class Worker:
         self.region_io: tuple[Opener, Copier] | None = None
         if cuda:
             self.gpu_lock = self.device_lock
-            self.region_io = (SharedOpener(cuda_opener), cuda_copier)
+            self.region_io = (SharedOpener(cuda_opener, self.device_lock), cuda_copier)
             preload_cuda_libraries()
         elif settings.fake_cuda_ipc:
-            self.region_io = (SharedOpener(fake_opener), host_copier)
+            self.region_io = (SharedOpener(fake_opener, self.device_lock), host_copier)
         # Device memory each load takes, reported in LoadDone (runtime.engine.memory).
         self.memory = DeviceMemoryMeter(self._memory_probe())
         self._models_lock = threading.Lock()

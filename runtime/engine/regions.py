@@ -30,8 +30,9 @@ import mmap
 import os
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import numpy as np
 
@@ -253,10 +254,18 @@ class _SharedView:
 class SharedOpener:
     """An `Opener` that opens each handle once per process, whatever number of regions (of any
     front) name it, and closes it when the last of them closes. Thread-safe; opens and closes
-    run under its lock, so a handle is never opened while its last close is still under way."""
+    run under its lock, so a handle is never opened while its last close is still under way.
 
-    def __init__(self, opener: Opener) -> None:
+    `device_lock` (the worker's, reentrant) is taken around a close: the last release of an
+    unregistered region may come from any thread, and cudaIpcCloseMemHandle during another
+    version's graph capture would break that capture. Opens already run under it (the worker's
+    reader thread), so the order is always the device lock, then this one's."""
+
+    def __init__(
+        self, opener: Opener, device_lock: AbstractContextManager[Any] | None = None
+    ) -> None:
         self._opener = opener
+        self._device_lock = device_lock if device_lock is not None else nullcontext()
         self._open: dict[bytes, _Mapping] = {}
         self._lock = threading.Lock()
 
@@ -281,7 +290,7 @@ class SharedOpener:
             return _SharedView(self, handle, mapping.memory, byte_size)
 
     def let_go(self, handle: bytes) -> None:
-        with self._lock:
+        with self._device_lock, self._lock:
             mapping = self._open[handle]
             mapping.regions -= 1
             if mapping.regions == 0:

@@ -266,3 +266,42 @@ def test_a_failed_first_open_leaves_nothing() -> None:
     t.register("g", H, 0, 64)
     t.close()
     assert opener.opened[0].closed == 1
+
+
+def test_the_last_close_runs_under_the_device_lock() -> None:
+    """The last release of an unregistered region may come from any thread; its CUDA close
+    must not land inside another version's graph capture, so it takes the device lock (a
+    reentrant one: an unregister already holds it)."""
+    device_lock = threading.RLock()
+    depth = 0
+    seen: list[int] = []
+
+    class Tracking:
+        def __enter__(self) -> None:
+            nonlocal depth
+            device_lock.acquire()
+            depth += 1
+
+        def __exit__(self, *exc: object) -> None:
+            nonlocal depth
+            depth -= 1
+            device_lock.release()
+
+    class Recording(Opener):
+        def __call__(self, handle: bytes, device_id: int, byte_size: int) -> Memory:
+            m = super().__call__(handle, device_id, byte_size)
+            m.close = lambda: seen.append(depth)  # type: ignore[method-assign]
+            return m
+
+    lock = Tracking()
+    t = RegionTable(SharedOpener(Recording(), lock), host_copier)  # type: ignore[arg-type]
+    t.register("a", H, 0, 64)
+    t.register("b", H2, 0, 64)
+    use = t.acquire("a")
+    with lock:  # the worker's unregister path holds it already: reentrant
+        t.unregister("")
+    assert seen == [2]  # "b" closed at once, inside the caller's hold and its own
+    worker = threading.Thread(target=t.release, args=(use,))  # a call's thread, lock-free
+    worker.start()
+    worker.join(5)
+    assert seen == [2, 1]
