@@ -521,12 +521,8 @@ class GraphSet:
             t2 = time.perf_counter_ns()
             self.session.run_with_iobinding(buf.binding, buf.run_options)
             t3 = time.perf_counter_ns()
-            if host_outputs is None:
-                results = [buf.outputs[name].numpy() for name in self.output_names]
-                if self.device_type == "cpu":  # a CPU OrtValue's numpy() is a view of the buffer
-                    results = [r.copy() for r in results]
-            else:
-                results = [self._host_output(buf, o, host_outputs) for o in self._outputs]
+            wanted = self.output_names if host_outputs is None else host_outputs
+            results = [self._host_output(buf, o, wanted) for o in self._outputs]
         t4 = time.perf_counter_ns()
         return BatchResult(
             _per_request(results, sizes),
@@ -542,6 +538,7 @@ class GraphSet:
         if spec.name not in wanted:  # the shape without the bytes: a zero-stride view of a zero
             return np.broadcast_to(np.zeros((), spec.dtype), (buf.bucket, *spec.row_shape))
         out = buf.outputs[spec.name].numpy()
+        # A CPU OrtValue's numpy() is a view of the bound buffer, which the next replay rewrites.
         return out.copy() if self.device_type == "cpu" else out
 
     def _eager(
