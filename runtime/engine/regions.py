@@ -38,6 +38,8 @@ import numpy as np
 
 from runtime.ipc.pinning import (  # imports no cupy until a function is called
     IPC_HANDLE_BYTES,
+    check_ipc_allocation,
+    check_ipc_device,
     copy_on_device,
     copy_to_device,
     open_cuda_ipc_handle,
@@ -275,17 +277,9 @@ class SharedOpener:
             mapping = self._open.get(handle)
             if mapping is None:
                 mapping = self._open[handle] = _Mapping(self._opener(handle, device_id, byte_size))
-            else:  # the checks the opener makes, against the mapping already open
-                memory = mapping.memory
-                if memory.device_id != device_id:
-                    raise ValueError(
-                        f"the handle is memory of device {memory.device_id}, not device {device_id}"
-                    )
-                if memory.allocation_size < byte_size:
-                    raise ValueError(
-                        f"the handle's allocation is {memory.allocation_size} bytes at offset 0; "
-                        f"{byte_size} bytes were registered"
-                    )
+            else:  # the checks of a first open, against the mapping already open
+                check_ipc_device(mapping.memory.device_id, device_id)
+                check_ipc_allocation(0, mapping.memory.allocation_size, byte_size)
             mapping.regions += 1
             return _SharedView(self, handle, mapping.memory, byte_size)
 

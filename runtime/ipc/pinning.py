@@ -29,6 +29,8 @@ __all__ = [
     "PinnedRegion",
     "alloc_pinned",
     "call_cuda",
+    "check_ipc_allocation",
+    "check_ipc_device",
     "copy_on_device",
     "copy_to_device",
     "cuda_available",
@@ -327,21 +329,33 @@ def open_cuda_ipc_handle(raw_handle: bytes, device_id: int, byte_size: int) -> C
     with _on_device(device_id) as rt:
         ptr = int(call_cuda(rt.ipcOpenMemHandle, bytes(raw_handle), _IPC_LAZY_ENABLE_PEER_ACCESS))
         try:
-            attrs = call_cuda(rt.pointerGetAttributes, ptr)
-            if attrs.device != device_id:
-                raise ValueError(
-                    f"the handle is memory of device {attrs.device}, not device {device_id}"
-                )
+            check_ipc_device(int(call_cuda(rt.pointerGetAttributes, ptr).device), device_id)
             base, allocation = _address_range(ptr)
-            if base != ptr or allocation < byte_size:
-                raise ValueError(
-                    f"the handle's allocation is {allocation} bytes at offset {ptr - base}; "
-                    f"{byte_size} bytes were registered"
-                )
+            check_ipc_allocation(ptr - base, allocation, byte_size)
         except BaseException:
             call_cuda(rt.ipcCloseMemHandle, ptr)
             raise
     return CudaIpcRegion(ptr, byte_size, device_id, allocation)
+
+
+# The checks of an opened handle, for a first open and for a registration that reuses a
+# mapping already open (runtime.engine.regions.SharedOpener): one wording for both.
+
+
+def check_ipc_device(device: int, device_id: int) -> None:
+    """ValueError unless the handle's memory is on `device_id`."""
+    if device != device_id:
+        raise ValueError(f"the handle is memory of device {device}, not device {device_id}")
+
+
+def check_ipc_allocation(offset: int, allocation: int, byte_size: int) -> None:
+    """ValueError unless the handle is the start (`offset` 0) of an allocation holding the
+    `byte_size` bytes registered."""
+    if offset != 0 or allocation < byte_size:
+        raise ValueError(
+            f"the handle's allocation is {allocation} bytes at offset {offset}; "
+            f"{byte_size} bytes were registered"
+        )
 
 
 @functools.cache
