@@ -42,7 +42,9 @@ class Proc:
         self.tmp = tempfile.mkdtemp(prefix=f"bench-{name}-")
         self.port_file = Path(self.tmp) / "port"
         self.log = open(Path(self.tmp) / "log", "w")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        # The repo, after what the caller's PYTHONPATH holds (onnxruntime-gpu on the GPU host).
+        path = [p for p in (os.environ.get("PYTHONPATH", ""), str(ROOT)) if p]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         self.p = subprocess.Popen(
             [*args, "--port-file", str(self.port_file)],
             env=env,
@@ -52,8 +54,8 @@ class Proc:
         )
         self.name = name
 
-    def wait(self, ready_check: bool) -> int:
-        deadline = time.monotonic() + 120
+    def wait(self, ready_check: bool, timeout_s: float = 120.0) -> int:
+        deadline = time.monotonic() + timeout_s
         while not self.port_file.exists() or not self.port_file.read_text().strip():
             if self.p.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} did not start: see {self.log.name}")
@@ -62,6 +64,10 @@ class Proc:
         if ready_check and not wait_ready(port, deadline):
             raise RuntimeError(f"{self.name} did not become ready: see {self.log.name}")
         return port
+
+    def log_tail(self, chars: int = 4000) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-chars:]
 
     def cpu_seconds(self) -> float:
         return tree_cpu_seconds(self.p.pid)
