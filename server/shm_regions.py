@@ -16,9 +16,12 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from server.errors import AlreadyExists, InvalidInput, NotFound, Unsupported
 from server.types import ShmRef
+
+R = TypeVar("R")
 
 __all__ = ["CudaRegion", "SharedMemoryRegistry", "ShmRef", "SystemRegion"]
 
@@ -101,11 +104,7 @@ class SharedMemoryRegistry:
 
     def system_status(self, name: str) -> list[SystemRegion]:
         self._check_enabled()
-        if not name:
-            return list(self.system.values())
-        if name not in self.system:
-            raise NotFound(f"Unable to find system shared memory region: '{name}'")
-        return [self.system[name]]
+        return _status(self.system, "system", name)
 
     def check_cuda(self, name: str, device_id: int) -> None:
         """What the front checks of a CUDA registration before the worker opens the handle."""
@@ -135,11 +134,7 @@ class SharedMemoryRegistry:
 
     def cuda_status(self, name: str) -> list[CudaRegion]:
         self._check_enabled()
-        if not name:
-            return list(self.cuda.values())
-        if name not in self.cuda:
-            raise NotFound(f"Unable to find cuda shared memory region: '{name}'")
-        return [self.cuda[name]]
+        return _status(self.cuda, "cuda", name)
 
     def cuda_ref(self, ref: ShmRef, tensor: str) -> CudaRegion | None:
         """The CUDA region `ref` names, bounds-checked; None when it names no CUDA region."""
@@ -173,3 +168,12 @@ def _check_bounds(ref: ShmRef, tensor: str, size: int) -> None:
             f"tensor '{tensor}': offset {ref.offset} + byte_size {ref.byte_size} is outside "
             f"shared memory region '{ref.region}' ({size} bytes)"
         )
+
+
+def _status(regions: dict[str, R], kind: str, name: str) -> list[R]:
+    """Every region of one kind ("" = all), or the one named (Triton's NOT_FOUND wording)."""
+    if not name:
+        return list(regions.values())
+    if name not in regions:
+        raise NotFound(f"Unable to find {kind} shared memory region: '{name}'")
+    return [regions[name]]
