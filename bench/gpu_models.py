@@ -8,10 +8,18 @@
                                     GELU feed-forward + residual + LayerNormalization)
     with_if(width=4)                FP32 [batch, width] -> If(sum > 0, Relu, Neg): control flow,
                                     which CUDA graphs cannot capture
+    flatten_dynamic(rows=4, cols=8) FP32 [batch, rows, cols] -> Reshape to [batch, -1] with the
+                                    target computed from Shape(INPUT0) (as torch exports
+                                    `x.view(x.size(0), -1)`) -> MatMul: shape nodes the CUDA EP
+                                    leaves on the CPU, which onnxruntime still captures
+    with_cpu_op(width=4)            FP32 [batch, width] -> Relu -> Unique (no CUDA kernel: a
+                                    compute node on the CPU EP, Memcpy'd) -> ReduceSum, added
+                                    back: a model CUDA graphs cannot capture
 
 Opset 17 (LayerNormalization), IR version 8, as scripts/build_demo_repository.py. Shapes are
-static except the batch dimension, and no Shape/Gather shape arithmetic is used (Reshape takes
-constant shapes with 0 = "copy this dim"), so every node can stay on the CUDA EP. Imports: numpy
+static except the batch dimension. The benchmark's models use no Shape/Gather shape arithmetic
+(Reshape takes constant shapes with 0 = "copy this dim"), so every node stays on the CUDA EP;
+flatten_dynamic and with_cpu_op exist for the tests of the other cases. Imports: numpy
 and onnx only.
 """
 
@@ -27,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["encoder", "mlp", "save", "with_if"]
+__all__ = ["encoder", "flatten_dynamic", "mlp", "save", "with_cpu_op", "with_if"]
 
 OPSET = 17
 IR_VERSION = 8
@@ -166,6 +174,42 @@ def with_if(width: int = 4) -> onnx.ModelProto:
     )
     return b.model(
         "with_if",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", width])],
+    )
+
+
+def flatten_dynamic(rows: int = 4, cols: int = 8, out: int = 6) -> onnx.ModelProto:
+    """OUTPUT0 [batch, out] = Reshape(INPUT0, [Shape(INPUT0)[0], -1]) @ W, the reshape target
+    computed at run time from the dynamic batch dimension (Shape -> Gather -> Unsqueeze ->
+    Concat), as exporters write it."""
+    b = _Builder(2)
+    batch = b.op("Gather", [b.op("Shape", ["INPUT0"]), b.const("i0", np.array(0, np.int64))])
+    target = b.op(
+        "Concat",
+        [b.op("Unsqueeze", [batch, b.const("ax0", np.array([0], np.int64))]),
+         b.const("rest", np.array([-1], np.int64))],
+        axis=0,
+    )  # fmt: skip
+    flat = b.op("Reshape", ["INPUT0", target])
+    w = b.weight((rows * cols, out), 1.0 / math.sqrt(rows * cols))
+    b.nodes.append(helper.make_node("MatMul", [flat, w], ["OUTPUT0"], name="project"))
+    return b.model(
+        "flatten_dynamic",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", rows, cols])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", out])],
+    )
+
+
+def with_cpu_op(width: int = 4) -> onnx.ModelProto:
+    """OUTPUT0 = INPUT0 + sum(unique(Relu(INPUT0))): Unique has no CUDA kernel, so it runs on
+    the CPU EP between CUDA nodes (Memcpy nodes either side)."""
+    b = _Builder(3)
+    unique = b.op("Unique", [b.op("Relu", ["INPUT0"])], sorted=1)
+    total = b.op("ReduceSum", [unique], keepdims=0)
+    b.nodes.append(helper.make_node("Add", ["INPUT0", total], ["OUTPUT0"], name="add_back"))
+    return b.model(
+        "with_cpu_op",
         [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", width])],
     )

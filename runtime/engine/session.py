@@ -2,6 +2,9 @@
 
 The only module (with engine/model.py) that touches onnxruntime's session API; it asserts the
 provider actually obtained, because onnxruntime-gpu silently falls back to CPU otherwise.
+Every session is made with `enable_fallback=0`: else onnxruntime's Python wrapper, on an EP
+error at creation or an EPFail in `run()`, re-creates the session on the CPU EP (printing to
+stdout) and hides the original error; a server must answer that call with an error instead.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def make_session(path: str, device: str, intra_op_threads: int) -> ort.Inference
     else:
         providers = [CPU]
     try:
-        sess = ort.InferenceSession(path, so, providers=providers)
+        sess = ort.InferenceSession(path, so, providers=providers, enable_fallback=0)
     except Exception as exc:  # onnxruntime raises several unrelated types for bad files
         raise SessionError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from exc
     wanted = CUDA if device.startswith("cuda") else CPU
@@ -104,14 +107,19 @@ def _first_line(exc: BaseException) -> str:
 
 # --- CUDA graphs (issue 4): the session runtime.engine.graphs captures on ---------------------
 # Kept apart from make_session: a graph session differs in three ways, each load-bearing.
-# (1) `enable_cuda_graph` with the device id. (2) `session.disable_cpu_ep_fallback`: a compute
-# node placed on the CPU EP would make the captured graph incomplete, so it must fail loudly
-# (and, with it, the provider list must not name the CPU EP: onnxruntime refuses that
-# combination). (3) Refusals that mean "this model cannot be captured" (control flow, CPU
-# nodes) are told apart from real load errors: the version then runs eagerly, it still loads.
+# (1) `enable_cuda_graph` with the device id. (2) Only the CUDA EP is named; onnxruntime adds
+# the CPU EP itself and, for graphs, applies its ALLOW_CPU_FOR_SHAPES policy (1.26+): the
+# shape arithmetic the CUDA EP leaves on the CPU (Shape -> Gather -> Concat -> Reshape, in
+# most exports with a dynamic batch dimension) is allowed, a compute node that needs a Memcpy
+# to or from the CPU is refused. `session.disable_cpu_ep_fallback` is NOT set: it refuses any
+# node on the CPU EP, shape nodes included, which would take graphs away from such exports.
+# (3) Refusals that mean "this model cannot be captured" (control flow, compute nodes on the
+# CPU) are told apart from real load errors: the version then runs eagerly, it still loads.
 
 _CONTROL_FLOW_REFUSAL = "control flow"  # "...as the model has control flow nodes..." (1.31.1)
-_CPU_FALLBACK_REFUSAL = "fallback to CPU EP has been explicitly disabled"
+# "This session cannot use the graph capture feature as requested by the user as all compute
+# graph nodes have not been partitioned to the CUDAExecutionProvider": nodes on the CPU EP.
+_GRAPH_CAPTURE_REFUSAL = "graph capture feature"
 
 
 class GraphsUnsupported(Exception):
@@ -142,7 +150,7 @@ def make_graph_session(
     *,
     provider_options: dict[str, str] | None = None,
 ) -> ort.InferenceSession:
-    """A CUDA EP session with CUDA graphs enabled, every node on the GPU.
+    """A CUDA EP session with CUDA graphs enabled, every compute node on the GPU.
 
     Raises GraphsUnsupported when the model cannot be captured (the caller falls back to a
     session without graphs) and SessionError when it cannot be loaded on the GPU at all (bad
@@ -158,14 +166,13 @@ def make_graph_session(
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = ORT_LOG_SEVERITY
-    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     options = {
         **(provider_options or {}),
         "device_id": str(device_id),
         "enable_cuda_graph": "1",
     }
     try:
-        sess = ort.InferenceSession(path, so, providers=[(CUDA, options)])
+        sess = ort.InferenceSession(path, so, providers=[(CUDA, options)], enable_fallback=0)
     except Exception as exc:
         text = str(exc)
         if _CONTROL_FLOW_REFUSAL in text.lower():
@@ -173,12 +180,12 @@ def make_graph_session(
                 "the model has control-flow nodes (If/Loop/Scan), which onnxruntime cannot "
                 f"capture: {_first_line(exc)}"
             ) from exc
-        if _CPU_FALLBACK_REFUSAL in text:
+        if _GRAPH_CAPTURE_REFUSAL in text:
             _raise_for_cpu_nodes(path, device_id, exc)
         raise SessionError(
             f"onnxruntime cannot load {path} on CUDA with graphs: {_first_line(exc)}"
         ) from exc
-    if sess.get_providers()[0] != CUDA:  # defensive: the CPU EP was not named, see above
+    if sess.get_providers()[0] != CUDA:  # the CUDA EP did not start; onnxruntime fell back
         raise SessionError(
             f"asked for {CUDA} with graphs but onnxruntime gave {sess.get_providers()}"
         )
@@ -186,15 +193,15 @@ def make_graph_session(
 
 
 def _raise_for_cpu_nodes(path: str, device_id: int, exc: Exception) -> None:
-    """The CPU-fallback refusal has two causes that need different answers: some nodes have no
-    CUDA kernel (the model runs, without graphs), or the CUDA EP itself failed to start and
-    *every* node landed on the CPU (a GPU load error). A plain session tells them apart; this
-    costs a second session creation, on this failure path only."""
+    """The "not all nodes on the CUDA EP" refusal has two causes that need different answers:
+    some compute nodes have no CUDA kernel (the model runs, without graphs), or the CUDA EP
+    itself failed to start and *every* node landed on the CPU (a GPU load error). A plain
+    session tells them apart; this costs a second session creation, on this failure path."""
     so = ort.SessionOptions()
     so.log_severity_level = ORT_LOG_SEVERITY
     try:
         probe = ort.InferenceSession(
-            path, so, providers=[(CUDA, {"device_id": str(device_id)}), CPU]
+            path, so, providers=[(CUDA, {"device_id": str(device_id)}), CPU], enable_fallback=0
         )
     except Exception as probe_exc:
         raise SessionError(
@@ -206,6 +213,6 @@ def _raise_for_cpu_nodes(path: str, device_id: int, exc: Exception) -> None:
             f"{probe.get_providers()}): check the CUDA 13 and cuDNN 9 libraries"
         ) from exc
     raise GraphsUnsupported(
-        "some nodes of the model have no CUDA kernel and would run on the CPU EP, which a "
-        f"CUDA graph cannot contain: {_first_line(exc)}"
+        "some compute nodes of the model have no CUDA kernel and would run on the CPU EP, "
+        f"which a CUDA graph cannot contain: {_first_line(exc)}"
     ) from exc
