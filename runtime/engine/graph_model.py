@@ -10,6 +10,7 @@ test suite exercises it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -240,18 +241,22 @@ class GraphModel:
             src = result.device_outputs[name] + row0 * graphs.output_row_nbytes[name]
             return src, tuple(int(d) for d in outs[index[name]].shape)
 
-        return place_outputs(
-            [o.name for o in call.outputs] or names,
-            call,
-            self.signature,
-            buf,
-            ARENA,
-            held,
-            graphs.copier,
-            graphs.device_id,
-            host=lambda n: outs[index[n]],
-            on_device=on_device,
-        )
+        # Device-to-device copies and a stream sync: never during another version's capture.
+        to_regions = any(o.region for o in call.outputs)
+        lock = graphs.device_lock if to_regions else contextlib.nullcontext()
+        with lock:
+            return place_outputs(
+                [o.name for o in call.outputs] or names,
+                call,
+                self.signature,
+                buf,
+                ARENA,
+                held,
+                graphs.copier,
+                graphs.device_id,
+                host=lambda n: outs[index[n]],
+                on_device=on_device,
+            )
 
     def _run_one(self, p: Pending[Queued], feed: dict[str, Any], held: Held | None) -> None:
         graphs = self.graphs

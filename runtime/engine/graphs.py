@@ -204,7 +204,7 @@ class GraphSet:
         warmup_runs: int = _WARMUP_RUNS,
         copier: Copier | None = None,
     ) -> None:
-        self.session = session
+        self._session: ort.InferenceSession | None = session
         self.table = table
         self.signature = signature
         self.device_id = device_id
@@ -322,6 +322,17 @@ class GraphSet:
     # --- properties ------------------------------------------------------------------------
 
     @property
+    def session(self) -> ort.InferenceSession:
+        if self._session is None:
+            raise RuntimeError("GraphSet is closed")
+        return self._session
+
+    @property
+    def device_lock(self) -> contextlib.AbstractContextManager[Any]:
+        """The lock every GPU step of this version holds (a no-op context without one)."""
+        return self._lock
+
+    @property
     def capturable(self) -> bool:
         return self._reason is None
 
@@ -370,11 +381,11 @@ class GraphSet:
             return
         largest = self.table.largest
         assert largest is not None  # capturable implies a non-empty table
-        for spec in self._inputs:
-            self._staging[spec.name] = self._host_alloc(max(1, largest * spec.row_nbytes))
-        for size in self.table:
-            self._views[size] = [self._staging_view(spec, size) for spec in self._inputs]
-        with self._lock:
+        with self._lock:  # cudaHostAlloc too must not run during another version's capture
+            for spec in self._inputs:
+                self._staging[spec.name] = self._host_alloc(max(1, largest * spec.row_nbytes))
+            for size in self.table:
+                self._views[size] = [self._staging_view(spec, size) for spec in self._inputs]
             for size in self.table.capture_order():
                 try:
                     self._capture_bucket(size)
@@ -565,8 +576,11 @@ class GraphSet:
         )
 
     def close(self) -> None:
-        """Drop the bindings and free the staging buffers. The graphs themselves are freed
-        only with the session (onnxruntime has no release for CUDA graphs)."""
+        """Drop the bindings, free the staging buffers, and drop the session, which frees the
+        graphs (onnxruntime has no release for CUDA graphs). All under the device lock: the
+        session's cudaFree and graph destruction must not run during another's capture, and
+        whoever drops the last reference to this GraphSet (an unload, on any thread) would
+        otherwise free the session there, outside the lock."""
         if self._closed:
             return
         self._closed = True
@@ -576,6 +590,7 @@ class GraphSet:
             for staging in self._staging.values():
                 staging.close()
             self._staging.clear()
+            self._session = None
 
     # --- helpers ---------------------------------------------------------------------------
 

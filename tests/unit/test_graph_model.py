@@ -135,17 +135,36 @@ def test_host_outputs_of_a_batch() -> None:
 def test_region_calls_join_the_replay_and_their_outputs_land_in_the_region() -> None:
     """A call with its input and output in a client CUDA region (the CPU stand-in: host
     memory, memmove) is batched with an arena call into one replay; its output is copied from
-    the bucket's output rows into the region, the arena call's into the arena."""
+    the bucket's output rows into the region, the arena call's into the arena. Every copy
+    to or from a region holds the device lock (none may run during another's capture)."""
     import ctypes
 
     from runtime.engine.regions import RegionTable, host_copier
 
     sess = make_session(str(DENSE / "model.onnx"), "cpu", 1)
+    device_lock = threading.RLock()
+    unlocked: list[str] = []
+
+    class CheckingCopier:
+        device_type = host_copier.device_type
+
+        def __getattr__(self, name: str) -> Any:
+            def call(*args: Any) -> Any:
+                if not device_lock._is_owned():  # type: ignore[attr-defined]
+                    unlocked.append(name)
+                return getattr(host_copier, name)(*args)
+
+            return call
 
     def make() -> GraphSet:
         s = make_session(str(DENSE / "model.onnx"), "cpu", 1)
         gs = GraphSet(
-            s, BucketTable((1, 2, 4, 8)), signature_of(s), device_type="cpu", copier=host_copier
+            s,
+            BucketTable((1, 2, 4, 8)),
+            signature_of(s),
+            device_type="cpu",
+            copier=CheckingCopier(),  # type: ignore[arg-type]
+            device_lock=device_lock,
         )
         gs.capture()
         return gs
@@ -204,6 +223,7 @@ def test_region_calls_join_the_replay_and_their_outputs_land_in_the_region() -> 
     )
     regions.unregister("g")
     assert Memory.closed == 1  # released after the answer: closed by the unregister
+    assert unlocked == []
 
 
 def test_call_errors_of_both_executors() -> None:

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -428,6 +429,36 @@ def test_every_gpu_step_takes_the_device_lock_once() -> None:
     gs.run([{"INPUT0": rows(3)}])  # eager, above the largest bucket
     gs.close()
     assert lock.entries == 4
+
+
+def test_close_frees_the_session_inside_the_device_lock() -> None:
+    """The session (its cudaFree, its graphs) goes at close, under the lock; not wherever the
+    last reference to the GraphSet happens to be dropped."""
+    freed_in_lock: list[bool] = []
+
+    class WatchingLock:
+        held = False
+
+        def __enter__(self) -> None:
+            self.held = True
+
+        def __exit__(self, *exc: object) -> None:
+            self.held = False
+
+    lock = WatchingLock()
+    sess = cpu_session(gm.mlp())
+    gs = GraphSet(
+        sess, BucketTable((1, 2)), signature_of(sess), device_type="cpu", device_lock=lock
+    )
+    gs.capture()
+    weakref.finalize(sess, lambda: freed_in_lock.append(lock.held))
+    del sess
+    gs.run([{"INPUT0": rows(2)}])
+    assert freed_in_lock == []
+    gs.close()
+    assert freed_in_lock == [True]
+    with pytest.raises(RuntimeError, match="closed"):
+        _ = gs.session
 
 
 def test_replays_stay_on_the_capturing_thread() -> None:
