@@ -11,11 +11,13 @@ server, and a client talks to one front over its channel). A region in use by a 
 is closed only after that call releases it, so an unregister racing an inference never frees
 memory under onnxruntime.
 
-CUDA maps a handle once per process: a second cudaIpcOpenMemHandle of a handle still open fails
-("resource already mapped"). Yet one allocation can stand behind several regions: two names
-for one buffer, one buffer registered through two fronts, or a name unregistered and registered
-again while a call still holds the old mapping. `SharedOpener` (one per worker, under every
-table) opens each handle once and closes it when its last region lets go.
+CUDA maps an IPC handle once per process: older drivers refuse a second cudaIpcOpenMemHandle of
+a handle still open (CUDA_ERROR_ALREADY_MAPPED), current ones hand back the same pointer and
+count the opens, so that one close unmaps nothing while another open remains. One allocation
+can stand behind several regions: two names for one buffer, one buffer registered through two
+fronts, or a name unregistered and registered again while a call still holds the old mapping.
+`SharedOpener` (one per worker, under every table) opens each handle once and closes it when
+its last region lets go: right under both behaviours, and a close is then a real unmap.
 
 Openers: `cuda_opener` (runtime.ipc.pinning.open_cuda_ipc_handle, cupy) on a CUDA worker, none
 on a CPU worker (registration answers "no CUDA device"), and `fake_opener` for CPU-only tests
@@ -38,8 +40,8 @@ import numpy as np
 
 from runtime.ipc.pinning import (  # imports no cupy until a function is called
     IPC_HANDLE_BYTES,
-    check_ipc_allocation,
     check_ipc_device,
+    check_ipc_size,
     copy_on_device,
     copy_to_device,
     open_cuda_ipc_handle,
@@ -76,7 +78,8 @@ class RegionError(ValueError):
 
 class OpenedMemory(Protocol):
     """Memory behind an opened handle: `ptr` is its base address in this process, `size` the
-    registered byte size, `allocation_size` what the exporter allocated (>= size)."""
+    registered byte size, `allocation_size` the bytes from `ptr` to the end of the exporter's
+    allocation (>= size)."""
 
     ptr: int
     size: int
@@ -279,7 +282,7 @@ class SharedOpener:
                 mapping = self._open[handle] = _Mapping(self._opener(handle, device_id, byte_size))
             else:  # the checks of a first open, against the mapping already open
                 check_ipc_device(mapping.memory.device_id, device_id)
-                check_ipc_allocation(0, mapping.memory.allocation_size, byte_size)
+                check_ipc_size(mapping.memory.allocation_size, byte_size)
             mapping.regions += 1
             return _SharedView(self, handle, mapping.memory, byte_size)
 
@@ -332,8 +335,8 @@ def fake_handle(shm_name: str) -> bytes:
     return raw.ljust(IPC_HANDLE_BYTES, b"\0")
 
 
-# Fake handles mapped in this process: like CUDA, a second open of one still open is refused,
-# so the CPU tests catch a path that would open a handle twice.
+# Fake handles mapped in this process: a second open of one still open is refused, as older
+# CUDA drivers do (current ones count it), so the CPU tests catch a path that opens twice.
 _fake_open: set[bytes] = set()
 _fake_lock = threading.Lock()
 
@@ -366,10 +369,7 @@ def fake_opener(handle: bytes, device_id: int, byte_size: int) -> OpenedMemory:
         fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
-            if size < byte_size:
-                raise ValueError(
-                    f"the allocation is {size} bytes; {byte_size} bytes were registered"
-                )
+            check_ipc_size(size, byte_size)
             m = mmap.mmap(fd, size)
         finally:
             os.close(fd)

@@ -29,8 +29,8 @@ __all__ = [
     "PinnedRegion",
     "alloc_pinned",
     "call_cuda",
-    "check_ipc_allocation",
     "check_ipc_device",
+    "check_ipc_size",
     "copy_on_device",
     "copy_to_device",
     "cuda_available",
@@ -294,8 +294,9 @@ def alloc_pinned(nbytes: int, *, flags: int = HOST_REGISTER_PORTABLE) -> PinnedB
 
 class CudaIpcRegion(_Released):
     """Device memory of another process, opened from its CUDA IPC handle (Triton's CUDA shared
-    memory). `ptr` is the base of the exporter's allocation; `size` the registered byte size
-    (checked against the allocation); `close()` is cudaIpcCloseMemHandle."""
+    memory). `ptr` is where the handle maps the exporter's buffer; `size` the registered byte
+    size, checked against `allocation_size`, the bytes from `ptr` to the end of the allocation;
+    `close()` is cudaIpcCloseMemHandle."""
 
     def __init__(self, ptr: int, size: int, device_id: int, allocation_size: int) -> None:
         self.ptr = ptr
@@ -330,12 +331,17 @@ def open_cuda_ipc_handle(raw_handle: bytes, device_id: int, byte_size: int) -> C
         ptr = int(call_cuda(rt.ipcOpenMemHandle, bytes(raw_handle), _IPC_LAZY_ENABLE_PEER_ACCESS))
         try:
             check_ipc_device(int(call_cuda(rt.pointerGetAttributes, ptr).device), device_id)
+            # The pointer need not be the start of what the driver reports: cudaMalloc may
+            # sub-allocate small buffers from one block, and IPC then maps the whole block
+            # (CUDA Programming Guide, IPC). What counts is the room from the pointer on, the
+            # one check Triton makes too (a size check, shared_memory_manager.cc).
             base, allocation = _address_range(ptr)
-            check_ipc_allocation(ptr - base, allocation, byte_size)
+            available = base + allocation - ptr
+            check_ipc_size(available, byte_size)
         except BaseException:
             call_cuda(rt.ipcCloseMemHandle, ptr)
             raise
-    return CudaIpcRegion(ptr, byte_size, device_id, allocation)
+    return CudaIpcRegion(ptr, byte_size, device_id, available)
 
 
 # The checks of an opened handle, for a first open and for a registration that reuses a
@@ -348,12 +354,12 @@ def check_ipc_device(device: int, device_id: int) -> None:
         raise ValueError(f"the handle is memory of device {device}, not device {device_id}")
 
 
-def check_ipc_allocation(offset: int, allocation: int, byte_size: int) -> None:
-    """ValueError unless the handle is the start (`offset` 0) of an allocation holding the
-    `byte_size` bytes registered."""
-    if offset != 0 or allocation < byte_size:
+def check_ipc_size(available: int, byte_size: int) -> None:
+    """ValueError unless the `available` bytes from the handle's address on (to the end of its
+    allocation) hold the `byte_size` bytes registered."""
+    if available < byte_size:
         raise ValueError(
-            f"the handle's allocation is {allocation} bytes at offset {offset}; "
+            f"the handle's allocation has {available} bytes from its address; "
             f"{byte_size} bytes were registered"
         )
 

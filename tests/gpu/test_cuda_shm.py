@@ -65,10 +65,14 @@ def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.GRPCInfer
         [
             sys.executable, "-m", "server", "serve", "--grpc-port", "0", "--metrics-port", "-1",
             "--model-repository", str(repo), "--allow-client-shm", "true",
-            "--port-file", str(port_file),
+            "--port-file", str(port_file), "--device", "cuda:0",
         ],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        # The caller's path first: on the GPU host it holds onnxruntime-gpu and the server's
+        # dependencies (scripts/gpu/run_gpu_checks.sh), ahead of the image's CPU onnxruntime.
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (os.environ.get("PYTHONPATH", ""), str(ROOT)) if p
+        )},
         stdout=log,
         stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -112,6 +116,9 @@ class DeviceBuffer:
     def put(self, x: np.ndarray, offset: int = 0) -> None:
         x = np.ascontiguousarray(x)
         self.rt.memcpy(self.ptr + offset, x.ctypes.data, x.nbytes, self.rt.memcpyHostToDevice)
+        # From pageable memory cudaMemcpy may return before the DMA lands; the server reads
+        # the region from another process as soon as the request arrives.
+        self.rt.deviceSynchronize()
 
     def get(self, shape: tuple[int, ...], offset: int) -> np.ndarray:
         out = np.empty(shape, np.float32)
@@ -193,8 +200,9 @@ def test_a_garbage_handle_is_invalid_argument(stub: pb_grpc.GRPCInferenceService
 
 
 def test_one_allocation_under_two_names(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
-    """A second cudaIpcOpenMemHandle of a handle open in the worker fails ("already mapped"):
-    the worker opens it once for both names and closes it after the last one goes."""
+    """One buffer under two names, one of them unregistered and registered again while the
+    other holds the mapping: the worker opens the handle once (older drivers refuse a second
+    open, "already mapped") and closes it after the last name goes."""
     buf = DeviceBuffer(1 << 14)
     try:
         for name in ("in", "out"):

@@ -166,10 +166,51 @@ def test_open_a_cuda_ipc_handle_from_another_process(exported: tuple[bytes, int]
 
 def test_a_region_larger_than_the_allocation_is_refused(exported: tuple[bytes, int]) -> None:
     handle, n = exported
-    with pytest.raises(ValueError, match="allocation is"):
+    with pytest.raises(ValueError, match="allocation has"):
         open_cuda_ipc_handle(handle, 0, 64 * n)
     with open_cuda_ipc_handle(handle, 0, n) as region:  # the refused open left nothing open
         assert region.size == n
+
+
+SMALL_EXPORTER = textwrap.dedent(
+    """
+    import sys, numpy as np, cupy
+    rt = cupy.cuda.runtime
+    ptrs = [rt.malloc(64) for _ in range(4)]  # as simple_grpc_cudashm_client does: small
+    for i, p in enumerate(ptrs):              # cudaMallocs, which the driver may sub-allocate
+        x = np.full(64, i + 1, np.uint8)
+        rt.memcpy(p, x.ctypes.data, 64, rt.memcpyHostToDevice)
+    rt.deviceSynchronize()
+    print(" ".join(rt.ipcGetMemHandle(p).hex() for p in ptrs), flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_small_consecutive_allocations_each_open_at_their_own_bytes() -> None:
+    """Four 64-byte cudaMallocs in a row (tritonclient's CUDA shm example): each handle opens,
+    passes the size check and reads its own bytes, wherever the driver placed the buffer."""
+    import cupy
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SMALL_EXPORTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        handles = [bytes.fromhex(h) for h in proc.stdout.readline().split()]
+        assert len(handles) == 4
+        rt = cupy.cuda.runtime
+        for i, handle in enumerate(handles):
+            with open_cuda_ipc_handle(handle, 0, 64) as region:
+                out = np.empty(64, np.uint8)
+                call_cuda(rt.memcpy, out.ctypes.data, region.ptr, 64, rt.memcpyDeviceToHost)
+                np.testing.assert_array_equal(out, np.full(64, i + 1, np.uint8))
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.write("done\n")
+            proc.stdin.close()
+        proc.wait(timeout=60)
 
 
 def test_a_garbage_handle_is_a_cuda_error() -> None:

@@ -161,7 +161,7 @@ def test_one_buffer_under_two_names(c: grpcclient.InferenceServerClient, dev: St
     raises(
         lambda: c.register_cuda_shared_memory("big", dev.handle, 0, dev.nbytes + 1),
         "INVALID_ARGUMENT",
-        f"'big': the handle's allocation is {dev.nbytes} bytes at offset 0; "
+        f"'big': the handle's allocation has {dev.nbytes} bytes from its address; "
         f"{dev.nbytes + 1} bytes were registered",
     )
 
@@ -186,6 +186,7 @@ def test_registration_errors(c: grpcclient.InferenceServerClient, dev: StandIn) 
     raises(
         lambda: c.register_cuda_shared_memory("e", dev.handle, 0, dev.nbytes + 1),
         "INVALID_ARGUMENT",
+        f"'e': the handle's allocation has {dev.nbytes} bytes from its address; "
         f"{dev.nbytes + 1} bytes were registered",
     )
     raises(lambda: c.register_cuda_shared_memory("", dev.handle, 0, 64), "INVALID_ARGUMENT")

@@ -25,6 +25,7 @@ from runtime.engine.regions import (
     fake_opener,
     host_copier,
 )
+from runtime.ipc.pinning import check_ipc_size
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Opener:
         if handle == bytes(IPC_HANDLE_BYTES):
             raise RuntimeError("invalid argument")  # what CudaError says for garbage
         if byte_size > 4096:
-            raise ValueError(f"the allocation is 4096 bytes; {byte_size} bytes were registered")
+            check_ipc_size(4096, byte_size)
         if any(m.handle == handle and not m.closed for m in self.opened):
             raise RuntimeError("resource already mapped")  # what CUDA says
         m = Memory(0x7000 + 0x1000 * len(self.opened), byte_size, device_id, handle)
@@ -111,7 +112,7 @@ def test_same_name_registered_again_after_unregister_is_new_memory() -> None:
         ("s", H[:63], 64, "CUDA IPC handle of region 's' is 63 bytes; a cudaIpcMemHandle_t is 64"),
         ("z", H, 0, "'z': byte_size must be positive"),
         ("g", bytes(64), 64, "failed to open CUDA IPC handle of shared memory region 'g'"),
-        ("b", H, 8192, "'b': the allocation is 4096 bytes; 8192 bytes were registered"),
+        ("b", H, 8192, "'b': the handle's allocation has 4096 bytes from its address; 8192"),
     ],
 )
 def test_registration_errors(name: str, handle: bytes, size: int, needle: str) -> None:
@@ -240,7 +241,7 @@ def test_tables_of_two_fronts_share_the_mapping() -> None:
     ("device", "size", "needle"),
     [
         (1, 64, "'b': the handle is memory of device 0, not device 1"),
-        (0, 8192, "'b': the handle's allocation is 4096 bytes at offset 0; 8192 bytes were"),
+        (0, 8192, "'b': the handle's allocation has 4096 bytes from its address; 8192 bytes"),
     ],
 )
 def test_a_handle_already_open_is_checked_like_a_first_open(
