@@ -192,6 +192,11 @@ done
         i=$((i + 1))
         printf '%-5s %-11s %s\n' "$i" "$bytes" "$carry"
     done
+    echo "# commands (docs/gpu.md §10): calls 1..$i: bash scripts/gpu/install_on_device.sh"
+    echo "# call $i adds: --require-complete && bash scripts/gpu/run_gpu_checks.sh --only tests"
+    echo "# then, carrying nothing, one call each (same warm machine, each under 600 s):"
+    echo "#   bash scripts/gpu/install_on_device.sh --require-complete && bash scripts/gpu/run_gpu_checks.sh --only bench"
+    echo "#   bash scripts/gpu/install_on_device.sh --require-complete && bash scripts/gpu/run_gpu_checks.sh --only examples"
 } >"$PARTS_DIR/PLAN.txt"
 cat "$PARTS_DIR/PLAN.txt" >&2
 log "ok: $PARTS parts in .whl/parts/ (joined sha256 verified), deps in .whl/deps/"

@@ -103,7 +103,22 @@ else
     cat "$STASH/parts/$WHEEL".part-* >"$STASH/$WHEEL"
     got=$(sha256 "$STASH/$WHEEL")
     [[ "$got" == "$WHEEL_SHA" ]] || { rm -f "$STASH/$WHEEL"; die "joined wheel sha256 $got, expected $WHEEL_SHA"; }
-    deps=("$STASH"/deps/*.whl)
+    # cuda-bindings and cuda-pathfinder travel for tritonclient's CUDA shm example; where the
+    # image has its own (its cupy imports cuda.pathfinder), ours would shadow them: keep theirs.
+    image_cuda=0
+    env -u PYTHONPATH "$PYTHON" -c "import cuda.bindings.runtime, cuda.pathfinder" 2>/dev/null \
+        && image_cuda=1
+    deps=()
+    for w in "$STASH"/deps/*.whl; do
+        case "$(basename "$w")" in
+            cuda_bindings-*|cuda_pathfinder-*)
+                if (( image_cuda )); then
+                    log "the image has cuda-bindings and cuda-pathfinder: $(basename "$w") not installed"
+                    continue
+                fi ;;
+        esac
+        deps+=("$w")
+    done
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" "$STASH/$WHEEL" "${deps[@]}"
     echo "$WHEEL_SHA" >"$STASH/installed"

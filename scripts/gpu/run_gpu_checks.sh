@@ -11,11 +11,22 @@
 #                    unchanged, against a server on the demo repository (CUDA worker); only
 #                    where the examples travelled (.cache/triton-examples, see
 #                    fetch_ort_gpu_wheel.sh), with cuda-python from the carried wheels
-# Runs every step even when one fails; exits non-zero if any failed.
+# Runs every step even when one fails; exits non-zero if any failed. `--only` picks steps, so
+# that each fits one device call's 10 minutes (docs/gpu.md §10: tests, bench, examples).
 #
-# Usage: bash scripts/gpu/run_gpu_checks.sh [extra bench/gpu_bench.py arguments]
+# Usage: bash scripts/gpu/run_gpu_checks.sh [--only tests,bench,examples] [gpu_bench.py args]
 # Env:   SITE (/tmp/site), PYTHON (python3), OUT, PYTEST_ARGS
 set -uo pipefail
+
+STEPS="tests,bench,examples"
+if [[ "${1:-}" == "--only" ]]; then
+    STEPS="${2:?--only needs a comma-separated list of tests, bench, examples}"
+    shift 2
+fi
+for s in ${STEPS//,/ }; do
+    case "$s" in tests|bench|examples) ;; *) echo "run_gpu_checks: unknown step: $s" >&2; exit 2 ;; esac
+done
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$SCRIPT_DIR/../.." && pwd)"
@@ -64,22 +75,30 @@ print(f"cupy {cupy.__version__}; runtime {cupy.cuda.runtime.runtimeGetVersion()}
 EOF
 } | tee "$RESULTS/gpu-env.txt"
 
-log "pytest -m gpu tests/gpu"
-# shellcheck disable=SC2086  # PYTEST_ARGS is a list of flags
-"$PYTHON" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
-    | tee "$RESULTS/gpu-tests.log"
-rc_tests=${PIPESTATUS[0]}
+rc_tests=0
+if want tests; then
+    log "pytest -m gpu tests/gpu"
+    # shellcheck disable=SC2086  # PYTEST_ARGS is a list of flags
+    "$PYTHON" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
+        | tee "$RESULTS/gpu-tests.log"
+    rc_tests=${PIPESTATUS[0]}
+fi
 
-log "bench/gpu_bench.py $*"
-"$PYTHON" bench/gpu_bench.py --out "$RESULTS/gpu.md" --json "$RESULTS/gpu.json" "$@" 2>&1 \
-    | tee "$RESULTS/gpu-bench.log"
-rc_bench=${PIPESTATUS[0]}
+rc_bench=0
+if want bench; then
+    log "bench/gpu_bench.py $*"
+    "$PYTHON" bench/gpu_bench.py --out "$RESULTS/gpu.md" --json "$RESULTS/gpu.json" "$@" 2>&1 \
+        | tee "$RESULTS/gpu-bench.log"
+    rc_bench=${PIPESTATUS[0]}
+fi
 
 # tritonclient's example programs against a whole server (the CUDA one needs a GPU client).
 EXAMPLES="${EXAMPLES:-$REPO/.cache/triton-examples}"
 [[ -f "$EXAMPLES/simple_grpc_cudashm_client.py" ]] || EXAMPLES="${STASH:-/tmp/microtune-ort-gpu}/examples"
 rc_examples=0
-if [[ -f "$EXAMPLES/simple_grpc_cudashm_client.py" ]]; then
+if ! want examples; then
+    :
+elif [[ -f "$EXAMPLES/simple_grpc_cudashm_client.py" ]]; then
     log "tritonclient examples from $EXAMPLES"
     work=$(mktemp -d)
     "$PYTHON" -m server serve --model-repository server/demo_repository --grpc-port 0 \
