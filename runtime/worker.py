@@ -10,7 +10,6 @@ so that a slow load never stalls inference. Replies are written under a per-conn
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import socket
@@ -157,7 +156,12 @@ class Worker:
         to a version (its metric is absent, not 0)."""
         if not self.device.startswith("cuda"):
             return None
-        return functools.partial(device_memory_used, self.device_id)
+
+        def probe() -> int:
+            with self.device_lock:  # no CUDA call of ours during another version's capture
+                return device_memory_used(self.device_id)
+
+        return probe
 
     def _released(self, close: Callable[[], object]) -> None:
         """Run `close` (a replaced version freeing its device memory) as a release."""
@@ -178,14 +182,19 @@ class Worker:
                 signature=current.signature,
                 device_memory=current.device_memory,
             )
-        try:
-            with self.memory.measure() as used, self.gpu_lock or contextlib.nullcontext():
+        failed: LoadDone | None = None
+        with self.memory.measure() as used, self.gpu_lock or contextlib.nullcontext():
+            # Errors are caught inside the lock: their tracebacks hold the failed load's frames,
+            # and with them its session, which must be freed under the lock too.
+            try:
                 model = LoadedModel.load(msg, self.device)
-        except (SessionError, SignatureMismatch, GoldenMismatch) as exc:
-            return LoadDone(msg.request_id, Code.BAD_INPUT, str(exc))
-        except Exception as exc:
-            log.exception("loading %s version %d failed", msg.name, msg.version)
-            return LoadDone(msg.request_id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+            except (SessionError, SignatureMismatch, GoldenMismatch) as exc:
+                failed = LoadDone(msg.request_id, Code.BAD_INPUT, str(exc))
+            except Exception as exc:
+                log.exception("loading %s version %d failed", msg.name, msg.version)
+                failed = LoadDone(msg.request_id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+        if failed is not None:
+            return failed
         model.device_memory = used.nbytes
         key = (msg.name, msg.version)
         batcher = self._start_batcher(model, msg)
@@ -559,7 +568,9 @@ class Connection:
             batcher = None  # bound in place (runtime.engine.bound): runs alone, never inline
         if batcher is None:
             model = self.worker.models.get((call.name, call.version))
-            if model is not None and model.avg_ns < INLINE_BELOW_NS and not call.bound:
+            inline = model is not None and model.avg_ns < INLINE_BELOW_NS and not call.bound
+            del model  # never the last reference to a replaced version here (see _infer)
+            if inline:
                 # A fast model runs right here: a hop to the pool (thread wake-up, GIL
                 # handoff) would cost more than the model itself.
                 self._infer(call, received_ns)
@@ -583,27 +594,29 @@ class Connection:
             self.worker.pool.submit(self._infer, call, received_ns)
 
     def _infer(self, call: Infer, received_ns: int) -> None:
+        # On a GPU the whole call runs under the lock, and so does the end of `_execute`'s
+        # frame: the model it looked up may be the last reference to a version replaced
+        # meanwhile (its session is freed there), and an error's traceback holds it too.
+        with self.worker.gpu_lock or contextlib.nullcontext():
+            done = self._execute(call, received_ns)
+        with contextlib.suppress(OSError):
+            self.send(done)
+
+    def _execute(self, call: Infer, received_ns: int) -> InferDone:
         try:
             model = self.worker.models.get((call.name, call.version))
             if model is None:
-                done = InferDone(
+                return InferDone(
                     call.call_id,
                     Code.NOT_LOADED,
                     f"model '{call.name}' version {call.version} is not loaded",
                 )
-            elif self.arena is None:
-                done = InferDone(call.call_id, Code.INTERNAL, "no arena: Hello not received")
-            elif self.worker.gpu_lock is None:
-                done = model.execute(call, self.arena.buf, received_ns, self.regions)
-            else:
-                with self.worker.gpu_lock:
-                    done = model.execute(call, self.arena.buf, received_ns, self.regions)
-                    del model  # the last reference to a replaced version: freed under the lock
+            if self.arena is None:
+                return InferDone(call.call_id, Code.INTERNAL, "no arena: Hello not received")
+            return model.execute(call, self.arena.buf, received_ns, self.regions)
         except Exception as exc:
             log.exception("call %d failed", call.call_id)
-            done = InferDone(call.call_id, Code.INTERNAL, type(exc).__name__)
-        with contextlib.suppress(OSError):
-            self.send(done)
+            return InferDone(call.call_id, Code.INTERNAL, type(exc).__name__)
 
 
 def run(settings_json: bytes) -> None:
