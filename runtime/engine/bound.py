@@ -73,13 +73,24 @@ def run_bound(
         io = session.io_binding()
         for ref in call.inputs:
             if not ref.region:
+                if ref.datatype == "BYTES":  # IOBinding binds no string tensor
+                    raise RegionError(
+                        f"input '{ref.name}' is BYTES: a call with tensors in CUDA shared "
+                        "memory carries numeric tensors only"
+                    )
                 io.bind_cpu_input(ref.name, arena.read(ref, buf))
                 continue
             ptr, dtype = region_input(held, ref)
             io.bind_input(ref.name, copier.device_type, device_id, dtype, list(ref.shape), ptr)
         hold_outputs(held, call)
+        to_regions = {o.name for o in call.outputs if o.region}
         for name in names:
-            io.bind_output(name, copier.device_type, device_id)
+            # An output read on the host is bound there: onnxruntime copies it back itself,
+            # and a BYTES output (strings live on the CPU only) works too.
+            if name in to_regions:
+                io.bind_output(name, copier.device_type, device_id)
+            else:
+                io.bind_output(name, "cpu")
         t_bound = time.monotonic_ns()
         if run_options is None:
             session.run_with_iobinding(io)

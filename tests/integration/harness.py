@@ -105,6 +105,26 @@ def build_repository(root: Path) -> Path:
         )
     for name in DEMO_MODELS:
         (root / name).symlink_to(DEMO / name, target_is_directory=True)
+    # a numeric and a BYTES tensor side by side (CUDA shared memory carries only the first)
+    mixed = helper.make_graph(
+        [helper.make_node("Identity", ["IN"], ["OUT"]),
+         helper.make_node("Identity", ["TAG"], ["TAG_OUT"])],
+        "mixed_bytes",
+        [helper.make_tensor_value_info("IN", TensorProto.FLOAT, ["batch", ID_DIMS]),
+         helper.make_tensor_value_info("TAG", TensorProto.STRING, ["batch", ID_DIMS])],
+        [helper.make_tensor_value_info("OUT", TensorProto.FLOAT, ["batch", ID_DIMS]),
+         helper.make_tensor_value_info("TAG_OUT", TensorProto.STRING, ["batch", ID_DIMS])],
+    )  # fmt: skip
+    _save(
+        helper.make_model(
+            mixed, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+        ),
+        root / "mixed_bytes" / "1" / "model.onnx",
+    )
+    (root / "mixed_bytes" / "config.pbtxt").write_text(
+        _config("mixed_bytes", [("IN", "TYPE_FP32"), ("TAG", "TYPE_STRING")],
+                [("OUT", "TYPE_FP32"), ("TAG_OUT", "TYPE_STRING")])
+    )  # fmt: skip
     fp32 = _identity_model(TensorProto.FLOAT)
     # (1) garbage instead of an ONNX file
     bad = root / "bad_corrupt"

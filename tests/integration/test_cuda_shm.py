@@ -166,6 +166,26 @@ def test_one_buffer_under_two_names(c: grpcclient.InferenceServerClient, dev: St
     )
 
 
+def test_a_bytes_input_beside_a_region_is_refused_clearly(
+    c: grpcclient.InferenceServerClient, dev: StandIn
+) -> None:
+    """onnxruntime's IOBinding binds no string tensor, so a call with tensors in CUDA shared
+    memory cannot carry a BYTES input: INVALID_ARGUMENT saying so, and the server serves on."""
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    dev.put(x)
+    c.register_cuda_shared_memory("m", dev.handle, 0, dev.nbytes)
+    tag = grpcclient.InferInput("TAG", [1, 4], "BYTES")
+    tag.set_data_from_numpy(np.array([[b"a", b"b", b"c", b"d"]], dtype=object))
+    raises(
+        lambda: c.infer("mixed_bytes", [shm_input("IN", [1, 4], "m", x.nbytes), tag]),
+        "INVALID_ARGUMENT",
+        "input 'TAG' is BYTES: a call with tensors in CUDA shared memory carries numeric "
+        "tensors only",
+    )
+    res = c.infer("id_fp32", [shm_input("IN", [1, 4], "m", x.nbytes)])
+    np.testing.assert_array_equal(res.as_numpy("OUT"), x)
+
+
 def test_registration_errors(c: grpcclient.InferenceServerClient, dev: StandIn) -> None:
     short = base64.b64encode(fake_handle(dev.key)[:63])
     raises(
