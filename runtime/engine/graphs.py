@@ -33,6 +33,7 @@ from runtime.engine.graph_registry import GraphRegistry, GraphStats, TensorBindi
 from runtime.engine.regions import Copier
 from runtime.engine.session import (
     GraphsUnsupported,
+    first_line,
     make_graph_session,
     make_session,
     signature_of,
@@ -390,10 +391,9 @@ class GraphSet:
                 try:
                     self._capture_bucket(size)
                 except Exception as exc:
-                    text = str(exc).strip().splitlines()
                     raise CaptureFailed(
                         f"capture of bucket {size} (gpu_graph_id {self.table.graph_id(size)}) "
-                        f"failed: {text[0][:300] if text else type(exc).__name__}"
+                        f"failed: {first_line(exc)}"
                     ) from exc
         self._owner = threading.get_ident()
 

@@ -22,6 +22,7 @@ __all__ = [
     "GraphsUnsupported",
     "SessionError",
     "choose_device",
+    "first_line",
     "make_graph_session",
     "make_session",
     "preload_cuda_libraries",
@@ -78,7 +79,7 @@ def make_session(path: str, device: str, intra_op_threads: int) -> ort.Inference
     try:
         sess = ort.InferenceSession(path, so, providers=providers, enable_fallback=0)
     except Exception as exc:  # onnxruntime raises several unrelated types for bad files
-        raise SessionError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from exc
+        raise SessionError(f"onnxruntime cannot load {path}: {first_line(exc)}") from exc
     wanted = CUDA if device.startswith("cuda") else CPU
     if sess.get_providers()[0] != wanted:
         raise SessionError(f"asked for {wanted} but onnxruntime gave {sess.get_providers()}")
@@ -100,7 +101,8 @@ def _info(arg: Any) -> TensorInfo:
     return TensorInfo(arg.name, dtype.wire, shape)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of `exc` (at most 300 characters), or its type name when it has none."""
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
 
@@ -140,7 +142,7 @@ def preload_cuda_libraries() -> None:
     try:
         preload(cuda=True, cudnn=True, msvc=False)
     except Exception as exc:  # preload_dlls raises RuntimeError for a bad directory only
-        log.warning("onnxruntime.preload_dlls failed: %s", _first_line(exc))
+        log.warning("onnxruntime.preload_dlls failed: %s", first_line(exc))
 
 
 def make_graph_session(
@@ -178,12 +180,12 @@ def make_graph_session(
         if _CONTROL_FLOW_REFUSAL in text.lower():
             raise GraphsUnsupported(
                 "the model has control-flow nodes (If/Loop/Scan), which onnxruntime cannot "
-                f"capture: {_first_line(exc)}"
+                f"capture: {first_line(exc)}"
             ) from exc
         if _GRAPH_CAPTURE_REFUSAL in text:
             _raise_for_cpu_nodes(path, device_id, exc)
         raise SessionError(
-            f"onnxruntime cannot load {path} on CUDA with graphs: {_first_line(exc)}"
+            f"onnxruntime cannot load {path} on CUDA with graphs: {first_line(exc)}"
         ) from exc
     if sess.get_providers()[0] != CUDA:  # the CUDA EP did not start; onnxruntime fell back
         raise SessionError(
@@ -205,7 +207,7 @@ def _raise_for_cpu_nodes(path: str, device_id: int, exc: Exception) -> None:
         )
     except Exception as probe_exc:
         raise SessionError(
-            f"onnxruntime cannot load {path} on CUDA: {_first_line(probe_exc)}"
+            f"onnxruntime cannot load {path} on CUDA: {first_line(probe_exc)}"
         ) from probe_exc
     if probe.get_providers()[0] != CUDA:
         raise SessionError(
@@ -214,5 +216,5 @@ def _raise_for_cpu_nodes(path: str, device_id: int, exc: Exception) -> None:
         ) from exc
     raise GraphsUnsupported(
         "some compute nodes of the model have no CUDA kernel and would run on the CPU EP, "
-        f"which a CUDA graph cannot contain: {_first_line(exc)}"
+        f"which a CUDA graph cannot contain: {first_line(exc)}"
     ) from exc
