@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -18,7 +19,17 @@ import onnxruntime as ort
 import pytest
 
 from runtime.engine.session import SessionError
-from runtime.ipc.protocol import Code, Infer, InferDone, LoadModel, ModelSignature, decode_worker
+from runtime.ipc.protocol import (
+    FRAME_HEADER,
+    Code,
+    Infer,
+    InferDone,
+    LoadModel,
+    ModelSignature,
+    OutputRequest,
+    TensorRef,
+    decode_worker,
+)
 from runtime.settings import WorkerSettings
 from runtime.worker import Connection, Worker
 from server.settings import DEMO_REPOSITORY
@@ -89,3 +100,86 @@ def test_a_version_replaced_during_a_failing_call_is_freed_under_the_lock(
     finally:
         ours.close()
         theirs.close()
+
+
+def _answer(sock: socket.socket) -> InferDone:
+    head = sock.recv(FRAME_HEADER.size, socket.MSG_WAITALL)
+    (size,) = FRAME_HEADER.unpack(head)
+    done = decode_worker(sock.recv(size, socket.MSG_WAITALL))
+    assert isinstance(done, InferDone)
+    return done
+
+
+@pytest.fixture
+def fast_dense(worker: Worker) -> Iterator[tuple[Connection, socket.socket, Infer]]:
+    """`dense` loaded and fast enough to run on the reader thread, a connection to it, and a
+    call (its input is zeros in the connection's arena)."""
+    loaded = worker.load(LoadModel(1, "dense", 1, str(DENSE), 8, ModelSignature((), ())))
+    assert loaded.code == Code.OK, loaded.message
+    worker.models[("dense", 1)].avg_ns = 0
+    ours, theirs = socket.socketpair()
+    conn = Connection(worker, ours)
+    conn.arena = SimpleNamespace(buf=memoryview(bytearray(8192)))  # type: ignore[assignment]
+    call = Infer(
+        7,
+        "dense",
+        1,
+        (TensorRef("INPUT0", "FP32", (1, 256), 0, 1024),),
+        (OutputRequest("OUTPUT0"),),
+        1024,
+        4096,
+    )
+    theirs.settimeout(10)
+    yield conn, theirs, call
+    ours.close()
+    theirs.close()
+
+
+def test_a_fast_call_runs_on_the_reader_when_the_device_is_free(
+    fast_dense: tuple[Connection, socket.socket, Infer],
+) -> None:
+    conn, theirs, call = fast_dense
+    ran_on: list[str] = []
+    execute = conn._execute
+
+    def recording(*args: Any) -> InferDone:
+        ran_on.append(threading.current_thread().name)
+        return execute(*args)
+
+    conn._execute = recording  # type: ignore[method-assign]
+    conn._dispatch(call, time.monotonic_ns())
+    done = _answer(theirs)
+    assert (done.call_id, done.code) == (7, Code.OK)
+    assert ran_on == [threading.current_thread().name]
+
+
+def test_the_reader_does_not_wait_while_a_load_holds_the_device(
+    worker: Worker, fast_dense: tuple[Connection, socket.socket, Infer]
+) -> None:
+    """A load (or a capture) holds the device lock for as long as it takes: the call is handed
+    to a pool thread, which waits for the lock, and the reader goes on reading."""
+    conn, theirs, call = fast_dense
+    held, release = threading.Event(), threading.Event()
+
+    def load() -> None:
+        with worker.device_lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=load)
+    holder.start()
+    try:
+        assert held.wait(10)
+        reader = threading.Thread(target=conn._dispatch, args=(call, time.monotonic_ns()))
+        reader.start()
+        reader.join(5)
+        assert not reader.is_alive(), "the reader thread waited for the device"
+        theirs.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            theirs.recv(1)  # nothing runs on the device while the load holds it
+    finally:
+        release.set()
+        holder.join()
+    theirs.settimeout(10)
+    done = _answer(theirs)
+    assert (done.call_id, done.code) == (7, Code.OK)
