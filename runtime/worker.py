@@ -367,6 +367,9 @@ class Connection:
         self.regions = None if io is None else RegionTable(*io)
         self._reader = 0  # thread id of the reader, once it runs
         self._collect: list[bytes] | None = None
+        # Unloads and region (un)registrations take the device lock, which a load or a capture
+        # holds for seconds: they run here, in order, while the reader goes on reading.
+        self._control = ThreadPoolExecutor(1, thread_name_prefix="control")
 
     def send(self, msg: Any) -> None:
         frame = encode(msg)
@@ -402,6 +405,7 @@ class Connection:
             log.exception("protocol error; closing the connection")
         finally:
             self.sock.close()
+            self._control.shutdown(wait=True)  # an (un)registration under way ends first
             if self.regions is not None:
                 with self.worker.device_lock:
                     self.regions.close()
@@ -452,11 +456,11 @@ class Connection:
         elif isinstance(msg, LoadModel):
             threading.Thread(target=self._load, args=(msg,), daemon=True).start()
         elif isinstance(msg, UnloadModel):
-            self.send(self.worker.unload(msg))
+            self._control.submit(self._answer, self.worker.unload, msg)
         elif isinstance(msg, GetStatus):
             self.send(self._status(msg))
         elif isinstance(msg, OpenRegion | CloseRegion):
-            self.send(self._region(msg))
+            self._control.submit(self._answer, self._region, msg)
         elif isinstance(msg, Shutdown):
             self.worker.stopping.set()
             return False
@@ -495,10 +499,23 @@ class Connection:
             0 if pinned is None or pinned.closed else pinned.size,
         )
 
+    def _answer(self, act: Callable[[Any], Any], msg: Any) -> None:
+        """On the control thread: act on `msg` and send the answer."""
+        try:
+            answer = act(msg)
+        except Exception:
+            log.exception("%s failed", type(msg).__name__)
+            answer = (
+                UnloadDone(msg.request_id)
+                if isinstance(msg, UnloadModel)
+                else RegionDone(msg.request_id, Code.INTERNAL, "internal error; see the worker log")
+            )
+        self.send_quiet(answer)
+
     def _region(self, msg: OpenRegion | CloseRegion) -> RegionDone:
-        """Register or unregister a client CUDA shared-memory region. On the reader thread, so
-        calls sent after the answer find it; under the device lock, since opening an IPC
-        handle during another version's graph capture would break that capture."""
+        """Register or unregister a client CUDA shared-memory region, on the control thread
+        (in the order they came; calls sent after the answer find it), under the device lock:
+        opening an IPC handle during another version's graph capture would break that capture."""
         regions = self.regions
         if regions is None:
             return RegionDone(

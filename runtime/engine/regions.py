@@ -125,8 +125,8 @@ class RegionUse:
 
 @dataclass(slots=True)
 class RegionTable:
-    """The regions one front registered. Thread-safe: the reader thread registers and closes,
-    execution threads acquire and release."""
+    """The regions one front registered. Thread-safe: the connection's control thread
+    registers and closes, execution threads acquire and release."""
 
     opener: Opener
     copier: Copier
@@ -263,8 +263,8 @@ class SharedOpener:
 
     `device_lock` (the worker's, reentrant) is taken around a close: the last release of an
     unregistered region may come from any thread, and cudaIpcCloseMemHandle during another
-    version's graph capture would break that capture. Opens already run under it (the worker's
-    reader thread), so the order is always the device lock, then this one's."""
+    version's graph capture would break that capture. Opens already run under it (the
+    connection's control thread), so the order is always the device lock, then this one's."""
 
     def __init__(
         self, opener: Opener, device_lock: AbstractContextManager[Any] | None = None

@@ -5,6 +5,7 @@ the CPU there is no lock; these tests stand the worker's device lock in as its G
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -21,13 +22,17 @@ import pytest
 from runtime.engine.session import SessionError
 from runtime.ipc.protocol import (
     FRAME_HEADER,
+    CloseRegion,
     Code,
     Infer,
     InferDone,
     LoadModel,
     ModelSignature,
     OutputRequest,
+    RegionDone,
     TensorRef,
+    UnloadDone,
+    UnloadModel,
     decode_worker,
 )
 from runtime.settings import WorkerSettings
@@ -39,7 +44,9 @@ DENSE = DEMO_REPOSITORY / "dense" / "1" / "model.onnx"
 
 @pytest.fixture
 def worker(tmp_path: Path) -> Iterator[Worker]:
-    w = Worker(WorkerSettings(socket_path=str(tmp_path / "w.sock"), device="cpu"))
+    sock = str(tmp_path / "w.sock")
+    settings = WorkerSettings(socket_path=sock, device="cpu", fake_cuda_ipc=True)
+    w = Worker(settings)
     w.gpu_lock = w.device_lock  # as on a CUDA worker
     yield w
     w.pool.shutdown()
@@ -102,12 +109,50 @@ def test_a_version_replaced_during_a_failing_call_is_freed_under_the_lock(
         theirs.close()
 
 
-def _answer(sock: socket.socket) -> InferDone:
+def _frame(sock: socket.socket) -> object:
     head = sock.recv(FRAME_HEADER.size, socket.MSG_WAITALL)
     (size,) = FRAME_HEADER.unpack(head)
-    done = decode_worker(sock.recv(size, socket.MSG_WAITALL))
+    return decode_worker(sock.recv(size, socket.MSG_WAITALL))
+
+
+def _answer(sock: socket.socket) -> InferDone:
+    done = _frame(sock)
     assert isinstance(done, InferDone)
     return done
+
+
+@contextlib.contextmanager
+def _device_held(worker: Worker) -> Iterator[None]:
+    """Another thread holds the device lock (as a load or a capture does) until the block ends."""
+    held, release = threading.Event(), threading.Event()
+
+    def load() -> None:
+        with worker.device_lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=load)
+    holder.start()
+    try:
+        assert held.wait(10)
+        yield
+    finally:
+        release.set()
+        holder.join()
+
+
+def _returns_promptly(fn: Any, *args: Any) -> None:
+    reader = threading.Thread(target=fn, args=args)
+    reader.start()
+    reader.join(5)
+    assert not reader.is_alive(), "the reader thread waited for the device"
+
+
+def _nothing_yet(sock: socket.socket) -> None:
+    sock.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        sock.recv(1)
+    sock.settimeout(10)
 
 
 @pytest.fixture
@@ -159,27 +204,34 @@ def test_the_reader_does_not_wait_while_a_load_holds_the_device(
     """A load (or a capture) holds the device lock for as long as it takes: the call is handed
     to a pool thread, which waits for the lock, and the reader goes on reading."""
     conn, theirs, call = fast_dense
-    held, release = threading.Event(), threading.Event()
-
-    def load() -> None:
-        with worker.device_lock:
-            held.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=load)
-    holder.start()
-    try:
-        assert held.wait(10)
-        reader = threading.Thread(target=conn._dispatch, args=(call, time.monotonic_ns()))
-        reader.start()
-        reader.join(5)
-        assert not reader.is_alive(), "the reader thread waited for the device"
-        theirs.settimeout(0.2)
-        with pytest.raises(TimeoutError):
-            theirs.recv(1)  # nothing runs on the device while the load holds it
-    finally:
-        release.set()
-        holder.join()
-    theirs.settimeout(10)
+    with _device_held(worker):
+        _returns_promptly(conn._dispatch, call, time.monotonic_ns())
+        _nothing_yet(theirs)  # nothing runs on the device while the load holds it
     done = _answer(theirs)
     assert (done.call_id, done.code) == (7, Code.OK)
+
+
+@pytest.mark.parametrize(
+    ("msg", "answer"),
+    [
+        (UnloadModel(3, "dense", 1), UnloadDone(3)),
+        (CloseRegion(3, "region"), RegionDone(3, Code.OK)),
+    ],
+    ids=["unload", "close-region"],
+)
+def test_unloads_and_regions_wait_for_the_device_off_the_reader(
+    worker: Worker,
+    fast_dense: tuple[Connection, socket.socket, Infer],
+    msg: object,
+    answer: object,
+) -> None:
+    """Both take the device lock (a session freed, an IPC handle closed): a control thread
+    waits for it, in order, and answers once the load is over."""
+    conn, theirs, _call = fast_dense
+    with _device_held(worker):
+        _returns_promptly(conn._handle, msg)
+        _returns_promptly(conn._handle, msg)  # a second one queues behind the first
+        _nothing_yet(theirs)
+    assert _frame(theirs) == answer
+    assert _frame(theirs) == answer
+    conn._control.shutdown()
