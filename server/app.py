@@ -20,7 +20,6 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from server import __version__
 from server._proto.inference import grpc_service_pb2 as pb
-from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from server._proto.microtune import admin_pb2 as apb
 from server._proto.microtune import admin_pb2_grpc as apb_grpc
 from server.handler import InferenceHandler
@@ -29,7 +28,7 @@ from server.models import ModelTable
 from server.router import Router
 from server.rpc.admin import RoutingAdminServicer
 from server.rpc.health import HealthState
-from server.rpc.servicer import InferenceServicer
+from server.rpc.servicer import InferenceServicer, add_to_server
 from server.rpc.status import status_of
 from server.settings import Settings
 from server.shm_regions import SharedMemoryRegistry
@@ -111,7 +110,7 @@ class App:
         await register_services(
             server,
             (
-                lambda s: pb_grpc.add_GRPCInferenceServiceServicer_to_server(infer, s),
+                lambda s: add_to_server(infer, s),
                 lambda s: health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, s),
                 lambda s: apb_grpc.add_RoutingAdminServicer_to_server(admin, s),
                 lambda s: reflection.enable_server_reflection(names, s),

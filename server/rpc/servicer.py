@@ -1,6 +1,7 @@
 """`inference.GRPCInferenceService`: each method decodes, makes one handler call, encodes.
 
-No logic lives here: decisions are in server.handler, conversions in server.rpc.codec, and
+No logic lives here: decisions are in server.handler, conversions in server.rpc.codec (and
+server.rpc.wire for ModelInfer, which takes its request's bytes: `add_to_server`), and
 @rpc_errors maps every exception to a status (tests check that every RPC is wrapped).
 """
 
@@ -10,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -21,10 +23,11 @@ from server.router import RouteHints
 from server.routing import HEADER_CANARY_WEIGHT, HEADER_MODEL_VERSION, HEADER_ROUTING_KEY
 from server.rpc import codec
 from server.rpc.status import rpc_errors, status_of
+from server.rpc.wire import InferDecoder
 from server.telemetry.infer_trace import InferTrace
 from server.telemetry.logs import LOG_SPAN
 
-__all__ = ["InferenceServicer"]
+__all__ = ["InferenceServicer", "add_to_server"]
 
 log = logging.getLogger("microtune.rpc")
 
@@ -62,6 +65,7 @@ def _deadline(context: Ctx) -> float | None:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, handler: InferenceHandler) -> None:
         self.h = handler
+        self.decoder = InferDecoder()
 
     @rpc_errors
     async def ServerLive(
@@ -100,9 +104,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelConfigResponse:
         return codec.encode_config(self.h.model_view(request.name, request.version))
 
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: Ctx
-    ) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: bytes, context: Ctx) -> pb.ModelInferResponse:
         # The server span of ModelInfer is ours, not the interceptor's (server.telemetry.tracing);
         # it ends with the status @rpc_errors answered with.
         tracer = self.h.tracer
@@ -128,13 +130,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc_errors
     async def _model_infer(
         self,
-        request: pb.ModelInferRequest,
+        request: bytes,
         context: Ctx,
         span: InferTrace | None,
         md: Metadata | None,
     ) -> pb.ModelInferResponse:
         hints = _hints(md)
-        result = await self.h.infer(codec.decode_infer(request), _deadline(context), hints, span)
+        decoded = self.decoder.decode(request)
+        result = await self.h.infer(decoded, _deadline(context), hints, span)
         context.set_trailing_metadata(((ROUTE_REASON_KEY, result.route_reason),))
         return codec.encode_infer(result)
 
@@ -252,3 +255,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.LogSettingsRequest, context: Ctx
     ) -> pb.LogSettingsResponse:
         raise self.h.unsupported("LogSettings", "set the log level with --log-level")
+
+
+class _Table:
+    """Records the method table a generated `add_*_to_server` registers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # rebuilt from the table by add_to_server
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def add_to_server(servicer: InferenceServicer, server: Any) -> None:
+    """The generated `add_GRPCInferenceServiceServicer_to_server`, except that ModelInfer gets
+    its request's serialized bytes (no deserializer): server.rpc.wire decodes them and keeps the
+    raw input contents in place."""
+    table = _Table()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, table)
+    table.handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=None,
+        response_serializer=pb.ModelInferResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(table.service, table.handlers),)
+    )
+    server.add_registered_method_handlers(table.service, table.handlers)

@@ -248,6 +248,28 @@ def test_typed_contents_count_mismatch(stub: Stub) -> None:
     expect(stub, req, Code.INVALID_ARGUMENT, "'INPUT0'", "15 values", "16")
 
 
+def test_bytes_that_are_no_request_message(channel: grpc.Channel, stub: Stub) -> None:
+    """ModelInfer decodes its request's bytes itself (server.rpc.wire): bytes no protobuf
+    parser accepts are INVALID_ARGUMENT, like any other bad request."""
+    infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    with pytest.raises(grpc.RpcError) as ei:
+        infer(b"\x0a\x05abc", timeout=10)  # model_name: 5 bytes announced, 3 sent
+    assert ei.value.code() == Code.INVALID_ARGUMENT, ei.value.details()
+    assert ei.value.details() == "the request is not a valid ModelInferRequest message"
+    assert_still_serving(stub)
+
+
+def test_a_repeated_request_with_a_short_input_after_good_ones(stub: Stub) -> None:
+    """The header of this request is known (cached) from good ones; its short raw input is
+    still refused with decode_infer's message, and the next good one is right."""
+    for _ in range(3):
+        assert_still_serving(stub)
+    req = simple(
+        inputs=[("INPUT0", "INT32", [1, 16], A.tobytes()), ("INPUT1", "INT32", [1, 16], b"\0")]
+    )
+    expect(stub, req, Code.INVALID_ARGUMENT, "'INPUT1'", "1 bytes", "needs 64")
+
+
 def test_model_rejects_data_at_run_time(stub: Stub) -> None:
     """simple_string casts its text to INT32: "abc" fails inside onnxruntime."""
     req = strings([1, 16], serialize_byte_tensor(np.array([b"abc"] * 16, dtype=object)).item())

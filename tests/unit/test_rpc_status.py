@@ -277,7 +277,8 @@ def test_servicer_infer_decodes_before_calling_the_handler() -> None:
         raise AssertionError("not reached")
 
     s = _servicer(infer=infer)
-    _, ctx = _call_unary(s, "ModelInfer", pb.ModelInferRequest())  # no model name
+    # ModelInfer takes its request serialized (server.rpc.wire)
+    _, ctx = _call_unary(s, "ModelInfer", pb.ModelInferRequest().SerializeToString())
     assert ctx.calls == [(grpc.StatusCode.INVALID_ARGUMENT, "model_name is required")]
     assert called == []
 
