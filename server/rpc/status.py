@@ -12,7 +12,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from server._proto.inference import grpc_service_pb2 as pb
 from server.errors import ErrorCode, MicrotuneError
 from server.telemetry.logs import request_context
 
@@ -47,7 +49,13 @@ def status_of(exc: BaseException | None) -> grpc.StatusCode:
 
 def _request_fields(request: Any) -> dict[str, str | None]:
     """The log fields of an RPC's request message: ModelInfer's model_name / model_version / id,
-    the model RPCs' name / version (the requested version: the served one is not known here)."""
+    the model RPCs' name / version (the requested version: the served one is not known here).
+    ModelInfer's request comes serialized (server.rpc.wire): parsed here, on the error path."""
+    if isinstance(request, bytes):
+        try:
+            request = pb.ModelInferRequest.FromString(request)
+        except DecodeError:
+            request = None
     model = getattr(request, "model_name", "") or getattr(request, "name", "")
     version = getattr(request, "model_version", "") or getattr(request, "version", "")
     request_id = getattr(request, "id", "")

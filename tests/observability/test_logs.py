@@ -132,7 +132,7 @@ def test_internal_error_line_carries_the_request_fields() -> None:
 
     class Servicer:
         @rpc_errors
-        async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> None:
+        async def ModelInfer(self, request: bytes, context: Any) -> None:
             raise RuntimeError("boom")
 
     stream = io.StringIO()
@@ -142,7 +142,9 @@ def test_internal_error_line_carries_the_request_fields() -> None:
     logger.propagate = False
     try:
         ctx = Context()
-        req = pb.ModelInferRequest(model_name="dense", model_version="2", id="req-42")
+        # ModelInfer receives its request serialized (server.rpc.wire)
+        message = pb.ModelInferRequest(model_name="dense", model_version="2", id="req-42")
+        req = message.SerializeToString()
         with pytest.raises(grpc.aio.AbortError):
             asyncio.run(Servicer().ModelInfer(req, ctx))
     finally:
