@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from msgspec.structs import replace as struct_replace
+
 from runtime.client import (
     ArenaFull,
     CallFailed,
@@ -217,11 +219,11 @@ class InferenceHandler:
         assert spec is not None and sig is not None
         on_device = False  # some input stays in a client CUDA region (read by the worker)
         if any(t.shm is not None for t in req.inputs):
-            req = replace(req, inputs=tuple(self._shm_input(t) for t in req.inputs))
+            req = struct_replace(req, inputs=tuple(self._shm_input(t) for t in req.inputs))
             on_device = any(t.shm is not None for t in req.inputs)
         plan = plan_call(req, sig, spec.max_batch_size)
         if on_device:
-            plan = replace(plan, inputs=_in_regions(plan.inputs, req))
+            plan = struct_replace(plan, inputs=_in_regions(plan.inputs, req))
         out_regions = self._cuda_outputs(req) if req.output_shm else None
         metrics = self.metrics
         # Counted from routing to the answer: unloading this version waits for it (drain).
@@ -293,10 +295,10 @@ class InferenceHandler:
         if any(t.region for t in plan.inputs):
             return  # device memory the client may reuse at once: nothing to mirror from
         # Shared-memory inputs may change once the client has its answer: copy them now.
-        inputs = tuple(replace(t, payload=bytes(t.payload)) for t in plan.inputs)
+        inputs = tuple(struct_replace(t, payload=bytes(t.payload)) for t in plan.inputs)
         served_out = [(o.name, o.datatype, o.shape, o.data) for o in outputs]
         task = asyncio.create_task(
-            self._shadow(model, ve, replace(plan, inputs=inputs), served_out)
+            self._shadow(model, ve, struct_replace(plan, inputs=inputs), served_out)
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -350,7 +352,7 @@ class InferenceHandler:
                 raise InvalidInput(
                     f"input '{t.name}' has malformed BYTES content in shared memory: {exc}"
                 ) from None
-        return replace(t, data=view, shm=None)
+        return struct_replace(t, data=view, shm=None)
 
     def _cuda_outputs(self, req: InferRequest) -> dict[str, tuple[str, int, int]] | None:
         """Outputs to be written into client CUDA regions: name -> (region, offset, size)."""

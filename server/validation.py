@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import msgspec
+
 from runtime.client import PreparedInput
 from runtime.ipc.dtypes import DTYPES
 from runtime.ipc.protocol import ModelSignature
@@ -20,8 +22,7 @@ __all__ = ["Plan", "plan_call"]
 _MIN_UNKNOWN_RESERVE = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
+class Plan(msgspec.Struct, frozen=True):  # built per call: a Struct (see server.types)
     inputs: tuple[PreparedInput, ...]
     outputs: tuple[str, ...]  # empty = all
     output_reserve: int

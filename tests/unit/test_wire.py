@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 from runtime.ipc.dtypes import DTYPES
 from server._proto.inference import grpc_service_pb2 as pb
@@ -33,8 +34,6 @@ def dense_request(rows: int = 1, request_id: str = "", value: float = 0.5) -> pb
 
 def plain(req: InferRequest) -> InferRequest:
     """`req` with its tensors' data as bytes (the decoder's are views), to compare."""
-    from dataclasses import replace
-
     inputs = tuple(replace(t, data=bytes(t.data)) for t in req.inputs)
     return replace(req, inputs=inputs, parameters=dict(req.parameters))
 
