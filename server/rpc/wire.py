@@ -87,10 +87,12 @@ class _Template:
 
 class InferDecoder:
     """Serialized ModelInferRequest -> InferRequest (see the module docstring). One per front;
-    the cache holds up to `capacity` headers and starts over when full."""
+    the cache holds up to `capacity` headers of at most `max_header` bytes each (a client's
+    parameters could otherwise fill memory) and starts over when full."""
 
-    def __init__(self, capacity: int = 1024) -> None:
+    def __init__(self, capacity: int = 1024, max_header: int = 4096) -> None:
         self.capacity = capacity
+        self.max_header = max_header
         self._templates: dict[bytes, _Template] = {}
 
     def decode(self, data: bytes) -> InferRequest:
@@ -107,7 +109,7 @@ class InferDecoder:
         except DecodeError:
             raise InvalidInput("the request is not a valid ModelInferRequest message") from None
         req = decode_infer(message)
-        if split is None or not _cacheable(req, len(split[2])):
+        if split is None or len(split[0]) > self.max_header or not _cacheable(req, len(split[2])):
             return req
         t = _Template(
             InferRequest(

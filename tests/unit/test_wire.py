@@ -149,6 +149,15 @@ def test_the_cache_starts_over_when_full() -> None:
     assert len(decoder._templates) == 1
 
 
+def test_a_header_larger_than_the_limit_is_decoded_but_never_cached() -> None:
+    decoder = InferDecoder(max_header=256)
+    r = dense_request()
+    r.parameters["note"].string_param = "x" * 300
+    for _ in range(2):
+        assert plain(decoder.decode(r.SerializeToString())) == reference(r.SerializeToString())
+    assert decoder._templates == {}
+
+
 def test_parameters_are_shared_read_only() -> None:
     decoder = InferDecoder()
     r = dense_request()
