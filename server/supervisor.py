@@ -29,15 +29,38 @@ from server.settings import Settings
 from server.telemetry import GpuSampler, PodMetrics, setup_logging
 from server.worker_link import worker_log_setup, worker_settings_for
 
-__all__ = ["frontends_for", "run_supervisor"]
+__all__ = ["frontends_for", "run_supervisor", "usable_cpus"]
 
 log = logging.getLogger("microtune.supervisor")
 
 
-def frontends_for(settings: Settings) -> int:
+def frontends_for(settings: Settings, cpus: int | None = None) -> int:
+    """`--frontends`, or when 0 one per two CPUs this process may use, at most 4."""
     if settings.frontends:
         return settings.frontends
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
+    return max(1, min(4, (usable_cpus() if cpus is None else cpus) // 2))
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may run on (its affinity), capped by its cgroup's CPU quota: a
+    Kubernetes CPU limit is a CFS quota, invisible to os.cpu_count()."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    try:  # cgroup v2: "<quota> <period>" or "max <period>"
+        quota, period = (cgroup / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        try:  # cgroup v1: -1 = no quota
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return cpus
+    if quota in ("max", "-1"):
+        return cpus
+    try:
+        limit = -(-int(quota) // int(period))  # a limit of 1.5 CPUs can keep 2 busy
+    except (ValueError, ZeroDivisionError):
+        return cpus
+    return max(1, min(cpus, limit))
 
 
 def _front_main(settings_json: str) -> None:
