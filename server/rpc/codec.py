@@ -209,6 +209,15 @@ def decode_load_parameters(
 
 
 def encode_infer(res: InferResponse) -> pb.ModelInferResponse:
+    msg = encode_infer_head(res)
+    # One entry per output, empty for those written to shared memory: clients index raw
+    # contents by output position (perf_analyzer's C++ client crashes on a missing entry).
+    msg.raw_output_contents.extend(bytes(t.data) for t in res.outputs)
+    return msg
+
+
+def encode_infer_head(res: InferResponse) -> pb.ModelInferResponse:
+    """The response without its raw_output_contents (server.rpc.wire appends them)."""
     msg = pb.ModelInferResponse(model_name=res.model, model_version=res.version, id=res.id)
     for t in res.outputs:
         out = msg.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
@@ -217,9 +226,6 @@ def encode_infer(res: InferResponse) -> pb.ModelInferResponse:
             out.parameters["shared_memory_byte_size"].int64_param = t.shm.byte_size
             if t.shm.offset:
                 out.parameters["shared_memory_offset"].int64_param = t.shm.offset
-    # One entry per output, empty for those written to shared memory: clients index raw
-    # contents by output position (perf_analyzer's C++ client crashes on a missing entry).
-    msg.raw_output_contents.extend(bytes(t.data) for t in res.outputs)
     return msg
 
 

@@ -23,7 +23,7 @@ from server.router import RouteHints
 from server.routing import HEADER_CANARY_WEIGHT, HEADER_MODEL_VERSION, HEADER_ROUTING_KEY
 from server.rpc import codec
 from server.rpc.status import rpc_errors, status_of
-from server.rpc.wire import InferDecoder
+from server.rpc.wire import InferDecoder, encode_response
 from server.telemetry.infer_trace import InferTrace
 from server.telemetry.logs import LOG_SPAN
 
@@ -104,7 +104,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelConfigResponse:
         return codec.encode_config(self.h.model_view(request.name, request.version))
 
-    async def ModelInfer(self, request: bytes, context: Ctx) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: bytes, context: Ctx) -> bytes:
         # The server span of ModelInfer is ours, not the interceptor's (server.telemetry.tracing);
         # it ends with the status @rpc_errors answered with.
         tracer = self.h.tracer
@@ -134,12 +134,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         context: Ctx,
         span: InferTrace | None,
         md: Metadata | None,
-    ) -> pb.ModelInferResponse:
+    ) -> bytes:
         hints = _hints(md)
         decoded = self.decoder.decode(request)
         result = await self.h.infer(decoded, _deadline(context), hints, span)
         context.set_trailing_metadata(((ROUTE_REASON_KEY, result.route_reason),))
-        return codec.encode_infer(result)
+        return encode_response(result)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Ctx
@@ -272,15 +272,15 @@ class _Table:
 
 
 def add_to_server(servicer: InferenceServicer, server: Any) -> None:
-    """The generated `add_GRPCInferenceServiceServicer_to_server`, except that ModelInfer gets
-    its request's serialized bytes (no deserializer): server.rpc.wire decodes them and keeps the
-    raw input contents in place."""
+    """The generated `add_GRPCInferenceServiceServicer_to_server`, except that ModelInfer takes
+    and answers serialized messages (no deserializer, no serializer): server.rpc.wire decodes
+    the request, raw inputs left in place, and writes the response."""
     table = _Table()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, table)
     table.handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
         servicer.ModelInfer,
         request_deserializer=None,
-        response_serializer=pb.ModelInferResponse.SerializeToString,
+        response_serializer=None,
     )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(table.service, table.handlers),)

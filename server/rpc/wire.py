@@ -1,4 +1,4 @@
-"""ModelInfer's request from its serialized bytes, with the raw input contents left in place.
+"""ModelInfer's request and response in their serialized form, tensors copied once.
 
 protobuf's Python API copies a bytes field on every read, so a tensor sent as
 `raw_input_contents` would be copied out of the gRPC message before the one copy into the
@@ -12,6 +12,11 @@ header from call to call, so most calls are never parsed by protobuf at all.
 Anything the walk does not expect (another wire type, an unknown or malformed field, shared
 memory, BYTES or typed `contents` inputs, an unseen header) takes the full path: protobuf
 parses the bytes and `decode_infer` decodes and checks them, with its errors.
+
+The response goes the other way (`encode_response`): protobuf serializes everything but the
+raw output contents, which are appended as their fields. Serialized messages concatenate into
+their merge, and a repeated field's entries append, so this is the message protobuf would
+write, without copying each output into the message and out again.
 """
 
 from __future__ import annotations
@@ -24,15 +29,16 @@ from google.protobuf.message import DecodeError
 from runtime.ipc.dtypes import DTYPES
 from server._proto.inference import grpc_service_pb2 as pb
 from server.errors import InvalidInput
-from server.rpc.codec import decode_infer
-from server.types import InferRequest, Tensor
+from server.rpc.codec import decode_infer, encode_infer_head
+from server.types import InferRequest, InferResponse, Tensor
 
-__all__ = ["InferDecoder", "split_request"]
+__all__ = ["InferDecoder", "encode_response", "split_request"]
 
 # ModelInferRequest's fields, all length-delimited (wire type 2): tag byte = number << 3 | 2.
 _ID = 3 << 3 | 2
 _RAW = 7 << 3 | 2
 _FIRST, _LAST = 1 << 3 | 2, 7 << 3 | 2
+_RAW_OUTPUT = bytes([6 << 3 | 2])  # ModelInferResponse.raw_output_contents
 
 
 def split_request(data: bytes) -> tuple[bytes, bytes, list[memoryview]] | None:
@@ -154,3 +160,21 @@ def _fill(t: _Template, ident: bytes, raws: list[memoryview]) -> InferRequest | 
     return InferRequest(
         base.model, base.version, request_id, tuple(inputs), base.outputs, base.parameters
     )
+
+
+def encode_response(res: InferResponse) -> bytes:
+    """The serialized ModelInferResponse of `res`: one raw_output_contents entry per output,
+    empty for those written to shared memory (clients index them by output position)."""
+    parts = [encode_infer_head(res).SerializeToString()]
+    for t in res.outputs:
+        parts += (_RAW_OUTPUT, _varint(len(t.data)), t.data)
+    return b"".join(parts)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)

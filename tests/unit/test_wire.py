@@ -19,9 +19,9 @@ from msgspec.structs import replace
 from runtime.ipc.dtypes import DTYPES
 from server._proto.inference import grpc_service_pb2 as pb
 from server.errors import InvalidInput
-from server.rpc.codec import decode_infer
-from server.rpc.wire import InferDecoder, split_request
-from server.types import InferRequest
+from server.rpc.codec import decode_infer, encode_infer
+from server.rpc.wire import InferDecoder, encode_response, split_request
+from server.types import InferRequest, InferResponse, ShmRef, Tensor
 
 
 def dense_request(rows: int = 1, request_id: str = "", value: float = 0.5) -> pb.ModelInferRequest:
@@ -88,6 +88,16 @@ def test_a_repeated_header_is_decoded_from_the_cache_with_its_own_id_and_data() 
     (t,) = out.inputs
     assert isinstance(t.data, memoryview) and t.data.obj is second  # no copy of the tensor
     assert len(decoder._templates) == 1
+
+
+def test_a_large_raw_input_is_a_view_too() -> None:
+    """80,000 bytes: a three-byte length varint."""
+    decoder = InferDecoder()
+    data = dense_request(rows=5000, value=3.0).SerializeToString()
+    for _ in range(2):
+        out = decoder.decode(data)
+        assert plain(out) == reference(data)
+        assert out.inputs[0].data.obj is data  # type: ignore[union-attr]
 
 
 def test_a_cached_header_with_a_raw_input_of_another_size_gets_decode_infers_error() -> None:
@@ -216,3 +226,28 @@ def test_any_sequence_of_requests_decodes_as_protobuf_and_decode_infer_do(
     for data in batch + batch:  # the second pass finds the headers cached
         assert outcome(decoder.decode, data) == outcome(reference, data)
     event(f"headers cached: {min(len(decoder._templates), 1)}")
+
+
+# ----------------------------------------------------------------------------- encode_response
+
+
+outputs = st.lists(
+    st.builds(
+        Tensor,
+        name=names,
+        datatype=datatypes,
+        shape=st.lists(st.integers(0, 300), max_size=3).map(tuple),
+        # lengths of one, two and three varint bytes (hypothesis draws short binaries only)
+        data=st.one_of(st.binary(max_size=40), st.integers(0, 70_000).map(lambda n: b"\x07" * n)),
+        shm=st.one_of(st.none(), st.builds(ShmRef, st.just("r"), st.integers(0, 9), st.just(4))),
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(outputs, st.text(max_size=4))
+def test_the_response_is_the_message_protobuf_writes(out: list[Tensor], request_id: str) -> None:
+    res = InferResponse("dense", "2", request_id, tuple(out), "stable")
+    data = encode_response(res)
+    assert pb.ModelInferResponse.FromString(data) == encode_infer(res)
