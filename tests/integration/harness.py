@@ -51,7 +51,14 @@ DATATYPES: dict[str, tuple[int, str, str]] = {
     "BYTES": (TensorProto.STRING, "TYPE_STRING", "object"),
 }
 
-DEMO_MODELS = ("simple", "simple_string", "simple_identity", "dense", "dense_large")
+DEMO_MODELS = (
+    "simple",
+    "simple_string",
+    "simple_identity",
+    "dense",
+    "dense_large",
+    "identity_fp32",
+)
 BAD_MODELS = ("bad_corrupt", "bad_dtype", "bad_input_name", "bad_no_versions")
 
 

@@ -151,3 +151,16 @@ def test_bytes_invalid_utf8(stub: service_pb2_grpc.GRPCInferenceServiceStub, typ
     good = np.array([[b"a", b"b", b"c", b"d"]], dtype=object)
     got = decode_output(stub.ModelInfer(request("BYTES", good, typed=typed), timeout=10), "BYTES")
     assert [bytes(x) for x in got.ravel()] == [b"a", b"b", b"c", b"d"]
+
+
+def test_a_4_mib_tensor_travels_raw_both_ways(client: grpcclient.InferenceServerClient) -> None:
+    """4 MiB each way, as raw contents (lengths of a 4-byte varint): the front takes the
+    request's input as a view of the gRPC bytes and writes the response's output as a field
+    of its own (server.rpc.wire). Different data each call: the header is cached from the
+    first, the contents are not."""
+    for seed in range(3):
+        data = np.random.default_rng(seed).standard_normal(1 << 20).astype(np.float32)
+        inp = grpcclient.InferInput("INPUT0", [1 << 20], "FP32")
+        inp.set_data_from_numpy(data)
+        res = client.infer("identity_fp32", [inp])
+        np.testing.assert_array_equal(res.as_numpy("OUTPUT0"), data)
