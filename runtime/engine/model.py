@@ -279,7 +279,7 @@ def _write_outputs(
     out: list[OutputData] = []
     for name, arr in zip(names, results, strict=True):
         datatype = types[name]
-        shape = tuple(int(d) for d in arr.shape)
+        shape = tuple(map(int, arr.shape))
         if datatype == "BYTES":
             flat = [s.encode("utf-8") if isinstance(s, str) else bytes(s) for s in arr.ravel()]
             data: Any = encode_bytes_tensor(flat)
@@ -291,8 +291,7 @@ def _write_outputs(
             if datatype == "BYTES":
                 buf[pos : pos + nbytes] = data
             elif nbytes:
-                dst = np.frombuffer(buf, dtype=data.dtype, count=data.size, offset=pos)
-                np.copyto(dst, data.reshape(-1))
+                buf[pos : pos + nbytes] = memoryview(data).cast("B")  # contiguous: one memcpy
             out.append(OutputData(name, datatype, shape, pos, nbytes))
             pos += align_up(nbytes)
         else:
