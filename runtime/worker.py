@@ -41,6 +41,7 @@ from runtime.engine.regions import (
 from runtime.engine.session import (
     SessionError,
     choose_device,
+    device_index,
     make_session,
     preload_cuda_libraries,
     signature_of,
@@ -105,7 +106,7 @@ class Worker:
         self.gpu_lock: threading.RLock | None = None
         cuda = self.device.startswith("cuda")
         self.use_graphs = cuda or settings.cpu_graphs
-        self.device_id = int(self.device.partition(":")[2] or 0)
+        self.device_id = device_index(self.device)
         # Client CUDA shared memory: opened here, where the CUDA context lives; a CPU worker
         # has none (registration answers UNSUPPORTED), unless a test stands host memory in.
         # One SharedOpener under every front's table: CUDA maps a handle once per process.

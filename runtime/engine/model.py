@@ -20,7 +20,7 @@ from runtime.engine.bound import run_bound
 from runtime.engine.buckets import default_buckets
 from runtime.engine.golden import GoldenMismatch, check_golden, load_golden
 from runtime.engine.regions import RegionError, RegionTable
-from runtime.engine.session import make_session, signature_of
+from runtime.engine.session import device_index, make_session, signature_of
 from runtime.engine.signature import reconcile
 from runtime.ipc.dtypes import DTYPES, BytesDecodeError, decode_bytes_tensor, encode_bytes_tensor
 from runtime.ipc.protocol import (
@@ -69,7 +69,7 @@ class LoadedModel:
             tuple(t.name for t in sig.outputs),
             {t.name: t.datatype for t in sig.inputs},
             spec.identity(),
-            device_id=int(device.partition(":")[2] or 0),
+            device_id=device_index(device),
         )
         model.warm_up()
         if spec.golden_path:

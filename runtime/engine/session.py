@@ -22,6 +22,7 @@ __all__ = [
     "GraphsUnsupported",
     "SessionError",
     "choose_device",
+    "device_index",
     "first_line",
     "make_graph_session",
     "make_session",
@@ -64,6 +65,11 @@ def choose_device(requested: str) -> str:
     return "cpu"
 
 
+def device_index(device: str) -> int:
+    """The CUDA device number of a device string: "cuda:1" -> 1; "cuda" and "cpu" -> 0."""
+    return int(device.partition(":")[2] or 0)
+
+
 def make_session(path: str, device: str, intra_op_threads: int) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = intra_op_threads
@@ -72,8 +78,7 @@ def make_session(path: str, device: str, intra_op_threads: int) -> ort.Inference
     so.log_severity_level = ORT_LOG_SEVERITY
     providers: list[Any]
     if device.startswith("cuda"):
-        device_id = int(device.partition(":")[2] or 0)
-        providers = [(CUDA, {"device_id": device_id}), CPU]
+        providers = [(CUDA, {"device_id": device_index(device)}), CPU]
     else:
         providers = [CPU]
     try:
