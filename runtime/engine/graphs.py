@@ -353,8 +353,13 @@ class GraphSet:
 
     def replays(self, rows: int) -> bool:
         """Whether a batch of `rows` rows would replay a captured graph (not run eagerly)."""
-        bucket = self.table.bucket_for(rows) if len(self.table) else None
+        bucket = self._bucket_for(rows)
         return bucket is not None and bucket in self._buckets
+
+    def _bucket_for(self, rows: int) -> int | None:
+        """The bucket a batch of `rows` rows maps to; None above the largest or with no
+        buckets at all (the eager path)."""
+        return self.table.bucket_for(rows) if len(self.table) else None
 
     def bucket(self, size: int) -> BucketBuffers:
         """The captured buffers of bucket `size` (KeyError when it has no graph)."""
@@ -454,8 +459,7 @@ class GraphSet:
         if self._closed:
             raise RuntimeError("GraphSet is closed")
         sizes = self._check_feeds(feeds)
-        rows = sum(sizes)
-        bucket = self.table.bucket_for(rows) if len(self.table) else None
+        bucket = self._bucket_for(sum(sizes))
         if self.capturable and self._owner is None:
             raise RuntimeError("capture() before run(): a capturable GraphSet replays graphs")
         if bucket is not None and bucket in self._buckets:
@@ -482,7 +486,7 @@ class GraphSet:
                 f"graphs were captured on thread {self._owner}; an eager run on thread "
                 f"{threading.get_ident()} would race the replays"
             )
-        self.registry.record_eager(self.table.bucket_for(rows) if len(self.table) else None)
+        self.registry.record_eager(self._bucket_for(rows))
         with self._lock:
             return run(self.session, self._eager_options)
 
