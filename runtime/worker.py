@@ -589,19 +589,18 @@ class Connection:
             inline = model is not None and model.avg_ns < INLINE_BELOW_NS and not call.bound
             del model  # never the last reference to a replaced version here (see _infer)
             lock = self.worker.gpu_lock
-            if inline and lock is None:
-                # A fast model runs right here: a hop to the pool (thread wake-up, GIL
-                # handoff) would cost more than the model itself.
-                self._infer(call, received_ns)
-            elif inline and lock.acquire(blocking=False):
+            # A fast model runs right here: a hop to the pool (thread wake-up, GIL handoff)
+            # would cost more than the model itself. But on a GPU, a load or a graph capture
+            # may hold the device for seconds: the reader never waits for it, or every call of
+            # this front (other models' included) would stop behind this one. A pool thread
+            # waits instead.
+            if inline and (lock is None or lock.acquire(blocking=False)):
                 try:
                     self._infer(call, received_ns)
                 finally:
-                    lock.release()
+                    if lock is not None:
+                        lock.release()
             else:
-                # On a GPU, a load or a graph capture may hold the device for seconds: the
-                # reader never waits for it, or every call of this front (other models'
-                # included) would stop behind this one. A pool thread waits instead.
                 self.worker.pool.submit(self._infer, call, received_ns)
             return
         try:
