@@ -46,6 +46,10 @@ class ModelEntry:
     def ready_versions(self) -> list[int]:
         return sorted(v for v, e in self.versions.items() if e.state is _READY)
 
+    def highest_ready(self) -> int | None:
+        """The highest ready version (None: none is ready), without sorting them all."""
+        return max((v for v, e in self.versions.items() if e.state is _READY), default=None)
+
 
 class ModelTable:
     def __init__(self) -> None:

@@ -38,9 +38,6 @@ from server.routing import (
     validate,
     with_canary_weight,
 )
-from server.types import ModelState
-
-_READY = ModelState.READY  # (an Enum member read through its class costs ~1k instructions)
 
 __all__ = ["RouteHints", "Router", "RoutingView", "ShadowTally"]
 
@@ -128,7 +125,7 @@ class Router:
             # ready version, "stable". Taken here without building its arguments (two
             # frozensets, a sorted list: ~8k instructions a request); the test suite checks it
             # answers as resolve() does.
-            best = max((v for v, e in entry.versions.items() if e.state is _READY), default=None)
+            best = entry.highest_ready()
             if best is not None:
                 got = self._stable.get(best)
                 if got is None:
