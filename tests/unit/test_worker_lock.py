@@ -18,10 +18,10 @@ from typing import Any
 
 import onnxruntime as ort
 import pytest
+from worker_frames import read_frame
 
 from runtime.engine.session import SessionError
 from runtime.ipc.protocol import (
-    FRAME_HEADER,
     CloseRegion,
     Code,
     Infer,
@@ -33,7 +33,6 @@ from runtime.ipc.protocol import (
     TensorRef,
     UnloadDone,
     UnloadModel,
-    decode_worker,
 )
 from runtime.settings import WorkerSettings
 from runtime.worker import Connection, Worker
@@ -100,8 +99,7 @@ def test_a_version_replaced_during_a_failing_call_is_freed_under_the_lock(
         conn = Connection(worker, ours)
         conn.arena = SimpleNamespace(buf=memoryview(bytearray(64)))  # type: ignore[assignment]
         conn._infer(Infer(7, "dense", 1, (), (), 0, 0), time.monotonic_ns())
-        done = decode_worker(theirs.recv(4096)[4:])
-        assert isinstance(done, InferDone)
+        done = _answer(theirs)
         assert (done.call_id, done.code, done.message) == (7, Code.INTERNAL, "RuntimeError")
         assert freed_under_lock == [True]
     finally:
@@ -109,14 +107,8 @@ def test_a_version_replaced_during_a_failing_call_is_freed_under_the_lock(
         theirs.close()
 
 
-def _frame(sock: socket.socket) -> object:
-    head = sock.recv(FRAME_HEADER.size, socket.MSG_WAITALL)
-    (size,) = FRAME_HEADER.unpack(head)
-    return decode_worker(sock.recv(size, socket.MSG_WAITALL))
-
-
 def _answer(sock: socket.socket) -> InferDone:
-    done = _frame(sock)
+    done = read_frame(sock)
     assert isinstance(done, InferDone)
     return done
 
@@ -232,6 +224,6 @@ def test_unloads_and_regions_wait_for_the_device_off_the_reader(
         _returns_promptly(conn._handle, msg)
         _returns_promptly(conn._handle, msg)  # a second one queues behind the first
         _nothing_yet(theirs)
-    assert _frame(theirs) == answer
-    assert _frame(theirs) == answer
+    assert read_frame(theirs) == answer
+    assert read_frame(theirs) == answer
     conn._control.shutdown()

@@ -12,16 +12,15 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from worker_frames import read_frame
 
 from runtime.engine.batcher import Batcher, Pending
 from runtime.ipc.pinning import PinnedRegion
 from runtime.ipc.protocol import (
-    FRAME_HEADER,
     GetStatus,
     Infer,
     QueuedCalls,
     WorkerStatus,
-    decode_worker,
 )
 from runtime.settings import WorkerSettings
 from runtime.worker import Connection, Worker
@@ -92,9 +91,7 @@ def test_get_status_is_answered_on_the_socket(
     a, b, a_front = fronts
     _queue(worker, a, b)
     assert a._handle(GetStatus(9)) is True
-    header = a_front.recv(FRAME_HEADER.size, socket.MSG_WAITALL)
-    (size,) = FRAME_HEADER.unpack(header)
-    report = decode_worker(a_front.recv(size, socket.MSG_WAITALL))
+    report = read_frame(a_front)
     assert isinstance(report, WorkerStatus) and report.request_id == 9
     assert {(q.name, q.version, q.calls) for q in report.queued} == {
         ("dense", 1, 2),
