@@ -2,9 +2,10 @@
 
 Started by the front with multiprocessing `spawn` (never fork: a CUDA context does not survive
 it). It listens on a Unix socket; each front connects, says Hello with the name of its
-shared-memory arena, then sends typed messages (runtime.ipc.protocol). Per connection, a reader
-thread decodes frames and hands inference calls to a thread pool; loads run on their own thread
-so that a slow load never stalls inference. Replies are written under a per-connection lock.
+shared-memory arena, then sends typed messages (runtime.ipc.protocol), read and acted on by
+that front's `Connection` (runtime.worker_connection). The Worker holds what all fronts
+share: the loaded versions (plain sessions, batchers, graph models), the device and its lock,
+the thread pool, and loading and unloading.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from runtime.engine.batcher import Batcher, BatcherClosed, Pending, QueueFull
+from runtime.engine.batcher import Batcher, Pending
 from runtime.engine.buckets import BucketTable
 from runtime.engine.golden import GoldenMismatch
 from runtime.engine.graph_model import GraphModel
@@ -30,8 +31,6 @@ from runtime.engine.model import LoadedModel, execute_batch
 from runtime.engine.regions import (
     Copier,
     Opener,
-    RegionError,
-    RegionTable,
     SharedOpener,
     cuda_copier,
     cuda_opener,
@@ -47,44 +46,26 @@ from runtime.engine.session import (
     signature_of,
 )
 from runtime.engine.signature import SignatureMismatch, reconcile
-from runtime.ipc.pinning import CudaError, PinnedRegion, device_memory_used, pin_arena
+from runtime.ipc.pinning import device_memory_used
 from runtime.ipc.protocol import (
-    FRAME_HEADER,
-    MAX_FRAME,
-    PROTOCOL_VERSION,
-    CloseRegion,
     Code,
-    GetStatus,
-    Hello,
-    Infer,
     InferDone,
     LoadDone,
     LoadModel,
     ModelSignature,
-    OpenRegion,
-    QueuedCalls,
-    RegionDone,
-    Shutdown,
     UnloadDone,
     UnloadModel,
-    Welcome,
-    WorkerStatus,
-    decode_front,
-    encode,
 )
-from runtime.ipc.shm import Arena, pid_alive
+from runtime.ipc.shm import pid_alive
 from runtime.native_stderr import route_native_stderr
 from runtime.settings import WorkerSettings
+from runtime.worker_connection import Connection, Queued
 
 __all__ = ["Worker", "run"]
 
 log = logging.getLogger("microtune.worker")
 
-# Calls of models whose average execution is shorter than this run on the reader thread.
-INLINE_BELOW_NS = 200_000
-
-# What a queued call carries to the batch thread: its connection, the call, when it arrived.
-Queued = tuple["Connection", Infer, int]
+Key = tuple[str, int]  # (model name, version)
 
 
 class Worker:
@@ -151,6 +132,15 @@ class Worker:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def batchers_now(
+        self,
+    ) -> tuple[list[tuple[Key, Batcher[Queued]]], list[tuple[Key, Batcher[GraphQueued]]]]:
+        """The batchers of plain batched versions and of graph versions, as they are now."""
+        with self._models_lock:
+            plain = list(self.batchers.items())
+            graphs = [(key, gm.batcher) for key, gm in self.graph_models.items()]
+        return plain, graphs
 
     def _memory_probe(self) -> Probe | None:
         """The device's memory in use, on a GPU; None on the CPU, where no memory is attributed
@@ -353,296 +343,6 @@ class Worker:
                 name=f"batch-{msg.name}-{msg.version}-{i}",
             ).start()
         return batcher
-
-
-class Connection:
-    """One front process: its arena and its socket."""
-
-    def __init__(self, worker: Worker, sock: socket.socket) -> None:
-        self.worker = worker
-        self.sock = sock
-        self.send_lock = threading.Lock()
-        self.arena: Arena | None = None
-        self.pinned: PinnedRegion | None = None
-        io = worker.region_io
-        self.regions = None if io is None else RegionTable(*io)
-        self._reader = 0  # thread id of the reader, once it runs
-        self._collect: list[bytes] | None = None
-        # Unloads and region (un)registrations take the device lock, which a load or a capture
-        # holds for seconds: they run here, in order, while the reader goes on reading.
-        self._control = ThreadPoolExecutor(1, thread_name_prefix="control")
-
-    def send(self, msg: Any) -> None:
-        frame = encode(msg)
-        if self._collect is not None and threading.get_ident() == self._reader:
-            # Answers of calls run inline while handling one read leave in one write.
-            self._collect.append(frame)
-            return
-        with self.send_lock:
-            self.sock.sendall(frame)
-
-    def _flush(self) -> None:
-        out, self._collect = self._collect, None
-        if out:
-            with self.send_lock:
-                self.sock.sendall(out[0] if len(out) == 1 else b"".join(out))
-
-    def send_quiet(self, msg: Any) -> None:
-        """Send, ignoring a front that has gone (its calls die with it)."""
-        with contextlib.suppress(OSError):
-            self.send(msg)
-
-    def arena_buf(self) -> memoryview:
-        if self.arena is None:
-            raise RuntimeError("no arena: Hello not received")
-        return self.arena.buf
-
-    def run(self) -> None:
-        try:
-            self._loop()
-        except (ConnectionError, OSError) as exc:
-            log.info("front connection closed: %s", exc)
-        except Exception:
-            log.exception("protocol error; closing the connection")
-        finally:
-            self.sock.close()
-            self._control.shutdown(wait=True)  # an (un)registration under way ends first
-            if self.regions is not None:
-                with self.worker.device_lock:
-                    self.regions.close()
-            if self.pinned is not None:
-                with self.worker.device_lock:
-                    self.pinned.close()
-            if self.arena is not None:
-                # The front is gone or done: nothing else will unlink its arena.
-                self.arena.unlink()
-                self.arena.close()
-
-    def _loop(self) -> None:
-        # Read what is there (up to 1 MiB) and handle every complete frame of it: under load
-        # one recv carries many calls, instead of two recv syscalls per call.
-        buf = bytearray()
-        chunk = bytearray(1 << 20)
-        hdr = FRAME_HEADER.size
-        self._reader = threading.get_ident()
-        while True:
-            n = self.sock.recv_into(chunk)
-            if n == 0:
-                return
-            buf += memoryview(chunk)[:n]
-            pos, end = 0, len(buf)
-            self._collect = []
-            try:
-                while end - pos >= hdr:
-                    (size,) = FRAME_HEADER.unpack_from(buf, pos)
-                    if size > MAX_FRAME:
-                        raise ValueError(f"frame of {size} bytes")
-                    if end - pos - hdr < size:
-                        break
-                    msg = decode_front(bytes(buf[pos + hdr : pos + hdr + size]))
-                    pos += hdr + size
-                    if not self._handle(msg):
-                        return
-            finally:
-                self._flush()
-            if pos:
-                del buf[:pos]
-
-    def _handle(self, msg: Any) -> bool:
-        """Act on one message; False ends the connection."""
-        if isinstance(msg, Infer):
-            self._dispatch(msg, time.monotonic_ns())
-        elif isinstance(msg, Hello):
-            self._hello(msg)
-        elif isinstance(msg, LoadModel):
-            threading.Thread(target=self._load, args=(msg,), daemon=True).start()
-        elif isinstance(msg, UnloadModel):
-            self._control.submit(self._answer, self.worker.unload, msg)
-        elif isinstance(msg, GetStatus):
-            self.send(self._status(msg))
-        elif isinstance(msg, OpenRegion | CloseRegion):
-            self._control.submit(self._answer, self._region, msg)
-        elif isinstance(msg, Shutdown):
-            self.worker.stopping.set()
-            return False
-        return True
-
-    def _hello(self, msg: Hello) -> None:
-        if msg.version != PROTOCOL_VERSION:
-            raise ValueError(f"front speaks protocol {msg.version}, worker {PROTOCOL_VERSION}")
-        self.arena = Arena(msg.arena_name, msg.arena_size, create=False)
-        if self.worker.device.startswith("cuda"):
-            self._pin()
-        import onnxruntime as ort
-
-        self.send(
-            Welcome(
-                PROTOCOL_VERSION,
-                os.getpid(),
-                self.worker.device,
-                tuple(ort.get_available_providers()),
-            )
-        )
-
-    def _status(self, msg: GetStatus) -> WorkerStatus:
-        """This front's calls waiting in batcher queues, and its arena's pinned bytes. Counted
-        on the reader thread: a pass over queues that are short unless the worker is behind."""
-        with self.worker._models_lock:
-            plain = list(self.worker.batchers.items())
-            graphs = [(key, gm.batcher) for key, gm in self.worker.graph_models.items()]
-        answer = self.send_quiet  # graph models' calls carry their answer callback, not us
-        counts = [((name, v), b.count_queued(lambda q: q[0] is self)) for (name, v), b in plain]
-        counts += [((name, v), b.count_queued(lambda q: q[0] == answer)) for (name, v), b in graphs]
-        pinned = self.pinned
-        return WorkerStatus(
-            msg.request_id,
-            tuple(QueuedCalls(name, v, n) for (name, v), n in counts if n),
-            0 if pinned is None or pinned.closed else pinned.size,
-        )
-
-    def _answer(self, act: Callable[[Any], Any], msg: Any) -> None:
-        """On the control thread: act on `msg` and send the answer."""
-        try:
-            answer = act(msg)
-        except Exception:
-            log.exception("%s failed", type(msg).__name__)
-            answer = (
-                UnloadDone(msg.request_id)
-                if isinstance(msg, UnloadModel)
-                else RegionDone(msg.request_id, Code.INTERNAL, "internal error; see the worker log")
-            )
-        self.send_quiet(answer)
-
-    def _region(self, msg: OpenRegion | CloseRegion) -> RegionDone:
-        """Register or unregister a client CUDA shared-memory region, on the control thread
-        (in the order they came; calls sent after the answer find it), under the device lock:
-        opening an IPC handle during another version's graph capture would break that capture."""
-        regions = self.regions
-        if regions is None:
-            return RegionDone(
-                msg.request_id, Code.UNSUPPORTED, "this server's worker has no CUDA device"
-            )
-        if isinstance(msg, CloseRegion):
-            with self.worker.device_lock:
-                regions.unregister(msg.name)
-            return RegionDone(msg.request_id, Code.OK)
-        if msg.device_id != self.worker.device_id:
-            return RegionDone(
-                msg.request_id,
-                Code.BAD_INPUT,
-                f"CUDA shared memory region '{msg.name}' is on device {msg.device_id}; "
-                f"this server's worker runs on {self.worker.device}",
-            )
-        try:
-            with self.worker.device_lock:
-                regions.register(msg.name, msg.handle, msg.device_id, msg.byte_size)
-        except RegionError as exc:
-            return RegionDone(msg.request_id, Code.BAD_INPUT, str(exc))
-        return RegionDone(msg.request_id, Code.OK)
-
-    def _pin(self) -> None:
-        """Page-lock the front's arena so host-to-device copies from it are plain DMA."""
-        assert self.arena is not None
-        try:
-            with self.worker.device_lock:
-                self.pinned = pin_arena(self.arena.buf, device_id=self.worker.device_id)
-        except (CudaError, ValueError) as exc:
-            log.warning(
-                "arena %s stays pageable (%s): copies to the GPU get slower", self.arena.name, exc
-            )
-
-    def _load(self, msg: LoadModel) -> None:
-        self.send(self.worker.load(msg))
-
-    def _dispatch(self, call: Infer, received_ns: int) -> None:
-        """Batched models queue the call on their batcher (answered by its thread); others
-        run it on the pool."""
-        rows = call.inputs[0].shape[0] if call.inputs and call.inputs[0].shape else 1
-        graph_model = self.worker.graph_models.get((call.name, call.version))
-        if graph_model is not None and self.arena is not None:
-            try:
-                graph_model.submit(
-                    Pending(
-                        call.call_id,
-                        rows,
-                        received_ns,
-                        call.deadline_ns,
-                        payload=(self.send_quiet, call, self.arena.buf, received_ns, self.regions),
-                    )
-                )
-            except QueueFull as exc:
-                self.send_quiet(InferDone(call.call_id, Code.OVERLOADED, str(exc)))
-            except BatcherClosed:
-                self.send_quiet(
-                    InferDone(
-                        call.call_id,
-                        Code.NOT_READY,
-                        f"model '{call.name}' version {call.version} is being replaced or unloaded",
-                    )
-                )
-            return
-        batcher = self.worker.batchers.get((call.name, call.version))
-        if batcher is not None and call.bound:
-            batcher = None  # bound in place (runtime.engine.bound): runs alone, never inline
-        if batcher is None:
-            model = self.worker.models.get((call.name, call.version))
-            inline = model is not None and model.avg_ns < INLINE_BELOW_NS and not call.bound
-            del model  # never the last reference to a replaced version here (see _infer)
-            lock = self.worker.gpu_lock
-            # A fast model runs right here: a hop to the pool (thread wake-up, GIL handoff)
-            # would cost more than the model itself. But on a GPU, a load or a graph capture
-            # may hold the device for seconds: the reader never waits for it, or every call of
-            # this front (other models' included) would stop behind this one. A pool thread
-            # waits instead.
-            if inline and (lock is None or lock.acquire(blocking=False)):
-                try:
-                    self._infer(call, received_ns)
-                finally:
-                    if lock is not None:
-                        lock.release()
-            else:
-                self.worker.pool.submit(self._infer, call, received_ns)
-            return
-        try:
-            batcher.submit(
-                Pending(
-                    call.call_id,
-                    rows,
-                    received_ns,
-                    call.deadline_ns,
-                    payload=(self, call, received_ns),
-                )
-            )
-        except QueueFull as exc:
-            self.send_quiet(InferDone(call.call_id, Code.OVERLOADED, str(exc)))
-        except BatcherClosed:
-            # Replaced or unloading: the new instance (if any) takes it.
-            self.worker.pool.submit(self._infer, call, received_ns)
-
-    def _infer(self, call: Infer, received_ns: int) -> None:
-        # On a GPU the whole call runs under the lock, and so does the end of `_execute`'s
-        # frame: the model it looked up may be the last reference to a version replaced
-        # meanwhile (its session is freed there), and an error's traceback holds it too.
-        with self.worker.gpu_lock or contextlib.nullcontext():
-            done = self._execute(call, received_ns)
-        with contextlib.suppress(OSError):
-            self.send(done)
-
-    def _execute(self, call: Infer, received_ns: int) -> InferDone:
-        try:
-            model = self.worker.models.get((call.name, call.version))
-            if model is None:
-                return InferDone(
-                    call.call_id,
-                    Code.NOT_LOADED,
-                    f"model '{call.name}' version {call.version} is not loaded",
-                )
-            if self.arena is None:
-                return InferDone(call.call_id, Code.INTERNAL, "no arena: Hello not received")
-            return model.execute(call, self.arena.buf, received_ns, self.regions)
-        except Exception as exc:
-            log.exception("call %d failed", call.call_id)
-            return InferDone(call.call_id, Code.INTERNAL, type(exc).__name__)
 
 
 def run(settings_json: bytes) -> None:

@@ -18,7 +18,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN = ("onnxruntime", "cupy", "runtime.engine", "runtime.worker")
+FORBIDDEN = (
+    "onnxruntime",
+    "cupy",
+    "runtime.engine",
+    "runtime.worker",
+    "runtime.worker_connection",
+)
 
 PROBE = """
 import importlib, json, pkgutil, sys

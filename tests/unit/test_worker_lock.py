@@ -35,7 +35,8 @@ from runtime.ipc.protocol import (
     UnloadModel,
 )
 from runtime.settings import WorkerSettings
-from runtime.worker import Connection, Worker
+from runtime.worker import Worker
+from runtime.worker_connection import Connection
 from server.settings import DEMO_REPOSITORY
 
 DENSE = DEMO_REPOSITORY / "dense" / "1" / "model.onnx"

@@ -23,7 +23,8 @@ from runtime.ipc.protocol import (
     WorkerStatus,
 )
 from runtime.settings import WorkerSettings
-from runtime.worker import Connection, Worker
+from runtime.worker import Worker
+from runtime.worker_connection import Connection
 
 CALL = Infer(1, "m", 1, (), (), 0, 0)
 NEVER_NS = 10**15  # a queue delay no test waits out
