@@ -22,6 +22,7 @@ from server.handler import InferenceHandler
 from server.router import RouteHints
 from server.routing import HEADER_CANARY_WEIGHT, HEADER_MODEL_VERSION, HEADER_ROUTING_KEY
 from server.rpc import codec
+from server.rpc.registration import Registrations
 from server.rpc.status import rpc_errors, status_of
 from server.rpc.wire import InferDecoder, encode_response
 from server.telemetry.infer_trace import InferTrace
@@ -257,32 +258,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         raise self.h.unsupported("LogSettings", "set the log level with --log-level")
 
 
-class _Table:
-    """Records the method table a generated `add_*_to_server` registers."""
-
-    def __init__(self) -> None:
-        self.service = ""
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass  # rebuilt from the table by add_to_server
-
-    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
-        self.service, self.handlers = service, dict(handlers)
-
-
 def add_to_server(servicer: InferenceServicer, server: Any) -> None:
     """The generated `add_GRPCInferenceServiceServicer_to_server`, except that ModelInfer takes
     and answers serialized messages (no deserializer, no serializer): server.rpc.wire decodes
     the request, raw inputs left in place, and writes the response."""
-    table = _Table()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, table)
-    table.handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+    added = Registrations()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, added)
+    ((service, handlers),) = added.tables.items()
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
         servicer.ModelInfer,
         request_deserializer=None,
         response_serializer=None,
     )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(table.service, table.handlers),)
-    )
-    server.add_registered_method_handlers(table.service, table.handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)

@@ -29,7 +29,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from time import time_ns
-from typing import Any
 
 import grpc
 from opentelemetry import propagate, trace
@@ -46,6 +45,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+from server.rpc.registration import Registrations
 from server.telemetry.infer_trace import InferTrace, random_span_ids, span_ids_from, span_ref
 from server.telemetry.otlp_async import AsyncChunkSender
 from server.telemetry.otlp_fast import (
@@ -147,7 +147,7 @@ async def register_services(
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
     inner = aio_server_interceptor(tracer_provider=tracing.provider)
-    capture = _Capture()
+    capture = Registrations()
     for add in registrations:
         add(capture)
     for service, handlers in capture.tables.items():
@@ -174,43 +174,6 @@ class _Details(grpc.HandlerCallDetails):  # type: ignore[misc]
 
     method: str
     invocation_metadata: tuple[tuple[str, str], ...] = ()
-
-
-class _Capture(grpc.aio.Server):
-    """Records what registrations add. A grpc.aio.Server because grpc-reflection picks its
-    asyncio servicer by `isinstance(server, grpc.aio.Server)`."""
-
-    def __init__(self) -> None:
-        self.tables: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
-        self.generic: list[grpc.GenericRpcHandler] = []
-
-    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[Any]) -> None:
-        self.generic.extend(generic_rpc_handlers)
-
-    def add_registered_method_handlers(self, service_name: str, method_handlers: Any) -> None:
-        self.tables[service_name] = dict(method_handlers)
-
-    def untabled(self) -> list[grpc.GenericRpcHandler]:
-        """Generic handlers of services that came without a method table."""
-        return [
-            g for g in self.generic
-            if getattr(g, "service_name", lambda: None)() not in self.tables
-        ]  # fmt: skip
-
-    def add_insecure_port(self, address: str) -> int:
-        raise NotImplementedError
-
-    def add_secure_port(self, address: str, server_credentials: Any) -> int:
-        raise NotImplementedError
-
-    async def start(self) -> None:
-        raise NotImplementedError
-
-    async def stop(self, grace: float | None) -> None:
-        raise NotImplementedError
-
-    async def wait_for_termination(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
-        raise NotImplementedError
 
 
 class RequestTracer:
