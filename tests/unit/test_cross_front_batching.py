@@ -1,0 +1,100 @@
+"""Calls from different front processes batch together (the fast-runtime issue, item 1).
+
+A real worker serves its Unix socket; two fronts, each with its own arena and its own
+RuntimeClient (what two `--frontends` processes have), send one call each to the demo's
+`dense` loaded with dynamic batching that waits for 2 rows (preferred batch size 2) or a
+minute. Both answers must come back from ONE execution of 2 rows, counted once, each with its
+own rows of the result (checked against onnxruntime run in process). A worker that kept each
+front's calls apart would answer only after the minute, with 1-row executions.
+
+Both serving paths: a plain session's batcher, and the CUDA-graph path run on the CPU EP
+(cpu_graphs: the same GraphSet, staging, padding and split as on a GPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from runtime.client import InferResult, PreparedInput, RuntimeClient
+from runtime.ipc.protocol import Batching, Code, LoadModel, ModelSignature
+from runtime.ipc.shm import Arena, SlotPool
+from runtime.settings import WorkerSettings
+from runtime.worker import Worker
+from server.settings import DEMO_REPOSITORY
+
+MODEL = DEMO_REPOSITORY / "dense" / "1" / "model.onnx"
+SLOT = 64 << 10
+SLOTS = 8
+WAIT_FOR_TWO = Batching(max_queue_delay_us=60_000_000, preferred=(2,))
+
+
+@pytest.fixture(params=[False, True], ids=["session-batcher", "graph-model"])
+def worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Worker]:
+    sock = tmp_path / "w.sock"
+    w = Worker(WorkerSettings(socket_path=str(sock), device="cpu", cpu_graphs=request.param))
+    server = threading.Thread(target=w.serve_forever, daemon=True)
+    server.start()
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert time.monotonic() < deadline, "the worker never listened"
+        time.sleep(0.01)
+    yield w
+    w.stopping.set()
+    server.join(10)
+    w.pool.shutdown()
+
+
+async def _front(worker: Worker, front_id: int) -> RuntimeClient:
+    arena = Arena(f"/microtune-test-{os.getpid()}-xfront-{front_id}", SLOT * SLOTS, create=True)
+    client = RuntimeClient(worker.settings.socket_path, arena, SlotPool(SLOT, SLOTS), front_id)
+    await client.connect()
+    return client
+
+
+async def _infer(client: RuntimeClient, rows: np.ndarray) -> InferResult:
+    tensor = PreparedInput("INPUT0", "FP32", rows.shape, rows.tobytes())
+    return await client.infer("dense", 1, [tensor], ["OUTPUT0"], 4096, time.monotonic() + 20)
+
+
+def test_two_fronts_calls_run_in_one_execution(worker: Worker) -> None:
+    done = worker.load(
+        LoadModel(1, "dense", 1, str(MODEL), 8, ModelSignature((), ()), batching=WAIT_FOR_TWO)
+    )
+    assert done.code == Code.OK, done.message
+    rng = np.random.default_rng(7)
+    x_a = rng.standard_normal((1, 256), dtype=np.float32)
+    x_b = rng.standard_normal((1, 256), dtype=np.float32)
+
+    async def scenario() -> tuple[InferResult, InferResult]:
+        a, b = await _front(worker, 1), await _front(worker, 2)
+        try:
+            ra, rb = await asyncio.gather(_infer(a, x_a), _infer(b, x_b))
+        finally:
+            for client in (a, b):
+                await client.close()
+                client.arena.close()
+                client.arena.unlink()
+        return ra, rb
+
+    started = time.monotonic()
+    ra, rb = asyncio.run(scenario())
+    assert time.monotonic() - started < 30, "the calls waited out the queue delay: no batch"
+
+    reference = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    for result, x in ((ra, x_a), (rb, x_b)):
+        (out,) = result.outputs
+        assert (out.name, out.shape) == ("OUTPUT0", (1, 10))
+        got = np.frombuffer(out.data, dtype=np.float32).reshape(1, 10)
+        (want,) = reference.run(["OUTPUT0"], {"INPUT0": x})
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert result.timings.batch_size == 2  # the execution's rows: both fronts' calls
+    assert ra.timings.executions + rb.timings.executions == 1  # one execution, counted once
