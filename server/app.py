@@ -117,13 +117,15 @@ class App:
             ),
             self.tracing,
         )
-        self.port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
-        await server.start()
-        self.server = server
         await self.health.start()
-        log.info("gRPC listening on %s:%d", s.grpc_host, self.port)
-        if s.port_file is not None:
-            s.port_file.write_text(str(self.port))
+        # A lone front listens at once: while its models load, probes find it NOT_SERVING and
+        # requests get UNAVAILABLE. A front that shares the port with others (server.supervisor)
+        # listens only once its models are loaded: the kernel gives every listener of the port
+        # its share of new connections, so a front still loading (at start, or restarted after
+        # a crash) would answer its share NOT_FOUND or UNAVAILABLE while another could serve.
+        shared_port = bool(s.worker_socket)
+        if not shared_port:
+            await self._listen(server)
         self._start_metrics()
         await self.link.start()
         await self.manager.load_repository()
@@ -139,7 +141,19 @@ class App:
         self._tasks.append(asyncio.create_task(self._watch_readiness()))
         if s.model_control_mode == "poll":
             self._tasks.append(asyncio.create_task(self.manager.poll_forever(s.repository_poll_s)))
+        if shared_port:
+            await self.health.set_ready(self.handler.ready())
+            await self._listen(server)
         return self.port
+
+    async def _listen(self, server: grpc.aio.Server) -> None:
+        s = self.settings
+        self.port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        await server.start()
+        self.server = server
+        log.info("gRPC listening on %s:%d", s.grpc_host, self.port)
+        if s.port_file is not None:
+            s.port_file.write_text(str(self.port))
 
     def _start_metrics(self) -> None:
         s, m = self.settings, self.metrics
