@@ -31,6 +31,7 @@ from server.rpc.health import HealthState
 from server.rpc.servicer import InferenceServicer, add_to_server
 from server.rpc.status import status_of
 from server.settings import Settings
+from server.shm_directory import RegionDirectory
 from server.shm_regions import SharedMemoryRegistry
 from server.telemetry import GpuSampler, Metrics, MetricsHttpServer, capacity_for
 from server.telemetry.tracing import make_tracing, register_services
@@ -58,7 +59,11 @@ class App:
         )
         self.manager.single_front = not settings.worker_socket
         self.manager.batching_enabled = settings.dynamic_batching
-        self.shm = SharedMemoryRegistry(settings.allow_client_shm)
+        # Several fronts share the pod's registrations, in the supervisor's directory for them.
+        shared = (
+            RegionDirectory(Path(settings.worker_socket).parent) if settings.worker_socket else None
+        )
+        self.shm = SharedMemoryRegistry(settings.allow_client_shm, shared)
         self.metrics = Metrics() if settings.metrics_port >= 0 else None
         self.tracing = make_tracing(
             settings.tracing, settings.trace_sampling_ratio, __version__, span_exporter
@@ -231,8 +236,12 @@ class App:
 
     async def _watch_readiness(self) -> None:
         # Readiness can change under our feet (worker death, loads): re-derive it often.
+        ticks = 0
         while True:
             await self.health.set_ready(self.handler.ready())
+            ticks += 1
+            if ticks % 10 == 0 and self.shm.directory is not None and self.shm.enabled:
+                await self.handler.sweep_regions()  # each second: regions unregistered elsewhere
             await asyncio.sleep(0.1)
 
     async def stop(self, grace: float = 5.0) -> None:

@@ -44,6 +44,7 @@ from server.models import ModelTable, VersionEntry
 from server.router import RouteHints, Router
 from server.routing import compare_outputs, route_key_point, should_shadow
 from server.routing.shadow import OutputLike
+from server.shm_directory import RegionRecord
 from server.shm_regions import CudaRegion, SharedMemoryRegistry
 from server.stats import VersionStats
 from server.telemetry.infer_trace import InferTrace
@@ -217,6 +218,10 @@ class InferenceHandler:
         ve = self.table.models[req.model].versions[route.version]
         spec, sig = ve.spec, ve.signature
         assert spec is not None and sig is not None
+        if self.shm.directory is not None and (
+            req.output_shm or any(t.shm is not None for t in req.inputs)
+        ):
+            await self._adopt_regions(req)
         on_device = False  # some input stays in a client CUDA region (read by the worker)
         if any(t.shm is not None for t in req.inputs):
             req = struct_replace(req, inputs=tuple(self._shm_input(t) for t in req.inputs))
@@ -404,8 +409,33 @@ class InferenceHandler:
             if self.link.ready:
                 await self.link.require().close_region(n)
 
-    def cuda_status(self, name: str) -> list[CudaRegion]:
+    def cuda_status(self, name: str) -> list[CudaRegion] | list[RegionRecord]:
         return self.shm.cuda_status(name)
+
+    async def _adopt_regions(self, req: InferRequest) -> None:
+        """Several fronts: have the worker open, for this front, the pod's CUDA regions the
+        request names that another front registered (server.shm_directory)."""
+        names = {t.shm.region for t in req.inputs if t.shm is not None}
+        names.update(ref.region for ref in req.output_shm.values())
+        for region, identity in self.shm.cuda_to_adopt(names):
+            done = await self.link.require().open_region(
+                region.name, region.raw_handle, region.device_id, region.byte_size
+            )
+            if done.code == Code.OK:
+                self.shm.adopt_cuda(region, identity)
+            else:  # the request then names an unregistered region (INVALID_ARGUMENT)
+                log.warning("CUDA shared memory region '%s': %s", region.name, done.message)
+        await self._close_stale_regions()
+
+    async def sweep_regions(self) -> None:
+        """Several fronts: let go of regions unregistered through another front."""
+        self.shm.sweep()
+        await self._close_stale_regions()
+
+    async def _close_stale_regions(self) -> None:
+        for name in self.shm.take_stale_cuda():
+            if self.link.ready:
+                await self.link.require().close_region(name)
 
     async def reopen_cuda_regions(self) -> None:
         """After a worker restart: open every registered region in the new worker; one that

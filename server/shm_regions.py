@@ -7,6 +7,11 @@ keeps their name, device and size (for status and bounds checks) and the worker 
 client's IPC handle (runtime.engine.regions); tensors in them go to the worker as references.
 System and CUDA regions share one namespace. Regions are never unlinked or freed here: the
 client owns them.
+
+With several fronts (`--frontends N`) the namespace is the pod's: registrations live in a
+server.shm_directory.RegionDirectory, and each front maps (system) or has the worker open
+(CUDA, through the handler) what it uses on first use, and drops it once the pod's record of it
+is gone or replaced.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from server.errors import AlreadyExists, InvalidInput, NotFound, Unsupported
+from server.shm_directory import Identity, RegionDirectory, RegionRecord
 from server.types import ShmRef
 
 R = TypeVar("R")
@@ -55,10 +61,15 @@ class CudaRegion:
 
 
 class SharedMemoryRegistry:
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, directory: RegionDirectory | None = None) -> None:
         self.enabled = enabled
         self.system: dict[str, SystemRegion] = {}
         self.cuda: dict[str, CudaRegion] = {}
+        self.directory = directory  # the pod's registrations (several fronts), or None
+        self._taken: dict[str, Identity] = {}  # what each local region was taken from
+        # CUDA regions this front had opened in the worker whose registration is gone:
+        # the handler has the worker close them (`take_stale_cuda`).
+        self._stale_cuda: list[str] = []
 
     def _check_enabled(self) -> None:
         if not self.enabled:
@@ -70,40 +81,34 @@ class SharedMemoryRegistry:
         self._check_enabled()
         if not name:
             raise InvalidInput("shared memory region name is required")
+        self._drop_if_stale(name)
         if name in self.system or name in self.cuda:
             raise AlreadyExists(f"shared memory region '{name}' already in manager")
-        stem = key.lstrip("/")
-        if not stem or "/" in stem or stem.startswith(_RESERVED):
-            raise InvalidInput(f"invalid shared memory key '{key}'")
-        try:
-            fd = os.open(_SHM_DIR / stem, os.O_RDWR)
-        except OSError as exc:
-            raise InvalidInput(
-                f"unable to open shared memory region '{name}' (key '{key}'): {exc.strerror}"
-            ) from None
-        try:
-            size = os.fstat(fd).st_size
-            if byte_size == 0 or offset + byte_size > size:
-                raise InvalidInput(
-                    f"shared memory region '{name}': offset {offset} + byte_size {byte_size} "
-                    f"exceeds the {size} bytes of '{key}'"
-                )
-            m = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        view = memoryview(m)[offset : offset + byte_size]
-        self.system[name] = SystemRegion(name, key, offset, byte_size, m, view)
+        region = _map_system(name, key, offset, byte_size)
+        if self.directory is not None:
+            try:
+                record = RegionRecord(name, "system", byte_size, key, offset)
+                self._taken[name] = self.directory.claim(record)
+            except BaseException:
+                region.close()
+                raise
+        self.system[name] = region
 
     def unregister_system(self, name: str) -> None:
         self._check_enabled()
         names = list(self.system) if not name else [name]
+        if self.directory is not None:
+            for n in self._pod_names("system", name):
+                self.directory.remove(n)
         for n in names:
             region = self.system.pop(n, None)
             if region is not None:
                 region.close()
 
-    def system_status(self, name: str) -> list[SystemRegion]:
+    def system_status(self, name: str) -> list[SystemRegion] | list[RegionRecord]:
         self._check_enabled()
+        if self.directory is not None:
+            return _status(_by_name(self.directory.records("system")), "system", name)
         return _status(self.system, "system", name)
 
     def check_cuda(self, name: str, device_id: int) -> None:
@@ -111,7 +116,12 @@ class SharedMemoryRegistry:
         self._check_enabled()
         if not name:
             raise InvalidInput("shared memory region name is required")
-        if name in self.system or name in self.cuda:
+        self._drop_if_stale(name)
+        if (
+            name in self.system
+            or name in self.cuda
+            or (self.directory is not None and self.directory.lookup(name) is not None)
+        ):
             raise AlreadyExists(f"shared memory region '{name}' already in manager")
         if device_id < 0:
             raise InvalidInput(f"CUDA shared memory region '{name}': invalid device_id {device_id}")
@@ -120,26 +130,120 @@ class SharedMemoryRegistry:
 
     def add_cuda(self, region: CudaRegion) -> None:
         """Record a region the worker has opened (after `check_cuda` and the worker's OK)."""
+        self._drop_if_stale(region.name)
         if region.name in self.system or region.name in self.cuda:
             raise AlreadyExists(f"shared memory region '{region.name}' already in manager")
+        if self.directory is not None:
+            record = RegionRecord(
+                region.name, "cuda", region.byte_size, device_id=region.device_id,
+                raw_handle=region.raw_handle,
+            )  # fmt: skip
+            self._taken[region.name] = self.directory.claim(record)
         self.cuda[region.name] = region
 
     def remove_cuda(self, name: str) -> list[str]:
-        """Forget `name` ("" = all); the names forgotten (for the worker to close)."""
+        """Forget `name` ("" = all); the names forgotten here (for the worker to close)."""
         self._check_enabled()
         names = list(self.cuda) if not name else [name] if name in self.cuda else []
+        if self.directory is not None:
+            for n in self._pod_names("cuda", name):
+                self.directory.remove(n)
         for n in names:
             del self.cuda[n]
         return names
 
-    def cuda_status(self, name: str) -> list[CudaRegion]:
+    def cuda_status(self, name: str) -> list[CudaRegion] | list[RegionRecord]:
         self._check_enabled()
+        if self.directory is not None:
+            return _status(_by_name(self.directory.records("cuda")), "cuda", name)
         return _status(self.cuda, "cuda", name)
+
+    # ------------------------------------------------------------ several fronts
+
+    def cuda_to_adopt(self, names: set[str]) -> list[tuple[CudaRegion, Identity]]:
+        """The pod's CUDA regions among `names` that this front has not opened yet."""
+        if self.directory is None:
+            return []
+        out: list[tuple[CudaRegion, Identity]] = []
+        for name in names:
+            if name in self.cuda and self.directory.current(name, self._taken[name]):
+                continue
+            if name in self.cuda:  # unregistered or replaced since this front opened it
+                del self.cuda[name]
+                self._stale_cuda.append(name)
+            found = self.directory.lookup(name)
+            if found is not None and found[0].kind == "cuda":
+                r, identity = found
+                out.append((CudaRegion(r.name, r.device_id, r.byte_size, r.raw_handle), identity))
+        return out
+
+    def adopt_cuda(self, region: CudaRegion, identity: Identity) -> None:
+        """Record a pod region the worker has opened for this front."""
+        self.cuda[region.name] = region
+        self._taken[region.name] = identity
+
+    def take_stale_cuda(self) -> list[str]:
+        stale, self._stale_cuda = self._stale_cuda, []
+        return stale
+
+    def sweep(self) -> None:
+        """Drop what the pod no longer has registered (the CUDA ones go to `take_stale_cuda`)."""
+        if self.directory is None:
+            return
+        for name in [n for n in self.system if not self._is_current(n)]:
+            self.system.pop(name).close()
+        for name in [n for n in self.cuda if not self._is_current(n)]:
+            del self.cuda[name]
+            self._stale_cuda.append(name)
+
+    def _pod_names(self, kind: str, name: str) -> list[str]:
+        """The pod's regions of `kind` an unregister of `name` ("" = all) removes."""
+        assert self.directory is not None
+        if not name:
+            return [r.name for r in self.directory.records(kind)]
+        found = self.directory.lookup(name)
+        return [name] if found is not None and found[0].kind == kind else []
+
+    def _drop_if_stale(self, name: str) -> None:
+        """Before a registration: forget a local region the pod unregistered meanwhile."""
+        if self.directory is None or self._is_current(name):
+            return
+        region = self.system.pop(name, None)
+        if region is not None:
+            region.close()
+        if self.cuda.pop(name, None) is not None:
+            self._stale_cuda.append(name)
+
+    def _is_current(self, name: str) -> bool:
+        assert self.directory is not None
+        taken = self._taken.get(name)
+        return taken is not None and self.directory.current(name, taken)
+
+    def _system_region(self, name: str) -> SystemRegion | None:
+        """The pod's system region `name`, mapped here on first use (several fronts)."""
+        assert self.directory is not None
+        region = self.system.get(name)
+        if region is not None:
+            if self._is_current(name):
+                return region
+            self.system.pop(name).close()
+        found = self.directory.lookup(name)
+        if found is None or found[0].kind != "system":
+            return None
+        r, identity = found
+        region = _map_system(r.name, r.key, r.offset, r.byte_size)
+        self.system[name] = region
+        self._taken[name] = identity
+        return region
 
     def cuda_ref(self, ref: ShmRef, tensor: str) -> CudaRegion | None:
         """The CUDA region `ref` names, bounds-checked; None when it names no CUDA region."""
         region = self.cuda.get(ref.region)
         if region is None:
+            return None
+        if self.directory is not None and not self._is_current(ref.region):
+            del self.cuda[ref.region]  # unregistered through another front meanwhile
+            self._stale_cuda.append(ref.region)
             return None
         _check_bounds(ref, tensor, region.byte_size)
         return region
@@ -147,7 +251,10 @@ class SharedMemoryRegistry:
     def view(self, ref: ShmRef, tensor: str) -> memoryview:
         """The bytes of a tensor in a region, bounds-checked."""
         self._check_enabled()
-        region = self.system.get(ref.region)
+        if self.directory is None:
+            region = self.system.get(ref.region)
+        else:
+            region = self._system_region(ref.region)
         if region is None:
             raise InvalidInput(
                 f"tensor '{tensor}' refers to unregistered shared memory region '{ref.region}'"
@@ -160,6 +267,34 @@ class SharedMemoryRegistry:
             region.close()
         self.system.clear()
         self.cuda.clear()
+
+
+def _map_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegion:
+    """Map [offset, offset + byte_size) of the client's POSIX shm object `key`."""
+    stem = key.lstrip("/")
+    if not stem or "/" in stem or stem.startswith(_RESERVED):
+        raise InvalidInput(f"invalid shared memory key '{key}'")
+    try:
+        fd = os.open(_SHM_DIR / stem, os.O_RDWR)
+    except OSError as exc:
+        raise InvalidInput(
+            f"unable to open shared memory region '{name}' (key '{key}'): {exc.strerror}"
+        ) from None
+    try:
+        size = os.fstat(fd).st_size
+        if byte_size == 0 or offset + byte_size > size:
+            raise InvalidInput(
+                f"shared memory region '{name}': offset {offset} + byte_size {byte_size} "
+                f"exceeds the {size} bytes of '{key}'"
+            )
+        m = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    return SystemRegion(name, key, offset, byte_size, m, memoryview(m)[offset : offset + byte_size])
+
+
+def _by_name(records: list[RegionRecord]) -> dict[str, RegionRecord]:
+    return {r.name: r for r in records}
 
 
 def _check_bounds(ref: ShmRef, tensor: str, size: int) -> None:

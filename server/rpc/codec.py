@@ -16,6 +16,7 @@ from runtime.ipc.dtypes import DTYPES, BytesDecodeError, decode_bytes_tensor, en
 from server._proto.inference import grpc_service_pb2 as pb
 from server.errors import InvalidInput
 from server.handler import ModelView, StatsRow
+from server.shm_directory import RegionRecord
 from server.shm_regions import CudaRegion, SystemRegion
 from server.stats import Duration
 from server.types import (
@@ -319,7 +320,7 @@ def encode_statistics(rows: Iterable[StatsRow]) -> pb.ModelStatisticsResponse:
 
 
 def encode_system_shm_status(
-    regions: Iterable[SystemRegion],
+    regions: Iterable[SystemRegion | RegionRecord],
 ) -> pb.SystemSharedMemoryStatusResponse:
     out = pb.SystemSharedMemoryStatusResponse()
     for r in regions:
@@ -328,7 +329,9 @@ def encode_system_shm_status(
     return out
 
 
-def encode_cuda_shm_status(regions: Iterable[CudaRegion]) -> pb.CudaSharedMemoryStatusResponse:
+def encode_cuda_shm_status(
+    regions: Iterable[CudaRegion | RegionRecord],
+) -> pb.CudaSharedMemoryStatusResponse:
     out = pb.CudaSharedMemoryStatusResponse()
     for r in regions:
         st = out.regions[r.name]

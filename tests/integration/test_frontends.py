@@ -12,23 +12,33 @@ request on a fresh connection succeeds:
 
 The killed front's arena leaves /dev/shm, and stopping the server leaves no process and no
 arena of any front behind.
+
+Client shared memory is the pod's: a region registered through one connection is listed by,
+used through and unregistered through any connection, whichever front it reached.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
+import contextlib
 import os
 import re
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from harness import DEMO, SHM, Server, children_of, pid_alive
+import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as shm
+from harness import DEMO, SHM, Server, children_of, pid_alive, raises, running_server
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
+
+from runtime.engine.regions import fake_handle
 
 COPIES = 48  # of the demo's `simple`: a front's load of the repository takes a while
 
@@ -93,7 +103,10 @@ def test_a_front_serves_only_once_loaded(many_models: Path, tmp_path: Path) -> N
         ready_lines = s.log().count("microtune ready")
 
         os.kill(victim, signal.SIGKILL)
-        while pid_alive(victim):  # its listening socket is closed once it is gone
+        # Its listening socket is closed once the supervisor has reaped it: the leader of a
+        # dying process is a zombie while its other threads, which share the socket, still exit
+        # (a connection queued on it then is reset: the kernel's doing, not this test's).
+        while Path(f"/proc/{victim}").exists():
             assert time.monotonic() < deadline
             time.sleep(0.01)
         during = collections.Counter[str]()
@@ -114,3 +127,91 @@ def test_a_front_serves_only_once_loaded(many_models: Path, tmp_path: Path) -> N
     left = [p.name for f in every_front for p in SHM.glob(f"microtune-{f}-*")]
     assert not left, left
     assert not [f for f in every_front if pid_alive(f)]
+
+
+# ----------------------------------------------------------------------------- client shm
+
+SHM_ARGS = ("--frontends", "2", "--allow-client-shm", "true", "--fake-cuda-ipc", "true")
+FRESH = 24  # connections opened one after another: both fronts get some (P(not) = 2**-23)
+
+
+@pytest.fixture(scope="module")
+def shm_server(
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    with running_server(model_repository, tmp_path_factory.mktemp("fronts-shm"), SHM_ARGS) as s:
+        yield s
+
+
+# gRPC shares one connection between channels to the same target unless told not to.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+def fresh(url: str) -> Iterator[grpcclient.InferenceServerClient]:
+    """FRESH clients, each on a connection of its own."""
+    for _ in range(FRESH):
+        c = grpcclient.InferenceServerClient(url, channel_args=OWN_CONNECTION)
+        try:
+            yield c
+        finally:
+            c.close()
+
+
+def shm_io(region_in: str, region_out: str, nbytes: int) -> tuple[object, object]:
+    inp = grpcclient.InferInput("IN", [3, 4], "FP32")
+    inp.set_shared_memory(region_in, nbytes)
+    out = grpcclient.InferRequestedOutput("OUT")
+    out.set_shared_memory(region_out, nbytes)
+    return inp, out
+
+
+def test_client_shm_registered_on_one_connection_is_the_pods(shm_server: Server) -> None:
+    """perf_analyzer registers its regions on one connection and infers on others: with
+    several fronts, every front must know them (and forget them once unregistered)."""
+    url, pid = shm_server.url, os.getpid()
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    sys_in = shm.create_shared_memory_region("in", f"/mt-fronts-{pid}-in", x.nbytes)
+    sys_out = shm.create_shared_memory_region("out", f"/mt-fronts-{pid}-out", x.nbytes)
+    dev_key = f"/mt-fronts-{pid}-dev"
+    dev = shm.create_shared_memory_region("dev", dev_key, x.nbytes)  # a fake CUDA buffer
+    owner = grpcclient.InferenceServerClient(url)
+    try:
+        owner.register_system_shared_memory("in", f"/mt-fronts-{pid}-in", x.nbytes)
+        owner.register_system_shared_memory("out", f"/mt-fronts-{pid}-out", x.nbytes)
+        owner.register_cuda_shared_memory("dev", base64.b64encode(fake_handle(dev_key)), 0, 48)
+        for i, c in enumerate(fresh(url)):
+            assert sorted(c.get_system_shared_memory_status(as_json=True)["regions"]) == [
+                "in",
+                "out",
+            ]
+            assert list(c.get_cuda_shared_memory_status(as_json=True)["regions"]) == ["dev"]
+            shm.set_shared_memory_region(sys_in, [x + i])
+            inp, out = shm_io("in", "out", x.nbytes)
+            c.infer("id_fp32", [inp], outputs=[out])
+            got = shm.get_contents_as_numpy(sys_out, np.float32, [3, 4])
+            np.testing.assert_array_equal(got, x + i)
+            shm.set_shared_memory_region(dev, [x * i])  # input in the (fake) CUDA region
+            inp, out = shm_io("dev", "out", x.nbytes)
+            c.infer("id_fp32", [inp], outputs=[out])
+            got = shm.get_contents_as_numpy(sys_out, np.float32, [3, 4])
+            np.testing.assert_array_equal(got, x * i)
+        with grpcclient.InferenceServerClient(url, channel_args=OWN_CONNECTION) as other:
+            other.unregister_system_shared_memory("in")
+            other.unregister_cuda_shared_memory("dev")
+        for c in fresh(url):
+            for region in ("in", "dev"):
+                inp, out = shm_io(region, "out", x.nbytes)
+                raises(
+                    lambda c=c, inp=inp, out=out: c.infer("id_fp32", [inp], outputs=[out]),
+                    "INVALID_ARGUMENT",
+                    f"tensor 'IN' refers to unregistered shared memory region '{region}'",
+                )
+            assert list(c.get_system_shared_memory_status(as_json=True)["regions"]) == ["out"]
+            assert not c.get_cuda_shared_memory_status(as_json=True).get("regions")
+    finally:
+        with contextlib.suppress(Exception):
+            owner.unregister_system_shared_memory()
+            owner.unregister_cuda_shared_memory()
+        owner.close()
+        for region in (sys_in, sys_out, dev):
+            shm.destroy_shared_memory_region(region)
