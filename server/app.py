@@ -33,6 +33,7 @@ from server.rpc.status import status_of
 from server.settings import Settings
 from server.shm_directory import RegionDirectory
 from server.shm_regions import SharedMemoryRegistry
+from server.stats_peers import StatsPeers
 from server.telemetry import GpuSampler, Metrics, MetricsHttpServer, capacity_for
 from server.telemetry.tracing import make_tracing, register_services
 from server.types import ModelState
@@ -60,9 +61,8 @@ class App:
         self.manager.single_front = not settings.worker_socket
         self.manager.batching_enabled = settings.dynamic_batching
         # Several fronts share the pod's registrations, in the supervisor's directory for them.
-        shared = (
-            RegionDirectory(Path(settings.worker_socket).parent) if settings.worker_socket else None
-        )
+        pod_dir = Path(settings.worker_socket).parent if settings.worker_socket else None
+        shared = RegionDirectory(pod_dir) if pod_dir is not None else None
         self.shm = SharedMemoryRegistry(settings.allow_client_shm, shared)
         self.metrics = Metrics() if settings.metrics_port >= 0 else None
         self.tracing = make_tracing(
@@ -81,6 +81,10 @@ class App:
             tracer=None if self.tracing is None else self.tracing.request_tracer(),
             status_of=status_of,
         )
+        if pod_dir is not None:  # ModelStatistics answers for the pod (server.stats_peers)
+            self.handler.peers = StatsPeers(
+                pod_dir, settings.frontend_index, self.handler.stats_snapshot
+            )
         reload_models = self.link.on_restart
 
         async def after_worker_restart() -> None:
@@ -131,6 +135,8 @@ class App:
         shared_port = bool(s.worker_socket)
         if not shared_port:
             await self._listen(server)
+        if self.handler.peers is not None:
+            await self.handler.peers.start()
         self._start_metrics()
         await self.link.start()
         await self.manager.load_repository()
@@ -252,6 +258,8 @@ class App:
         await self.health.shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        if self.handler.peers is not None:
+            await self.handler.peers.close()
         await self.link.stop()
         self.manager.close()
         if self.metrics_server is not None:

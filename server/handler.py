@@ -46,7 +46,8 @@ from server.routing import compare_outputs, route_key_point, should_shadow
 from server.routing.shadow import OutputLike
 from server.shm_directory import RegionRecord
 from server.shm_regions import CudaRegion, SharedMemoryRegistry
-from server.stats import VersionStats
+from server.stats import VersionStats, merged
+from server.stats_peers import Snapshot, StatsPeers
 from server.telemetry.infer_trace import InferTrace
 from server.telemetry.metrics import Metrics, ShadowOutcome
 from server.telemetry.tracing import RequestTracer
@@ -129,6 +130,7 @@ class InferenceHandler:
         self.manager = manager
         self.server_name = server_name
         self.started = False  # the repository's first load pass has finished
+        self.peers: StatsPeers | None = None  # the pod's other fronts (--frontends N)
 
     # ------------------------------------------------------------ health and metadata
 
@@ -454,7 +456,26 @@ class InferenceHandler:
 
     # ------------------------------------------------------------ statistics and repository
 
-    def statistics(self, name: str, version: str) -> list[StatsRow]:
+    async def statistics(self, name: str, version: str) -> list[StatsRow]:
+        """Triton's ModelStatistics; with several fronts, summed over the pod's fronts."""
+        rows = self._own_statistics(name, version)
+        if self.peers is None or not rows:
+            return rows
+        others: dict[tuple[str, int], list[VersionStats]] = {}
+        for snapshot in await self.peers.gather():
+            for model, v, stats in snapshot:
+                others.setdefault((model, v), []).append(stats)
+        return [
+            StatsRow(r.name, r.version, merged(r.stats, *others.get((r.name, r.version), ())))
+            for r in rows
+        ]
+
+    def stats_snapshot(self) -> Snapshot:
+        """This front's counts of every version (what the pod's other fronts ask for)."""
+        models = self.table.models.values()
+        return [(e.name, v, ve.stats) for e in models for v, ve in e.versions.items()]
+
+    def _own_statistics(self, name: str, version: str) -> list[StatsRow]:
         entries = [self.table.get(name)] if name else list(self.table.models.values())
         rows: list[StatsRow] = []
         for e in entries:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from runtime.ipc.protocol import Timings
 
-__all__ = ["BatchStats", "Duration", "VersionStats"]
+__all__ = ["BatchStats", "Duration", "VersionStats", "merged"]
 
 
 @dataclass(slots=True)
@@ -65,3 +65,35 @@ class VersionStats:
     def record_failure(self, total_ns: int) -> None:
         self.fail.add(total_ns)
         self.last_inference_ms = time.time_ns() // 1_000_000
+
+
+_PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+def merged(first: VersionStats, *others: VersionStats) -> VersionStats:
+    """The statistics of one version summed over several fronts (`--frontends N`)."""
+    out = VersionStats()
+    for s in (first, *others):
+        for name in (
+            "success",
+            "fail",
+            "queue",
+            "compute_input",
+            "compute_infer",
+            "compute_output",
+        ):
+            _add(getattr(out, name), getattr(s, name))
+        out.inference_count += s.inference_count
+        out.execution_count += s.execution_count
+        out.last_inference_ms = max(out.last_inference_ms, s.last_inference_ms)
+        for size, b in s.batches.items():
+            total = out.batches.setdefault(size, BatchStats())
+            _add(total.compute_input, b.compute_input)
+            _add(total.compute_infer, b.compute_infer)
+            _add(total.compute_output, b.compute_output)
+    return out
+
+
+def _add(total: Duration, d: Duration) -> None:
+    total.count += d.count
+    total.ns += d.ns

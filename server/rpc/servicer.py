@@ -179,7 +179,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Ctx
     ) -> pb.ModelStatisticsResponse:
-        return codec.encode_statistics(self.h.statistics(request.name, request.version))
+        return codec.encode_statistics(await self.h.statistics(request.name, request.version))
 
     @rpc_errors
     async def RepositoryIndex(

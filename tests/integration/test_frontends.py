@@ -215,3 +215,31 @@ def test_client_shm_registered_on_one_connection_is_the_pods(shm_server: Server)
         owner.close()
         for region in (sys_in, sys_out, dev):
             shm.destroy_shared_memory_region(region)
+
+
+def test_model_statistics_count_the_whole_pod(shm_server: Server) -> None:
+    """perf_analyzer reads the statistics on one connection while its load spreads over every
+    front: each front answers for the pod, as Triton answers for the server."""
+    url = shm_server.url
+    x = np.arange(12, dtype=np.int32).reshape(3, 4)
+
+    def counts(c: grpcclient.InferenceServerClient) -> tuple[int, int, int]:
+        (st,) = c.get_inference_statistics("id_int32", "1", as_json=True)["model_stats"]
+        success = st["inference_stats"]["success"]
+        return (
+            int(success.get("count", 0)),
+            int(st.get("inference_count", 0)),
+            int(st.get("execution_count", 0)),
+        )
+
+    with grpcclient.InferenceServerClient(url, channel_args=OWN_CONNECTION) as c:
+        before = counts(c)
+    sent = 0
+    for c in fresh(url):
+        inp = grpcclient.InferInput("IN", [3, 4], "INT32")
+        inp.set_data_from_numpy(x)
+        np.testing.assert_array_equal(c.infer("id_int32", [inp]).as_numpy("OUT"), x)
+        sent += 1
+    want = (before[0] + sent, before[1] + 3 * sent, before[2] + sent)
+    for c in fresh(url):
+        assert counts(c) == want

@@ -167,7 +167,7 @@ def test_index_of_an_empty_table() -> None:
 
 
 def _stats_handler(t: ModelTable) -> InferenceHandler:
-    h = InferenceHandler.__new__(InferenceHandler)  # statistics() reads only the table
+    h = InferenceHandler.__new__(InferenceHandler)  # _own_statistics() reads only the table
     h.table = t
     return h
 
@@ -182,7 +182,7 @@ def _stats_handler(t: ModelTable) -> InferenceHandler:
 )
 def test_statistics_rows(name: str, version: str, rows: list[tuple[str, int]]) -> None:
     t = table(m={1: (READY, ""), 2: (READY, ""), 3: (UNAVAILABLE, "x")}, a={1: (READY, "")})
-    got = _stats_handler(t).statistics(name, version)
+    got = _stats_handler(t)._own_statistics(name, version)
     assert sorted((r.name, r.version) for r in got) == rows
 
 
@@ -190,10 +190,10 @@ def test_statistics_rows(name: str, version: str, rows: list[tuple[str, int]]) -
 def test_statistics_unknown_version(version: str) -> None:
     t = table(m={1: (READY, "")})
     with pytest.raises(NotFound) as info:
-        _stats_handler(t).statistics("m", version)
+        _stats_handler(t)._own_statistics("m", version)
     assert info.value.message == f"model 'm' has no version {version}"
 
 
 def test_statistics_unknown_model() -> None:
     with pytest.raises(NotFound, match="Request for unknown model"):
-        _stats_handler(table()).statistics("nope", "")
+        _stats_handler(table())._own_statistics("nope", "")
