@@ -22,6 +22,7 @@ from server import __version__
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.microtune import admin_pb2 as apb
 from server._proto.microtune import admin_pb2_grpc as apb_grpc
+from server.admin_sync import AdminSync
 from server.handler import InferenceHandler
 from server.lifecycle import ModelManager
 from server.models import ModelTable
@@ -81,10 +82,14 @@ class App:
             tracer=None if self.tracing is None else self.tracing.request_tracer(),
             status_of=status_of,
         )
+        self.admin_sync: AdminSync | None = None
         if pod_dir is not None:  # ModelStatistics answers for the pod (server.stats_peers)
             self.handler.peers = StatsPeers(
                 pod_dir, settings.frontend_index, self.handler.stats_snapshot
             )
+            # Routing admin decisions are the pod's (server.admin_sync).
+            self.admin_sync = AdminSync(pod_dir, self.router)
+            self.router.on_admin = self.admin_sync.publish
         reload_models = self.link.on_restart
 
         async def after_worker_restart() -> None:
@@ -152,6 +157,9 @@ class App:
         self._tasks.append(asyncio.create_task(self._watch_readiness()))
         if s.model_control_mode == "poll":
             self._tasks.append(asyncio.create_task(self.manager.poll_forever(s.repository_poll_s)))
+        if self.admin_sync is not None:
+            self.admin_sync.poll()  # route by the pod's admin tables from the first request
+            self._tasks.append(asyncio.create_task(self._poll_admin(self.admin_sync)))
         if shared_port:
             await self.health.set_ready(self.handler.ready())
             await self._listen(server)
@@ -239,6 +247,11 @@ class App:
         while True:
             await asyncio.sleep(1.0)
             self.router.reload_file(path)
+
+    async def _poll_admin(self, sync: AdminSync) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            sync.poll()
 
     async def _watch_readiness(self) -> None:
         # Readiness can change under our feet (worker death, loads): re-derive it often.

@@ -100,6 +100,10 @@ class Router:
         self.rng = rng or random.Random()
         self.clock = clock
         self.on_rollback = on_rollback
+        # Called with (model, rollback reason or "") when this front's own decision (SetRouting,
+        # ClearRouting, a guard rollback) changed a model's admin table: with several fronts,
+        # server.admin_sync publishes it to the others.
+        self.on_admin: Callable[[str, str], None] | None = None
         self.tables = RoutingTables()  # the effective snapshot, read per request
         self.sources: dict[str, str] = {}
         self._admin: dict[str, RoutingTable] = {}
@@ -193,17 +197,42 @@ class Router:
         log.warning("canary guard rolled back model %s version %d: %s", model, canary, reason)
         if self.on_rollback is not None:
             self.on_rollback(model, canary, reason)
+        if self.on_admin is not None:
+            self.on_admin(model, reason)
 
     # ------------------------------------------------------------------ sources
 
     def set_admin(self, model: str, table_json: str) -> None:
+        self.apply_admin(model, table_json)
+        if self.on_admin is not None:
+            self.on_admin(model, "")
+
+    def clear_admin(self, model: str) -> None:
+        self.drop_admin(model)
+        if self.on_admin is not None:
+            self.on_admin(model, "")
+
+    def admin_table(self, model: str) -> RoutingTable | None:
+        return self._admin.get(model)
+
+    def apply_admin(self, model: str, table_json: str, rollback: str = "") -> None:
+        """Set `model`'s admin table (validated); `rollback`: the reason when it is another
+        front's guard rollback, counted here too so that GetRouting says so on every front."""
         self.models.get(model)
         table = parse_table_json(table_json)
         self._validate(model, table)
         self._admin[model] = table
         self._rebuild()
+        if rollback:
+            self._guards.pop(model, None)
+            self.counters.rollbacks[model] = self.counters.rollbacks.get(model, 0) + 1
+            self.counters.last_rollback[model] = rollback
+            canary = table.canary_version
+            entry = self.models.models.get(model)
+            if entry is not None and canary is not None and canary in entry.versions:
+                entry.versions[canary].reason = f"canary rolled back by the guard: {rollback}"
 
-    def clear_admin(self, model: str) -> None:
+    def drop_admin(self, model: str) -> None:
         self.models.get(model)
         self._admin.pop(model, None)
         self._rebuild()

@@ -13,8 +13,10 @@ request on a fresh connection succeeds:
 The killed front's arena leaves /dev/shm, and stopping the server leaves no process and no
 arena of any front behind.
 
-Client shared memory is the pod's: a region registered through one connection is listed by,
-used through and unregistered through any connection, whichever front it reached.
+Client shared memory, ModelStatistics and routing admin decisions are the pod's: a region
+registered through one connection is listed by, used through and unregistered through any
+connection, whichever front it reached; statistics count every front's requests; SetRouting
+and ClearRouting apply on every front.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import json
 import os
 import re
 import signal
@@ -35,6 +38,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from harness import DEMO, SHM, Server, children_of, pid_alive, raises, running_server
+from routing_support import admin_stub, apb, dense_request
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
@@ -243,3 +247,34 @@ def test_model_statistics_count_the_whole_pod(shm_server: Server) -> None:
     want = (before[0] + sent, before[1] + 3 * sent, before[2] + sent)
     for c in fresh(url):
         assert counts(c) == want
+
+
+def test_routing_admin_decisions_are_the_pods(shm_server: Server) -> None:
+    """SetRouting reaches one front; every front routes by it (and by ClearRouting) within a
+    poll (a quarter of a second)."""
+    url = shm_server.url
+    everything_to_2 = json.dumps({"weights": {"1": 0, "2": 10_000}, "labels": {"stable": 1}})
+
+    def each_front_says(source: str, version: str) -> None:
+        deadline = time.monotonic() + 5
+        for _ in range(FRESH):
+            with grpc.insecure_channel(url, options=OWN_CONNECTION) as ch:
+                while True:  # a front may not have polled yet
+                    got = admin_stub(ch).GetRouting(apb.GetRoutingRequest(model="dense"), timeout=5)
+                    if got.source == source or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+                assert got.source == source
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+                assert stub.ModelInfer(dense_request(), timeout=10).model_version == version
+
+    with grpc.insecure_channel(url, options=OWN_CONNECTION) as ch:
+        admin_stub(ch).SetRouting(
+            apb.SetRoutingRequest(model="dense", table_json=everything_to_2), timeout=5
+        )
+    try:
+        each_front_says("admin", "2")
+    finally:
+        with grpc.insecure_channel(url, options=OWN_CONNECTION) as ch:
+            admin_stub(ch).ClearRouting(apb.ClearRoutingRequest(model="dense"), timeout=5)
+    each_front_says("none", "2")  # no table: the highest ready version

@@ -1,0 +1,104 @@
+"""The pod's routing admin tables, with `--frontends N`.
+
+SetRouting and ClearRouting reach one front, and a canary guard rolls back in one front, but
+each is a decision about the pod's traffic: every front must route by it. The front that made
+the decision writes the model's admin table into a file of the supervisor's directory for its
+fronts (`admin-<hash>`, replaced atomically; removed by ClearRouting), and every front polls
+the directory four times a second and applies what changed (server.router.Router.apply_admin).
+A front that starts or restarts applies them all before it listens. A table that does not
+validate here yet (say, a version still loading) is tried again at the next poll.
+
+Last writer wins: two fronts changing one model's table at once end with the one written last,
+on every front.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import msgspec
+
+from server.errors import MicrotuneError
+from server.router import Router
+from server.routing import table_to_dict
+
+__all__ = ["AdminSync"]
+
+log = logging.getLogger(__name__)
+
+_PREFIX = "admin-"
+
+
+class _Record(msgspec.Struct, frozen=True):
+    model: str
+    table_json: str
+    rollback: str = ""  # the guard's reason, when the table is its rollback
+
+
+_decoder = msgspec.json.Decoder(_Record)
+
+Identity = tuple[int, int]  # (inode, mtime ns) of a record's file
+
+
+class AdminSync:
+    def __init__(self, directory: Path, router: Router) -> None:
+        self.directory = directory
+        self.router = router
+        self._seen: dict[Path, tuple[Identity, str]] = {}  # applied: file -> (identity, model)
+
+    def _file(self, model: str) -> Path:
+        return self.directory / (_PREFIX + hashlib.sha256(model.encode()).hexdigest()[:40])
+
+    def publish(self, model: str, rollback: str = "") -> None:
+        """This front changed `model`'s admin table: make it the pod's (Router.on_admin)."""
+        path = self._file(model)
+        table = self.router.admin_table(model)
+        if table is None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            self._seen.pop(path, None)
+            return
+        record = _Record(model, json.dumps(table_to_dict(table)), rollback)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)
+        try:
+            os.write(fd, msgspec.json.encode(record))
+            st = os.fstat(fd)  # the file `path` is from now on (a rename keeps both)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self._seen[path] = ((st.st_ino, st.st_mtime_ns), model)  # not applied again by `poll`
+
+    def poll(self) -> None:
+        """Apply what other fronts published since the last poll."""
+        present: dict[Path, Identity] = {}
+        for path in self.directory.glob(_PREFIX + "*"):
+            with contextlib.suppress(FileNotFoundError):
+                present[path] = _identity(path)
+        for path, identity in present.items():
+            seen = self._seen.get(path)
+            if seen is not None and seen[0] == identity:
+                continue
+            try:
+                record = _decoder.decode(path.read_bytes())
+                self.router.apply_admin(record.model, record.table_json, record.rollback)
+            except (FileNotFoundError, msgspec.DecodeError):
+                continue  # replaced or removed meanwhile: the next poll sees what is there
+            except MicrotuneError as exc:  # not valid here yet: try again next time
+                log.debug("admin routing table of another front not applied yet: %s", exc)
+                continue
+            self._seen[path] = (identity, record.model)
+        for path in [p for p in self._seen if p not in present]:
+            _, model = self._seen.pop(path)
+            with contextlib.suppress(MicrotuneError):
+                self.router.drop_admin(model)
+
+
+def _identity(path: Path) -> Identity:
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns
