@@ -93,7 +93,7 @@ class App:
         reload_models = self.link.on_restart
 
         async def after_worker_restart() -> None:
-            await self.handler.reopen_cuda_regions()  # before the models take traffic again
+            await self.handler.cuda.reopen()  # before the models take traffic again
             if reload_models is not None:
                 await reload_models()
 
@@ -260,7 +260,7 @@ class App:
             await self.health.set_ready(self.handler.ready())
             ticks += 1
             if ticks % 10 == 0 and self.shm.directory is not None and self.shm.enabled:
-                await self.handler.sweep_regions()  # each second: regions unregistered elsewhere
+                await self.handler.cuda.sweep()  # each second: regions unregistered elsewhere
             await asyncio.sleep(0.1)
 
     async def stop(self, grace: float = 5.0) -> None:

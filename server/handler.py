@@ -28,8 +28,8 @@ from runtime.client import (
 from runtime.ipc.dtypes import BytesDecodeError, decode_bytes_tensor
 from runtime.ipc.protocol import Code, ModelSignature
 from server import __version__
+from server.cuda_regions import CudaRegions
 from server.errors import (
-    AlreadyExists,
     DeadlineExceeded,
     InvalidInput,
     MicrotuneError,
@@ -44,8 +44,7 @@ from server.models import ModelTable, VersionEntry
 from server.router import RouteHints, Router
 from server.routing import compare_outputs, route_key_point, should_shadow
 from server.routing.shadow import OutputLike
-from server.shm_directory import RegionRecord
-from server.shm_regions import CudaRegion, SharedMemoryRegistry
+from server.shm_regions import SharedMemoryRegistry
 from server.stats import VersionStats, merged
 from server.stats_peers import Snapshot, StatsPeers
 from server.telemetry.infer_trace import InferTrace
@@ -123,6 +122,7 @@ class InferenceHandler:
         self.tracer = tracer
         self.status_of = status_of
         self.shm = shm
+        self.cuda = CudaRegions(shm, link)  # client CUDA shared memory: registry + worker
         self.router = router
         self._background: set[asyncio.Task[None]] = set()
         self.table = table
@@ -223,7 +223,7 @@ class InferenceHandler:
         if self.shm.directory is not None and (
             req.output_shm or any(t.shm is not None for t in req.inputs)
         ):
-            await self._adopt_regions(req)
+            await self.cuda.adopt(req)
         on_device = False  # some input stays in a client CUDA region (read by the worker)
         if any(t.shm is not None for t in req.inputs):
             req = struct_replace(req, inputs=tuple(self._shm_input(t) for t in req.inputs))
@@ -386,73 +386,6 @@ class InferenceHandler:
             )
         view[: len(data)] = data
         return Tensor(o.name, o.datatype, o.shape, b"", ShmRef(ref.region, ref.offset, len(data)))
-
-    # ------------------------------------------------------------ CUDA shared memory
-
-    async def register_cuda(
-        self, name: str, raw_handle: bytes, device_id: int, byte_size: int
-    ) -> None:
-        """Triton's CudaSharedMemoryRegister: the front checks, the worker opens the handle."""
-        self.shm.check_cuda(name, device_id)
-        done = await self.link.require().open_region(name, raw_handle, device_id, byte_size)
-        if done.code == Code.UNSUPPORTED:
-            raise Unsupported(f"CUDA shared memory region '{name}': {done.message}")
-        if done.code != Code.OK:
-            raise InvalidInput(done.message)
-        try:
-            self.shm.add_cuda(CudaRegion(name, device_id, byte_size, bytes(raw_handle)))
-        except AlreadyExists:  # a concurrent register of the same name won the race
-            await self.link.require().close_region(name)
-            raise
-
-    async def unregister_cuda(self, name: str) -> None:
-        """Forget the region(s) now; the worker closes each once no call uses it."""
-        for n in self.shm.remove_cuda(name):
-            if self.link.ready:
-                await self.link.require().close_region(n)
-
-    def cuda_status(self, name: str) -> list[CudaRegion] | list[RegionRecord]:
-        return self.shm.cuda_status(name)
-
-    async def _adopt_regions(self, req: InferRequest) -> None:
-        """Several fronts: have the worker open, for this front, the pod's CUDA regions the
-        request names that another front registered (server.shm_directory)."""
-        names = {t.shm.region for t in req.inputs if t.shm is not None}
-        names.update(ref.region for ref in req.output_shm.values())
-        for region, identity in self.shm.cuda_to_adopt(names):
-            done = await self.link.require().open_region(
-                region.name, region.raw_handle, region.device_id, region.byte_size
-            )
-            if done.code == Code.OK:
-                self.shm.adopt_cuda(region, identity)
-            else:  # the request then names an unregistered region (INVALID_ARGUMENT)
-                log.warning("CUDA shared memory region '%s': %s", region.name, done.message)
-        await self._close_stale_regions()
-
-    async def sweep_regions(self) -> None:
-        """Several fronts: let go of regions unregistered through another front."""
-        self.shm.sweep()
-        await self._close_stale_regions()
-
-    async def _close_stale_regions(self) -> None:
-        for name in self.shm.take_stale_cuda():
-            if self.link.ready:
-                await self.link.require().close_region(name)
-
-    async def reopen_cuda_regions(self) -> None:
-        """After a worker restart: open every registered region in the new worker; one that
-        no longer opens (its owner exited) is dropped, with a warning."""
-        for r in list(self.shm.cuda.values()):
-            done = await self.link.require().open_region(
-                r.name, r.raw_handle, r.device_id, r.byte_size
-            )
-            if done.code != Code.OK:
-                self.shm.remove_cuda(r.name)
-                log.warning(
-                    "CUDA shared memory region '%s' dropped after a worker restart: %s",
-                    r.name,
-                    done.message,
-                )
 
     # ------------------------------------------------------------ statistics and repository
 

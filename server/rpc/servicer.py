@@ -227,13 +227,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryStatus(
         self, request: pb.CudaSharedMemoryStatusRequest, context: Ctx
     ) -> pb.CudaSharedMemoryStatusResponse:
-        return codec.encode_cuda_shm_status(self.h.cuda_status(request.name))
+        return codec.encode_cuda_shm_status(self.h.cuda.status(request.name))
 
     @rpc_errors
     async def CudaSharedMemoryRegister(
         self, request: pb.CudaSharedMemoryRegisterRequest, context: Ctx
     ) -> pb.CudaSharedMemoryRegisterResponse:
-        await self.h.register_cuda(
+        await self.h.cuda.register(
             request.name, request.raw_handle, request.device_id, request.byte_size
         )
         return pb.CudaSharedMemoryRegisterResponse()
@@ -242,7 +242,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryUnregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest, context: Ctx
     ) -> pb.CudaSharedMemoryUnregisterResponse:
-        await self.h.unregister_cuda(request.name)
+        await self.h.cuda.unregister(request.name)
         return pb.CudaSharedMemoryUnregisterResponse()
 
     @rpc_errors

@@ -1,0 +1,92 @@
+"""The front's side of client CUDA shared memory (Triton's extension): the registry's
+bookkeeping (server.shm_regions) joined to the worker, which opens and closes each client IPC
+handle for this front's connection (runtime.engine.regions).
+
+With several fronts (`--frontends N`) a region another front registered is opened for this one
+on its first use (`adopt`), and one unregistered elsewhere is closed once this front notices
+(on use, or the app's sweep each second).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from runtime.ipc.protocol import Code
+from server.errors import AlreadyExists, InvalidInput, Unsupported
+from server.shm_directory import RegionRecord
+from server.shm_regions import CudaRegion, SharedMemoryRegistry
+from server.types import InferRequest
+from server.worker_link import WorkerLink
+
+__all__ = ["CudaRegions"]
+
+log = logging.getLogger("microtune.handler")
+
+
+class CudaRegions:
+    def __init__(self, shm: SharedMemoryRegistry, link: WorkerLink) -> None:
+        self.shm = shm
+        self.link = link
+
+    async def register(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        """Triton's CudaSharedMemoryRegister: the front checks, the worker opens the handle."""
+        self.shm.check_cuda(name, device_id)
+        done = await self.link.require().open_region(name, raw_handle, device_id, byte_size)
+        if done.code == Code.UNSUPPORTED:
+            raise Unsupported(f"CUDA shared memory region '{name}': {done.message}")
+        if done.code != Code.OK:
+            raise InvalidInput(done.message)
+        try:
+            self.shm.add_cuda(CudaRegion(name, device_id, byte_size, bytes(raw_handle)))
+        except AlreadyExists:  # a concurrent register of the same name won the race
+            await self.link.require().close_region(name)
+            raise
+
+    async def unregister(self, name: str) -> None:
+        """Forget the region(s) now; the worker closes each once no call uses it."""
+        for n in self.shm.remove_cuda(name):
+            if self.link.ready:
+                await self.link.require().close_region(n)
+
+    def status(self, name: str) -> list[CudaRegion] | list[RegionRecord]:
+        return self.shm.cuda_status(name)
+
+    async def adopt(self, req: InferRequest) -> None:
+        """Several fronts: have the worker open, for this front, the pod's CUDA regions the
+        request names that another front registered (server.shm_directory)."""
+        names = {t.shm.region for t in req.inputs if t.shm is not None}
+        names.update(ref.region for ref in req.output_shm.values())
+        for region, identity in self.shm.cuda_to_adopt(names):
+            done = await self.link.require().open_region(
+                region.name, region.raw_handle, region.device_id, region.byte_size
+            )
+            if done.code == Code.OK:
+                self.shm.adopt_cuda(region, identity)
+            else:  # the request then names an unregistered region (INVALID_ARGUMENT)
+                log.warning("CUDA shared memory region '%s': %s", region.name, done.message)
+        await self._close_stale()
+
+    async def sweep(self) -> None:
+        """Several fronts: let go of regions unregistered through another front."""
+        self.shm.sweep()
+        await self._close_stale()
+
+    async def _close_stale(self) -> None:
+        for name in self.shm.take_stale_cuda():
+            if self.link.ready:
+                await self.link.require().close_region(name)
+
+    async def reopen(self) -> None:
+        """After a worker restart: open every registered region in the new worker; one that
+        no longer opens (its owner exited) is dropped, with a warning."""
+        for r in list(self.shm.cuda.values()):
+            done = await self.link.require().open_region(
+                r.name, r.raw_handle, r.device_id, r.byte_size
+            )
+            if done.code != Code.OK:
+                self.shm.remove_cuda(r.name)
+                log.warning(
+                    "CUDA shared memory region '%s' dropped after a worker restart: %s",
+                    r.name,
+                    done.message,
+                )
