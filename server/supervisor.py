@@ -15,7 +15,6 @@ import multiprocessing
 import os
 import signal
 import socket
-import tempfile
 import threading
 import time
 from multiprocessing.process import BaseProcess
@@ -25,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from runtime.ipc.shm import remove_stale_arenas
 from runtime.process import WorkerProcess
+from server.rundir import make_rundir, remove_rundir, remove_stale_rundirs
 from server.settings import Settings
 from server.telemetry import GpuSampler, PodMetrics, setup_logging
 from server.worker_link import worker_log_setup, worker_settings_for
@@ -111,7 +111,8 @@ def _pod_metrics(settings: Settings, tmp: Path) -> tuple[PodMetrics | None, GpuS
 def run_supervisor(settings: Settings) -> int:
     n = frontends_for(settings)
     remove_stale_arenas()
-    tmp = Path(tempfile.mkdtemp(prefix="microtune-"))
+    remove_stale_rundirs()
+    tmp = make_rundir()
     worker = WorkerProcess(
         worker_settings_for(settings, str(tmp / "worker.sock")), worker_log_setup(settings)
     )
@@ -171,8 +172,5 @@ def run_supervisor(settings: Settings) -> int:
             pod.close()
         if gpu is not None:
             gpu.stop()
-        with contextlib.suppress(OSError):
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
+        remove_rundir(tmp)
     return 0

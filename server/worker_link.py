@@ -15,7 +15,6 @@ import contextlib
 import functools
 import logging
 import os
-import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from runtime.ipc.protocol import Welcome, WorkerStatus
 from runtime.ipc.shm import Arena, SlotPool, arena_name, remove_stale_arenas
 from runtime.process import WorkerProcess
 from runtime.settings import WorkerSettings
+from server.rundir import make_rundir, remove_rundir, remove_stale_rundirs
 from server.settings import Settings
 from server.telemetry.logs import setup_logging
 
@@ -57,7 +57,7 @@ class WorkerLink:
         self.owner = not settings.worker_socket
         self._dir: Path | None = None
         if self.owner:
-            self._dir = Path(tempfile.mkdtemp(prefix="microtune-"))
+            self._dir = make_rundir()
             socket_path = str(self._dir / "worker.sock")
         else:
             socket_path = settings.worker_socket
@@ -101,6 +101,9 @@ class WorkerLink:
             removed = remove_stale_arenas()
             if removed:
                 log.info("removed stale shared-memory arenas: %s", ", ".join(removed))
+            removed = remove_stale_rundirs()
+            if removed:
+                log.info("removed run directories of dead processes: %s", ", ".join(removed))
             await self._spawn()
         await self._connect(self.settings.worker_start_timeout_s)
 
@@ -200,7 +203,4 @@ class WorkerLink:
             await asyncio.to_thread(self.process.stop, 5.0)
         self._retire_arena()
         if self._dir is not None:
-            with contextlib.suppress(OSError):
-                for p in self._dir.iterdir():
-                    p.unlink()
-                self._dir.rmdir()
+            remove_rundir(self._dir)

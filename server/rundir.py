@@ -1,0 +1,53 @@
+"""The private directory of a front (its worker's socket) or of the supervisor (the worker's
+socket and, for its fronts, the pod's shared records: server.shm_directory,
+server.admin_sync, server.stats_peers), in the temp directory.
+
+It holds an `owner` file with the owner's pid, so that a start removes the directories of
+owners that died without cleaning up (SIGKILL, OOM kill), as runtime.ipc.shm's
+remove_stale_arenas does for their arenas. (Not in the name: Unix socket paths are short, and
+a long TMPDIR already leaves little room.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from runtime.ipc.shm import pid_alive
+
+__all__ = ["make_rundir", "remove_rundir", "remove_stale_rundirs"]
+
+_PREFIX = "microtune-"
+_OWNER = "owner"
+
+
+def make_rundir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix=_PREFIX))
+    (path / _OWNER).write_text(str(os.getpid()))
+    return path
+
+
+def remove_rundir(path: Path) -> None:
+    """Remove the directory and what it holds (files and sockets only; nothing nests)."""
+    with contextlib.suppress(OSError):
+        for p in path.iterdir():
+            p.unlink()
+        path.rmdir()
+
+
+def remove_stale_rundirs(tmp: Path | None = None) -> list[str]:
+    """Remove the run directories of dead owners; their names."""
+    removed: list[str] = []
+    for d in Path(tmp or tempfile.gettempdir()).glob(f"{_PREFIX}*"):
+        try:
+            pid = (d / _OWNER).read_text()
+        except OSError:
+            continue  # another kind of directory (microtune-override-...), or not ours to judge
+        if not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        remove_rundir(d)
+        if not d.exists():
+            removed.append(d.name)
+    return removed
