@@ -290,10 +290,28 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    orphan_watch = None
+    if settings.worker_socket:  # a front of server.supervisor: it goes when the supervisor goes
+        orphan_watch = asyncio.create_task(_exit_with_parent(os.getppid(), stop))
     try:
         await app.start()
         log.info("microtune ready: %d model(s)", len(app.table.models))
         await stop.wait()
         log.info("shutting down")
     finally:
+        if orphan_watch is not None:
+            orphan_watch.cancel()
         await app.stop()
+
+
+async def _exit_with_parent(parent: int, stop: asyncio.Event) -> None:
+    """A supervisor killed outright (SIGKILL, the OOM killer) cannot stop its fronts: each
+    would go on holding the shared port and its arena, answering UNAVAILABLE without a worker,
+    and a new server on the port would share its connections with them. So a front that finds
+    itself reparented shuts down as on SIGTERM."""
+    while True:  # (getppid has no event to wait on)
+        await asyncio.sleep(0.5)
+        if os.getppid() != parent:
+            break
+    log.warning("supervisor %d is gone; this front shuts down", parent)
+    stop.set()

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -278,3 +279,33 @@ def test_routing_admin_decisions_are_the_pods(shm_server: Server) -> None:
         with grpc.insecure_channel(url, options=OWN_CONNECTION) as ch:
             admin_stub(ch).ClearRouting(apb.ClearRoutingRequest(model="dense"), timeout=5)
     each_front_says("none", "2")  # no table: the highest ready version
+
+
+def test_fronts_go_when_the_supervisor_is_killed(model_repository: Path, tmp_path: Path) -> None:
+    """SIGKILL of the supervisor (the OOM killer's choice, say): its fronts would otherwise hold
+    the port and their arenas, answering UNAVAILABLE without a worker, and share connections
+    with the next server on the port. They shut down; the worker too."""
+    s = Server(model_repository, tmp_path, extra_args=("--frontends", "2"))
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while len(fronts_of(s.pid)) < 2:
+            assert time.monotonic() < deadline, s.log()[-3000:]
+            time.sleep(0.05)
+        children = children_of(s.pid)
+        fronts = fronts_of(s.pid)
+        s.proc.kill()
+        s.proc.wait(5)
+        deadline = time.monotonic() + 15
+        while any(pid_alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [c for c in children if pid_alive(c)], s.log()[-3000:]
+        assert not [p.name for f in fronts for p in SHM.glob(f"microtune-{f}-*")]
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", s.port), timeout=2).close()
+        assert s.log().count("this front shuts down") == 2
+    finally:
+        s.stop(check=False)
+        for c in children:
+            if pid_alive(c):
+                os.kill(c, signal.SIGKILL)
