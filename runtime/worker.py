@@ -101,6 +101,10 @@ class Worker:
         # Device memory each load takes, reported in LoadDone (runtime.engine.memory).
         self.memory = DeviceMemoryMeter(self._memory_probe())
         self._models_lock = threading.Lock()
+        # The fronts (connections) that loaded each version: it is unloaded only when the last
+        # of them unloads it. With several fronts, each drains and unloads on its own schedule
+        # (a poll of the repository, a hot swap); the others still route to the version.
+        self._holders: dict[tuple[str, int], set[object]] = {}
         self.pool = ThreadPoolExecutor(settings.exec_threads, thread_name_prefix="exec")
         self.stopping = threading.Event()
 
@@ -159,9 +163,26 @@ class Worker:
         with self.memory.releasing():
             close()
 
-    def load(self, msg: LoadModel) -> LoadDone:
+    def load(self, msg: LoadModel, holder: object = None) -> LoadDone:
+        """Load a version (or find it loaded: the first front's load serves every front) for
+        `holder`, the front asking."""
         if self.use_graphs and msg.max_batch_size > 0:
-            return self._load_graphs(msg)
+            done = self._load_graphs(msg)
+        else:
+            done = self._load_plain(msg)
+        if done.code == Code.OK:
+            with self._models_lock:
+                self._holders.setdefault((msg.name, msg.version), set()).add(holder)
+        return done
+
+    def release(self, holder: object) -> None:
+        """A front is gone: it holds nothing any more (what it held stays loaded for the others,
+        and for its restart, until a front unloads it)."""
+        with self._models_lock:
+            for holders in self._holders.values():
+                holders.discard(holder)
+
+    def _load_plain(self, msg: LoadModel) -> LoadDone:
         t0 = time.monotonic_ns()
         with self._models_lock:
             current = self.models.get((msg.name, msg.version))
@@ -287,7 +308,15 @@ class Worker:
             model.device_memory,
         )
 
-    def unload(self, msg: UnloadModel) -> UnloadDone:
+    def unload(self, msg: UnloadModel, holder: object = None) -> UnloadDone:
+        """`holder` lets go of the version; unloaded once no other front holds it."""
+        key = (msg.name, msg.version)
+        with self._models_lock:
+            holders = self._holders.get(key, set())
+            holders.discard(holder)
+            if holders:
+                return UnloadDone(msg.request_id)  # another front still serves it
+            self._holders.pop(key, None)
         with self.memory.releasing():
             with self._models_lock:
                 graph_model = self.graph_models.pop((msg.name, msg.version), None)

@@ -113,6 +113,7 @@ class Connection:
         finally:
             self.sock.close()
             self._control.shutdown(wait=True)  # an (un)registration under way ends first
+            self.worker.release(self)
             if self.regions is not None:
                 with self.worker.device_lock:
                     self.regions.close()
@@ -163,7 +164,7 @@ class Connection:
         elif isinstance(msg, LoadModel):
             threading.Thread(target=self._load, args=(msg,), daemon=True).start()
         elif isinstance(msg, UnloadModel):
-            self._control.submit(self._answer, self.worker.unload, msg)
+            self._control.submit(self._answer, self._unload, msg)
         elif isinstance(msg, GetStatus):
             self.send(self._status(msg))
         elif isinstance(msg, OpenRegion | CloseRegion):
@@ -256,7 +257,10 @@ class Connection:
             )
 
     def _load(self, msg: LoadModel) -> None:
-        self.send(self.worker.load(msg))
+        self.send(self.worker.load(msg, self))
+
+    def _unload(self, msg: UnloadModel) -> UnloadDone:
+        return self.worker.unload(msg, self)
 
     def _dispatch(self, call: Infer, received_ns: int) -> None:
         """Batched models queue the call on their batcher (answered by its thread); others

@@ -303,6 +303,7 @@ class ModelManager:
             await self.link.require().unload(ve.model, ve.version)
         ve.state, ve.reason, ve.signature = ModelState.UNAVAILABLE, "unloaded", None
         self._forget(ve)
+        log.info("unloaded %s version %d", ve.model, ve.version)
 
     def _forget(self, ve: VersionEntry) -> None:
         ve.unloaded = True

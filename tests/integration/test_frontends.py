@@ -27,8 +27,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +41,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from harness import DEMO, SHM, Server, children_of, pid_alive, raises, running_server
-from routing_support import admin_stub, apb, dense_request
+from routing_support import admin_stub, apb, copy_dense, dense_request
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
@@ -309,3 +311,52 @@ def test_fronts_go_when_the_supervisor_is_killed(model_repository: Path, tmp_pat
         for c in children:
             if pid_alive(c):
                 os.kill(c, signal.SIGKILL)
+
+
+def test_a_polled_hot_swap_drops_nothing_across_fronts(tmp_path: Path) -> None:
+    """`--model-control-mode poll`: each front finds a new version on its own poll, swaps to it
+    and unloads the old one. The worker unloads the old version only once the last front lets
+    go of it: a front that has not polled yet still serves it."""
+    repo = tmp_path / "models"
+    model = copy_dense(repo, versions={1: 1})
+    config = model / "config.pbtxt"
+    config.write_text(
+        config.read_text().replace("all { }", "latest { num_versions: 1 }")
+    )  # fmt: skip
+    assert "latest" in config.read_text()
+    args = ("--frontends", "2", "--model-control-mode", "poll", "--repository-poll-s", "0.5")
+    with running_server(repo, tmp_path / "server", args) as s:
+        codes: collections.Counter[str] = collections.Counter()
+        served: collections.Counter[str] = collections.Counter()
+
+        def traffic(stop: threading.Event) -> None:
+            channels = [grpc.insecure_channel(s.url, options=OWN_CONNECTION) for _ in range(6)]
+            try:
+                while not stop.is_set():
+                    for ch in channels:  # long-lived connections, spread over both fronts
+                        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+                        try:
+                            served[stub.ModelInfer(dense_request(), timeout=10).model_version] += 1
+                            codes["OK"] += 1
+                        except grpc.RpcError as exc:
+                            codes[f"{exc.code().name}: {exc.details()}"] += 1
+            finally:
+                for ch in channels:
+                    ch.close()
+
+        stop = threading.Event()
+        worker = threading.Thread(target=traffic, args=(stop,))
+        worker.start()
+        try:
+            time.sleep(1.0)
+            shutil.copytree(DEMO / "dense" / "2", model / "2")
+            deadline = time.monotonic() + 20
+            while s.log().count("unloaded dense version 1") < 2:  # both fronts swapped
+                assert time.monotonic() < deadline, s.log()[-3000:]
+                time.sleep(0.1)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            worker.join(30)
+        assert set(codes) == {"OK"}, dict(codes)
+        assert served["1"] > 0 and served["2"] > 0, dict(served)

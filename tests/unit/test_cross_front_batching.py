@@ -8,7 +8,8 @@ own rows of the result (checked against onnxruntime run in process). A worker th
 front's calls apart would answer only after the minute, with 1-row executions.
 
 Both serving paths: a plain session's batcher, and the CUDA-graph path run on the CPU EP
-(cpu_graphs: the same GraphSet, staging, padding and split as on a GPU).
+(cpu_graphs: the same GraphSet, staging, padding and split as on a GPU). Also: a version stays
+loaded while any front that loaded it still holds it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime.client import InferResult, PreparedInput, RuntimeClient
+from runtime.client import CallFailed, InferResult, PreparedInput, RuntimeClient
 from runtime.ipc.protocol import Batching, Code, LoadModel, ModelSignature
 from runtime.ipc.shm import Arena, SlotPool
 from runtime.settings import WorkerSettings
@@ -98,3 +99,37 @@ def test_two_fronts_calls_run_in_one_execution(worker: Worker) -> None:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         assert result.timings.batch_size == 2  # the execution's rows: both fronts' calls
     assert ra.timings.executions + rb.timings.executions == 1  # one execution, counted once
+
+
+def test_a_version_stays_loaded_while_another_front_holds_it(worker: Worker) -> None:
+    """Fronts drain and unload on their own schedules (a repository poll, a hot swap): the
+    worker unloads a version only when the last front that loaded it unloads it, and a front
+    that disconnects lets go of what it held."""
+    load = LoadModel(1, "dense", 1, str(MODEL), 8, ModelSignature((), ()))
+    x = np.zeros((1, 256), dtype=np.float32)
+
+    async def not_loaded(client: RuntimeClient) -> bool:
+        try:
+            await _infer(client, x)
+        except CallFailed as exc:
+            assert exc.code == Code.NOT_LOADED, exc.message
+            return True
+        return False
+
+    async def scenario() -> None:
+        a, b, c = await _front(worker, 5), await _front(worker, 6), await _front(worker, 7)
+        try:
+            for client in (a, b, c):
+                assert (await client.load(load)).code == Code.OK
+            await a.unload("dense", 1)
+            assert not await not_loaded(b)  # b and c still hold it
+            await c.close()  # c's front is gone: it holds nothing any more
+            await b.unload("dense", 1)  # the last holder
+            assert await not_loaded(a)
+        finally:
+            for client in (a, b, c):
+                await client.close()
+                client.arena.close()
+                client.arena.unlink()
+
+    asyncio.run(scenario())

@@ -152,11 +152,11 @@ def _nothing_yet(sock: socket.socket) -> None:
 def fast_dense(worker: Worker) -> Iterator[tuple[Connection, socket.socket, Infer]]:
     """`dense` loaded and fast enough to run on the reader thread, a connection to it, and a
     call (its input is zeros in the connection's arena)."""
-    loaded = worker.load(LoadModel(1, "dense", 1, str(DENSE), 8, ModelSignature((), ())))
-    assert loaded.code == Code.OK, loaded.message
-    worker.models[("dense", 1)].avg_ns = 0
     ours, theirs = socket.socketpair()
     conn = Connection(worker, ours)
+    loaded = worker.load(LoadModel(1, "dense", 1, str(DENSE), 8, ModelSignature((), ())), conn)
+    assert loaded.code == Code.OK, loaded.message
+    worker.models[("dense", 1)].avg_ns = 0
     conn.arena = SimpleNamespace(buf=memoryview(bytearray(8192)))  # type: ignore[assignment]
     call = Infer(
         7,
