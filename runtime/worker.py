@@ -105,6 +105,9 @@ class Worker:
         # of them unloads it. With several fronts, each drains and unloads on its own schedule
         # (a poll of the repository, a hot swap); the others still route to the version.
         self._holders: dict[tuple[str, int], set[object]] = {}
+        # One load or unload of a version at a time: a front's load that finds the version
+        # loaded must register its hold before another front's unload can decide it is free.
+        self._version_locks: dict[tuple[str, int], threading.Lock] = {}
         self.pool = ThreadPoolExecutor(settings.exec_threads, thread_name_prefix="exec")
         self.stopping = threading.Event()
 
@@ -166,14 +169,20 @@ class Worker:
     def load(self, msg: LoadModel, holder: object = None) -> LoadDone:
         """Load a version (or find it loaded: the first front's load serves every front) for
         `holder`, the front asking."""
-        if self.use_graphs and msg.max_batch_size > 0:
-            done = self._load_graphs(msg)
-        else:
-            done = self._load_plain(msg)
-        if done.code == Code.OK:
-            with self._models_lock:
-                self._holders.setdefault((msg.name, msg.version), set()).add(holder)
+        key = (msg.name, msg.version)
+        with self._version_lock(key):
+            if self.use_graphs and msg.max_batch_size > 0:
+                done = self._load_graphs(msg)
+            else:
+                done = self._load_plain(msg)
+            if done.code == Code.OK:
+                with self._models_lock:
+                    self._holders.setdefault(key, set()).add(holder)
         return done
+
+    def _version_lock(self, key: tuple[str, int]) -> threading.Lock:
+        with self._models_lock:
+            return self._version_locks.setdefault(key, threading.Lock())
 
     def release(self, holder: object) -> None:
         """A front is gone: it holds nothing any more (what it held stays loaded for the others,
@@ -311,12 +320,16 @@ class Worker:
     def unload(self, msg: UnloadModel, holder: object = None) -> UnloadDone:
         """`holder` lets go of the version; unloaded once no other front holds it."""
         key = (msg.name, msg.version)
-        with self._models_lock:
-            holders = self._holders.get(key, set())
-            holders.discard(holder)
-            if holders:
-                return UnloadDone(msg.request_id)  # another front still serves it
-            self._holders.pop(key, None)
+        with self._version_lock(key):
+            with self._models_lock:
+                holders = self._holders.get(key, set())
+                holders.discard(holder)
+                if holders:
+                    return UnloadDone(msg.request_id)  # another front still serves it
+                self._holders.pop(key, None)
+            return self._unload(msg)
+
+    def _unload(self, msg: UnloadModel) -> UnloadDone:
         with self.memory.releasing():
             with self._models_lock:
                 graph_model = self.graph_models.pop((msg.name, msg.version), None)

@@ -83,11 +83,12 @@ class App:
             status_of=status_of,
         )
         self.admin_sync: AdminSync | None = None
-        if pod_dir is not None:  # ModelStatistics answers for the pod (server.stats_peers)
+        if pod_dir is not None:
+            # Several fronts: ModelStatistics answers for the pod (server.stats_peers), and
+            # routing admin decisions are the pod's (server.admin_sync).
             self.handler.peers = StatsPeers(
                 pod_dir, settings.frontend_index, self.handler.stats_snapshot
             )
-            # Routing admin decisions are the pod's (server.admin_sync).
             self.admin_sync = AdminSync(pod_dir, self.router)
             self.router.on_admin = self.admin_sync.publish
         reload_models = self.link.on_restart
