@@ -180,6 +180,11 @@ class Worker:
                     self._holders.setdefault(key, set()).add(holder)
         return done
 
+    def holders(self, name: str, version: int) -> int:
+        """How many fronts hold the version."""
+        with self._models_lock:
+            return len(self._holders.get((name, version), ()))
+
     def _version_lock(self, key: tuple[str, int]) -> threading.Lock:
         with self._models_lock:
             return self._version_locks.setdefault(key, threading.Lock())

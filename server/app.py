@@ -23,6 +23,7 @@ from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.microtune import admin_pb2 as apb
 from server._proto.microtune import admin_pb2_grpc as apb_grpc
 from server.admin_sync import AdminSync
+from server.control_sync import ControlSync
 from server.handler import InferenceHandler
 from server.lifecycle import ModelManager
 from server.models import ModelTable
@@ -59,7 +60,6 @@ class App:
             settings.model_control_mode,
             settings.load_model,
         )
-        self.manager.single_front = not settings.worker_socket
         self.manager.batching_enabled = settings.dynamic_batching
         # Several fronts share the pod's registrations, in the supervisor's directory for them.
         pod_dir = Path(settings.worker_socket).parent if settings.worker_socket else None
@@ -83,14 +83,20 @@ class App:
             status_of=status_of,
         )
         self.admin_sync: AdminSync | None = None
+        self.control_sync: ControlSync | None = None
         if pod_dir is not None:
             # Several fronts: ModelStatistics answers for the pod (server.stats_peers), and
-            # routing admin decisions are the pod's (server.admin_sync).
+            # routing admin decisions and model control are the pod's (server.admin_sync,
+            # server.control_sync).
             self.handler.peers = StatsPeers(
                 pod_dir, settings.frontend_index, self.handler.stats_snapshot
             )
             self.admin_sync = AdminSync(pod_dir, self.router)
             self.router.on_admin = self.admin_sync.publish
+            if settings.model_control_mode != "none":
+                self.control_sync = ControlSync(pod_dir, self.manager)
+                self.manager.on_control = self.control_sync.publish
+                self.manager.override_dir = pod_dir
         reload_models = self.link.on_restart
 
         async def after_worker_restart() -> None:
@@ -158,9 +164,11 @@ class App:
         self._tasks.append(asyncio.create_task(self._watch_readiness()))
         if s.model_control_mode == "poll":
             self._tasks.append(asyncio.create_task(self.manager.poll_forever(s.repository_poll_s)))
+        if self.control_sync is not None:
+            await self.control_sync.poll()  # the models other fronts loaded or unloaded
         if self.admin_sync is not None:
             self.admin_sync.poll()  # route by the pod's admin tables from the first request
-            self._tasks.append(asyncio.create_task(self._poll_admin(self.admin_sync)))
+            self._tasks.append(asyncio.create_task(self._poll_pod(self.admin_sync)))
         if shared_port:
             await self.health.set_ready(self.handler.ready())
             await self._listen(server)
@@ -249,10 +257,14 @@ class App:
             await asyncio.sleep(1.0)
             self.router.reload_file(path)
 
-    async def _poll_admin(self, sync: AdminSync) -> None:
+    async def _poll_pod(self, admin: AdminSync) -> None:
+        """Several fronts: apply what the others decided (model control first: a routing table
+        may name a version it loads)."""
         while True:
             await asyncio.sleep(0.25)
-            sync.poll()
+            if self.control_sync is not None:
+                await self.control_sync.poll()
+            admin.poll()
 
     async def _watch_readiness(self) -> None:
         # Readiness can change under our feet (worker death, loads): re-derive it often.

@@ -62,13 +62,18 @@ class ModelManager:
         self.mode = mode
         self.startup = startup
         self._locks: dict[str, asyncio.Lock] = {}
-        self.single_front = True
         self.on_model_loaded: Callable[[str], None] | None = None
         # Called with (model, version) once a version is gone from the worker (unloaded, or its
         # model removed from the repository): the owner drops what it keeps about it (metrics).
         self.on_version_unloaded: Callable[[str, int], None] | None = None
         self.batching_enabled = True
         self._tmp: dict[str, Path] = {}  # override directories made from load parameters
+        # Several fronts: model control is the pod's. `on_control(name, action, config_json,
+        # root)` publishes what this front did (server.control_sync), `replay` applies what
+        # another front did, and overrides go to the pod's directory, where every front (and
+        # so the worker, which then loads them once) finds them under one path.
+        self.on_control: Callable[[str, str, str | None, Path], None] | None = None
+        self.override_dir: Path | None = None
         link.on_restart = self.reload_all
         link.on_lost = self.mark_worker_lost
 
@@ -99,8 +104,6 @@ class ModelManager:
     def _require_control(self, rpc: str) -> None:
         if self.mode == "none":
             raise Unsupported(f"{rpc} needs --model-control-mode explicit (or poll)")
-        if self.single_front is False:
-            raise Unsupported(f"{rpc} needs a single front process (--frontends 1)")
 
     async def load(
         self, name: str, config_json: str | None = None, files: Mapping[str, bytes] | None = None
@@ -108,33 +111,17 @@ class ModelManager:
         """Load or reload `name` (Triton's RepositoryModelLoad); raises LoadFailed."""
         self._require_control("RepositoryModelLoad")
         async with self._lock(name):
-            spec = None
+            spec = _override_spec(name, config_json)
             root = self.repository
-            if config_json is not None:
-                try:
-                    spec = parse_config_json(config_json, name)
-                except ConfigError as exc:
-                    raise LoadFailed(
-                        f"failed to load '{name}', failed to poll from model "
-                        f"repository: invalid config override: {exc}"
-                    ) from None
             if files:
                 if spec is None:
                     raise LoadFailed(
                         f"failed to load '{name}': file parameters need a 'config' parameter too"
                     )
                 root = await asyncio.to_thread(self._write_override, name, files)
-            scanned = await asyncio.to_thread(scan_model, root, name, spec)
-            if scanned.spec is None or (scanned.reason and not scanned.versions):
-                raise LoadFailed(
-                    f"failed to load '{name}', failed to poll from model "
-                    f"repository: {scanned.reason}"
-                )
-            try:
-                await self._apply(scanned)
-            finally:
-                if self.on_model_loaded is not None:
-                    self.on_model_loaded(name)
+            await self._load_from(name, spec, root)
+        if self.on_control is not None:
+            self.on_control(name, "load", config_json, root)
 
     async def unload(self, name: str) -> None:
         self._require_control("RepositoryModelUnload")
@@ -144,6 +131,31 @@ class ModelManager:
                 raise NotFound(f"Request for unknown model: '{name}' is not found")
             await self._unload_ready(entry)
             entry.reason = "unloaded"
+        if self.on_control is not None:
+            self.on_control(name, "unload", None, self.repository)
+
+    async def replay(self, name: str, action: str, config_json: str | None, root: Path) -> None:
+        """Another front's RepositoryModelLoad or RepositoryModelUnload, applied here."""
+        async with self._lock(name):
+            if action == "load":
+                await self._load_from(name, _override_spec(name, config_json), root)
+                return
+            entry = self.table.models.get(name)
+            if entry is not None:
+                await self._unload_ready(entry)
+                entry.reason = "unloaded"
+
+    async def _load_from(self, name: str, spec: ModelSpec | None, root: Path) -> None:
+        scanned = await asyncio.to_thread(scan_model, root, name, spec)
+        if scanned.spec is None or (scanned.reason and not scanned.versions):
+            raise LoadFailed(
+                f"failed to load '{name}', failed to poll from model repository: {scanned.reason}"
+            )
+        try:
+            await self._apply(scanned)
+        finally:
+            if self.on_model_loaded is not None:
+                self.on_model_loaded(name)
 
     async def poll_forever(self, period_s: float) -> None:
         while True:
@@ -321,7 +333,10 @@ class ModelManager:
         old = self._tmp.pop(name, None)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        root = Path(tempfile.mkdtemp(prefix="microtune-override-"))
+        if self.override_dir is not None:  # the pod's (removed with it)
+            root = Path(tempfile.mkdtemp(prefix="override-", dir=self.override_dir))
+        else:
+            root = Path(tempfile.mkdtemp(prefix="microtune-override-"))
         for key, data in files.items():
             m = _FILE_PARAM.match(key)
             assert m is not None
@@ -332,8 +347,22 @@ class ModelManager:
         return root
 
     def close(self) -> None:
+        if self.override_dir is not None:
+            return  # the pod's overrides outlive a front: the supervisor removes them
         for d in self._tmp.values():
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _override_spec(name: str, config_json: str | None) -> ModelSpec | None:
+    if config_json is None:
+        return None
+    try:
+        return parse_config_json(config_json, name)
+    except ConfigError as exc:
+        raise LoadFailed(
+            f"failed to load '{name}', failed to poll from model "
+            f"repository: invalid config override: {exc}"
+        ) from None
 
 
 def _entry(s: ScannedModel) -> ModelEntry:

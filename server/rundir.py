@@ -10,8 +10,8 @@ a long TMPDIR already leaves little room.)
 
 from __future__ import annotations
 
-import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -30,11 +30,8 @@ def make_rundir() -> Path:
 
 
 def remove_rundir(path: Path) -> None:
-    """Remove the directory and what it holds (files and sockets only; nothing nests)."""
-    with contextlib.suppress(OSError):
-        for p in path.iterdir():
-            p.unlink()
-        path.rmdir()
+    """Remove the directory and all it holds (the pod's model overrides are directories)."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_stale_rundirs(tmp: Path | None = None) -> list[str]:

@@ -74,8 +74,7 @@ class Settings(BaseSettings):
     comparison point of the batching benchmark)."""
     frontends: int = Field(0, ge=0, le=64)
     """gRPC front processes sharing the port (SO_REUSEPORT) and one worker; 0 = sized to the
-    machine (one per two usable CPUs, cgroup CPU limit included, at most 4). Model control
-    RPCs need a single front."""
+    machine (one per two usable CPUs, cgroup CPU limit included, at most 4)."""
     cpu_graphs: bool = False
     """Testing: run batched models through the CUDA-graph executor on the CPU EP, so CPU-only
     machines exercise the GPU serving path (bucketing, padding, registry, per-version thread)."""

@@ -30,18 +30,27 @@ import re
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from harness import DEMO, SHM, Server, children_of, pid_alive, raises, running_server
-from routing_support import admin_stub, apb, copy_dense, dense_request
+from routing_support import (
+    admin_stub,
+    apb,
+    copy_dense,
+    dense_config_json,
+    dense_input,
+    dense_request,
+)
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
@@ -360,3 +369,63 @@ def test_a_polled_hot_swap_drops_nothing_across_fronts(tmp_path: Path) -> None:
             worker.join(30)
         assert set(codes) == {"OK"}, dict(codes)
         assert served["1"] > 0 and served["2"] > 0, dict(served)
+
+
+def test_model_control_is_the_pods(model_repository: Path, tmp_path: Path) -> None:
+    """RepositoryModelLoad and RepositoryModelUnload reach one front; every front follows,
+    including a load whose model file came with the request (written once, loaded once)."""
+    args = ("--frontends", "2", "--model-control-mode", "explicit", "--load-model", "simple")
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+
+    def on_every_front(check: Callable[[grpcclient.InferenceServerClient], bool]) -> None:
+        deadline = time.monotonic() + 10
+        for c in fresh(s.url):
+            while not check(c):  # a front may not have polled yet
+                assert time.monotonic() < deadline, s.log()[-3000:]
+                time.sleep(0.05)
+
+    def infers(c: grpcclient.InferenceServerClient, model: str) -> bool:
+        if not c.is_model_ready(model):
+            return False
+        inp = grpcclient.InferInput("IN", [3, 4], "FP32")
+        inp.set_data_from_numpy(x)
+        np.testing.assert_array_equal(c.infer(model, [inp]).as_numpy("OUT"), x)
+        return True
+
+    with running_server(model_repository, tmp_path / "server", args) as s:
+        with grpcclient.InferenceServerClient(s.url, channel_args=OWN_CONNECTION) as c:
+            assert not c.is_model_ready("id_fp32")
+            c.load_model("id_fp32")
+        on_every_front(lambda c: infers(c, "id_fp32"))
+        with grpcclient.InferenceServerClient(s.url, channel_args=OWN_CONNECTION) as c:
+            c.unload_model("id_fp32")
+        on_every_front(lambda c: not c.is_model_ready("id_fp32"))
+
+        model_bytes = (DEMO / "dense" / "1" / "model.onnx").read_bytes()
+        with grpcclient.InferenceServerClient(s.url, channel_args=OWN_CONNECTION) as c:
+            c.load_model(
+                "uploaded",
+                config=dense_config_json("uploaded", [1]),
+                files={"file:1/model.onnx": model_bytes},
+            )
+        plain = grpcclient.InferInput("INPUT0", [1, 256], "FP32")
+        plain.set_data_from_numpy(dense_input())
+        reference = ort.InferenceSession(str(DEMO / "dense" / "1" / "model.onnx"))
+        (expected,) = reference.run(["OUTPUT0"], {"INPUT0": dense_input()})
+
+        def serves_upload(c: grpcclient.InferenceServerClient) -> bool:
+            if not c.is_model_ready("uploaded"):
+                return False
+            got = c.infer("uploaded", [plain]).as_numpy("OUTPUT0")
+            np.testing.assert_allclose(got, expected, rtol=1e-6)
+            return True
+
+        on_every_front(serves_upload)
+        # The upload was written once, into the pod's directory, and both fronts loaded it.
+        (pod,) = [
+            d.parent
+            for d in Path(tempfile.gettempdir()).glob("microtune-*/owner")
+            if d.read_text() == str(s.pid)
+        ]
+        assert len(list(pod.glob("override-*"))) == 1
+        assert s.log().count("loaded uploaded version 1") == 2

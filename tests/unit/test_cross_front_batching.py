@@ -124,6 +124,10 @@ def test_a_version_stays_loaded_while_another_front_holds_it(worker: Worker) -> 
             await a.unload("dense", 1)
             assert not await not_loaded(b)  # b and c still hold it
             await c.close()  # c's front is gone: it holds nothing any more
+            deadline = time.monotonic() + 10
+            while worker.holders("dense", 1) > 1:  # (the worker sees the disconnect)
+                assert time.monotonic() < deadline, "the worker kept c's hold"
+                await asyncio.sleep(0.01)
             await b.unload("dense", 1)  # the last holder
             assert await not_loaded(a)
         finally:
