@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import msgspec
@@ -27,6 +26,7 @@ import msgspec
 from server.errors import MicrotuneError
 from server.router import Router
 from server.routing import table_to_dict
+from server.rundir import replace_file
 
 __all__ = ["AdminSync"]
 
@@ -65,14 +65,8 @@ class AdminSync:
             self._seen.pop(path, None)
             return
         record = _Record(model, json.dumps(table_to_dict(table)), rollback)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)
-        try:
-            os.write(fd, msgspec.json.encode(record))
-            st = os.fstat(fd)  # the file `path` is from now on (a rename keeps both)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        self._seen[path] = ((st.st_ino, st.st_mtime_ns), model)  # not applied again by `poll`
+        identity = replace_file(path, msgspec.json.encode(record))
+        self._seen[path] = (identity, model)  # not applied again by `poll`
 
     def poll(self) -> None:
         """Apply what other fronts published since the last poll."""

@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import msgspec
 
 from server.errors import MicrotuneError
 from server.lifecycle import ModelManager
+from server.rundir import replace_file
 
 __all__ = ["ControlSync"]
 
@@ -57,15 +57,8 @@ class ControlSync:
     def publish(self, name: str, action: str, config_json: str | None, root: Path) -> None:
         """This front loaded or unloaded `name`: the pod does (ModelManager.on_control)."""
         record = _Record(name, action, str(root), config_json)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)
-        try:
-            os.write(fd, msgspec.json.encode(record))
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
         path = self._file(name)
-        os.replace(tmp, path)
-        self._seen[path] = (st.st_ino, st.st_mtime_ns)  # not replayed here by `poll`
+        self._seen[path] = replace_file(path, msgspec.json.encode(record))  # not replayed here
 
     async def poll(self) -> None:
         """Replay what other fronts did since the last poll."""
