@@ -56,7 +56,11 @@ class CudaRegions:
         request names that another front registered (server.shm_directory)."""
         names = {t.shm.region for t in req.inputs if t.shm is not None}
         names.update(ref.region for ref in req.output_shm.values())
-        for region, identity in self.shm.cuda_to_adopt(names):
+        todo = self.shm.cuda_to_adopt(names)
+        # A registration replaced under the same name: the worker closes this front's old one
+        # first (its table holds one region per name).
+        await self._close_stale()
+        for region, identity in todo:
             done = await self.link.require().open_region(
                 region.name, region.raw_handle, region.device_id, region.byte_size
             )
@@ -64,7 +68,6 @@ class CudaRegions:
                 self.shm.adopt_cuda(region, identity)
             else:  # the request then names an unregistered region (INVALID_ARGUMENT)
                 log.warning("CUDA shared memory region '%s': %s", region.name, done.message)
-        await self._close_stale()
 
     async def sweep(self) -> None:
         """Several fronts: let go of regions unregistered through another front."""

@@ -233,6 +233,40 @@ def test_client_shm_registered_on_one_connection_is_the_pods(shm_server: Server)
             shm.destroy_shared_memory_region(region)
 
 
+def test_a_cuda_region_replaced_under_its_name_is_followed(shm_server: Server) -> None:
+    """Unregistered and registered again (another buffer) before the other front noticed: that
+    front lets its old mapping go and opens the new one, on the first request."""
+    url, pid = shm_server.url, os.getpid()
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    keys = [f"/mt-fronts-{pid}-old", f"/mt-fronts-{pid}-new"]
+    old, new = (shm.create_shared_memory_region(f"r{i}", k, x.nbytes) for i, k in enumerate(keys))
+    out = shm.create_shared_memory_region("o", f"/mt-fronts-{pid}-o", x.nbytes)
+    shm.set_shared_memory_region(old, [x])
+    shm.set_shared_memory_region(new, [x * 10])
+    owner = grpcclient.InferenceServerClient(url, channel_args=OWN_CONNECTION)
+    try:
+        owner.register_system_shared_memory("o", f"/mt-fronts-{pid}-o", x.nbytes)
+        owner.register_cuda_shared_memory("g", base64.b64encode(fake_handle(keys[0])), 0, 48)
+        for c in fresh(url):  # every front opens "g" (the old buffer)
+            inp, o = shm_io("g", "o", x.nbytes)
+            c.infer("id_fp32", [inp], outputs=[o])
+        owner.unregister_cuda_shared_memory("g")
+        owner.register_cuda_shared_memory("g", base64.b64encode(fake_handle(keys[1])), 0, 48)
+        for c in fresh(url):
+            inp, o = shm_io("g", "o", x.nbytes)
+            c.infer("id_fp32", [inp], outputs=[o])
+            np.testing.assert_array_equal(
+                shm.get_contents_as_numpy(out, np.float32, [3, 4]), x * 10
+            )
+    finally:
+        with contextlib.suppress(Exception):
+            owner.unregister_system_shared_memory()
+            owner.unregister_cuda_shared_memory()
+        owner.close()
+        for region in (old, new, out):
+            shm.destroy_shared_memory_region(region)
+
+
 def test_model_statistics_count_the_whole_pod(shm_server: Server) -> None:
     """perf_analyzer reads the statistics on one connection while its load spreads over every
     front: each front answers for the pod, as Triton answers for the server."""
