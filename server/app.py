@@ -94,7 +94,9 @@ class App:
             self.admin_sync = AdminSync(pod_dir, self.router)
             self.router.on_admin = self.admin_sync.publish
             if settings.model_control_mode != "none":
-                self.control_sync = ControlSync(pod_dir, self.manager)
+                self.control_sync = ControlSync(
+                    pod_dir, self.manager, settings.frontend_index, settings.frontends
+                )
                 self.manager.on_control = self.control_sync.publish
                 self.manager.override_dir = pod_dir
         reload_models = self.link.on_restart

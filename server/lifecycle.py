@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from runtime.client import WorkerGone
@@ -72,7 +72,7 @@ class ModelManager:
         # root)` publishes what this front did (server.control_sync), `replay` applies what
         # another front did, and overrides go to the pod's directory, where every front (and
         # so the worker, which then loads them once) finds them under one path.
-        self.on_control: Callable[[str, str, str | None, Path], None] | None = None
+        self.on_control: Callable[[str, str, str | None, Path], Awaitable[None]] | None = None
         self.override_dir: Path | None = None
         link.on_restart = self.reload_all
         link.on_lost = self.mark_worker_lost
@@ -121,7 +121,7 @@ class ModelManager:
                 root = await asyncio.to_thread(self._write_override, name, files)
             await self._load_from(name, spec, root)
         if self.on_control is not None:
-            self.on_control(name, "load", config_json, root)
+            await self.on_control(name, "load", config_json, root)
 
     async def unload(self, name: str) -> None:
         self._require_control("RepositoryModelUnload")
@@ -132,7 +132,7 @@ class ModelManager:
             await self._unload_ready(entry)
             entry.reason = "unloaded"
         if self.on_control is not None:
-            self.on_control(name, "unload", None, self.repository)
+            await self.on_control(name, "unload", None, self.repository)
 
     async def replay(self, name: str, action: str, config_json: str | None, root: Path) -> None:
         """Another front's RepositoryModelLoad or RepositoryModelUnload, applied here."""

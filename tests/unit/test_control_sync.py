@@ -1,0 +1,76 @@
+"""Model control of the pod (server.control_sync) with in-memory fake managers standing for two
+fronts' ModelManagers: an action is replayed by the other front and acknowledged, the RPC's
+publish returns only then, a newer action on the model releases the older one's wait, and a
+front that never answers is given up on after the timeout."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from server.control_sync import ControlSync
+
+
+class FakeManager:
+    def __init__(self) -> None:
+        self.replayed: list[tuple[str, str]] = []
+
+    async def replay(self, name: str, action: str, config_json: str | None, root: Path) -> None:
+        self.replayed.append((name, action))
+
+
+def fronts(tmp_path: Path, timeout_s: float = 10.0) -> list[tuple[ControlSync, FakeManager]]:
+    out = []
+    for i in range(2):
+        m = FakeManager()
+        out.append((ControlSync(tmp_path, m, i, 2, ack_timeout_s=timeout_s), m))  # type: ignore[arg-type]
+    return out
+
+
+def test_publish_returns_once_the_other_front_has_replayed(tmp_path: Path) -> None:
+    (a, ma), (b, mb) = fronts(tmp_path)
+
+    async def scenario() -> list[str]:
+        order: list[str] = []
+
+        async def b_polls_later() -> None:
+            await asyncio.sleep(0.2)
+            await b.poll()
+            order.append("b replayed")
+
+        poller = asyncio.create_task(b_polls_later())
+        await a.publish("m", "load", None, tmp_path)
+        order.append("a answered")
+        await poller
+        await a.poll()  # its own action is not replayed by itself
+        return order
+
+    assert asyncio.run(scenario()) == ["b replayed", "a answered"]
+    assert mb.replayed == [("m", "load")] and ma.replayed == []
+
+
+def test_a_newer_action_releases_the_older_wait(tmp_path: Path) -> None:
+    (a, _), (b, _) = fronts(tmp_path)
+
+    async def scenario() -> None:
+        waiting = asyncio.create_task(a.publish("m", "load", None, tmp_path))
+        await asyncio.sleep(0.05)
+        # b's unload overwrites the record before b ever polled a's load; a's poll acks it.
+        unload = asyncio.create_task(b.publish("m", "unload", None, tmp_path))
+        await asyncio.wait_for(waiting, 5)
+        await a.poll()
+        await asyncio.wait_for(unload, 5)
+
+    asyncio.run(scenario())
+
+
+def test_a_silent_front_is_given_up_on(tmp_path: Path) -> None:
+    (a, _), _ = fronts(tmp_path, timeout_s=0.3)
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await a.publish("m", "unload", None, tmp_path)
+        return loop.time() - t0
+
+    assert 0.3 <= asyncio.run(scenario()) < 3
