@@ -188,12 +188,7 @@ class Router:
         # The rollback is an admin-level decision: it must survive file or config reloads.
         self._admin[model] = rolled
         self._rebuild()
-        self._guards.pop(model, None)  # old samples would trigger the same rollback again
-        self.counters.rollbacks[model] = self.counters.rollbacks.get(model, 0) + 1
-        self.counters.last_rollback[model] = reason
-        entry = self.models.models.get(model)
-        if entry is not None and canary in entry.versions:
-            entry.versions[canary].reason = f"canary rolled back by the guard: {reason}"
+        self._count_rollback(model, canary, reason)
         log.warning("canary guard rolled back model %s version %d: %s", model, canary, reason)
         if self.on_rollback is not None:
             self.on_rollback(model, canary, reason)
@@ -224,13 +219,18 @@ class Router:
         self._admin[model] = table
         self._rebuild()
         if rollback:
-            self._guards.pop(model, None)
-            self.counters.rollbacks[model] = self.counters.rollbacks.get(model, 0) + 1
-            self.counters.last_rollback[model] = rollback
-            canary = table.canary_version
-            entry = self.models.models.get(model)
-            if entry is not None and canary is not None and canary in entry.versions:
-                entry.versions[canary].reason = f"canary rolled back by the guard: {rollback}"
+            self._count_rollback(model, table.canary_version, rollback)
+
+    def _count_rollback(self, model: str, canary: int | None, reason: str) -> None:
+        """What a guard rollback leaves behind, this front's or another's: a fresh guard window
+        (old samples would trigger the same rollback again), the counters GetRouting shows, and
+        the canary version's reason."""
+        self._guards.pop(model, None)
+        self.counters.rollbacks[model] = self.counters.rollbacks.get(model, 0) + 1
+        self.counters.last_rollback[model] = reason
+        entry = self.models.models.get(model)
+        if entry is not None and canary is not None and canary in entry.versions:
+            entry.versions[canary].reason = f"canary rolled back by the guard: {reason}"
 
     def drop_admin(self, model: str) -> None:
         self.models.get(model)

@@ -74,15 +74,8 @@ def merged(first: VersionStats, *others: VersionStats) -> VersionStats:
     """The statistics of one version summed over several fronts (`--frontends N`)."""
     out = VersionStats()
     for s in (first, *others):
-        for name in (
-            "success",
-            "fail",
-            "queue",
-            "compute_input",
-            "compute_infer",
-            "compute_output",
-        ):
-            _add(getattr(out, name), getattr(s, name))
+        for phase in _PHASES:
+            _add(getattr(out, phase), getattr(s, phase))
         out.inference_count += s.inference_count
         out.execution_count += s.execution_count
         out.last_inference_ms = max(out.last_inference_ms, s.last_inference_ms)
