@@ -15,18 +15,16 @@ on every front.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import msgspec
 
 from server.errors import MicrotuneError
+from server.pod_records import Watch, replace_file
 from server.router import Router
 from server.routing import table_to_dict
-from server.rundir import replace_file
 
 __all__ = ["AdminSync"]
 
@@ -43,41 +41,30 @@ class _Record(msgspec.Struct, frozen=True):
 
 _decoder = msgspec.json.Decoder(_Record)
 
-Identity = tuple[int, int]  # (inode, mtime ns) of a record's file
-
 
 class AdminSync:
     def __init__(self, directory: Path, router: Router) -> None:
-        self.directory = directory
         self.router = router
-        self._seen: dict[Path, tuple[Identity, str]] = {}  # applied: file -> (identity, model)
-
-    def _file(self, model: str) -> Path:
-        return self.directory / (_PREFIX + hashlib.sha256(model.encode()).hexdigest()[:40])
+        self._watch = Watch(directory, _PREFIX)
+        self._models: dict[Path, str] = {}  # the model of each record applied here
 
     def publish(self, model: str, rollback: str = "") -> None:
         """This front changed `model`'s admin table: make it the pod's (Router.on_admin)."""
-        path = self._file(model)
+        path = self._watch.path(model)
         table = self.router.admin_table(model)
         if table is None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            self._seen.pop(path, None)
+            self._models.pop(path, None)  # cleared here already: nothing to drop when gone
             return
         record = _Record(model, json.dumps(table_to_dict(table)), rollback)
-        identity = replace_file(path, msgspec.json.encode(record))
-        self._seen[path] = (identity, model)  # not applied again by `poll`
+        self._watch.take(path, replace_file(path, msgspec.json.encode(record)))
+        self._models[path] = model
 
     def poll(self) -> None:
         """Apply what other fronts published since the last poll."""
-        present: dict[Path, Identity] = {}
-        for path in self.directory.glob(_PREFIX + "*"):
-            with contextlib.suppress(FileNotFoundError):
-                present[path] = _identity(path)
-        for path, identity in present.items():
-            seen = self._seen.get(path)
-            if seen is not None and seen[0] == identity:
-                continue
+        fresh, gone = self._watch.changed()
+        for path, written in fresh:
             try:
                 record = _decoder.decode(path.read_bytes())
                 self.router.apply_admin(record.model, record.table_json, record.rollback)
@@ -86,13 +73,10 @@ class AdminSync:
             except MicrotuneError as exc:  # not valid here yet: try again next time
                 log.debug("admin routing table of another front not applied yet: %s", exc)
                 continue
-            self._seen[path] = (identity, record.model)
-        for path in [p for p in self._seen if p not in present]:
-            _, model = self._seen.pop(path)
-            with contextlib.suppress(MicrotuneError):
-                self.router.drop_admin(model)
-
-
-def _identity(path: Path) -> Identity:
-    st = os.stat(path)
-    return st.st_ino, st.st_mtime_ns
+            self._watch.take(path, written)
+            self._models[path] = record.model
+        for path in gone:
+            model = self._models.pop(path, None)
+            if model is not None:
+                with contextlib.suppress(MicrotuneError):
+                    self.router.drop_admin(model)

@@ -16,9 +16,7 @@ acknowledge within ACK_TIMEOUT_S (crashed and restarting slowly) is logged and n
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import os
 import secrets
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ import msgspec
 
 from server.errors import MicrotuneError
 from server.lifecycle import ModelManager
-from server.rundir import replace_file
+from server.pod_records import Watch, record_path, replace_file
 
 __all__ = ["ControlSync"]
 
@@ -37,8 +35,6 @@ _PREFIX = "control-"
 # How long the front that served the RPC waits for the others (a load on a GPU, with graph
 # captures, takes seconds; a front that is restarting acknowledges once it has replayed).
 ACK_TIMEOUT_S = 120.0
-
-Identity = tuple[int, int]  # (inode, mtime ns) of a record's file
 
 
 class _Record(msgspec.Struct, frozen=True):
@@ -62,23 +58,17 @@ class ControlSync:
         self.index = index  # this front's
         self.fronts = fronts  # how many the supervisor runs
         self.ack_timeout_s = ack_timeout_s
-        self._seen: dict[Path, Identity] = {}
-
-    def _hash(self, name: str) -> str:
-        return hashlib.sha256(name.encode()).hexdigest()[:40]
-
-    def _file(self, name: str) -> Path:
-        return self.directory / (_PREFIX + self._hash(name))
+        self._watch = Watch(directory, _PREFIX)
 
     def _ack(self, front: int, name: str) -> Path:
-        return self.directory / f"ack-{front}-{self._hash(name)}"
+        return record_path(self.directory, f"ack-{front}-", name)
 
     async def publish(self, name: str, action: str, config_json: str | None, root: Path) -> None:
         """This front loaded or unloaded `name` (ModelManager.on_control): every front does the
         same before the RPC answers, so a client's next call finds it done on any front."""
         record = _Record(name, action, str(root), secrets.token_hex(8), config_json)
-        path = self._file(name)
-        self._seen[path] = replace_file(path, msgspec.json.encode(record))  # not replayed here
+        path = self._watch.path(name)
+        self._watch.take(path, replace_file(path, msgspec.json.encode(record)))  # not replayed
         replace_file(self._ack(self.index, name), record.token.encode())
         deadline = time.monotonic() + self.ack_timeout_s
         waiting = [i for i in range(self.fronts) if i != self.index]
@@ -109,16 +99,13 @@ class ControlSync:
 
     async def poll(self) -> None:
         """Replay what other fronts did since the last poll."""
-        for path in sorted(self.directory.glob(_PREFIX + "*")):
+        fresh, _ = self._watch.changed()  # (records are replaced, never removed)
+        for path, written in fresh:
             try:
-                st = os.stat(path)
-                identity = (st.st_ino, st.st_mtime_ns)
-                if self._seen.get(path) == identity:
-                    continue
                 record = _decoder.decode(path.read_bytes())
             except (FileNotFoundError, msgspec.DecodeError):
                 continue  # replaced meanwhile: the next poll reads the new one
-            self._seen[path] = identity  # a failed replay is not retried every poll
+            self._watch.take(path, written)  # a failed replay is not retried every poll
             try:
                 await self.manager.replay(
                     record.name, record.action, record.config_json, Path(record.root)

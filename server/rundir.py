@@ -1,7 +1,7 @@
 """The private directory of a front (its worker's socket) or of the supervisor (the worker's
 socket and, for its fronts, the pod's shared records: server.shm_directory,
-server.admin_sync, server.control_sync, server.stats_peers), in the temp directory; and
-`replace_file`, how those records are written.
+server.admin_sync, server.control_sync, server.stats_peers; written by
+server.pod_records), in the temp directory.
 
 It holds an `owner` file with the owner's pid, so that a start removes the directories of
 owners that died without cleaning up (SIGKILL, OOM kill), as runtime.ipc.shm's
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from runtime.ipc.shm import pid_alive
 
-__all__ = ["make_rundir", "remove_rundir", "remove_stale_rundirs", "replace_file"]
+__all__ = ["make_rundir", "remove_rundir", "remove_stale_rundirs"]
 
 _PREFIX = "microtune-"
 _OWNER = "owner"
@@ -49,16 +49,3 @@ def remove_stale_rundirs(tmp: Path | None = None) -> list[str]:
         if not d.exists():
             removed.append(d.name)
     return removed
-
-
-def replace_file(path: Path, data: bytes) -> tuple[int, int]:
-    """Write `path` whole, atomically (a reader sees the old file or the new one); the new
-    file's (inode, mtime ns), by which pollers of the pod's records tell a change."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        os.write(fd, data)
-        st = os.fstat(fd)  # the file's, which the rename keeps
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    return st.st_ino, st.st_mtime_ns

@@ -16,16 +16,15 @@ unregister through another front, or a new registration under the same name, is 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import msgspec
 
 from server.errors import AlreadyExists
+from server.pod_records import Identity, create_file, identity, identity_of, record_path
 
-__all__ = ["Identity", "RegionDirectory", "RegionRecord"]
+__all__ = ["RegionDirectory", "RegionRecord"]
 
 _PREFIX = "shm-"
 
@@ -42,8 +41,6 @@ class RegionRecord(msgspec.Struct, frozen=True):
     raw_handle: bytes = b""  # cuda: the client's 64-byte IPC handle
 
 
-Identity = tuple[int, int]  # (inode, ctime ns) of the record's file: which registration it is
-
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(RegionRecord)
 
@@ -54,27 +51,16 @@ class RegionDirectory:
 
     def _file(self, name: str) -> Path:
         # Any string may name a region: the file is named by its hash, the record holds it.
-        return self.path / (_PREFIX + hashlib.sha256(name.encode()).hexdigest()[:40])
+        return record_path(self.path, _PREFIX, name)
 
     def claim(self, record: RegionRecord) -> Identity:
         """Record a registration; AlreadyExists when the name is registered in the pod."""
-        final = self._file(record.name)
-        fd, name = tempfile.mkstemp(prefix=".tmp-", dir=self.path)
-        tmp = Path(name)
         try:
-            os.write(fd, _encoder.encode(record))
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, final)
+            return create_file(self._file(record.name), _encoder.encode(record))
         except FileExistsError:
             raise AlreadyExists(
                 f"shared memory region '{record.name}' already in manager"
             ) from None
-        finally:
-            tmp.unlink(missing_ok=True)
-        st = os.stat(final)
-        return st.st_ino, st.st_ctime_ns
 
     def lookup(self, name: str) -> tuple[RegionRecord, Identity] | None:
         """The registration of `name`, or None."""
@@ -88,15 +74,14 @@ class RegionDirectory:
                 record = _decoder.decode(f.read())
         finally:
             os.close(fd)
-        return (record, (st.st_ino, st.st_ctime_ns)) if record.name == name else None
+        return (record, identity_of(st)) if record.name == name else None
 
-    def current(self, name: str, identity: Identity) -> bool:
-        """Whether `identity` is still the registration of `name`."""
+    def current(self, name: str, written: Identity) -> bool:
+        """Whether `written` is still the registration of `name`."""
         try:
-            st = os.stat(self._file(name))
+            return identity(self._file(name)) == written
         except FileNotFoundError:
             return False
-        return (st.st_ino, st.st_ctime_ns) == identity
 
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from server.errors import AlreadyExists, InvalidInput, NotFound, Unsupported
-from server.shm_directory import Identity, RegionDirectory, RegionRecord
+from server.pod_records import Identity
+from server.shm_directory import RegionDirectory, RegionRecord
 from server.types import ShmRef
 
 R = TypeVar("R")
@@ -166,11 +167,9 @@ class SharedMemoryRegistry:
             return []
         out: list[tuple[CudaRegion, Identity]] = []
         for name in names:
-            if name in self.cuda and self.directory.current(name, self._taken[name]):
+            self._drop_if_stale(name)  # unregistered or replaced since this front opened it
+            if name in self.cuda:
                 continue
-            if name in self.cuda:  # unregistered or replaced since this front opened it
-                del self.cuda[name]
-                self._stale_cuda.append(name)
             found = self.directory.lookup(name)
             if found is not None and found[0].kind == "cuda":
                 r, identity = found
@@ -188,13 +187,8 @@ class SharedMemoryRegistry:
 
     def sweep(self) -> None:
         """Drop what the pod no longer has registered (the CUDA ones go to `take_stale_cuda`)."""
-        if self.directory is None:
-            return
-        for name in [n for n in self.system if not self._is_current(n)]:
-            self.system.pop(name).close()
-        for name in [n for n in self.cuda if not self._is_current(n)]:
-            del self.cuda[name]
-            self._stale_cuda.append(name)
+        for name in [*self.system, *self.cuda]:
+            self._drop_if_stale(name)
 
     def _pod_names(self, kind: str, name: str) -> list[str]:
         """The pod's regions of `kind` an unregister of `name` ("" = all) removes."""
@@ -205,7 +199,8 @@ class SharedMemoryRegistry:
         return [name] if found is not None and found[0].kind == kind else []
 
     def _drop_if_stale(self, name: str) -> None:
-        """Before a registration: forget a local region the pod unregistered meanwhile."""
+        """Forget a local region the pod unregistered or replaced since this front took it
+        (a CUDA one goes to `take_stale_cuda`). No-op with one front."""
         if self.directory is None or self._is_current(name):
             return
         region = self.system.pop(name, None)
@@ -222,11 +217,10 @@ class SharedMemoryRegistry:
     def _system_region(self, name: str) -> SystemRegion | None:
         """The pod's system region `name`, mapped here on first use (several fronts)."""
         assert self.directory is not None
+        self._drop_if_stale(name)
         region = self.system.get(name)
         if region is not None:
-            if self._is_current(name):
-                return region
-            self.system.pop(name).close()
+            return region
         found = self.directory.lookup(name)
         if found is None or found[0].kind != "system":
             return None
@@ -238,12 +232,10 @@ class SharedMemoryRegistry:
 
     def cuda_ref(self, ref: ShmRef, tensor: str) -> CudaRegion | None:
         """The CUDA region `ref` names, bounds-checked; None when it names no CUDA region."""
+        if ref.region in self.cuda:
+            self._drop_if_stale(ref.region)  # unregistered through another front meanwhile
         region = self.cuda.get(ref.region)
         if region is None:
-            return None
-        if self.directory is not None and not self._is_current(ref.region):
-            del self.cuda[ref.region]  # unregistered through another front meanwhile
-            self._stale_cuda.append(ref.region)
             return None
         _check_bounds(ref, tensor, region.byte_size)
         return region

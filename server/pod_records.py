@@ -1,0 +1,98 @@
+"""Record files the fronts of a pod share (`--frontends N`), in the supervisor's directory for
+them: client shared-memory registrations (server.shm_directory), routing admin tables
+(server.admin_sync) and model control (server.control_sync).
+
+A record is named by a hash of its key (any string), written whole (a reader sees the old file
+or the new one, never half of one), and told from its earlier writes by its `Identity`. A
+`Watch` lists the records that changed since this front last took them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = [
+    "Identity",
+    "Watch",
+    "create_file",
+    "identity",
+    "identity_of",
+    "record_path",
+    "replace_file",
+]
+
+Identity = tuple[int, int]  # (inode, mtime ns) of a record's file: which write of it it is
+
+
+def record_path(directory: Path, prefix: str, key: str) -> Path:
+    return directory / (prefix + hashlib.sha256(key.encode()).hexdigest()[:40])
+
+
+def identity_of(st: os.stat_result) -> Identity:
+    return st.st_ino, st.st_mtime_ns
+
+
+def identity(path: Path) -> Identity:
+    """FileNotFoundError when there is no such record."""
+    return identity_of(os.stat(path))
+
+
+def replace_file(path: Path, data: bytes) -> Identity:
+    """Write `path` whole, atomically; the new file's identity."""
+    tmp, written = _written(path.parent, data)
+    os.replace(tmp, path)
+    return written
+
+
+def create_file(path: Path, data: bytes) -> Identity:
+    """Create `path` whole, atomically, only if there is none (FileExistsError otherwise): the
+    one creator of a name among concurrent ones."""
+    tmp, written = _written(path.parent, data)
+    try:
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return written
+
+
+def _written(directory: Path, data: bytes) -> tuple[Path, Identity]:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        os.write(fd, data)
+        st = os.fstat(fd)  # the file's, which a rename or a link keeps
+    finally:
+        os.close(fd)
+    return Path(tmp), identity_of(st)
+
+
+class Watch:
+    """The records `<directory>/<prefix>*` written since this front took them (`take`)."""
+
+    def __init__(self, directory: Path, prefix: str) -> None:
+        self.directory = directory
+        self.prefix = prefix
+        self._taken: dict[Path, Identity] = {}
+
+    def path(self, key: str) -> Path:
+        return record_path(self.directory, self.prefix, key)
+
+    def take(self, path: Path, written: Identity) -> None:
+        """This write of `path` is applied here (or was written here): not listed again."""
+        self._taken[path] = written
+
+    def changed(self) -> tuple[list[tuple[Path, Identity]], list[Path]]:
+        """(records written since taken, by name; records taken that are gone, now forgotten)."""
+        present: dict[Path, Identity] = {}
+        for path in sorted(self.directory.glob(self.prefix + "*")):
+            try:
+                present[path] = identity(path)
+            except FileNotFoundError:
+                continue
+        fresh = [(p, w) for p, w in present.items() if self._taken.get(p) != w]
+        gone = [p for p in self._taken if p not in present]
+        for p in gone:
+            del self._taken[p]
+        return fresh, gone
