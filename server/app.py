@@ -61,8 +61,11 @@ class App:
             settings.load_model,
         )
         self.manager.batching_enabled = settings.dynamic_batching
-        # Several fronts share the pod's registrations, in the supervisor's directory for them.
-        pod_dir = Path(settings.worker_socket).parent if settings.worker_socket else None
+        # A front of server.supervisor shares the port and this directory (beside the worker's
+        # socket) with the pod's other fronts; a lone front has neither.
+        self.pod_dir = pod_dir = (
+            Path(settings.worker_socket).parent if settings.worker_socket else None
+        )
         shared = RegionDirectory(pod_dir) if pod_dir is not None else None
         self.shm = SharedMemoryRegistry(settings.allow_client_shm, shared)
         self.metrics = Metrics() if settings.metrics_port >= 0 else None
@@ -146,7 +149,7 @@ class App:
         # listens only once its models are loaded: the kernel gives every listener of the port
         # its share of new connections, so a front still loading (at start, or restarted after
         # a crash) would answer its share NOT_FOUND or UNAVAILABLE while another could serve.
-        shared_port = bool(s.worker_socket)
+        shared_port = self.pod_dir is not None
         if not shared_port:
             await self._listen(server)
         if self.handler.peers is not None:
@@ -195,11 +198,11 @@ class App:
             lambda: self.link.client.pool.in_use if self.link.client else 0,
             lambda: self.link.client.pool.slots if self.link.client else 0,
         )
-        if s.worker_socket:
+        if self.pod_dir is not None:
             # Under the supervisor: a private port, announced in a file the supervisor reads
             # to merge every front's metrics into the pod's one scrape.
             self.metrics_server = m.start_http_server(0, "127.0.0.1")
-            announce = Path(s.worker_socket).parent / f"metrics-{s.frontend_index}"
+            announce = self.pod_dir / f"metrics-{s.frontend_index}"
             announce.write_text(f"{os.getpid()} {self.metrics_server.url}")
             return
         self.metrics_server = m.start_http_server(s.metrics_port, s.grpc_host.strip("[]"))
