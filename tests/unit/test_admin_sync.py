@@ -8,20 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from routing_fakes import GUARD, Clock
+
 from server.admin_sync import AdminSync
 from server.models import ModelEntry, ModelTable, VersionEntry
 from server.router import RouteHints, Router
 from server.types import ModelState
-
-GUARD = {"window_s": 5, "min_samples": 20, "max_error_rate_delta": 0.05}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def front(directory: Path, versions: tuple[int, ...] = (1, 2)) -> tuple[Router, AdminSync]:

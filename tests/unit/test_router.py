@@ -9,22 +9,13 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from routing_fakes import GUARD, Clock
 
 from server.errors import NotFound, NotReady
 from server.models import ModelEntry, ModelTable, VersionEntry
 from server.router import RouteHints, Router
 from server.routing import VersionNotReady, resolve
 from server.types import ModelState
-
-GUARD = {"window_s": 5, "min_samples": 20, "max_error_rate_delta": 0.05}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def router(versions: tuple[int, ...] = (1, 2, 3)) -> tuple[Router, Clock, list[str]]:
