@@ -102,9 +102,7 @@ class SharedMemoryRegistry:
             for n in self._pod_names("system", name):
                 self.directory.remove(n)
         for n in names:
-            region = self.system.pop(n, None)
-            if region is not None:
-                region.close()
+            self._forget_system(n)
 
     def system_status(self, name: str) -> list[SystemRegion] | list[RegionRecord]:
         self._check_enabled()
@@ -151,6 +149,7 @@ class SharedMemoryRegistry:
                 self.directory.remove(n)
         for n in names:
             del self.cuda[n]
+            self._taken.pop(n, None)
         return names
 
     def cuda_status(self, name: str) -> list[CudaRegion] | list[RegionRecord]:
@@ -203,11 +202,18 @@ class SharedMemoryRegistry:
         (a CUDA one goes to `take_stale_cuda`). No-op with one front."""
         if self.directory is None or self._is_current(name):
             return
+        self._forget_system(name)
+        if self.cuda.pop(name, None) is not None:
+            self._stale_cuda.append(name)
+        self._taken.pop(name, None)
+
+    def _forget_system(self, name: str) -> None:
         region = self.system.pop(name, None)
         if region is not None:
             region.close()
-        if self.cuda.pop(name, None) is not None:
-            self._stale_cuda.append(name)
+        # `_taken` holds exactly the local regions: a client that registers ever new names
+        # (one per session, say) must not grow it without bound.
+        self._taken.pop(name, None)
 
     def _is_current(self, name: str) -> bool:
         assert self.directory is not None
@@ -259,6 +265,7 @@ class SharedMemoryRegistry:
             region.close()
         self.system.clear()
         self.cuda.clear()
+        self._taken.clear()
 
 
 def _map_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegion:

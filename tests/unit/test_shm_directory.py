@@ -152,6 +152,29 @@ def test_a_front_lets_go_of_what_the_pod_unregistered(
     assert a.system_status("") == [] and b.system_status("") == []
 
 
+def test_what_a_front_remembers_of_the_pod_stays_bounded(
+    fronts: tuple[SharedMemoryRegistry, SharedMemoryRegistry], client: Client
+) -> None:
+    """A client that registers a new name per session: neither front keeps anything of the
+    names once they are unregistered (whichever front unregistered them)."""
+    a, b = fronts
+    for i in range(50):
+        key = client.region(f"s{i}", bytes(16))
+        a.register_system(f"s{i}", key, 0, 16)
+        read(b, f"s{i}", 16)
+        (a if i % 2 else b).unregister_system(f"s{i}")
+        a.add_cuda(CudaRegion(f"c{i}", 0, 64, b"h" * 64))
+        assert b.cuda_to_adopt({f"c{i}"})
+        b.adopt_cuda(*b.cuda_to_adopt({f"c{i}"})[0])
+        assert (b if i % 2 else a).remove_cuda(f"c{i}") == [f"c{i}"]
+    a.sweep()
+    b.sweep()
+    assert b.take_stale_cuda() == [f"c{i}" for i in range(0, 50, 2)]
+    for reg in fronts:
+        assert reg.system == {} and reg.cuda == {}
+        assert reg._taken == {}  # what each local region was taken from: nothing left
+
+
 def test_cuda_regions_are_adopted_and_released_per_front(
     fronts: tuple[SharedMemoryRegistry, SharedMemoryRegistry],
 ) -> None:
