@@ -94,7 +94,9 @@ class App:
             self.handler.peers = StatsPeers(
                 pod_dir, settings.frontend_index, self.handler.stats_snapshot
             )
-            self.admin_sync = AdminSync(pod_dir, self.router)
+            self.admin_sync = AdminSync(
+                pod_dir, self.router, settings.frontend_index, settings.frontends
+            )
             self.router.on_admin = self.admin_sync.publish
             if settings.model_control_mode != "none":
                 self.control_sync = ControlSync(
@@ -132,7 +134,8 @@ class App:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )
-        infer, admin = InferenceServicer(self.handler), RoutingAdminServicer(self.router)
+        settle = None if self.admin_sync is None else self.admin_sync.settled
+        infer, admin = InferenceServicer(self.handler), RoutingAdminServicer(self.router, settle)
         await register_services(
             server,
             (

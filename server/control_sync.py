@@ -8,40 +8,35 @@ same (server.lifecycle.ModelManager.replay). A load's `file:` overrides were wri
 directory too, so every front loads the same path and the worker loads it once; an unload
 frees the version in the worker when the last front lets it go. A front that starts replays
 every record before it listens. Each front acknowledges each action it has done
-(`ack-<front index>-<hash>`), and the RPC answers once every front has: after it, a client's
+(server.pod_records.Acks), and the RPC answers once every front has: after it, a client's
 next call finds the model loaded (or gone) whichever front it reaches. A front that does not
 acknowledge within ACK_TIMEOUT_S (crashed and restarting slowly) is logged and not waited for.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
-import time
 from pathlib import Path
 
 import msgspec
 
 from server.errors import MicrotuneError
 from server.lifecycle import ModelManager
-from server.pod_records import Watch, record_path, replace_file
+from server.pod_records import ACK_TIMEOUT_S, Acks, Watch, replace_file
 
 __all__ = ["ControlSync"]
 
 log = logging.getLogger(__name__)
 
 _PREFIX = "control-"
-# How long the front that served the RPC waits for the others (a load on a GPU, with graph
-# captures, takes seconds; a front that is restarting acknowledges once it has replayed).
-ACK_TIMEOUT_S = 120.0
 
 
 class _Record(msgspec.Struct, frozen=True):
     name: str
     action: str  # "load" or "unload"
     root: str  # the repository the model was (re)loaded from: the server's, or an override
-    token: str  # this action's: each front acknowledges it once done (`ack-<front>-<hash>`)
+    token: str  # this action's: each front acknowledges it once done (pod_records.Acks)
     config_json: str | None = None
 
 
@@ -53,15 +48,10 @@ class ControlSync:
         self, directory: Path, manager: ModelManager, index: int, fronts: int,
         ack_timeout_s: float = ACK_TIMEOUT_S,
     ) -> None:  # fmt: skip
-        self.directory = directory
         self.manager = manager
-        self.index = index  # this front's
-        self.fronts = fronts  # how many the supervisor runs
         self.ack_timeout_s = ack_timeout_s
         self._watch = Watch(directory, _PREFIX)
-
-    def _ack(self, front: int, name: str) -> Path:
-        return record_path(self.directory, f"ack-{front}-", name)
+        self._acks = Acks(directory, "control", index, fronts)
 
     async def publish(self, name: str, action: str, config_json: str | None, root: Path) -> None:
         """This front loaded or unloaded `name` (ModelManager.on_control): every front does the
@@ -69,33 +59,14 @@ class ControlSync:
         record = _Record(name, action, str(root), secrets.token_hex(8), config_json)
         path = self._watch.path(name)
         self._watch.take(path, replace_file(path, msgspec.json.encode(record)))  # not replayed
-        replace_file(self._ack(self.index, name), record.token.encode())
-        deadline = time.monotonic() + self.ack_timeout_s
-        waiting = [i for i in range(self.fronts) if i != self.index]
-        while waiting:
-            waiting = [i for i in waiting if not self._acked(i, name, record.token)]
-            if waiting and self._superseded(path, record.token):
-                return  # another front's newer action on the model: its RPC waits for it
-            if waiting and time.monotonic() > deadline:
-                log.warning(
-                    "model %s: %s not acknowledged by front(s) %s within %.0f s; answering anyway",
-                    name, action, waiting, self.ack_timeout_s,
-                )  # fmt: skip
-                return
-            if waiting:
-                await asyncio.sleep(0.02)
-
-    def _superseded(self, path: Path, token: str) -> bool:
-        try:
-            return _decoder.decode(path.read_bytes()).token != token
-        except (FileNotFoundError, msgspec.DecodeError):
-            return False
-
-    def _acked(self, front: int, name: str, token: str) -> bool:
-        try:
-            return self._ack(front, name).read_text() == token
-        except FileNotFoundError:
-            return False
+        silent = await self._acks.wait(
+            name, record.token, lambda: _superseded(path, record.token), self.ack_timeout_s
+        )
+        if silent:
+            log.warning(
+                "model %s: %s not acknowledged by front(s) %s within %.0f s; answering anyway",
+                name, action, silent, self.ack_timeout_s,
+            )  # fmt: skip
 
     async def poll(self) -> None:
         """Replay what other fronts did since the last poll."""
@@ -118,4 +89,11 @@ class ControlSync:
             except Exception:
                 log.exception("model %s: %s by another front failed", record.name, record.action)
             # Done here, well or not (a failure is logged): the front that asked stops waiting.
-            replace_file(self._ack(self.index, record.name), record.token.encode())
+            self._acks.ack(record.name, record.token)
+
+
+def _superseded(path: Path, token: str) -> bool:
+    try:
+        return _decoder.decode(path.read_bytes()).token != token
+    except (FileNotFoundError, msgspec.DecodeError):
+        return False

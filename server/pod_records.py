@@ -4,17 +4,24 @@ them: client shared-memory registrations (server.shm_directory), routing admin t
 
 A record is named by a hash of its key (any string), written whole (a reader sees the old file
 or the new one, never half of one), and told from its earlier writes by its `Identity`. A
-`Watch` lists the records that changed since this front last took them.
+`Watch` lists the records that changed since this front last took them. `Acks` lets the front
+that wrote a record wait until every other front has acted on it, so that the RPC that caused
+it answers only when any connection (whichever front it reached) sees the change.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
+    "ACK_TIMEOUT_S",
+    "Acks",
     "Identity",
     "Watch",
     "create_file",
@@ -23,6 +30,10 @@ __all__ = [
     "record_path",
     "replace_file",
 ]
+
+# How long the front that wrote a record waits for the others (a load on a GPU, with graph
+# captures, takes seconds; a front that is restarting acknowledges once it has caught up).
+ACK_TIMEOUT_S = 120.0
 
 Identity = tuple[int, int]  # (inode, mtime ns) of a record's file: which write of it it is
 
@@ -96,3 +107,45 @@ class Watch:
         for p in gone:
             del self._taken[p]
         return fresh, gone
+
+
+class Acks:
+    """Each front's acknowledgement of the record writes it has acted on: the file
+    `ack-<kind>-<front>-<hash of key>` holds the token of the last write it did. The front
+    that wrote waits (`wait`) for every other front's."""
+
+    def __init__(self, directory: Path, kind: str, index: int, fronts: int) -> None:
+        self.directory = directory
+        self.kind = kind
+        self.index = index  # this front's
+        self.fronts = fronts  # how many the supervisor runs
+
+    def ack(self, key: str, token: str) -> None:
+        """This front has acted on the write of `key` that carries `token` (well or not)."""
+        replace_file(self._path(self.index, key), token.encode())
+
+    async def wait(
+        self, key: str, token: str, superseded: Callable[[], bool], timeout_s: float
+    ) -> list[int]:
+        """Until every other front has acknowledged `token`, or `superseded()` (a newer write
+        of the record, whose writer waits for it instead), or `timeout_s`: the fronts that
+        had not acknowledged then (empty when all did)."""
+        self.ack(key, token)
+        deadline = time.monotonic() + timeout_s
+        waiting = [i for i in range(self.fronts) if i != self.index]
+        while True:
+            waiting = [i for i in waiting if not self._acked(i, key, token)]
+            if not waiting or superseded():
+                return []
+            if time.monotonic() > deadline:
+                return waiting
+            await asyncio.sleep(0.02)
+
+    def _acked(self, front: int, key: str, token: str) -> bool:
+        try:
+            return self._path(front, key).read_text() == token
+        except FileNotFoundError:
+            return False
+
+    def _path(self, front: int, key: str) -> Path:
+        return record_path(self.directory, f"ack-{self.kind}-{front}-", key)

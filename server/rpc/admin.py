@@ -4,6 +4,7 @@ Thin like the inference servicer: decode, one router call, encode; @rpc_errors o
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -46,8 +47,13 @@ def _model(name: str) -> str:
 
 
 class RoutingAdminServicer(apb_grpc.RoutingAdminServicer):
-    def __init__(self, router: Router) -> None:
+    def __init__(
+        self, router: Router, settle: Callable[[str], Awaitable[None]] | None = None
+    ) -> None:
         self.router = router
+        # Several fronts: until every front routes the model by the new table
+        # (server.admin_sync.AdminSync.settled), so the client's next call sees it on any.
+        self.settle = settle
 
     @rpc_errors
     async def GetRouting(self, request: apb.GetRoutingRequest, context: Ctx) -> apb.RoutingStatus:
@@ -56,6 +62,8 @@ class RoutingAdminServicer(apb_grpc.RoutingAdminServicer):
     @rpc_errors
     async def SetRouting(self, request: apb.SetRoutingRequest, context: Ctx) -> apb.RoutingStatus:
         self.router.set_admin(_model(request.model), request.table_json)
+        if self.settle is not None:
+            await self.settle(request.model)
         return _status(self.router.view(request.model))
 
     @rpc_errors
@@ -63,4 +71,6 @@ class RoutingAdminServicer(apb_grpc.RoutingAdminServicer):
         self, request: apb.ClearRoutingRequest, context: Ctx
     ) -> apb.RoutingStatus:
         self.router.clear_admin(_model(request.model))
+        if self.settle is not None:
+            await self.settle(request.model)
         return _status(self.router.view(request.model))
