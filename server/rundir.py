@@ -11,14 +11,17 @@ a long TMPDIR already leaves little room.)
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from runtime.ipc.shm import pid_alive
+from runtime.ipc.shm import pid_alive, remove_stale_arenas
 
-__all__ = ["make_rundir", "remove_rundir", "remove_stale_rundirs"]
+__all__ = ["make_rundir", "remove_leftovers", "remove_rundir", "remove_stale_rundirs"]
+
+log = logging.getLogger(__name__)
 
 _PREFIX = "microtune-"
 _OWNER = "owner"
@@ -49,3 +52,14 @@ def remove_stale_rundirs(tmp: Path | None = None) -> list[str]:
         if not d.exists():
             removed.append(d.name)
     return removed
+
+
+def remove_leftovers() -> None:
+    """What dead microtune processes left in /dev/shm and the temp directory: done by whoever
+    starts the worker (a lone front, or the supervisor)."""
+    removed = remove_stale_arenas()
+    if removed:
+        log.info("removed stale shared-memory arenas: %s", ", ".join(removed))
+    removed = remove_stale_rundirs()
+    if removed:
+        log.info("removed run directories of dead processes: %s", ", ".join(removed))

@@ -22,9 +22,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from runtime.ipc.shm import remove_stale_arenas
 from runtime.process import WorkerProcess
-from server.rundir import make_rundir, remove_rundir, remove_stale_rundirs
+from server.rundir import make_rundir, remove_leftovers, remove_rundir
 from server.settings import Settings
 from server.telemetry import GpuSampler, PodMetrics, setup_logging
 from server.worker_link import worker_log_setup, worker_settings_for
@@ -110,8 +109,7 @@ def _pod_metrics(settings: Settings, tmp: Path) -> tuple[PodMetrics | None, GpuS
 
 def run_supervisor(settings: Settings) -> int:
     n = frontends_for(settings)
-    remove_stale_arenas()
-    remove_stale_rundirs()
+    remove_leftovers()
     tmp = make_rundir()
     worker = WorkerProcess(
         worker_settings_for(settings, str(tmp / "worker.sock")), worker_log_setup(settings)

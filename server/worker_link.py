@@ -20,10 +20,10 @@ from pathlib import Path
 
 from runtime.client import RuntimeClient, WorkerGone
 from runtime.ipc.protocol import Welcome, WorkerStatus
-from runtime.ipc.shm import Arena, SlotPool, arena_name, remove_stale_arenas
+from runtime.ipc.shm import Arena, SlotPool, arena_name
 from runtime.process import WorkerProcess
 from runtime.settings import WorkerSettings
-from server.rundir import make_rundir, remove_rundir, remove_stale_rundirs
+from server.rundir import make_rundir, remove_leftovers, remove_rundir
 from server.settings import Settings
 from server.telemetry.logs import setup_logging
 
@@ -98,12 +98,7 @@ class WorkerLink:
 
     async def start(self) -> None:
         if self.owner:
-            removed = remove_stale_arenas()
-            if removed:
-                log.info("removed stale shared-memory arenas: %s", ", ".join(removed))
-            removed = remove_stale_rundirs()
-            if removed:
-                log.info("removed run directories of dead processes: %s", ", ".join(removed))
+            remove_leftovers()
             await self._spawn()
         await self._connect(self.settings.worker_start_timeout_s)
 
