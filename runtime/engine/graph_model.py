@@ -21,7 +21,8 @@ from runtime.engine.batcher import Batcher, Pending
 from runtime.engine.bound import hold_outputs, place_outputs, region_input, run_bound
 from runtime.engine.device_rows import DeviceRows
 from runtime.engine.golden import check_golden, load_golden
-from runtime.engine.graphs import BadBatch, BatchResult, GraphSet
+from runtime.engine.graph_batch import BadBatch, BatchResult
+from runtime.engine.graphs import GraphSet
 from runtime.engine.model import ARENA, BadInput, _input_array, _run_error, call_error
 from runtime.engine.regions import Held, RegionError, RegionTable, hold
 from runtime.ipc.protocol import (

@@ -2,7 +2,8 @@
 IOBinding, captured at load, replayed at fixed addresses; plus the explicit, counted eager path.
 
 Allowed imports: numpy, onnxruntime (the CPU build has every API used here; only CUDA device
-buffers need onnxruntime-gpu), runtime.engine.{buckets,capturability,graph_registry,session},
+buffers need onnxruntime-gpu),
+runtime.engine.{buckets,capturability,device_rows,graph_batch,graph_registry,regions,session},
 runtime.ipc.{protocol,pinning}. CUDA itself is reached only through onnxruntime and
 runtime.ipc.pinning (imported inside a function), so this module imports anywhere.
 """
@@ -15,13 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from runtime.engine.buckets import BucketTable, pad_batch, split_outputs
+from runtime.engine.buckets import BucketTable, pad_batch
 from runtime.engine.capturability import (
     TensorSpec,
     control_flow_reason,
@@ -29,6 +30,17 @@ from runtime.engine.capturability import (
     specs_of,
 )
 from runtime.engine.device_rows import copy_rows_into, has_device_rows
+from runtime.engine.graph_batch import (
+    BadBatch,
+    BatchResult,
+    BatchTimings,
+    BucketBuffers,
+    HostBuffer,
+    check_feeds,
+    numpy_alloc,
+    per_request,
+    pinned_alloc,
+)
 from runtime.engine.graph_registry import GraphRegistry, GraphStats, TensorBinding
 from runtime.engine.regions import Copier
 from runtime.engine.session import (
@@ -42,17 +54,7 @@ from runtime.ipc.protocol import ModelSignature
 
 T = TypeVar("T")
 
-__all__ = [
-    "BadBatch",
-    "BatchResult",
-    "BatchTimings",
-    "BucketBuffers",
-    "CaptureFailed",
-    "GraphSet",
-    "GraphSetStats",
-    "HostBuffer",
-    "WrongThread",
-]
+__all__ = ["CaptureFailed", "GraphSet", "GraphSetStats", "WrongThread"]
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +62,6 @@ Array = npt.NDArray[Any]
 
 _NO_GRAPH: Final = "-1"  # gpu_graph_id for a run that neither captures nor replays
 _WARMUP_RUNS: Final = 2  # the CUDA EP wants 2 regular runs before a capture (ref. §2.2)
-
-
-class BadBatch(ValueError):
-    """The requests of a batch do not match the model's inputs (names, dtypes, row shapes)."""
 
 
 class CaptureFailed(RuntimeError):
@@ -74,81 +72,6 @@ class CaptureFailed(RuntimeError):
 class WrongThread(RuntimeError):
     """A graph was about to be replayed on a thread other than the one that captured it.
     onnxruntime keeps graphs per thread: another thread would capture anew, unguarded."""
-
-
-class HostBuffer(Protocol):
-    """Host memory for the staging buffers: `array` is a uint8 view, `pinned` whether it is
-    page-locked (then copies from it finish before cudaMemcpy returns), `close()` frees it."""
-
-    array: npt.NDArray[np.uint8]
-    pinned: bool
-
-    def close(self) -> None: ...
-
-
-@dataclass(slots=True)
-class _NumpyBuffer:
-    array: npt.NDArray[np.uint8]
-    pinned: bool = False
-
-    def close(self) -> None:
-        self.array = np.empty(0, dtype=np.uint8)
-
-
-def _numpy_alloc(nbytes: int) -> HostBuffer:
-    return _NumpyBuffer(np.zeros(nbytes, dtype=np.uint8))
-
-
-def _pinned_alloc(nbytes: int) -> HostBuffer:
-    from runtime.ipc.pinning import CudaError, alloc_pinned
-
-    try:
-        return alloc_pinned(nbytes)
-    except CudaError as exc:
-        log.warning(
-            "pinned staging unavailable (%s); using pageable memory with a device "
-            "synchronisation after each input copy",
-            exc,
-        )
-        return _numpy_alloc(nbytes)
-
-
-@dataclass(slots=True)
-class BucketBuffers:
-    """What one bucket's graph was captured with. Shapes: every input and output is
-    [bucket, *row_shape]. The OrtValues are the bound device buffers: write into them only in
-    place (update_inplace, or a copy to `data_ptr()`); replacing an entry is exactly the rebind
-    the registry refuses before the next replay."""
-
-    bucket: int
-    graph_id: int
-    inputs: dict[str, ort.OrtValue]
-    outputs: dict[str, ort.OrtValue]
-    binding: Any  # onnxruntime.IOBinding, bound once
-    run_options: ort.RunOptions  # gpu_graph_id = graph_id
-
-
-@dataclass(frozen=True, slots=True)
-class BatchTimings:
-    gather_ns: int  # requests -> padded host staging (~0 when one pinned request fills it)
-    h2d_ns: int  # staging -> bound device inputs (eager: inside run_ns)
-    run_ns: int  # graph replay, or the eager run
-    d2h_ns: int  # bound device outputs -> host arrays (eager: inside run_ns)
-
-    @property
-    def total_ns(self) -> int:
-        return self.gather_ns + self.h2d_ns + self.run_ns + self.d2h_ns
-
-
-@dataclass(frozen=True, slots=True)
-class BatchResult:
-    outputs: list[list[Array]]  # [request][output, in GraphSet.output_names order]
-    rows: int  # real rows in the batch
-    bucket: int | None  # the bucket the batch mapped to; None above the largest
-    replayed: bool  # False: the eager path ran (counted in the registry)
-    timings: BatchTimings
-    # Replay only: device address of each bound output buffer ([bucket, *row_shape]).
-    device_outputs: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +138,7 @@ class GraphSet:
             device_lock if device_lock is not None else contextlib.nullcontext()
         )
         if host_alloc is None:
-            host_alloc = _pinned_alloc if device_type == "cuda" else _numpy_alloc
+            host_alloc = pinned_alloc if device_type == "cuda" else numpy_alloc
         self._host_alloc = host_alloc
         self._warmup_runs = warmup_runs
         self._copier = copier  # rows in client CUDA regions (runtime.engine.device_rows)
@@ -458,7 +381,7 @@ class GraphSet:
         device-to-host copy."""
         if self._closed:
             raise RuntimeError("GraphSet is closed")
-        sizes = self._check_feeds(feeds)
+        sizes = check_feeds(feeds, self._inputs)
         bucket = self._bucket_for(sum(sizes))
         if self.capturable and self._owner is None:
             raise RuntimeError("capture() before run(): a capturable GraphSet replays graphs")
@@ -540,7 +463,7 @@ class GraphSet:
             results = [self._host_output(buf, o, wanted) for o in self._outputs]
         t4 = time.perf_counter_ns()
         return BatchResult(
-            _per_request(results, sizes),
+            per_request(results, sizes),
             sum(sizes),
             buf.bucket,
             True,
@@ -572,7 +495,7 @@ class GraphSet:
             results = self.session.run(list(self.output_names), joined, self._eager_options)
         t2 = time.perf_counter_ns()
         return BatchResult(
-            _per_request([np.asarray(r) for r in results], sizes),
+            per_request([np.asarray(r) for r in results], sizes),
             sum(sizes),
             bucket,
             False,
@@ -610,49 +533,3 @@ class GraphSet:
             v = buf.inputs[name] if is_input else buf.outputs[name]
             sig.append((name, tuple(v.shape()), dtype, v.data_ptr()))
         return sig
-
-    def _check_feeds(self, feeds: Sequence[Mapping[str, Array]]) -> list[int]:
-        """Rows per request, after checking names, dtypes and row shapes against the model."""
-        if not feeds:
-            raise BadBatch("a batch has at least one request")
-        sizes: list[int] = []
-        for i, feed in enumerate(feeds):
-            if len(feed) != len(self._inputs) or any(n not in feed for n in self.input_names):
-                raise BadBatch(
-                    f"request {i} has inputs {sorted(feed)}; the model takes "
-                    f"{sorted(self.input_names)}"
-                )
-            rows = -1
-            for spec in self._inputs:
-                a = feed[spec.name]
-                shape = a.shape
-                if a.dtype != spec.dtype and spec.dtype.kind != "O":
-                    raise BadBatch(
-                        f"request {i} input '{spec.name}' is {a.dtype}, the model takes "
-                        f"{spec.dtype}"
-                    )
-                row = shape[1:]
-                if not shape or (row != spec.row_shape and not _matches(row, spec.row_shape)):
-                    raise BadBatch(
-                        f"request {i} input '{spec.name}' has shape {list(shape)}, the model "
-                        f"takes {[-1, *spec.row_shape]}"
-                    )
-                if rows == -1:
-                    rows = shape[0]
-                elif shape[0] != rows:
-                    raise BadBatch(f"request {i}: inputs disagree on the batch size")
-            if rows < 1:
-                raise BadBatch(f"request {i} has no rows")
-            sizes.append(rows)
-        return sizes
-
-
-def _matches(dims: tuple[int, ...], wanted: tuple[int, ...]) -> bool:
-    """dims fit wanted, where -1 in wanted matches any size."""
-    return len(dims) == len(wanted) and all(w in (-1, d) for d, w in zip(dims, wanted, strict=True))
-
-
-def _per_request(results: list[Array], sizes: list[int]) -> list[list[Array]]:
-    """[output][bucket rows] -> [request][output], padding dropped (views into `results`)."""
-    pieces = [split_outputs(r, sizes) for r in results]
-    return [[p[i] for p in pieces] for i in range(len(sizes))]

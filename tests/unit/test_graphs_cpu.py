@@ -28,8 +28,9 @@ from runtime.engine.capturability import (
     signature_reason,
     specs_of,
 )
+from runtime.engine.graph_batch import BadBatch, HostBuffer
 from runtime.engine.graph_registry import GraphMismatch
-from runtime.engine.graphs import BadBatch, CaptureFailed, GraphSet, HostBuffer, WrongThread
+from runtime.engine.graphs import CaptureFailed, GraphSet, WrongThread
 from runtime.engine.session import SessionError, make_graph_session, signature_of
 from runtime.ipc.protocol import ModelSignature, TensorInfo
 
