@@ -127,6 +127,12 @@ class App:
             # Several fronts share the port (server.supervisor); a lone one keeps it alone.
             ("grpc.so_reuseport", 1 if s.worker_socket else 0),
         ]
+        if s.max_connection_age_s > 0:
+            # grpc adds +-10 % jitter, so that connections opened together do not all go at once.
+            opts += [
+                ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
+            ]
         server = grpc.aio.server(options=opts)
         names = (
             pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     """Number of slots in each front's arena (arena = slots x slot bytes in /dev/shm)."""
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
     """Largest gRPC message accepted or sent."""
+    max_connection_age_s: float = Field(0.0, ge=0)
+    """Close each client connection after about this many seconds (gRPC's max connection age:
+    a GOAWAY, then the client reconnects on its own), so that long-lived clients spread again
+    over front processes and, in Kubernetes, over replicas the autoscaler added; 0 = never."""
+    max_connection_age_grace_s: float = Field(30.0, ge=0)
+    """How long calls in flight on a connection past its age may still take to finish."""
     worker_start_timeout_s: float = Field(60.0, gt=0)
     """How long the worker may take to start listening."""
     allow_client_shm: bool = False

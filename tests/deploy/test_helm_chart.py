@@ -64,6 +64,8 @@ def test_default_render(helm: str) -> None:
     assert c["readinessProbe"]["grpc"] == {"port": 8001, "service": "readiness"}
     assert c["livenessProbe"]["grpc"] == {"port": 8001, "service": "liveness"}
     assert "--grpc-host=0.0.0.0" in c["args"]
+    # Connections are recycled, so that replicas the HPA adds get traffic from old clients.
+    assert "--max-connection-age-s=300" in c["args"]
     assert {v["name"]: v for v in pod["volumes"]}["dshm"]["emptyDir"]["medium"] == "Memory"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
@@ -95,6 +97,8 @@ def test_gpu_routing_and_monitoring(helm: str) -> None:
 
 
 def test_single_replica_has_no_pdb(helm: str) -> None:
-    out = render(helm, "autoscaling.enabled=false", "replicaCount=1")
+    out = render(helm, "autoscaling.enabled=false", "replicaCount=1", "maxConnectionAgeSeconds=0")
     assert "PodDisruptionBudget" not in out  # minAvailable with one replica blocks drains
+    c = out["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert not any(a.startswith("--max-connection-age-s") for a in c["args"])  # set to 0 below
     assert out["Deployment"]["spec"]["replicas"] == 1
