@@ -11,20 +11,24 @@
 #                    unchanged, against a server on the demo repository (CUDA worker); only
 #                    where the examples travelled (.cache/triton-examples, see
 #                    fetch_ort_gpu_wheel.sh), with cuda-python from the carried wheels
+#   fast-runtime-16core.md, cpu-bench.log   (--only cpubench) bench/fast_runtime.py on this
+#                    machine's CPUs, CPU worker (MICROTUNE_DEVICE=cpu), perf_analyzer unpacked
+#                    from the carried .whl/perf_analyzer.tar.xz (fetch_ort_gpu_wheel.sh)
 # Runs every step even when one fails; exits non-zero if any failed. `--only` picks steps, so
 # that each fits one device call's 10 minutes (docs/gpu.md §10: tests, bench, examples).
 #
-# Usage: bash scripts/gpu/run_gpu_checks.sh [--only tests,bench,examples] [gpu_bench.py args]
+# Usage: bash scripts/gpu/run_gpu_checks.sh [--only tests,bench,examples,cpubench] [gpu_bench.py args]
+# (without --only: tests, bench, examples)
 # Env:   SITE (/tmp/site), PYTHON (python3), OUT, PYTEST_ARGS
 set -uo pipefail
 
 STEPS="tests,bench,examples"
 if [[ "${1:-}" == "--only" ]]; then
-    STEPS="${2:?--only needs a comma-separated list of tests, bench, examples}"
+    STEPS="${2:?--only needs a comma-separated list of tests, bench, examples, cpubench}"
     shift 2
 fi
 for s in ${STEPS//,/ }; do
-    case "$s" in tests|bench|examples) ;; *) echo "run_gpu_checks: unknown step: $s" >&2; exit 2 ;; esac
+    case "$s" in tests|bench|examples|cpubench) ;; *) echo "run_gpu_checks: unknown step: $s" >&2; exit 2 ;; esac
 done
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 
@@ -122,5 +126,26 @@ else
     log "no tritonclient examples here (.cache/triton-examples): skipped"
 fi
 
-log "tests exit $rc_tests, benchmark exit $rc_bench, examples exit $rc_examples; results in $RESULTS"
-(( rc_tests == 0 && rc_bench == 0 && rc_examples == 0 ))
+# The CPU half of the fast-runtime benchmark where cores are not the limit (the development
+# machine has 2, shared by perf_analyzer, the fronts and the worker).
+rc_cpu=0
+if want cpubench; then
+    PA_TAR="$REPO/.whl/perf_analyzer.tar.xz"
+    if ! "$REPO/.cache/perf_analyzer/bin/perf_analyzer" --version >/dev/null 2>&1; then
+        if [[ -f "$PA_TAR" ]]; then
+            mkdir -p "$REPO/.cache" && tar -C "$REPO/.cache" -xJf "$PA_TAR"
+        fi
+    fi
+    if "$REPO/.cache/perf_analyzer/bin/perf_analyzer" --version >/dev/null 2>&1; then
+        log "bench/fast_runtime.py on $(nproc) CPUs (CPU worker)"
+        MICROTUNE_DEVICE=cpu "$PYTHON" bench/fast_runtime.py \
+            --out "$RESULTS/fast-runtime-16core.md" 2>&1 | tee "$RESULTS/cpu-bench.log"
+        rc_cpu=${PIPESTATUS[0]}
+    else
+        log "no perf_analyzer: carry .whl/perf_analyzer.tar.xz (fetch_ort_gpu_wheel.sh makes it)"
+        rc_cpu=1
+    fi
+fi
+
+log "tests exit $rc_tests, benchmark exit $rc_bench, examples exit $rc_examples, cpu benchmark exit $rc_cpu; results in $RESULTS"
+(( rc_tests == 0 && rc_bench == 0 && rc_examples == 0 && rc_cpu == 0 ))
