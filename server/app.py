@@ -129,10 +129,10 @@ class App:
         ]
         if s.max_connection_age_s > 0:
             # grpc adds +-10 % jitter, so that connections opened together do not all go at once.
-            opts += [
-                ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
-                ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
-            ]
+            opts.append(("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)))
+            if s.max_connection_age_grace_s > 0:  # else grpc's default: no limit
+                grace_ms = int(s.max_connection_age_grace_s * 1000)
+                opts.append(("grpc.max_connection_age_grace_ms", grace_ms))
         server = grpc.aio.server(options=opts)
         names = (
             pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,

@@ -68,8 +68,9 @@ class Settings(BaseSettings):
     """Close each client connection after about this many seconds (gRPC's max connection age:
     a GOAWAY, then the client reconnects on its own), so that long-lived clients spread again
     over front processes and, in Kubernetes, over replicas the autoscaler added; 0 = never."""
-    max_connection_age_grace_s: float = Field(30.0, ge=0)
-    """How long calls in flight on a connection past its age may still take to finish."""
+    max_connection_age_grace_s: float = Field(0.0, ge=0)
+    """How long calls and streams still open on a connection past its age may go on; 0 = until
+    they end (a ModelStreamInfer stream is never cut; new calls go to the new connection)."""
     worker_start_timeout_s: float = Field(60.0, gt=0)
     """How long the worker may take to start listening."""
     allow_client_shm: bool = False

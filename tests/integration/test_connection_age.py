@@ -5,8 +5,10 @@ added since they connected."""
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -41,3 +43,28 @@ def test_old_connections_are_replaced_without_losing_a_call(
     # One connection per second (+-10 % jitter) over 4.5 s: the first and at least 3 more.
     assert connected >= 4, states
     assert calls > 100
+
+
+def test_a_stream_outlives_the_connection_age(model_repository: Path, tmp_path: Path) -> None:
+    """No grace limit (the default): a ModelStreamInfer stream open when its connection reaches
+    the age goes on until the client ends it; nothing sent on it is lost."""
+    sent = 0
+    answers: queue.Queue[bool] = queue.Queue()
+
+    def requests() -> Iterator[object]:
+        nonlocal sent
+        end = time.monotonic() + 3.5
+        while time.monotonic() < end:
+            yield dense_request()
+            sent += 1
+            answers.get(timeout=10)  # one in flight at a time: the stream stays busy
+
+    args = ("--max-connection-age-s", "1")
+    with running_server(model_repository, tmp_path, args) as s, grpc.insecure_channel(s.url) as ch:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        got = 0
+        for r in stub.ModelStreamInfer(requests(), timeout=30):
+            assert r.error_message == "" and r.infer_response.model_name == "dense"
+            got += 1
+            answers.put(True)
+    assert got == sent > 50
