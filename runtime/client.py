@@ -123,17 +123,21 @@ class RuntimeClient:
         self.frontend_id = frontend_id
         self.welcome: Welcome | None = None
         self._transport: asyncio.Transport | None = None
+        # The loop of `connect`, kept: on Python 3.11, asyncio.get_running_loop() makes a
+        # getpid() system call each time, and the request path would make two per call.
+        self._loop: asyncio.AbstractEventLoop  # set by connect()
         self._out: list[bytes] = []  # frames written this loop iteration, flushed together
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[object]] = {}
         self._leases: dict[int, Lease] = {}
+        self._wanted: dict[tuple[str, ...], tuple[OutputRequest, ...]] = {}
         self._space_waiters: list[asyncio.Future[None]] = []
         self._on_lost: Callable[[], None] | None = None
         self.closed = True
         self.inline_outputs = 0  # counted slow path: outputs that did not fit the reservation
 
     async def connect(self, on_lost: Callable[[], None] | None = None) -> Welcome:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         transport, _ = await loop.create_unix_connection(lambda: _Link(self), self.socket_path)
         self._transport = transport
         self._on_lost = on_lost
@@ -213,7 +217,9 @@ class RuntimeClient:
         byte size); inputs with `region` set are read there (no arena bytes for either)."""
         if self.closed:
             raise WorkerGone("worker is not connected")
-        need = sum(align_up(len(t.payload)) for t in inputs) + align_up(output_reserve)
+        need = align_up(output_reserve)
+        for t in inputs:
+            need += align_up(len(t.payload))
         lease = self.pool.try_lease(need) or await self._wait_for_space(need, deadline)
         call_id = next(self._ids)
         released = False
@@ -242,7 +248,8 @@ class RuntimeClient:
                     for o in outputs
                 )
             else:
-                wanted = tuple(OutputRequest(o) for o in outputs)
+                key = tuple(outputs)  # (the same object when it is a tuple)
+                wanted = self._wanted.get(key) or self._plain_outputs(key)
             msg = Infer(
                 call_id,
                 name,
@@ -299,8 +306,16 @@ class RuntimeClient:
 
     # ------------------------------------------------------------------ internals
 
+    def _plain_outputs(self, outputs: tuple[str, ...]) -> tuple[OutputRequest, ...]:
+        """The OutputRequests of `outputs` (arena outputs), kept: clients repeat them."""
+        wanted = tuple(OutputRequest(o) for o in outputs)
+        if len(self._wanted) >= 256:  # bounded whatever the clients ask
+            self._wanted.clear()
+        self._wanted[outputs] = wanted
+        return wanted
+
     def _expect(self, key: int) -> asyncio.Future[object]:
-        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[object] = self._loop.create_future()
         self._pending[key] = fut
         return fut
 
@@ -309,7 +324,7 @@ class RuntimeClient:
             raise WorkerGone("worker is not connected")
         # Concurrent requests of one loop iteration leave in one write (one syscall).
         if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
         self._out.append(encode(msg))
 
     def _flush(self) -> None:

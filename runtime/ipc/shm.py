@@ -11,9 +11,8 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 __all__ = ["ALIGN", "Arena", "Lease", "SlotPool", "align_up", "pid_alive", "remove_stale_arenas"]
 
@@ -88,9 +87,9 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """Ownership of arena bytes [offset, offset + size) until `SlotPool.release`."""
+class Lease(NamedTuple):
+    """Ownership of arena bytes [offset, offset + size) until `SlotPool.release`. (A tuple:
+    one is made per call, and a frozen dataclass costs a __setattr__ per field.)"""
 
     first_slot: int
     slots: int
@@ -122,23 +121,38 @@ class SlotPool:
         return max(1, -(-nbytes // self.slot_bytes))
 
     def try_lease(self, nbytes: int) -> Lease | None:
-        k = self.slots_for(nbytes)
+        k = max(1, -(-nbytes // self.slot_bytes))
         if k > self.slots:
             return None
-        run = bytes(k)
-        i = self._map.find(run, self._hint)
-        if i < 0 or i + k > self.slots:
-            i = self._map.find(run, 0)
+        m = self._map
+        if k == 1:  # most calls: one byte to find and set, no run objects to build
+            i = m.find(0, self._hint)
             if i < 0:
-                return None
-        self._map[i : i + k] = b"\x01" * k
+                i = m.find(0)
+                if i < 0:
+                    return None
+            m[i] = 1
+        else:
+            run = bytes(k)
+            i = m.find(run, self._hint)
+            if i < 0 or i + k > self.slots:
+                i = m.find(run, 0)
+                if i < 0:
+                    return None
+            m[i : i + k] = b"\x01" * k
         self._hint = (i + k) % self.slots
         self.in_use += k
         return Lease(i, k, i * self.slot_bytes, k * self.slot_bytes)
 
     def release(self, lease: Lease) -> None:
-        seg = self._map[lease.first_slot : lease.first_slot + lease.slots]
-        if seg.count(1) != lease.slots:
-            raise RuntimeError(f"double release of slots {lease.first_slot}+{lease.slots}")
-        self._map[lease.first_slot : lease.first_slot + lease.slots] = bytes(lease.slots)
-        self.in_use -= lease.slots
+        i, k = lease.first_slot, lease.slots
+        m = self._map
+        if k == 1:
+            if m[i] != 1:
+                raise RuntimeError(f"double release of slots {i}+1")
+            m[i] = 0
+        else:
+            if m.count(1, i, i + k) != k:
+                raise RuntimeError(f"double release of slots {i}+{k}")
+            m[i : i + k] = bytes(k)
+        self.in_use -= k
