@@ -415,24 +415,31 @@ class _Link(asyncio.Protocol):
         self.buf = bytearray()
 
     def data_received(self, data: bytes) -> None:
+        # Most reads hold whole frames only: they are decoded from `data` itself (views of an
+        # immutable bytes), and only a partial frame at the end is kept for the next read.
         buf = self.buf
-        buf += data
-        pos, end = 0, len(buf)
+        if buf:
+            buf += data
+            data = bytes(buf)
+            buf.clear()
+        view = memoryview(data)
+        pos, end = 0, len(data)
         hdr = FRAME_HEADER.size
         try:
             while end - pos >= hdr:
-                (size,) = FRAME_HEADER.unpack_from(buf, pos)
+                (size,) = FRAME_HEADER.unpack_from(data, pos)
                 if end - pos - hdr < size:
                     break
-                msg = decode_worker(bytes(buf[pos + hdr : pos + hdr + size]))
+                msg = decode_worker(view[pos + hdr : pos + hdr + size])
                 pos += hdr + size
                 self.client._on_message(msg)
         except Exception:
             log.exception("worker link protocol error")
             if self.client._transport is not None:
                 self.client._transport.close()
-        if pos:
-            del buf[:pos]
+            return
+        if pos < end:
+            buf += view[pos:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client._lost(exc)
