@@ -128,32 +128,40 @@ class Connection:
     def _loop(self) -> None:
         # Read what is there (up to 1 MiB) and handle every complete frame of it: under load
         # one recv carries many calls, instead of two recv syscalls per call.
+        # Frames are decoded from the read itself (decoding copies what it keeps, so the chunk
+        # can be read into again); only a partial frame at its end waits in `buf`.
         buf = bytearray()
         chunk = bytearray(1 << 20)
+        view = memoryview(chunk)
         hdr = FRAME_HEADER.size
         self._reader = threading.get_ident()
         while True:
             n = self.sock.recv_into(chunk)
             if n == 0:
                 return
-            buf += memoryview(chunk)[:n]
-            pos, end = 0, len(buf)
+            if buf:
+                buf += view[:n]
+                data, end = memoryview(bytes(buf)), len(buf)
+                buf.clear()
+            else:
+                data, end = view, n
+            pos = 0
             self._collect = []
             try:
                 while end - pos >= hdr:
-                    (size,) = FRAME_HEADER.unpack_from(buf, pos)
+                    (size,) = FRAME_HEADER.unpack_from(data, pos)
                     if size > MAX_FRAME:
                         raise ValueError(f"frame of {size} bytes")
                     if end - pos - hdr < size:
                         break
-                    msg = decode_front(bytes(buf[pos + hdr : pos + hdr + size]))
+                    msg = decode_front(data[pos + hdr : pos + hdr + size])
                     pos += hdr + size
                     if not self._handle(msg):
                         return
             finally:
                 self._flush()
-            if pos:
-                del buf[:pos]
+            if pos < end:
+                buf += data[pos:end]
 
     def _handle(self, msg: Any) -> bool:
         """Act on one message; False ends the connection."""
