@@ -1,5 +1,6 @@
 # microtune image. CPU by default; GPU: --build-arg EXTRAS=gpu on a CUDA 13 capable host
 # (onnxruntime-gpu brings its CUDA/cuDNN wheels; only the driver comes from the node).
+# Run with room in /dev/shm for one 64 MiB arena per front: docker run --shm-size=1g ...
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -17,7 +18,9 @@ from pydantic import ValidationError
 from server import __version__
 from server.settings import Settings
 
-__all__ = ["build_parser", "main", "settings_from_args"]
+__all__ = ["EXIT_CONFIG", "build_parser", "main", "serve_front", "settings_from_args"]
+
+EXIT_CONFIG = 78  # sysexits' EX_CONFIG: the configuration does not fit the machine; not retried
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,12 +80,19 @@ def main(argv: list[str] | None = None) -> int:
 
     if frontends_for(settings) > 1:
         return run_supervisor(settings)
-    with contextlib.suppress(KeyboardInterrupt):
-        run_loop(_serve(settings))
-    return 0
+    return serve_front(settings)
 
 
-async def _serve(settings: Settings) -> None:
+def serve_front(settings: Settings) -> int:
+    """Run one front process until it is stopped; its exit code. A setting the machine cannot
+    honour (a /dev/shm too small for the arena) ends it with EXIT_CONFIG and one log line."""
+    from runtime.ipc.shm import ArenaNoSpace
     from server.app import serve
 
-    await serve(settings)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            run_loop(serve(settings))
+    except ArenaNoSpace as exc:
+        logging.getLogger("microtune").error("cannot start: %s", exc)
+        return EXIT_CONFIG
+    return 0

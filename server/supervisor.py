@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from multiprocessing.process import BaseProcess
@@ -22,7 +23,9 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from runtime.ipc.shm import ArenaNoSpace, require_space
 from runtime.process import WorkerProcess
+from server.cli import EXIT_CONFIG
 from server.rundir import make_rundir, remove_leftovers, remove_rundir
 from server.settings import Settings
 from server.telemetry import GpuSampler, PodMetrics, setup_logging
@@ -63,13 +66,13 @@ def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
 
 
 def _front_main(settings_json: str) -> None:
-    from server.app import serve
-    from server.cli import run_loop
+    from server.cli import serve_front
 
     settings = Settings.model_validate_json(settings_json)
     setup_logging(settings.log_level, settings.log_format)
-    with contextlib.suppress(KeyboardInterrupt):
-        run_loop(serve(settings))
+    code = serve_front(settings)
+    if code:
+        sys.exit(code)
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
@@ -110,6 +113,11 @@ def _pod_metrics(settings: Settings, tmp: Path) -> tuple[PodMetrics | None, GpuS
 def run_supervisor(settings: Settings) -> int:
     n = frontends_for(settings)
     remove_leftovers()
+    try:  # before any front starts: none would serve briefly, then go with the others
+        require_space(settings.shm_slot_bytes * settings.shm_slots, n)
+    except ArenaNoSpace as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_CONFIG
     tmp = make_rundir()
     worker = WorkerProcess(
         worker_settings_for(settings, str(tmp / "worker.sock")), worker_log_setup(settings)
@@ -143,6 +151,7 @@ def run_supervisor(settings: Settings) -> int:
     fronts = [front(i) for i in range(n)]
     pod, gpu = _pod_metrics(settings, tmp)
     log.info("supervisor %d: %d front(s) on port %d, worker %s", os.getpid(), n, port, worker.pid)
+    code = 0
     try:
         while not stop.wait(0.2):
             if not worker.is_alive():
@@ -152,9 +161,15 @@ def run_supervisor(settings: Settings) -> int:
                 with contextlib.suppress(Exception):
                     worker.wait_listening(settings.worker_start_timeout_s)
             for i, p in enumerate(fronts):
-                if not p.is_alive():
-                    log.error("front %d died (exit code %s); restarting", i, p.exitcode)
-                    fronts[i] = front(i)
+                if p.is_alive():
+                    continue
+                if p.exitcode == EXIT_CONFIG:  # would fail the same way again: the pod stops
+                    log.error("front %d cannot start (see its error); stopping the server", i)
+                    code = EXIT_CONFIG
+                    stop.set()
+                    break
+                log.error("front %d died (exit code %s); restarting", i, p.exitcode)
+                fronts[i] = front(i)
     finally:
         for p in fronts:
             if p.is_alive() and p.pid is not None:
@@ -171,4 +186,4 @@ def run_supervisor(settings: Settings) -> int:
         if gpu is not None:
             gpu.stop()
         remove_rundir(tmp)
-    return 0
+    return code

@@ -121,6 +121,10 @@ class WorkerLink:
                 await asyncio.sleep(0.05)
 
     async def _connect_once(self) -> None:
+        if self.client is not None and self.client.closed:
+            # The lost worker's arena goes first: a /dev/shm sized for one arena per front
+            # (the arena's pages are reserved) has no room for the new one beside it.
+            self._retire_arena()
         self._generation += 1
         s = self.settings
         arena = Arena(

@@ -9,12 +9,23 @@ than one slot takes a contiguous run. The allocator is single-threaded (the fron
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 from pathlib import Path
 from typing import Final, NamedTuple
 
-__all__ = ["ALIGN", "Arena", "Lease", "SlotPool", "align_up", "pid_alive", "remove_stale_arenas"]
+__all__ = [
+    "ALIGN",
+    "Arena",
+    "ArenaNoSpace",
+    "Lease",
+    "SlotPool",
+    "align_up",
+    "pid_alive",
+    "remove_stale_arenas",
+    "require_space",
+]
 
 ALIGN: Final = 64  # tensor offsets inside a lease are 64-byte aligned (SIMD loads, cudaMemcpy)
 _SHM_DIR: Final = Path("/dev/shm")
@@ -40,6 +51,7 @@ class Arena:
         try:
             if create:
                 os.ftruncate(fd, size)
+                _reserve(fd, path, size)
             elif os.fstat(fd).st_size < size:
                 raise ValueError(f"shm {name} is smaller than {size} bytes")
             self._mmap = mmap.mmap(fd, size)
@@ -56,6 +68,48 @@ class Arena:
     def unlink(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             (_SHM_DIR / self.name[1:]).unlink()
+
+
+class ArenaNoSpace(RuntimeError):
+    """/dev/shm cannot hold the arena (a container's default /dev/shm is 64 MiB)."""
+
+
+def _reserve(fd: int, path: Path, size: int) -> None:
+    """Allocate the arena's pages now. A sparse arena in a /dev/shm too small for it would
+    map fine and then kill the process with SIGBUS at the first write past the space left,
+    in the middle of serving; this fails at start, with what to change."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            return  # a filesystem without fallocate: the arena stays sparse
+        path.unlink(missing_ok=True)
+        raise _no_space(size, 1) from None
+
+
+def require_space(arena_size: int, arenas: int) -> None:
+    """ArenaNoSpace unless /dev/shm has room for `arenas` arenas of `arena_size` bytes: what a
+    supervisor checks before it starts one front (and arena) per process."""
+    if arenas * arena_size > _free_bytes():
+        raise _no_space(arena_size, arenas)
+
+
+def _free_bytes() -> int:
+    st = os.statvfs(_SHM_DIR)
+    return st.f_bavail * st.f_frsize
+
+
+def _no_space(arena_size: int, arenas: int) -> ArenaNoSpace:
+    need = arena_size * arenas / 2**20
+    what = (
+        "the shared-memory arena needs" if arenas == 1 else f"{arenas} arenas (one per front) need"
+    )
+    return ArenaNoSpace(
+        f"{what} {need:.0f} MiB in {_SHM_DIR}, which has {_free_bytes() / 2**20:.0f} MiB "
+        "free: give the container a larger /dev/shm (docker run --shm-size; the Helm chart's "
+        "shm.sizeLimit) or lower --shm-slots or --shm-slot-bytes (each front process has its "
+        "own arena)"
+    )
 
 
 def arena_name(owner_pid: int, index: int) -> str:

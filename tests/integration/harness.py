@@ -210,6 +210,7 @@ class Server:
         extra_args: tuple[str, ...] = (),
         start_timeout: float = 60.0,
         kill_after: float = 8.0,
+        prefix: tuple[str, ...] = (),
     ) -> None:
         self.repository = repository
         self.log_path = log_dir / "server.log"
@@ -223,6 +224,7 @@ class Server:
         env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [
+                *prefix,  # a command that execs the rest (same pid), e.g. in a mount namespace
                 sys.executable,
                 "-m",
                 "server",

@@ -15,10 +15,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
+from runtime.ipc import shm
 from runtime.ipc.shm import (
     ALIGN,
     PREFIX,
     Arena,
+    ArenaNoSpace,
     Lease,
     SlotPool,
     align_up,
@@ -357,3 +359,36 @@ def test_remove_stale_arenas_removes_dead_owner_keeps_live_and_foreign() -> None
         for arena in arenas:
             arena.unlink()
             arena.close()
+
+
+@pytest.fixture
+def small_shm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An 8 MiB tmpfs standing in for /dev/shm (needs root; skipped elsewhere)."""
+    d = tmp_path / "shm"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(d)],
+                      capture_output=True, check=False).returncode:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here")
+    monkeypatch.setattr(shm, "_SHM_DIR", d)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=False)
+
+
+def test_an_arena_is_reserved_or_refused_at_creation(small_shm: Path) -> None:
+    with pytest.raises(
+        ArenaNoSpace, match=r"needs 16 MiB in .*, which has 8 MiB free: .*--shm-size"
+    ):
+        Arena("/microtune-test-big", 16 << 20, create=True)
+    assert list(small_shm.iterdir()) == []  # nothing left of the refused one
+    a = Arena("/microtune-test-fits", 6 << 20, create=True)
+    try:
+        st = os.stat(small_shm / "microtune-test-fits")
+        assert st.st_blocks * 512 >= 6 << 20  # its pages are taken now, not at first write
+        with pytest.raises(ArenaNoSpace, match=r"2 arenas \(one per front\) need 8 MiB"):
+            shm.require_space(4 << 20, 2)  # 2 MiB are left
+        shm.require_space(1 << 20, 2)
+    finally:
+        a.unlink()
+        a.close()
