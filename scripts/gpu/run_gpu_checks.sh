@@ -58,11 +58,28 @@ export LD_LIBRARY_PATH="${NVIDIA_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PYTHONPATH="$SITE:$REPO"
 export MICROTUNE_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
 
+# Every server started here reserves a 64 MiB arena per front in /dev/shm (4 fronts on 16 CPUs)
+# and exits with code 78 where they do not fit. A container's /dev/shm may be Docker's 64 MiB:
+# grow it when we may (root), else run one front, with a smaller arena if need be.
+shm_free_mib() { df -Pm /dev/shm | awk 'NR==2 {print $4}'; }
+SHM_NOTE="/dev/shm: $(shm_free_mib) MiB free"
+if (( $(shm_free_mib) < 320 )); then
+    if mount -o remount,size=2g /dev/shm 2>/dev/null; then
+        SHM_NOTE="$SHM_NOTE; remounted with size=2g: $(shm_free_mib) MiB free"
+    else
+        export MICROTUNE_FRONTENDS=1
+        if (( $(shm_free_mib) < 96 )); then export MICROTUNE_SHM_SLOTS=256; fi
+        SHM_NOTE="$SHM_NOTE; could not grow it: MICROTUNE_FRONTENDS=1 MICROTUNE_SHM_SLOTS=${MICROTUNE_SHM_SLOTS:-1024}"
+    fi
+fi
+log "$SHM_NOTE"
+
 {
     echo "# $(date -u +%FT%TZ)"
     nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1
     echo "python: $("$PYTHON" --version 2>&1) ($(command -v "$PYTHON"))"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    echo "$SHM_NOTE"
     "$PYTHON" - <<'EOF' 2>&1
 import onnxruntime as ort
 print(f"onnxruntime {ort.__version__} {ort.__file__}")
