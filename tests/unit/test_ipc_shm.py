@@ -14,6 +14,7 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+from small_tmpfs import small_tmpfs
 
 from runtime.ipc import shm
 from runtime.ipc.shm import (
@@ -363,17 +364,10 @@ def test_remove_stale_arenas_removes_dead_owner_keeps_live_and_foreign() -> None
 
 @pytest.fixture
 def small_shm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """An 8 MiB tmpfs standing in for /dev/shm (needs root; skipped elsewhere)."""
-    d = tmp_path / "shm"
-    d.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(d)],
-                      capture_output=True, check=False).returncode:  # fmt: skip
-        pytest.skip("cannot mount a tmpfs here")
-    monkeypatch.setattr(shm, "_SHM_DIR", d)
-    try:
+    """An 8 MiB tmpfs standing in for /dev/shm."""
+    with small_tmpfs(tmp_path / "shm", 8) as d:
+        monkeypatch.setattr(shm, "_SHM_DIR", d)
         yield d
-    finally:
-        subprocess.run(["umount", str(d)], check=False)
 
 
 def test_an_arena_is_reserved_or_refused_at_creation(small_shm: Path) -> None:
