@@ -20,4 +20,5 @@ def small_tmpfs(path: Path, mib: int) -> Iterator[Path]:
     try:
         yield path
     finally:
-        subprocess.run(["umount", str(path)], check=False)
+        # Lazy: a test that failed may still map a file there; the mount must not outlive it.
+        subprocess.run(["umount", "-l", str(path)], check=False)
