@@ -226,12 +226,17 @@ class ModelManager:
     # ------------------------------------------------------------------ worker restarts
 
     async def reload_all(self) -> None:
-        """After a worker restart: every version that was READY or LOADING loads again."""
+        """After a worker restart: every version that was READY or LOADING loads again; those
+        that were loading when a worker died go last, one at a time, so that a version whose
+        load kills the worker is found out alone (`_load_version`) and the others serve."""
         for e in self.table.models.values():
             for ve in e.versions.values():
                 if ve.state is ModelState.READY:
                     ve.state, ve.reason = ModelState.LOADING, "worker restarted; reloading"
-        await asyncio.gather(*(self._load_pending(e) for e in list(self.table.models.values())))
+        entries = list(self.table.models.values())
+        await asyncio.gather(*(self._load_pending(e, suspects=False) for e in entries))
+        for e in entries:
+            await self._load_pending(e, suspects=True)
 
     def mark_worker_lost(self) -> None:
         for e in self.table.models.values():
@@ -252,13 +257,21 @@ class ModelManager:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def _load_pending(self, entry: ModelEntry) -> None:
+    async def _load_pending(self, entry: ModelEntry, suspects: bool | None = None) -> None:
+        """Load the model's LOADING versions (`suspects`: only those that were loading when a
+        worker died, one at a time; False: only the others; None: all)."""
+        pending = [
+            ve
+            for ve in entry.versions.values()
+            if ve.state is ModelState.LOADING and (ve.spec or entry.spec) is not None
+            and (suspects is None or (ve.load_crashes > 0) == suspects)
+        ]  # fmt: skip
+        if suspects:
+            for ve in pending:
+                await self._load_version(ve.spec or entry.spec, ve, ve.path)
+            return
         await asyncio.gather(
-            *(
-                self._load_version(ve.spec or entry.spec, ve, ve.path)
-                for ve in entry.versions.values()
-                if ve.state is ModelState.LOADING and (ve.spec or entry.spec) is not None
-            )
+            *(self._load_version(ve.spec or entry.spec, ve, ve.path) for ve in pending)
         )
 
     async def _load_version(
@@ -269,6 +282,9 @@ class ModelManager:
         assert spec is not None
         try:
             client = self.link.require()
+        except WorkerGone:
+            return "the runtime worker is restarting"
+        try:
             msg = LoadModel(
                 client.next_request_id(),
                 spec.name,
@@ -283,7 +299,8 @@ class ModelManager:
             )
             done = await client.load(msg)
         except WorkerGone:
-            return "the runtime worker restarted during the load"
+            return self._died_loading(spec.name, ve)
+        ve.load_crashes = 0
         if done.code == Code.OK and done.signature is not None:
             ve.signature, ve.spec, ve.path, ve.load_ns = done.signature, spec, path, done.load_ns
             ve.device_memory = done.device_memory
@@ -295,6 +312,20 @@ class ModelManager:
             ve.state, ve.reason = ModelState.UNAVAILABLE, done.message
         log.error("model %s %s", spec.name, reason)
         return reason
+
+    def _died_loading(self, name: str, ve: VersionEntry) -> str:
+        """The worker died while it loaded `ve` (and maybe others). The second time, `ve` was
+        loading alone (reload_all) or is the one that keeps doing it: leave it UNAVAILABLE."""
+        ve.load_crashes += 1
+        if ve.load_crashes < 2:
+            return "the runtime worker restarted during the load"
+        reason = (
+            "the runtime worker died twice while loading this version (a crash in onnxruntime "
+            "or CUDA); not loaded again until a load request or a change in the repository"
+        )
+        ve.state, ve.reason = ModelState.UNAVAILABLE, reason
+        log.error("model %s version %d: %s", name, ve.version, reason)
+        return f"version {ve.version}: {reason}"
 
     async def _unload_ready(self, entry: ModelEntry) -> None:
         """Drain and unload every READY version of a model, concurrently."""

@@ -34,6 +34,10 @@ class VersionEntry:
     # Freed in the worker by an unload (not a failed load): listed as UNAVAILABLE, but its
     # metric series are gone (Metrics.forget_version). A new load makes a new entry.
     unloaded: bool = False
+    # Worker deaths while this version was loading (a crash in onnxruntime or CUDA kills the
+    # worker, not just the load): 1 makes it a suspect, loaded alone after a restart; 2 with
+    # it loading alone, and it is left UNAVAILABLE instead of taking the worker down again.
+    load_crashes: int = 0
 
 
 @dataclass(slots=True)
