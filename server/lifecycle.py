@@ -176,7 +176,9 @@ class ModelManager:
                 else {
                     v
                     for v, ve in entry.versions.items()
-                    if ve.state in (ModelState.READY, ModelState.LOADING)
+                    # (a version whose load kills the worker is retried on a config change,
+                    # not at every poll: each try would take every model down)
+                    if ve.state in (ModelState.READY, ModelState.LOADING) or ve.load_crashes >= 2
                 }
             )
             changed = entry is None or entry.spec != s.spec
