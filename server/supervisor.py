@@ -23,7 +23,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from runtime.ipc.shm import ArenaNoSpace, require_space
+from runtime.ipc.shm import ArenaNoSpace, remove_stale_arenas, require_space
 from runtime.process import WorkerProcess
 from server.cli import EXIT_CONFIG
 from server.rundir import make_rundir, remove_leftovers, remove_rundir
@@ -169,6 +169,7 @@ def run_supervisor(settings: Settings) -> int:
                     stop.set()
                     break
                 log.error("front %d died (exit code %s); restarting", i, p.exitcode)
+                remove_stale_arenas()  # its arena, so that the new one has the room back
                 fronts[i] = front(i)
     finally:
         for p in fronts:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from runtime.client import RuntimeClient, WorkerGone
 from runtime.ipc.protocol import Welcome, WorkerStatus
-from runtime.ipc.shm import Arena, SlotPool, arena_name
+from runtime.ipc.shm import Arena, ArenaNoSpace, SlotPool, arena_name
 from runtime.process import WorkerProcess
 from runtime.settings import WorkerSettings
 from server.rundir import make_rundir, remove_leftovers, remove_rundir
@@ -30,6 +30,13 @@ from server.telemetry.logs import setup_logging
 __all__ = ["WorkerLink", "worker_log_setup", "worker_settings_for"]
 
 log = logging.getLogger(__name__)
+
+# How long a front of a supervisor waits for room in /dev/shm before it gives up (code 78). A
+# front restarted in place of a dead one may find the worker still holding its predecessor's
+# arena: on a GPU, unpinning it waits for the device lock, which a load or a capture may hold
+# for seconds. (A supervisor checks room for every arena before its first fronts start, and a
+# lone front has no predecessor: it gives up at once.)
+ARENA_ROOM_WAIT_S = 30.0
 
 
 def worker_log_setup(settings: Settings) -> Callable[[], object]:
@@ -111,10 +118,15 @@ class WorkerLink:
         """Connect to the worker's socket, retrying for `within_s` (it may be starting)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within_s
+        no_space_until = loop.time() + (0.0 if self.owner else ARENA_ROOM_WAIT_S)
         while True:
             try:
                 await self._connect_once()
                 return
+            except ArenaNoSpace:
+                if loop.time() > no_space_until or self._stopping:
+                    raise
+                await asyncio.sleep(0.1)
             except (OSError, WorkerGone, TimeoutError):
                 if loop.time() > deadline or self._stopping:
                     raise

@@ -1,7 +1,8 @@
 """A /dev/shm too small for the arenas (a container's default is 64 MiB, one default arena):
 the server used to start, then die of SIGBUS mid-request once the slots in use reached past
 the space left. It now reserves each arena's pages at start and exits with EXIT_CONFIG and a
-line saying what to change; an arena that fits serves, every slot of it touched.
+line saying what to change; an arena that fits serves, every slot of it touched; a worker or
+front that restarts in a /dev/shm with room for exactly the arenas in use gets its arena back.
 
 Each server runs in its own mount namespace with a small tmpfs on /dev/shm (`unshare -m`, as
 root); where that is not allowed the tests skip."""
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from harness import Server, ServerExited
+from harness import Server, ServerExited, children_of, cmdline
 
 EXIT_CONFIG = 78
 
@@ -122,5 +124,43 @@ def test_a_worker_restart_fits_where_one_arena_does(model_repository: Path, tmp_
             inp.set_data_from_numpy(x)
             assert np.array_equal(c.infer("identity_fp32", [inp]).as_numpy("OUTPUT0"), x)
         assert "worker recovery failed" not in s.log()
+    finally:
+        s.stop()
+
+
+def test_a_front_restarted_in_a_full_dev_shm_gets_its_arena_back(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """Two fronts' arenas fill the room there is: a front killed outright cannot unlink its
+    own, and the front started in its place must still get one (not exit with code 78)."""
+    s = Server(
+        model_repository,
+        tmp_path,
+        extra_args=("--frontends", "2", "--shm-slots", "128"),  # 2 x 8 MiB in 18 MiB
+        prefix=small_dev_shm(18),
+    )
+    try:
+        m = re.search(r"front\(s\) on port \d+, worker (\d+)", s.log())
+        assert m, s.log()[-3000:]
+        fronts = [
+            p
+            for p in children_of(s.pid)
+            if p != int(m.group(1)) and "resource_tracker" not in cmdline(p)
+        ]
+        assert len(fronts) == 2, fronts
+        os.kill(fronts[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while len([p for p in children_of(s.pid) if p not in fronts]) < 2:  # worker + new front
+            assert s.proc.poll() is None, s.log()[-3000:]
+            assert time.monotonic() < deadline, s.log()[-3000:]
+            time.sleep(0.05)
+        s.wait_health("readiness", 1, 30)  # SERVING
+        x = np.ones(65536, dtype=np.float32)
+        for _ in range(12):  # fresh connections: both fronts answer
+            with grpcclient.InferenceServerClient(s.url) as c:
+                inp = grpcclient.InferInput("INPUT0", [65536], "FP32")
+                inp.set_data_from_numpy(x)
+                assert np.array_equal(c.infer("identity_fp32", [inp]).as_numpy("OUTPUT0"), x)
+        assert s.proc.poll() is None and "cannot start" not in s.log()
     finally:
         s.stop()
