@@ -29,7 +29,7 @@ from pathlib import Path
 import msgspec
 
 from server.errors import MicrotuneError
-from server.pod_records import Acks, Watch, replace_file
+from server.pod_records import Acks, Identity, Watch, replace_file
 from server.router import Router
 from server.routing import table_to_dict
 
@@ -62,7 +62,8 @@ class AdminSync:
         self.ack_timeout_s = ack_timeout_s
         self._watch = Watch(directory, _PREFIX)
         self._acks = Acks(directory, "admin", index, fronts)
-        self._published: dict[str, str] = {}  # model -> token of this front's last write
+        # model -> (token, identity) of this front's last write of its record
+        self._published: dict[str, tuple[str, Identity]] = {}
 
     def publish(self, model: str, rollback: str = "") -> None:
         """This front changed `model`'s admin table: make it the pod's (Router.on_admin)."""
@@ -70,20 +71,21 @@ class AdminSync:
         table_json = "" if table is None else json.dumps(table_to_dict(table))
         record = _Record(model, table_json, secrets.token_hex(8), rollback)
         path = self._watch.path(model)
-        self._watch.take(path, replace_file(path, msgspec.json.encode(record)))
+        written = replace_file(path, msgspec.json.encode(record))
+        self._watch.take(path, written)
         self._acks.ack(model, record.token)
-        self._published[model] = record.token
+        self._published[model] = (record.token, written)
 
     async def settled(self, model: str) -> None:
         """Until every front routes `model` by the table this front published last (or a newer
         one, whose writer waits for it), or ack_timeout_s: what SetRouting and ClearRouting
         wait for before they answer."""
-        token = self._published.get(model)
-        if token is None:
+        published = self._published.get(model)
+        if published is None:
             return
-        path = self._watch.path(model)
+        token, written = published
         silent = await self._acks.wait(
-            model, token, lambda: _token(path) not in (token, None), self.ack_timeout_s
+            model, token, self._watch.path(model), written, self.ack_timeout_s
         )
         if silent:
             log.warning(
@@ -109,10 +111,3 @@ class AdminSync:
                 continue
             self._watch.take(path, written)
             self._acks.ack(record.model, record.token)
-
-
-def _token(path: Path) -> str | None:
-    try:
-        return _decoder.decode(path.read_bytes()).token
-    except (FileNotFoundError, msgspec.DecodeError):
-        return None

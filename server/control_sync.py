@@ -58,10 +58,9 @@ class ControlSync:
         same before the RPC answers, so a client's next call finds it done on any front."""
         record = _Record(name, action, str(root), secrets.token_hex(8), config_json)
         path = self._watch.path(name)
-        self._watch.take(path, replace_file(path, msgspec.json.encode(record)))  # not replayed
-        silent = await self._acks.wait(
-            name, record.token, lambda: _superseded(path, record.token), self.ack_timeout_s
-        )
+        written = replace_file(path, msgspec.json.encode(record))
+        self._watch.take(path, written)  # not replayed here
+        silent = await self._acks.wait(name, record.token, path, written, self.ack_timeout_s)
         if silent:
             log.warning(
                 "model %s: %s not acknowledged by front(s) %s within %.0f s; answering anyway",
@@ -90,10 +89,3 @@ class ControlSync:
                 log.exception("model %s: %s by another front failed", record.name, record.action)
             # Done here, well or not (a failure is logged): the front that asked stops waiting.
             self._acks.ack(record.name, record.token)
-
-
-def _superseded(path: Path, token: str) -> bool:
-    try:
-        return _decoder.decode(path.read_bytes()).token != token
-    except (FileNotFoundError, msgspec.DecodeError):
-        return False

@@ -16,7 +16,6 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
@@ -125,17 +124,17 @@ class Acks:
         replace_file(self._path(self.index, key), token.encode())
 
     async def wait(
-        self, key: str, token: str, superseded: Callable[[], bool], timeout_s: float
+        self, key: str, token: str, record: Path, written: Identity, timeout_s: float
     ) -> list[int]:
-        """Until every other front has acknowledged `token`, or `superseded()` (a newer write
-        of the record, whose writer waits for it instead), or `timeout_s`: the fronts that
-        had not acknowledged then (empty when all did)."""
+        """Until every other front has acknowledged `token`, the write of `record` that this
+        front made (`written`), or another write replaced it (its writer waits instead), or
+        `timeout_s`: the fronts that had not acknowledged then (empty when all did)."""
         self.ack(key, token)
         deadline = time.monotonic() + timeout_s
         waiting = [i for i in range(self.fronts) if i != self.index]
         while True:
             waiting = [i for i in waiting if not self._acked(i, key, token)]
-            if not waiting or superseded():
+            if not waiting or _replaced(record, written):
                 return []
             if time.monotonic() > deadline:
                 return waiting
@@ -149,3 +148,10 @@ class Acks:
 
     def _path(self, front: int, key: str) -> Path:
         return record_path(self.directory, f"ack-{self.kind}-{front}-", key)
+
+
+def _replaced(path: Path, written: Identity) -> bool:
+    try:
+        return identity(path) != written
+    except FileNotFoundError:
+        return False  # (records of this kind are replaced, never removed)
