@@ -17,13 +17,13 @@ is gone or replaced.
 from __future__ import annotations
 
 import contextlib
-import errno
 import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from runtime.ipc.shm import reserve_pages
 from server.errors import AlreadyExists, InvalidInput, NotFound, Overloaded, Unsupported
 from server.pod_records import Identity
 from server.shm_directory import RegionDirectory, RegionRecord
@@ -287,26 +287,15 @@ def _map_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegio
                 f"shared memory region '{name}': offset {offset} + byte_size {byte_size} "
                 f"exceeds the {size} bytes of '{key}'"
             )
-        _reserve(fd, name, key, offset, byte_size)
+        if not reserve_pages(fd, offset, byte_size):  # (or an output write could SIGBUS us)
+            raise Overloaded(
+                f"shared memory region '{name}' (key '{key}'): /dev/shm has no room for its "
+                f"{byte_size} bytes"
+            )
         m = mmap.mmap(fd, size)
     finally:
         os.close(fd)
     return SystemRegion(name, key, offset, byte_size, m, memoryview(m)[offset : offset + byte_size])
-
-
-def _reserve(fd: int, name: str, key: str, offset: int, byte_size: int) -> None:
-    """Allocate the region's pages now. A client's object is usually sparse (shm_open and
-    ftruncate), and writing an output into a hole of a full /dev/shm kills the writer with
-    SIGBUS: this front, in the middle of serving. A region without room is refused here."""
-    try:
-        os.posix_fallocate(fd, offset, byte_size)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise Overloaded(
-                f"shared memory region '{name}' (key '{key}'): /dev/shm has no room for its "
-                f"{byte_size} bytes"
-            ) from None
-        # EOPNOTSUPP and the like: a filesystem without fallocate; the region stays as it is.
 
 
 def _by_name(records: list[RegionRecord]) -> dict[str, RegionRecord]:

@@ -25,6 +25,7 @@ __all__ = [
     "pid_alive",
     "remove_stale_arenas",
     "require_space",
+    "reserve_pages",
 ]
 
 ALIGN: Final = 64  # tensor offsets inside a lease are 64-byte aligned (SIMD loads, cudaMemcpy)
@@ -74,17 +75,24 @@ class ArenaNoSpace(RuntimeError):
     """/dev/shm cannot hold the arena (a container's default /dev/shm is 64 MiB)."""
 
 
-def _reserve(fd: int, path: Path, size: int) -> None:
-    """Allocate the arena's pages now. A sparse arena in a /dev/shm too small for it would
-    map fine and then kill the process with SIGBUS at the first write past the space left,
-    in the middle of serving; this fails at start, with what to change."""
+def reserve_pages(fd: int, offset: int, size: int) -> bool:
+    """Allocate the pages of [offset, offset + size) of a shm object now; False when /dev/shm
+    has no room for them. A sparse object in a full /dev/shm maps fine, then kills whoever
+    writes into one of its holes with SIGBUS, in the middle of serving. (A filesystem without
+    fallocate leaves the object as it is: True.)"""
     try:
-        os.posix_fallocate(fd, 0, size)
+        os.posix_fallocate(fd, offset, size)
     except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            return  # a filesystem without fallocate: the arena stays sparse
+        if exc.errno == errno.ENOSPC:
+            return False
+    return True
+
+
+def _reserve(fd: int, path: Path, size: int) -> None:
+    """The arena's pages, or ArenaNoSpace at start, with what to change."""
+    if not reserve_pages(fd, 0, size):
         path.unlink(missing_ok=True)
-        raise _no_space(size, 1) from None
+        raise _no_space(size, 1)
 
 
 def require_space(arena_size: int, arenas: int) -> None:
@@ -175,7 +183,7 @@ class SlotPool:
         return max(1, -(-nbytes // self.slot_bytes))
 
     def try_lease(self, nbytes: int) -> Lease | None:
-        k = max(1, -(-nbytes // self.slot_bytes))
+        k = self.slots_for(nbytes)
         if k > self.slots:
             return None
         m = self._map
