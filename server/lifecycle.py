@@ -129,8 +129,7 @@ class ModelManager:
             entry = self.table.models.get(name)
             if entry is None:
                 raise NotFound(f"Request for unknown model: '{name}' is not found")
-            await self._unload_ready(entry)
-            entry.reason = "unloaded"
+            await self._unload_model(entry)
         if self.on_control is not None:
             await self.on_control(name, "unload", None, self.repository)
 
@@ -142,8 +141,7 @@ class ModelManager:
                 return
             entry = self.table.models.get(name)
             if entry is not None:
-                await self._unload_ready(entry)
-                entry.reason = "unloaded"
+                await self._unload_model(entry)
 
     async def _load_from(self, name: str, spec: ModelSpec | None, root: Path) -> None:
         scanned = await asyncio.to_thread(scan_model, root, name, spec)
@@ -236,9 +234,14 @@ class ModelManager:
                 if ve.state is ModelState.READY:
                     ve.state, ve.reason = ModelState.LOADING, "worker restarted; reloading"
         entries = list(self.table.models.values())
-        await asyncio.gather(*(self._load_pending(e, suspects=False) for e in entries))
+        await asyncio.gather(
+            *(self._load_version(ve.spec or e.spec, ve, ve.path)
+              for e in entries for ve in _loading(e) if not ve.load_crashes)
+        )  # fmt: skip
         for e in entries:
-            await self._load_pending(e, suspects=True)
+            for ve in _loading(e):
+                if ve.load_crashes:
+                    await self._load_version(ve.spec or e.spec, ve, ve.path)
 
     def mark_worker_lost(self) -> None:
         for e in self.table.models.values():
@@ -259,21 +262,9 @@ class ModelManager:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def _load_pending(self, entry: ModelEntry, suspects: bool | None = None) -> None:
-        """Load the model's LOADING versions (`suspects`: only those that were loading when a
-        worker died, one at a time; False: only the others; None: all)."""
-        pending = [
-            ve
-            for ve in entry.versions.values()
-            if ve.state is ModelState.LOADING and (ve.spec or entry.spec) is not None
-            and (suspects is None or (ve.load_crashes > 0) == suspects)
-        ]  # fmt: skip
-        if suspects:
-            for ve in pending:
-                await self._load_version(ve.spec or entry.spec, ve, ve.path)
-            return
+    async def _load_pending(self, entry: ModelEntry) -> None:
         await asyncio.gather(
-            *(self._load_version(ve.spec or entry.spec, ve, ve.path) for ve in pending)
+            *(self._load_version(ve.spec or entry.spec, ve, ve.path) for ve in _loading(entry))
         )
 
     async def _load_version(
@@ -328,6 +319,11 @@ class ModelManager:
         ve.state, ve.reason = ModelState.UNAVAILABLE, reason
         log.error("model %s version %d: %s", name, ve.version, reason)
         return f"version {ve.version}: {reason}"
+
+    async def _unload_model(self, entry: ModelEntry) -> None:
+        """RepositoryModelUnload, this front's or another's (replayed)."""
+        await self._unload_ready(entry)
+        entry.reason = "unloaded"
 
     async def _unload_ready(self, entry: ModelEntry) -> None:
         """Drain and unload every READY version of a model, concurrently."""
@@ -396,6 +392,15 @@ def _override_spec(name: str, config_json: str | None) -> ModelSpec | None:
             f"failed to load '{name}', failed to poll from model "
             f"repository: invalid config override: {exc}"
         ) from None
+
+
+def _loading(entry: ModelEntry) -> list[VersionEntry]:
+    """The model's versions waiting to be loaded (with a config to load them by)."""
+    return [
+        ve
+        for ve in entry.versions.values()
+        if ve.state is ModelState.LOADING and (ve.spec or entry.spec) is not None
+    ]
 
 
 def _entry(s: ScannedModel) -> ModelEntry:
