@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from runtime.ipc.protocol import Code
+from runtime.ipc.protocol import Code, RegionDone
 from server.errors import AlreadyExists, InvalidInput, Unsupported
 from server.shm_directory import RegionRecord
 from server.shm_regions import CudaRegion, SharedMemoryRegistry
@@ -44,9 +44,7 @@ class CudaRegions:
 
     async def unregister(self, name: str) -> None:
         """Forget the region(s) now; the worker closes each once no call uses it."""
-        for n in self.shm.remove_cuda(name):
-            if self.link.ready:
-                await self.link.require().close_region(n)
+        await self._close(self.shm.remove_cuda(name))
 
     def status(self, name: str) -> list[CudaRegion] | list[RegionRecord]:
         return self.shm.cuda_status(name)
@@ -61,9 +59,7 @@ class CudaRegions:
         # first (its table holds one region per name).
         await self._close_stale()
         for region, identity in todo:
-            done = await self.link.require().open_region(
-                region.name, region.raw_handle, region.device_id, region.byte_size
-            )
+            done = await self._open(region)
             if done.code == Code.OK:
                 self.shm.adopt_cuda(region, identity)
             else:  # the request then names an unregistered region (INVALID_ARGUMENT)
@@ -75,7 +71,14 @@ class CudaRegions:
         await self._close_stale()
 
     async def _close_stale(self) -> None:
-        for name in self.shm.take_stale_cuda():
+        await self._close(self.shm.take_stale_cuda())
+
+    async def _open(self, r: CudaRegion) -> RegionDone:
+        return await self.link.require().open_region(r.name, r.raw_handle, r.device_id, r.byte_size)
+
+    async def _close(self, names: list[str]) -> None:
+        """Have the worker close this front's `names` (a worker restarting has none open)."""
+        for name in names:
             if self.link.ready:
                 await self.link.require().close_region(name)
 
@@ -83,9 +86,7 @@ class CudaRegions:
         """After a worker restart: open every registered region in the new worker; one that
         no longer opens (its owner exited) is dropped, with a warning."""
         for r in list(self.shm.cuda.values()):
-            done = await self.link.require().open_region(
-                r.name, r.raw_handle, r.device_id, r.byte_size
-            )
+            done = await self._open(r)
             if done.code != Code.OK:
                 self.shm.remove_cuda(r.name)
                 log.warning(
