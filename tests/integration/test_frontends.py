@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -181,6 +182,16 @@ def shm_io(region_in: str, region_out: str, nbytes: int) -> tuple[object, object
     return inp, out
 
 
+def release(owner: grpcclient.InferenceServerClient, regions: tuple[Any, ...]) -> None:
+    """A test's cleanup: unregister everything through `owner`, close it, free the regions."""
+    with contextlib.suppress(Exception):
+        owner.unregister_system_shared_memory()
+        owner.unregister_cuda_shared_memory()
+    owner.close()
+    for region in regions:
+        shm.destroy_shared_memory_region(region)
+
+
 def test_client_shm_registered_on_one_connection_is_the_pods(shm_server: Server) -> None:
     """perf_analyzer registers its regions on one connection and infers on others: with
     several fronts, every front must know them (and forget them once unregistered)."""
@@ -225,12 +236,7 @@ def test_client_shm_registered_on_one_connection_is_the_pods(shm_server: Server)
             assert list(c.get_system_shared_memory_status(as_json=True)["regions"]) == ["out"]
             assert not c.get_cuda_shared_memory_status(as_json=True).get("regions")
     finally:
-        with contextlib.suppress(Exception):
-            owner.unregister_system_shared_memory()
-            owner.unregister_cuda_shared_memory()
-        owner.close()
-        for region in (sys_in, sys_out, dev):
-            shm.destroy_shared_memory_region(region)
+        release(owner, (sys_in, sys_out, dev))
 
 
 def test_a_cuda_region_replaced_under_its_name_is_followed(shm_server: Server) -> None:
@@ -259,12 +265,7 @@ def test_a_cuda_region_replaced_under_its_name_is_followed(shm_server: Server) -
                 shm.get_contents_as_numpy(out, np.float32, [3, 4]), x * 10
             )
     finally:
-        with contextlib.suppress(Exception):
-            owner.unregister_system_shared_memory()
-            owner.unregister_cuda_shared_memory()
-        owner.close()
-        for region in (old, new, out):
-            shm.destroy_shared_memory_region(region)
+        release(owner, (old, new, out))
 
 
 def test_model_statistics_count_the_whole_pod(shm_server: Server) -> None:
