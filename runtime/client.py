@@ -19,10 +19,10 @@ from typing import ClassVar
 import msgspec
 
 from runtime.ipc.protocol import (
-    FRAME_HEADER,
     PROTOCOL_VERSION,
     CloseRegion,
     Code,
+    FrameReader,
     FrontMessage,
     GetStatus,
     Hello,
@@ -412,34 +412,16 @@ class _Link(asyncio.Protocol):
 
     def __init__(self, client: RuntimeClient) -> None:
         self.client = client
-        self.buf = bytearray()
+        self.reader = FrameReader()
 
     def data_received(self, data: bytes) -> None:
-        # Most reads hold whole frames only: they are decoded from `data` itself (views of an
-        # immutable bytes), and only a partial frame at the end is kept for the next read.
-        buf = self.buf
-        if buf:
-            buf += data
-            data = bytes(buf)
-            buf.clear()
-        view = memoryview(data)
-        pos, end = 0, len(data)
-        hdr = FRAME_HEADER.size
         try:
-            while end - pos >= hdr:
-                (size,) = FRAME_HEADER.unpack_from(data, pos)
-                if end - pos - hdr < size:
-                    break
-                msg = decode_worker(view[pos + hdr : pos + hdr + size])
-                pos += hdr + size
-                self.client._on_message(msg)
+            for body in self.reader.frames(memoryview(data)):
+                self.client._on_message(decode_worker(body))
         except Exception:
             log.exception("worker link protocol error")
             if self.client._transport is not None:
                 self.client._transport.close()
-            return
-        if pos < end:
-            buf += view[pos:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client._lost(exc)

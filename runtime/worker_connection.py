@@ -24,11 +24,11 @@ from runtime.engine.batcher import BatcherClosed, Pending, QueueFull
 from runtime.engine.regions import RegionError, RegionTable
 from runtime.ipc.pinning import CudaError, PinnedRegion, pin_arena
 from runtime.ipc.protocol import (
-    FRAME_HEADER,
     MAX_FRAME,
     PROTOCOL_VERSION,
     CloseRegion,
     Code,
+    FrameReader,
     GetStatus,
     Hello,
     Infer,
@@ -127,41 +127,23 @@ class Connection:
 
     def _loop(self) -> None:
         # Read what is there (up to 1 MiB) and handle every complete frame of it: under load
-        # one recv carries many calls, instead of two recv syscalls per call.
-        # Frames are decoded from the read itself (decoding copies what it keeps, so the chunk
-        # can be read into again); only a partial frame at its end waits in `buf`.
-        buf = bytearray()
+        # one recv carries many calls, instead of two recv syscalls per call. Frames are
+        # decoded from the read chunk itself (FrameReader), which the next recv reuses.
+        reader = FrameReader(MAX_FRAME)
         chunk = bytearray(1 << 20)
         view = memoryview(chunk)
-        hdr = FRAME_HEADER.size
         self._reader = threading.get_ident()
         while True:
             n = self.sock.recv_into(chunk)
             if n == 0:
                 return
-            if buf:
-                buf += view[:n]
-                data, end = memoryview(bytes(buf)), len(buf)
-                buf.clear()
-            else:
-                data, end = view, n
-            pos = 0
             self._collect = []
             try:
-                while end - pos >= hdr:
-                    (size,) = FRAME_HEADER.unpack_from(data, pos)
-                    if size > MAX_FRAME:
-                        raise ValueError(f"frame of {size} bytes")
-                    if end - pos - hdr < size:
-                        break
-                    msg = decode_front(data[pos + hdr : pos + hdr + size])
-                    pos += hdr + size
-                    if not self._handle(msg):
+                for body in reader.frames(view[:n]):
+                    if not self._handle(decode_front(body)):
                         return
             finally:
                 self._flush()
-            if pos < end:
-                buf += data[pos:end]
 
     def _handle(self, msg: Any) -> bool:
         """Act on one message; False ends the connection."""

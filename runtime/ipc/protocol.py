@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Iterator
 from typing import Final
 
 import msgspec
@@ -20,6 +21,7 @@ __all__ = [
     "Batching",
     "CloseRegion",
     "Code",
+    "FrameReader",
     "FrontMessage",
     "GetStatus",
     "Hello",
@@ -297,3 +299,34 @@ def decode_front(body: bytes | memoryview) -> FrontMessage:
 
 def decode_worker(body: bytes | memoryview) -> WorkerMessage:
     return _worker_decoder.decode(body)
+
+
+class FrameReader:
+    """The frames of a stream read in pieces: `frames(data)` yields the body of every complete
+    frame of what was read so far; a partial frame at the end waits for the next read. Bodies
+    are views (of `data`, or of a copy when a frame spans reads): decode each before the next
+    read, which may reuse `data`'s buffer (decoding copies what it keeps)."""
+
+    def __init__(self, max_frame: int | None = None) -> None:
+        self.max_frame = max_frame
+        self._partial = bytearray()
+
+    def frames(self, data: memoryview) -> Iterator[memoryview]:
+        if self._partial:
+            self._partial += data
+            data = memoryview(bytes(self._partial))
+            self._partial.clear()
+        pos, end, hdr = 0, len(data), FRAME_HEADER.size
+        try:
+            while end - pos >= hdr:
+                (size,) = FRAME_HEADER.unpack_from(data, pos)
+                if self.max_frame is not None and size > self.max_frame:
+                    raise ValueError(f"frame of {size} bytes")
+                if end - pos - hdr < size:
+                    break
+                body = data[pos + hdr : pos + hdr + size]
+                pos += hdr + size
+                yield body
+        finally:
+            if pos < end:
+                self._partial += data[pos:end]
