@@ -42,6 +42,9 @@ __all__ = ["ModelManager"]
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 30.0
+# Worker deaths during a version's load after which it is left UNAVAILABLE (the second one has
+# it loading alone: reload_all) and the repository poll stops trying it.
+GIVE_UP_AFTER_CRASHES = 2
 _FILE_PARAM = re.compile(r"^file:([1-9][0-9]*)/([A-Za-z0-9._-]{1,128})$")
 
 
@@ -176,7 +179,8 @@ class ModelManager:
                     for v, ve in entry.versions.items()
                     # (a version whose load kills the worker is retried on a config change,
                     # not at every poll: each try would take every model down)
-                    if ve.state in (ModelState.READY, ModelState.LOADING) or ve.load_crashes >= 2
+                    if ve.state in (ModelState.READY, ModelState.LOADING)
+                    or ve.load_crashes >= GIVE_UP_AFTER_CRASHES
                 }
             )
             changed = entry is None or entry.spec != s.spec
@@ -310,7 +314,7 @@ class ModelManager:
         """The worker died while it loaded `ve` (and maybe others). The second time, `ve` was
         loading alone (reload_all) or is the one that keeps doing it: leave it UNAVAILABLE."""
         ve.load_crashes += 1
-        if ve.load_crashes < 2:
+        if ve.load_crashes < GIVE_UP_AFTER_CRASHES:
             return "the runtime worker restarted during the load"
         reason = (
             "the runtime worker died twice while loading this version (a crash in onnxruntime "
