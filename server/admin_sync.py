@@ -29,7 +29,7 @@ from pathlib import Path
 import msgspec
 
 from server.errors import MicrotuneError
-from server.pod_records import Acks, Identity, Watch, replace_file
+from server.pod_records import AckedRecords, Identity
 from server.router import Router
 from server.routing import table_to_dict
 
@@ -37,7 +37,6 @@ __all__ = ["AdminSync"]
 
 log = logging.getLogger(__name__)
 
-_PREFIX = "admin-"
 # A table waits for the other fronts' next poll, or for a version another front still loads
 # (the worker loads it once for all: seconds). Past this, the RPC answers with a log line.
 ACK_TIMEOUT_S = 30.0
@@ -60,8 +59,7 @@ class AdminSync:
     ) -> None:  # fmt: skip
         self.router = router
         self.ack_timeout_s = ack_timeout_s
-        self._watch = Watch(directory, _PREFIX)
-        self._acks = Acks(directory, "admin", index, fronts)
+        self._records = AckedRecords(directory, "admin", index, fronts)
         # model -> (token, identity) of this front's last write of its record
         self._published: dict[str, tuple[str, Identity]] = {}
 
@@ -70,10 +68,7 @@ class AdminSync:
         table = self.router.admin_table(model)
         table_json = "" if table is None else json.dumps(table_to_dict(table))
         record = _Record(model, table_json, secrets.token_hex(8), rollback)
-        path = self._watch.path(model)
-        written = replace_file(path, msgspec.json.encode(record))
-        self._watch.take(path, written)
-        self._acks.ack(model, record.token)
+        written = self._records.write(model, msgspec.json.encode(record), record.token)
         self._published[model] = (record.token, written)
 
     async def settled(self, model: str) -> None:
@@ -84,9 +79,7 @@ class AdminSync:
         if published is None:
             return
         token, written = published
-        silent = await self._acks.wait(
-            model, token, self._watch.path(model), written, self.ack_timeout_s
-        )
+        silent = await self._records.wait(model, token, written, self.ack_timeout_s)
         if silent:
             log.warning(
                 "model %s: routing table not acknowledged by front(s) %s within %.0f s",
@@ -95,7 +88,7 @@ class AdminSync:
 
     def poll(self) -> None:
         """Apply what other fronts published since the last poll."""
-        fresh, _ = self._watch.changed()  # (records are replaced, never removed)
+        fresh, _ = self._records.watch.changed()  # (records are replaced, never removed)
         for path, written in fresh:
             try:
                 record = _decoder.decode(path.read_bytes())
@@ -109,5 +102,5 @@ class AdminSync:
             except MicrotuneError as exc:  # not valid here yet: try again next time
                 log.debug("admin routing table of another front not applied yet: %s", exc)
                 continue
-            self._watch.take(path, written)
-            self._acks.ack(record.model, record.token)
+            self._records.watch.take(path, written)
+            self._records.acks.ack(record.model, record.token)

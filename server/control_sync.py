@@ -23,13 +23,11 @@ import msgspec
 
 from server.errors import MicrotuneError
 from server.lifecycle import ModelManager
-from server.pod_records import ACK_TIMEOUT_S, Acks, Watch, replace_file
+from server.pod_records import ACK_TIMEOUT_S, AckedRecords
 
 __all__ = ["ControlSync"]
 
 log = logging.getLogger(__name__)
-
-_PREFIX = "control-"
 
 
 class _Record(msgspec.Struct, frozen=True):
@@ -50,17 +48,14 @@ class ControlSync:
     ) -> None:  # fmt: skip
         self.manager = manager
         self.ack_timeout_s = ack_timeout_s
-        self._watch = Watch(directory, _PREFIX)
-        self._acks = Acks(directory, "control", index, fronts)
+        self._records = AckedRecords(directory, "control", index, fronts)
 
     async def publish(self, name: str, action: str, config_json: str | None, root: Path) -> None:
         """This front loaded or unloaded `name` (ModelManager.on_control): every front does the
         same before the RPC answers, so a client's next call finds it done on any front."""
         record = _Record(name, action, str(root), secrets.token_hex(8), config_json)
-        path = self._watch.path(name)
-        written = replace_file(path, msgspec.json.encode(record))
-        self._watch.take(path, written)  # not replayed here
-        silent = await self._acks.wait(name, record.token, path, written, self.ack_timeout_s)
+        written = self._records.write(name, msgspec.json.encode(record), record.token)
+        silent = await self._records.wait(name, record.token, written, self.ack_timeout_s)
         if silent:
             log.warning(
                 "model %s: %s not acknowledged by front(s) %s within %.0f s; answering anyway",
@@ -69,13 +64,13 @@ class ControlSync:
 
     async def poll(self) -> None:
         """Replay what other fronts did since the last poll."""
-        fresh, _ = self._watch.changed()  # (records are replaced, never removed)
+        fresh, _ = self._records.watch.changed()  # (records are replaced, never removed)
         for path, written in fresh:
             try:
                 record = _decoder.decode(path.read_bytes())
             except (FileNotFoundError, msgspec.DecodeError):
                 continue  # replaced meanwhile: the next poll reads the new one
-            self._watch.take(path, written)  # a failed replay is not retried every poll
+            self._records.watch.take(path, written)  # a failed replay is not retried every poll
             try:
                 await self.manager.replay(
                     record.name, record.action, record.config_json, Path(record.root)
@@ -88,4 +83,4 @@ class ControlSync:
             except Exception:
                 log.exception("model %s: %s by another front failed", record.name, record.action)
             # Done here, well or not (a failure is logged): the front that asked stops waiting.
-            self._acks.ack(record.name, record.token)
+            self._records.acks.ack(record.name, record.token)

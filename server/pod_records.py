@@ -20,6 +20,7 @@ from pathlib import Path
 
 __all__ = [
     "ACK_TIMEOUT_S",
+    "AckedRecords",
     "Acks",
     "Identity",
     "Watch",
@@ -127,9 +128,9 @@ class Acks:
         self, key: str, token: str, record: Path, written: Identity, timeout_s: float
     ) -> list[int]:
         """Until every other front has acknowledged `token`, the write of `record` that this
-        front made (`written`), or another write replaced it (its writer waits instead), or
-        `timeout_s`: the fronts that had not acknowledged then (empty when all did)."""
-        self.ack(key, token)
+        front made (`written`, acknowledged by this front already), or another write replaced
+        it (its writer waits instead), or `timeout_s`: the fronts that had not acknowledged
+        then (empty when all did)."""
         deadline = time.monotonic() + timeout_s
         waiting = [i for i in range(self.fronts) if i != self.index]
         while True:
@@ -148,6 +149,28 @@ class Acks:
 
     def _path(self, front: int, key: str) -> Path:
         return record_path(self.directory, f"ack-{self.kind}-{front}-", key)
+
+
+class AckedRecords:
+    """Records of one kind (`<kind>-<hash of key>`) that every front of the pod acts on: a
+    front's own write is not listed back to it (`watch`), each front acknowledges each write
+    it has acted on (`acks`), and the writer may wait for every other front's (`wait`)."""
+
+    def __init__(self, directory: Path, kind: str, index: int, fronts: int) -> None:
+        self.watch = Watch(directory, f"{kind}-")
+        self.acks = Acks(directory, kind, index, fronts)
+
+    def write(self, key: str, data: bytes, token: str) -> Identity:
+        """Write `key`'s record (whole, atomically), done here already; its identity."""
+        path = self.watch.path(key)
+        written = replace_file(path, data)
+        self.watch.take(path, written)
+        self.acks.ack(key, token)
+        return written
+
+    async def wait(self, key: str, token: str, written: Identity, timeout_s: float) -> list[int]:
+        """Acks.wait for this front's write of `key` (`written`, carrying `token`)."""
+        return await self.acks.wait(key, token, self.watch.path(key), written, timeout_s)
 
 
 def _replaced(path: Path, written: Identity) -> bool:
