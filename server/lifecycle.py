@@ -37,7 +37,7 @@ from server.repository import ScannedModel, scan_model, scan_repository
 from server.types import ModelSpec, ModelState
 from server.worker_link import WorkerLink
 
-__all__ = ["ModelManager"]
+__all__ = ["ModelManager", "poll_work"]
 
 log = logging.getLogger(__name__)
 
@@ -167,31 +167,25 @@ class ModelManager:
                 log.exception("repository poll failed")
 
     async def poll_once(self) -> None:
-        """Load new models and version directories, unload what disappeared."""
+        """Load new models, versions and changed version files; unload what disappeared."""
         scanned = {s.name: s for s in await asyncio.to_thread(scan_repository, self.repository)}
         for name, s in scanned.items():
             entry = self.table.models.get(name)
-            loaded = (
-                set()
-                if entry is None
-                else {
-                    v
-                    for v, ve in entry.versions.items()
-                    # (a version whose load kills the worker is retried on a config change,
-                    # not at every poll: each try would take every model down)
-                    if ve.state in (ModelState.READY, ModelState.LOADING)
-                    or ve.load_crashes >= GIVE_UP_AFTER_CRASHES
-                }
-            )
-            changed = entry is None or entry.spec != s.spec
-            if changed or set(s.versions) != loaded:
-                async with self._lock(name):
-                    try:
-                        await self._apply(s)
-                    except LoadFailed as exc:
-                        log.error("%s", exc.message)
-                    if self.on_model_loaded is not None:
-                        self.on_model_loaded(name)
+            if s.spec is None:  # a config that no longer parses: what is loaded goes on serving
+                self._broken_config(name, entry, s.reason)
+                continue
+            work = poll_work(entry, s)
+            if work is None:
+                assert entry is not None
+                entry.reason = s.reason  # (a config that parses again, unchanged)
+                continue
+            async with self._lock(name):
+                try:
+                    await self._apply(s, work)
+                except LoadFailed as exc:
+                    log.error("%s", exc.message)
+                if self.on_model_loaded is not None:
+                    self.on_model_loaded(name)
         for name in set(self.table.models) - set(scanned):
             async with self._lock(name):
                 entry = self.table.models[name]
@@ -200,9 +194,19 @@ class ModelManager:
                 for ve in entry.versions.values():  # failed versions too: the model is gone
                     self._forget(ve)
 
-    async def _apply(self, s: ScannedModel) -> None:
+    def _broken_config(self, name: str, entry: ModelEntry | None, reason: str) -> None:
+        if entry is None:
+            self.table.models[name] = ModelEntry(name, None, reason)
+        elif entry.reason == reason:
+            return  # said once, not at every poll
+        else:
+            entry.reason = reason
+        log.error("%s", reason)
+
+    async def _apply(self, s: ScannedModel, only: frozenset[int] | None = None) -> None:
         """Make the loaded versions of a model those of `s`: load (or reload) the selected
-        versions, then drain and unload the ones no longer selected."""
+        versions (of them, those in `only` when given; the others are left as they are), then
+        drain and unload the ones no longer selected."""
         entry = self.table.models.get(s.name)
         if entry is None:
             entry = self.table.models[s.name] = ModelEntry(s.name, s.spec)
@@ -210,9 +214,12 @@ class ModelManager:
         assert s.spec is not None
         jobs = []
         for v, path in s.versions.items():
+            if only is not None and v not in only:
+                continue
             ve = entry.versions.get(v)
             if ve is None or ve.state is not ModelState.READY:
                 ve = entry.versions[v] = VersionEntry(s.name, v, ModelState.LOADING, path=str(path))
+            ve.files = s.files.get(v, ())
             jobs.append(self._load_version(s.spec, ve, str(path), force=True))
         for v, why in s.version_errors.items():
             entry.versions[v] = VersionEntry(s.name, v, ModelState.UNAVAILABLE, why)
@@ -407,10 +414,37 @@ def _loading(entry: ModelEntry) -> list[VersionEntry]:
     ]
 
 
+def poll_work(entry: ModelEntry | None, s: ScannedModel) -> frozenset[int] | None:
+    """What a repository poll must do for the model scanned as `s` (with a config): None when
+    nothing changed, else the versions to (re)load (every selected one when the config
+    changed; maybe none, when only a loaded version was removed).
+
+    A version is as it should be when it was last tried with the files it has now and is
+    READY (or loading), or failed: a load that failed, or killed the worker twice, is tried
+    again once its files or the config change, not at every poll (each try of the latter
+    takes every model down)."""
+    if entry is None or entry.spec != s.spec:
+        return frozenset(s.versions)
+    stale = frozenset(
+        v
+        for v in s.versions
+        if (ve := entry.versions.get(v)) is None
+        or ve.files != s.files.get(v, ())
+        or ve.unloaded  # unloaded by RepositoryModelUnload: the poll loads it again
+        or ve.state is ModelState.UNLOADING
+    )
+    removed = any(
+        ve.state is ModelState.READY for v, ve in entry.versions.items() if v not in s.versions
+    )
+    return stale if stale or removed else None
+
+
 def _entry(s: ScannedModel) -> ModelEntry:
     entry = ModelEntry(s.name, s.spec, s.reason)
     for v, path in s.versions.items():
-        entry.versions[v] = VersionEntry(s.name, v, ModelState.LOADING, path=str(path), spec=s.spec)
+        entry.versions[v] = VersionEntry(
+            s.name, v, ModelState.LOADING, path=str(path), spec=s.spec, files=s.files.get(v, ())
+        )
     for v, why in s.version_errors.items():
         entry.versions[v] = VersionEntry(s.name, v, ModelState.UNAVAILABLE, why)
     return entry

@@ -38,6 +38,9 @@ class VersionEntry:
     # worker, not just the load): 1 makes it a suspect, loaded alone after a restart; 2 with
     # it loading alone, and it is left UNAVAILABLE instead of taking the worker down again.
     load_crashes: int = 0
+    # The version directory's files at its last load attempt (server.repository.fingerprint):
+    # poll mode loads it again only once they differ.
+    files: tuple[tuple[str, int, int], ...] = ()
 
 
 @dataclass(slots=True)

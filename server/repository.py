@@ -1,18 +1,27 @@
 """Scans a model repository on disk: <repo>/<model>/[config] + <repo>/<model>/<version>/model.onnx.
 
 Pure file-system reading; a broken model becomes a ScannedModel with a reason, never an
-exception, so one bad model cannot stop the server or the others.
+exception, so one bad model cannot stop the server or the others. Each selected version also
+gets a fingerprint of its directory's files (name, size, mtime): poll mode reloads a version
+whose files changed, and tries a version that failed to load again only once they change.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.model_config import ConfigError, read_model_config
 from server.types import ModelSpec
 
-__all__ = ["ScannedModel", "scan_model", "scan_repository"]
+__all__ = ["Fingerprint", "ScannedModel", "fingerprint", "scan_model", "scan_repository"]
+
+# A version directory's files as (path relative to it, size, mtime_ns), sorted. Two scans
+# with the same fingerprint found the same files; a copy under way shows up as a change at
+# the next scan after it ends (its last write moves the mtime).
+Fingerprint = tuple[tuple[str, int, int], ...]
+_MAX_FILES = 10_000  # a fingerprint is bounded whatever the directory holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +31,24 @@ class ScannedModel:
     reason: str = ""  # why the model as a whole cannot load ("" = fine)
     versions: dict[int, Path] = field(default_factory=dict)  # selected version -> model file
     version_errors: dict[int, str] = field(default_factory=dict)
+    files: dict[int, Fingerprint] = field(default_factory=dict)  # of each selected version
+
+
+def fingerprint(version_dir: Path) -> Fingerprint:
+    """The files under `version_dir` (symlinks followed, as the loader does)."""
+    found: list[tuple[str, int, int]] = []
+    for top, dirs, names in os.walk(version_dir, followlinks=True):
+        dirs.sort()
+        for n in sorted(names):
+            path = os.path.join(top, n)
+            try:
+                st = os.stat(path)
+            except OSError:  # removed meanwhile, or a dangling link: the next scan sees it
+                continue
+            found.append((os.path.relpath(path, version_dir), st.st_size, st.st_mtime_ns))
+            if len(found) >= _MAX_FILES:
+                return tuple(sorted(found))
+    return tuple(sorted(found))
 
 
 def scan_repository(root: Path) -> list[ScannedModel]:
@@ -58,10 +85,12 @@ def scan_model(root: Path, name: str, spec: ModelSpec | None = None) -> ScannedM
         )
     versions: dict[int, Path] = {}
     errors: dict[int, str] = {}
+    files: dict[int, Fingerprint] = {}
     for v in selected:
         path = model_dir / str(v) / spec.default_model_filename
         if path.is_file():
             versions[v] = path
+            files[v] = fingerprint(path.parent)
         else:
             errors[v] = f"version {v} has no {spec.default_model_filename}"
-    return ScannedModel(name, spec, "", versions, errors)
+    return ScannedModel(name, spec, "", versions, errors, files)

@@ -1,0 +1,107 @@
+"""`--model-control-mode poll` follows a model file written over in place.
+
+A version directory keeps its number while its model.onnx is replaced (a retrained model
+copied over the old one): the poll sees the file change and reloads that version, hot, while
+requests keep flowing; none fails and the answers move to the new model. A model file that
+does not parse, written over a serving one, leaves the old instance serving and is tried once,
+not at every poll.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import tritonclient.grpc as grpcclient
+from harness import IR_VERSION, OPSET, running_server
+from onnx import TensorProto, helper
+
+CONFIG = """name: "plus"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+"""
+
+
+def plus_model(c: float) -> bytes:
+    """Y = X + c."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["X", "C"], ["Y"])],
+        "plus",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor("C", TensorProto.FLOAT, [4], [c] * 4)],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def replace(path: Path, content: bytes) -> None:
+    """Write a new file and rename it over the old one, as a deployment tool does."""
+    tmp = path.with_name(".incoming")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+
+
+def test_a_model_file_written_over_is_reloaded_hot(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    model_file = repo / "plus" / "1" / "model.onnx"
+    model_file.parent.mkdir(parents=True)
+    model_file.write_bytes(plus_model(1.0))
+    (repo / "plus" / "config.pbtxt").write_text(CONFIG)
+    args = ("--model-control-mode", "poll", "--repository-poll-s", "0.3")
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    with running_server(repo, tmp_path / "server", args) as s:
+        seen: list[float] = []  # Y - X of each answer, in order
+        errors: list[str] = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            with grpcclient.InferenceServerClient(s.url) as c:
+                while not stop.is_set():
+                    inp = grpcclient.InferInput("X", [2, 4], "FP32")
+                    inp.set_data_from_numpy(x)
+                    try:
+                        y = c.infer("plus", [inp]).as_numpy("Y")
+                    except Exception as exc:  # every failure is reported
+                        errors.append(str(exc))
+                        continue
+                    assert y is not None
+                    diffs = set((y - x).ravel().tolist())
+                    assert len(diffs) == 1, y
+                    seen.append(diffs.pop())
+
+        worker = threading.Thread(target=traffic)
+        worker.start()
+        try:
+            time.sleep(0.5)
+            replace(model_file, plus_model(2.0))
+            deadline = time.monotonic() + 20
+            while not seen or seen[-1] != 2.0:
+                assert time.monotonic() < deadline and not errors, (errors, s.log()[-3000:])
+                time.sleep(0.05)
+            n = len(seen)
+            replace(model_file, b"this is not an onnx model")
+            while s.log().count("model plus version 1: ") < 1:  # the failed reload's line
+                assert time.monotonic() < deadline, s.log()[-3000:]
+                time.sleep(0.05)
+            time.sleep(1.5)  # five polls more
+        finally:
+            stop.set()
+            worker.join(30)
+        assert errors == []
+        assert seen[0] == 1.0 and set(seen) == {1.0, 2.0}
+        assert seen.index(2.0) > 0 and 2.0 not in seen[: seen.index(2.0)]
+        assert set(seen[seen.index(2.0) :]) == {2.0}  # never back to the old model
+        assert len(seen) > n  # the broken file left version 1 (+2) serving
+        log = s.log()
+        assert log.count("loaded plus version 1 in") == 2, log[-3000:]
+        assert log.count("model plus version 1: ") == 1, log[-3000:]  # tried once, not per poll

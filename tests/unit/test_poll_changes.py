@@ -1,0 +1,209 @@
+"""Poll mode follows the repository's files, not only its directories and configs.
+
+ModelManager runs over an in-memory fake of its WorkerLink that answers each load at once and
+fails those whose model file holds b"broken". A version whose files change (a new model.onnx
+written over the old one) is reloaded, alone; a version that failed to load is tried again once
+its files change, not at every poll; a config that stops parsing leaves what is loaded serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from runtime.ipc.protocol import Code, LoadDone, LoadModel, ModelSignature, TensorInfo
+from server.lifecycle import ModelManager, poll_work
+from server.models import ModelTable
+from server.repository import fingerprint, scan_model
+from server.types import ModelState
+
+CONFIG = """name: "m"
+platform: "onnxruntime_onnx"
+max_batch_size: 0
+version_policy: { all { } }
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+"""
+SIGNATURE = ModelSignature((TensorInfo("X", "FP32", (4,)),), (TensorInfo("Y", "FP32", (4,)),))
+
+
+class FakeWorkerLink:
+    """The WorkerLink surface ModelManager uses; loads read the model file like the worker."""
+
+    def __init__(self) -> None:
+        self.on_restart = None
+        self.on_lost = None
+        self.loads: list[tuple[str, int, bytes]] = []  # (model, version, file content) tried
+        self._ids = 0
+
+    def require(self) -> FakeWorkerLink:
+        return self
+
+    def next_request_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    async def load(self, msg: LoadModel) -> LoadDone:
+        content = await asyncio.to_thread(Path(msg.path).read_bytes)
+        self.loads.append((msg.name, msg.version, content))
+        if content == b"broken":
+            return LoadDone(msg.request_id, Code.BAD_INPUT, "model file does not parse")
+        return LoadDone(msg.request_id, Code.OK, signature=SIGNATURE)
+
+    async def unload(self, name: str, version: int) -> None:
+        pass
+
+
+def write(path: Path, content: bytes, mtime_ns: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    os.utime(path, ns=(mtime_ns, mtime_ns))  # (a coarse clock could give two writes one mtime)
+
+
+def repository(root: Path, **versions: bytes) -> Path:
+    (root / "m").mkdir(parents=True)
+    (root / "m" / "config.pbtxt").write_text(CONFIG)
+    for v, content in versions.items():
+        write(root / "m" / v.lstrip("v") / "model.onnx", content, 10**18)
+    return root
+
+
+def manager_over(root: Path) -> tuple[ModelManager, FakeWorkerLink, ModelTable]:
+    link = FakeWorkerLink()
+    table = ModelTable()
+    return ModelManager(root, link, table, 1, mode="poll"), link, table  # type: ignore[arg-type]
+
+
+def states(table: ModelTable) -> dict[int, ModelState]:
+    return {v: ve.state for v, ve in table.models["m"].versions.items()}
+
+
+def test_a_version_whose_file_changed_is_reloaded_alone(tmp_path: Path) -> None:
+    root = repository(tmp_path, v1=b"one", v2=b"two")
+    manager, link, table = manager_over(root)
+
+    async def scenario() -> None:
+        await manager.load_repository()
+        assert sorted(link.loads) == [("m", 1, b"one"), ("m", 2, b"two")]
+        await manager.poll_once()
+        assert len(link.loads) == 2  # nothing changed: nothing loaded
+        write(root / "m" / "2" / "model.onnx", b"two, retrained", 2 * 10**18)
+        await manager.poll_once()
+        assert link.loads[2:] == [("m", 2, b"two, retrained")]
+        await manager.poll_once()
+        assert len(link.loads) == 3
+
+    asyncio.run(scenario())
+    assert states(table) == {1: ModelState.READY, 2: ModelState.READY}
+
+
+def test_a_failed_load_is_tried_again_once_its_files_change(tmp_path: Path) -> None:
+    root = repository(tmp_path, v1=b"one", v2=b"broken")
+    manager, link, table = manager_over(root)
+
+    async def scenario() -> None:
+        await manager.load_repository()
+        assert states(table) == {1: ModelState.READY, 2: ModelState.UNAVAILABLE}
+        for _ in range(3):
+            await manager.poll_once()
+        assert len(link.loads) == 2  # not once more per poll
+        write(root / "m" / "2" / "model.onnx", b"fixed", 2 * 10**18)
+        await manager.poll_once()
+        assert link.loads[2:] == [("m", 2, b"fixed")]
+
+    asyncio.run(scenario())
+    assert states(table) == {1: ModelState.READY, 2: ModelState.READY}
+
+
+def test_a_failed_reload_leaves_the_old_instance_serving_and_is_not_retried(
+    tmp_path: Path,
+) -> None:
+    root = repository(tmp_path, v1=b"one")
+    manager, link, table = manager_over(root)
+
+    async def scenario() -> None:
+        await manager.load_repository()
+        write(root / "m" / "1" / "model.onnx", b"broken", 2 * 10**18)
+        await manager.poll_once()
+        await manager.poll_once()
+
+    asyncio.run(scenario())
+    assert link.loads == [("m", 1, b"one"), ("m", 1, b"broken")]
+    assert states(table) == {1: ModelState.READY}
+
+
+def test_a_config_that_stops_parsing_leaves_the_model_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = repository(tmp_path, v1=b"one")
+    manager, link, table = manager_over(root)
+    (root / "broken").mkdir()
+    (root / "broken" / "config.pbtxt").write_text("max_batch_size: -3")
+
+    async def scenario() -> None:
+        await manager.load_repository()
+        (root / "m" / "config.pbtxt").write_text(CONFIG.replace("max_batch_size: 0", "nonsense"))
+        # A model added meanwhile, scanned after "m": the broken config must not stop the poll
+        # before it (an AssertionError ended every poll there).
+        (root / "n").mkdir()
+        (root / "n" / "config.pbtxt").write_text(CONFIG.replace('"m"', '"n"'))
+        write(root / "n" / "1" / "model.onnx", b"n", 10**18)
+        with caplog.at_level(logging.ERROR, logger="server.lifecycle"):
+            for _ in range(3):
+                await manager.poll_once()
+        assert table.models["n"].versions[1].state is ModelState.READY
+        (root / "m" / "config.pbtxt").write_text(CONFIG)
+        await manager.poll_once()
+
+    asyncio.run(scenario())
+    assert states(table) == {1: ModelState.READY}
+    assert [load[:2] for load in link.loads] == [("m", 1), ("n", 1)]
+    said = [r.getMessage() for r in caplog.records if "model 'm'" in r.getMessage()]
+    assert len(said) == 1, said  # once, not at every poll
+    assert table.models["m"].reason == ""  # parses again
+    assert table.models["broken"].reason == "model 'broken': max_batch_size must be >= 0"
+
+
+def test_a_version_unloaded_by_request_is_loaded_again_by_the_poll(tmp_path: Path) -> None:
+    root = repository(tmp_path, v1=b"one")
+    manager, link, table = manager_over(root)
+
+    async def scenario() -> None:
+        await manager.load_repository()
+        await manager.unload("m")
+        assert states(table) == {1: ModelState.UNAVAILABLE}
+        await manager.poll_once()
+
+    asyncio.run(scenario())
+    assert states(table) == {1: ModelState.READY}
+    assert len(link.loads) == 2
+
+
+def test_poll_work_is_none_for_an_unchanged_model(tmp_path: Path) -> None:
+    root = repository(tmp_path, v1=b"one", v2=b"two")
+    manager, _, table = manager_over(root)
+    asyncio.run(manager.load_repository())
+    s = scan_model(root, "m")
+    assert poll_work(table.models["m"], s) is None
+    assert poll_work(None, s) == {1, 2}
+    shutil.rmtree(root / "m" / "2")  # a removed version: nothing to load, one to unload
+    assert poll_work(table.models["m"], scan_model(root, "m")) == frozenset()
+
+
+def test_fingerprint_sees_content_size_and_nested_files(tmp_path: Path) -> None:
+    d = tmp_path / "1"
+    write(d / "model.onnx", b"abc", 10**18)
+    first = fingerprint(d)
+    assert first == (("model.onnx", 3, 10**18),)
+    write(d / "model.onnx", b"abd", 10**18)  # same size and mtime: the same files to a poll
+    assert fingerprint(d) == first
+    write(d / "model.onnx", b"abd", 10**18 + 1)
+    assert fingerprint(d) != first
+    write(d / "weights" / "w.bin", b"x" * 10, 10**18)
+    (d / "gone").symlink_to(d / "nowhere")  # a dangling link is skipped, not an error
+    assert [f[0] for f in fingerprint(d)] == ["model.onnx", "weights/w.bin"]
