@@ -47,11 +47,27 @@ class SystemRegion:
     byte_size: int
     _map: mmap.mmap
     view: memoryview  # exactly [offset, offset + byte_size) of the shm object
+    # The object's descriptor, kept to check its size before each use: a client that
+    # truncates the object it registered (say, one restarted that creates its region again,
+    # smaller, under the same key) would turn the front's next access into SIGBUS.
+    fd: int = -1
+
+    def check_intact(self) -> None:
+        size = os.fstat(self.fd).st_size
+        if size < self.offset + self.byte_size:
+            raise InvalidInput(
+                f"shared memory region '{self.name}' (key '{self.key}') has shrunk to {size} "
+                f"bytes since it was registered with offset {self.offset} and byte_size "
+                f"{self.byte_size}; unregister it and register it again"
+            )
 
     def close(self) -> None:
         self.view.release()
         with contextlib.suppress(BufferError):
             self._map.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +275,7 @@ class SharedMemoryRegistry:
                 f"tensor '{tensor}' refers to unregistered shared memory region '{ref.region}'"
             )
         _check_bounds(ref, tensor, region.byte_size)
+        region.check_intact()
         return region.view[ref.offset : ref.offset + ref.byte_size]
 
     def close(self) -> None:
@@ -293,9 +310,11 @@ def _map_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegio
                 f"{byte_size} bytes"
             )
         m = mmap.mmap(fd, size)
-    finally:
+    except BaseException:
         os.close(fd)
-    return SystemRegion(name, key, offset, byte_size, m, memoryview(m)[offset : offset + byte_size])
+        raise
+    view = memoryview(m)[offset : offset + byte_size]
+    return SystemRegion(name, key, offset, byte_size, m, view, fd)
 
 
 def _by_name(records: list[RegionRecord]) -> dict[str, RegionRecord]:

@@ -140,6 +140,41 @@ def test_system_shared_memory_roundtrip(c: grpcclient.InferenceServerClient) -> 
         shm.destroy_shared_memory_region(region)
 
 
+def test_a_region_shrunk_after_registration_is_refused(
+    ext: Server, c: grpcclient.InferenceServerClient
+) -> None:
+    """A client that truncates its object after registering it (one restarted that creates
+    the region again, smaller, under the same key) gets INVALID_ARGUMENT; the front's access to
+    the missing pages would have killed it with SIGBUS."""
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    key = f"/mt-itest-shrink-{os.getpid()}"
+    page = 4096  # the registered range starts on the third page: past the end once truncated
+    region = shm.create_shared_memory_region("big", key, 3 * page)
+    try:
+        shm.set_shared_memory_region(region, [x], offset=2 * page)
+        c.register_system_shared_memory("big", key, x.nbytes, offset=2 * page)
+        fd = os.open(f"/dev/shm{key}", os.O_RDWR)
+        try:
+            os.ftruncate(fd, page)
+        finally:
+            os.close(fd)
+        inp = grpcclient.InferInput("IN", [2, 4], "FP32")
+        inp.set_shared_memory("big", x.nbytes)
+        needles = ("'big'", f"'{key}'", f"shrunk to {page} bytes", "register it again")
+        raises(lambda: c.infer("id_fp32", [inp]), "INVALID_ARGUMENT", *needles)
+        plain, _ = fp32_input(2)
+        out = grpcclient.InferRequestedOutput("OUT")
+        out.set_shared_memory("big", x.nbytes)
+        raises(lambda: c.infer("id_fp32", [plain], outputs=[out]), "INVALID_ARGUMENT", *needles)
+        assert ext.proc.poll() is None, ext.log()[-3000:]
+        res = c.infer("id_fp32", [plain])  # the front still serves
+        np.testing.assert_array_equal(res.as_numpy("OUT"), x)
+        c.unregister_system_shared_memory("big")
+    finally:
+        c.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(region)
+
+
 def test_system_shared_memory_errors(c: grpcclient.InferenceServerClient) -> None:
     raises(
         lambda: c.register_system_shared_memory("x", "/mt-itest-missing", 64),
