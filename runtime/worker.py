@@ -200,13 +200,14 @@ class Worker:
         t0 = time.monotonic_ns()
         with self._models_lock:
             current = self.models.get((msg.name, msg.version))
-        if current is not None and not msg.force and current.spec == msg.identity():
+        if current is not None and msg.served_by(current.spec):
             # Several fronts load the same models: the first load serves them all.
             return LoadDone(
                 msg.request_id,
                 Code.OK,
                 signature=current.signature,
                 device_memory=current.device_memory,
+                reused=True,
             )
         failed: LoadDone | None = None
         with self.memory.measure() as used, self.gpu_lock or contextlib.nullcontext():
@@ -249,13 +250,14 @@ class Worker:
         same = msg.identity()
         with self._models_lock:
             current = self.graph_models.get(key)
-        if current is not None and not msg.force and current.spec == same:
+        if current is not None and msg.served_by(current.spec):
             return LoadDone(
                 msg.request_id,
                 Code.OK,
                 current.reason or "",
                 current.signature,
                 device_memory=current.device_memory,
+                reused=True,
             )
         table = BucketTable.default(msg.max_batch_size)
         copier = None if self.region_io is None else self.region_io[1]

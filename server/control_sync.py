@@ -16,7 +16,6 @@ acknowledge within ACK_TIMEOUT_S (crashed and restarting slowly) is logged and n
 from __future__ import annotations
 
 import logging
-import secrets
 from pathlib import Path
 
 import msgspec
@@ -50,10 +49,13 @@ class ControlSync:
         self.ack_timeout_s = ack_timeout_s
         self._records = AckedRecords(directory, "control", index, fronts)
 
-    async def publish(self, name: str, action: str, config_json: str | None, root: Path) -> None:
+    async def publish(
+        self, name: str, action: str, config_json: str | None, root: Path, token: str
+    ) -> None:
         """This front loaded or unloaded `name` (ModelManager.on_control): every front does the
-        same before the RPC answers, so a client's next call finds it done on any front."""
-        record = _Record(name, action, str(root), secrets.token_hex(8), config_json)
+        same before the RPC answers, so a client's next call finds it done on any front.
+        `token` is the action's own (its loads' revision: the worker loads it once)."""
+        record = _Record(name, action, str(root), token, config_json)
         written = self._records.write(name, msgspec.json.encode(record), record.token)
         silent = await self._records.wait(name, record.token, written, self.ack_timeout_s)
         if silent:
@@ -73,8 +75,9 @@ class ControlSync:
             self._records.watch.take(path, written)  # a failed replay is not retried every poll
             try:
                 await self.manager.replay(
-                    record.name, record.action, record.config_json, Path(record.root)
-                )
+                    record.name, record.action, record.config_json, Path(record.root),
+                    record.token,
+                )  # fmt: skip
             except MicrotuneError as exc:
                 log.error(
                     "model %s: %s by another front failed here: %s",

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -33,7 +35,7 @@ from runtime.ipc.protocol import (
 from server.errors import LoadFailed, NotFound, Unsupported
 from server.model_config import ConfigError, parse_config_json
 from server.models import ModelEntry, ModelTable, VersionEntry
-from server.repository import ScannedModel, scan_model, scan_repository
+from server.repository import Fingerprint, ScannedModel, scan_model, scan_repository
 from server.types import ModelSpec, ModelState
 from server.worker_link import WorkerLink
 
@@ -72,10 +74,14 @@ class ModelManager:
         self.batching_enabled = True
         self._tmp: dict[str, Path] = {}  # override directories made from load parameters
         # Several fronts: model control is the pod's. `on_control(name, action, config_json,
-        # root)` publishes what this front did (server.control_sync), `replay` applies what
-        # another front did, and overrides go to the pod's directory, where every front (and
-        # so the worker, which then loads them once) finds them under one path.
-        self.on_control: Callable[[str, str, str | None, Path], Awaitable[None]] | None = None
+        # root, token)` publishes what this front did (server.control_sync), `replay` applies
+        # what another front did, and overrides go to the pod's directory, where every front
+        # (and so the worker, which then loads them once) finds them under one path. The
+        # action's token is part of its loads' revision: the fronts' loads of one
+        # RepositoryModelLoad are the same to the worker, which loads each version once.
+        self.on_control: Callable[[str, str, str | None, Path, str], Awaitable[None]] | None = (
+            None
+        )
         self.override_dir: Path | None = None
         link.on_restart = self.reload_all
         link.on_lost = self.mark_worker_lost
@@ -113,6 +119,7 @@ class ModelManager:
     ) -> None:
         """Load or reload `name` (Triton's RepositoryModelLoad); raises LoadFailed."""
         self._require_control("RepositoryModelLoad")
+        token = secrets.token_hex(8)  # a new revision: the same files load again
         async with self._lock(name):
             spec = _override_spec(name, config_json)
             root = self.repository
@@ -122,9 +129,9 @@ class ModelManager:
                         f"failed to load '{name}': file parameters need a 'config' parameter too"
                     )
                 root = await asyncio.to_thread(self._write_override, name, files)
-            await self._load_from(name, spec, root)
+            await self._load_from(name, spec, root, token)
         if self.on_control is not None:
-            await self.on_control(name, "load", config_json, root)
+            await self.on_control(name, "load", config_json, root, token)
 
     async def unload(self, name: str) -> None:
         self._require_control("RepositoryModelUnload")
@@ -134,26 +141,30 @@ class ModelManager:
                 raise NotFound(f"Request for unknown model: '{name}' is not found")
             await self._unload_model(entry)
         if self.on_control is not None:
-            await self.on_control(name, "unload", None, self.repository)
+            await self.on_control(name, "unload", None, self.repository, secrets.token_hex(8))
 
-    async def replay(self, name: str, action: str, config_json: str | None, root: Path) -> None:
+    async def replay(
+        self, name: str, action: str, config_json: str | None, root: Path, token: str
+    ) -> None:
         """Another front's RepositoryModelLoad or RepositoryModelUnload, applied here."""
         async with self._lock(name):
             if action == "load":
-                await self._load_from(name, _override_spec(name, config_json), root)
+                await self._load_from(name, _override_spec(name, config_json), root, token)
                 return
             entry = self.table.models.get(name)
             if entry is not None:
                 await self._unload_model(entry)
 
-    async def _load_from(self, name: str, spec: ModelSpec | None, root: Path) -> None:
+    async def _load_from(
+        self, name: str, spec: ModelSpec | None, root: Path, token: str
+    ) -> None:
         scanned = await asyncio.to_thread(scan_model, root, name, spec)
         if scanned.spec is None or (scanned.reason and not scanned.versions):
             raise LoadFailed(
                 f"failed to load '{name}', failed to poll from model repository: {scanned.reason}"
             )
         try:
-            await self._apply(scanned)
+            await self._apply(scanned, token=token)
         finally:
             if self.on_model_loaded is not None:
                 self.on_model_loaded(name)
@@ -203,10 +214,13 @@ class ModelManager:
             entry.reason = reason
         log.error("%s", reason)
 
-    async def _apply(self, s: ScannedModel, only: frozenset[int] | None = None) -> None:
+    async def _apply(
+        self, s: ScannedModel, only: frozenset[int] | None = None, token: str = ""
+    ) -> None:
         """Make the loaded versions of a model those of `s`: load (or reload) the selected
         versions (of them, those in `only` when given; the others are left as they are), then
-        drain and unload the ones no longer selected."""
+        drain and unload the ones no longer selected. `token`: a RepositoryModelLoad's, which
+        reloads what the worker has loaded even from the same files and config."""
         entry = self.table.models.get(s.name)
         if entry is None:
             entry = self.table.models[s.name] = ModelEntry(s.name, s.spec)
@@ -220,7 +234,7 @@ class ModelManager:
             if ve is None or ve.state is not ModelState.READY:
                 ve = entry.versions[v] = VersionEntry(s.name, v, ModelState.LOADING, path=str(path))
             ve.files = s.files.get(v, ())
-            jobs.append(self._load_version(s.spec, ve, str(path), force=True))
+            jobs.append(self._load_version(s.spec, ve, str(path), revision(ve.files, token)))
         for v, why in s.version_errors.items():
             entry.versions[v] = VersionEntry(s.name, v, ModelState.UNAVAILABLE, why)
         failures = [r for r in await asyncio.gather(*jobs) if r]
@@ -279,10 +293,13 @@ class ModelManager:
         )
 
     async def _load_version(
-        self, spec: ModelSpec | None, ve: VersionEntry, path: str, force: bool = False
+        self, spec: ModelSpec | None, ve: VersionEntry, path: str, rev: str = ""
     ) -> str:
         """Load one version; returns "" on success or the reason it failed. A READY version
-        stays READY (serving the old instance) until the worker has the new one."""
+        stays READY (serving the old instance) until the worker has the new one. `rev`: the
+        LoadModel's revision (`revision`); "" (start-up, worker restart) takes the instance
+        the worker has, of any revision, if another front loaded it from the same path and
+        config."""
         assert spec is not None
         try:
             client = self.link.require()
@@ -297,7 +314,7 @@ class ModelManager:
                 spec.max_batch_size,
                 _declared(spec),
                 self.intra_op_threads,
-                force,
+                rev,
                 self._batching(spec),
                 _golden(path),
             )
@@ -309,7 +326,12 @@ class ModelManager:
             ve.signature, ve.spec, ve.path, ve.load_ns = done.signature, spec, path, done.load_ns
             ve.device_memory = done.device_memory
             ve.state, ve.reason = ModelState.READY, done.message  # e.g. "without CUDA graphs"
-            log.info("loaded %s version %d in %.1f ms", spec.name, ve.version, done.load_ns / 1e6)
+            if done.reused:
+                log.info("%s version %d: loaded already by another front", spec.name, ve.version)
+            else:
+                log.info(
+                    "loaded %s version %d in %.1f ms", spec.name, ve.version, done.load_ns / 1e6
+                )
             return ""
         reason = f"version {ve.version}: {done.message}"
         if ve.state is not ModelState.READY:
@@ -437,6 +459,13 @@ def poll_work(entry: ModelEntry | None, s: ScannedModel) -> frozenset[int] | Non
         ve.state is ModelState.READY for v, ve in entry.versions.items() if v not in s.versions
     )
     return stale if stale or removed else None
+
+
+def revision(files: Fingerprint, token: str = "") -> str:
+    """A LoadModel's revision: the version files' fingerprint (the same in every front that
+    scanned the same files), plus a RepositoryModelLoad's token."""
+    digest = hashlib.blake2b(repr(files).encode(), digest_size=8).hexdigest()
+    return f"{digest}/{token}" if token else digest
 
 
 def _entry(s: ScannedModel) -> ModelEntry:

@@ -52,7 +52,7 @@ class LoadedModel:
     signature: ModelSignature
     output_names: tuple[str, ...]
     input_types: dict[str, str]
-    spec: LoadModel | None = None  # what it was loaded from (request_id and force zeroed)
+    spec: LoadModel | None = None  # what it was loaded from (LoadModel.identity)
     avg_ns: float = 1e9  # moving average of execute() time; unknown (slow) until measured
     device_memory: int | None = None  # bytes its load took on the device (None: CPU, unknown)
     device_id: int = 0  # the CUDA device its session runs on (0 on the CPU)

@@ -149,12 +149,25 @@ class LoadModel(_Msg, tag="load"):
     max_batch_size: int
     declared: ModelSignature  # inputs/outputs from the config file; empty = take the graph's
     intra_op_threads: int = 1
-    force: bool = False  # reload even if loaded with the same file and config (explicit load)
+    # Which load of the files at `path` this is: their fingerprint when a front saw them
+    # change, plus the request's token for a RepositoryModelLoad (which reloads even the same
+    # files). The fronts of a pod send the same revision for one change, so the worker loads
+    # it once. "" (start-up, worker restart): whatever revision the worker has.
+    revision: str = ""
     batching: Batching | None = None  # None: each call runs alone
 
     def identity(self) -> LoadModel:
-        """What makes two loads the same model instance (request id and force left out)."""
-        return msgspec.structs.replace(self, request_id=0, force=False)
+        """What the instance loaded from this message is (the request id left out)."""
+        return msgspec.structs.replace(self, request_id=0)
+
+    def served_by(self, loaded: LoadModel | None) -> bool:
+        """Whether the instance loaded from `loaded` (an identity) is the one this load asks
+        for: the first front's load serves every front that asks for the same."""
+        if loaded is None:
+            return False
+        if not self.revision:
+            return msgspec.structs.replace(self, request_id=0, revision=loaded.revision) == loaded
+        return self.identity() == loaded
 
     golden_path: str = ""  # its GOLDEN_FILE, if any: must be reproduced before it is ready
 
@@ -229,6 +242,7 @@ class LoadDone(_Msg, tag="loaded"):
     # Bytes of device memory the load took (runtime.engine.memory); None on a CPU worker, or
     # when it could not be attributed.
     device_memory: int | None = None
+    reused: bool = False  # the instance another front's load made (same identity): no load
 
 
 class UnloadDone(_Msg, tag="unloaded"):

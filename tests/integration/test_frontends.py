@@ -427,6 +427,8 @@ def test_model_control_is_the_pods(model_repository: Path, tmp_path: Path) -> No
             assert not c.is_model_ready("id_fp32")
             c.load_model("id_fp32")
         on_every_front(lambda c: infers(c, "id_fp32"))
+        # The worker loaded it once: the second front's load (the same revision) found it.
+        assert loads(s, "id_fp32") == (1, 1), s.log()[-3000:]
         with grpcclient.InferenceServerClient(s.url, channel_args=OWN_CONNECTION) as c:
             c.unload_model("id_fp32")
         on_every_front(lambda c: not c.is_model_ready("id_fp32"))
@@ -458,4 +460,19 @@ def test_model_control_is_the_pods(model_repository: Path, tmp_path: Path) -> No
             if d.read_text() == str(s.pid)
         ]
         assert len(list(pod.glob("override-*"))) == 1
-        assert s.log().count("loaded uploaded version 1") == 2
+        assert loads(s, "uploaded") == (1, 1), s.log()[-3000:]
+        # A RepositoryModelLoad of a loaded model reloads it (the same files): once per call.
+        for n in (2, 3):
+            with grpcclient.InferenceServerClient(s.url, channel_args=OWN_CONNECTION) as c:
+                c.load_model("id_fp32")
+            assert loads(s, "id_fp32") == (n, n), s.log()[-3000:]
+        on_every_front(lambda c: infers(c, "id_fp32"))
+
+
+def loads(s: Server, model: str) -> tuple[int, int]:
+    """Loads of version 1 of `model` in the worker, and fronts' loads that found it loaded."""
+    log = s.log()
+    return (
+        log.count(f"loaded {model} version 1 in "),
+        log.count(f"{model} version 1: loaded already by another front"),
+    )

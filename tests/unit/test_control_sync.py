@@ -15,7 +15,9 @@ class FakeManager:
     def __init__(self) -> None:
         self.replayed: list[tuple[str, str]] = []
 
-    async def replay(self, name: str, action: str, config_json: str | None, root: Path) -> None:
+    async def replay(
+        self, name: str, action: str, config_json: str | None, root: Path, token: str
+    ) -> None:
         self.replayed.append((name, action))
 
 
@@ -39,7 +41,7 @@ def test_publish_returns_once_the_other_front_has_replayed(tmp_path: Path) -> No
             order.append("b replayed")
 
         poller = asyncio.create_task(b_polls_later())
-        await a.publish("m", "load", None, tmp_path)
+        await a.publish("m", "load", None, tmp_path, "t1")
         order.append("a answered")
         await poller
         await a.poll()  # its own action is not replayed by itself
@@ -53,10 +55,10 @@ def test_a_newer_action_releases_the_older_wait(tmp_path: Path) -> None:
     (a, _), (b, _) = fronts(tmp_path)
 
     async def scenario() -> None:
-        waiting = asyncio.create_task(a.publish("m", "load", None, tmp_path))
+        waiting = asyncio.create_task(a.publish("m", "load", None, tmp_path, "t2"))
         await asyncio.sleep(0.05)
         # b's unload overwrites the record before b ever polled a's load; a's poll acks it.
-        unload = asyncio.create_task(b.publish("m", "unload", None, tmp_path))
+        unload = asyncio.create_task(b.publish("m", "unload", None, tmp_path, "t3"))
         await asyncio.wait_for(waiting, 5)
         await a.poll()
         await asyncio.wait_for(unload, 5)
@@ -70,7 +72,7 @@ def test_a_silent_front_is_given_up_on(tmp_path: Path) -> None:
     async def scenario() -> float:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        await a.publish("m", "unload", None, tmp_path)
+        await a.publish("m", "unload", None, tmp_path, "t4")
         return loop.time() - t0
 
     assert 0.3 <= asyncio.run(scenario()) < 3

@@ -285,3 +285,19 @@ def test_infer_round_trip_property(
 def test_infer_done_round_trip_property(code: Code, message: str, inline: bytes | None) -> None:
     msg = InferDone(5, code, message, (OutputData("o", "BYTES", (2,), 0, 0, inline),), Timings())
     assert decode_worker(_body(encode(msg))) == msg
+
+
+def test_a_load_is_served_by_the_instance_of_the_same_revision() -> None:
+    """The worker loads once what every front asks for with one revision; a new revision (a
+    change of the files, a RepositoryModelLoad) loads again; "" takes any revision."""
+    sig = ModelSignature((), ())
+    loaded = LoadModel(7, "m", 1, "/r/m/1/model.onnx", 8, sig, revision="abc").identity()
+    assert loaded.request_id == 0
+    assert LoadModel(9, "m", 1, "/r/m/1/model.onnx", 8, sig, revision="abc").served_by(loaded)
+    assert not LoadModel(9, "m", 1, "/r/m/1/model.onnx", 8, sig, revision="abc/t").served_by(
+        loaded
+    )
+    assert LoadModel(9, "m", 1, "/r/m/1/model.onnx", 8, sig).served_by(loaded)
+    assert not LoadModel(9, "m", 1, "/r/m/1/model.onnx", 4, sig).served_by(loaded)  # config
+    assert not LoadModel(9, "m", 1, "/o/m/1/model.onnx", 8, sig).served_by(loaded)  # path
+    assert not LoadModel(9, "m", 1, "/r/m/1/model.onnx", 8, sig).served_by(None)
