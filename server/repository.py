@@ -38,8 +38,10 @@ def fingerprint(version_dir: Path) -> Fingerprint:
     """The files under `version_dir` (symlinks followed, as the loader does)."""
     found: list[tuple[str, int, int]] = []
     for top, dirs, names in os.walk(version_dir, followlinks=True):
-        dirs.sort()
-        for n in sorted(names):
+        # Hidden names are left out: a copy tool's temporary files (rsync's ".model.onnx.XyZ")
+        # come and go; the file renamed over the model is what changes it.
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for n in sorted(n for n in names if not n.startswith(".")):
             path = os.path.join(top, n)
             try:
                 st = os.stat(path)

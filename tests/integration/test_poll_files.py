@@ -45,8 +45,9 @@ def plus_model(c: float) -> bytes:
 
 
 def replace(path: Path, content: bytes) -> None:
-    """Write a new file and rename it over the old one, as a deployment tool does."""
-    tmp = path.with_name(".incoming")
+    """Write a new file and rename it over the old one, as a deployment tool does (rsync
+    writes a hidden temporary file beside it, which the poll leaves out)."""
+    tmp = path.with_name(".model.onnx.incoming")
     tmp.write_bytes(content)
     os.replace(tmp, path)
 

@@ -206,4 +206,6 @@ def test_fingerprint_sees_content_size_and_nested_files(tmp_path: Path) -> None:
     assert fingerprint(d) != first
     write(d / "weights" / "w.bin", b"x" * 10, 10**18)
     (d / "gone").symlink_to(d / "nowhere")  # a dangling link is skipped, not an error
+    write(d / ".model.onnx.Xy12", b"partial", 10**18)  # a copy tool's temporary file
+    write(d / ".cache" / "x", b"x", 10**18)
     assert [f[0] for f in fingerprint(d)] == ["model.onnx", "weights/w.bin"]
