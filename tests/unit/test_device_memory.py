@@ -217,6 +217,32 @@ def test_the_worker_reports_what_the_load_took(tmp_path: Path, graphs: bool) -> 
         worker.pool.shutdown()
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["session", "graph-model"])
+def test_a_load_of_the_same_revision_is_served_by_the_loaded_instance(
+    tmp_path: Path, graphs: bool
+) -> None:
+    """Fronts asking for one revision get one load; a new revision (changed files, another
+    RepositoryModelLoad) loads a new instance; "" (a front starting) takes what is loaded."""
+    settings = WorkerSettings(socket_path=str(tmp_path / "w.sock"), device="cpu", cpu_graphs=graphs)
+    worker = Worker(settings)
+    try:
+        path = str(DEMO_REPOSITORY / "dense" / "1" / "model.onnx")
+
+        def load(rid: int, revision: str) -> LoadDone:
+            msg = LoadModel(rid, "dense", 1, path, 8, ModelSignature((), ()), revision=revision)
+            done = worker.load(msg)
+            assert done.code == Code.OK, done.message
+            return done
+
+        assert [load(1, "fp1").reused, load(2, "fp1").reused] == [False, True]
+        assert [load(3, "fp1/t1").reused, load(4, "fp1/t1").reused] == [False, True]
+        assert load(5, "").reused
+        assert not load(6, "fp2").reused
+        worker.unload(UnloadModel(7, "dense", 1))
+    finally:
+        worker.pool.shutdown()
+
+
 def test_load_done_carries_device_memory_only_when_known() -> None:
     from runtime.ipc.protocol import decode_worker, encode
 
