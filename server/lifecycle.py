@@ -327,7 +327,7 @@ class ModelManager:
             ve.device_memory = done.device_memory
             ve.state, ve.reason = ModelState.READY, done.message  # e.g. "without CUDA graphs"
             if done.reused:
-                log.info("%s version %d: loaded already by another front", spec.name, ve.version)
+                log.info("%s version %d: already loaded in the worker", spec.name, ve.version)
             else:
                 log.info(
                     "loaded %s version %d in %.1f ms", spec.name, ve.version, done.load_ns / 1e6

@@ -474,5 +474,5 @@ def loads(s: Server, model: str) -> tuple[int, int]:
     log = s.log()
     return (
         log.count(f"loaded {model} version 1 in "),
-        log.count(f"{model} version 1: loaded already by another front"),
+        log.count(f"{model} version 1: already loaded in the worker"),
     )
