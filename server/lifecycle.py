@@ -39,7 +39,7 @@ from server.repository import Fingerprint, ScannedModel, scan_model, scan_reposi
 from server.types import ModelSpec, ModelState
 from server.worker_link import WorkerLink
 
-__all__ = ["ModelManager", "poll_work"]
+__all__ = ["ModelManager", "next_poll_in", "poll_work"]
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class ModelManager:
 
     async def poll_forever(self, period_s: float) -> None:
         while True:
-            await asyncio.sleep(period_s)
+            await asyncio.sleep(next_poll_in(time.time(), period_s))
             try:
                 await self.poll_once()
             except Exception:
@@ -434,6 +434,16 @@ def _loading(entry: ModelEntry) -> list[VersionEntry]:
         for ve in entry.versions.values()
         if ve.state is ModelState.LOADING and (ve.spec or entry.spec) is not None
     ]
+
+
+def next_poll_in(now: float, period_s: float) -> float:
+    """Seconds from `now` (wall clock) to the next repository poll: at the multiples of the
+    period since the epoch, not `period_s` after this front started. So the fronts of a pod
+    (and the pods of a deployment, to their clocks' skew) scan at the same instants: their
+    loads of one change reach the worker together, which loads it once and answers them all
+    as it finishes, and every front swaps within milliseconds of the others, instead of
+    serving the old version for up to a period longer than another."""
+    return period_s - now % period_s
 
 
 def poll_work(entry: ModelEntry | None, s: ScannedModel) -> frozenset[int] | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -356,7 +357,9 @@ def test_fronts_go_when_the_supervisor_is_killed(model_repository: Path, tmp_pat
 def test_a_polled_hot_swap_drops_nothing_across_fronts(tmp_path: Path) -> None:
     """`--model-control-mode poll`: each front finds a new version on its own poll, swaps to it
     and unloads the old one. The worker unloads the old version only once the last front lets
-    go of it: a front that has not polled yet still serves it."""
+    go of it: a front that has not polled yet still serves it. The fronts poll at the same
+    instants (lifecycle.next_poll_in): the worker loads the new version once, for both, and
+    they take it within a fraction of the period of each other."""
     repo = tmp_path / "models"
     model = copy_dense(repo, versions={1: 1})
     config = model / "config.pbtxt"
@@ -389,7 +392,9 @@ def test_a_polled_hot_swap_drops_nothing_across_fronts(tmp_path: Path) -> None:
         worker.start()
         try:
             time.sleep(1.0)
-            shutil.copytree(DEMO / "dense" / "2", model / "2")
+            # Copied aside, then renamed into place: a poll sees no half-copied version.
+            shutil.copytree(DEMO / "dense" / "2", model / ".incoming")
+            os.rename(model / ".incoming", model / "2")
             deadline = time.monotonic() + 20
             while s.log().count("unloaded dense version 1") < 2:  # both fronts swapped
                 assert time.monotonic() < deadline, s.log()[-3000:]
@@ -400,6 +405,20 @@ def test_a_polled_hot_swap_drops_nothing_across_fronts(tmp_path: Path) -> None:
             worker.join(30)
         assert set(codes) == {"OK"}, dict(codes)
         assert served["1"] > 0 and served["2"] > 0, dict(served)
+        loaded = log_times(s, "loaded dense version 2 in ")
+        found = log_times(s, "dense version 2: already loaded in the worker")
+        assert len(loaded) == 1 and len(found) == 1, s.log()[-3000:]
+        assert abs(loaded[0] - found[0]) < 0.25, (loaded, found)  # (the poll period is 0.5 s)
+
+
+def log_times(s: Server, message: str) -> list[float]:
+    """When the server logged lines containing `message` (seconds since the epoch)."""
+    out = []
+    for line in s.log().splitlines():
+        if message in line:
+            ts = json.loads(line)["ts"]
+            out.append(datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp())
+    return out
 
 
 def test_model_control_is_the_pods(model_repository: Path, tmp_path: Path) -> None:

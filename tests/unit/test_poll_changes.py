@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from runtime.ipc.protocol import Code, LoadDone, LoadModel, ModelSignature, TensorInfo
-from server.lifecycle import ModelManager, poll_work
+from server.lifecycle import ModelManager, next_poll_in, poll_work
 from server.models import ModelTable
 from server.repository import fingerprint, scan_model
 from server.types import ModelState
@@ -209,3 +209,13 @@ def test_fingerprint_sees_content_size_and_nested_files(tmp_path: Path) -> None:
     write(d / ".model.onnx.Xy12", b"partial", 10**18)  # a copy tool's temporary file
     write(d / ".cache" / "x", b"x", 10**18)
     assert [f[0] for f in fingerprint(d)] == ["model.onnx", "weights/w.bin"]
+
+
+def test_fronts_started_apart_poll_at_the_same_instants() -> None:
+    period = 15.0
+    starts = [1_000_000.3, 1_000_002.9, 1_000_004.99]  # three fronts, seconds apart
+    assert [now + next_poll_in(now, period) for now in starts] == pytest.approx([1_000_005.0] * 3)
+    # One that starts later joins the others' schedule: their second poll is its first.
+    assert 1_000_007.9 + next_poll_in(1_000_007.9, period) == pytest.approx(1_000_020.0)
+    assert next_poll_in(1_000_005.0, period) == pytest.approx(period)  # on an instant: the next
+    assert 0 < next_poll_in(123.456, 0.3) <= 0.3
