@@ -37,10 +37,17 @@ class ScannedModel:
 def fingerprint(version_dir: Path) -> Fingerprint:
     """The files under `version_dir` (symlinks followed, as the loader does)."""
     found: list[tuple[str, int, int]] = []
+    seen = {os.path.realpath(version_dir)}  # a link back up would walk in circles
     for top, dirs, names in os.walk(version_dir, followlinks=True):
         # Hidden names are left out: a copy tool's temporary files (rsync's ".model.onnx.XyZ")
         # come and go; the file renamed over the model is what changes it.
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        kept = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(top, d))
+            if real not in seen:
+                seen.add(real)
+                kept.append(d)
+        dirs[:] = kept
         for n in sorted(n for n in names if not n.startswith(".")):
             path = os.path.join(top, n)
             try:

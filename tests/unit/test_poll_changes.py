@@ -209,6 +209,9 @@ def test_fingerprint_sees_content_size_and_nested_files(tmp_path: Path) -> None:
     write(d / ".model.onnx.Xy12", b"partial", 10**18)  # a copy tool's temporary file
     write(d / ".cache" / "x", b"x", 10**18)
     assert [f[0] for f in fingerprint(d)] == ["model.onnx", "weights/w.bin"]
+    (d / "weights" / "up").symlink_to(d)  # a cycle: walked once
+    (d / "shared").symlink_to(d / "weights")  # a directory reached twice: walked once, under
+    assert [f[0] for f in fingerprint(d)] == ["model.onnx", "shared/w.bin"]  # its first name
 
 
 def test_fronts_started_apart_poll_at_the_same_instants() -> None:
