@@ -17,6 +17,7 @@ is gone or replaced.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 from dataclasses import dataclass
@@ -294,6 +295,11 @@ def _map_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegio
     try:
         fd = os.open(_SHM_DIR / stem, os.O_RDWR)
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):  # the server's limit, not the client's key
+            raise Overloaded(
+                f"unable to open shared memory region '{name}' (key '{key}'): {exc.strerror}; "
+                "unregister regions no longer used"
+            ) from None
         raise InvalidInput(
             f"unable to open shared memory region '{name}' (key '{key}'): {exc.strerror}"
         ) from None
