@@ -39,7 +39,7 @@ from server.repository import Fingerprint, ScannedModel, scan_model, scan_reposi
 from server.types import ModelSpec, ModelState
 from server.worker_link import WorkerLink
 
-__all__ = ["ModelManager", "next_poll_in", "poll_work"]
+__all__ = ["ModelManager", "next_poll_in", "poll_work", "unsettled"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ DRAIN_TIMEOUT_S = 30.0
 # Worker deaths during a version's load after which it is left UNAVAILABLE (the second one has
 # it loading alone: reload_all) and the repository poll stops trying it.
 GIVE_UP_AFTER_CRASHES = 2
+# Poll mode: a version whose files changed this recently before a scan, and since the previous
+# scan, may be half-written (a copy in place): it waits for the next poll (`unsettled`).
+SETTLE_S = 1.0
 _FILE_PARAM = re.compile(r"^file:([1-9][0-9]*)/([A-Za-z0-9._-]{1,128})$")
 
 
@@ -83,6 +86,10 @@ class ModelManager:
             None
         )
         self.override_dir: Path | None = None
+        # Poll mode: each model's version fingerprints at the last scan (`unsettled`), and
+        # the clock the scan time comes from (wall clock, as file mtimes are).
+        self._scanned: dict[str, dict[int, Fingerprint]] = {}
+        self.wall_clock: Callable[[], float] = time.time
         link.on_restart = self.reload_all
         link.on_lost = self.mark_worker_lost
 
@@ -179,16 +186,18 @@ class ModelManager:
 
     async def poll_once(self) -> None:
         """Load new models, versions and changed version files; unload what disappeared."""
+        now_ns = int(self.wall_clock() * 1e9)
         scanned = {s.name: s for s in await asyncio.to_thread(scan_repository, self.repository)}
+        previous, self._scanned = self._scanned, {n: s.files for n, s in scanned.items()}
         for name, s in scanned.items():
             entry = self.table.models.get(name)
             if s.spec is None:  # a config that no longer parses: what is loaded goes on serving
                 self._broken_config(name, entry, s.reason)
                 continue
-            work = poll_work(entry, s)
+            work = poll_work(entry, s, unsettled(s, now_ns, previous.get(name, {})))
             if work is None:
-                assert entry is not None
-                entry.reason = s.reason  # (a config that parses again, unchanged)
+                if entry is not None:
+                    entry.reason = s.reason  # (a config that parses again, unchanged)
                 continue
             async with self._lock(name):
                 try:
@@ -446,16 +455,39 @@ def next_poll_in(now: float, period_s: float) -> float:
     return period_s - now % period_s
 
 
-def poll_work(entry: ModelEntry | None, s: ScannedModel) -> frozenset[int] | None:
+def unsettled(
+    s: ScannedModel, now_ns: int, previous: Mapping[int, Fingerprint]
+) -> frozenset[int]:
+    """The versions of `s` whose files may still be being written: one changed in the last
+    SETTLE_S before the scan (`now_ns`, wall clock) and not the same as at the previous scan.
+    A copy in place (`cp` over model.onnx, a sync tool) moves the mtime as it writes: such a
+    version waits for a poll that finds it quiet or unchanged, instead of loading a
+    half-written file (or twice). Files unchanged across two scans count as settled whatever
+    their mtimes say (a clock ahead of this one, on a network file system)."""
+    young = now_ns - int(SETTLE_S * 1e9)
+    return frozenset(
+        v
+        for v, files in s.files.items()
+        if max((mtime for _, _, mtime in files), default=0) > young and previous.get(v) != files
+    )
+
+
+def poll_work(
+    entry: ModelEntry | None, s: ScannedModel, waiting: frozenset[int] = frozenset()
+) -> frozenset[int] | None:
     """What a repository poll must do for the model scanned as `s` (with a config): None when
     nothing changed, else the versions to (re)load (every selected one when the config
-    changed; maybe none, when only a loaded version was removed).
+    changed; maybe none, when only a loaded version was removed). `waiting`: versions whose
+    files are not settled yet (`unsettled`), left for a later poll unless the config changed.
 
     A version is as it should be when it was last tried with the files it has now and is
     READY (or loading), or failed: a load that failed, or killed the worker twice, is tried
     again once its files or the config change, not at every poll (each try of the latter
     takes every model down)."""
-    if entry is None or entry.spec != s.spec:
+    if entry is None:
+        new = frozenset(s.versions) - waiting
+        return new if new or not s.versions else None  # (a model still being copied in)
+    if entry.spec != s.spec:
         return frozenset(s.versions)
     stale = frozenset(
         v
@@ -464,7 +496,7 @@ def poll_work(entry: ModelEntry | None, s: ScannedModel) -> frozenset[int] | Non
         or ve.files != s.files.get(v, ())
         or ve.unloaded  # unloaded by RepositoryModelUnload: the poll loads it again
         or ve.state is ModelState.UNLOADING
-    )
+    ) - waiting
     removed = any(
         ve.state is ModelState.READY for v, ve in entry.versions.items() if v not in s.versions
     )

@@ -106,3 +106,36 @@ def test_a_model_file_written_over_is_reloaded_hot(tmp_path: Path) -> None:
         log = s.log()
         assert log.count("loaded plus version 1 in") == 2, log[-3000:]
         assert log.count("model plus version 1: ") == 1, log[-3000:]  # tried once, not per poll
+
+
+def test_a_slow_copy_in_place_is_loaded_once_whole(tmp_path: Path) -> None:
+    """`cp` over the model file, slowly (a large model, a network file system): the polls during
+    the copy leave the half-written file alone; the whole one is loaded once, after it."""
+    repo = tmp_path / "models"
+    model_file = repo / "plus" / "1" / "model.onnx"
+    model_file.parent.mkdir(parents=True)
+    model_file.write_bytes(plus_model(1.0))
+    (repo / "plus" / "config.pbtxt").write_text(CONFIG)
+    args = ("--model-control-mode", "poll", "--repository-poll-s", "0.3")
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    with running_server(repo, tmp_path / "server", args) as s:
+        new = plus_model(3.0)
+        with model_file.open("wb") as f:  # truncates, then writes over 1.5 s: five polls
+            for i in range(10):
+                f.write(new[i * len(new) // 10 : (i + 1) * len(new) // 10])
+                f.flush()
+                time.sleep(0.15)
+        deadline = time.monotonic() + 20
+        with grpcclient.InferenceServerClient(s.url) as c:
+            while True:
+                inp = grpcclient.InferInput("X", [2, 4], "FP32")
+                inp.set_data_from_numpy(x)
+                y = c.infer("plus", [inp]).as_numpy("Y")
+                assert y is not None
+                if float((y - x)[0, 0]) == 3.0:
+                    break
+                assert time.monotonic() < deadline, s.log()[-3000:]
+                time.sleep(0.05)
+        log = s.log()
+        assert "model plus version 1: " not in log, log[-3000:]  # no half-written file tried
+        assert log.count("loaded plus version 1 in") == 2, log[-3000:]

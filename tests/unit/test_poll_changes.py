@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from runtime.ipc.protocol import Code, LoadDone, LoadModel, ModelSignature, TensorInfo
-from server.lifecycle import ModelManager, next_poll_in, poll_work
+from server.lifecycle import ModelManager, next_poll_in, poll_work, unsettled
 from server.models import ModelTable
-from server.repository import fingerprint, scan_model
+from server.repository import ScannedModel, fingerprint, scan_model
 from server.types import ModelState
 
 CONFIG = """name: "m"
@@ -29,6 +29,7 @@ version_policy: { all { } }
 input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]
 output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]
 """
+EARLIER, LATER = 10**18, 15 * 10**17  # mtimes (2001, 2017): settled, as a copy long done
 SIGNATURE = ModelSignature((TensorInfo("X", "FP32", (4,)),), (TensorInfo("Y", "FP32", (4,)),))
 
 
@@ -69,7 +70,7 @@ def repository(root: Path, **versions: bytes) -> Path:
     (root / "m").mkdir(parents=True)
     (root / "m" / "config.pbtxt").write_text(CONFIG)
     for v, content in versions.items():
-        write(root / "m" / v.lstrip("v") / "model.onnx", content, 10**18)
+        write(root / "m" / v.lstrip("v") / "model.onnx", content, EARLIER)
     return root
 
 
@@ -92,7 +93,7 @@ def test_a_version_whose_file_changed_is_reloaded_alone(tmp_path: Path) -> None:
         assert sorted(link.loads) == [("m", 1, b"one"), ("m", 2, b"two")]
         await manager.poll_once()
         assert len(link.loads) == 2  # nothing changed: nothing loaded
-        write(root / "m" / "2" / "model.onnx", b"two, retrained", 2 * 10**18)
+        write(root / "m" / "2" / "model.onnx", b"two, retrained", LATER)
         await manager.poll_once()
         assert link.loads[2:] == [("m", 2, b"two, retrained")]
         await manager.poll_once()
@@ -112,7 +113,7 @@ def test_a_failed_load_is_tried_again_once_its_files_change(tmp_path: Path) -> N
         for _ in range(3):
             await manager.poll_once()
         assert len(link.loads) == 2  # not once more per poll
-        write(root / "m" / "2" / "model.onnx", b"fixed", 2 * 10**18)
+        write(root / "m" / "2" / "model.onnx", b"fixed", LATER)
         await manager.poll_once()
         assert link.loads[2:] == [("m", 2, b"fixed")]
 
@@ -128,7 +129,7 @@ def test_a_failed_reload_leaves_the_old_instance_serving_and_is_not_retried(
 
     async def scenario() -> None:
         await manager.load_repository()
-        write(root / "m" / "1" / "model.onnx", b"broken", 2 * 10**18)
+        write(root / "m" / "1" / "model.onnx", b"broken", LATER)
         await manager.poll_once()
         await manager.poll_once()
 
@@ -152,7 +153,7 @@ def test_a_config_that_stops_parsing_leaves_the_model_serving(
         # before it (an AssertionError ended every poll there).
         (root / "n").mkdir()
         (root / "n" / "config.pbtxt").write_text(CONFIG.replace('"m"', '"n"'))
-        write(root / "n" / "1" / "model.onnx", b"n", 10**18)
+        write(root / "n" / "1" / "model.onnx", b"n", EARLIER)
         with caplog.at_level(logging.ERROR, logger="server.lifecycle"):
             for _ in range(3):
                 await manager.poll_once()
@@ -222,3 +223,66 @@ def test_fronts_started_apart_poll_at_the_same_instants() -> None:
     assert 1_000_007.9 + next_poll_in(1_000_007.9, period) == pytest.approx(1_000_020.0)
     assert next_poll_in(1_000_005.0, period) == pytest.approx(period)  # on an instant: the next
     assert 0 < next_poll_in(123.456, 0.3) <= 0.3
+
+
+def test_a_copy_in_place_is_loaded_once_it_has_settled(tmp_path: Path) -> None:
+    """A model.onnx being written (its mtime moving, within SETTLE_S of the scan) waits: the
+    half-written file is never tried. A poll that finds it unchanged since the previous one
+    loads it, whatever its mtime (a clock ahead of ours)."""
+    root = repository(tmp_path, v1=b"one")
+    manager, link, table = manager_over(root)
+    now = 2_000_000_000.0  # the scans' wall clock (2033), files written "just now"
+    manager.wall_clock = lambda: now
+    model = root / "m" / "1" / "model.onnx"
+    just_now = int(now * 1e9) - 100_000_000
+
+    async def scenario() -> None:
+        await manager.load_repository()
+        write(model, b"one, retr", just_now)  # the copy under way
+        await manager.poll_once()
+        write(model, b"one, retrained", just_now + 50_000_000)  # still under way
+        await manager.poll_once()
+        assert link.loads == [("m", 1, b"one")]  # neither half was tried
+        await manager.poll_once()  # unchanged since the last scan: settled
+        assert link.loads == [("m", 1, b"one"), ("m", 1, b"one, retrained")]
+        await manager.poll_once()
+        assert len(link.loads) == 2
+
+    asyncio.run(scenario())
+    assert states(table) == {1: ModelState.READY}
+
+
+def test_a_model_still_being_copied_in_appears_once_settled(tmp_path: Path) -> None:
+    root = repository(tmp_path, v1=b"one")
+    manager, link, table = manager_over(root)
+    now = 2_000_000_000.0
+    manager.wall_clock = lambda: now
+
+    async def scenario() -> None:
+        await manager.load_repository()
+        (root / "n").mkdir()
+        (root / "n" / "config.pbtxt").write_text(CONFIG.replace('"m"', '"n"'))
+        write(root / "n" / "1" / "model.onnx", b"n, half", int(now * 1e9))
+        await manager.poll_once()
+        assert "n" not in table.models
+        write(root / "n" / "1" / "model.onnx", b"n, whole", int(now * 1e9) - 5 * 10**9)
+        await manager.poll_once()  # written 5 s before the scan: settled at once
+
+    asyncio.run(scenario())
+    assert table.models["n"].versions[1].state is ModelState.READY
+    assert link.loads[-1] == ("n", 1, b"n, whole") and len(link.loads) == 2
+
+
+def test_unsettled_is_young_and_changed() -> None:
+    s = scan_model_files({1: (("model.onnx", 5, 10 * 10**9),), 2: (("model.onnx", 5, 1),)})
+    now = 10 * 10**9 + 500_000_000  # 0.5 s after version 1's last write
+    assert unsettled(s, now, {}) == {1}
+    assert unsettled(s, now, {1: s.files[1]}) == frozenset()  # unchanged across two scans
+    assert unsettled(s, now + 2 * 10**9, {}) == frozenset()  # quiet for SETTLE_S
+    ahead = scan_model_files({1: (("model.onnx", 5, now + 3600 * 10**9),)})  # a clock ahead
+    assert unsettled(ahead, now, {}) == {1}
+    assert unsettled(ahead, now, {1: ahead.files[1]}) == frozenset()
+
+
+def scan_model_files(files: dict[int, tuple[tuple[str, int, int], ...]]) -> ScannedModel:
+    return ScannedModel("m", None, "", {v: Path(f"/r/m/{v}/model.onnx") for v in files}, {}, files)
