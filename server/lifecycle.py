@@ -345,6 +345,8 @@ class ModelManager:
         reason = f"version {ve.version}: {done.message}"
         if ve.state is not ModelState.READY:
             ve.state, ve.reason = ModelState.UNAVAILABLE, done.message
+        else:  # said in RepositoryIndex until a load succeeds
+            ve.reason = f"reload failed, serving the instance loaded before: {done.message}"
         log.error("model %s %s", spec.name, reason)
         return reason
 

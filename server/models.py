@@ -117,7 +117,10 @@ class ModelTable:
                 ve = entry.versions[v]
                 if ready_only and ve.state is not ModelState.READY:
                     continue
-                out.append(ModelIndexEntry(name, str(v), ve.state.value, ve.reason))
+                # (a model-level reason, say a config that stopped parsing in poll mode, is
+                # said on versions that go on serving the config they were loaded with)
+                reason = ve.reason or entry.reason
+                out.append(ModelIndexEntry(name, str(v), ve.state.value, reason))
         return out
 
     def loading(self) -> bool:

@@ -136,6 +136,9 @@ def test_a_failed_reload_leaves_the_old_instance_serving_and_is_not_retried(
     asyncio.run(scenario())
     assert link.loads == [("m", 1, b"one"), ("m", 1, b"broken")]
     assert states(table) == {1: ModelState.READY}
+    assert [(e.state, e.reason) for e in table.index(ready_only=False)] == [
+        ("READY", "reload failed, serving the instance loaded before: model file does not parse")
+    ]
 
 
 def test_a_config_that_stops_parsing_leaves_the_model_serving(
@@ -158,6 +161,8 @@ def test_a_config_that_stops_parsing_leaves_the_model_serving(
             for _ in range(3):
                 await manager.poll_once()
         assert table.models["n"].versions[1].state is ModelState.READY
+        (m,) = [e for e in table.index(ready_only=True) if e.name == "m"]
+        assert m.state == "READY" and m.reason.startswith("config of model 'm' does not parse"), m
         (root / "m" / "config.pbtxt").write_text(CONFIG)
         await manager.poll_once()
 
@@ -167,6 +172,7 @@ def test_a_config_that_stops_parsing_leaves_the_model_serving(
     said = [r.getMessage() for r in caplog.records if "model 'm'" in r.getMessage()]
     assert len(said) == 1, said  # once, not at every poll
     assert table.models["m"].reason == ""  # parses again
+    assert [(e.name, e.reason) for e in table.index(ready_only=True)] == [("m", ""), ("n", "")]
     assert table.models["broken"].reason == "model 'broken': max_batch_size must be >= 0"
 
 
