@@ -11,11 +11,12 @@ has "poison" loading alone: it is left UNAVAILABLE, saying why, and every other 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from fake_worker_link import SIGNATURE, FakeWorkerLink
+
 from runtime.client import WorkerGone
-from runtime.ipc.protocol import Code, LoadDone, LoadModel, ModelSignature, TensorInfo
+from runtime.ipc.protocol import Code, LoadDone, LoadModel
 from server.lifecycle import ModelManager
 from server.models import ModelTable
 from server.types import ModelState
@@ -26,27 +27,17 @@ max_batch_size: 0
 input [ {{ name: "X" data_type: TYPE_FP32 dims: [ 4 ] }} ]
 output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 4 ] }} ]
 """
-SIGNATURE = ModelSignature((TensorInfo("X", "FP32", (4,)),), (TensorInfo("Y", "FP32", (4,)),))
 
 
-class FakeWorkerLink:
-    """WorkerLink's surface that ModelManager uses, with the client folded in."""
+class PoisonLink(FakeWorkerLink):
+    """Loads answer OK after 20 ms; a load of "poison" kills the worker first."""
 
     def __init__(self) -> None:
-        self.on_restart: Callable[[], Awaitable[None]] | None = None
-        self.on_lost: Callable[[], None] | None = None
+        super().__init__()
         self.deaths = 0
         self.loaded: list[str] = []  # successful loads, in order
         self._in_flight: list[asyncio.Future[LoadDone]] = []
-        self._ids = 0
         self.restarting: asyncio.Task[None] | None = None
-
-    def require(self) -> FakeWorkerLink:
-        return self
-
-    def next_request_id(self) -> int:
-        self._ids += 1
-        return self._ids
 
     async def load(self, msg: LoadModel) -> LoadDone:
         loop = asyncio.get_running_loop()
@@ -82,7 +73,7 @@ def test_a_version_that_kills_the_worker_at_load_is_left_out(tmp_path: Path) -> 
         (tmp_path / name / "1").mkdir(parents=True)
         (tmp_path / name / "1" / "model.onnx").write_bytes(b"onnx")
         (tmp_path / name / "config.pbtxt").write_text(CONFIG.format(name=name))
-    link = FakeWorkerLink()
+    link = PoisonLink()
     table = ModelTable()
     manager = ModelManager(tmp_path, link, table, 1)  # type: ignore[arg-type]
 

@@ -15,8 +15,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fake_worker_link import SIGNATURE, FakeWorkerLink
 
-from runtime.ipc.protocol import Code, LoadDone, LoadModel, ModelSignature, TensorInfo
+from runtime.ipc.protocol import Code, LoadDone, LoadModel
 from server.lifecycle import ModelManager, next_poll_in, poll_work, unsettled
 from server.models import ModelTable
 from server.repository import ScannedModel, fingerprint, scan_model
@@ -30,24 +31,14 @@ input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]
 output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]
 """
 EARLIER, LATER = 10**18, 15 * 10**17  # mtimes (2001, 2017): settled, as a copy long done
-SIGNATURE = ModelSignature((TensorInfo("X", "FP32", (4,)),), (TensorInfo("Y", "FP32", (4,)),))
 
 
-class FakeWorkerLink:
-    """The WorkerLink surface ModelManager uses; loads read the model file like the worker."""
+class FileLink(FakeWorkerLink):
+    """Loads read the model file, as the worker does; one that holds b"broken" fails."""
 
     def __init__(self) -> None:
-        self.on_restart = None
-        self.on_lost = None
+        super().__init__()
         self.loads: list[tuple[str, int, bytes]] = []  # (model, version, file content) tried
-        self._ids = 0
-
-    def require(self) -> FakeWorkerLink:
-        return self
-
-    def next_request_id(self) -> int:
-        self._ids += 1
-        return self._ids
 
     async def load(self, msg: LoadModel) -> LoadDone:
         content = await asyncio.to_thread(Path(msg.path).read_bytes)
@@ -55,9 +46,6 @@ class FakeWorkerLink:
         if content == b"broken":
             return LoadDone(msg.request_id, Code.BAD_INPUT, "model file does not parse")
         return LoadDone(msg.request_id, Code.OK, signature=SIGNATURE)
-
-    async def unload(self, name: str, version: int) -> None:
-        pass
 
 
 def write(path: Path, content: bytes, mtime_ns: int) -> None:
@@ -74,8 +62,8 @@ def repository(root: Path, **versions: bytes) -> Path:
     return root
 
 
-def manager_over(root: Path) -> tuple[ModelManager, FakeWorkerLink, ModelTable]:
-    link = FakeWorkerLink()
+def manager_over(root: Path) -> tuple[ModelManager, FileLink, ModelTable]:
+    link = FileLink()
     table = ModelTable()
     return ModelManager(root, link, table, 1, mode="poll"), link, table  # type: ignore[arg-type]
 
