@@ -44,6 +44,30 @@ def plus_model(c: float) -> bytes:
     return model.SerializeToString()
 
 
+ARGS = ("--model-control-mode", "poll", "--repository-poll-s", "0.3")
+X = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+
+def plus_repository(root: Path) -> Path:
+    """A repository of `plus` version 1 (Y = X + 1) under `root`; returns its model file."""
+    model_file = root / "plus" / "1" / "model.onnx"
+    model_file.parent.mkdir(parents=True)
+    model_file.write_bytes(plus_model(1.0))
+    (root / "plus" / "config.pbtxt").write_text(CONFIG)
+    return model_file
+
+
+def added(c: grpcclient.InferenceServerClient) -> float:
+    """What `plus` adds to X as served now (the same to every element)."""
+    inp = grpcclient.InferInput("X", [2, 4], "FP32")
+    inp.set_data_from_numpy(X)
+    y = c.infer("plus", [inp]).as_numpy("Y")
+    assert y is not None
+    diffs = set((y - X).ravel().tolist())
+    assert len(diffs) == 1, y
+    return diffs.pop()
+
+
 def replace(path: Path, content: bytes) -> None:
     """Write a new file and rename it over the old one, as a deployment tool does (rsync
     writes a hidden temporary file beside it, which the poll leaves out)."""
@@ -53,14 +77,8 @@ def replace(path: Path, content: bytes) -> None:
 
 
 def test_a_model_file_written_over_is_reloaded_hot(tmp_path: Path) -> None:
-    repo = tmp_path / "models"
-    model_file = repo / "plus" / "1" / "model.onnx"
-    model_file.parent.mkdir(parents=True)
-    model_file.write_bytes(plus_model(1.0))
-    (repo / "plus" / "config.pbtxt").write_text(CONFIG)
-    args = ("--model-control-mode", "poll", "--repository-poll-s", "0.3")
-    x = np.arange(8, dtype=np.float32).reshape(2, 4)
-    with running_server(repo, tmp_path / "server", args) as s:
+    model_file = plus_repository(tmp_path / "models")
+    with running_server(tmp_path / "models", tmp_path / "server", ARGS) as s:
         seen: list[float] = []  # Y - X of each answer, in order
         errors: list[str] = []
         stop = threading.Event()
@@ -68,17 +86,10 @@ def test_a_model_file_written_over_is_reloaded_hot(tmp_path: Path) -> None:
         def traffic() -> None:
             with grpcclient.InferenceServerClient(s.url) as c:
                 while not stop.is_set():
-                    inp = grpcclient.InferInput("X", [2, 4], "FP32")
-                    inp.set_data_from_numpy(x)
                     try:
-                        y = c.infer("plus", [inp]).as_numpy("Y")
+                        seen.append(added(c))
                     except Exception as exc:  # every failure is reported
                         errors.append(str(exc))
-                        continue
-                    assert y is not None
-                    diffs = set((y - x).ravel().tolist())
-                    assert len(diffs) == 1, y
-                    seen.append(diffs.pop())
 
         worker = threading.Thread(target=traffic)
         worker.start()
@@ -111,14 +122,8 @@ def test_a_model_file_written_over_is_reloaded_hot(tmp_path: Path) -> None:
 def test_a_slow_copy_in_place_is_loaded_once_whole(tmp_path: Path) -> None:
     """`cp` over the model file, slowly (a large model, a network file system): the polls during
     the copy leave the half-written file alone; the whole one is loaded once, after it."""
-    repo = tmp_path / "models"
-    model_file = repo / "plus" / "1" / "model.onnx"
-    model_file.parent.mkdir(parents=True)
-    model_file.write_bytes(plus_model(1.0))
-    (repo / "plus" / "config.pbtxt").write_text(CONFIG)
-    args = ("--model-control-mode", "poll", "--repository-poll-s", "0.3")
-    x = np.arange(8, dtype=np.float32).reshape(2, 4)
-    with running_server(repo, tmp_path / "server", args) as s:
+    model_file = plus_repository(tmp_path / "models")
+    with running_server(tmp_path / "models", tmp_path / "server", ARGS) as s:
         new = plus_model(3.0)
         with model_file.open("wb") as f:  # truncates, then writes over 1.5 s: five polls
             for i in range(10):
@@ -127,13 +132,7 @@ def test_a_slow_copy_in_place_is_loaded_once_whole(tmp_path: Path) -> None:
                 time.sleep(0.15)
         deadline = time.monotonic() + 20
         with grpcclient.InferenceServerClient(s.url) as c:
-            while True:
-                inp = grpcclient.InferInput("X", [2, 4], "FP32")
-                inp.set_data_from_numpy(x)
-                y = c.infer("plus", [inp]).as_numpy("Y")
-                assert y is not None
-                if float((y - x)[0, 0]) == 3.0:
-                    break
+            while added(c) != 3.0:
                 assert time.monotonic() < deadline, s.log()[-3000:]
                 time.sleep(0.05)
         log = s.log()
