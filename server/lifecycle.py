@@ -35,8 +35,8 @@ from runtime.ipc.protocol import (
 from server.errors import LoadFailed, NotFound, Unsupported
 from server.model_config import ConfigError, parse_config_json
 from server.models import ModelEntry, ModelTable, VersionEntry
-from server.repository import Fingerprint, ScannedModel, scan_model, scan_repository
-from server.types import ModelSpec, ModelState
+from server.repository import ScannedModel, scan_model, scan_repository
+from server.types import Fingerprint, ModelSpec, ModelState
 from server.worker_link import WorkerLink
 
 __all__ = ["ModelManager", "next_poll_in", "poll_work", "unsettled"]
@@ -82,9 +82,7 @@ class ModelManager:
         # (and so the worker, which then loads them once) finds them under one path. The
         # action's token is part of its loads' revision: the fronts' loads of one
         # RepositoryModelLoad are the same to the worker, which loads each version once.
-        self.on_control: Callable[[str, str, str | None, Path, str], Awaitable[None]] | None = (
-            None
-        )
+        self.on_control: Callable[[str, str, str | None, Path, str], Awaitable[None]] | None = None
         self.override_dir: Path | None = None
         # Poll mode: each model's version fingerprints at the last scan (`unsettled`), and
         # the clock the scan time comes from (wall clock, as file mtimes are).
@@ -162,9 +160,7 @@ class ModelManager:
             if entry is not None:
                 await self._unload_model(entry)
 
-    async def _load_from(
-        self, name: str, spec: ModelSpec | None, root: Path, token: str
-    ) -> None:
+    async def _load_from(self, name: str, spec: ModelSpec | None, root: Path, token: str) -> None:
         scanned = await asyncio.to_thread(scan_model, root, name, spec)
         if scanned.spec is None or (scanned.reason and not scanned.versions):
             raise LoadFailed(
@@ -178,7 +174,7 @@ class ModelManager:
 
     async def poll_forever(self, period_s: float) -> None:
         while True:
-            await asyncio.sleep(next_poll_in(time.time(), period_s))
+            await asyncio.sleep(next_poll_in(self.wall_clock(), period_s))
             try:
                 await self.poll_once()
             except Exception:
@@ -457,9 +453,7 @@ def next_poll_in(now: float, period_s: float) -> float:
     return period_s - now % period_s
 
 
-def unsettled(
-    s: ScannedModel, now_ns: int, previous: Mapping[int, Fingerprint]
-) -> frozenset[int]:
+def unsettled(s: ScannedModel, now_ns: int, previous: Mapping[int, Fingerprint]) -> frozenset[int]:
     """The versions of `s` whose files may still be being written: one changed in the last
     SETTLE_S before the scan (`now_ns`, wall clock) and not the same as at the previous scan.
     A copy in place (`cp` over model.onnx, a sync tool) moves the mtime as it writes: such a
@@ -491,14 +485,17 @@ def poll_work(
         return new if new or not s.versions else None  # (a model still being copied in)
     if entry.spec != s.spec:
         return frozenset(s.versions)
-    stale = frozenset(
-        v
-        for v in s.versions
-        if (ve := entry.versions.get(v)) is None
-        or ve.files != s.files.get(v, ())
-        or ve.unloaded  # unloaded by RepositoryModelUnload: the poll loads it again
-        or ve.state is ModelState.UNLOADING
-    ) - waiting
+    stale = (
+        frozenset(
+            v
+            for v in s.versions
+            if (ve := entry.versions.get(v)) is None
+            or ve.files != s.files.get(v, ())
+            or ve.unloaded  # unloaded by RepositoryModelUnload: the poll loads it again
+            or ve.state is ModelState.UNLOADING
+        )
+        - waiting
+    )
     removed = any(
         ve.state is ModelState.READY for v, ve in entry.versions.items() if v not in s.versions
     )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from runtime.ipc.protocol import ModelSignature
 from server.errors import InvalidInput, NotFound, NotReady
 from server.stats import VersionStats
-from server.types import ModelIndexEntry, ModelSpec, ModelState
+from server.types import Fingerprint, ModelIndexEntry, ModelSpec, ModelState
 
 __all__ = ["ModelEntry", "ModelTable", "VersionEntry"]
 
@@ -40,7 +40,7 @@ class VersionEntry:
     load_crashes: int = 0
     # The version directory's files at its last load attempt (server.repository.fingerprint):
     # poll mode loads it again only once they differ.
-    files: tuple[tuple[str, int, int], ...] = ()
+    files: Fingerprint = ()
 
 
 @dataclass(slots=True)

@@ -13,14 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.model_config import ConfigError, read_model_config
-from server.types import ModelSpec
+from server.types import Fingerprint, ModelSpec
 
-__all__ = ["Fingerprint", "ScannedModel", "fingerprint", "scan_model", "scan_repository"]
+__all__ = ["ScannedModel", "fingerprint", "scan_model", "scan_repository"]
 
-# A version directory's files as (path relative to it, size, mtime_ns), sorted. Two scans
-# with the same fingerprint found the same files; a copy under way shows up as a change at
-# the next scan after it ends (its last write moves the mtime).
-Fingerprint = tuple[tuple[str, int, int], ...]
 _MAX_FILES = 10_000  # a fingerprint is bounded whatever the directory holds
 
 

@@ -14,6 +14,7 @@ import msgspec
 
 __all__ = [
     "DynamicBatching",
+    "Fingerprint",
     "InferRequest",
     "InferResponse",
     "ModelIndexEntry",
@@ -27,6 +28,9 @@ __all__ = [
 ]
 
 ParamValue = bool | int | float | str
+# A version directory's files as (path relative to it, size, mtime_ns), sorted
+# (server.repository.fingerprint): two scans with the same one found the same files.
+Fingerprint = tuple[tuple[str, int, int], ...]
 
 
 class ModelState(enum.Enum):

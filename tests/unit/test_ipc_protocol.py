@@ -294,9 +294,7 @@ def test_a_load_is_served_by_the_instance_of_the_same_revision() -> None:
     loaded = LoadModel(7, "m", 1, "/r/m/1/model.onnx", 8, sig, revision="abc").identity()
     assert loaded.request_id == 0
     assert LoadModel(9, "m", 1, "/r/m/1/model.onnx", 8, sig, revision="abc").served_by(loaded)
-    assert not LoadModel(9, "m", 1, "/r/m/1/model.onnx", 8, sig, revision="abc/t").served_by(
-        loaded
-    )
+    assert not LoadModel(9, "m", 1, "/r/m/1/model.onnx", 8, sig, revision="abc/t").served_by(loaded)
     assert LoadModel(9, "m", 1, "/r/m/1/model.onnx", 8, sig).served_by(loaded)
     assert not LoadModel(9, "m", 1, "/r/m/1/model.onnx", 4, sig).served_by(loaded)  # config
     assert not LoadModel(9, "m", 1, "/o/m/1/model.onnx", 8, sig).served_by(loaded)  # path
