@@ -295,14 +295,7 @@ def _map_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegio
     try:
         fd = os.open(_SHM_DIR / stem, os.O_RDWR)
     except OSError as exc:
-        if exc.errno in (errno.EMFILE, errno.ENFILE):  # the server's limit, not the client's key
-            raise Overloaded(
-                f"unable to open shared memory region '{name}' (key '{key}'): {exc.strerror}; "
-                "unregister regions no longer used"
-            ) from None
-        raise InvalidInput(
-            f"unable to open shared memory region '{name}' (key '{key}'): {exc.strerror}"
-        ) from None
+        raise _unopenable(name, key, exc) from None
     try:
         size = os.fstat(fd).st_size
         if byte_size == 0 or offset + byte_size > size:
@@ -315,12 +308,22 @@ def _map_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegio
                 f"shared memory region '{name}' (key '{key}'): /dev/shm has no room for its "
                 f"{byte_size} bytes"
             )
-        m = mmap.mmap(fd, size)
+        m = mmap.mmap(fd, size)  # dups fd: a region holds two descriptors
+    except OSError as exc:
+        os.close(fd)
+        raise _unopenable(name, key, exc) from None
     except BaseException:
         os.close(fd)
         raise
     view = memoryview(m)[offset : offset + byte_size]
     return SystemRegion(name, key, offset, byte_size, m, view, fd)
+
+
+def _unopenable(name: str, key: str, exc: OSError) -> InvalidInput | Overloaded:
+    message = f"unable to open shared memory region '{name}' (key '{key}'): {exc.strerror}"
+    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):  # the server's limits, not the key
+        return Overloaded(f"{message}; unregister regions no longer used")
+    return InvalidInput(message)
 
 
 def _by_name(records: list[RegionRecord]) -> dict[str, RegionRecord]:
