@@ -95,6 +95,9 @@ class RegionInput(PreparedInput, frozen=True):
     nbytes: int = 0
 
 
+OutputSink = Callable[[str, int], "memoryview | None"]
+
+
 class OutputTensor(msgspec.Struct, frozen=True):
     name: str
     datatype: str
@@ -105,7 +108,8 @@ class OutputTensor(msgspec.Struct, frozen=True):
 
 
 class RegionOutput(OutputTensor, frozen=True):
-    """An output the worker wrote into the client's CUDA region (data empty)."""
+    """An output already in the client's region (data empty): written there by the worker (CUDA)
+    or copied there from the arena by `infer` (system, through its `output_sink`)."""
 
     region_nbytes: int = 0  # type: ignore[misc]
 
@@ -211,10 +215,14 @@ class RuntimeClient:
         deadline: float | None,
         span: bytes = b"",
         output_regions: Mapping[str, tuple[str, int, int]] | None = None,
+        output_sink: OutputSink | None = None,
     ) -> InferResult:
         """Run one call. `deadline` is a time.monotonic() value or None. `output_regions`:
         outputs the worker writes into client CUDA shared memory, name -> (region, offset,
-        byte size); inputs with `region` set are read there (no arena bytes for either)."""
+        byte size); inputs with `region` set are read there (no arena bytes for either).
+        `output_sink(name, nbytes)`: where an arena output goes instead of a bytes copy (a
+        client system region), or None; asked as the output is read out, so what it checks
+        holds when the bytes land."""
         if self.closed:
             raise WorkerGone("worker is not connected")
         need = align_up(output_reserve)
@@ -295,6 +303,9 @@ class RuntimeClient:
                 elif o.inline is not None:
                     self.inline_outputs += 1
                     out.append(OutputTensor(o.name, o.datatype, o.shape, o.inline, True))
+                elif output_sink and (sink := output_sink(o.name, o.nbytes)) is not None:
+                    sink[: o.nbytes] = buf[o.offset : o.offset + o.nbytes]  # the only copy
+                    out.append(RegionOutput(o.name, o.datatype, o.shape, b"", False, o.nbytes))
                 else:
                     data = bytes(buf[o.offset : o.offset + o.nbytes])
                     out.append(OutputTensor(o.name, o.datatype, o.shape, data, False))

@@ -20,6 +20,7 @@ from msgspec.structs import replace as struct_replace
 from runtime.client import (
     ArenaFull,
     CallFailed,
+    OutputSink,
     OutputTensor,
     PreparedInput,
     RegionInput,
@@ -232,6 +233,7 @@ class InferenceHandler:
         if on_device:
             plan = struct_replace(plan, inputs=_in_regions(plan.inputs, req))
         out_regions = self._cuda_outputs(req) if req.output_shm else None
+        sink = self._system_sink(req) if req.output_shm else None
         metrics = self.metrics
         # Counted from routing to the answer: unloading this version waits for it (drain).
         ve.inflight += 1
@@ -250,6 +252,7 @@ class InferenceHandler:
                     deadline,
                     span.ref if span is not None else b"",
                     out_regions,
+                    sink,
                 )
             finally:
                 if load is not None:
@@ -273,18 +276,19 @@ class InferenceHandler:
             metrics.served.append(entry)
         if span is not None:
             span.timings, span.answer_ns = t, time.time_ns()
-        self._maybe_shadow(req.model, route.version, plan, result.outputs, hints)
+        self._maybe_shadow(req, route.version, plan, result.outputs, hints)
         return InferResponse(req.model, str(ve.version), req.id, outputs, route.reason)
 
     def _maybe_shadow(
         self,
-        model: str,
+        req: InferRequest,
         served: int,
         plan: Plan,
         outputs: Sequence[OutputTensor],
         hints: RouteHints,
     ) -> None:
         """Mirror a sampled share of requests to the shadow version, off the response path."""
+        model = req.model
         table = self.router.tables.get(model)
         shadow = None if table is None else table.shadow
         if shadow is None or shadow.version == served:
@@ -301,9 +305,11 @@ class InferenceHandler:
             return
         if any(t.region for t in plan.inputs):
             return  # device memory the client may reuse at once: nothing to mirror from
+        served_out = self._served_outputs(req, outputs)
+        if served_out is None:
+            return  # an output is in device memory: nothing to compare with
         # Shared-memory inputs may change once the client has its answer: copy them now.
         inputs = tuple(struct_replace(t, payload=bytes(t.payload)) for t in plan.inputs)
-        served_out = [(o.name, o.datatype, o.shape, o.data) for o in outputs]
         task = asyncio.create_task(
             self._shadow(model, ve, struct_replace(plan, inputs=inputs), served_out)
         )
@@ -369,11 +375,44 @@ class InferenceHandler:
                 out[name] = (ref.region, ref.offset, ref.byte_size)
         return out or None
 
+    def _system_sink(self, req: InferRequest) -> OutputSink:
+        """Where the client copies an output bound for a system region: straight from the
+        arena into the region (one copy). None leaves it to `_output`: not a system region,
+        or too small (whose error `_output` gives)."""
+
+        def sink(name: str, nbytes: int) -> memoryview | None:
+            ref = req.output_shm.get(name)
+            if ref is None or self.shm.cuda_ref(ref, name) is not None:
+                return None
+            view = self.shm.view(ref, name)  # (checked now: the bytes land right after)
+            return view if nbytes <= len(view) else None
+
+        return sink
+
+    def _served_outputs(
+        self, req: InferRequest, outputs: Sequence[OutputTensor]
+    ) -> list[OutputLike] | None:
+        """What was served, as bytes, for the shadow comparison; None when an output went to a
+        client CUDA region. System-region outputs are read back (only for sampled requests)."""
+        served: list[OutputLike] = []
+        for o in outputs:
+            data = o.data
+            if o.region_nbytes is not None:
+                ref = req.output_shm[o.name]
+                if self.shm.cuda_ref(ref, o.name) is not None:
+                    return None
+                try:
+                    data = bytes(self.shm.view(ref, o.name)[: o.region_nbytes])
+                except InvalidInput:  # shrunk meanwhile: the client's answer is not ours to fail
+                    return None
+            served.append((o.name, o.datatype, o.shape, data))
+        return served
+
     def _output(self, req: InferRequest, o: OutputTensor) -> Tensor:
         ref = req.output_shm.get(o.name)
         if ref is None:
             return Tensor(o.name, o.datatype, o.shape, o.data)
-        if o.region_nbytes is not None:  # the worker wrote it into the CUDA region
+        if o.region_nbytes is not None:  # already in the client's region
             return Tensor(
                 o.name, o.datatype, o.shape, b"", ShmRef(ref.region, ref.offset, o.region_nbytes)
             )

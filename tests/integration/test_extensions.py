@@ -183,3 +183,38 @@ def test_system_shared_memory_errors(c: grpcclient.InferenceServerClient) -> Non
     )
     raises(lambda: c.get_system_shared_memory_status("nope"), "NOT_FOUND", "'nope'")
     raises(lambda: c.register_cuda_shared_memory("g", b"\0" * 64, 0, 64), "UNIMPLEMENTED", "'g'")
+
+
+def test_an_output_region_too_small_is_refused_and_left_as_it_was(
+    ext: Server, c: grpcclient.InferenceServerClient
+) -> None:
+    """The output is copied from the worker's slot straight into the client's region, and only
+    once it is known to fit: a region smaller than the output gets INVALID_ARGUMENT naming
+    both sizes, and not a byte of it is written."""
+    key = f"/mt-itest-small-out-{os.getpid()}"
+    region = shm.create_shared_memory_region("small-out", key, 16)
+    try:
+        marker = np.full(4, 7.0, dtype=np.float32)
+        shm.set_shared_memory_region(region, [marker])
+        c.register_system_shared_memory("small-out", key, 16)
+        inp, x = fp32_input(2)  # 32 bytes out
+        out = grpcclient.InferRequestedOutput("OUT")
+        out.set_shared_memory("small-out", 16)
+        raises(
+            lambda: c.infer("id_fp32", [inp], outputs=[out]),
+            "INVALID_ARGUMENT",
+            "shared memory size specified with the request for output 'OUT' (16 bytes) should "
+            "be at least 32 bytes to hold the results",
+        )
+        got = shm.get_contents_as_numpy(region, np.float32, [4])
+        np.testing.assert_array_equal(got, marker)
+        inp, x = fp32_input(1)  # 16 bytes: fits
+        res = c.infer("id_fp32", [inp], outputs=[out])
+        assert all(len(raw) == 0 for raw in res.get_response().raw_output_contents)
+        got = shm.get_contents_as_numpy(region, np.float32, [1, 4])
+        np.testing.assert_array_equal(got, x)
+        assert ext.proc.poll() is None, ext.log()[-3000:]
+        c.unregister_system_shared_memory("small-out")
+    finally:
+        c.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(region)

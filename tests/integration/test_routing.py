@@ -1,10 +1,12 @@
 """Per-request version routing over real gRPC (issue 3), with tritonclient (sync and aio) and its
 raw generated stub (the only way to read the `x-route-reason` trailer).
 
-One server on a repository of three copies of the demo `dense` model (versions 1 and 2 each):
+One server (client shared memory on) on a repository of four copies of the demo `dense` model
+(versions 1 and 2 each):
   dense       no table of its own: each test sets one with RoutingAdmin and clears it after
   dense_cfg   a table in its config (`parameters { key: "routing" ... }`)
   dense_file  a table in the routing file (`--routing-file`), rewritten while serving
+  dense_shm   like dense, for the one test whose shadow tally must start at zero
 Every error is checked for its status code and its message.
 """
 
@@ -20,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+import tritonclient.utils.shared_memory as shm
 from harness import Server, running_server
 from routing_support import (
     ROUTE_REASON,
@@ -78,7 +82,8 @@ def rserver(tmp_path_factory: pytest.TempPathFactory, routing_file: Path) -> Ite
     copy_dense(repo, "dense")
     copy_dense(repo, "dense_cfg", parameters={"routing": json.dumps(CONFIG_TABLE)})
     copy_dense(repo, "dense_file")
-    args = ("--routing-file", str(routing_file))
+    copy_dense(repo, "dense_shm")
+    args = ("--routing-file", str(routing_file), "--allow-client-shm", "true")
     with running_server(repo, tmp_path_factory.mktemp("routing-server"), args) as s:
         yield s
 
@@ -114,7 +119,7 @@ def table(admin: AdminStub) -> Iterator[Callable[..., apb.RoutingStatus]]:
         return admin.SetRouting(apb.SetRoutingRequest(model=model, table_json=json.dumps(t)))
 
     yield set_table
-    for model in ("dense", "dense_cfg", "dense_file"):
+    for model in ("dense", "dense_cfg", "dense_file", "dense_shm"):
         admin.ClearRouting(apb.ClearRoutingRequest(model=model))
 
 
@@ -494,6 +499,49 @@ def test_shadow_traffic_is_recorded_off_the_response_path(
     assert infer(stub, x_model_version="1") == ("1", "pinned")
     time.sleep(0.2)
     assert admin.GetRouting(apb.GetRoutingRequest(model="dense")).shadow.requests == 20
+
+
+def test_shadow_compares_outputs_served_into_client_shared_memory(
+    client: grpcclient.InferenceServerClient, admin: AdminStub, table: Any
+) -> None:
+    """An output served into a client's system region is not in the response: the comparison
+    reads it back from the region, and finds exactly the difference the client sees."""
+    x = dense_input(seed=5)
+    inp = grpcclient.InferInput("INPUT0", [1, 256], "FP32")
+    inp.set_data_from_numpy(x)
+    v1 = client.infer("dense_shm", [inp], model_version="1").as_numpy("OUTPUT0")
+    table(
+        {
+            "weights": {"2": 10000},
+            "labels": {"stable": 2},
+            "shadow": {"version": 1, "sample_bp": 10000},
+        },
+        model="dense_shm",
+    )
+    key = f"/mt-itest-shadow-{os.getpid()}"
+    region = shm.create_shared_memory_region("shadow-out", key, 40)
+    try:
+        client.register_system_shared_memory("shadow-out", key, 40)
+        out = grpcclient.InferRequestedOutput("OUTPUT0")
+        out.set_shared_memory("shadow-out", 40)
+        for _ in range(5):
+            res = client.infer("dense_shm", [inp], outputs=[out])
+            assert res.get_response().model_version == "2"
+        v2 = shm.get_contents_as_numpy(region, np.float32, [1, 10])
+        deadline = time.monotonic() + 5
+        while True:
+            status = admin.GetRouting(apb.GetRoutingRequest(model="dense_shm"))
+            if status.shadow.mismatches + status.shadow.errors >= 5:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        s = status.shadow
+        assert s.requests == 5 and s.errors == 0 and s.mismatches == 5
+        expected = float(np.abs(v2.astype(np.float64) - v1.astype(np.float64)).max())
+        assert expected > 0 and s.max_abs_diff == expected
+    finally:
+        client.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(region)
 
 
 # ============================================================================ acceptance
