@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,13 +19,9 @@ from msgspec.structs import replace as struct_replace
 from runtime.client import (
     ArenaFull,
     CallFailed,
-    OutputSink,
     OutputTensor,
-    PreparedInput,
-    RegionInput,
     WorkerGone,
 )
-from runtime.ipc.dtypes import BytesDecodeError, decode_bytes_tensor
 from runtime.ipc.protocol import Code, ModelSignature
 from server import __version__
 from server.cuda_regions import CudaRegions
@@ -42,6 +37,14 @@ from server.errors import (
 )
 from server.lifecycle import ModelManager
 from server.models import ModelTable, VersionEntry
+from server.request_shm import (
+    cuda_outputs,
+    in_regions,
+    response_tensor,
+    served_outputs,
+    shm_input,
+    system_sink,
+)
 from server.router import RouteHints, Router
 from server.routing import compare_outputs, route_key_point, should_shadow
 from server.routing.shadow import OutputLike
@@ -57,8 +60,6 @@ from server.types import (
     ModelIndexEntry,
     ModelSpec,
     ModelState,
-    ShmRef,
-    Tensor,
 )
 from server.validation import Plan, plan_call
 from server.worker_link import WorkerLink
@@ -227,13 +228,13 @@ class InferenceHandler:
             await self.cuda.adopt(req)
         on_device = False  # some input stays in a client CUDA region (read by the worker)
         if any(t.shm is not None for t in req.inputs):
-            req = struct_replace(req, inputs=tuple(self._shm_input(t) for t in req.inputs))
+            req = struct_replace(req, inputs=tuple(shm_input(self.shm, t) for t in req.inputs))
             on_device = any(t.shm is not None for t in req.inputs)
         plan = plan_call(req, sig, spec.max_batch_size)
         if on_device:
-            plan = struct_replace(plan, inputs=_in_regions(plan.inputs, req))
-        out_regions = self._cuda_outputs(req) if req.output_shm else None
-        sink = self._system_sink(req) if req.output_shm else None
+            plan = struct_replace(plan, inputs=in_regions(plan.inputs, req))
+        out_regions = cuda_outputs(self.shm, req) if req.output_shm else None
+        sink = system_sink(self.shm, req) if req.output_shm else None
         metrics = self.metrics
         # Counted from routing to the answer: unloading this version waits for it (drain).
         ve.inflight += 1
@@ -266,7 +267,7 @@ class InferenceHandler:
             raise err from None
         finally:
             ve.inflight -= 1
-        outputs = tuple(self._output(req, o) for o in result.outputs)
+        outputs = tuple(response_tensor(self.shm, req, o) for o in result.outputs)
         elapsed = time.perf_counter_ns() - start
         t = result.timings
         ve.stats.record_success(elapsed, t, plan.batch_size)
@@ -305,7 +306,7 @@ class InferenceHandler:
             return
         if any(t.region for t in plan.inputs):
             return  # device memory the client may reuse at once: nothing to mirror from
-        served_out = self._served_outputs(req, outputs)
+        served_out = served_outputs(self.shm, req, outputs)
         if served_out is None:
             return  # an output is in device memory: nothing to compare with
         # Shared-memory inputs may change once the client has its answer: copy them now.
@@ -345,86 +346,6 @@ class InferenceHandler:
         if self.metrics is not None:
             outcome = ShadowOutcome.MATCH if diff.identical else ShadowOutcome.MISMATCH
             self.metrics.observe_shadow(model, ve.version, outcome, diff.max_abs_diff)
-
-    def _shm_input(self, t: Tensor) -> Tensor:
-        """A system shared-memory input becomes a view of its bytes (`shm` cleared); a CUDA one
-        stays a reference, bounds-checked, for the worker to read on the device."""
-        if t.shm is None:
-            return t
-        if self.shm.cuda_ref(t.shm, t.name) is not None:
-            if t.datatype == "BYTES":
-                raise InvalidInput(
-                    f"input '{t.name}' is BYTES: CUDA shared memory holds numeric tensors only"
-                )
-            return t
-        view = self.shm.view(t.shm, t.name)
-        if t.datatype == "BYTES":
-            try:
-                decode_bytes_tensor(view, math.prod(t.shape))
-            except BytesDecodeError as exc:
-                raise InvalidInput(
-                    f"input '{t.name}' has malformed BYTES content in shared memory: {exc}"
-                ) from None
-        return struct_replace(t, data=view, shm=None)
-
-    def _cuda_outputs(self, req: InferRequest) -> dict[str, tuple[str, int, int]] | None:
-        """Outputs to be written into client CUDA regions: name -> (region, offset, size)."""
-        out = {}
-        for name, ref in req.output_shm.items():
-            if self.shm.cuda_ref(ref, name) is not None:
-                out[name] = (ref.region, ref.offset, ref.byte_size)
-        return out or None
-
-    def _system_sink(self, req: InferRequest) -> OutputSink:
-        """Where the client copies an output bound for a system region: straight from the
-        arena into the region (one copy). None leaves it to `_output`: not a system region,
-        or too small (whose error `_output` gives)."""
-
-        def sink(name: str, nbytes: int) -> memoryview | None:
-            ref = req.output_shm.get(name)
-            if ref is None or self.shm.cuda_ref(ref, name) is not None:
-                return None
-            view = self.shm.view(ref, name)  # (checked now: the bytes land right after)
-            return view if nbytes <= len(view) else None
-
-        return sink
-
-    def _served_outputs(
-        self, req: InferRequest, outputs: Sequence[OutputTensor]
-    ) -> list[OutputLike] | None:
-        """What was served, as bytes, for the shadow comparison; None when an output went to a
-        client CUDA region. System-region outputs are read back (only for sampled requests)."""
-        served: list[OutputLike] = []
-        for o in outputs:
-            data = o.data
-            if o.region_nbytes is not None:
-                ref = req.output_shm[o.name]
-                if self.shm.cuda_ref(ref, o.name) is not None:
-                    return None
-                try:
-                    data = bytes(self.shm.view(ref, o.name)[: o.region_nbytes])
-                except InvalidInput:  # shrunk meanwhile: the client's answer is not ours to fail
-                    return None
-            served.append((o.name, o.datatype, o.shape, data))
-        return served
-
-    def _output(self, req: InferRequest, o: OutputTensor) -> Tensor:
-        ref = req.output_shm.get(o.name)
-        if ref is None:
-            return Tensor(o.name, o.datatype, o.shape, o.data)
-        if o.region_nbytes is not None:  # already in the client's region
-            return Tensor(
-                o.name, o.datatype, o.shape, b"", ShmRef(ref.region, ref.offset, o.region_nbytes)
-            )
-        view = self.shm.view(ref, o.name)
-        data = o.data
-        if len(data) > ref.byte_size:
-            raise InvalidInput(
-                f"shared memory size specified with the request for output '{o.name}' "
-                f"({ref.byte_size} bytes) should be at least {len(data)} bytes to hold the results"
-            )
-        view[: len(data)] = data
-        return Tensor(o.name, o.datatype, o.shape, b"", ShmRef(ref.region, ref.offset, len(data)))
 
     # ------------------------------------------------------------ statistics and repository
 
@@ -502,15 +423,3 @@ def _domain_error(exc: BaseException, ve: VersionEntry) -> BaseException:
             case Code.MODEL_FAILED:
                 return ModelFailed(f"model '{ve.model}' version {ve.version} failed: {exc.message}")
     return exc  # unexpected: the status layer logs it and answers INTERNAL
-
-
-def _in_regions(inputs: tuple[PreparedInput, ...], req: InferRequest) -> tuple[PreparedInput, ...]:
-    """Plan inputs whose tensor is in a client CUDA region, as references to it."""
-    refs = {t.name: t.shm for t in req.inputs if t.shm is not None}
-    out = []
-    for p in inputs:
-        ref = refs.get(p.name)
-        if ref is not None:
-            p = RegionInput(p.name, p.datatype, p.shape, b"", ref.region, ref.offset, ref.byte_size)
-        out.append(p)
-    return tuple(out)

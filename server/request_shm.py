@@ -1,0 +1,132 @@
+"""One request's use of client shared memory (Triton's extensions), for the handler.
+
+Inputs in a system region become views of its bytes (copied once, into the worker's arena);
+inputs in a CUDA region stay references the worker reads on the device. Outputs bound for a
+system region are copied straight from the arena into it (`system_sink`, asked by the
+RuntimeClient as it reads the answer); outputs bound for a CUDA region are written there by the
+worker. The response then describes each such output by region, without its bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from msgspec.structs import replace as struct_replace
+
+from runtime.client import OutputSink, OutputTensor, PreparedInput, RegionInput
+from runtime.ipc.dtypes import BytesDecodeError, decode_bytes_tensor
+from server.errors import InvalidInput
+from server.routing.shadow import OutputLike
+from server.shm_regions import SharedMemoryRegistry
+from server.types import InferRequest, ShmRef, Tensor
+
+__all__ = [
+    "cuda_outputs",
+    "in_regions",
+    "response_tensor",
+    "served_outputs",
+    "shm_input",
+    "system_sink",
+]
+
+
+def shm_input(shm: SharedMemoryRegistry, t: Tensor) -> Tensor:
+    """A system shared-memory input becomes a view of its bytes (`shm` cleared); a CUDA one
+    stays a reference, bounds-checked, for the worker to read on the device."""
+    if t.shm is None:
+        return t
+    if shm.cuda_ref(t.shm, t.name) is not None:
+        if t.datatype == "BYTES":
+            raise InvalidInput(
+                f"input '{t.name}' is BYTES: CUDA shared memory holds numeric tensors only"
+            )
+        return t
+    view = shm.view(t.shm, t.name)
+    if t.datatype == "BYTES":
+        try:
+            decode_bytes_tensor(view, math.prod(t.shape))
+        except BytesDecodeError as exc:
+            raise InvalidInput(
+                f"input '{t.name}' has malformed BYTES content in shared memory: {exc}"
+            ) from None
+    return struct_replace(t, data=view, shm=None)
+
+
+def in_regions(inputs: tuple[PreparedInput, ...], req: InferRequest) -> tuple[PreparedInput, ...]:
+    """Plan inputs whose tensor is in a client CUDA region, as references to it."""
+    refs = {t.name: t.shm for t in req.inputs if t.shm is not None}
+    out = []
+    for p in inputs:
+        ref = refs.get(p.name)
+        if ref is not None:
+            p = RegionInput(p.name, p.datatype, p.shape, b"", ref.region, ref.offset, ref.byte_size)
+        out.append(p)
+    return tuple(out)
+
+
+def cuda_outputs(
+    shm: SharedMemoryRegistry, req: InferRequest
+) -> dict[str, tuple[str, int, int]] | None:
+    """Outputs to be written into client CUDA regions: name -> (region, offset, size)."""
+    out = {}
+    for name, ref in req.output_shm.items():
+        if shm.cuda_ref(ref, name) is not None:
+            out[name] = (ref.region, ref.offset, ref.byte_size)
+    return out or None
+
+
+def system_sink(shm: SharedMemoryRegistry, req: InferRequest) -> OutputSink:
+    """Where the client copies an output bound for a system region: straight from the arena
+    into the region (one copy). None leaves it to `response_tensor`: not a system region, or
+    too small (whose error `response_tensor` gives)."""
+
+    def sink(name: str, nbytes: int) -> memoryview | None:
+        ref = req.output_shm.get(name)
+        if ref is None or shm.cuda_ref(ref, name) is not None:
+            return None
+        view = shm.view(ref, name)  # (checked now: the bytes land right after)
+        return view if nbytes <= len(view) else None
+
+    return sink
+
+
+def response_tensor(shm: SharedMemoryRegistry, req: InferRequest, o: OutputTensor) -> Tensor:
+    """An output as the response describes it: its bytes, or where in a client region it is
+    (copied there now if the sink did not take it: an inline output, or one too large)."""
+    ref = req.output_shm.get(o.name)
+    if ref is None:
+        return Tensor(o.name, o.datatype, o.shape, o.data)
+    if o.region_nbytes is not None:  # already in the client's region
+        return Tensor(
+            o.name, o.datatype, o.shape, b"", ShmRef(ref.region, ref.offset, o.region_nbytes)
+        )
+    view = shm.view(ref, o.name)
+    data = o.data
+    if len(data) > ref.byte_size:
+        raise InvalidInput(
+            f"shared memory size specified with the request for output '{o.name}' "
+            f"({ref.byte_size} bytes) should be at least {len(data)} bytes to hold the results"
+        )
+    view[: len(data)] = data
+    return Tensor(o.name, o.datatype, o.shape, b"", ShmRef(ref.region, ref.offset, len(data)))
+
+
+def served_outputs(
+    shm: SharedMemoryRegistry, req: InferRequest, outputs: Sequence[OutputTensor]
+) -> list[OutputLike] | None:
+    """What was served, as bytes, for the shadow comparison; None when an output went to a
+    client CUDA region. System-region outputs are read back (only for sampled requests)."""
+    served: list[OutputLike] = []
+    for o in outputs:
+        data = o.data
+        if o.region_nbytes is not None:
+            ref = req.output_shm[o.name]
+            if shm.cuda_ref(ref, o.name) is not None:
+                return None
+            try:
+                data = bytes(shm.view(ref, o.name)[: o.region_nbytes])
+            except InvalidInput:  # shrunk meanwhile: the client's answer is not ours to fail
+                return None
+        served.append((o.name, o.datatype, o.shape, data))
+    return served
