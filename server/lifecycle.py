@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import re
 import secrets
@@ -35,11 +34,12 @@ from runtime.ipc.protocol import (
 from server.errors import LoadFailed, NotFound, Unsupported
 from server.model_config import ConfigError, parse_config_json
 from server.models import ModelEntry, ModelTable, VersionEntry
+from server.poll_policy import next_poll_in, poll_work, revision, unsettled
 from server.repository import ScannedModel, scan_model, scan_repository
 from server.types import Fingerprint, ModelSpec, ModelState
 from server.worker_link import WorkerLink
 
-__all__ = ["ModelManager", "next_poll_in", "poll_work", "unsettled"]
+__all__ = ["ModelManager"]
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,6 @@ DRAIN_TIMEOUT_S = 30.0
 # Worker deaths during a version's load after which it is left UNAVAILABLE (the second one has
 # it loading alone: reload_all) and the repository poll stops trying it.
 GIVE_UP_AFTER_CRASHES = 2
-# Poll mode: a version whose files changed this recently before a scan, and since the previous
-# scan, may be half-written (a copy in place): it waits for the next poll (`unsettled`).
-SETTLE_S = 1.0
 _FILE_PARAM = re.compile(r"^file:([1-9][0-9]*)/([A-Za-z0-9._-]{1,128})$")
 
 
@@ -441,72 +438,6 @@ def _loading(entry: ModelEntry) -> list[VersionEntry]:
         for ve in entry.versions.values()
         if ve.state is ModelState.LOADING and (ve.spec or entry.spec) is not None
     ]
-
-
-def next_poll_in(now: float, period_s: float) -> float:
-    """Seconds from `now` (wall clock) to the next repository poll: at the multiples of the
-    period since the epoch, not `period_s` after this front started. So the fronts of a pod
-    (and the pods of a deployment, to their clocks' skew) scan at the same instants: their
-    loads of one change reach the worker together, which loads it once and answers them all
-    as it finishes, and every front swaps within milliseconds of the others, instead of
-    serving the old version for up to a period longer than another."""
-    return period_s - now % period_s
-
-
-def unsettled(s: ScannedModel, now_ns: int, previous: Mapping[int, Fingerprint]) -> frozenset[int]:
-    """The versions of `s` whose files may still be being written: one changed in the last
-    SETTLE_S before the scan (`now_ns`, wall clock) and not the same as at the previous scan.
-    A copy in place (`cp` over model.onnx, a sync tool) moves the mtime as it writes: such a
-    version waits for a poll that finds it quiet or unchanged, instead of loading a
-    half-written file (or twice). Files unchanged across two scans count as settled whatever
-    their mtimes say (a clock ahead of this one, on a network file system)."""
-    young = now_ns - int(SETTLE_S * 1e9)
-    return frozenset(
-        v
-        for v, files in s.files.items()
-        if max((mtime for _, _, mtime in files), default=0) > young and previous.get(v) != files
-    )
-
-
-def poll_work(
-    entry: ModelEntry | None, s: ScannedModel, waiting: frozenset[int] = frozenset()
-) -> frozenset[int] | None:
-    """What a repository poll must do for the model scanned as `s` (with a config): None when
-    nothing changed, else the versions to (re)load (every selected one when the config
-    changed; maybe none, when only a loaded version was removed). `waiting`: versions whose
-    files are not settled yet (`unsettled`), left for a later poll unless the config changed.
-
-    A version is as it should be when it was last tried with the files it has now and is
-    READY (or loading), or failed: a load that failed, or killed the worker twice, is tried
-    again once its files or the config change, not at every poll (each try of the latter
-    takes every model down)."""
-    if entry is None:
-        new = frozenset(s.versions) - waiting
-        return new if new or not s.versions else None  # (a model still being copied in)
-    if entry.spec != s.spec:
-        return frozenset(s.versions)
-    stale = (
-        frozenset(
-            v
-            for v in s.versions
-            if (ve := entry.versions.get(v)) is None
-            or ve.files != s.files.get(v, ())
-            or ve.unloaded  # unloaded by RepositoryModelUnload: the poll loads it again
-            or ve.state is ModelState.UNLOADING
-        )
-        - waiting
-    )
-    removed = any(
-        ve.state is ModelState.READY for v, ve in entry.versions.items() if v not in s.versions
-    )
-    return stale if stale or removed else None
-
-
-def revision(files: Fingerprint, token: str = "") -> str:
-    """A LoadModel's revision: the version files' fingerprint (the same in every front that
-    scanned the same files), plus a RepositoryModelLoad's token."""
-    digest = hashlib.blake2b(repr(files).encode(), digest_size=8).hexdigest()
-    return f"{digest}/{token}" if token else digest
 
 
 def _entry(s: ScannedModel) -> ModelEntry:

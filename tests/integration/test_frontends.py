@@ -358,7 +358,7 @@ def test_a_polled_hot_swap_drops_nothing_across_fronts(tmp_path: Path) -> None:
     """`--model-control-mode poll`: each front finds a new version on its own poll, swaps to it
     and unloads the old one. The worker unloads the old version only once the last front lets
     go of it: a front that has not polled yet still serves it. The fronts poll at the same
-    instants (lifecycle.next_poll_in): the worker loads the new version once, for both, and
+    instants (poll_policy.next_poll_in): the worker loads the new version once, for both, and
     they take it within a fraction of the period of each other."""
     repo = tmp_path / "models"
     model = copy_dense(repo, versions={1: 1})

@@ -18,8 +18,9 @@ import pytest
 from fake_worker_link import SIGNATURE, FakeWorkerLink
 
 from runtime.ipc.protocol import Code, LoadDone, LoadModel
-from server.lifecycle import ModelManager, next_poll_in, poll_work, unsettled
+from server.lifecycle import ModelManager
 from server.models import ModelTable
+from server.poll_policy import next_poll_in, poll_work, unsettled
 from server.repository import ScannedModel, fingerprint, scan_model
 from server.types import ModelState
 

@@ -1,0 +1,85 @@
+"""Poll mode's decisions, as pure functions of what a scan found, the model table and the clock
+(injected): when the next poll runs, which versions may still be being written, what a poll must
+(re)load, and the revision a load carries. ModelManager.poll_once acts on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+from server.models import ModelEntry
+from server.repository import ScannedModel
+from server.types import Fingerprint, ModelState
+
+__all__ = ["SETTLE_S", "next_poll_in", "poll_work", "revision", "unsettled"]
+
+# A version whose files changed this recently before a scan, and since the previous scan, may
+# be half-written (a copy in place): it waits for the next poll (`unsettled`).
+SETTLE_S = 1.0
+
+
+def next_poll_in(now: float, period_s: float) -> float:
+    """Seconds from `now` (wall clock) to the next repository poll: at the multiples of the
+    period since the epoch, not `period_s` after this front started. So the fronts of a pod
+    (and the pods of a deployment, to their clocks' skew) scan at the same instants: their
+    loads of one change reach the worker together, which loads it once and answers them all
+    as it finishes, and every front swaps within milliseconds of the others, instead of
+    serving the old version for up to a period longer than another."""
+    return period_s - now % period_s
+
+
+def unsettled(s: ScannedModel, now_ns: int, previous: Mapping[int, Fingerprint]) -> frozenset[int]:
+    """The versions of `s` whose files may still be being written: one changed in the last
+    SETTLE_S before the scan (`now_ns`, wall clock) and not the same as at the previous scan.
+    A copy in place (`cp` over model.onnx, a sync tool) moves the mtime as it writes: such a
+    version waits for a poll that finds it quiet or unchanged, instead of loading a
+    half-written file (or twice). Files unchanged across two scans count as settled whatever
+    their mtimes say (a clock ahead of this one, on a network file system)."""
+    young = now_ns - int(SETTLE_S * 1e9)
+    return frozenset(
+        v
+        for v, files in s.files.items()
+        if max((mtime for _, _, mtime in files), default=0) > young and previous.get(v) != files
+    )
+
+
+def poll_work(
+    entry: ModelEntry | None, s: ScannedModel, waiting: frozenset[int] = frozenset()
+) -> frozenset[int] | None:
+    """What a repository poll must do for the model scanned as `s` (with a config): None when
+    nothing changed, else the versions to (re)load (every selected one when the config
+    changed; maybe none, when only a loaded version was removed). `waiting`: versions whose
+    files are not settled yet (`unsettled`), left for a later poll unless the config changed.
+
+    A version is as it should be when it was last tried with the files it has now and is
+    READY (or loading), or failed: a load that failed, or killed the worker twice, is tried
+    again once its files or the config change, not at every poll (each try of the latter
+    takes every model down)."""
+    if entry is None:
+        new = frozenset(s.versions) - waiting
+        return new if new or not s.versions else None  # (a model still being copied in)
+    if entry.spec != s.spec:
+        return frozenset(s.versions)
+    stale = (
+        frozenset(
+            v
+            for v in s.versions
+            if (ve := entry.versions.get(v)) is None
+            or ve.files != s.files.get(v, ())
+            or ve.unloaded  # unloaded by RepositoryModelUnload: the poll loads it again
+            or ve.state is ModelState.UNLOADING
+        )
+        - waiting
+    )
+    removed = any(
+        ve.state is ModelState.READY for v, ve in entry.versions.items() if v not in s.versions
+    )
+    return stale if stale or removed else None
+
+
+def revision(files: Fingerprint, token: str = "") -> str:
+    """A LoadModel's revision: the version files' fingerprint (the same in every front that
+    scanned the same files), plus a RepositoryModelLoad's token."""
+    digest = hashlib.blake2b(repr(files).encode(), digest_size=8).hexdigest()
+    return f"{digest}/{token}" if token else digest
