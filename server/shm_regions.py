@@ -48,13 +48,13 @@ class SystemRegion:
     byte_size: int
     _map: mmap.mmap
     view: memoryview  # exactly [offset, offset + byte_size) of the shm object
-    # The object's descriptor, kept to check its size before each use: a client that
-    # truncates the object it registered (say, one restarted that creates its region again,
-    # smaller, under the same key) would turn the front's next access into SIGBUS.
-    fd: int = -1
 
     def check_intact(self) -> None:
-        size = os.fstat(self.fd).st_size
+        # The object's size now (mmap's size() is an fstat of the descriptor the mapping
+        # keeps): a client that truncates the object it registered (say, one restarted that
+        # creates its region again, smaller, under the same key) would turn the front's next
+        # access into SIGBUS.
+        size = self._map.size()
         if size < self.offset + self.byte_size:
             raise InvalidInput(
                 f"shared memory region '{self.name}' (key '{self.key}') has shrunk to {size} "
@@ -66,9 +66,6 @@ class SystemRegion:
         self.view.release()
         with contextlib.suppress(BufferError):
             self._map.close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,15 +305,13 @@ def _map_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegio
                 f"shared memory region '{name}' (key '{key}'): /dev/shm has no room for its "
                 f"{byte_size} bytes"
             )
-        m = mmap.mmap(fd, size)  # dups fd: a region holds two descriptors
+        m = mmap.mmap(fd, size)  # (which keeps a dup of fd: one descriptor per region)
     except OSError as exc:
-        os.close(fd)
         raise _unopenable(name, key, exc) from None
-    except BaseException:
+    finally:
         os.close(fd)
-        raise
     view = memoryview(m)[offset : offset + byte_size]
-    return SystemRegion(name, key, offset, byte_size, m, view, fd)
+    return SystemRegion(name, key, offset, byte_size, m, view)
 
 
 def _unopenable(name: str, key: str, exc: OSError) -> InvalidInput | Overloaded:
