@@ -318,18 +318,23 @@ def decode_worker(body: bytes | memoryview) -> WorkerMessage:
 class FrameReader:
     """The frames of a stream read in pieces: `frames(data)` yields the body of every complete
     frame of what was read so far; a partial frame at the end waits for the next read. Bodies
-    are views (of `data`, or of a copy when a frame spans reads): decode each before the next
-    read, which may reuse `data`'s buffer (decoding copies what it keeps)."""
+    are views (of `data`, or of the bytes kept when a frame spans reads): decode each before
+    the next read, which may reuse `data`'s buffer (decoding copies what it keeps)."""
 
     def __init__(self, max_frame: int | None = None) -> None:
         self.max_frame = max_frame
         self._partial = bytearray()
+        self._need = 0  # bytes `_partial` must reach before it holds a whole frame
 
     def frames(self, data: memoryview) -> Iterator[memoryview]:
         if self._partial:
+            # A frame spanning many reads (a large inline output) is appended to, and parsed
+            # once whole: not copied again at every read.
             self._partial += data
-            data = memoryview(bytes(self._partial))
-            self._partial.clear()
+            if len(self._partial) < self._need:
+                return
+            data = memoryview(self._partial)
+            self._partial = bytearray()  # (`data` keeps the old one, no longer resized)
         pos, end, hdr = 0, len(data), FRAME_HEADER.size
         try:
             while end - pos >= hdr:
@@ -344,3 +349,5 @@ class FrameReader:
         finally:
             if pos < end:
                 self._partial += data[pos:end]
+                rest = end - pos
+                self._need = hdr + FRAME_HEADER.unpack_from(data, pos)[0] if rest >= hdr else hdr

@@ -16,6 +16,7 @@ from runtime.ipc.protocol import (
     PROTOCOL_VERSION,
     CloseRegion,
     Code,
+    FrameReader,
     FrontMessage,
     GetStatus,
     Hello,
@@ -299,3 +300,29 @@ def test_a_load_is_served_by_the_instance_of_the_same_revision() -> None:
     assert not LoadModel(9, "m", 1, "/r/m/1/model.onnx", 4, sig).served_by(loaded)  # config
     assert not LoadModel(9, "m", 1, "/o/m/1/model.onnx", 8, sig).served_by(loaded)  # path
     assert not LoadModel(9, "m", 1, "/r/m/1/model.onnx", 8, sig).served_by(None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.sampled_from([0, 1, 7, 300, 70_000]), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(1, 20_000), min_size=1, max_size=40),
+)
+def test_frame_reader_yields_every_frame_however_the_stream_is_cut(
+    sizes: list[int], cuts: list[int]
+) -> None:
+    """Frames of any size, large ones spanning many reads (kept until whole), headers cut
+    anywhere: each body comes out once, in order."""
+    bodies = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    stream = b"".join(FRAME_HEADER.pack(len(b)) + b for b in bodies)
+    reader, got, pos, k = FrameReader(), [], 0, 0
+    while pos < len(stream):
+        step = cuts[k % len(cuts)]
+        got += [bytes(b) for b in reader.frames(memoryview(stream[pos : pos + step]))]
+        pos, k = pos + step, k + 1
+    assert got == bodies
+
+
+def test_frame_reader_refuses_a_frame_over_its_limit() -> None:
+    reader = FrameReader(max_frame=100)
+    with pytest.raises(ValueError, match="frame of 101 bytes"):
+        list(reader.frames(memoryview(FRAME_HEADER.pack(101) + b"x" * 10)))
