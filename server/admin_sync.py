@@ -88,7 +88,7 @@ class AdminSync:
 
     def poll(self) -> None:
         """Apply what other fronts published since the last poll."""
-        fresh, _ = self._records.watch.changed()  # (records are replaced, never removed)
+        fresh = self._records.watch.changed()
         for path, written in fresh:
             try:
                 record = _decoder.decode(path.read_bytes())

@@ -66,7 +66,7 @@ class ControlSync:
 
     async def poll(self) -> None:
         """Replay what other fronts did since the last poll."""
-        fresh, _ = self._records.watch.changed()  # (records are replaced, never removed)
+        fresh = self._records.watch.changed()
         for path, written in fresh:
             try:
                 record = _decoder.decode(path.read_bytes())

@@ -80,7 +80,8 @@ def _written(directory: Path, data: bytes) -> tuple[Path, Identity]:
 
 
 class Watch:
-    """The records `<directory>/<prefix>*` written since this front took them (`take`)."""
+    """The records `<directory>/<prefix>*` written since this front took them (`take`).
+    (Records are replaced, never removed: what was taken never needs forgetting.)"""
 
     def __init__(self, directory: Path, prefix: str) -> None:
         self.directory = directory
@@ -94,19 +95,17 @@ class Watch:
         """This write of `path` is applied here (or was written here): not listed again."""
         self._taken[path] = written
 
-    def changed(self) -> tuple[list[tuple[Path, Identity]], list[Path]]:
-        """(records written since taken, by name; records taken that are gone, now forgotten)."""
-        present: dict[Path, Identity] = {}
+    def changed(self) -> list[tuple[Path, Identity]]:
+        """The records written since taken, by name, with the identity of what is there now."""
+        fresh: list[tuple[Path, Identity]] = []
         for path in sorted(self.directory.glob(self.prefix + "*")):
             try:
-                present[path] = identity(path)
+                written = identity(path)
             except FileNotFoundError:
                 continue
-        fresh = [(p, w) for p, w in present.items() if self._taken.get(p) != w]
-        gone = [p for p in self._taken if p not in present]
-        for p in gone:
-            del self._taken[p]
-        return fresh, gone
+            if self._taken.get(path) != written:
+                fresh.append((path, written))
+        return fresh
 
 
 class Acks:

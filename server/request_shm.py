@@ -78,12 +78,13 @@ def cuda_outputs(
 
 def system_sink(shm: SharedMemoryRegistry, req: InferRequest) -> OutputSink:
     """Where the client copies an output bound for a system region: straight from the arena
-    into the region (one copy). None leaves it to `response_tensor`: not a system region, or
-    too small (whose error `response_tensor` gives)."""
+    into the region (one copy). None leaves it to `response_tensor`: no region, or one too
+    small (whose error `response_tensor` gives). (Outputs bound for CUDA regions are never
+    asked: the worker wrote them there, `cuda_outputs`.)"""
 
     def sink(name: str, nbytes: int) -> memoryview | None:
         ref = req.output_shm.get(name)
-        if ref is None or shm.cuda_ref(ref, name) is not None:
+        if ref is None:
             return None
         view = shm.view(ref, name)  # (checked now: the bytes land right after)
         return view if nbytes <= len(view) else None

@@ -217,10 +217,9 @@ class SharedMemoryRegistry:
         (a CUDA one goes to `take_stale_cuda`). No-op with one front."""
         if self.directory is None or self._is_current(name):
             return
-        self._forget_system(name)
+        self._forget_system(name)  # (and its `_taken` entry, a CUDA one's too)
         if self.cuda.pop(name, None) is not None:
             self._stale_cuda.append(name)
-        self._taken.pop(name, None)
 
     def _forget_system(self, name: str) -> None:
         region = self.system.pop(name, None)
