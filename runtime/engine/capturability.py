@@ -7,9 +7,10 @@ before onnxruntime refuses it. Used by runtime.engine.graphs.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
@@ -36,10 +37,12 @@ class TensorSpec:
     name: str
     dtype: np.dtype[Any]
     row_shape: tuple[int, ...]  # -1 = variable (such a model is not capturable)
+    # Computed once: the replay path reads it per tensor per batch, and np.prod costs µs.
+    row_nbytes: int = field(init=False, compare=False)
 
-    @property
-    def row_nbytes(self) -> int:
-        return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+    def __post_init__(self) -> None:
+        n = math.prod(self.row_shape) * self.dtype.itemsize
+        object.__setattr__(self, "row_nbytes", n)
 
 
 def specs_of(sig: ModelSignature) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:

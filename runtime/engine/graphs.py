@@ -3,8 +3,8 @@ IOBinding, captured at load, replayed at fixed addresses; plus the explicit, cou
 
 Allowed imports: numpy, onnxruntime (the CPU build has every API used here; only CUDA device
 buffers need onnxruntime-gpu),
-runtime.engine.{buckets,capturability,device_rows,graph_batch,graph_registry,regions,session},
-runtime.ipc.{protocol,pinning}. CUDA itself is reached only through onnxruntime and
+runtime.engine.{buckets,capturability,copy_stream,device_rows,graph_batch,graph_registry,regions,
+session}, runtime.ipc.{protocol,pinning}. CUDA itself is reached only through onnxruntime and
 runtime.ipc.pinning (imported inside a function), so this module imports anywhere.
 """
 
@@ -29,6 +29,7 @@ from runtime.engine.capturability import (
     signature_reason,
     specs_of,
 )
+from runtime.engine.copy_stream import CopyStream, CudaStream
 from runtime.engine.device_rows import copy_rows_into, has_device_rows
 from runtime.engine.graph_batch import (
     BadBatch,
@@ -45,6 +46,7 @@ from runtime.engine.graph_registry import GraphRegistry, GraphStats, TensorBindi
 from runtime.engine.regions import Copier
 from runtime.engine.session import (
     GraphsUnsupported,
+    SessionError,
     first_line,
     make_graph_session,
     make_session,
@@ -62,6 +64,10 @@ Array = npt.NDArray[Any]
 
 _NO_GRAPH: Final = "-1"  # gpu_graph_id for a run that neither captures nor replays
 _WARMUP_RUNS: Final = 2  # the CUDA EP wants 2 regular runs before a capture (ref. §2.2)
+# With a copy stream, requests of at least this many bytes (per input) are copied to the device
+# each straight from where they are (the pinned arena), not gathered on the host first: below
+# it, one gather and one copy cost less than a copy call per request.
+_DIRECT_MIN_BYTES: Final = 64 * 1024
 
 
 class CaptureFailed(RuntimeError):
@@ -127,6 +133,7 @@ class GraphSet:
         host_alloc: Callable[[int], HostBuffer] | None = None,
         warmup_runs: int = _WARMUP_RUNS,
         copier: Copier | None = None,
+        stream: CopyStream | None = None,
     ) -> None:
         self._session: ort.InferenceSession | None = session
         self.table = table
@@ -142,6 +149,9 @@ class GraphSet:
         self._host_alloc = host_alloc
         self._warmup_runs = warmup_runs
         self._copier = copier  # rows in client CUDA regions (runtime.engine.device_rows)
+        # The session's compute stream (user_compute_stream), or None: then inputs go in with
+        # update_inplace and outputs come back with numpy(), each a blocking cudaMemcpy.
+        self._stream = stream
         self._inputs, self._outputs = specs_of(signature)
         self.input_names = tuple(s.name for s in self._inputs)
         self.output_names = tuple(s.name for s in self._outputs)
@@ -161,6 +171,14 @@ class GraphSet:
         self._buckets: dict[int, BucketBuffers] = {}
         self._staging: dict[str, HostBuffer] = {}  # per input: [largest bucket, *row_shape]
         self._views: dict[int, list[Array]] = {}  # per bucket, per input: its staging rows
+        self._out_staging: dict[str, HostBuffer] = {}  # with a stream: per output, pinned
+        self._out_views: dict[int, dict[str, Array]] = {}  # per bucket, per output
+        # Host addresses of the input and output staging (every bucket's view starts there),
+        # and each bucket's bound device addresses as captured: the replay uses them once the
+        # registry check has read the live ones back and found them equal.
+        self._host_ptrs: dict[str, int] = {}
+        self._out_ptrs: dict[str, int] = {}
+        self._device_ptrs: dict[int, dict[str, int]] = {}
         self._owner: int | None = None  # thread that captured
         self._eager_options = ort.RunOptions()
         self._eager_options.add_run_config_entry("gpu_graph_id", _NO_GRAPH)
@@ -203,10 +221,9 @@ class GraphSet:
             reason = control_flow_reason(path)
         if reason is None:
             try:
-                with lock:
-                    sess = make_graph_session(
-                        path, device_id, intra_op_threads, provider_options=provider_options
-                    )
+                sess, stream = _graph_session(
+                    path, device_id, intra_op_threads, provider_options, lock
+                )
             except GraphsUnsupported as exc:
                 reason = str(exc)
             else:
@@ -217,6 +234,7 @@ class GraphSet:
                     device_id=device_id,
                     device_lock=device_lock,
                     copier=copier,
+                    stream=stream,
                 )
                 if gs.capturable:
                     try:
@@ -270,6 +288,12 @@ class GraphSet:
         return self._owner is not None
 
     @property
+    def streamed(self) -> bool:
+        """Whether replays queue their copies on the session's own stream (a CUDA session
+        made by `load` with cupy present; see runtime.engine.copy_stream)."""
+        return self._stream is not None
+
+    @property
     def copier(self) -> Copier | None:
         """What copies rows held in client CUDA regions (None: no regions on this worker)."""
         return self._copier
@@ -315,6 +339,18 @@ class GraphSet:
                 self._staging[spec.name] = self._host_alloc(max(1, largest * spec.row_nbytes))
             for size in self.table:
                 self._views[size] = [self._staging_view(spec, size) for spec in self._inputs]
+            if self._stream is not None:  # outputs come back here, one synchronisation
+                for spec in self._outputs:
+                    nbytes = max(1, largest * spec.row_nbytes)
+                    self._out_staging[spec.name] = self._host_alloc(nbytes)
+                    self._out_ptrs[spec.name] = self._out_staging[spec.name].array.ctypes.data
+                for spec in self._inputs:
+                    self._host_ptrs[spec.name] = self._staging[spec.name].array.ctypes.data
+                for size in self.table:
+                    self._out_views[size] = {
+                        s.name: _rows_of(self._out_staging[s.name].array, s, size)
+                        for s in self._outputs
+                    }
             for size in self.table.capture_order():
                 try:
                     self._capture_bucket(size)
@@ -353,6 +389,7 @@ class GraphSet:
         self.session.run_with_iobinding(binding, run_options)  # a plain replay, before traffic
         buffers = BucketBuffers(size, graph_id, inputs, outputs, binding, run_options)
         self.registry.register(size, self._signature(buffers))
+        self._device_ptrs[size] = {n: v.data_ptr() for n, v in (*inputs.items(), *outputs.items())}
         self._buckets[size] = buffers
 
     # --- run -------------------------------------------------------------------------------
@@ -378,7 +415,8 @@ class GraphSet:
         None = all): the outputs copied back to the host; the others are read from
         `device_outputs` (CUDA shared-memory calls) and come back as data-less placeholders
         of the right shape, so a batch whose outputs all go to client regions makes no
-        device-to-host copy."""
+        device-to-host copy. With a copy stream (`streamed`) the outputs are views of pinned
+        output staging, valid until the next run of this GraphSet: place them before that."""
         if self._closed:
             raise RuntimeError("GraphSet is closed")
         sizes = check_feeds(feeds, self._inputs)
@@ -390,6 +428,10 @@ class GraphSet:
                 raise WrongThread(
                     f"bucket {bucket} was captured on thread {self._owner}; "
                     f"replaying it on thread {threading.get_ident()} is refused"
+                )
+            if self._stream is not None:
+                return self._replay_streamed(
+                    self._stream, self._buckets[bucket], feeds, sizes, host_outputs
                 )
             return self._replay(self._buckets[bucket], feeds, sizes, inputs_pinned, host_outputs)
         self.registry.record_eager(bucket)
@@ -472,6 +514,81 @@ class GraphSet:
             {name: buf.outputs[name].data_ptr() for name in self.output_names},
         )
 
+    def _replay_streamed(
+        self,
+        stream: CopyStream,
+        buf: BucketBuffers,
+        feeds: Sequence[Mapping[str, Array]],
+        sizes: list[int],
+        host_outputs: Collection[str] | None,
+    ) -> BatchResult:
+        """`_replay` with the copies on the session's stream: each input's rows are copied
+        to the bound buffer (gathered into pinned staging first when they are small), the
+        padding zeroed on the device, then the replay (which synchronises the stream), then
+        every wanted output copied into pinned memory with one synchronisation. The outputs
+        are views of that memory: valid until the next run of this GraphSet."""
+        t0 = time.perf_counter_ns()
+        rows = sum(sizes)
+        plans: list[tuple[TensorSpec, list[Array], Array | None]] = []
+        direct = False  # rows in client CUDA regions: copied by the copier
+        for spec, staging in zip(self._inputs, self._views[buf.bucket], strict=True):
+            arrays = [f[spec.name] for f in feeds]
+            if has_device_rows(arrays):
+                plans.append((spec, arrays, None))
+                direct = True
+            elif _copy_each(arrays, rows * spec.row_nbytes):
+                plans.append((spec, arrays, None))
+            else:
+                plans.append((spec, arrays, pad_batch(arrays, buf.bucket, out=staging)))
+        t1 = time.perf_counter_ns()
+        device = self._device_ptrs[buf.bucket]
+        with self._lock:
+            self.registry.check(buf.bucket, self._signature(buf))
+            for spec, arrays, gathered in plans:
+                dst = device[spec.name]
+                if gathered is not None:
+                    host = self._host_ptrs[spec.name]
+                    stream.to_device(dst, host, buf.bucket * spec.row_nbytes)
+                elif direct and has_device_rows(arrays):
+                    if self._copier is None:
+                        raise BadBatch("rows in device memory, but this GraphSet has no copier")
+                    copy_rows_into(
+                        dst, spec.row_nbytes, arrays, buf.bucket, self._copier, self.device_id
+                    )
+                else:
+                    offset = 0
+                    for a in arrays:
+                        stream.to_device(dst + offset, a.ctypes.data, a.nbytes)
+                        offset += a.nbytes
+                    if rows < buf.bucket:  # zeros, not stale rows (see pad_batch)
+                        stream.zero(dst + offset, (buf.bucket - rows) * spec.row_nbytes)
+            if direct and self._copier is not None:
+                self._copier.synchronize(self.device_id)  # the legacy stream's copies
+            t2 = time.perf_counter_ns()
+            self.session.run_with_iobinding(buf.binding, buf.run_options)
+            t3 = time.perf_counter_ns()
+            wanted = self.output_names if host_outputs is None else host_outputs
+            views = self._out_views[buf.bucket]
+            results: list[Array] = []
+            for spec in self._outputs:
+                if spec.name in wanted:
+                    stream.to_host(
+                        self._out_ptrs[spec.name], device[spec.name], rows * spec.row_nbytes
+                    )
+                    results.append(views[spec.name])
+                else:
+                    results.append(self._host_output(buf, spec, ()))
+            stream.synchronize()
+        t4 = time.perf_counter_ns()
+        return BatchResult(
+            per_request(results, sizes),
+            rows,
+            buf.bucket,
+            True,
+            BatchTimings(t1 - t0, t2 - t1, t3 - t2, t4 - t3),
+            {name: device[name] for name in self.output_names},
+        )
+
     def _host_output(self, buf: BucketBuffers, spec: TensorSpec, wanted: Collection[str]) -> Array:
         if spec.name not in wanted:  # the shape without the bytes: a zero-stride view of a zero
             return np.broadcast_to(np.zeros((), spec.dtype), (buf.bucket, *spec.row_shape))
@@ -514,17 +631,22 @@ class GraphSet:
         with self._lock:  # frees device and pinned memory: not during another's capture
             self._buckets.clear()
             self._views.clear()
-            for staging in self._staging.values():
+            self._out_views.clear()
+            self._host_ptrs.clear()
+            self._out_ptrs.clear()
+            self._device_ptrs.clear()
+            for staging in (*self._staging.values(), *self._out_staging.values()):
                 staging.close()
             self._staging.clear()
+            self._out_staging.clear()
             self._session = None
+            self._stream = None  # the session holds it too, and is freed first (_graph_session)
 
     # --- helpers ---------------------------------------------------------------------------
 
     def _staging_view(self, spec: TensorSpec, rows: int) -> Array:
         """The first `rows` rows of input `spec`'s staging buffer, as [rows, *row_shape]."""
-        raw = self._staging[spec.name].array[: rows * spec.row_nbytes]
-        return raw.view(spec.dtype).reshape(rows, *spec.row_shape)
+        return _rows_of(self._staging[spec.name].array, spec, rows)
 
     def _signature(self, buf: BucketBuffers) -> list[tuple[str, tuple[int, ...], str, int]]:
         """Read back what the bucket's OrtValues are now (shape, address), for the registry."""
@@ -533,3 +655,59 @@ class GraphSet:
             v = buf.inputs[name] if is_input else buf.outputs[name]
             sig.append((name, tuple(v.shape()), dtype, v.data_ptr()))
         return sig
+
+
+def _rows_of(raw: npt.NDArray[np.uint8], spec: TensorSpec, rows: int) -> Array:
+    """The first `rows` rows of `spec`'s tensor laid out in the bytes `raw`."""
+    return raw[: rows * spec.row_nbytes].view(spec.dtype).reshape(rows, *spec.row_shape)
+
+
+def _copy_each(arrays: Sequence[Array], nbytes: int) -> bool:
+    """Whether to copy each request's rows to the device from where they are (no gather):
+    one request, or requests large enough that a copy call each costs less than a gather;
+    contiguous rows only (a copy takes one address)."""
+    if not all(a.flags.c_contiguous for a in arrays):
+        return False
+    return len(arrays) == 1 or nbytes >= _DIRECT_MIN_BYTES * len(arrays)
+
+
+def _graph_session(
+    path: str,
+    device_id: int,
+    intra_op_threads: int,
+    provider_options: dict[str, str] | None,
+    lock: contextlib.AbstractContextManager[Any],
+) -> tuple[ort.InferenceSession, CopyStream | None]:
+    """A graph session computing on a stream of ours (user_compute_stream), so that the
+    batch's copies are queued on the stream the replay runs on; without one (no cupy, or an
+    onnxruntime that refuses the option: logged) a session on onnxruntime's own stream.
+    Raises what make_graph_session raises."""
+    from runtime.ipc.pinning import CudaError
+
+    try:
+        stream: CopyStream | None = CudaStream(device_id)
+    except CudaError as exc:
+        log.warning("no copy stream for %s (%s): blocking copies", path, first_line(exc))
+        stream = None
+    if stream is not None:
+        options = {**(provider_options or {}), "user_compute_stream": str(stream.ptr)}
+        try:
+            with lock:
+                sess = make_graph_session(
+                    path, device_id, intra_op_threads, provider_options=options
+                )
+            # The stream must outlive the session computing on it, whoever drops the session
+            # last: the session's attributes are released after its native session (`_sess`,
+            # set first), so the stream is destroyed after.
+            sess._microtune_copy_stream = stream  # type: ignore[attr-defined]
+            return sess, stream
+        except SessionError as exc:
+            log.warning(
+                "%s: onnxruntime refused a user compute stream (%s): blocking copies",
+                path,
+                first_line(exc),
+            )
+    with lock:
+        return make_graph_session(
+            path, device_id, intra_op_threads, provider_options=provider_options
+        ), None

@@ -34,6 +34,7 @@ __all__ = [
     "copy_on_device",
     "copy_to_device",
     "cuda_available",
+    "cuda_runtime",
     "device_memory_used",
     "is_pinned",
     "open_cuda_ipc_handle",
@@ -116,6 +117,12 @@ def _runtime() -> ModuleType:
         raise CudaError(f"CUDA is not available: cannot import cupy ({exc})") from exc
     runtime: ModuleType = cupy.cuda.runtime
     return runtime
+
+
+def cuda_runtime() -> ModuleType:
+    """cupy's CUDA runtime module (for callers that queue their own calls through `call_cuda`),
+    or CudaError saying why CUDA is not usable here."""
+    return _runtime()
 
 
 def cuda_available() -> bool:

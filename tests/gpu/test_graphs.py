@@ -53,6 +53,7 @@ def test_every_bucket_captures_and_replays_what_the_cpu_ep_computes(
     gs = load(path, lock=threading.Lock())
     assert gs.capturable, gs.reason
     assert gs.captured and gs.stats().graphs.captured == TABLE.sizes
+    assert gs.streamed  # copies on the session's own stream (user_compute_stream)
     ref = cpu(path)
     seed = 0
     for split in ([1], [2], [1, 2], [4], [2, 3], [8], [1, 1, 1, 1, 1], [3, 2, 2]):
@@ -193,3 +194,23 @@ def test_graph_and_eager_sessions_agree(model_file: Callable[..., str]) -> None:
         # The eager session keeps the CUDA EP's default TF32 MatMuls (the graph session has
         # them off): the bench's tolerance, not the CPU comparisons' 2e-3.
         np.testing.assert_allclose(x, y, rtol=1e-2, atol=1e-2)
+
+
+def test_large_requests_are_copied_each_to_their_row_and_the_padding_zeroed(
+    model_file: Callable[..., str],
+) -> None:
+    """Requests of 64 KiB rows go to the bound buffer one copy each, on the session's stream,
+    at their row offsets; the rows a fuller batch left are zeroed on the device."""
+    width = 16384
+    path = model_file("mlp", widths=(width, 64, 8))
+    gs = load(path, BucketTable((4,)))
+    assert gs.streamed
+    ref = cpu(path)
+    gs.run([{"INPUT0": data(4, (width,), 1)}])
+    parts = [data(1, (width,), 2), data(2, (width,), 3)]
+    result = gs.run([{"INPUT0": p} for p in parts])
+    bound = gs.bucket(4).inputs["INPUT0"].numpy()
+    np.testing.assert_array_equal(bound[:3], np.concatenate(parts))
+    assert not bound[3:].any()
+    for p, (out,) in zip(parts, result.outputs, strict=True):
+        np.testing.assert_allclose(out, ref.run(None, {"INPUT0": p})[0], rtol=1e-2, atol=1e-2)

@@ -1,0 +1,153 @@
+"""GraphSet's copy-stream path without a GPU: runtime.engine.copy_stream.HostStream performs the
+stream's copies as memmoves between host addresses (CPU OrtValues' data_ptr), so the order of
+the calls, what is gathered and what is copied straight from each request, the padding, the
+row offsets and the outputs coming back into the output staging are all checked here; the CUDA
+stream itself runs in tests/gpu."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import pytest
+
+from runtime.engine.buckets import BucketTable
+from runtime.engine.copy_stream import HostStream
+from runtime.engine.graphs import GraphSet
+from runtime.engine.session import signature_of
+
+pytest.importorskip("onnx")
+
+Array = npt.NDArray[Any]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _gpu_models() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gpu_models", ROOT / "bench" / "gpu_models.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+gm = _gpu_models()
+
+
+def cpu_session(model: Any) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def streamed(model: Any, sizes: tuple[int, ...] = (1, 2, 4, 8)) -> tuple[GraphSet, HostStream]:
+    sess = cpu_session(model)
+    stream = HostStream()
+    gs = GraphSet(sess, BucketTable(sizes), signature_of(sess), device_type="cpu", stream=stream)
+    gs.capture()
+    stream.calls.clear()
+    return gs, stream
+
+
+def rows(n: int, width: int = 256, seed: int = 0) -> Array:
+    return np.random.RandomState(seed).standard_normal((n, width)).astype(np.float32)
+
+
+@pytest.mark.parametrize("split", [[1], [3], [1, 1, 1], [2, 3], [1, 2, 4, 1], [5, 3]])
+def test_streamed_replay_matches_a_plain_run(split: list[int]) -> None:
+    model = gm.mlp()
+    gs, _ = streamed(model)
+    ref = cpu_session(model)
+    feeds = [{"INPUT0": rows(n, seed=i)} for i, n in enumerate(split)]
+    result = gs.run(feeds)
+    assert result.replayed and result.rows == sum(split)
+    for feed, n, (out,) in zip(feeds, split, result.outputs, strict=True):
+        assert out.shape == (n, 10)
+        np.testing.assert_allclose(out, ref.run(None, feed)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_small_requests_are_gathered_then_copied_once_and_synchronised_once() -> None:
+    gs, stream = streamed(gm.mlp(), (4,))
+    gs.run([{"INPUT0": rows(1, seed=1)}, {"INPUT0": rows(2, seed=2)}])  # 1 KiB rows: gathered
+    assert stream.calls == ["to_device", "to_host", "synchronize"]
+
+
+def test_one_request_is_copied_from_where_it_is_and_the_padding_zeroed_on_the_device() -> None:
+    model = gm.mlp()
+    gs, stream = streamed(model, (4,))
+    gs.run([{"INPUT0": rows(4, seed=9)}])  # fills the bucket: no zeroing
+    assert stream.calls == ["to_device", "to_host", "synchronize"]
+    stream.calls.clear()
+    x = rows(3, seed=3)
+    result = gs.run([{"INPUT0": x}])
+    assert stream.calls == ["to_device", "zero", "to_host", "synchronize"]
+    bound = gs.bucket(4).inputs["INPUT0"].numpy()
+    np.testing.assert_array_equal(bound[:3], x)
+    assert not bound[3:].any()  # the fuller batch's fourth row is gone
+    np.testing.assert_allclose(
+        result.outputs[0][0], cpu_session(model).run(None, {"INPUT0": x})[0], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_large_requests_are_each_copied_to_their_row_offset() -> None:
+    """Requests of >= 64 KiB each skip the host gather: one copy per request, at its row."""
+    width = 16384  # 64 KiB rows
+    model = gm.mlp((width, 8, 4))
+    gs, stream = streamed(model, (4,))
+    parts = [rows(1, width, seed=1), rows(2, width, seed=2)]
+    result = gs.run([{"INPUT0": p} for p in parts])
+    assert stream.calls == ["to_device", "to_device", "zero", "to_host", "synchronize"]
+    bound = gs.bucket(4).inputs["INPUT0"].numpy()
+    np.testing.assert_array_equal(bound[:3], np.concatenate(parts))
+    assert not bound[3:].any()
+    ref = cpu_session(model)
+    for p, (out,) in zip(parts, result.outputs, strict=True):
+        np.testing.assert_allclose(out, ref.run(None, {"INPUT0": p})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_strided_request_is_gathered_not_copied_from_its_address() -> None:
+    model = gm.mlp()
+    gs, stream = streamed(model, (2,))
+    wide = rows(2, 512, seed=4)
+    x = wide[:, ::2]  # not contiguous: one address cannot describe it
+    result = gs.run([{"INPUT0": x}])
+    assert stream.calls == ["to_device", "to_host", "synchronize"]
+    want = cpu_session(model).run(None, {"INPUT0": np.ascontiguousarray(x)})[0]
+    np.testing.assert_allclose(result.outputs[0][0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_only_the_outputs_wanted_on_the_host_come_back() -> None:
+    gs, stream = streamed(gm.mlp(), (2,))
+    result = gs.run([{"INPUT0": rows(2, seed=5)}], host_outputs=())
+    assert stream.calls == ["to_device", "synchronize"]
+    (out,) = result.outputs[0]
+    assert out.shape == (2, 10) and out.strides == (0, 0)  # a placeholder, no bytes
+
+
+def test_streamed_outputs_are_valid_until_the_next_run() -> None:
+    """The outputs are views of the output staging (no host copy): the caller places them
+    before the next run, which reuses that memory."""
+    gs, _ = streamed(gm.mlp(), (2,))
+    first = gs.run([{"INPUT0": rows(2, seed=1)}]).outputs[0][0]
+    kept = first.copy()
+    second = gs.run([{"INPUT0": rows(2, seed=2)}]).outputs[0][0]
+    assert np.shares_memory(first, second)
+    assert not np.array_equal(first, kept)
+
+
+def test_above_the_largest_bucket_runs_eagerly_without_the_stream() -> None:
+    gs, stream = streamed(gm.mlp(), (2,))
+    result = gs.run([{"INPUT0": rows(3, seed=6)}])
+    assert not result.replayed and stream.calls == []
+    assert gs.stats().graphs.eager == {None: 1}
+
+
+def test_close_drops_the_output_staging_and_the_stream() -> None:
+    gs, _ = streamed(gm.mlp(), (2,))
+    gs.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        gs.run([{"INPUT0": rows(1)}])
