@@ -4,12 +4,13 @@
 batching with no queue delay: served from CUDA graphs by a GPU worker, by the CPU graph
 executor with `--cpu-graphs` on a CPU), starts `python -m server serve` on it with this
 interpreter and environment (onnxruntime-gpu from PYTHONPATH on the GPU machine; the
-benchmarks' `harness.Proc`), and waits for gRPC health "readiness". `time` then sends one
-request of `b` rows at a time (concurrency 1) and returns the wall time of each call as this
-process sees it: the request is serialized once and travels as bytes through a generic
-unary-unary call, so the client's own cost per call is the gRPC channel's alone. This is what
-the issue's "end-to-end p50 at concurrency 1" compares with onnxruntime in-process (IOBinding +
-graphs).
+benchmarks' `harness.Proc`) plus the caller's `extra_args`, and waits for gRPC health
+"readiness". Load generators reach it at 127.0.0.1:`port` (gpu_bench runs perf_analyzer there,
+with raw bytes and with CUDA shared memory). `time` is the Python client, the fallback where
+perf_analyzer does not run: it sends one request of `b` rows at a time (concurrency 1) and
+returns the wall time of each call as this process sees it; the request is serialized once and
+travels as bytes through a generic unary-unary call, so the client's own cost per call is the
+gRPC channel's alone, yet it is inside the figure (ServerLive p50 ~330 us on the GPU machine).
 """
 
 from __future__ import annotations
@@ -44,13 +45,16 @@ class E2EServer:
         models: dict[str, tuple[Path, tuple[int, ...], tuple[int, ...]]],
         device: str,
         start_timeout_s: float = 600.0,
+        extra_args: list[str] | None = None,
     ) -> None:
         self.models = models
         self.device = device
         self.start_timeout_s = start_timeout_s
+        self.extra_args = list(extra_args or [])
         self._tmp = tempfile.TemporaryDirectory(prefix="e2e-grpc-")
         self._proc: Proc | None = None
         self._channel: grpc.Channel | None = None
+        self._port: int | None = None
         self.args: list[str] = []
 
     def __enter__(self) -> E2EServer:
@@ -66,23 +70,35 @@ class E2EServer:
         ]  # fmt: skip
         self.args = [
             "--model-repository", str(repo), "--grpc-port", "0", "--metrics-port", "-1",
-            "--tracing", "off", "--log-level", "WARNING", *device,
+            "--tracing", "off", "--log-level", "WARNING", *device, *self.extra_args,
         ]  # fmt: skip
         self._proc = Proc([sys.executable, "-m", "server", "serve", *self.args], "e2e")
         try:
-            port = self._proc.wait(ready_check=True, timeout_s=self.start_timeout_s)
+            self._port = self._proc.wait(ready_check=True, timeout_s=self.start_timeout_s)
         except RuntimeError as exc:
             tail = self._proc.log_tail()
             self.__exit__(None, None, None)
             raise RuntimeError(f"{exc}\n{tail}") from None
         self._channel = grpc.insecure_channel(
-            f"127.0.0.1:{port}",
+            f"127.0.0.1:{self._port}",
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
             ],
         )
         return self
+
+    @property
+    def channel(self) -> grpc.Channel | None:
+        """The channel to the server (None before `__enter__`)."""
+        return self._channel
+
+    @property
+    def port(self) -> int:
+        """The server's gRPC port on 127.0.0.1 (once `__enter__` has started it)."""
+        if self._port is None:
+            raise RuntimeError("the server is not started")
+        return self._port
 
     def time(
         self, name: str, x: np.ndarray, warmup: int, iters: int

@@ -2,6 +2,7 @@
 
     python bench/gpu_bench.py [--out PATH] [--json PATH] [--models dense,encoder]
                               [--batches 1-8] [--iters 300] [--warmup 30] [--device cuda|cpu]
+                              [--no-e2e] [--no-perf-analyzer] [--pa-interval-ms 400]
 
 Builds its models where it runs (bench/gpu_models.py: `dense` = the demo's 256->256->10 MLP,
 `encoder` = 6 layers, hidden 384, 6 heads, sequence 128), then for every batch size b (b
@@ -23,15 +24,23 @@ bench/results/gpu.md) naming the device, versions and command. `--device cpu` ru
 code on the CPU EP (graph ids ignored) to check the script; its figures are not GPU figures.
 
 Then (unless --no-e2e) it starts a real server on the same models (bench/e2e_grpc.py: CUDA
-worker, graphs per bucket; `--device cpu` runs it with --cpu-graphs) and times one ModelInfer
-of b rows at a time over gRPC on loopback (concurrency 1): the end-to-end p50 the issue asks to
-be within 0.5 ms of the in-process column.
+worker, graphs per bucket, `--allow-client-shm true`; `--device cpu` runs it with --cpu-graphs)
+and times one ModelInfer of b rows at a time over gRPC on loopback (concurrency 1): the
+end-to-end p50 the issue asks to be within 0.5 ms of the in-process column. Three clients:
+
+  Python client    this process (bench/e2e_grpc.py), raw bytes; always run, and the figure
+                   judged where perf_analyzer does not run (its own cost is in the figure)
+  perf_analyzer    Triton's C++ load generator (bench/harness.py's PA and `perf`), raw bytes
+                   in and out: the figure judged where `PA --version` runs
+  perf_analyzer,   the same with `--shared-memory cuda`: input and output in CUDA memory the
+  CUDA shm         server maps (GPU only; a failure leaves the column empty and is reported)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -42,7 +51,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +64,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_models  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from e2e_grpc import E2EServer  # noqa: E402
+from harness import PA, perf  # noqa: E402
 
 from runtime.engine.buckets import BucketTable  # noqa: E402
 from runtime.engine.graphs import GraphSet  # noqa: E402
@@ -75,6 +85,12 @@ MODELS: dict[str, tuple[Callable[[], Any], tuple[int, ...], str]] = {
     ),
 }
 TABLE = BucketTable.default(8)  # (1, 2, 4, 8): what the worker uses for max_batch_size 8
+E2E_LIMIT_US = 500.0  # the issue's "within 0.5 ms of in-process"
+# perf_analyzer measures three fixed windows (stability check off, as in
+# bench/observability_overhead.py): a bounded run per row, ~1.5 s at the default 400 ms window,
+# so 2 models x 8 batches x 2 variants stay near 50 s.
+PA_FIXED_WINDOWS = ("--stability-percentage", "1000", "--max-trials", "3")
+RAW, CUDA_SHM = "raw bytes", "CUDA shm"  # the perf_analyzer variants
 
 
 @dataclass
@@ -88,11 +104,11 @@ class Row:
     in_process_us: float
     graphs_on_mean_us: float
     off_iobinding_mean_us: float
-    e2e_us: float | None = None  # p50 of one gRPC ModelInfer of b rows through the server
-
-    @property
-    def e2e_over_in_process_us(self) -> float | None:
-        return None if self.e2e_us is None else self.e2e_us - self.in_process_us
+    # p50s of one gRPC ModelInfer of b rows through the server: the Python client's, then
+    # perf_analyzer's with raw bytes in and out, and with input and output in CUDA shm
+    e2e_us: float | None = None
+    e2e_pa_us: float | None = None
+    e2e_pa_cudashm_us: float | None = None
 
     @property
     def cut_vs_iobinding(self) -> float:
@@ -213,30 +229,100 @@ def bench_model(
     return rows_out
 
 
-def bench_e2e(rows: list[Row], paths: dict[str, Path], args: argparse.Namespace) -> list[str]:
-    """Fill `e2e_us` of every row through a real server; returns the server's arguments."""
+@dataclass
+class E2ERun:
+    """What bench_e2e ran, for the report."""
+
+    server_args: list[str]
+    pa_version: str | None  # None: perf_analyzer does not run here, `pa_absent` says why
+    pa_absent: str = ""
+    commands: dict[str, str] = field(default_factory=dict)  # variant -> its first command
+    errors: dict[str, list[str]] = field(default_factory=dict)  # variant -> "row: error"
+
+
+def first_line(text: str) -> str:
+    lines = [t.strip() for t in text.strip().splitlines() if t.strip()]
+    return lines[0][:300] if lines else ""
+
+
+def perf_analyzer_version() -> tuple[str | None, str]:
+    """perf_analyzer's version, or None and why it does not run here."""
+    try:
+        # Bounded: where .cache/perf_analyzer is missing, the wrapper tries to install it, which
+        # needs the internet (run_gpu_checks.sh unpacks the carried archive instead).
+        proc = subprocess.run(
+            [str(PA), "--version"], capture_output=True, text=True, timeout=180, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return None, f"`{PA.name} --version` exited {proc.returncode}: {lines[-1] if lines else ''}"
+    # It prints to stderr, and the wheel's binary calls itself "Version 0.0.0 (commit ...)":
+    # the installer's VERSION file names the release.
+    version = first_line(proc.stderr or proc.stdout)
+    installed = ROOT / ".cache" / "perf_analyzer" / "VERSION"  # written by its installer
+    if installed.exists():
+        version += f"; {first_line(installed.read_text())}"
+    return version, ""
+
+
+def pa_p50(
+    run: E2ERun, variant: str, r: Row, port: int, interval_ms: int, extra: tuple[str, ...]
+) -> float | None:
+    """perf_analyzer's p50 (us) for one ModelInfer of `r.batch` rows at concurrency 1, or None
+    with the reason kept in `run.errors`."""
+    try:
+        res, cmd = perf(r.model, port, 1, interval_ms, None, (*PA_FIXED_WINDOWS, *extra), r.batch)
+    except Exception as exc:  # whatever went wrong, the row stays empty and the report says why
+        run.errors.setdefault(variant, []).append(f"{r.model} b={r.batch}: {first_line(str(exc))}")
+        return None
+    run.commands.setdefault(variant, cmd)
+    return res["p50 latency"]
+
+
+def bench_e2e(rows: list[Row], paths: dict[str, Path], args: argparse.Namespace) -> E2ERun:
+    """Fill the end-to-end columns of every row through one real server: the Python client's
+    always, perf_analyzer's where it runs (its CUDA shm variant on a GPU only)."""
     models = {}
     refs = {}  # what each end-to-end answer is checked against (CPU EP, no thread pool)
     for name, path in paths.items():
         refs[name] = make_session(str(path), "cpu", 1)
         sig = signature_of(refs[name])
         models[name] = (path, MODELS[name][1], tuple(sig.outputs[0].shape[1:]))
+    cuda = args.device == "cuda"
+    if args.no_perf_analyzer:
+        version, absent = None, "--no-perf-analyzer"
+    else:
+        version, absent = perf_analyzer_version()
     rs = np.random.RandomState(1)
-    device = "cuda:0" if args.device == "cuda" else "cpu"
-    with E2EServer(models, device) as srv:
+    # The CUDA shm variant registers regions, which a server takes only with this flag; the
+    # raw-bytes paths never use it, and the CPU dry run starts the same server as the GPU run.
+    shm_on = ["--allow-client-shm", "true"]
+    with E2EServer(models, "cuda:0" if cuda else "cpu", extra_args=shm_on) as srv:
+        run = E2ERun(srv.args, version, absent)
         for r in rows:
-            path, row, _ = models[r.model]
+            _, row, out_row = models[r.model]
             x = rs.standard_normal((r.batch, *row)).astype(np.float32)
-            t, y = srv.time(r.model, x, args.warmup, args.iters)
+            t, y = srv.time(r.model, x, args.warmup, args.iters)  # also warms this batch size
             want = refs[r.model].run(None, {"INPUT0": x})[0]
             np.testing.assert_allclose(y, want, rtol=2e-2, atol=2e-2)
             r.e2e_us = statistics.median(t)
+            if version is not None:
+                r.e2e_pa_us = pa_p50(run, RAW, r, srv.port, args.pa_interval_ms, ())
+            if version is not None and cuda:
+                # perf_analyzer sizes a fixed-shape output from the model's config; the flag
+                # states the batch's output bytes, the most it may need.
+                out_bytes = r.batch * math.prod(out_row) * 4
+                shm = ("--shared-memory", "cuda", "--output-shared-memory-size", str(out_bytes))
+                r.e2e_pa_cudashm_us = pa_p50(run, CUDA_SHM, r, srv.port, args.pa_interval_ms, shm)
             print(
-                f"{r.model} b={r.batch}: end-to-end {r.e2e_us:.1f} us "
+                f"{r.model} b={r.batch}: end-to-end p50 {us(r.e2e_us)} us Python client, "
+                f"{us(r.e2e_pa_us)} us perf_analyzer, {us(r.e2e_pa_cudashm_us)} us CUDA shm "
                 f"(in-process {r.in_process_us:.1f} us)",
                 flush=True,
             )
-        return srv.args
+        return run
 
 
 def describe_device(cuda: bool) -> dict[str, str]:
@@ -278,7 +364,7 @@ def render(
     info: dict[str, str],
     args: argparse.Namespace,
     cuda: bool,
-    e2e_args: list[str] | None,
+    e2e: E2ERun | None,
     e2e_error: str | None = None,
 ) -> str:
     cmd = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
@@ -327,52 +413,109 @@ def render(
             f"{worst:+.0%}: **{verdict}**.",
             "",
         ]
-    lines += render_e2e(rows, e2e_args, cuda, e2e_error)
+    lines += render_e2e(rows, e2e, cuda, e2e_error)
     return "\n".join(lines)
 
 
+def us(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def column_verdict(rows: list[Row], values: list[float | None], cuda: bool) -> str:
+    """Largest difference to in-process, the rows over 0.5 ms or unmeasured, and the verdict
+    of one end-to-end column."""
+    diffs = [(r, v - r.in_process_us) for r, v in zip(rows, values, strict=True) if v is not None]
+    over = [f"{r.model} b={r.batch}" for r, d in diffs if d > E2E_LIMIT_US]
+    missing = [f"{r.model} b={r.batch}" for r, v in zip(rows, values, strict=True) if v is None]
+    if not diffs:
+        return "not measured: **FAIL**" if cuda else "not measured"
+    notes = [f"over 0.5 ms: {', '.join(over)}"] if over else []
+    if missing:
+        notes.append(f"not measured: {', '.join(missing)}")
+    verdict = "FAIL" if over or missing else "PASS"
+    if not cuda:
+        verdict = "not applicable (CPU dry run)"
+    text = f"largest difference {max(d for _, d in diffs):+.1f} us"
+    if notes:
+        text += f" ({'; '.join(notes)})"
+    return f"{text}: **{verdict}**"
+
+
 def render_e2e(
-    rows: list[Row], e2e_args: list[str] | None, cuda: bool, error: str | None = None
+    rows: list[Row], run: E2ERun | None, cuda: bool, error: str | None = None
 ) -> list[str]:
-    if e2e_args is None and error is None:
+    if run is None and error is None:
         return ["## End-to-end p50 over gRPC at concurrency 1: not run (--no-e2e)", ""]
-    server = f"`python -m server serve {shlex.join(e2e_args)}`" if e2e_args else "A server"
+    server = f"`python -m server serve {shlex.join(run.server_args)}`" if run else "A server"
+    have_pa = run is not None and run.pa_version is not None
     lines = [
         "## End-to-end p50 over gRPC at concurrency 1",
         "",
-        f"{server} on these models (max_batch_size 8, "
-        "no queue delay); this process sends one ModelInfer of b rows at a time over loopback "
-        "(request serialized once, a generic unary call: the client's cost is the channel's), "
-        "raw bytes in and out, and times each call. In-process = onnxruntime alone with "
-        "IOBinding and a graph of exactly b rows (the column above).",
+        f"{server} on these models (max_batch_size 8, no queue delay). Each end-to-end column "
+        "is the p50 of one ModelInfer of b rows at a time over loopback, from:",
         "",
-        "| model | batch | in-process p50 | end-to-end p50 | difference |",
-        "|---|---:|---:|---:|---:|",
+        "- **Python client**: this process, request serialized once, a generic unary call, raw "
+        "bytes in and out; the Python grpc channel's own cost per call is inside the figure.",
     ]
-    diffs = []
+    if run is not None and run.pa_version is not None:
+        lines += [
+            f"- **perf_analyzer** ({run.pa_version}), Triton's C++ load generator, raw bytes in "
+            "and out, random input; three fixed windows of `--measurement-interval` ms (no "
+            "stability search), p50 of the merged windows; per row its model and `-b` its "
+            "batch: "
+            f"`{run.commands.get(RAW, 'no run succeeded')}`",
+            "- **perf_analyzer, CUDA shm**: the same with input and output in cudaMalloc'd "
+            "memory registered once through the CUDA shared-memory extension (the request "
+            "names the regions; no tensor bytes on the wire), what a client whose big tensors "
+            "are on the GPU sends; `--output-shared-memory-size` = the batch's output bytes: "
+            + (
+                f"`{run.commands.get(CUDA_SHM, 'no run succeeded')}`"
+                if cuda
+                else "not applicable on the CPU dry run (no CUDA device)."
+            ),
+        ]
+    elif run is not None:
+        lines.append(f"- **perf_analyzer**: not run here ({run.pa_absent}).")
+    lines += [
+        "",
+        "In-process = onnxruntime alone with IOBinding and a graph of exactly b rows (the "
+        "column above). Differences are to in-process, in microseconds.",
+        "",
+        "| model | batch | in-process | Python client | diff | perf_analyzer | diff "
+        "| perf_analyzer CUDA shm | diff |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        d = r.e2e_over_in_process_us
-        if d is None or r.e2e_us is None:
-            lines.append(f"| {r.model} | {r.batch} | {r.in_process_us:.1f} | — | — |")
-            continue
-        diffs.append(d)
-        lines.append(
-            f"| {r.model} | {r.batch} | {r.in_process_us:.1f} | {r.e2e_us:.1f} | {d:+.1f} |"
-        )
-    if error is not None or len(diffs) < len(rows):
-        verdict = "FAIL (not every row measured)"
-        largest = ""
-    else:
-        verdict = "PASS" if max(diffs) <= 500.0 else "FAIL"
-        largest = f"largest difference {max(diffs):+.1f} us: "
-    if not cuda:
-        verdict = "not applicable (CPU dry run)"
+        cells = [r.model, str(r.batch), f"{r.in_process_us:.1f}"]
+        for v in (r.e2e_us, r.e2e_pa_us, r.e2e_pa_cudashm_us):
+            cells += [us(v), "—" if v is None else f"{v - r.in_process_us:+.1f}"]
+        lines.append(f"| {' | '.join(cells)} |")
+    python = column_verdict(rows, [r.e2e_us for r in rows], cuda)
+    judged = "perf_analyzer (raw bytes)" if have_pa else "Python client"
     lines += [
         "",
         f'Criterion "end-to-end p50 at concurrency 1 within 0.5 ms of in-process onnxruntime '
-        f'with IOBinding and graphs": {largest}**{verdict}**.',
+        f'with IOBinding and graphs", judged on the {judged} column: '
+        + (column_verdict(rows, [r.e2e_pa_us for r in rows], cuda) if have_pa else python)
+        + ".",
         "",
     ]
+    if have_pa and cuda:
+        shm = column_verdict(rows, [r.e2e_pa_cudashm_us for r in rows], cuda)
+        lines.append(f"- the same on the perf_analyzer CUDA shm column: {shm}.")
+    elif have_pa:
+        lines.append("- the perf_analyzer CUDA shm column: not applicable (CPU dry run).")
+    elif run is not None:
+        lines.append("- perf_analyzer columns: not measured (perf_analyzer does not run here).")
+    if have_pa:
+        lines.append(f"- the Python client column, client cost included, for reference: {python}.")
+    lines.append("")
+    for variant, errs in (run.errors if run else {}).items():
+        lines += [
+            f"perf_analyzer ({variant}) failed on {len(errs)} of {len(rows)} rows; first: "
+            f"`{errs[0]}`",
+            "",
+        ]
     if error is not None:
         lines += [f"The end-to-end run stopped: `{error}` (the log has the traceback).", ""]
     return lines
@@ -400,6 +543,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end gRPC timings")
+    p.add_argument(
+        "--no-perf-analyzer",
+        action="store_true",
+        help="end to end with the Python client only (where perf_analyzer cannot run)",
+    )
+    p.add_argument(
+        "--pa-interval-ms",
+        type=int,
+        default=400,
+        help="perf_analyzer's measurement window; each run measures three",
+    )
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda:
@@ -415,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"batches above {TABLE.sizes[-1]} have no bucket")
     info = describe_device(cuda)
     rows: list[Row] = []
-    e2e_args: list[str] | None = None
+    e2e: E2ERun | None = None
     e2e_error: str | None = None
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         paths: dict[str, Path] = {}
@@ -425,12 +579,12 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_model(name, str(paths[name]), row, batches, args)
         if not args.no_e2e:
             try:
-                e2e_args = bench_e2e(rows, paths, args)
+                e2e = bench_e2e(rows, paths, args)
             except Exception as exc:  # keep the kernel figures: they are written regardless
                 traceback.print_exc()
                 msg = str(exc).strip().splitlines()
                 e2e_error = f"{type(exc).__name__}: {msg[0][:300] if msg else ''}"
-    text = render(rows, info, args, cuda, e2e_args, e2e_error)
+    text = render(rows, info, args, cuda, e2e, e2e_error)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

@@ -137,7 +137,11 @@ def perf(
     interval_ms: int,
     shape: str | None,
     extra: tuple[str, ...] = (),
+    batch: int = 1,
 ) -> tuple[dict[str, float], str]:
+    """One perf_analyzer run over gRPC against 127.0.0.1:`port`: its CSV row (latencies in
+    microseconds) and the command as shown in reports. `shape` (a `--shape` value) is for
+    models without batching; otherwise each request holds `batch` rows (`-b`)."""
     with tempfile.NamedTemporaryFile(suffix=".csv", delete=False) as f:
         csv_path = f.name
     args = [
@@ -158,7 +162,7 @@ def perf(
     if shape:
         args += ["--shape", shape]
     else:
-        args += ["-b", "1"]
+        args += ["-b", str(batch)]
     args += list(extra)
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
     if proc.returncode == 2 and "--stability-percentage" not in args:
@@ -167,7 +171,10 @@ def perf(
         args += ["--stability-percentage", "1000", "--max-trials", "3"]
         proc = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"perf_analyzer failed ({proc.returncode}): {proc.stdout[-2000:]}")
+        os.unlink(csv_path)
+        # Its errors go to stderr ("error: ..."), its settings and progress to stdout.
+        detail = "\n".join(t for t in (proc.stderr.strip()[-2000:], proc.stdout[-2000:]) if t)
+        raise RuntimeError(f"perf_analyzer failed ({proc.returncode}): {detail}")
     with open(csv_path) as fh:
         row = next(csv.DictReader(fh))
     os.unlink(csv_path)

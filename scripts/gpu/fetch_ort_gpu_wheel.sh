@@ -10,7 +10,8 @@
 #   .whl/parts/SHA256SUMS             sha256 of every part
 #   .whl/deps/*.whl, .whl/deps/SHA256SUMS   wheels the GPU machine lacks (the front's deps)
 #   .whl/parts/PLAN.txt               the carry list of every device call, with its size
-#   .whl/perf_analyzer.tar.xz         perf_analyzer (bench/tools) for the 16-core CPU benchmark
+#   .whl/perf_analyzer.tar.xz         perf_analyzer (bench/tools) for the GPU benchmark's
+#                                     end-to-end section and the 16-core CPU benchmark
 #
 # A device call sends the working tree (tracked + untracked-not-ignored files) and the carried
 # paths, 64 MiB in all. The tree is not small (a 25 MB demo model is tracked), so N is the
@@ -174,9 +175,10 @@ for p in "$PARTS_DIR/$WHEEL".part-*; do
     (( s + tree_bytes < LIMIT )) || die "$(basename "$p") ($s bytes) does not fit one call"
 done
 
-# 6. perf_analyzer for the CPU benchmark on the device machine's 16 cores (run_gpu_checks.sh
-#    --only cpubench): the relocatable build bench/tools installs (binary, wrapper, Debian
-#    sysroot; ~36 MB), xz-packed to fit beside the tree in one call.
+# 6. perf_analyzer for the device machine (run_gpu_checks.sh --only bench: the end-to-end
+#    timings; --only cpubench: the CPU benchmark on its 16 cores): the relocatable build
+#    bench/tools installs (binary, wrapper, Debian sysroot; ~36 MB), xz-packed to fit beside
+#    the tree in one call.
 PA_TAR="$WHL/perf_analyzer.tar.xz"
 "$REPO/bench/tools/perf_analyzer" --version >/dev/null || die "perf_analyzer did not install"
 tar -C "$REPO/.cache" -cJf "$PA_TAR" perf_analyzer/VERSION perf_analyzer/bin \
@@ -206,10 +208,10 @@ log "perf_analyzer packed: $pa_bytes bytes"
     done
     echo "# commands (docs/gpu.md §10): calls 1..$i: bash scripts/gpu/install_on_device.sh"
     echo "# call $i adds: --require-complete && bash scripts/gpu/run_gpu_checks.sh --only tests"
-    echo "# then, carrying nothing, one call each (same warm machine, each under 600 s):"
+    echo "# then one call each (same warm machine, each under 600 s); bench and cpubench carry"
+    echo "# .whl/perf_analyzer.tar.xz ($((tree_bytes + pa_bytes)) bytes sent), examples nothing:"
     echo "#   bash scripts/gpu/install_on_device.sh --require-complete && bash scripts/gpu/run_gpu_checks.sh --only bench"
     echo "#   bash scripts/gpu/install_on_device.sh --require-complete && bash scripts/gpu/run_gpu_checks.sh --only examples"
-    echo "# and last, carrying .whl/perf_analyzer.tar.xz ($((tree_bytes + pa_bytes)) bytes sent):"
     echo "#   bash scripts/gpu/install_on_device.sh --require-complete && bash scripts/gpu/run_gpu_checks.sh --only cpubench"
 } >"$PARTS_DIR/PLAN.txt"
 cat "$PARTS_DIR/PLAN.txt" >&2

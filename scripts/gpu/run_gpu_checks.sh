@@ -5,7 +5,8 @@
 # Writes into $OUT (the device tool's result folder; else bench/results/):
 #   gpu-env.txt      device, driver, versions, library paths
 #   gpu-tests.log    pytest -m gpu tests/gpu (MICROTUNE_REQUIRE_GPU=1: no silent skips)
-#   gpu.md, gpu.json the benchmark table (bench/gpu_bench.py) and its raw rows
+#   gpu.md, gpu.json the benchmark table (bench/gpu_bench.py) and its raw rows; its end-to-end
+#                    section runs perf_analyzer where .whl/perf_analyzer.tar.xz travelled
 #   gpu-bench.log    the benchmark's output
 #   gpu-examples.log tritonclient's simple_grpc_cudashm_client.py (and the system shm examples),
 #                    unchanged, against a server on the demo repository (CUDA worker); only
@@ -105,11 +106,39 @@ if want tests; then
     rc_tests=${PIPESTATUS[0]}
 fi
 
+# perf_analyzer (bench/tools/perf_analyzer runs .cache/perf_analyzer/bin/perf_analyzer, and
+# would try to install it from the internet where that does not run): unpack the carried
+# .whl/perf_analyzer.tar.xz (fetch_ort_gpu_wheel.sh makes it). Its wrapper runs it through the
+# archive's own loader and library path, which replace LD_LIBRARY_PATH, so for
+# `--shared-memory cuda` the libcudart.so it dlopens is linked into that library folder from
+# the image's CUDA runtime (torch's nvidia/*/lib, where pip ships libcudart.so.N only).
+PA_HOME="$REPO/.cache/perf_analyzer"
+pa_works() { "$PA_HOME/bin/perf_analyzer" --version >/dev/null 2>&1; }
+unpack_perf_analyzer() {
+    local tar="$REPO/.whl/perf_analyzer.tar.xz" lib="$PA_HOME/sysroot/usr/lib/x86_64-linux-gnu" d f
+    if ! pa_works && [[ -f "$tar" ]]; then
+        mkdir -p "$REPO/.cache" && tar -C "$REPO/.cache" -xJf "$tar"
+    fi
+    pa_works || return 1
+    [[ -e "$lib/libcudart.so" ]] && return 0
+    for d in ${NVIDIA_LIBS//:/ }; do
+        for f in "$d"/libcudart.so.*; do
+            if [[ -e "$f" ]]; then ln -sfn "$f" "$lib/libcudart.so"; return 0; fi
+        done
+    done
+    log "no libcudart.so.* under the image's nvidia/*/lib: perf_analyzer's CUDA shm runs will fail"
+}
+
 rc_bench=0
 if want bench; then
-    log "bench/gpu_bench.py $*"
-    "$PYTHON" bench/gpu_bench.py --out "$RESULTS/gpu.md" --json "$RESULTS/gpu.json" "$@" 2>&1 \
-        | tee "$RESULTS/gpu-bench.log"
+    no_pa=""
+    if ! unpack_perf_analyzer; then
+        log "no perf_analyzer (carry .whl/perf_analyzer.tar.xz): end to end with the Python client only"
+        no_pa="--no-perf-analyzer"
+    fi
+    log "bench/gpu_bench.py $no_pa $*"
+    "$PYTHON" bench/gpu_bench.py --out "$RESULTS/gpu.md" --json "$RESULTS/gpu.json" \
+        ${no_pa:+"$no_pa"} "$@" 2>&1 | tee "$RESULTS/gpu-bench.log"
     rc_bench=${PIPESTATUS[0]}
 fi
 
@@ -147,13 +176,7 @@ fi
 # machine has 2, shared by perf_analyzer, the fronts and the worker).
 rc_cpu=0
 if want cpubench; then
-    PA_TAR="$REPO/.whl/perf_analyzer.tar.xz"
-    if ! "$REPO/.cache/perf_analyzer/bin/perf_analyzer" --version >/dev/null 2>&1; then
-        if [[ -f "$PA_TAR" ]]; then
-            mkdir -p "$REPO/.cache" && tar -C "$REPO/.cache" -xJf "$PA_TAR"
-        fi
-    fi
-    if "$REPO/.cache/perf_analyzer/bin/perf_analyzer" --version >/dev/null 2>&1; then
+    if unpack_perf_analyzer; then
         log "bench/fast_runtime.py on $(nproc) CPUs (CPU worker)"
         MICROTUNE_DEVICE=cpu "$PYTHON" bench/fast_runtime.py \
             --out "$RESULTS/fast-runtime-16core.md" 2>&1 | tee "$RESULTS/cpu-bench.log"
