@@ -137,12 +137,11 @@ def pad_batch(arrays: Sequence[Array], to: int, *, out: Array | None = None) -> 
         out = np.empty((to, *row_shape), dtype=dtype)
     elif out.shape != (to, *row_shape) or out.dtype != dtype:
         raise ValueError(f"out is {out.dtype}{list(out.shape)}, expected {dtype}{[to, *row_shape]}")
-    pos = 0
-    for a in arrays:
-        n = a.shape[0]
-        out[pos : pos + n] = a
-        pos += n
-    out[pos:] = 0
+    if len(arrays) == 1:
+        out[:rows] = first
+    else:  # one C loop over the requests (a slice assignment each costs a microsecond)
+        np.concatenate(arrays, axis=0, out=out[:rows])
+    out[rows:] = 0
     return out
 
 

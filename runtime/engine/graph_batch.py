@@ -121,8 +121,9 @@ def check_feeds(feeds: Sequence[Mapping[str, Array]], inputs: Sequence[TensorSpe
     if not feeds:
         raise BadBatch("a batch has at least one request")
     sizes: list[int] = []
+    names = {s.name for s in inputs}
     for i, feed in enumerate(feeds):
-        if len(feed) != len(inputs) or any(s.name not in feed for s in inputs):
+        if feed.keys() != names:
             raise BadBatch(
                 f"request {i} has inputs {sorted(feed)}; the model takes "
                 f"{sorted(s.name for s in inputs)}"
