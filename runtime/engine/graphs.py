@@ -107,7 +107,8 @@ class GraphSet:
          inputs in place (`update_inplace`: same address), replay with `run_with_iobinding`;
       5. copy the outputs to host, trim the padding and split them per request.
     What it does not do: batch formation, deadlines, output placement in the arena (the
-    batcher and the worker do), async copies on a user stream (docs/gpu.md §6, later).
+    batcher and the worker do). With a copy stream (`streamed`, what `load` makes on a GPU)
+    steps 3-5 are queued on the session's own stream instead: `_replay_streamed`.
 
     Threads: capture and every replay happen on one thread (onnxruntime keeps graphs in the
     capturing thread's context); `run` from another thread raises WrongThread. Every GPU run
