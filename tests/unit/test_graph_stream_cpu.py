@@ -6,15 +6,12 @@ stream itself runs in tests/gpu."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 import pytest
+from graph_models import cpu_session, gm, rows
 
 from runtime.engine.buckets import BucketTable
 from runtime.engine.copy_stream import HostStream
@@ -24,24 +21,6 @@ from runtime.engine.session import signature_of
 pytest.importorskip("onnx")
 
 Array = npt.NDArray[Any]
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _gpu_models() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_models", ROOT / "bench" / "gpu_models.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gm = _gpu_models()
-
-
-def cpu_session(model: Any) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def streamed(model: Any, sizes: tuple[int, ...] = (1, 2, 4, 8)) -> tuple[GraphSet, HostStream]:
@@ -51,10 +30,6 @@ def streamed(model: Any, sizes: tuple[int, ...] = (1, 2, 4, 8)) -> tuple[GraphSe
     gs.capture()
     stream.calls.clear()
     return gs, stream
-
-
-def rows(n: int, width: int = 256, seed: int = 0) -> Array:
-    return np.random.RandomState(seed).standard_normal((n, width)).astype(np.float32)
 
 
 @pytest.mark.parametrize("split", [[1], [3], [1, 1, 1], [2, 3], [1, 2, 4, 1], [5, 3]])

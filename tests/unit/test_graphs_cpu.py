@@ -5,7 +5,6 @@ ignores it. Only the capture itself and device memory need tests/gpu."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,13 +12,13 @@ import sys
 import threading
 import weakref
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 import pytest
+from graph_models import cpu_session, gm, rows
 
 from runtime.engine.buckets import BucketTable
 from runtime.engine.capturability import (
@@ -41,32 +40,11 @@ Array = npt.NDArray[Any]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _gpu_models() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_models", ROOT / "bench" / "gpu_models.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gm = _gpu_models()
-
-
-def cpu_session(model: Any) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
 def graph_set(model: Any, sizes: tuple[int, ...] = (1, 2, 4, 8), **kw: Any) -> GraphSet:
     sess = cpu_session(model)
     gs = GraphSet(sess, BucketTable(sizes), signature_of(sess), device_type="cpu", **kw)
     gs.capture()
     return gs
-
-
-def rows(n: int, width: int = 256, seed: int = 0) -> Array:
-    return np.random.RandomState(seed).standard_normal((n, width)).astype(np.float32)
 
 
 def two_in_two_out() -> Any:
