@@ -530,27 +530,30 @@ class GraphSet:
         are views of that memory: valid until the next run of this GraphSet."""
         t0 = time.perf_counter_ns()
         rows = sum(sizes)
-        plans: list[tuple[TensorSpec, list[Array], Array | None]] = []
-        direct = False  # rows in client CUDA regions: copied by the copier
+        # Per input, how its rows reach the bound buffer: "device" (client CUDA regions, by
+        # the copier on the legacy stream), "gather" (into pinned staging, one copy) or "each"
+        # (one copy per request, from where it is).
+        plans: list[tuple[TensorSpec, list[Array], str]] = []
         for spec, staging in zip(self._inputs, self._views[buf.bucket], strict=True):
             arrays = [f[spec.name] for f in feeds]
             if has_device_rows(arrays):
-                plans.append((spec, arrays, None))
-                direct = True
+                plans.append((spec, arrays, "device"))
             elif _copy_each(arrays, rows * spec.row_nbytes):
-                plans.append((spec, arrays, None))
+                plans.append((spec, arrays, "each"))
             else:
-                plans.append((spec, arrays, pad_batch(arrays, buf.bucket, out=staging)))
+                pad_batch(arrays, buf.bucket, out=staging)
+                plans.append((spec, arrays, "gather"))
+        direct = any(how == "device" for _, _, how in plans)
         t1 = time.perf_counter_ns()
         device = self._device_ptrs[buf.bucket]
         with self._lock:
             self.registry.check(buf.bucket, self._signature(buf))
-            for spec, arrays, gathered in plans:
+            for spec, arrays, how in plans:
                 dst = device[spec.name]
-                if gathered is not None:
+                if how == "gather":
                     host = self._host_ptrs[spec.name]
                     stream.to_device(dst, host, buf.bucket * spec.row_nbytes)
-                elif direct and has_device_rows(arrays):
+                elif how == "device":
                     if self._copier is None:
                         raise BadBatch("rows in device memory, but this GraphSet has no copier")
                     copy_rows_into(

@@ -126,3 +126,34 @@ def test_close_drops_the_output_staging_and_the_stream() -> None:
     gs.close()
     with pytest.raises(RuntimeError, match="closed"):
         gs.run([{"INPUT0": rows(1)}])
+
+
+def test_rows_in_device_memory_are_copied_by_the_copier_beside_streamed_host_rows() -> None:
+    """A request held in a client CUDA region (DeviceRows; host memory with the CPU copier
+    here) goes in through the copier, then synchronised; the other input path is unchanged."""
+    from runtime.engine.device_rows import DeviceRows
+    from runtime.engine.regions import host_copier
+
+    model = gm.mlp()
+    sess = cpu_session(model)
+    stream = HostStream()
+    gs = GraphSet(
+        sess,
+        BucketTable((4,)),
+        signature_of(sess),
+        device_type="cpu",
+        stream=stream,
+        copier=host_copier,
+    )
+    gs.capture()
+    stream.calls.clear()
+    a, b = rows(2, seed=1), rows(1, seed=2)
+    feeds = [{"INPUT0": DeviceRows(a.ctypes.data, a.shape, a.dtype)}, {"INPUT0": b}]
+    result = gs.run(feeds)
+    assert stream.calls == ["to_host", "synchronize"]  # the inputs went through the copier
+    bound = gs.bucket(4).inputs["INPUT0"].numpy()
+    np.testing.assert_array_equal(bound[:3], np.concatenate([a, b]))
+    assert not bound[3:].any()
+    ref = cpu_session(model)
+    for x, (out,) in zip((a, b), result.outputs, strict=True):
+        np.testing.assert_allclose(out, ref.run(None, {"INPUT0": x})[0], rtol=1e-5, atol=1e-6)
