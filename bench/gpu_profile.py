@@ -34,9 +34,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import gpu_models  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 from e2e_grpc import E2EServer  # noqa: E402
-from gpu_bench import MODELS, TABLE  # noqa: E402
+from gpu_bench import MODELS, TABLE, StaticBinding  # noqa: E402
 
 from runtime.engine.graphs import GraphSet  # noqa: E402
 from runtime.engine.session import (  # noqa: E402
@@ -67,30 +66,19 @@ class Steps:
 def split_static(
     sess: Any, row: tuple[int, ...], out_row: tuple[int, ...], b: int, dev: str, gid: int | None
 ) -> Callable[[list[np.ndarray], Steps], None]:
-    x = ort.OrtValue.ortvalue_from_shape_and_type([b, *row], np.float32, dev, 0)
-    y = ort.OrtValue.ortvalue_from_shape_and_type([b, *out_row], np.float32, dev, 0)
-    io = sess.io_binding()
-    io.bind_ortvalue_input("INPUT0", x)
-    io.bind_ortvalue_output("OUTPUT0", y)
-    ro = ort.RunOptions()
-    ro.add_run_config_entry("gpu_graph_id", "-1" if gid is None else str(gid))
-    host = np.zeros((b, *row), np.float32)
-    if gid is not None:
-        warm = ort.RunOptions()
-        warm.add_run_config_entry("gpu_graph_id", "-1")
-        for _ in range(2):
-            sess.run_with_iobinding(io, warm)
-        sess.run_with_iobinding(io, ro)
+    """gpu_bench's StaticBinding (same buffers, binding and capture), its four steps timed
+    one by one."""
+    sb = StaticBinding(sess, row, out_row, b, dev, gid)
 
     def run(rows: list[np.ndarray], st: Steps) -> None:
         t0 = time.perf_counter_ns()
-        np.concatenate(rows, out=host)
+        np.concatenate(rows, out=sb.host)
         t1 = time.perf_counter_ns()
-        x.update_inplace(host)
+        sb.x.update_inplace(sb.host)
         t2 = time.perf_counter_ns()
-        sess.run_with_iobinding(io, ro)
+        sb.sess.run_with_iobinding(sb.io, sb.ro)
         t3 = time.perf_counter_ns()
-        y.numpy()
+        sb.y.numpy()
         t4 = time.perf_counter_ns()
         st.add("concat", t1 - t0)
         st.add("h2d", t2 - t1)
