@@ -84,7 +84,7 @@ MODELS: dict[str, tuple[Callable[[], Any], tuple[int, ...], str]] = {
         "FP32 [b, 128, 384] -> 6 x (MHA 6 heads + LayerNorm, FFN 1536 GELU + LayerNorm)",
     ),
 }
-TABLE = BucketTable.default(8)  # (1, 2, 4, 8): what the worker uses for max_batch_size 8
+TABLE = BucketTable.default(8)  # 1..8: what the worker uses for max_batch_size 8
 E2E_LIMIT_US = 500.0  # the "within 0.5 ms of in-process"
 # perf_analyzer measures three fixed windows (stability check off, as in
 # bench/observability_overhead.py): a bounded run per row, ~1.5 s at the default 400 ms window,

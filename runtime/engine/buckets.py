@@ -18,12 +18,16 @@ import numpy.typing as npt
 
 __all__ = ["BucketTable", "default_buckets", "pad_batch", "split_outputs"]
 
-# Dense-then-sparse, as vLLM's default capture sizes ([1, 2, 4] + range(8, 256, 8) +
-# range(256, max + 1, 16), vllm/config/vllm.py) and TensorRT-LLM's padded CudaGraphConfig:
-# padding a small batch to the next power of two wastes at most half a tiny batch, while above
-# 8 rows a step of 8 bounds the waste to 7 rows, and above 256 a step of 16 keeps the number of
-# graphs (each costs capture time and arena peak) from growing with max_batch_size.
-_DENSE: Final = (1, 2, 4)
+# Dense-then-sparse. Every size up to 8, as TensorRT-LLM's unpadded CudaGraphConfig table
+# (range(1, 32)) and SGLang's speculative-decoding table (1..8) start; then vLLM's default
+# capture sizes (range(8, 256, 8) + range(256, max + 1, 16), vllm/config/vllm.py). Small
+# batches are where a server spends its quiet hours, and there padding costs the most: vLLM's
+# [1, 2, 4, 8] runs 5 rows as 8, which for a transformer-sized model is 60% more compute than
+# the 5 rows, while the four extra graphs cost four more captures at load and their own static
+# buffers of at most 7 rows (docs/gpu.md §1 weighs this). Above 8 rows
+# a step of 8 bounds the waste to 7 rows, and above 256 a step of 16 keeps the number of graphs
+# (each costs capture time and arena peak) from growing with max_batch_size.
+_DENSE_UP_TO: Final = 8
 _STEP8_BELOW: Final = 256
 
 Array = npt.NDArray[Any]
@@ -32,14 +36,18 @@ Array = npt.NDArray[Any]
 def default_buckets(max_batch_size: int) -> tuple[int, ...]:
     """The default bucket sizes for a model whose config says `max_batch_size`.
 
-    1, 2, 4, then multiples of 8 below 256, then multiples of 16, never above
+    Every size up to 8, then multiples of 8 below 256, then multiples of 16, never above
     `max_batch_size`, and `max_batch_size` itself always last, so that every batch the batcher
     can form (it never exceeds max_batch_size) has a bucket. A model without a batch
     dimension (Triton's max_batch_size 0) has no bucket table: the caller handles it.
     """
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1 to have buckets, got {max_batch_size}")
-    sizes = [*_DENSE, *range(8, _STEP8_BELOW, 8), *range(_STEP8_BELOW, max_batch_size + 1, 16)]
+    sizes = [
+        *range(1, _DENSE_UP_TO + 1),
+        *range(2 * _DENSE_UP_TO, _STEP8_BELOW, 8),
+        *range(_STEP8_BELOW, max_batch_size + 1, 16),
+    ]
     return (*(s for s in sizes if s < max_batch_size), max_batch_size)
 
 

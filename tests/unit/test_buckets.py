@@ -30,11 +30,11 @@ def vllm_default(max_size: int) -> list[int]:
         (1, (1,)),
         (2, (1, 2)),
         (3, (1, 2, 3)),
-        (4, (1, 2, 4)),
-        (8, (1, 2, 4, 8)),
-        (10, (1, 2, 4, 8, 10)),
-        (32, (1, 2, 4, 8, 16, 24, 32)),
-        (33, (1, 2, 4, 8, 16, 24, 32, 33)),
+        (4, (1, 2, 3, 4)),
+        (8, (1, 2, 3, 4, 5, 6, 7, 8)),
+        (10, (1, 2, 3, 4, 5, 6, 7, 8, 10)),
+        (32, (1, 2, 3, 4, 5, 6, 7, 8, 16, 24, 32)),
+        (33, (1, 2, 3, 4, 5, 6, 7, 8, 16, 24, 32, 33)),
     ],
 )
 def test_default_buckets_small(max_batch_size: int, want: tuple[int, ...]) -> None:
@@ -42,9 +42,10 @@ def test_default_buckets_small(max_batch_size: int, want: tuple[int, ...]) -> No
 
 
 @pytest.mark.parametrize("max_batch_size", [8, 64, 248, 256, 272, 512])
-def test_default_buckets_follow_vllm_where_max_is_one_of_its_sizes(max_batch_size: int) -> None:
-    want = [s for s in vllm_default(max_batch_size) if s <= max_batch_size]
-    assert list(default_buckets(max_batch_size)) == want
+def test_default_buckets_are_every_size_to_8_then_vllms(max_batch_size: int) -> None:
+    """Where max_batch_size is one of vLLM's sizes, the table is 1..8 then vLLM's own."""
+    want = sorted({*range(1, 9), *vllm_default(max_batch_size)})
+    assert list(default_buckets(max_batch_size)) == [s for s in want if s <= max_batch_size]
 
 
 def test_default_buckets_above_256_step_16_and_end_at_max() -> None:
@@ -57,9 +58,11 @@ def test_default_buckets_shape(max_batch_size: int) -> None:
     BucketTable(sizes)  # positive, strictly ascending
     assert sizes[0] == 1
     assert sizes[-1] == max_batch_size
+    # no padding up to 8 rows: a small batch runs exactly its rows
+    assert sizes[: min(8, max_batch_size)] == tuple(range(1, min(8, max_batch_size) + 1))
     for a, b in itertools.pairwise(sizes):
-        # dense below 8, then gaps of at most 8 below 256 and at most 16 above
-        assert b - a <= (4 if b <= 8 else 8 if b <= 256 else 16)
+        # dense to 8, then gaps of at most 8 below 256 and at most 16 above
+        assert b - a <= (1 if b <= 8 else 8 if b <= 256 else 16)
 
 
 @pytest.mark.parametrize("bad", [0, -1])
