@@ -11,7 +11,9 @@ runtime.ipc.pinning (imported inside a function), so this module imports anywher
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -180,6 +182,23 @@ class GraphSet:
         self._host_ptrs: dict[str, int] = {}
         self._out_ptrs: dict[str, int] = {}
         self._device_ptrs: dict[int, dict[str, int]] = {}
+        self._device_outs: dict[int, dict[str, int]] = {}  # per bucket: outputs only
+        # Per bucket: the OrtValues it was captured with (in `_layout` order), and the
+        # signature the registry holds for them. An OrtValue's shape and address are fixed for
+        # its life, so while the bucket holds those very objects its signature is the captured
+        # one, known without reading six properties back through onnxruntime on every replay;
+        # a replaced entry (the rebind the registry exists to refuse) is read back and checked.
+        self._bound_values: dict[int, list[ort.OrtValue]] = {}
+        self._bound_sig: dict[int, list[tuple[str, tuple[int, ...], str, int]]] = {}
+        # Per bucket: the replay itself, onnxruntime's native run_with_iobinding bound to the
+        # bucket's binding and options (see _native_replay).
+        self._replay_call: dict[int, Callable[[], None]] = {}
+        # rows -> bucket for every batch size up to the largest bucket (index 0 unused)
+        self._bucket_of: tuple[int | None, ...] = (
+            (None, *(table.bucket_for(n) for n in range(1, (table.largest or 0) + 1)))
+            if len(table)
+            else ()
+        )
         self._owner: int | None = None  # thread that captured
         self._eager_options = ort.RunOptions()
         self._eager_options.add_run_config_entry("gpu_graph_id", _NO_GRAPH)
@@ -307,6 +326,8 @@ class GraphSet:
     def _bucket_for(self, rows: int) -> int | None:
         """The bucket a batch of `rows` rows maps to; None above the largest or with no
         buckets at all (the eager path)."""
+        if 0 < rows < len(self._bucket_of):
+            return self._bucket_of[rows]
         return self.table.bucket_for(rows) if len(self.table) else None
 
     def bucket(self, size: int) -> BucketBuffers:
@@ -389,8 +410,13 @@ class GraphSet:
         self.session.run_with_iobinding(binding, run_options)  # captures, then replays once
         self.session.run_with_iobinding(binding, run_options)  # a plain replay, before traffic
         buffers = BucketBuffers(size, graph_id, inputs, outputs, binding, run_options)
-        self.registry.register(size, self._signature(buffers))
+        sig = self._signature(buffers)
+        self.registry.register(size, sig)
+        self._bound_values[size] = self._values(buffers)
+        self._bound_sig[size] = sig
+        self._replay_call[size] = _native_replay(self.session, binding, run_options)
         self._device_ptrs[size] = {n: v.data_ptr() for n, v in (*inputs.items(), *outputs.items())}
+        self._device_outs[size] = {n: v.data_ptr() for n, v in outputs.items()}
         self._buckets[size] = buffers
 
     # --- run -------------------------------------------------------------------------------
@@ -480,7 +506,7 @@ class GraphSet:
                 sync = sync or not self._staging[spec.name].pinned
         t1 = time.perf_counter_ns()
         with self._lock:
-            self.registry.check(buf.bucket, self._signature(buf))
+            self.registry.check(buf.bucket, self._signature_now(buf))
             for spec, host in zip(self._inputs, hosts, strict=True):
                 if host is not None:
                     buf.inputs[spec.name].update_inplace(host)
@@ -500,7 +526,7 @@ class GraphSet:
             elif sync and self.device_type != "cpu":
                 buf.binding.synchronize_inputs()
             t2 = time.perf_counter_ns()
-            self.session.run_with_iobinding(buf.binding, buf.run_options)
+            self._replay_call[buf.bucket]()
             t3 = time.perf_counter_ns()
             wanted = self.output_names if host_outputs is None else host_outputs
             results = [self._host_output(buf, o, wanted) for o in self._outputs]
@@ -534,25 +560,30 @@ class GraphSet:
         # the copier on the legacy stream), "gather" (into pinned staging, one copy) or "each"
         # (one copy per request, from where it is).
         plans: list[tuple[TensorSpec, list[Array], str]] = []
+        direct = False
         for spec, staging in zip(self._inputs, self._views[buf.bucket], strict=True):
             arrays = [f[spec.name] for f in feeds]
             if has_device_rows(arrays):
                 plans.append((spec, arrays, "device"))
+                direct = True
             elif _copy_each(arrays, rows * spec.row_nbytes):
                 plans.append((spec, arrays, "each"))
             else:
-                pad_batch(arrays, buf.bucket, out=staging)
+                # check_feeds has checked every dtype and row shape: one C loop, no padding
+                # (zeroed on the device below).
+                np.concatenate(arrays, axis=0, out=staging[:rows])
                 plans.append((spec, arrays, "gather"))
-        direct = any(how == "device" for _, _, how in plans)
         t1 = time.perf_counter_ns()
         device = self._device_ptrs[buf.bucket]
         with self._lock:
-            self.registry.check(buf.bucket, self._signature(buf))
+            self.registry.check(buf.bucket, self._signature_now(buf))
             for spec, arrays, how in plans:
                 dst = device[spec.name]
                 if how == "gather":
-                    host = self._host_ptrs[spec.name]
-                    stream.to_device(dst, host, buf.bucket * spec.row_nbytes)
+                    nbytes = rows * spec.row_nbytes
+                    stream.to_device(dst, self._host_ptrs[spec.name], nbytes)
+                    if rows < buf.bucket:  # zeros, not stale rows (see pad_batch)
+                        stream.zero(dst + nbytes, (buf.bucket - rows) * spec.row_nbytes)
                 elif how == "device":
                     if self._copier is None:
                         raise BadBatch("rows in device memory, but this GraphSet has no copier")
@@ -569,7 +600,7 @@ class GraphSet:
             if direct and self._copier is not None:
                 self._copier.synchronize(self.device_id)  # the legacy stream's copies
             t2 = time.perf_counter_ns()
-            self.session.run_with_iobinding(buf.binding, buf.run_options)
+            self._replay_call[buf.bucket]()
             t3 = time.perf_counter_ns()
             wanted = self.output_names if host_outputs is None else host_outputs
             views = self._out_views[buf.bucket]
@@ -590,7 +621,7 @@ class GraphSet:
             buf.bucket,
             True,
             BatchTimings(t1 - t0, t2 - t1, t3 - t2, t4 - t3),
-            {name: device[name] for name in self.output_names},
+            self._device_outs[buf.bucket],
         )
 
     def _host_output(self, buf: BucketBuffers, spec: TensorSpec, wanted: Collection[str]) -> Array:
@@ -639,6 +670,12 @@ class GraphSet:
             self._host_ptrs.clear()
             self._out_ptrs.clear()
             self._device_ptrs.clear()
+            self._device_outs.clear()
+            # These hold the bound OrtValues, and the native session and binding: cleared here,
+            # or the session would outlive close() and free its graphs outside the lock.
+            self._bound_values.clear()
+            self._bound_sig.clear()
+            self._replay_call.clear()
             for staging in (*self._staging.values(), *self._out_staging.values()):
                 staging.close()
             self._staging.clear()
@@ -651,6 +688,20 @@ class GraphSet:
     def _staging_view(self, spec: TensorSpec, rows: int) -> Array:
         """The first `rows` rows of input `spec`'s staging buffer, as [rows, *row_shape]."""
         return _rows_of(self._staging[spec.name].array, spec, rows)
+
+    def _values(self, buf: BucketBuffers) -> list[ort.OrtValue]:
+        """The OrtValues the bucket holds now, in `_layout` order."""
+        ins, outs = buf.inputs, buf.outputs
+        return [ins[name] if is_input else outs[name] for name, _, is_input in self._layout]
+
+    def _signature_now(self, buf: BucketBuffers) -> list[tuple[str, tuple[int, ...], str, int]]:
+        """`_signature(buf)`: the captured one while the bucket holds the captured OrtValues
+        (compared by identity), else read back."""
+        captured = self._bound_values[buf.bucket]
+        now = self._values(buf)
+        if len(now) == len(captured) and all(map(operator.is_, now, captured)):
+            return self._bound_sig[buf.bucket]
+        return self._signature(buf)
 
     def _signature(self, buf: BucketBuffers) -> list[tuple[str, tuple[int, ...], str, int]]:
         """Read back what the bucket's OrtValues are now (shape, address), for the registry."""
@@ -670,9 +721,30 @@ def _copy_each(arrays: Sequence[Array], nbytes: int) -> bool:
     """Whether to copy each request's rows to the device from where they are (no gather):
     one request, or requests large enough that a copy call each costs less than a gather;
     contiguous rows only (a copy takes one address)."""
-    if not all(a.flags.c_contiguous for a in arrays):
+    if len(arrays) == 1:
+        return bool(arrays[0].flags.c_contiguous)
+    if nbytes < _DIRECT_MIN_BYTES * len(arrays):
         return False
-    return len(arrays) == 1 or nbytes >= _DIRECT_MIN_BYTES * len(arrays)
+    return all(a.flags.c_contiguous for a in arrays)
+
+
+def _native_replay(
+    session: ort.InferenceSession, binding: Any, run_options: ort.RunOptions
+) -> Callable[[], None]:
+    """`session.run_with_iobinding(binding, run_options)` as one native call. The Python
+    wrapper adds WebGPU capture bookkeeping (a session check, the run options parsed, a call
+    asking whether WebGPU capture is on) that the CUDA and CPU EPs never use: about a
+    microsecond per replay, a tenth of a small model's. A session or binding without the
+    native objects (a test double, another onnxruntime) gets the wrapper."""
+    from onnxruntime.capi import _pybind_state as native
+
+    native_sess = getattr(session, "_sess", None)
+    native_io = getattr(binding, "_iobinding", None)
+    if isinstance(native_sess, native.InferenceSession) and isinstance(
+        native_io, native.SessionIOBinding
+    ):
+        return functools.partial(native_sess.run_with_iobinding, native_io, run_options)
+    return functools.partial(session.run_with_iobinding, binding, run_options)
 
 
 def _graph_session(

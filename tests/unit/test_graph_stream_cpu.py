@@ -46,9 +46,22 @@ def test_streamed_replay_matches_a_plain_run(split: list[int]) -> None:
 
 
 def test_small_requests_are_gathered_then_copied_once_and_synchronised_once() -> None:
-    gs, stream = streamed(gm.mlp(), (4,))
-    gs.run([{"INPUT0": rows(1, seed=1)}, {"INPUT0": rows(2, seed=2)}])  # 1 KiB rows: gathered
+    """1 KiB rows are gathered into the staging and copied in one call; the padding is zeroed
+    on the device, not in the staging (whose rows past the batch are stale)."""
+    model = gm.mlp()
+    gs, stream = streamed(model, (4,))
+    gs.run([{"INPUT0": rows(2, seed=1)}, {"INPUT0": rows(2, seed=2)}])  # fills the bucket
     assert stream.calls == ["to_device", "to_host", "synchronize"]
+    stream.calls.clear()
+    parts = [rows(1, seed=3), rows(2, seed=4)]
+    result = gs.run([{"INPUT0": p} for p in parts])
+    assert stream.calls == ["to_device", "zero", "to_host", "synchronize"]
+    bound = gs.bucket(4).inputs["INPUT0"].numpy()
+    np.testing.assert_array_equal(bound[:3], np.concatenate(parts))
+    assert not bound[3:].any()  # the fuller batch's fourth row is gone
+    ref = cpu_session(model)
+    for p, (out,) in zip(parts, result.outputs, strict=True):
+        np.testing.assert_allclose(out, ref.run(None, {"INPUT0": p})[0], rtol=1e-5, atol=1e-6)
 
 
 def test_one_request_is_copied_from_where_it_is_and_the_padding_zeroed_on_the_device() -> None:

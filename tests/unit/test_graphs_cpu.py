@@ -296,6 +296,49 @@ def test_a_rebound_buffer_is_refused_before_the_replay() -> None:
     assert gs.registry.replays(1) == 1
 
 
+def test_a_rebound_output_is_refused_too() -> None:
+    """The replay knows the captured OrtValues by identity; any replaced one, input or output,
+    is read back and checked."""
+    gs = graph_set(gm.mlp(), (2,))
+    gs.bucket(2).outputs["OUTPUT0"] = ort.OrtValue.ortvalue_from_shape_and_type(
+        [2, 10], np.float32
+    )
+    with pytest.raises(GraphMismatch, match="'OUTPUT0' address"):
+        gs.run([{"INPUT0": rows(2)}])
+
+
+class CountingSession:
+    """A CPU session seen through a wrapper of our own, counting its IOBinding runs."""
+
+    def __init__(self, sess: ort.InferenceSession) -> None:
+        self._inner = sess
+        self.runs = 0
+
+    def io_binding(self) -> Any:
+        return self._inner.io_binding()
+
+    def run_with_iobinding(self, binding: Any, run_options: ort.RunOptions) -> None:
+        self.runs += 1
+        self._inner.run_with_iobinding(binding, run_options)
+
+    def run(self, *args: Any) -> Any:
+        return self._inner.run(*args)
+
+
+def test_a_replay_goes_through_the_session_object_unless_it_is_onnxruntimes_own() -> None:
+    """A real InferenceSession replays through its native method (its wrapper's WebGPU
+    bookkeeping skipped); any other session object keeps its own run_with_iobinding."""
+    sess = cpu_session(gm.mlp())
+    fake: Any = CountingSession(sess)
+    gs = GraphSet(fake, BucketTable((2,)), signature_of(sess), device_type="cpu")
+    gs.capture()
+    captured = fake.runs
+    x = rows(2, seed=3)
+    (out,) = gs.run([{"INPUT0": x}]).outputs[0]
+    assert fake.runs == captured + 1
+    np.testing.assert_allclose(out, sess.run(None, {"INPUT0": x})[0], rtol=1e-5, atol=1e-6)
+
+
 def test_above_the_largest_bucket_runs_eagerly_and_is_counted() -> None:
     model = gm.mlp()
     gs = graph_set(model, (1, 2))
@@ -430,12 +473,14 @@ def test_close_frees_the_session_inside_the_device_lock() -> None:
         sess, BucketTable((1, 2)), signature_of(sess), device_type="cpu", device_lock=lock
     )
     gs.capture()
+    # The wrapper and onnxruntime's native session, which the replays call directly.
     weakref.finalize(sess, lambda: freed_in_lock.append(lock.held))
+    weakref.finalize(sess._sess, lambda: freed_in_lock.append(lock.held))
     del sess
     gs.run([{"INPUT0": rows(2)}])
     assert freed_in_lock == []
     gs.close()
-    assert freed_in_lock == [True]
+    assert freed_in_lock == [True, True]
     with pytest.raises(RuntimeError, match="closed"):
         _ = gs.session
 
