@@ -265,6 +265,8 @@ class Batcher(Generic[T]):
 
     def _take(self) -> Formed[T]:
         """Decide under the lock and remove what was decided from the queue."""
+        if not self._queue:  # what run() finds after every batch, before it waits
+            return Formed([], [], None)
         formed = form_batch(
             self._queue,
             self._clock(),
