@@ -14,16 +14,25 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
+
+import numpy as np
 
 from runtime.engine.batcher import Batcher, Pending
 from runtime.engine.bound import hold_outputs, place_outputs, region_input, run_bound
 from runtime.engine.device_rows import DeviceRows
 from runtime.engine.golden import check_golden, load_golden
 from runtime.engine.graph_batch import BadBatch, BatchResult
-from runtime.engine.graphs import GraphSet
-from runtime.engine.model import ARENA, BadInput, _input_array, _run_error, call_error
+from runtime.engine.graphs import DIRECT_MIN_BYTES, GraphSet
+from runtime.engine.model import (
+    ARENA,
+    BadInput,
+    _input_array,
+    _run_error,
+    _write_outputs,
+    call_error,
+)
 from runtime.engine.regions import Held, RegionError, RegionTable, hold
 from runtime.ipc.protocol import (
     Code,
@@ -34,6 +43,7 @@ from runtime.ipc.protocol import (
     OutputData,
     Timings,
 )
+from runtime.ipc.shm import align_up
 
 __all__ = ["GraphModel", "Queued"]
 
@@ -181,12 +191,14 @@ class GraphModel:
     ) -> None:
         graphs = self.graphs
         assert graphs is not None
+        places = self._arena_places(live) if graphs.streamed and not holds else None
         try:
             # Arena inputs are page-locked when the worker pinned the arena.
             result = graphs.run(
                 feeds,
                 inputs_pinned=graphs.device_type == "cuda",
                 host_outputs=_host_outputs(live, graphs.output_names) if holds else None,
+                places=places,
             )
         except BadBatch:
             # Requests whose shapes cannot share a batch: run them one by one.
@@ -204,7 +216,8 @@ class GraphModel:
             answer, call, _buf, recv, _regions = p.payload
             w0 = time.monotonic_ns()
             try:
-                outputs = self._outputs(p, outs, result, row0, holds.get(id(p)))
+                placed = _placed(outs, self._output_names, places[k]) if places else ()
+                outputs = self._outputs(p, outs, result, row0, holds.get(id(p)), placed)
             except RegionError as exc:
                 answer(InferDone(call.call_id, Code.BAD_INPUT, str(exc)))
                 continue
@@ -230,16 +243,16 @@ class GraphModel:
         result: BatchResult,
         row0: int,
         held: Held | None,
+        placed: Collection[str] = (),
     ) -> tuple[OutputData, ...]:
-        """Write request `p`'s outputs: into the arena, or, for those the client placed in a
-        CUDA region, device to device from the bucket's output buffer at its rows."""
+        """Write request `p`'s outputs: into the arena (`placed`: those already copied there
+        from the device), or, for those the client placed in a CUDA region, device to device
+        from the bucket's output buffer at its rows."""
         graphs = self.graphs
         assert graphs is not None and self.signature is not None
         _answer, call, buf, _recv, _regions = p.payload
-        if not call.bound:  # no CUDA region: every output goes to the arena (most calls)
-            wanted = [o.name for o in call.outputs]
-            if not wanted or wanted == self._output_names:
-                return ARENA.write(self._output_names, outs, self.signature, buf, call)
+        if _all_to_arena(call, self._output_names):  # most calls
+            return _write_outputs(self._output_names, outs, self.signature, buf, call, placed)
         names = list(graphs.output_names)
         index = {n: i for i, n in enumerate(names)}
 
@@ -264,6 +277,35 @@ class GraphModel:
                 host=lambda n: outs[index[n]],
                 on_device=on_device,
             )
+
+    def _arena_places(self, live: list[Pending[Queued]]) -> list[dict[str, Any]] | None:
+        """Per call, its large outputs' places in its arena lease, where `_write_outputs` will
+        lay them out: the replay copies them there from the device (pinned arena: DMA), and
+        the host copy from staging is skipped. Outputs under DIRECT_MIN_BYTES a call go through
+        staging (a copy call each costs more than they do). None when nothing qualifies or
+        some call cannot take places (CUDA regions, a subset of the outputs, no room)."""
+        graphs = self.graphs
+        assert graphs is not None
+        specs = graphs.output_specs
+        places: list[dict[str, Any]] = []
+        any_place = False
+        for p in live:
+            _answer, call, buf, _recv, _regions = p.payload
+            if not _all_to_arena(call, self._output_names):
+                return None
+            pos, end = call.out_offset, call.out_offset + call.out_capacity
+            mine: dict[str, Any] = {}
+            for spec in specs:
+                nbytes = p.batch_size * spec.row_nbytes
+                if pos + nbytes > end:
+                    return None  # inline in the answer: _write_outputs decides
+                if nbytes >= DIRECT_MIN_BYTES:
+                    rows = np.frombuffer(buf, spec.dtype, nbytes // spec.dtype.itemsize, pos)
+                    mine[spec.name] = rows.reshape(p.batch_size, *spec.row_shape)
+                    any_place = True
+                pos += align_up(nbytes)
+            places.append(mine)
+        return places if any_place else None
 
     def _run_one(self, p: Pending[Queued], feed: dict[str, Any], held: Held | None) -> None:
         graphs = self.graphs
@@ -317,6 +359,19 @@ class GraphModel:
             links=(call.span,) if call.span else (),
         )
         answer(InferDone(call.call_id, Code.OK, outputs=run.outputs, timings=timings))
+
+
+def _all_to_arena(call: Infer, names: list[str]) -> bool:
+    """Whether every output of the model goes to the arena, in the model's order: no CUDA
+    region in the call, and no list of outputs or the model's own."""
+    if call.bound:
+        return False
+    return not call.outputs or [o.name for o in call.outputs] == names
+
+
+def _placed(outs: list[Any], names: list[str], places: dict[str, Any]) -> list[str]:
+    """The outputs the replay copied into their places (it returns the place itself)."""
+    return [n for n, o in zip(names, outs, strict=True) if places.get(n) is o]
 
 
 def _host_outputs(batch: list[Pending[Queued]], names: tuple[str, ...]) -> set[str]:

@@ -58,7 +58,7 @@ from runtime.ipc.protocol import ModelSignature
 
 T = TypeVar("T")
 
-__all__ = ["CaptureFailed", "GraphSet", "GraphSetStats", "WrongThread"]
+__all__ = ["DIRECT_MIN_BYTES", "CaptureFailed", "GraphSet", "GraphSetStats", "WrongThread"]
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,9 @@ _NO_GRAPH: Final = "-1"  # gpu_graph_id for a run that neither captures nor repl
 _WARMUP_RUNS: Final = 2  # the CUDA EP wants 2 regular runs before a capture (ref. §2.2)
 # With a copy stream, requests of at least this many bytes (per input) are copied to the device
 # each straight from where they are (the pinned arena), not gathered on the host first: below
-# it, one gather and one copy cost less than a copy call per request.
-_DIRECT_MIN_BYTES: Final = 64 * 1024
+# it, one gather and one copy cost less than a copy call per request. The same rule, the other
+# way, for outputs copied back straight into their places (`run(places=...)`, GraphModel).
+DIRECT_MIN_BYTES: Final = 64 * 1024
 
 
 class CaptureFailed(RuntimeError):
@@ -314,6 +315,11 @@ class GraphSet:
         return self._stream is not None
 
     @property
+    def output_specs(self) -> tuple[TensorSpec, ...]:
+        """The outputs' specs (name, dtype, row shape, row bytes), in `output_names` order."""
+        return self._outputs
+
+    @property
     def copier(self) -> Copier | None:
         """What copies rows held in client CUDA regions (None: no regions on this worker)."""
         return self._copier
@@ -434,6 +440,7 @@ class GraphSet:
         *,
         inputs_pinned: bool = False,
         host_outputs: Collection[str] | None = None,
+        places: Sequence[Mapping[str, Array]] | None = None,
     ) -> BatchResult:
         """Run one batch: `feeds[i]` maps every input name to request i's array (its rows on
         axis 0). Returns each request's outputs, padding trimmed. `inputs_pinned`: the arrays
@@ -443,7 +450,12 @@ class GraphSet:
         `device_outputs` (CUDA shared-memory calls) and come back as data-less placeholders
         of the right shape, so a batch whose outputs all go to client regions makes no
         device-to-host copy. With a copy stream (`streamed`) the outputs are views of pinned
-        output staging, valid until the next run of this GraphSet: place them before that."""
+        output staging, valid until the next run of this GraphSet: place them before that.
+        `places[i][name]` (streamed replays only; ignored otherwise): a C-contiguous array of
+        request i's rows of output `name` (its shape and dtype) where the caller wants them,
+        such as its answer's place in the pinned arena. When every request of the batch has
+        one for an output, each request's rows are copied from the device straight there and
+        that array is its output: no staging, no host copy after."""
         if self._closed:
             raise RuntimeError("GraphSet is closed")
         sizes = check_feeds(feeds, self._inputs)
@@ -458,7 +470,7 @@ class GraphSet:
                 )
             if self._stream is not None:
                 return self._replay_streamed(
-                    self._stream, self._buckets[bucket], feeds, sizes, host_outputs
+                    self._stream, self._buckets[bucket], feeds, sizes, host_outputs, places
                 )
             return self._replay(self._buckets[bucket], feeds, sizes, inputs_pinned, host_outputs)
         self.registry.record_eager(bucket)
@@ -548,6 +560,7 @@ class GraphSet:
         feeds: Sequence[Mapping[str, Array]],
         sizes: list[int],
         host_outputs: Collection[str] | None,
+        places: Sequence[Mapping[str, Array]] | None = None,
     ) -> BatchResult:
         """`_replay` with the copies on the session's stream: each input's rows are copied
         to the bound buffer (gathered into pinned staging first when they are small), the
@@ -605,18 +618,31 @@ class GraphSet:
             wanted = self.output_names if host_outputs is None else host_outputs
             views = self._out_views[buf.bucket]
             results: list[Array] = []
-            for spec in self._outputs:
-                if spec.name in wanted:
+            placed: dict[int, list[Array]] = {}  # output index -> each request's place
+            for k, spec in enumerate(self._outputs):
+                if spec.name not in wanted:
+                    results.append(self._host_output(buf, spec, ()))
+                    continue
+                results.append(views[spec.name])
+                dests = _places_of(places, spec, sizes)
+                if dests is None:
                     stream.to_host(
                         self._out_ptrs[spec.name], device[spec.name], rows * spec.row_nbytes
                     )
-                    results.append(views[spec.name])
-                else:
-                    results.append(self._host_output(buf, spec, ()))
+                    continue
+                src = device[spec.name]
+                for dest in dests:
+                    stream.to_host(dest.ctypes.data, src, dest.nbytes)
+                    src += dest.nbytes
+                placed[k] = dests
             stream.synchronize()
         t4 = time.perf_counter_ns()
+        outputs = per_request(results, sizes)
+        for k, dests in placed.items():
+            for i, dest in enumerate(dests):
+                outputs[i][k] = dest
         return BatchResult(
-            per_request(results, sizes),
+            outputs,
             rows,
             buf.bucket,
             True,
@@ -717,13 +743,35 @@ def _rows_of(raw: npt.NDArray[np.uint8], spec: TensorSpec, rows: int) -> Array:
     return raw[: rows * spec.row_nbytes].view(spec.dtype).reshape(rows, *spec.row_shape)
 
 
+def _places_of(
+    places: Sequence[Mapping[str, Array]] | None, spec: TensorSpec, sizes: list[int]
+) -> list[Array] | None:
+    """Each request's place for output `spec` when every request has one that fits exactly
+    (C-contiguous, its rows' shape and dtype); else None: the output goes through staging."""
+    if places is None or len(places) != len(sizes):
+        return None
+    dests: list[Array] = []
+    for place, n in zip(places, sizes, strict=True):
+        dest = place.get(spec.name)
+        if (
+            dest is None
+            or dest.dtype != spec.dtype
+            or dest.shape != (n, *spec.row_shape)
+            or not dest.flags.c_contiguous
+            or not dest.flags.writeable
+        ):
+            return None
+        dests.append(dest)
+    return dests
+
+
 def _copy_each(arrays: Sequence[Array], nbytes: int) -> bool:
     """Whether to copy each request's rows to the device from where they are (no gather):
     one request, or requests large enough that a copy call each costs less than a gather;
     contiguous rows only (a copy takes one address)."""
     if len(arrays) == 1:
         return bool(arrays[0].flags.c_contiguous)
-    if nbytes < _DIRECT_MIN_BYTES * len(arrays):
+    if nbytes < DIRECT_MIN_BYTES * len(arrays):
         return False
     return all(a.flags.c_contiguous for a in arrays)
 

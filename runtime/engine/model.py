@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -273,7 +274,12 @@ def _write_outputs(
     sig: ModelSignature,
     buf: memoryview,
     call: Infer,
+    placed: Collection[str] = (),
 ) -> tuple[OutputData, ...]:
+    """Write the outputs into the call's reserved part of the arena, one after the other (each
+    at an aligned offset), or inline in the answer when they do not fit. `placed`: outputs whose
+    array already lies where this layout puts it (copied there from the device: GraphModel's
+    `_arena_places`); their copy is skipped once their address is checked."""
     types = {t.name: t.datatype for t in sig.outputs}
     pos, end = call.out_offset, call.out_offset + call.out_capacity
     out: list[OutputData] = []
@@ -290,7 +296,7 @@ def _write_outputs(
         if pos + nbytes <= end:
             if datatype == "BYTES":
                 buf[pos : pos + nbytes] = data
-            elif nbytes:
+            elif nbytes and not (name in placed and _lies_at(data, buf, pos)):
                 buf[pos : pos + nbytes] = memoryview(data).cast("B")  # contiguous: one memcpy
             out.append(OutputData(name, datatype, shape, pos, nbytes))
             pos += align_up(nbytes)
@@ -299,6 +305,11 @@ def _write_outputs(
             payload = data if isinstance(data, bytes) else data.tobytes()
             out.append(OutputData(name, datatype, shape, 0, nbytes, payload))
     return tuple(out)
+
+
+def _lies_at(data: np.ndarray[Any, Any], buf: memoryview, pos: int) -> bool:
+    """Whether `data` starts at byte `pos` of `buf`."""
+    return bool(data.ctypes.data == np.frombuffer(buf, np.uint8, 1, pos).ctypes.data)
 
 
 class _Arena:

@@ -214,3 +214,34 @@ def test_large_requests_are_copied_each_to_their_row_and_the_padding_zeroed(
     assert not bound[3:].any()
     for p, (out,) in zip(parts, result.outputs, strict=True):
         np.testing.assert_allclose(out, ref.run(None, {"INPUT0": p})[0], rtol=1e-2, atol=1e-2)
+
+
+def test_outputs_come_back_from_the_device_straight_into_pinned_places(
+    model_file: Callable[..., str],
+) -> None:
+    """`run(places=...)` on CUDA: each request's output rows are copied device to host into
+    the page-locked array it names (as GraphModel names its answer's place in the pinned
+    arena), and that array is the output; the batch's padding stays out of them."""
+    from runtime.ipc.pinning import alloc_pinned
+
+    width = 16384
+    path = model_file("mlp", widths=(64, width))
+    gs = load(path, BucketTable((4,)))
+    assert gs.streamed
+    ref = cpu(path)
+    pinned = alloc_pinned(3 * width * 4 + 1024)
+    try:
+        memory = pinned.array
+        memory[...] = 0  # cudaHostAlloc does not zero
+        parts = [data(1, (64,), 4), data(2, (64,), 5)]
+        places = [
+            {"OUTPUT0": memory[: width * 4].view(np.float32).reshape(1, width)},
+            {"OUTPUT0": memory[width * 4 : 3 * width * 4].view(np.float32).reshape(2, width)},
+        ]
+        result = gs.run([{"INPUT0": p} for p in parts], places=places)
+        for p, place, (out,) in zip(parts, places, result.outputs, strict=True):
+            assert out is place["OUTPUT0"]
+            np.testing.assert_allclose(out, ref.run(None, {"INPUT0": p})[0], rtol=1e-2, atol=1e-2)
+        assert not memory[3 * width * 4 :].any()  # nothing written past the last place
+    finally:
+        pinned.close()

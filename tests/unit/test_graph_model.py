@@ -237,3 +237,67 @@ def test_call_errors_of_both_executors() -> None:
     assert (bad.code, bad.message) == (Code.BAD_INPUT, "malformed BYTES tensor 'T'")
     ort = call_error(3, RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : boom"))
     assert (ort.code, ort.message) == (Code.MODEL_FAILED, "6 : RUNTIME_EXCEPTION : boom")
+
+
+def _streamed_model(tmp_path: Path, widths: tuple[int, ...]) -> tuple[GraphModel, Any, Any]:
+    """A GraphModel on a streamed GraphSet (HostStream: the stream's copies as memmoves) of
+    an MLP through `widths`; with the stream and a reference session."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from graph_models import cpu_session, gm
+
+    from runtime.engine.copy_stream import HostStream
+
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(gm.mlp(widths).SerializeToString())
+    stream = HostStream()
+
+    def make() -> GraphSet:
+        s = make_session(str(path), "cpu", 1)
+        gs = GraphSet(s, BucketTable((4,)), signature_of(s), device_type="cpu", stream=stream)
+        gs.capture()
+        return gs
+
+    spec = LoadModel(1, "mlp", 1, str(path), 4, ModelSignature((), ()))
+    model = GraphModel.start(spec, make, Batcher(4, max_queue_delay_ns=50_000_000))
+    stream.calls.clear()
+    return model, stream, cpu_session(gm.mlp(widths))
+
+
+@pytest.mark.parametrize(("width", "direct"), [(16384, True), (64, False)], ids=["64KiB", "256B"])
+def test_large_outputs_are_copied_from_the_device_straight_into_the_arena(
+    tmp_path: Path, width: int, direct: bool
+) -> None:
+    """Rows of 64 KiB or more come back from the device straight to each call's place in the
+    arena (one copy per call, none on the host after); smaller ones through the staging."""
+    model, stream, ref = _streamed_model(tmp_path, (16, width))
+    arena = memoryview(bytearray(4 << 20))
+    answers: dict[int, InferDone] = {}
+    done = threading.Event()
+    xs = {1: np.random.default_rng(1).random((1, 16), dtype=np.float32)}
+    xs[2] = np.random.default_rng(2).random((2, 16), dtype=np.float32)
+
+    def answer(d: InferDone) -> None:
+        answers[d.call_id] = d
+        if len(answers) == 2:
+            done.set()
+
+    now = time.monotonic_ns()
+    for call_id, x in xs.items():
+        at = call_id << 20
+        arena[at : at + x.nbytes] = x.tobytes()
+        ref_in = TensorRef("INPUT0", "FP32", x.shape, at, x.nbytes)
+        wanted = (OutputRequest("OUTPUT0"),) if call_id == 2 else ()  # named or all: the same
+        call = Infer(call_id, "mlp", 1, (ref_in,), wanted, at + 4096, 1 << 19)
+        model.submit(Pending(call_id, x.shape[0], now, payload=(answer, call, arena, now, None)))
+    assert done.wait(10)
+    model.close()
+    assert stream.calls.count("to_host") == (2 if direct else 1)
+    for call_id, x in xs.items():
+        d = answers[call_id]
+        assert d.code == Code.OK, d.message
+        (out,) = d.outputs
+        assert out.offset == (call_id << 20) + 4096 and out.nbytes == x.shape[0] * width * 4
+        got = np.frombuffer(arena, np.float32, out.nbytes // 4, out.offset).reshape(out.shape)
+        np.testing.assert_allclose(got, ref.run(None, {"INPUT0": x})[0], rtol=1e-4, atol=1e-5)

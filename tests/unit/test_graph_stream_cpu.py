@@ -170,3 +170,44 @@ def test_rows_in_device_memory_are_copied_by_the_copier_beside_streamed_host_row
     ref = cpu_session(model)
     for x, (out,) in zip((a, b), result.outputs, strict=True):
         np.testing.assert_allclose(out, ref.run(None, {"INPUT0": x})[0], rtol=1e-5, atol=1e-6)
+
+
+def test_outputs_with_places_are_copied_from_the_device_straight_there() -> None:
+    """`run(places=...)`: each request's rows of an output land in the array it named (its
+    answer's place in the arena), one copy each, and that array is the request's output."""
+    model = gm.mlp((16, 32))
+    gs, stream = streamed(model, (4,))
+    parts = [rows(1, 16, seed=1), rows(2, 16, seed=2)]
+    places = [{"OUTPUT0": np.full((n, 32), np.nan, np.float32)} for n in (1, 2)]
+    result = gs.run([{"INPUT0": p} for p in parts], places=places)
+    assert stream.calls == ["to_device", "zero", "to_host", "to_host", "synchronize"]
+    ref = cpu_session(model)
+    for p, place, (out,) in zip(parts, places, result.outputs, strict=True):
+        assert out is place["OUTPUT0"]
+        np.testing.assert_allclose(out, ref.run(None, {"INPUT0": p})[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((2, 32), np.float64),  # another dtype
+        np.zeros((3, 32), np.float32),  # another row count
+        np.zeros((32, 2), np.float32).T,  # not contiguous
+        None,  # no place for this request
+    ],
+    ids=["dtype", "rows", "strided", "missing"],
+)
+def test_an_output_goes_through_staging_unless_every_request_has_a_fitting_place(
+    bad: Array | None,
+) -> None:
+    model = gm.mlp((16, 32))
+    gs, stream = streamed(model, (4,))
+    parts = [rows(1, 16, seed=1), rows(2, 16, seed=2)]
+    first = np.zeros((1, 32), np.float32)
+    places: list[dict[str, Array]] = [{"OUTPUT0": first}, {} if bad is None else {"OUTPUT0": bad}]
+    result = gs.run([{"INPUT0": p} for p in parts], places=places)
+    assert stream.calls.count("to_host") == 1  # the whole batch, into staging
+    assert result.outputs[0][0] is not first and not first.any()
+    ref = cpu_session(model)
+    for p, (out,) in zip(parts, result.outputs, strict=True):
+        np.testing.assert_allclose(out, ref.run(None, {"INPUT0": p})[0], rtol=1e-5, atol=1e-6)
