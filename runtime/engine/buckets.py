@@ -59,7 +59,7 @@ class BucketTable:
     is onnxruntime's default graph and -1 means "do not capture".
     """
 
-    __slots__ = ("_sizes",)
+    __slots__ = ("_by_rows", "_sizes")
 
     def __init__(self, sizes: Iterable[int]) -> None:
         table = tuple(sizes)
@@ -70,6 +70,12 @@ class BucketTable:
         if any(a >= b for a, b in itertools.pairwise(table)):
             raise ValueError(f"bucket sizes must be strictly ascending (unique), got {table}")
         self._sizes: tuple[int, ...] = table
+        # rows -> bucket for every batch up to the largest (index 0 unused): one tuple index
+        # per batch instead of a bisect (GraphSet asks on every run)
+        by_rows: list[int | None] = [None]
+        for size in table:
+            by_rows += [size] * (size - len(by_rows) + 1)
+        self._by_rows: tuple[int | None, ...] = tuple(by_rows)
 
     @classmethod
     def default(cls, max_batch_size: int) -> BucketTable:
@@ -87,8 +93,7 @@ class BucketTable:
         """The smallest bucket >= n rows; None above the largest (the eager path)."""
         if n < 1:
             raise ValueError(f"a batch has at least one row, got {n}")
-        i = bisect.bisect_left(self._sizes, n)
-        return self._sizes[i] if i < len(self._sizes) else None
+        return self._by_rows[n] if n < len(self._by_rows) else None
 
     def graph_id(self, bucket: int) -> int:
         """onnxruntime's `gpu_graph_id` for `bucket` (index + 1; ids start at 1)."""

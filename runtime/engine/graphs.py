@@ -194,12 +194,6 @@ class GraphSet:
         # Per bucket: the replay itself, onnxruntime's native run_with_iobinding bound to the
         # bucket's binding and options (see _native_replay).
         self._replay_call: dict[int, Callable[[], None]] = {}
-        # rows -> bucket for every batch size up to the largest bucket (index 0 unused)
-        self._bucket_of: tuple[int | None, ...] = (
-            (None, *(table.bucket_for(n) for n in range(1, (table.largest or 0) + 1)))
-            if len(table)
-            else ()
-        )
         self._owner: int | None = None  # thread that captured
         self._eager_options = ort.RunOptions()
         self._eager_options.add_run_config_entry("gpu_graph_id", _NO_GRAPH)
@@ -332,8 +326,6 @@ class GraphSet:
     def _bucket_for(self, rows: int) -> int | None:
         """The bucket a batch of `rows` rows maps to; None above the largest or with no
         buckets at all (the eager path)."""
-        if 0 < rows < len(self._bucket_of):
-            return self._bucket_of[rows]
         return self.table.bucket_for(rows) if len(self.table) else None
 
     def bucket(self, size: int) -> BucketBuffers:
