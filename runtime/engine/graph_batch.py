@@ -159,11 +159,7 @@ def _matches(dims: tuple[int, ...], wanted: tuple[int, ...]) -> bool:
 
 def per_request(results: list[Array], sizes: list[int]) -> list[list[Array]]:
     """[output][bucket rows] -> [request][output], padding dropped (views into `results`)."""
-    if len(sizes) == 1:  # one request: its rows of each output (every batch at concurrency 1)
-        n = sizes[0]
-        if n < 0 or any(r.ndim < 1 or r.shape[0] < n for r in results):
-            shapes = [list(r.shape) for r in results]
-            raise ValueError(f"{n} rows requested from outputs of shapes {shapes}")
-        return [[r[:n] for r in results]]
+    if len(sizes) == 1:  # one request (every batch at concurrency 1): no transposition
+        return [[split_outputs(r, sizes)[0] for r in results]]
     pieces = [split_outputs(r, sizes) for r in results]
     return [[p[i] for p in pieces] for i in range(len(sizes))]

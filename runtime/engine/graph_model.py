@@ -31,6 +31,7 @@ from runtime.engine.model import (
     _input_array,
     _run_error,
     _write_outputs,
+    arena_offsets,
     call_error,
 )
 from runtime.engine.regions import Held, RegionError, RegionTable, hold
@@ -43,7 +44,6 @@ from runtime.ipc.protocol import (
     OutputData,
     Timings,
 )
-from runtime.ipc.shm import align_up
 
 __all__ = ["GraphModel", "Queued"]
 
@@ -66,7 +66,6 @@ class GraphModel:
         self.graphs: GraphSet | None = None
         self.signature: ModelSignature | None = None
         self.device_memory: int | None = None  # bytes its load took on the device (None: unknown)
-        self._output_names: list[str] = []  # the model's, in GraphSet.output_names order
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -85,7 +84,6 @@ class GraphModel:
             try:
                 model.graphs = make_graphs()  # loads and captures on this thread
                 model.signature = model.graphs.signature
-                model._output_names = list(model.graphs.output_names)
                 if spec.golden_path:
                     model._self_test(spec.golden_path)
             except BaseException as exc:
@@ -216,7 +214,7 @@ class GraphModel:
             answer, call, _buf, recv, _regions = p.payload
             w0 = time.monotonic_ns()
             try:
-                placed = _placed(outs, self._output_names, places[k]) if places else ()
+                placed = _placed(outs, graphs.output_names, places[k]) if places else ()
                 outputs = self._outputs(p, outs, result, row0, holds.get(id(p)), placed)
             except RegionError as exc:
                 answer(InferDone(call.call_id, Code.BAD_INPUT, str(exc)))
@@ -251,8 +249,8 @@ class GraphModel:
         graphs = self.graphs
         assert graphs is not None and self.signature is not None
         _answer, call, buf, _recv, _regions = p.payload
-        if _all_to_arena(call, self._output_names):  # most calls
-            return _write_outputs(self._output_names, outs, self.signature, buf, call, placed)
+        if _all_to_arena(call, graphs.output_names):  # most calls
+            return _write_outputs(graphs.output_names, outs, self.signature, buf, call, placed)
         names = list(graphs.output_names)
         index = {n: i for i, n in enumerate(names)}
 
@@ -291,19 +289,18 @@ class GraphModel:
         any_place = False
         for p in live:
             _answer, call, buf, _recv, _regions = p.payload
-            if not _all_to_arena(call, self._output_names):
+            if not _all_to_arena(call, graphs.output_names):
                 return None
-            pos, end = call.out_offset, call.out_offset + call.out_capacity
+            sizes = [p.batch_size * spec.row_nbytes for spec in specs]
+            offsets = arena_offsets(call, sizes)
             mine: dict[str, Any] = {}
-            for spec in specs:
-                nbytes = p.batch_size * spec.row_nbytes
-                if pos + nbytes > end:
-                    return None  # inline in the answer: _write_outputs decides
+            for spec, nbytes, pos in zip(specs, sizes, offsets, strict=True):
+                if pos is None:
+                    return None  # inline in the answer: no place for it
                 if nbytes >= DIRECT_MIN_BYTES:
                     rows = np.frombuffer(buf, spec.dtype, nbytes // spec.dtype.itemsize, pos)
                     mine[spec.name] = rows.reshape(p.batch_size, *spec.row_shape)
                     any_place = True
-                pos += align_up(nbytes)
             places.append(mine)
         return places if any_place else None
 
@@ -361,15 +358,15 @@ class GraphModel:
         answer(InferDone(call.call_id, Code.OK, outputs=run.outputs, timings=timings))
 
 
-def _all_to_arena(call: Infer, names: list[str]) -> bool:
+def _all_to_arena(call: Infer, names: tuple[str, ...]) -> bool:
     """Whether every output of the model goes to the arena, in the model's order: no CUDA
     region in the call, and no list of outputs or the model's own."""
     if call.bound:
         return False
-    return not call.outputs or [o.name for o in call.outputs] == names
+    return not call.outputs or tuple(o.name for o in call.outputs) == names
 
 
-def _placed(outs: list[Any], names: list[str], places: dict[str, Any]) -> list[str]:
+def _placed(outs: list[Any], names: tuple[str, ...], places: dict[str, Any]) -> list[str]:
     """The outputs the replay copied into their places (it returns the place itself)."""
     return [n for n, o in zip(names, outs, strict=True) if places.get(n) is o]
 

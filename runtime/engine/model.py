@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -36,7 +36,7 @@ from runtime.ipc.protocol import (
 )
 from runtime.ipc.shm import align_up
 
-__all__ = ["ARENA", "BadInput", "LoadedModel", "execute_batch"]
+__all__ = ["ARENA", "BadInput", "LoadedModel", "arena_offsets", "execute_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -269,42 +269,58 @@ def _input_array(ref: Any, buf: memoryview) -> np.ndarray[Any, Any]:
 
 
 def _write_outputs(
-    names: list[str],
+    names: Sequence[str],
     results: list[Any],
     sig: ModelSignature,
     buf: memoryview,
     call: Infer,
     placed: Collection[str] = (),
 ) -> tuple[OutputData, ...]:
-    """Write the outputs into the call's reserved part of the arena, one after the other (each
-    at an aligned offset), or inline in the answer when they do not fit. `placed`: outputs whose
-    array already lies where this layout puts it (copied there from the device: GraphModel's
-    `_arena_places`); their copy is skipped once their address is checked."""
+    """Write the outputs into the call's reserved part of the arena where `arena_offsets` puts
+    them, or inline in the answer when they do not fit. `placed`: outputs whose array already
+    lies there (copied there from the device: GraphModel's `_arena_places`); their copy is
+    skipped once their address is checked."""
     types = {t.name: t.datatype for t in sig.outputs}
-    pos, end = call.out_offset, call.out_offset + call.out_capacity
-    out: list[OutputData] = []
+    datas: list[tuple[str, str, tuple[int, ...], Any]] = []
     for name, arr in zip(names, results, strict=True):
         datatype = types[name]
         shape = tuple(map(int, arr.shape))
         if datatype == "BYTES":
             flat = [s.encode("utf-8") if isinstance(s, str) else bytes(s) for s in arr.ravel()]
-            data: Any = encode_bytes_tensor(flat)
-            nbytes = len(data)
+            datas.append((name, datatype, shape, encode_bytes_tensor(flat)))
         else:
-            data = np.ascontiguousarray(arr)
-            nbytes = data.nbytes
-        if pos + nbytes <= end:
-            if datatype == "BYTES":
-                buf[pos : pos + nbytes] = data
-            elif nbytes and not (name in placed and _lies_at(data, buf, pos)):
-                buf[pos : pos + nbytes] = memoryview(data).cast("B")  # contiguous: one memcpy
-            out.append(OutputData(name, datatype, shape, pos, nbytes))
-            pos += align_up(nbytes)
-        else:
+            datas.append((name, datatype, shape, np.ascontiguousarray(arr)))
+    sizes = [len(d) if t == "BYTES" else d.nbytes for _, t, _, d in datas]
+    out: list[OutputData] = []
+    for (name, datatype, shape, data), nbytes, pos in zip(
+        datas, sizes, arena_offsets(call, sizes), strict=True
+    ):
+        if pos is None:
             # Shapes the front could not predict (variable dims, text): carried inline.
             payload = data if isinstance(data, bytes) else data.tobytes()
             out.append(OutputData(name, datatype, shape, 0, nbytes, payload))
+            continue
+        if datatype == "BYTES":
+            buf[pos : pos + nbytes] = data
+        elif nbytes and not (name in placed and _lies_at(data, buf, pos)):
+            buf[pos : pos + nbytes] = memoryview(data).cast("B")  # contiguous: one memcpy
+        out.append(OutputData(name, datatype, shape, pos, nbytes))
     return tuple(out)
+
+
+def arena_offsets(call: Infer, sizes: Sequence[int]) -> list[int | None]:
+    """Where outputs of these byte sizes go in the call's reserved part of its lease: one after
+    the other, each at an aligned offset; None for one that does not fit (carried inline in
+    the answer; a later, smaller one may still fit)."""
+    pos, end = call.out_offset, call.out_offset + call.out_capacity
+    offsets: list[int | None] = []
+    for nbytes in sizes:
+        if pos + nbytes <= end:
+            offsets.append(pos)
+            pos += align_up(nbytes)
+        else:
+            offsets.append(None)
+    return offsets
 
 
 def _lies_at(data: np.ndarray[Any, Any], buf: memoryview, pos: int) -> bool:
