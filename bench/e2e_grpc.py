@@ -31,18 +31,21 @@ MAX_MESSAGE = 256 * 1024 * 1024
 CONFIG = """name: "{name}"
 platform: "onnxruntime_onnx"
 max_batch_size: 8
-input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ {row} ] }} ]
+input [ {{ name: "INPUT0" data_type: TYPE_{dtype} dims: [ {row} ] }} ]
 output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ {out} ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: 0 }}
 """
+# INPUT0's numpy element type -> its KServe v2 datatype (OUTPUT0 is FP32 in every model)
+DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
 
 
 class E2EServer:
-    """A microtune server on the models {name: (onnx file, input row shape, output row shape)}."""
+    """A microtune server on the models {name: (onnx file, input row shape, output row shape,
+    input element type)}."""
 
     def __init__(
         self,
-        models: dict[str, tuple[Path, tuple[int, ...], tuple[int, ...]]],
+        models: dict[str, tuple[Path, tuple[int, ...], tuple[int, ...], type[np.generic]]],
         device: str,
         start_timeout_s: float = 600.0,
         extra_args: list[str] | None = None,
@@ -59,11 +62,16 @@ class E2EServer:
 
     def __enter__(self) -> E2EServer:
         repo = Path(self._tmp.name) / "models"
-        for name, (path, row, out) in self.models.items():
+        for name, (path, row, out, dtype) in self.models.items():
             (repo / name / "1").mkdir(parents=True)
             shutil.copyfile(path, repo / name / "1" / "model.onnx")
             (repo / name / "config.pbtxt").write_text(
-                CONFIG.format(name=name, row=", ".join(map(str, row)), out=", ".join(map(str, out)))
+                CONFIG.format(
+                    name=name,
+                    dtype=DATATYPES[np.dtype(dtype)],
+                    row=", ".join(map(str, row)),
+                    out=", ".join(map(str, out)),
+                )
             )
         device = ["--device", "cpu", "--cpu-graphs", "true"] if self.device == "cpu" else [
             "--device", self.device
@@ -109,8 +117,8 @@ class E2EServer:
 
         assert self._channel is not None
         req = pb.ModelInferRequest(model_name=name)
-        req.inputs.add(name="INPUT0", datatype="FP32", shape=list(x.shape))
-        req.raw_input_contents.append(np.ascontiguousarray(x, np.float32).tobytes())
+        req.inputs.add(name="INPUT0", datatype=DATATYPES[x.dtype], shape=list(x.shape))
+        req.raw_input_contents.append(np.ascontiguousarray(x).tobytes())
         payload = req.SerializeToString()
         call = self._channel.unary_unary(METHOD)  # bytes in, bytes out
         for _ in range(warmup):

@@ -1,12 +1,14 @@
 """GPU benchmark of issue 4: the worker's compute time per batch with CUDA graphs on vs off.
 
-    python bench/gpu_bench.py [--out PATH] [--json PATH] [--models dense,encoder]
+    python bench/gpu_bench.py [--out PATH] [--json PATH] [--models dense,encoder,embedder]
                               [--batches 1-8] [--iters 300] [--warmup 30] [--device cuda|cpu]
                               [--no-e2e] [--no-perf-analyzer] [--pa-interval-ms 400]
 
 Builds its models where it runs (bench/gpu_models.py: `dense` = the demo's 256->256->10 MLP,
-`encoder` = 6 layers, hidden 384, 6 heads, sequence 128), then for every batch size b (b
-requests of one row each, as the dynamic batcher forms them) times, per batch:
+`encoder` = 6 layers, hidden 384, 6 heads, sequence 128, on hidden states in and out;
+`embedder` = the same layers behind token ids in and a mean-pooled [b, 384] out, shaped like
+all-MiniLM-L6-v2), then for every batch size b (b requests of one row each, as the dynamic
+batcher forms them) times, per batch:
 
   graphs on        GraphSet.run: gather into pinned staging, pad to the bucket, H2D into the
                    bound buffers, registry check, graph replay, D2H, trim and split (the
@@ -53,7 +55,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -76,12 +78,38 @@ from runtime.engine.session import (  # noqa: E402
 )
 from runtime.ipc.pinning import cuda_available  # noqa: E402
 
-MODELS: dict[str, tuple[Callable[[], Any], tuple[int, ...], str]] = {
-    "dense": (gpu_models.mlp, (256,), "FP32 [b, 256] -> Gemm 256 + Relu -> Gemm 10"),
-    "encoder": (
+
+class BenchModel(NamedTuple):
+    """A benchmark model: its builder, INPUT0's row shape and element type, a description."""
+
+    build: Callable[[], Any]
+    row: tuple[int, ...]
+    dtype: type[np.generic]
+    what: str
+
+    def inputs(self, rs: np.random.RandomState, n: int) -> np.ndarray:
+        """`n` rows of INPUT0: normal floats, or token ids (any vocabulary of 1000 or more)."""
+        if np.issubdtype(self.dtype, np.integer):
+            return rs.randint(0, 1000, (n, *self.row)).astype(self.dtype)
+        return rs.standard_normal((n, *self.row)).astype(self.dtype)
+
+
+MODELS: dict[str, BenchModel] = {
+    "dense": BenchModel(
+        gpu_models.mlp, (256,), np.float32, "FP32 [b, 256] -> Gemm 256 + Relu -> Gemm 10"
+    ),
+    "encoder": BenchModel(
         gpu_models.encoder,
         (128, 384),
+        np.float32,
         "FP32 [b, 128, 384] -> 6 x (MHA 6 heads + LayerNorm, FFN 1536 GELU + LayerNorm)",
+    ),
+    "embedder": BenchModel(
+        gpu_models.embedder,
+        (128,),
+        np.int64,
+        "INT64 token ids [b, 128] -> embeddings (30522 x 384) + LayerNorm -> the encoder's 6 "
+        "layers -> mean pool -> FP32 [b, 384]",
     ),
 }
 TABLE = BucketTable.default(8)  # 1..8: what the worker uses for max_batch_size 8
@@ -147,16 +175,17 @@ class StaticBinding:
         batch: int,
         device: str,
         graph_id: int | None,
+        dtype: type[np.generic] = np.float32,
     ) -> None:
         self.sess = sess
-        self.x = ort.OrtValue.ortvalue_from_shape_and_type([batch, *row], np.float32, device, 0)
+        self.x = ort.OrtValue.ortvalue_from_shape_and_type([batch, *row], dtype, device, 0)
         self.y = ort.OrtValue.ortvalue_from_shape_and_type([batch, *out_row], np.float32, device, 0)
         self.io = sess.io_binding()
         self.io.bind_ortvalue_input("INPUT0", self.x)
         self.io.bind_ortvalue_output("OUTPUT0", self.y)
         self.ro = ort.RunOptions()
         self.ro.add_run_config_entry("gpu_graph_id", "-1" if graph_id is None else str(graph_id))
-        self.host = np.zeros((batch, *row), dtype=np.float32)
+        self.host = np.zeros((batch, *row), dtype=dtype)
         if graph_id is not None:  # warm up without a graph, then capture
             warm = ort.RunOptions()
             warm.add_run_config_entry("gpu_graph_id", "-1")
@@ -172,9 +201,7 @@ class StaticBinding:
         return out
 
 
-def bench_model(
-    name: str, path: str, row: tuple[int, ...], batches: list[int], args: argparse.Namespace
-) -> list[Row]:
+def bench_model(name: str, path: str, batches: list[int], args: argparse.Namespace) -> list[Row]:
     cuda = args.device == "cuda"
     dev_type = "cuda" if cuda else "cpu"
     if cuda:
@@ -190,14 +217,16 @@ def bench_model(
         on = GraphSet(plain, TABLE, signature_of(plain), device_type="cpu")
         on.capture()
         off = GraphSet(plain, TABLE, signature_of(plain), device_type="cpu", capturable=False)
+    model = MODELS[name]
+    row = model.row
     out_row = tuple(signature_of(plain).outputs[0].shape[1:])
     rs = np.random.RandomState(0)
     rows_out: list[Row] = []
     for b in batches:
-        reqs = [rs.standard_normal((1, *row)).astype(np.float32) for _ in range(b)]
+        reqs = [model.inputs(rs, 1) for _ in range(b)]
         feeds = [{"INPUT0": r} for r in reqs]
-        eager_io = StaticBinding(plain, row, out_row, b, dev_type, None)
-        in_proc = StaticBinding(graph_sess, row, out_row, b, dev_type, b)  # graph id = b
+        eager_io = StaticBinding(plain, row, out_row, b, dev_type, None, model.dtype)
+        in_proc = StaticBinding(graph_sess, row, out_row, b, dev_type, b, model.dtype)  # id = b
         ref = on.run(feeds).outputs
         for got in (off.run(feeds).outputs, [[o] for o in np.split(in_proc(reqs), b)]):
             for (x,), (y,) in zip(ref, got, strict=True):
@@ -298,7 +327,8 @@ def bench_e2e(rows: list[Row], paths: dict[str, Path], args: argparse.Namespace)
     for name, path in paths.items():
         refs[name] = make_session(str(path), "cpu", 1)
         sig = signature_of(refs[name])
-        models[name] = (path, MODELS[name][1], tuple(sig.outputs[0].shape[1:]))
+        model = MODELS[name]
+        models[name] = (path, model.row, tuple(sig.outputs[0].shape[1:]), model.dtype)
     cuda = args.device == "cuda"
     if args.no_perf_analyzer:
         version, absent = None, "--no-perf-analyzer"
@@ -311,8 +341,8 @@ def bench_e2e(rows: list[Row], paths: dict[str, Path], args: argparse.Namespace)
     with E2EServer(models, "cuda:0" if cuda else "cpu", extra_args=shm_on) as srv:
         run = E2ERun(srv.args, version, absent)
         for r in rows:
-            _, row, out_row = models[r.model]
-            x = rs.standard_normal((r.batch, *row)).astype(np.float32)
+            out_row = models[r.model][2]
+            x = MODELS[r.model].inputs(rs, r.batch)
             t, y = srv.time(r.model, x, args.warmup, args.iters)  # also warms this batch size
             want = refs[r.model].run(None, {"INPUT0": x})[0]
             np.testing.assert_allclose(y, want, rtol=2e-2, atol=2e-2)
@@ -398,7 +428,7 @@ def render(
         "",
     ]
     for model in dict.fromkeys(r.model for r in rows):
-        what = MODELS[model][2]
+        what = MODELS[model].what
         lines += [
             f"## {model}: {what}",
             "",
@@ -557,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=default_out)
     p.add_argument("--json", type=Path, default=None, help="also write the raw rows as JSON")
-    p.add_argument("--models", default="dense,encoder")
+    p.add_argument("--models", default="dense,encoder,embedder")
     p.add_argument("--batches", default="1-8")
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--warmup", type=int, default=30)
@@ -594,9 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         paths: dict[str, Path] = {}
         for name in args.models.split(","):
-            build, row, _ = MODELS[name]
-            paths[name] = gpu_models.save(build(), Path(tmp) / f"{name}.onnx")
-            rows += bench_model(name, str(paths[name]), row, batches, args)
+            paths[name] = gpu_models.save(MODELS[name].build(), Path(tmp) / f"{name}.onnx")
+            rows += bench_model(name, str(paths[name]), batches, args)
         if not args.no_e2e:
             try:
                 e2e = bench_e2e(rows, paths, args)

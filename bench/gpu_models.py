@@ -6,6 +6,10 @@
                                     a transformer encoder: FP32 [batch, seq, hidden] -> layers x
                                     (multi-head self-attention + residual + LayerNormalization,
                                     GELU feed-forward + residual + LayerNormalization)
+    embedder(layers=6, hidden=384, heads=6, seq=128, vocab=30522)
+                                    a MiniLM-shaped sentence embedder: INT64 token ids
+                                    [batch, seq] -> embeddings -> the encoder's layers -> mean
+                                    pooled FP32 [batch, hidden]
     with_if(width=4)                FP32 [batch, width] -> If(sum > 0, Relu, Neg): control flow,
                                     which CUDA graphs cannot capture
     flatten_dynamic(rows=4, cols=8) FP32 [batch, rows, cols] -> Reshape to [batch, -1] with the
@@ -35,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["encoder", "flatten_dynamic", "mlp", "save", "with_cpu_op", "with_if"]
+__all__ = ["embedder", "encoder", "flatten_dynamic", "mlp", "save", "with_cpu_op", "with_if"]
 
 OPSET = 17
 IR_VERSION = 8
@@ -114,10 +118,60 @@ def encoder(
 ) -> onnx.ModelProto:
     """A post-LayerNorm transformer encoder on precomputed embeddings: INPUT0 [batch, seq,
     hidden] -> OUTPUT0 [batch, seq, hidden]; feed-forward width 4 x hidden, GELU (erf form)."""
+    b = _Builder(seed)
+    x = _encoder_layers(b, "INPUT0", layers, hidden, heads)
+    b.nodes.append(helper.make_node("Identity", [x], ["OUTPUT0"], name="output"))
+    return b.model(
+        f"encoder_{layers}x{hidden}",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", seq, hidden])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", seq, hidden])],
+    )
+
+
+def embedder(
+    layers: int = 6,
+    hidden: int = 384,
+    heads: int = 6,
+    seq: int = 128,
+    vocab: int = 30522,
+    *,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """A sentence embedder shaped like all-MiniLM-L6-v2: INT64 token ids INPUT0 [batch, seq]
+    -> token + position embeddings -> LayerNormalization -> `encoder`'s layers -> mean over
+    the sequence -> FP32 OUTPUT0 [batch, hidden]. The same compute as `encoder`, but 1 KiB in
+    and 1.5 KiB out per row instead of 192 KiB each way, so its end-to-end figure is the
+    server's overhead rather than the transport of hidden states. Ids are clamped into the
+    vocabulary (Max, Min: CUDA kernels for int64), so any input, perf_analyzer's random bytes
+    included, is valid and every node stays on the CUDA EP."""
+    b = _Builder(seed)
+    lo = b.const("id_min", np.array(0, dtype=np.int64))
+    hi = b.const("id_max", np.array(vocab - 1, dtype=np.int64))
+    ids = b.op("Min", [b.op("Max", ["INPUT0", lo]), hi])
+    tokens = b.weight((vocab, hidden), 0.05)
+    positions = b.weight((seq, hidden), 0.05)
+    x = b.op("Add", [b.op("Gather", [tokens, ids], axis=0), positions])  # [B, S, H]
+    gamma = b.const("ln_g", np.ones(hidden, dtype=np.float32))
+    beta = b.const("ln_b", np.zeros(hidden, dtype=np.float32))
+    x = b.op("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=1e-12)
+    x = _encoder_layers(b, x, layers, hidden, heads)
+    b.nodes.append(
+        helper.make_node("ReduceMean", [x], ["OUTPUT0"], name="mean_pool", axes=[1], keepdims=0)
+    )
+    return b.model(
+        f"embedder_{layers}x{hidden}",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.INT64, ["batch", seq])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", hidden])],
+    )
+
+
+def _encoder_layers(b: _Builder, x: str, layers: int, hidden: int, heads: int) -> str:
+    """`layers` post-LayerNorm transformer layers on x [B, S, hidden]: multi-head
+    self-attention + residual + LayerNormalization, then a GELU feed-forward of 4 x hidden +
+    residual + LayerNormalization. Returns the last layer's output [B, S, hidden]."""
     if hidden % heads:
         raise ValueError(f"hidden {hidden} is not a multiple of heads {heads}")
     dh = hidden // heads
-    b = _Builder(seed)
     split_heads = b.const("split_heads", np.array([0, 0, heads, dh], dtype=np.int64))
     merge_heads = b.const("merge_heads", np.array([0, 0, hidden], dtype=np.int64))
     scale = b.const("scale", np.array(1.0 / math.sqrt(dh), dtype=np.float32))
@@ -133,7 +187,6 @@ def encoder(
     def heads_of(x: str, perm: list[int]) -> str:  # [B, S, H] -> perm of [B, S, heads, dh]
         return b.op("Transpose", [b.op("Reshape", [x, split_heads])], perm=perm)
 
-    x = "INPUT0"  # [B, S, H]
     for _ in range(layers):
         q = heads_of(b.linear(x, hidden, hidden), [0, 2, 1, 3])  # [B, heads, S, dh]
         k = heads_of(b.linear(x, hidden, hidden), [0, 2, 3, 1])  # [B, heads, dh, S]
@@ -147,12 +200,7 @@ def encoder(
         erf = b.op("Erf", [b.op("Mul", [h, rsqrt2])])
         gelu = b.op("Mul", [b.op("Mul", [h, half]), b.op("Add", [erf, one])])
         x = layer_norm(b.op("Add", [x, b.linear(gelu, 4 * hidden, hidden)]))
-    b.nodes.append(helper.make_node("Identity", [x], ["OUTPUT0"], name="output"))
-    return b.model(
-        f"encoder_{layers}x{hidden}",
-        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", seq, hidden])],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", seq, hidden])],
-    )
+    return x
 
 
 def with_if(width: int = 4) -> onnx.ModelProto:

@@ -64,11 +64,17 @@ class Steps:
 
 
 def split_static(
-    sess: Any, row: tuple[int, ...], out_row: tuple[int, ...], b: int, dev: str, gid: int | None
+    sess: Any,
+    row: tuple[int, ...],
+    out_row: tuple[int, ...],
+    b: int,
+    dev: str,
+    gid: int | None,
+    dtype: type[np.generic],
 ) -> Callable[[list[np.ndarray], Steps], None]:
     """gpu_bench's StaticBinding (same buffers, binding and capture), its four steps timed
     one by one."""
-    sb = StaticBinding(sess, row, out_row, b, dev, gid)
+    sb = StaticBinding(sess, row, out_row, b, dev, gid, dtype)
 
     def run(rows: list[np.ndarray], st: Steps) -> None:
         t0 = time.perf_counter_ns()
@@ -93,7 +99,8 @@ def worker_part(args: argparse.Namespace, paths: dict[str, Path]) -> None:
     cuda = args.device == "cuda"
     dev = "cuda" if cuda else "cpu"
     for name, path in paths.items():
-        row = MODELS[name][1]
+        model = MODELS[name]
+        row = model.row
         if cuda:
             on = GraphSet.load(str(path), 0, TABLE, intra_op_threads=1)
             plain = make_session(str(path), "cuda:0", 1)
@@ -106,7 +113,7 @@ def worker_part(args: argparse.Namespace, paths: dict[str, Path]) -> None:
         out_row = tuple(signature_of(plain).outputs[0].shape[1:])
         rs = np.random.RandomState(0)
         for b in (1, 4, 8):
-            reqs = [rs.standard_normal((1, *row)).astype(np.float32) for _ in range(b)]
+            reqs = [model.inputs(rs, 1) for _ in range(b)]
             feeds = [{"INPUT0": r} for r in reqs]
             st = Steps()
             for i in range(args.warmup + args.iters):
@@ -133,7 +140,7 @@ def worker_part(args: argparse.Namespace, paths: dict[str, Path]) -> None:
                 chk.add("registry check", time.perf_counter_ns() - t0)
             print(f"{name} b={b} {chk.line()}", flush=True)
             for label, sess, gid in (("ORT+graph", gsess, 100 + b), ("ORT no graph", plain, None)):
-                fn = split_static(sess, row, out_row, b, dev, gid)
+                fn = split_static(sess, row, out_row, b, dev, gid, model.dtype)
                 s = Steps()
                 for i in range(args.warmup + args.iters):
                     fn(reqs, s if i >= args.warmup else Steps())
@@ -149,7 +156,8 @@ def e2e_part(args: argparse.Namespace, paths: dict[str, Path]) -> None:
     models = {}
     for name, path in paths.items():
         sess = make_session(str(path), "cpu", 1)
-        models[name] = (path, MODELS[name][1], tuple(signature_of(sess).outputs[0].shape[1:]))
+        m = MODELS[name]
+        models[name] = (path, m.row, tuple(signature_of(sess).outputs[0].shape[1:]), m.dtype)
     device = "cuda:0" if args.device == "cuda" else "cpu"
     rs = np.random.RandomState(1)
     import os
@@ -180,7 +188,7 @@ def e2e_part(args: argparse.Namespace, paths: dict[str, Path]) -> None:
             print(f"[{label}] ServerLive p50 {p50(live):.1f}")
             for name in models:
                 for b in (1, 8):
-                    x = rs.standard_normal((b, *models[name][1])).astype(np.float32)
+                    x = MODELS[name].inputs(rs, b)
                     before = stub.ModelStatistics(pb.ModelStatisticsRequest(name=name))
                     t, _ = srv.time(name, x, args.warmup, args.iters)
                     after = stub.ModelStatistics(pb.ModelStatisticsRequest(name=name))
@@ -212,7 +220,7 @@ def main() -> int:
         preload_cuda_libraries()
     with tempfile.TemporaryDirectory(prefix="gpu-profile-") as tmp:
         paths = {
-            n: gpu_models.save(MODELS[n][0](), Path(tmp) / f"{n}.onnx")
+            n: gpu_models.save(MODELS[n].build(), Path(tmp) / f"{n}.onnx")
             for n in args.models.split(",")
         }
         if "worker" in args.part:

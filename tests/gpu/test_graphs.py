@@ -26,9 +26,14 @@ TABLE = BucketTable((1, 2, 4, 8))
 # this); TF32 off so that the GPU's MatMuls are comparable with the CPU EP's at tight tolerance.
 OPTIONS = {"arena_extend_strategy": "kSameAsRequested", "use_tf32": "0"}
 MODELS: dict[str, tuple[str, dict[str, Any], tuple[int, ...]]] = {
-    # name: (builder, builder kwargs, row shape)
+    # name: (builder, builder kwargs, row shape); an INT64 row is token ids
     "dense": ("mlp", {}, (256,)),
     "encoder": ("encoder", {"layers": 2, "hidden": 64, "heads": 4, "seq": 16}, (16, 64)),
+    "embedder": (
+        "embedder",
+        {"layers": 2, "hidden": 64, "heads": 4, "seq": 16, "vocab": 100},
+        (16,),
+    ),
 }
 
 
@@ -40,6 +45,11 @@ def data(n: int, row: tuple[int, ...], seed: int) -> Array:
     return np.random.RandomState(seed).standard_normal((n, *row)).astype(np.float32)
 
 
+def token_ids(n: int, row: tuple[int, ...], seed: int) -> Array:
+    """Ids around a vocabulary of 100, some outside it (the embedder clamps them)."""
+    return np.random.RandomState(seed).randint(-20, 120, (n, *row)).astype(np.int64)
+
+
 def load(path: str, table: BucketTable = TABLE, lock: Any = None) -> GraphSet:
     return GraphSet.load(path, 0, table, provider_options=OPTIONS, device_lock=lock)
 
@@ -49,6 +59,7 @@ def test_every_bucket_captures_and_replays_what_the_cpu_ep_computes(
     name: str, model_file: Callable[..., str]
 ) -> None:
     builder, kw, row = MODELS[name]
+    make = token_ids if builder == "embedder" else data
     path = model_file(builder, **kw)
     gs = load(path, lock=threading.Lock())
     assert gs.capturable, gs.reason
@@ -57,7 +68,7 @@ def test_every_bucket_captures_and_replays_what_the_cpu_ep_computes(
     ref = cpu(path)
     seed = 0
     for split in ([1], [2], [1, 2], [4], [2, 3], [8], [1, 1, 1, 1, 1], [3, 2, 2]):
-        feeds = [{"INPUT0": data(n, row, seed := seed + 1)} for n in split]
+        feeds = [{"INPUT0": make(n, row, seed := seed + 1)} for n in split]
         result = gs.run(feeds)
         assert result.replayed and result.bucket == TABLE.bucket_for(sum(split))
         for feed, n, (out,) in zip(feeds, split, result.outputs, strict=True):

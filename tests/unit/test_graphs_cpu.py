@@ -300,9 +300,7 @@ def test_a_rebound_output_is_refused_too() -> None:
     """The replay knows the captured OrtValues by identity; any replaced one, input or output,
     is read back and checked."""
     gs = graph_set(gm.mlp(), (2,))
-    gs.bucket(2).outputs["OUTPUT0"] = ort.OrtValue.ortvalue_from_shape_and_type(
-        [2, 10], np.float32
-    )
+    gs.bucket(2).outputs["OUTPUT0"] = ort.OrtValue.ortvalue_from_shape_and_type([2, 10], np.float32)
     with pytest.raises(GraphMismatch, match="'OUTPUT0' address"):
         gs.run([{"INPUT0": rows(2)}])
 
