@@ -66,7 +66,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_models  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from e2e_grpc import E2EServer  # noqa: E402
-from harness import PA, perf  # noqa: E402
+from harness import PA, Proc, perf  # noqa: E402
 
 from runtime.engine.buckets import BucketTable  # noqa: E402
 from runtime.engine.graphs import GraphSet  # noqa: E402
@@ -276,6 +276,9 @@ class E2ERun:
     pa_absent: str = ""
     commands: dict[str, str] = field(default_factory=dict)  # variant -> its first command
     errors: dict[str, list[str]] = field(default_factory=dict)  # variant -> "row: error"
+    # perf_analyzer's p50 at concurrency 1 against bench/floor_server.py (dense, batch 1): the
+    # gRPC floor of a Python grpc.aio server doing no work; None where it did not run
+    floor_us: float | None = None
 
 
 def first_line(text: str) -> str:
@@ -361,7 +364,29 @@ def bench_e2e(rows: list[Row], paths: dict[str, Path], args: argparse.Namespace)
                 f"(in-process {r.in_process_us:.1f} us)",
                 flush=True,
             )
-        return run
+    if version is not None:
+        run.floor_us = floor_p50(run, args.pa_interval_ms)
+        print(f"gRPC floor (bench/floor_server.py, dense b=1): {us(run.floor_us)} us", flush=True)
+    return run
+
+
+def floor_p50(run: E2ERun, interval_ms: int) -> float | None:
+    """perf_analyzer's p50 at concurrency 1 for `dense` b=1 against the no-work grpc.aio
+    server (bench/floor_server.py), run after microtune's server has stopped: how much of the
+    end-to-end figure any Python gRPC server pays before doing anything."""
+    server = Proc(
+        [sys.executable, "bench/floor_server.py", "--model", "dense", "--port", "0"], "floor"
+    )
+    try:
+        port = server.wait(ready_check=False)  # no health service: its port file means it serves
+        res, cmd = perf("dense", port, 1, interval_ms, None, PA_FIXED_WINDOWS, 1)
+    except Exception as exc:
+        run.errors.setdefault("floor", []).append(f"dense b=1: {first_line(str(exc))}")
+        return None
+    finally:
+        server.stop()
+    run.commands["floor"] = cmd
+    return res["p50 latency"]
 
 
 def describe_device(cuda: bool) -> dict[str, str]:
@@ -560,6 +585,8 @@ def render_e2e(
     if have_pa:
         lines.append(f"- the Python client column, client cost included, for reference: {python}.")
     lines.append("")
+    if run is not None and run.floor_us is not None:
+        lines += render_floor(rows, run.floor_us, run.commands["floor"])
     for variant, errs in (run.errors if run else {}).items():
         lines += [
             f"perf_analyzer ({variant}) failed on {len(errs)} of {len(rows)} rows; first: "
@@ -569,6 +596,25 @@ def render_e2e(
     if error is not None:
         lines += [f"The end-to-end run stopped: `{error}` (the log has the traceback).", ""]
     return lines
+
+
+def render_floor(rows: list[Row], floor_us: float, cmd: str) -> list[str]:
+    """The gRPC floor and what the server adds above it for dense b=1."""
+    text = (
+        f"gRPC floor: perf_analyzer at concurrency 1 against bench/floor_server.py (a grpc.aio "
+        f"server that answers ModelInfer with prebuilt bytes: no parsing, no worker, no "
+        f"compute), dense b=1: **{floor_us:.1f} us** p50 (`{cmd}`)."
+    )
+    dense = next((r for r in rows if r.model == "dense" and r.batch == 1), None)
+    if dense is not None and dense.e2e_pa_us is not None:
+        above = dense.e2e_pa_us - floor_us
+        text += (
+            f" microtune's dense b=1 is {above:+.1f} us above it, of which "
+            f"{dense.in_process_us:.1f} us is the in-process replay; the rest "
+            f"({above - dense.in_process_us:+.1f} us) is the server's own path (front, worker "
+            f"link, batcher, copies)."
+        )
+    return [text, ""]
 
 
 def parse_batches(text: str) -> list[int]:
