@@ -10,7 +10,6 @@ error instead, so a GPU run can never pass by skipping everything.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 CUDA = "CUDAExecutionProvider"
 
 
@@ -83,12 +81,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def gm() -> ModuleType:
-    """bench/gpu_models.py (model builders shared with the GPU benchmark), loaded by path."""
-    spec = importlib.util.spec_from_file_location("gpu_models", ROOT / "bench" / "gpu_models.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """bench/gpu_models.py (model builders shared with the GPU benchmark), as the CPU tests
+    load it (tests/unit/graph_models.py)."""
+    from tests.unit.graph_models import gm
+
+    return gm
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from graph_models import cpu_session, gm
 
 from runtime.engine.buckets import BucketTable
 from runtime.engine.graphs import GraphSet
 from runtime.engine.session import signature_of
-from tests.unit.graph_models import cpu_session, gm
 
 SMALL = {"layers": 2, "hidden": 32, "heads": 4, "seq": 8, "vocab": 50}
 
