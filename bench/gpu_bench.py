@@ -201,13 +201,18 @@ class StaticBinding:
         return out
 
 
+class NotCaptured(Exception):
+    """A model's graphs were not captured on this device (its reason is the message)."""
+
+
 def bench_model(name: str, path: str, batches: list[int], args: argparse.Namespace) -> list[Row]:
     cuda = args.device == "cuda"
     dev_type = "cuda" if cuda else "cpu"
     if cuda:
         on = GraphSet.load(path, 0, TABLE, intra_op_threads=1)
         if not on.captured:
-            raise SystemExit(f"{name}: graphs were not captured: {on.reason}")
+            on.close()
+            raise NotCaptured(on.reason or "unknown")
         off = GraphSet.load(path, 0, TABLE, intra_op_threads=1, graphs=False)
         plain = make_session(path, "cuda:0", 1)
         graph_sess = make_graph_session(path, 0, 1)
@@ -430,6 +435,7 @@ def render(
     cuda: bool,
     e2e: E2ERun | None,
     e2e_error: str | None = None,
+    not_captured: dict[str, str] | None = None,
 ) -> str:
     cmd = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     lines = [
@@ -452,6 +458,14 @@ def render(
         "`cut` = 1 - graphs on / graphs off.",
         "",
     ]
+    for model, why in (not_captured or {}).items():
+        lines += [
+            f"## {model}: {MODELS[model].what}",
+            "",
+            f"**Not measured: its graphs were not captured on this device** ({why}). The worker "
+            "would serve it on the counted eager path.",
+            "",
+        ]
     for model in dict.fromkeys(r.model for r in rows):
         what = MODELS[model].what
         lines += [
@@ -667,11 +681,18 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     e2e: E2ERun | None = None
     e2e_error: str | None = None
+    not_captured: dict[str, str] = {}  # model -> why (the other models are still measured)
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         paths: dict[str, Path] = {}
         for name in args.models.split(","):
-            paths[name] = gpu_models.save(MODELS[name].build(), Path(tmp) / f"{name}.onnx")
-            rows += bench_model(name, str(paths[name]), batches, args)
+            path = gpu_models.save(MODELS[name].build(), Path(tmp) / f"{name}.onnx")
+            try:
+                rows += bench_model(name, str(path), batches, args)
+            except NotCaptured as exc:
+                not_captured[name] = str(exc)
+                print(f"{name}: graphs were not captured: {exc}", flush=True)
+                continue
+            paths[name] = path
         if not args.no_e2e:
             try:
                 e2e = bench_e2e(rows, paths, args)
@@ -679,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 msg = str(exc).strip().splitlines()
                 e2e_error = f"{type(exc).__name__}: {msg[0][:300] if msg else ''}"
-    text = render(rows, info, args, cuda, e2e, e2e_error)
+    text = render(rows, info, args, cuda, e2e, e2e_error, not_captured)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)
@@ -687,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(
             json.dumps({"info": info, "rows": [asdict(r) for r in rows]}, indent=1)
         )
-    return 1 if e2e_error is not None else 0
+    return 1 if e2e_error is not None or not_captured else 0
 
 
 if __name__ == "__main__":
