@@ -116,7 +116,7 @@ TABLE = BucketTable.default(8)  # 1..8: what the worker uses for max_batch_size 
 E2E_LIMIT_US = 500.0  # the "within 0.5 ms of in-process"
 # perf_analyzer measures three fixed windows (stability check off, as in
 # bench/observability_overhead.py): a bounded run per row, ~1.5 s at the default 400 ms window,
-# so 2 models x 8 batches x 2 variants stay near 50 s.
+# so 3 models x 8 batches x 2 variants stay near 75 s.
 PA_FIXED_WINDOWS = ("--stability-percentage", "1000", "--max-trials", "3")
 RAW, CUDA_SHM = "raw bytes", "CUDA shm"  # the perf_analyzer variants
 

@@ -2,7 +2,7 @@
 
     python bench/gpu_profile.py [--iters 300] [--device cuda|cpu] [--part worker,e2e]
 
-Part `worker`, in process, per model (`dense`, `encoder`) and batch size (1, 4, 8):
+Part `worker`, in process, per model (`dense`, `encoder`, `embedder`) and batch size (1, 4, 8):
   - GraphSet.run with graphs (the worker's path), split into its BatchTimings phases (gather,
     H2D, replay, D2H) plus the Python around them (total - phases);
   - onnxruntime alone with IOBinding and a graph, split the same way (concatenate,
@@ -213,7 +213,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--part", default="worker,e2e")
-    p.add_argument("--models", default="dense,encoder")
+    p.add_argument("--models", default="dense,encoder,embedder")
     p.add_argument("--switch-intervals", default="0.0001", help="extra e2e runs with these")
     args = p.parse_args()
     if args.device == "cuda":
