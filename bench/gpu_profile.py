@@ -25,7 +25,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -63,18 +62,9 @@ class Steps:
         return ", ".join(f"{k} {p50(v):.1f}" for k, v in self.times.items())
 
 
-def split_static(
-    sess: Any,
-    row: tuple[int, ...],
-    out_row: tuple[int, ...],
-    b: int,
-    dev: str,
-    gid: int | None,
-    dtype: type[np.generic],
-) -> Callable[[list[np.ndarray], Steps], None]:
+def split_static(sb: StaticBinding) -> Callable[[list[np.ndarray], Steps], None]:
     """gpu_bench's StaticBinding (same buffers, binding and capture), its four steps timed
     one by one."""
-    sb = StaticBinding(sess, row, out_row, b, dev, gid, dtype)
 
     def run(rows: list[np.ndarray], st: Steps) -> None:
         t0 = time.perf_counter_ns()
@@ -140,7 +130,7 @@ def worker_part(args: argparse.Namespace, paths: dict[str, Path]) -> None:
                 chk.add("registry check", time.perf_counter_ns() - t0)
             print(f"{name} b={b} {chk.line()}", flush=True)
             for label, sess, gid in (("ORT+graph", gsess, 100 + b), ("ORT no graph", plain, None)):
-                fn = split_static(sess, row, out_row, b, dev, gid, model.dtype)
+                fn = split_static(StaticBinding(sess, row, out_row, b, dev, gid, model.dtype))
                 s = Steps()
                 for i in range(args.warmup + args.iters):
                     fn(reqs, s if i >= args.warmup else Steps())
