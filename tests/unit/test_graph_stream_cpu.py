@@ -32,6 +32,13 @@ def streamed(model: Any, sizes: tuple[int, ...] = (1, 2, 4, 8)) -> tuple[GraphSe
     return gs, stream
 
 
+def assert_bucket_4_holds(gs: GraphSet, x: Array) -> None:
+    """Bucket 4's bound input holds `x`'s 3 rows, then a zeroed row of padding."""
+    bound = gs.bucket(4).inputs["INPUT0"].numpy()
+    np.testing.assert_array_equal(bound[:3], x)
+    assert not bound[3:].any()  # zeroed, whatever a fuller batch left there
+
+
 @pytest.mark.parametrize("split", [[1], [3], [1, 1, 1], [2, 3], [1, 2, 4, 1], [5, 3]])
 def test_streamed_replay_matches_a_plain_run(split: list[int]) -> None:
     model = gm.mlp()
@@ -56,9 +63,7 @@ def test_small_requests_are_gathered_then_copied_once_and_synchronised_once() ->
     parts = [rows(1, seed=3), rows(2, seed=4)]
     result = gs.run([{"INPUT0": p} for p in parts])
     assert stream.calls == ["to_device", "zero", "to_host", "synchronize"]
-    bound = gs.bucket(4).inputs["INPUT0"].numpy()
-    np.testing.assert_array_equal(bound[:3], np.concatenate(parts))
-    assert not bound[3:].any()  # the fuller batch's fourth row is gone
+    assert_bucket_4_holds(gs, np.concatenate(parts))
     ref = cpu_session(model)
     for p, (out,) in zip(parts, result.outputs, strict=True):
         np.testing.assert_allclose(out, ref.run(None, {"INPUT0": p})[0], rtol=1e-5, atol=1e-6)
@@ -73,9 +78,7 @@ def test_one_request_is_copied_from_where_it_is_and_the_padding_zeroed_on_the_de
     x = rows(3, seed=3)
     result = gs.run([{"INPUT0": x}])
     assert stream.calls == ["to_device", "zero", "to_host", "synchronize"]
-    bound = gs.bucket(4).inputs["INPUT0"].numpy()
-    np.testing.assert_array_equal(bound[:3], x)
-    assert not bound[3:].any()  # the fuller batch's fourth row is gone
+    assert_bucket_4_holds(gs, x)
     np.testing.assert_allclose(
         result.outputs[0][0], cpu_session(model).run(None, {"INPUT0": x})[0], rtol=1e-5, atol=1e-6
     )
@@ -89,9 +92,7 @@ def test_large_requests_are_each_copied_to_their_row_offset() -> None:
     parts = [rows(1, width, seed=1), rows(2, width, seed=2)]
     result = gs.run([{"INPUT0": p} for p in parts])
     assert stream.calls == ["to_device", "to_device", "zero", "to_host", "synchronize"]
-    bound = gs.bucket(4).inputs["INPUT0"].numpy()
-    np.testing.assert_array_equal(bound[:3], np.concatenate(parts))
-    assert not bound[3:].any()
+    assert_bucket_4_holds(gs, np.concatenate(parts))
     ref = cpu_session(model)
     for p, (out,) in zip(parts, result.outputs, strict=True):
         np.testing.assert_allclose(out, ref.run(None, {"INPUT0": p})[0], rtol=1e-4, atol=1e-5)
@@ -164,9 +165,7 @@ def test_rows_in_device_memory_are_copied_by_the_copier_beside_streamed_host_row
     feeds = [{"INPUT0": DeviceRows(a.ctypes.data, a.shape, a.dtype)}, {"INPUT0": b}]
     result = gs.run(feeds)
     assert stream.calls == ["to_host", "synchronize"]  # the inputs went through the copier
-    bound = gs.bucket(4).inputs["INPUT0"].numpy()
-    np.testing.assert_array_equal(bound[:3], np.concatenate([a, b]))
-    assert not bound[3:].any()
+    assert_bucket_4_holds(gs, np.concatenate([a, b]))
     ref = cpu_session(model)
     for x, (out,) in zip((a, b), result.outputs, strict=True):
         np.testing.assert_allclose(out, ref.run(None, {"INPUT0": x})[0], rtol=1e-5, atol=1e-6)
