@@ -584,24 +584,23 @@ class GraphSet:
             self.registry.check(buf.bucket, self._signature_now(buf))
             for spec, arrays, how in plans:
                 dst = device[spec.name]
-                if how == "gather":
-                    nbytes = rows * spec.row_nbytes
-                    stream.to_device(dst, self._host_ptrs[spec.name], nbytes)
-                    if rows < buf.bucket:  # zeros, not stale rows (see pad_batch)
-                        stream.zero(dst + nbytes, (buf.bucket - rows) * spec.row_nbytes)
-                elif how == "device":
+                if how == "device":  # copy_rows_into zeroes the padding itself
                     if self._copier is None:
                         raise BadBatch("rows in device memory, but this GraphSet has no copier")
                     copy_rows_into(
                         dst, spec.row_nbytes, arrays, buf.bucket, self._copier, self.device_id
                     )
+                    continue
+                nbytes = rows * spec.row_nbytes  # check_feeds: every request has these rows
+                if how == "gather":
+                    stream.to_device(dst, self._host_ptrs[spec.name], nbytes)
                 else:
                     offset = 0
                     for a in arrays:
                         stream.to_device(dst + offset, a.ctypes.data, a.nbytes)
                         offset += a.nbytes
-                    if rows < buf.bucket:  # zeros, not stale rows (see pad_batch)
-                        stream.zero(dst + offset, (buf.bucket - rows) * spec.row_nbytes)
+                if rows < buf.bucket:  # zeros, not stale rows (see pad_batch)
+                    stream.zero(dst + nbytes, (buf.bucket - rows) * spec.row_nbytes)
             if direct and self._copier is not None:
                 self._copier.synchronize(self.device_id)  # the legacy stream's copies
             t2 = time.perf_counter_ns()
