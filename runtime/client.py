@@ -4,6 +4,10 @@ Owns the front's shared-memory arena and slot pool. `infer` leases a run of slot
 inputs into it (the one host copy of a request's tensors), sends an Infer message, and awaits
 InferDone. A lease is returned only once the worker can no longer write to it: on its reply, or
 when the worker is known dead. If the link drops, every pending call fails with WorkerGone.
+
+A version served from CUDA graphs has a direct channel (`LoadDone.channel`,
+runtime.channels): a second socket, read by the version's own serving thread, where its calls
+go instead of the link. The client opens it when the load answers and closes it on unload.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import msgspec
 
 from runtime.ipc.protocol import (
     PROTOCOL_VERSION,
+    Attach,
     CloseRegion,
     Code,
     FrameReader,
@@ -137,8 +142,10 @@ class RuntimeClient:
         self._wanted: dict[tuple[str, ...], tuple[OutputRequest, ...]] = {}
         self._space_waiters: list[asyncio.Future[None]] = []
         self._on_lost: Callable[[], None] | None = None
+        self._channels: dict[tuple[str, int], _Channel] = {}  # direct channels, by version
         self.closed = True
         self.inline_outputs = 0  # counted slow path: outputs that did not fit the reservation
+        self.direct_calls = 0  # calls sent on a direct channel
 
     async def connect(self, on_lost: Callable[[], None] | None = None) -> Welcome:
         loop = self._loop = asyncio.get_running_loop()
@@ -155,6 +162,7 @@ class RuntimeClient:
 
     async def close(self) -> None:
         self.closed = True
+        self._close_channels()
         if self._transport is not None:
             self._flush()
             self._transport.close()
@@ -166,6 +174,8 @@ class RuntimeClient:
         self._send(msg)
         done = await fut
         assert isinstance(done, LoadDone)
+        if done.code == Code.OK and done.channel:
+            await self._open_channel((msg.name, msg.version), done.channel)
         return done
 
     async def unload(self, name: str, version: int) -> None:
@@ -173,6 +183,9 @@ class RuntimeClient:
         fut = self._expect(rid)
         self._send(UnloadModel(rid, name, version))
         await fut
+        chan = self._channels.pop((name, version), None)
+        if chan is not None:
+            chan.retire()
 
     async def status(self) -> WorkerStatus:
         """What the worker holds for this front: its calls waiting in batcher queues, its
@@ -272,7 +285,13 @@ class RuntimeClient:
             )
             fut = self._expect(call_id)
             self._leases[call_id] = lease
-            self._send(msg)
+            chan = self._channels.get((name, version)) if self._channels else None
+            if chan is None:
+                self._send(msg)
+            else:
+                chan.send(encode(msg))
+                chan.calls.add(call_id)
+                self.direct_calls += 1
             released = True  # from here the reader returns the lease
             try:
                 if deadline is None:
@@ -316,6 +335,51 @@ class RuntimeClient:
         return InferResult(tuple(out), done.timings or Timings())
 
     # ------------------------------------------------------------------ internals
+
+    async def _open_channel(self, key: tuple[str, int], path: str) -> None:
+        """Send `key`'s calls on its direct channel at `path` from now on (a reload names the
+        same one: kept). A channel that cannot be opened leaves the calls on the link."""
+        old = self._channels.get(key)
+        if old is not None and old.path == path and not old.lost:
+            return
+        assert self.welcome is not None
+        chan = _Channel(path, key, self._loop)
+        try:
+            await self._loop.create_unix_connection(lambda: _ChannelLink(self, chan), path)
+        except OSError as exc:
+            log.warning("no direct channel to %s version %d (%s): calls take the link", *key, exc)
+            return
+        if self.closed:
+            chan.retire()
+            return
+        chan.send(encode(Attach(self.welcome.connection)))
+        self._channels[key] = chan
+        if old is not None:
+            old.retire()
+
+    def _channel_lost(self, chan: _Channel) -> None:
+        """The worker closed a direct channel (its version unloaded, or the worker gone): calls
+        still in it were never read, so their leases can go back."""
+        if self._channels.get(chan.key) is chan:
+            del self._channels[chan.key]
+        name, version = chan.key
+        for call_id in chan.calls:
+            fut = self._pending.pop(call_id, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(
+                    CallFailed(
+                        Code.NOT_READY,
+                        f"model '{name}' version {version} was unloaded before the call ran",
+                    )
+                )
+                fut.exception()  # mark retrieved: callers may have gone
+            self._release_call(call_id)
+        chan.calls.clear()
+
+    def _close_channels(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for chan in channels:
+            chan.retire()
 
     def _plain_outputs(self, outputs: tuple[str, ...]) -> tuple[OutputRequest, ...]:
         """The OutputRequests of `outputs` (arena outputs), kept: clients repeat them."""
@@ -369,6 +433,7 @@ class RuntimeClient:
         elif not self.closed:
             log.warning("worker link lost: the worker closed the connection")
         self.closed = True
+        self._close_channels()
         self._fail_all(WorkerGone("worker process exited"))
         if self._on_lost is not None:
             self._on_lost()
@@ -436,3 +501,71 @@ class _Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client._lost(exc)
+
+
+class _Channel:
+    """A direct channel to one version: its socket, the frames written this loop iteration
+    (flushed together), the calls sent on it and not answered yet."""
+
+    def __init__(self, path: str, key: tuple[str, int], loop: asyncio.AbstractEventLoop) -> None:
+        self.path = path
+        self.key = key
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.calls: set[int] = set()
+        self.lost = False
+        self.retiring = False
+        self._out: list[bytes] = []
+
+    def send(self, frame: bytes) -> None:
+        if not self._out:
+            self.loop.call_soon(self.flush)
+        self._out.append(frame)
+
+    def flush(self) -> None:
+        out, self._out = self._out, []
+        t = self.transport
+        if out and t is not None and not t.is_closing():
+            t.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def retire(self) -> None:
+        """No new calls come here; close once the ones sent are answered (closing earlier
+        would leave their leases to a worker still writing into them)."""
+        self.retiring = True
+        if not self.calls and self.transport is not None:
+            self.flush()
+            self.transport.close()
+
+
+class _ChannelLink(asyncio.Protocol):
+    """Answers on a direct channel: InferDone only."""
+
+    def __init__(self, client: RuntimeClient, chan: _Channel) -> None:
+        self.client = client
+        self.chan = chan
+        self.reader = FrameReader()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports are not asyncio.Transport instances, but behave as one)
+        self.chan.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        chan = self.chan
+        try:
+            for body in self.reader.frames(memoryview(data)):
+                msg = decode_worker(body)
+                if not isinstance(msg, InferDone):
+                    raise ValueError(f"{type(msg).__name__} on a direct channel")
+                chan.calls.discard(msg.call_id)
+                self.client._on_message(msg)
+        except Exception:
+            log.exception("direct channel protocol error")
+            if chan.transport is not None:
+                chan.transport.close()
+            return
+        if chan.retiring and not chan.calls and chan.transport is not None:
+            chan.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.chan.lost = True
+        self.client._channel_lost(self.chan)

@@ -11,6 +11,7 @@ the thread pool, and loading and unloading.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from runtime.channels import Channels, Front, Waker
 from runtime.engine.batcher import Batcher, Pending
 from runtime.engine.buckets import BucketTable
 from runtime.engine.golden import GoldenMismatch
@@ -77,6 +79,11 @@ class Worker:
         # Batched models on a CUDA device (or on the CPU with cpu_graphs, for tests): served
         # from captured graphs, each on its own thread (runtime.engine.graph_model).
         self.graph_models: dict[tuple[str, int], GraphModel] = {}
+        # Their direct channels (runtime.channels), one listening socket per version, kept
+        # across reloads of the version; fronts find them by their connection's id.
+        self.channels: dict[tuple[str, int], Channels] = {}
+        self.connections: dict[int, Connection] = {}
+        self._ids = itertools.count(1)
         # Held by graph captures, GPU runs and hostRegister: a capture is global on a device.
         # Reentrant: closing a client CUDA region takes it wherever the last release happens,
         # which may be a path that holds it already (an unregister, a front's disconnect).
@@ -133,9 +140,15 @@ class Worker:
                 except TimeoutError:
                     continue
                 conn.settimeout(None)
-                threading.Thread(target=Connection(self, conn).run, daemon=True).start()
+                connection = Connection(self, conn, next(self._ids))
+                self.connections[connection.id] = connection
+                threading.Thread(target=connection.run, daemon=True).start()
         finally:
             srv.close()
+            with self._models_lock:
+                channels, self.channels = list(self.channels.values()), {}
+            for c in channels:
+                c.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -192,6 +205,7 @@ class Worker:
     def release(self, holder: object) -> None:
         """A front is gone: it holds nothing any more (what it held stays loaded for the others,
         and for its restart, until a front unloads it)."""
+        self.connections.pop(getattr(holder, "id", 0), None)
         with self._models_lock:
             for holders in self._holders.values():
                 holders.discard(holder)
@@ -250,6 +264,8 @@ class Worker:
         same = msg.identity()
         with self._models_lock:
             current = self.graph_models.get(key)
+            channels = self.channels.get(key)
+        channel = "" if channels is None else channels.path
         if current is not None and msg.served_by(current.spec):
             return LoadDone(
                 msg.request_id,
@@ -258,7 +274,11 @@ class Worker:
                 current.signature,
                 device_memory=current.device_memory,
                 reused=True,
+                channel=channel,
             )
+        if channels is None:
+            channels = self._open_channels(key)
+            channel = "" if channels is None else channels.path
         table = BucketTable.default(msg.max_batch_size)
         copier = None if self.region_io is None else self.region_io[1]
 
@@ -296,18 +316,29 @@ class Worker:
             max_queue_size=1024 if b is None else b.max_queue_size,
             name=f"model '{msg.name}' version {msg.version}",
         )
+
+        def waker(model: GraphModel) -> Waker:
+            return Waker(channels, model.submit)
+
         try:
             with self.memory.measure() as used:
-                model = GraphModel.start(same, make_graphs, batcher)
+                model = GraphModel.start(same, make_graphs, batcher, idle=waker)
         except (SessionError, SignatureMismatch, GoldenMismatch) as exc:
+            self._close_unused_channels(key)
             return LoadDone(msg.request_id, Code.BAD_INPUT, str(exc))
         except Exception as exc:
             log.exception("loading %s version %d failed", msg.name, msg.version)
+            self._close_unused_channels(key)
             return LoadDone(msg.request_id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
         model.device_memory = used.nbytes
         with self._models_lock:
             old = self.graph_models.get(key)
             self.graph_models[key] = model
+        if channels is not None:
+            # From now on the new instance reads the channels; what the fronts send meanwhile
+            # waits in the sockets for it, and the old one drains only what it has queued.
+            assert isinstance(model.idle, Waker)
+            channels.hand_to(model.idle)
         if old is not None:  # calls already queued on the old instance finish there
             threading.Thread(target=self._released, args=(old.close,), daemon=True).start()
         if model.reason:
@@ -322,7 +353,33 @@ class Worker:
             model.signature,
             time.monotonic_ns() - t0,
             model.device_memory,
+            channel=channel,
         )
+
+    def _open_channels(self, key: Key) -> Channels | None:
+        """A version's direct channels, listening from now on; None (calls come through the
+        fronts' connections) when its socket cannot be made."""
+        path = f"{self.settings.socket_path}.{next(self._ids)}"
+        try:
+            channels = Channels(path, self._front)
+        except OSError as exc:  # e.g. a path longer than a Unix socket's 107 bytes
+            log.warning("no direct channel for %s version %d (%s): calls take the link", *key, exc)
+            return None
+        with self._models_lock:
+            self.channels[key] = channels
+        return channels
+
+    def _close_unused_channels(self, key: Key) -> None:
+        """After a failed load: the channels go unless an instance already serves them."""
+        with self._models_lock:
+            channels = None if key in self.graph_models else self.channels.pop(key, None)
+        if channels is not None:
+            channels.close()
+
+    def _front(self, connection: int) -> Front | None:
+        """A front's connection by its id (a direct channel's Attach), once it said Hello."""
+        conn = self.connections.get(connection)
+        return conn if conn is not None and conn.arena is not None else None
 
     def unload(self, msg: UnloadModel, holder: object = None) -> UnloadDone:
         """`holder` lets go of the version; unloaded once no other front holds it."""
@@ -340,8 +397,15 @@ class Worker:
         with self.memory.releasing():
             with self._models_lock:
                 graph_model = self.graph_models.pop((msg.name, msg.version), None)
+                channels = self.channels.pop((msg.name, msg.version), None)
+            if channels is not None:
+                # Read no more: the fronts drained their calls before unloading. A front that
+                # still sends sees its channel end, and its calls fail, never half computed.
+                channels.hand_to(None)
             if graph_model is not None:
                 graph_model.close()  # drains what is queued
+            if channels is not None:
+                channels.close()
             with self._models_lock:
                 plain = self.models.pop((msg.name, msg.version), None)
                 batcher = self.batchers.pop((msg.name, msg.version), None)

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from runtime.engine.batcher import BatcherClosed, Pending, QueueFull
+from runtime.engine.graph_model import queue_call
 from runtime.engine.regions import RegionError, RegionTable
 from runtime.ipc.pinning import CudaError, PinnedRegion, pin_arena
 from runtime.ipc.protocol import (
@@ -64,9 +65,10 @@ Queued = tuple["Connection", Infer, int]
 class Connection:
     """One front process: its arena and its socket."""
 
-    def __init__(self, worker: Worker, sock: socket.socket) -> None:
+    def __init__(self, worker: Worker, sock: socket.socket, id: int = 0) -> None:
         self.worker = worker
         self.sock = sock
+        self.id = id  # named in Welcome; a direct channel's Attach names it (runtime.channels)
         self.send_lock = threading.Lock()
         self.arena: Arena | None = None
         self.pinned: PinnedRegion | None = None
@@ -178,6 +180,7 @@ class Connection:
                 os.getpid(),
                 self.worker.device,
                 tuple(ort.get_available_providers()),
+                self.id,
             )
         )
 
@@ -185,9 +188,11 @@ class Connection:
         """This front's calls waiting in batcher queues, and its arena's pinned bytes. Counted
         on the reader thread: a pass over queues that are short unless the worker is behind."""
         plain, graphs = self.worker.batchers_now()
-        answer = self.send_quiet  # graph models' calls carry their answer callback, not us
+        # Graph models' calls carry an answer callback (ours or a direct channel's) and our
+        # arena, not us.
+        buf = None if self.arena is None else self.arena.buf
         counts = [((name, v), b.count_queued(lambda q: q[0] is self)) for (name, v), b in plain]
-        counts += [((name, v), b.count_queued(lambda q: q[0] == answer)) for (name, v), b in graphs]
+        counts += [((name, v), b.count_queued(lambda q: q[2] is buf)) for (name, v), b in graphs]
         pinned = self.pinned
         return WorkerStatus(
             msg.request_id,
@@ -258,26 +263,8 @@ class Connection:
         rows = call.inputs[0].shape[0] if call.inputs and call.inputs[0].shape else 1
         graph_model = self.worker.graph_models.get((call.name, call.version))
         if graph_model is not None and self.arena is not None:
-            try:
-                graph_model.submit(
-                    Pending(
-                        call.call_id,
-                        rows,
-                        received_ns,
-                        call.deadline_ns,
-                        payload=(self.send_quiet, call, self.arena.buf, received_ns, self.regions),
-                    )
-                )
-            except QueueFull as exc:
-                self.send_quiet(InferDone(call.call_id, Code.OVERLOADED, str(exc)))
-            except BatcherClosed:
-                self.send_quiet(
-                    InferDone(
-                        call.call_id,
-                        Code.NOT_READY,
-                        f"model '{call.name}' version {call.version} is being replaced or unloaded",
-                    )
-                )
+            buf = self.arena.buf
+            queue_call(graph_model.submit, call, self.send_quiet, buf, self.regions, received_ns)
             return
         batcher = self.worker.batchers.get((call.name, call.version))
         if batcher is not None and call.bound:

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Generic, NamedTuple, TypeVar
+from typing import Final, Generic, NamedTuple, Protocol, TypeVar
 
 __all__ = [
     "DEFAULT_MAX_QUEUE_SIZE",
@@ -25,6 +25,7 @@ __all__ = [
     "BatcherClosed",
     "BatcherStats",
     "Formed",
+    "Idle",
     "Pending",
     "QueueFull",
     "form_batch",
@@ -122,6 +123,21 @@ def _next_event(rest: Sequence[Pending[T]], now_ns: int, delay_ns: int) -> int |
     return max(0, due - now_ns)
 
 
+class Idle(Protocol):
+    """How a batching loop waits while nothing is due, instead of on the batcher's condition
+    variable: e.g. in `select` on sockets whose calls it reads and submits itself
+    (runtime.channels). `wait` returns after `wake()`, after the timeout, or when it has
+    submitted something; `wake` is called by another thread's submit() or close(), under the
+    batcher's lock, so it must not block. `close` frees what it waits on: whoever started
+    the loop calls it once the loop is over (run() never does)."""
+
+    def wait(self, timeout_s: float | None) -> None: ...
+
+    def wake(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class BatcherStats:
     queued: int  # requests waiting now
@@ -176,6 +192,7 @@ class Batcher(Generic[T]):
         self._queue: deque[Pending[T]] = deque()
         self._closing = False
         self._runners: set[int] = set()  # thread ids of the active run() loops
+        self._waiting: Idle | None = None  # a loop's Idle while it waits in it
         self._batches = self._batched_requests = self._batched_rows = 0
         self._expired = self._rejected = 0
 
@@ -191,6 +208,14 @@ class Batcher(Generic[T]):
                 )
             self._queue.append(item)
             self._cond.notify()
+            self._wake_idle()
+
+    def _wake_idle(self) -> None:
+        # Under the lock. Once per wait: a loop that has not started waiting yet will see
+        # what changed when it next decides (it sets _waiting under the lock, after deciding).
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.wake()
 
     def poll(
         self,
@@ -207,8 +232,10 @@ class Batcher(Generic[T]):
         self,
         execute_batch: Callable[[list[Pending[T]]], None],
         expire: Callable[[Pending[T]], None],
+        idle: Idle | None = None,
     ) -> None:
-        """The batching loop; returns after close() once the queue is drained."""
+        """The batching loop; returns after close() once the queue is drained. With `idle`
+        (one loop only), it waits there between batches instead of on the condition."""
         me = threading.get_ident()
         with self._cond:
             if me in self._runners:
@@ -218,15 +245,23 @@ class Batcher(Generic[T]):
             while True:
                 with self._cond:
                     formed = self._take()
-                    if not formed.batch and not formed.expired:
+                    due = formed.batch or formed.expired
+                    if not due:
                         if self._closing and not self._queue:
                             return
                         # submit() and close() notify; a timed event wakes us by timeout.
                         timeout = None if formed.wait_ns is None else formed.wait_ns / 1e9
-                        self._cond.wait(timeout)
-                        continue
-                    if self._queue and len(self._runners) > 1:
+                        if idle is None:
+                            self._cond.wait(timeout)
+                            continue
+                        self._waiting = idle
+                    elif self._queue and len(self._runners) > 1:
                         self._cond.notify()  # what is left may be another instance's batch
+                if not due:
+                    assert idle is not None
+                    idle.wait(timeout)  # outside the lock: it may submit
+                    self._waiting = None
+                    continue
                 self._dispatch(formed, execute_batch, expire)
         finally:
             with self._cond:
@@ -240,6 +275,7 @@ class Batcher(Generic[T]):
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+            self._wake_idle()
             if not self._runners:
                 return not self._queue
             if threading.get_ident() in self._runners:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.engine.batcher import Batcher, Pending
+from runtime.engine.batcher import Batcher, BatcherClosed, Idle, Pending, QueueFull
 from runtime.engine.bound import hold_outputs, place_outputs, region_input, run_bound
 from runtime.engine.device_rows import DeviceRows
 from runtime.engine.golden import check_golden, load_golden
@@ -45,7 +45,7 @@ from runtime.ipc.protocol import (
     Timings,
 )
 
-__all__ = ["GraphModel", "Queued"]
+__all__ = ["GraphModel", "Queued", "queue_call"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class GraphModel:
         self.signature: ModelSignature | None = None
         self.device_memory: int | None = None  # bytes its load took on the device (None: unknown)
         self._thread: threading.Thread | None = None
+        self.idle: Idle | None = None
 
     @classmethod
     def start(
@@ -75,26 +76,34 @@ class GraphModel:
         make_graphs: Callable[[], GraphSet],
         batcher: Batcher[Queued],
         timeout_s: float = 600.0,
+        idle: Callable[[GraphModel], Idle] | None = None,
     ) -> GraphModel:
+        """`idle(model)`: where the serving thread waits between batches (the batcher's
+        condition if None; runtime.channels.Waker for a version with direct channels)."""
         model = cls(spec, batcher)
+        model.idle = None if idle is None else idle(model)
         loaded = threading.Event()
         failure: list[BaseException] = []
 
         def serve() -> None:
             try:
-                model.graphs = make_graphs()  # loads and captures on this thread
-                model.signature = model.graphs.signature
-                if spec.golden_path:
-                    model._self_test(spec.golden_path)
-            except BaseException as exc:
-                failure.append(exc)
+                try:
+                    model.graphs = make_graphs()  # loads and captures on this thread
+                    model.signature = model.graphs.signature
+                    if spec.golden_path:
+                        model._self_test(spec.golden_path)
+                except BaseException as exc:
+                    failure.append(exc)
+                    loaded.set()
+                    return
                 loaded.set()
-                return
-            loaded.set()
-            try:
-                batcher.run(model._run_batch, model._expire)
+                try:
+                    batcher.run(model._run_batch, model._expire, model.idle)
+                finally:
+                    model.graphs.close()
             finally:
-                model.graphs.close()
+                if model.idle is not None:
+                    model.idle.close()
 
         model._thread = threading.Thread(
             target=serve, daemon=True, name=f"graphs-{spec.name}-{spec.version}"
@@ -356,6 +365,32 @@ class GraphModel:
             links=(call.span,) if call.span else (),
         )
         answer(InferDone(call.call_id, Code.OK, outputs=run.outputs, timings=timings))
+
+
+def queue_call(
+    submit: Callable[[Pending[Queued]], None],
+    call: Infer,
+    answer: Callable[[InferDone], None],
+    buf: memoryview,
+    regions: RegionTable | None,
+    received_ns: int,
+) -> None:
+    """Queue `call` on a graph-served version (`submit`: its GraphModel's); a full queue or a
+    version being replaced or unloaded is answered at once through `answer`."""
+    rows = call.inputs[0].shape[0] if call.inputs and call.inputs[0].shape else 1
+    payload = (answer, call, buf, received_ns, regions)
+    try:
+        submit(Pending(call.call_id, rows, received_ns, call.deadline_ns, payload=payload))
+    except QueueFull as exc:
+        answer(InferDone(call.call_id, Code.OVERLOADED, str(exc)))
+    except BatcherClosed:
+        answer(
+            InferDone(
+                call.call_id,
+                Code.NOT_READY,
+                f"model '{call.name}' version {call.version} is being replaced or unloaded",
+            )
+        )
 
 
 def _all_to_arena(call: Infer, names: tuple[str, ...]) -> bool:

@@ -18,6 +18,7 @@ import msgspec
 __all__ = [
     "GOLDEN_FILE",
     "PROTOCOL_VERSION",
+    "Attach",
     "Batching",
     "CloseRegion",
     "Code",
@@ -49,7 +50,7 @@ __all__ = [
     "encode",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 FRAME_HEADER: Final = struct.Struct("<I")
 MAX_FRAME: Final = 64 * 1024 * 1024  # inline outputs are the only large payloads
 GOLDEN_FILE: Final = "golden.json"  # a version's golden request/response, beside its model file
@@ -219,8 +220,23 @@ class CloseRegion(_Msg, tag="region_close"):
     name: str
 
 
+class Attach(_Msg, tag="attach"):
+    """The first message on a direct channel (`LoadDone.channel`): whose calls follow, named
+    by the id the worker gave that front's connection in its Welcome."""
+
+    connection: int
+
+
 FrontMessage = (
-    Hello | LoadModel | UnloadModel | Infer | GetStatus | Shutdown | OpenRegion | CloseRegion
+    Hello
+    | LoadModel
+    | UnloadModel
+    | Infer
+    | GetStatus
+    | Shutdown
+    | OpenRegion
+    | CloseRegion
+    | Attach
 )
 
 # ----------------------------------------------------------------------------- worker -> front
@@ -231,6 +247,7 @@ class Welcome(_Msg, tag="welcome"):
     pid: int
     device: str  # "cpu" or "cuda:N"
     providers: tuple[str, ...]
+    connection: int = 0  # this connection's id, which a direct channel's Attach names
 
 
 class LoadDone(_Msg, tag="loaded"):
@@ -243,6 +260,10 @@ class LoadDone(_Msg, tag="loaded"):
     # when it could not be attributed.
     device_memory: int | None = None
     reused: bool = False  # the instance another front's load made (same identity): no load
+    # A version served from CUDA graphs: the Unix socket of its direct channel, where the
+    # front sends its calls so that they reach the version's serving thread without a hop
+    # through the connection's reader (runtime.channels). "" = none: calls go by the link.
+    channel: str = ""
 
 
 class UnloadDone(_Msg, tag="unloaded"):

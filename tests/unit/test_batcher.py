@@ -321,6 +321,58 @@ def test_close_drains_the_queue_then_stops() -> None:
         b.submit(req(10))
 
 
+class EventIdle:
+    """An in-memory Idle: records each wait's timeout, waits on an Event that wake() sets,
+    and submits what the test left in `inbox` (as a channel's reads would) before returning."""
+
+    def __init__(self, batcher: Batcher[None]) -> None:
+        self.batcher = batcher
+        self.timeouts: list[float | None] = []
+        self.inbox: list[Pending[None]] = []
+        self.woken = threading.Event()
+        self.wakes = 0
+
+    def wait(self, timeout_s: float | None) -> None:
+        self.timeouts.append(timeout_s)
+        self.woken.wait(timeout_s)
+        self.woken.clear()
+        while self.inbox:
+            self.batcher.submit(self.inbox.pop(0))
+
+    def wake(self) -> None:
+        self.wakes += 1
+        self.woken.set()
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_loop_with_an_idle_waits_there_and_is_woken_by_submits_and_close() -> None:
+    clock, rec = FakeClock(), Recorder()
+    b: Batcher[None] = Batcher(8, max_queue_delay_ns=3 * MS, clock=clock)
+    idle = EventIdle(b)
+    t = threading.Thread(target=b.run, args=(rec.execute, rec.expire, idle), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 5
+    while not idle.timeouts:  # the loop found nothing and waits in the idle, untimed
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert idle.timeouts == [None]
+    b.submit(req(1, at=0))  # another thread's submit wakes it; the delay is then its timeout
+    while len(idle.timeouts) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert idle.timeouts[1] == pytest.approx(0.003)
+    assert idle.wakes == 1 and rec.batches == []
+    idle.inbox.append(req(2, 7, at=0))  # read by the idle itself: 8 rows, a full batch
+    idle.woken.set()
+    assert rec.ran.wait(5)
+    assert rec.batches == [[1, 2]]
+    assert b.close(timeout=5) is True  # close wakes it too, and the loop returns
+    t.join(5)
+    assert not t.is_alive()
+
+
 def test_run_after_close_drains_and_returns() -> None:
     rec = Recorder()
     b: Batcher[None] = Batcher(2, max_queue_delay_ns=10**12, clock=FakeClock())

@@ -14,6 +14,7 @@ from runtime.ipc.protocol import (
     FRAME_HEADER,
     MAX_FRAME,
     PROTOCOL_VERSION,
+    Attach,
     CloseRegion,
     Code,
     FrameReader,
@@ -83,13 +84,15 @@ FRONT: list[FrontMessage] = [
     CloseRegion(7, "gpu0"),
     CloseRegion(8, ""),
     Shutdown(),
+    Attach(7),
 ]
 
 WORKER: list[WorkerMessage] = [
     Welcome(PROTOCOL_VERSION, 999, "cpu", ("CPUExecutionProvider",)),
-    Welcome(PROTOCOL_VERSION, 1, "cuda:0", ("CUDAExecutionProvider", "CPUExecutionProvider")),
+    Welcome(PROTOCOL_VERSION, 1, "cuda:0", ("CUDAExecutionProvider", "CPUExecutionProvider"), 3),
     LoadDone(1, Code.OK, signature=SIG, load_ns=5_000_000),
     LoadDone(2, Code.BAD_INPUT, "config input 'x' is not an input of the ONNX graph"),
+    LoadDone(3, Code.OK, signature=SIG, reused=True, channel="/run/microtune/worker.sock.4"),
     UnloadDone(3),
     RegionDone(6, Code.OK),
     RegionDone(7, Code.UNSUPPORTED, "this server's worker has no CUDA device"),

@@ -54,11 +54,14 @@ def _queue(worker: Worker, a: Connection, b: Connection) -> None:
         plain.submit(Pending(i, 1, 0, payload=(conn, CALL, 0)))
     graphs: Batcher[Any] = Batcher(8, max_queue_delay_ns=NEVER_NS)
     worker.graph_models[("dense_large", 2)] = SimpleNamespace(batcher=graphs)  # type: ignore[assignment]
+    for conn in (a, b):
+        conn.arena = SimpleNamespace(buf=memoryview(bytearray(8)))  # type: ignore[assignment]
     for i, conn in enumerate((b, b, b, a)):
-        # A graph model's call carries its connection's answer callback, not the connection.
-        graphs.submit(
-            Pending(10 + i, 2, 0, payload=(conn.send_quiet, CALL, memoryview(b""), 0, None))
-        )
+        # A graph model's call carries an answer callback (its connection's, or its direct
+        # channel's: runtime.channels) and its front's arena, not the connection.
+        answer = conn.send_quiet if i % 2 else (lambda done: None)
+        assert conn.arena is not None
+        graphs.submit(Pending(10 + i, 2, 0, payload=(answer, CALL, conn.arena.buf, 0, None)))
     worker.batchers[("idle", 1)] = Batcher(8)  # nothing queued: not listed
 
 

@@ -1,0 +1,209 @@
+"""Direct channels: a graph-served version's calls, sent by each front straight to its serving
+thread.
+
+A call that comes through its front's connection wakes two worker threads: the connection's
+reader, which decodes it and queues it on the version's batcher, then the version's serving
+thread, which batches and replays it (onnxruntime keeps CUDA graphs in the capturing thread,
+so the reader cannot replay it itself). That hop costs 17-25 µs here and 42 µs on an H100 VM
+(docs/gpu.md §12). A direct channel removes it. The version listens on a Unix socket of its
+own, named in LoadDone; each front connects, says `Attach(connection)` and sends that
+version's calls there; the serving thread waits in `select` on those sockets and on a wake
+pipe (`Waker`, the batcher's `Idle`), reads, queues, batches, replays and answers on the same
+socket. Calls that still come through a reader (a front without the channel) wake it through
+the pipe, and all of them batch together in the one queue.
+
+A version's channels outlive its instances: a reload of the same name and version hands them
+(`Channels.hand_to`) from the old instance's thread to the new one's, so the fronts keep their
+sockets and what they send meanwhile waits in the socket for the new instance, never read by
+one that is draining. Only the owner reads; answers may come from the old and the new
+instance at once, so each channel's sends take a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from runtime.engine.graph_model import queue_call
+from runtime.engine.regions import RegionTable
+from runtime.ipc.protocol import MAX_FRAME, Attach, FrameReader, Infer, InferDone, decode_front
+from runtime.ipc.protocol import encode as encode_frame
+
+__all__ = ["Channels", "Front", "Waker"]
+
+log = logging.getLogger("microtune.worker")
+
+
+class Front(Protocol):
+    """What a channel needs of the front it serves (the worker's Connection)."""
+
+    regions: RegionTable | None
+
+    def arena_buf(self) -> memoryview: ...
+
+
+class Waker:
+    """Where one serving thread waits between batches (runtime.engine.batcher.Idle): a wake
+    pipe, plus the version's channels while this thread owns them."""
+
+    def __init__(self, channels: Channels | None, submit: Callable[..., None]) -> None:
+        self.channels = channels
+        self.submit = submit  # the instance's GraphModel.submit
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._thread = 0  # the serving thread, once it waits
+
+    def wait(self, timeout_s: float | None) -> None:
+        self._thread = threading.get_ident()
+        channels = self.channels
+        fds = channels.fds(self) if channels is not None else []
+        fds.append(self._r)
+        try:
+            ready, _, _ = select.select(fds, [], [], timeout_s)
+        except ValueError:  # a descriptor above FD_SETSIZE: poll, with its 1 ms resolution
+            ready = _poll(fds, timeout_s)
+        if self._r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._r, 4096)
+            if len(ready) == 1:
+                return
+        if channels is not None:
+            channels.read(self, ready)
+
+    def wake(self) -> None:
+        # The serving thread's own submits (calls it read from a channel) need no wake-up.
+        if threading.get_ident() != self._thread and self._w >= 0:
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._w, b"w")
+
+    def close(self) -> None:
+        r, w, self._r, self._w = self._r, self._w, -1, -1
+        os.close(r)
+        os.close(w)
+
+
+def _poll(fds: list[int], timeout_s: float | None) -> list[int]:
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    ms = None if timeout_s is None else math.ceil(timeout_s * 1000)
+    return [fd for fd, _ in poller.poll(ms)]
+
+
+class _Channel:
+    """One front's socket to a version."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = FrameReader(MAX_FRAME)
+        self.front: Front | None = None
+        self._send_lock = threading.Lock()
+
+    def answer(self, msg: InferDone) -> None:
+        frame = encode_frame(msg)
+        with self._send_lock, contextlib.suppress(OSError):  # a front gone: its calls with it
+            self.sock.sendall(frame)
+
+
+class Channels:
+    """A version's listening socket and the fronts' channels to it."""
+
+    def __init__(self, path: str, attach: Callable[[int], Front | None]) -> None:
+        self.path = path
+        self._attach = attach  # connection id (Welcome.connection) -> that front, if alive
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(64)
+        self._lock = threading.Lock()
+        self._owner: Waker | None = None
+        self._channels: dict[int, _Channel] = {}  # by file descriptor
+        self._chunk = bytearray(1 << 20)
+        self._closed = False
+
+    def hand_to(self, owner: Waker | None) -> None:
+        """From now on only `owner`'s thread reads the channels (None: nobody)."""
+        with self._lock:
+            self._owner = owner
+        if owner is not None:
+            owner.wake()  # it waits on its pipe alone until it owns them
+
+    def fds(self, waker: Waker) -> list[int]:
+        """What `waker`'s thread waits on besides its pipe."""
+        with self._lock:
+            if self._owner is not waker or self._closed:
+                return []
+            return [self._listener.fileno(), *self._channels]
+
+    def read(self, waker: Waker, ready: list[int]) -> None:
+        """On the owner's thread, after `select`: accept fronts, read and queue their calls."""
+        with self._lock:
+            if self._owner is not waker or self._closed:
+                return  # handed over meanwhile: the new owner reads
+            for fd in ready:
+                if fd == self._listener.fileno():
+                    self._accept()
+                    continue
+                chan = self._channels.get(fd)
+                if chan is not None:
+                    self._read(chan, waker)
+
+    def close(self) -> None:
+        """Stop reading, close every channel (a front sees it end) and the listener."""
+        with self._lock:
+            self._owner = None
+            self._closed = True
+            for chan in self._channels.values():
+                chan.sock.close()
+            self._channels.clear()
+            self._listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def _accept(self) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            sock, _ = self._listener.accept()
+            self._channels[sock.fileno()] = _Channel(sock)
+
+    def _read(self, chan: _Channel, waker: Waker) -> None:
+        view = memoryview(self._chunk)
+        try:
+            n = chan.sock.recv_into(self._chunk, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.info("direct channel closed: %s", exc)
+            n = 0
+        if n == 0:
+            self._drop(chan)
+            return
+        received = time.monotonic_ns()
+        try:
+            for body in chan.reader.frames(view[:n]):
+                msg = decode_front(body)
+                if isinstance(msg, Infer) and chan.front is not None:
+                    buf, regions = chan.front.arena_buf(), chan.front.regions
+                    queue_call(waker.submit, msg, chan.answer, buf, regions, received)
+                elif isinstance(msg, Attach) and chan.front is None:
+                    chan.front = self._attach(msg.connection)
+                    if chan.front is None:
+                        raise ValueError(f"no front connection {msg.connection}")
+                else:
+                    raise ValueError(f"{type(msg).__name__} on a direct channel")
+        except Exception:
+            log.exception("direct channel protocol error; closing it")
+            self._drop(chan)
+
+    def _drop(self, chan: _Channel) -> None:
+        self._channels.pop(chan.sock.fileno(), None)
+        chan.sock.close()

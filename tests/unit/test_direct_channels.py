@@ -1,0 +1,255 @@
+"""Direct channels (runtime.channels): a graph-served version's calls go from each front
+straight to the version's serving thread, on a socket of the version's own.
+
+A real worker (`cpu_graphs`: the GPU worker's path on the CPU EP) serves real fronts'
+RuntimeClients. Checked here: a front that loads the version gets its channel and its calls
+take it, and they still batch with calls that came through another front's link; a reload
+keeps the channel and answers every call sent across it; an unload closes it; a stranger on
+the socket is shut out without harming the version; a full queue and the status of queued
+calls work on the channel as on the link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from runtime.client import CallFailed, InferResult, PreparedInput, RuntimeClient
+from runtime.ipc.protocol import Attach, Batching, Code, LoadModel, ModelSignature, encode
+from runtime.ipc.shm import Arena, SlotPool
+from runtime.settings import WorkerSettings
+from runtime.worker import Worker
+from server.settings import DEMO_REPOSITORY
+
+MODEL = DEMO_REPOSITORY / "dense" / "1" / "model.onnx"
+SLOT = 64 << 10
+WAIT_FOR_TWO = Batching(max_queue_delay_us=60_000_000, preferred=(2,))
+
+
+def load(request_id: int = 1, batching: Batching | None = None, revision: str = "") -> LoadModel:
+    return LoadModel(
+        request_id,
+        "dense",
+        1,
+        str(MODEL),
+        8,
+        ModelSignature((), ()),
+        revision=revision,
+        batching=batching,
+    )
+
+
+@pytest.fixture()
+def worker(tmp_path: Path) -> Iterator[Worker]:
+    sock = tmp_path / "w.sock"
+    w = Worker(WorkerSettings(socket_path=str(sock), device="cpu", cpu_graphs=True))
+    server = threading.Thread(target=w.serve_forever, daemon=True)
+    server.start()
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert time.monotonic() < deadline, "the worker never listened"
+        time.sleep(0.01)
+    yield w
+    w.stopping.set()
+    server.join(10)
+    w.pool.shutdown()
+
+
+@asynccontextmanager
+async def front(worker: Worker, front_id: int, slots: int = 8) -> AsyncIterator[RuntimeClient]:
+    name = f"/microtune-test-{os.getpid()}-chan-{front_id}"
+    arena = Arena(name, SLOT * slots, create=True)
+    client = RuntimeClient(worker.settings.socket_path, arena, SlotPool(SLOT, slots), front_id)
+    try:
+        await client.connect()
+        yield client
+    finally:
+        await client.close()
+        arena.close()
+        arena.unlink()
+
+
+async def infer(client: RuntimeClient, x: np.ndarray, deadline_s: float = 20) -> InferResult:
+    tensor = PreparedInput("INPUT0", "FP32", x.shape, x.tobytes())
+    return await client.infer(
+        "dense", 1, [tensor], ["OUTPUT0"], 4096, time.monotonic() + deadline_s
+    )
+
+
+def expected(x: np.ndarray) -> np.ndarray:
+    reference = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    (want,) = reference.run(["OUTPUT0"], {"INPUT0": x})
+    return np.asarray(want)
+
+
+def output(result: InferResult) -> np.ndarray:
+    (out,) = result.outputs
+    return np.frombuffer(out.data, dtype=np.float32).reshape(out.shape)
+
+
+def test_a_front_that_loads_the_version_sends_on_its_channel_and_batches_with_the_link(
+    worker: Worker,
+) -> None:
+    """Front a loads `dense` (batched, waiting for 2 rows): its LoadDone names a channel and
+    its call goes there. Front b never loaded it, so its call comes through b's link and the
+    reader. Both land in the one queue: one execution of 2 rows answers both."""
+    rng = np.random.default_rng(3)
+    x_a = rng.standard_normal((1, 256), dtype=np.float32)
+    x_b = rng.standard_normal((1, 256), dtype=np.float32)
+
+    async def scenario() -> tuple[InferResult, InferResult, str]:
+        async with front(worker, 1) as a, front(worker, 2) as b:
+            done = await a.load(load(batching=WAIT_FOR_TWO))
+            assert done.code == Code.OK, done.message
+            ra, rb = await asyncio.gather(infer(a, x_a), infer(b, x_b))
+            assert (a.direct_calls, b.direct_calls) == (1, 0)
+            return ra, rb, done.channel
+
+    started = time.monotonic()
+    ra, rb, channel = asyncio.run(scenario())
+    assert time.monotonic() - started < 30, "the calls waited out the queue delay: no batch"
+    assert channel.startswith(worker.settings.socket_path + ".")
+    for result, x in ((ra, x_a), (rb, x_b)):
+        np.testing.assert_allclose(output(result), expected(x), rtol=1e-5, atol=1e-6)
+        assert result.timings.batch_size == 2
+        assert result.timings.mode == "replay"
+    assert ra.timings.executions + rb.timings.executions == 1
+
+
+def test_a_reload_keeps_the_channel_and_answers_every_call_sent_across_it(
+    worker: Worker,
+) -> None:
+    """Calls keep flowing on the channel while the version is reloaded from new files (a new
+    revision): the new instance takes the channel over, and no call fails or is lost."""
+    x = np.ones((1, 256), dtype=np.float32)
+    want = expected(x)
+
+    async def scenario() -> tuple[int, int, str, str]:
+        async with front(worker, 3) as a:
+            first = await a.load(load(revision="r1"))
+            assert first.code == Code.OK, first.message
+            before = worker.graph_models[("dense", 1)]
+            stop = asyncio.Event()
+            answered = 0
+
+            async def traffic() -> None:
+                nonlocal answered
+                while not stop.is_set():
+                    np.testing.assert_allclose(output(await infer(a, x)), want, rtol=1e-5)
+                    answered += 1
+
+            senders = [asyncio.create_task(traffic()) for _ in range(4)]
+            await asyncio.sleep(0.2)
+            second = await a.load(load(2, revision="r2"))
+            assert second.code == Code.OK and not second.reused, second.message
+            assert worker.graph_models[("dense", 1)] is not before
+            await asyncio.sleep(0.2)
+            stop.set()
+            await asyncio.gather(*senders)  # any failed call raises here
+            return answered, a.direct_calls, first.channel, second.channel
+
+    answered, direct, first, second = asyncio.run(scenario())
+    assert first == second
+    assert answered == direct > 0
+
+
+def test_an_unload_closes_the_channel_and_later_calls_take_the_link(worker: Worker) -> None:
+    async def scenario() -> str:
+        async with front(worker, 4) as a:
+            done = await a.load(load())
+            await infer(a, np.zeros((1, 256), dtype=np.float32))
+            assert a.direct_calls == 1
+            await a.unload("dense", 1)
+            with pytest.raises(CallFailed) as info:
+                await infer(a, np.zeros((1, 256), dtype=np.float32))
+            assert info.value.code == Code.NOT_LOADED
+            assert info.value.message == "model 'dense' version 1 is not loaded"
+            assert a.direct_calls == 1  # it went by the link
+            return done.channel
+
+    channel = asyncio.run(scenario())
+    assert not Path(channel).exists()
+
+
+def test_a_stranger_on_the_channel_is_shut_out_and_the_version_keeps_serving(
+    worker: Worker,
+) -> None:
+    """A socket that names no front's connection, or sends a call before saying whose it is,
+    is closed; the version's fronts never notice."""
+
+    def closed_after(path: str, frame: bytes) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(frame)
+            return s.recv(1) == b""
+
+    x = np.full((1, 256), 0.5, dtype=np.float32)
+
+    async def scenario() -> None:
+        async with front(worker, 5) as a:
+            done = await a.load(load())
+            assert closed_after(done.channel, encode(Attach(987654)))
+            assert closed_after(done.channel, b"\x05\x00\x00\x00garbage")
+            result = await infer(a, x)
+            np.testing.assert_allclose(output(result), expected(x), rtol=1e-5, atol=1e-6)
+            assert a.direct_calls == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_full_queue_and_the_status_of_queued_calls_work_on_the_channel(
+    worker: Worker,
+) -> None:
+    batching = Batching(max_queue_delay_us=60_000_000, preferred=(8,), max_queue_size=1)
+    x = np.zeros((1, 256), dtype=np.float32)
+
+    async def scenario() -> None:
+        async with front(worker, 6) as a:
+            assert (await a.load(load(batching=batching))).code == Code.OK
+            waiting = asyncio.create_task(infer(a, x, deadline_s=60))  # waits for 8 rows
+            deadline = time.monotonic() + 10
+            while not (await a.status()).queued:
+                assert time.monotonic() < deadline, "the status never showed the queued call"
+                await asyncio.sleep(0.01)
+            (queued,) = (await a.status()).queued
+            assert (queued.name, queued.version, queued.calls) == ("dense", 1, 1)
+            with pytest.raises(CallFailed) as full:
+                await infer(a, x)
+            assert full.value.code == Code.OVERLOADED
+            assert "queue full (1 requests waiting, max_queue_size 1)" in full.value.message
+            await a.unload("dense", 1)  # drains: the waiting call is answered
+            result = await waiting
+            np.testing.assert_allclose(output(result), expected(x), rtol=1e-5, atol=1e-6)
+            assert a.direct_calls == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_front_that_goes_leaves_the_others_served(worker: Worker) -> None:
+    x = np.full((1, 256), 2.0, dtype=np.float32)
+
+    async def scenario() -> None:
+        async with front(worker, 7) as a:
+            assert (await a.load(load())).code == Code.OK
+            async with front(worker, 8) as b:
+                assert (await b.load(load(2))).reused
+                await infer(b, x)
+                assert b.direct_calls == 1
+            # b is gone (its link and its channel closed); a goes on
+            for _ in range(3):
+                result = await infer(a, x)
+                np.testing.assert_allclose(output(result), expected(x), rtol=1e-5, atol=1e-6)
+            assert a.direct_calls == 3
+
+    asyncio.run(scenario())
