@@ -37,7 +37,7 @@ from runtime.engine.regions import RegionTable
 from runtime.ipc.protocol import MAX_FRAME, Attach, FrameReader, Infer, InferDone, decode_front
 from runtime.ipc.protocol import encode as encode_frame
 
-__all__ = ["Channels", "Front", "Waker"]
+__all__ = ["ChannelTable", "Channels", "Front", "Waker"]
 
 log = logging.getLogger("microtune.worker")
 
@@ -207,3 +207,44 @@ class Channels:
     def _drop(self, chan: _Channel) -> None:
         self._channels.pop(chan.sock.fileno(), None)
         chan.sock.close()
+
+
+class ChannelTable:
+    """The worker's direct channels, by (model, version): sockets named `<base>.<n>`."""
+
+    def __init__(self, base: str, attach: Callable[[int], Front | None]) -> None:
+        self._base = base
+        self._attach = attach
+        self._lock = threading.Lock()
+        self._by_key: dict[tuple[str, int], Channels] = {}
+        self._n = 0
+
+    def get(self, key: tuple[str, int]) -> Channels | None:
+        with self._lock:
+            return self._by_key.get(key)
+
+    def open(self, key: tuple[str, int]) -> Channels | None:
+        """`key`'s channels, listening from now on (made if need be); None when its socket
+        cannot be made: the fronts' calls then come through their links."""
+        with self._lock:
+            found = self._by_key.get(key)
+            if found is not None:
+                return found
+            self._n += 1
+            path = f"{self._base}.{self._n}"
+            try:
+                made = self._by_key[key] = Channels(path, self._attach)
+            except OSError as exc:  # e.g. a path longer than a Unix socket's 107 bytes
+                log.warning("no direct channel for %s version %d (%s)", *key, exc)
+                return None
+            return made
+
+    def pop(self, key: tuple[str, int]) -> Channels | None:
+        with self._lock:
+            return self._by_key.pop(key, None)
+
+    def close_all(self) -> None:
+        with self._lock:
+            taken, self._by_key = list(self._by_key.values()), {}
+        for channels in taken:
+            channels.close()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from runtime.channels import Channels, Front, Waker
+from runtime.channels import ChannelTable, Front, Waker
 from runtime.engine.batcher import Batcher, Pending
 from runtime.engine.buckets import BucketTable
 from runtime.engine.golden import GoldenMismatch
@@ -81,7 +81,7 @@ class Worker:
         self.graph_models: dict[tuple[str, int], GraphModel] = {}
         # Their direct channels (runtime.channels), one listening socket per version, kept
         # across reloads of the version; fronts find them by their connection's id.
-        self.channels: dict[tuple[str, int], Channels] = {}
+        self.channels = ChannelTable(settings.socket_path, self._front)
         self.connections: dict[int, Connection] = {}
         self._ids = itertools.count(1)
         # Held by graph captures, GPU runs and hostRegister: a capture is global on a device.
@@ -145,10 +145,7 @@ class Worker:
                 threading.Thread(target=connection.run, daemon=True).start()
         finally:
             srv.close()
-            with self._models_lock:
-                channels, self.channels = list(self.channels.values()), {}
-            for c in channels:
-                c.close()
+            self.channels.close_all()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -264,7 +261,7 @@ class Worker:
         same = msg.identity()
         with self._models_lock:
             current = self.graph_models.get(key)
-            channels = self.channels.get(key)
+        channels = self.channels.get(key)
         channel = "" if channels is None else channels.path
         if current is not None and msg.served_by(current.spec):
             return LoadDone(
@@ -277,7 +274,7 @@ class Worker:
                 channel=channel,
             )
         if channels is None:
-            channels = self._open_channels(key)
+            channels = self.channels.open(key)
             channel = "" if channels is None else channels.path
         table = BucketTable.default(msg.max_batch_size)
         copier = None if self.region_io is None else self.region_io[1]
@@ -356,23 +353,11 @@ class Worker:
             channel=channel,
         )
 
-    def _open_channels(self, key: Key) -> Channels | None:
-        """A version's direct channels, listening from now on; None (calls come through the
-        fronts' connections) when its socket cannot be made."""
-        path = f"{self.settings.socket_path}.{next(self._ids)}"
-        try:
-            channels = Channels(path, self._front)
-        except OSError as exc:  # e.g. a path longer than a Unix socket's 107 bytes
-            log.warning("no direct channel for %s version %d (%s): calls take the link", *key, exc)
-            return None
-        with self._models_lock:
-            self.channels[key] = channels
-        return channels
-
     def _close_unused_channels(self, key: Key) -> None:
         """After a failed load: the channels go unless an instance already serves them."""
         with self._models_lock:
-            channels = None if key in self.graph_models else self.channels.pop(key, None)
+            unused = key not in self.graph_models
+        channels = self.channels.pop(key) if unused else None
         if channels is not None:
             channels.close()
 
@@ -397,7 +382,7 @@ class Worker:
         with self.memory.releasing():
             with self._models_lock:
                 graph_model = self.graph_models.pop((msg.name, msg.version), None)
-                channels = self.channels.pop((msg.name, msg.version), None)
+            channels = self.channels.pop((msg.name, msg.version))
             if channels is not None:
                 # Read no more: the fronts drained their calls before unloading. A front that
                 # still sends sees its channel end, and its calls fail, never half computed.

@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from runtime.channels import ChannelTable
 from runtime.client import CallFailed, InferResult, PreparedInput, RuntimeClient
 from runtime.ipc.protocol import Attach, Batching, Code, LoadModel, ModelSignature, encode
 from runtime.ipc.shm import Arena, SlotPool
@@ -253,3 +254,20 @@ def test_a_front_that_goes_leaves_the_others_served(worker: Worker) -> None:
             assert a.direct_calls == 3
 
     asyncio.run(scenario())
+
+
+def test_the_table_makes_one_socket_per_version_or_none_when_it_cannot(
+    tmp_path: Path,
+) -> None:
+    """A socket that cannot be bound (here: its directory does not exist) gives None: the
+    worker then loads the version without a channel (LoadDone.channel empty) and calls come
+    through the fronts' links. Otherwise one socket per version, removed when closed."""
+    table = ChannelTable(str(tmp_path / "gone" / "w.sock"), lambda _id: None)
+    assert table.open(("dense", 1)) is None
+    assert table.get(("dense", 1)) is None
+    made = ChannelTable(str(tmp_path / "w.sock"), lambda _id: None)
+    channels = made.open(("dense", 1))
+    assert channels is not None and made.open(("dense", 1)) is channels
+    assert Path(channels.path).exists()
+    made.close_all()
+    assert not Path(channels.path).exists()
