@@ -358,20 +358,17 @@ class RuntimeClient:
             old.retire()
 
     def _channel_lost(self, chan: _Channel) -> None:
-        """The worker closed a direct channel (its version unloaded, or the worker gone): calls
-        still in it were never read, so their leases can go back."""
+        """The worker closed a direct channel: it died (its channels may end before its link
+        does), or the version was unloaded (the fronts drain their calls first). Calls still
+        in the channel were never read, so their leases can go back."""
         if self._channels.get(chan.key) is chan:
             del self._channels[chan.key]
         name, version = chan.key
+        gone = f"its channel for model '{name}' version {version} closed"
         for call_id in chan.calls:
             fut = self._pending.pop(call_id, None)
             if fut is not None and not fut.done():
-                fut.set_exception(
-                    CallFailed(
-                        Code.NOT_READY,
-                        f"model '{name}' version {version} was unloaded before the call ran",
-                    )
-                )
+                fut.set_exception(WorkerGone(gone))
                 fut.exception()  # mark retrieved: callers may have gone
             self._release_call(call_id)
         chan.calls.clear()

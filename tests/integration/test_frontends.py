@@ -354,12 +354,14 @@ def test_fronts_go_when_the_supervisor_is_killed(model_repository: Path, tmp_pat
                 os.kill(c, signal.SIGKILL)
 
 
-def test_a_polled_hot_swap_drops_nothing_across_fronts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["sessions", "cpu-graphs"])
+def test_a_polled_hot_swap_drops_nothing_across_fronts(tmp_path: Path, path: str) -> None:
     """`--model-control-mode poll`: each front finds a new version on its own poll, swaps to it
     and unloads the old one. The worker unloads the old version only once the last front lets
     go of it: a front that has not polled yet still serves it. The fronts poll at the same
     instants (poll_policy.next_poll_in): the worker loads the new version once, for both, and
-    they take it within a fraction of the period of each other."""
+    they take it within a fraction of the period of each other. With `--cpu-graphs` each
+    front sends a version's calls on its direct channel, which the last unload closes."""
     repo = tmp_path / "models"
     model = copy_dense(repo, versions={1: 1})
     config = model / "config.pbtxt"
@@ -368,6 +370,8 @@ def test_a_polled_hot_swap_drops_nothing_across_fronts(tmp_path: Path) -> None:
     )  # fmt: skip
     assert "latest" in config.read_text()
     args = ("--frontends", "2", "--model-control-mode", "poll", "--repository-poll-s", "0.5")
+    if path == "cpu-graphs":
+        args += ("--cpu-graphs", "true")
     with running_server(repo, tmp_path / "server", args) as s:
         codes: collections.Counter[str] = collections.Counter()
         served: collections.Counter[str] = collections.Counter()

@@ -83,11 +83,16 @@ class Outcome:
     error: tuple[str, str] | None = None  # (status, message)
 
 
-@pytest.fixture()
-def chaos_server(tmp_path: Path) -> Iterator[tuple[Server, Path]]:
+@pytest.fixture(params=["sessions", "cpu-graphs"])
+def chaos_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Server, Path]]:
+    """Twice: plain sessions, and the GPU worker's path on the CPU EP (`--cpu-graphs`: each
+    version served from its graph set on its own thread, its calls on its direct channel,
+    which every reload in place hands to the new instance)."""
     repo = tmp_path / "models"
     model = copy_dense(repo)  # versions 1 and 2 of the demo dense model
     args = ("--model-control-mode", "explicit", "--load-model", "dense")
+    if request.param == "cpu-graphs":
+        args += ("--cpu-graphs", "true")
     with running_server(repo, tmp_path / "server", args) as s:
         yield s, model
 

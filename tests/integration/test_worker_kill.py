@@ -28,11 +28,16 @@ TRAFFIC_S = 6.0  # the traffic loop's own bound
 SLOW_CALL_S = 5.0  # "fail fast": well under the 10 s client timeout a hang would hit
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["sessions", "cpu-graphs"])
 def own_server(
-    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    model_repository: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Server]:
-    with running_server(model_repository, tmp_path_factory.mktemp("kill")) as s:
+    """Plain sessions, and the GPU worker's path on the CPU EP (`--cpu-graphs`), where calls
+    travel on direct channels: a dying worker ends those before its link."""
+    extra = ("--cpu-graphs", "true") if request.param == "cpu-graphs" else ()
+    with running_server(model_repository, tmp_path_factory.mktemp("kill"), extra) as s:
         yield s
 
 
