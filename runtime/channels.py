@@ -71,6 +71,8 @@ class Waker:
             ready, _, _ = select.select(fds, [], [], timeout_s)
         except ValueError:  # a descriptor above FD_SETSIZE: poll, with its 1 ms resolution
             ready = _poll(fds, timeout_s)
+        except OSError:  # a channel closed under us (the worker stopping): look again
+            return
         if self._r in ready:
             with contextlib.suppress(BlockingIOError):
                 os.read(self._r, 4096)

@@ -1,0 +1,78 @@
+"""Direct channels on a real GPU worker: a front's calls of a graph-served version reach the
+version's serving thread on its channel and replay captured CUDA graphs there (the thread
+that captured them, as onnxruntime requires), and a reload hands the channel to the new
+instance's thread, which captured its own graphs, without a failed call.
+
+The CPU suite runs the same scenarios on the CPU EP (tests/unit/test_direct_channels.py);
+here the worker owns a CUDA context, the arena is pinned, and the replay is real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.ipc.protocol import Code
+from runtime.settings import WorkerSettings
+from runtime.worker import Worker
+from tests.unit.test_direct_channels import expected, front, infer, load, output
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture()
+def worker(tmp_path: Path) -> Iterator[Worker]:
+    sock = tmp_path / "w.sock"
+    w = Worker(WorkerSettings(socket_path=str(sock), device="cuda:0"))
+    server = threading.Thread(target=w.serve_forever, daemon=True)
+    server.start()
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        assert time.monotonic() < deadline, "the worker never listened"
+        time.sleep(0.01)
+    yield w
+    w.stopping.set()
+    server.join(10)
+    w.pool.shutdown()
+
+
+def test_calls_on_the_channel_replay_on_the_gpu_and_survive_a_reload(worker: Worker) -> None:
+    rng = np.random.default_rng(11)
+    xs = [rng.standard_normal((rows, 256), dtype=np.float32) for rows in (1, 3, 8)]
+    wants = [expected(x) for x in xs]
+
+    async def scenario() -> tuple[int, int]:
+        async with front(worker, 41) as a:
+            first = await a.load(load(revision="r1"))
+            assert first.code == Code.OK and first.channel, first.message
+            for x, want in zip(xs, wants, strict=True):
+                result = await infer(a, x)
+                assert result.timings.mode == "replay"
+                np.testing.assert_allclose(output(result), want, rtol=1e-3, atol=1e-4)
+            stop = asyncio.Event()
+            answered = 0
+
+            async def traffic(k: int) -> None:
+                nonlocal answered
+                while not stop.is_set():
+                    result = await infer(a, xs[k])
+                    np.testing.assert_allclose(output(result), wants[k], rtol=1e-3, atol=1e-4)
+                    answered += 1
+
+            senders = [asyncio.create_task(traffic(k % 3)) for k in range(4)]
+            await asyncio.sleep(0.3)
+            second = await a.load(load(2, revision="r2"))  # captures anew, then takes over
+            assert second.code == Code.OK and second.channel == first.channel, second.message
+            await asyncio.sleep(0.3)
+            stop.set()
+            await asyncio.gather(*senders)  # a failed or wrong call raises here
+            return answered, a.direct_calls
+
+    answered, direct = asyncio.run(scenario())
+    assert direct == answered + 3 and answered > 0
