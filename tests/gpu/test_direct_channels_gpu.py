@@ -10,8 +10,6 @@ here the worker owns a CUDA context, the arena is pinned, and the replay is real
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,24 +20,16 @@ from runtime.ipc.protocol import Code
 from runtime.settings import WorkerSettings
 from runtime.worker import Worker
 from tests.unit.test_direct_channels import expected, front, infer, load, output
+from tests.unit.worker_thread import serving_worker
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture()
 def worker(tmp_path: Path) -> Iterator[Worker]:
-    sock = tmp_path / "w.sock"
-    w = Worker(WorkerSettings(socket_path=str(sock), device="cuda:0"))
-    server = threading.Thread(target=w.serve_forever, daemon=True)
-    server.start()
-    deadline = time.monotonic() + 60
-    while not sock.exists():
-        assert time.monotonic() < deadline, "the worker never listened"
-        time.sleep(0.01)
-    yield w
-    w.stopping.set()
-    server.join(10)
-    w.pool.shutdown()
+    settings = WorkerSettings(socket_path=str(tmp_path / "w.sock"), device="cuda:0")
+    with serving_worker(settings, listen_s=60) as w:
+        yield w
 
 
 def test_calls_on_the_channel_replay_on_the_gpu_and_survive_a_reload(worker: Worker) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from worker_thread import serving_worker
 
 from runtime.client import CallFailed, InferResult, PreparedInput, RuntimeClient
 from runtime.ipc.protocol import Batching, Code, LoadModel, ModelSignature
@@ -41,17 +41,9 @@ WAIT_FOR_TWO = Batching(max_queue_delay_us=60_000_000, preferred=(2,))
 @pytest.fixture(params=[False, True], ids=["session-batcher", "graph-model"])
 def worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Worker]:
     sock = tmp_path / "w.sock"
-    w = Worker(WorkerSettings(socket_path=str(sock), device="cpu", cpu_graphs=request.param))
-    server = threading.Thread(target=w.serve_forever, daemon=True)
-    server.start()
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert time.monotonic() < deadline, "the worker never listened"
-        time.sleep(0.01)
-    yield w
-    w.stopping.set()
-    server.join(10)
-    w.pool.shutdown()
+    settings = WorkerSettings(socket_path=str(sock), device="cpu", cpu_graphs=request.param)
+    with serving_worker(settings) as w:
+        yield w
 
 
 async def _front(worker: Worker, front_id: int) -> RuntimeClient:

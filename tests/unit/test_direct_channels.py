@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from worker_thread import serving_worker
 
 from runtime.channels import ChannelTable
 from runtime.client import CallFailed, InferResult, PreparedInput, RuntimeClient
@@ -52,18 +52,9 @@ def load(request_id: int = 1, batching: Batching | None = None, revision: str = 
 
 @pytest.fixture()
 def worker(tmp_path: Path) -> Iterator[Worker]:
-    sock = tmp_path / "w.sock"
-    w = Worker(WorkerSettings(socket_path=str(sock), device="cpu", cpu_graphs=True))
-    server = threading.Thread(target=w.serve_forever, daemon=True)
-    server.start()
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert time.monotonic() < deadline, "the worker never listened"
-        time.sleep(0.01)
-    yield w
-    w.stopping.set()
-    server.join(10)
-    w.pool.shutdown()
+    settings = WorkerSettings(socket_path=str(tmp_path / "w.sock"), device="cpu", cpu_graphs=True)
+    with serving_worker(settings) as w:
+        yield w
 
 
 @asynccontextmanager
@@ -98,6 +89,11 @@ def output(result: InferResult) -> np.ndarray:
     return np.frombuffer(out.data, dtype=np.float32).reshape(out.shape)
 
 
+def assert_dense(result: InferResult, x: np.ndarray) -> None:
+    """`result` is what onnxruntime computes for `x` in this process."""
+    np.testing.assert_allclose(output(result), expected(x), rtol=1e-5, atol=1e-6)
+
+
 def test_a_front_that_loads_the_version_sends_on_its_channel_and_batches_with_the_link(
     worker: Worker,
 ) -> None:
@@ -121,7 +117,7 @@ def test_a_front_that_loads_the_version_sends_on_its_channel_and_batches_with_th
     assert time.monotonic() - started < 30, "the calls waited out the queue delay: no batch"
     assert channel.startswith(worker.settings.socket_path + ".")
     for result, x in ((ra, x_a), (rb, x_b)):
-        np.testing.assert_allclose(output(result), expected(x), rtol=1e-5, atol=1e-6)
+        assert_dense(result, x)
         assert result.timings.batch_size == 2
         assert result.timings.mode == "replay"
     assert ra.timings.executions + rb.timings.executions == 1
@@ -202,8 +198,7 @@ def test_a_stranger_on_the_channel_is_shut_out_and_the_version_keeps_serving(
             done = await a.load(load())
             assert closed_after(done.channel, encode(Attach(987654)))
             assert closed_after(done.channel, b"\x05\x00\x00\x00garbage")
-            result = await infer(a, x)
-            np.testing.assert_allclose(output(result), expected(x), rtol=1e-5, atol=1e-6)
+            assert_dense(await infer(a, x), x)
             assert a.direct_calls == 1
 
     asyncio.run(scenario())
@@ -231,7 +226,7 @@ def test_a_full_queue_and_the_status_of_queued_calls_work_on_the_channel(
             assert "queue full (1 requests waiting, max_queue_size 1)" in full.value.message
             await a.unload("dense", 1)  # drains: the waiting call is answered
             result = await waiting
-            np.testing.assert_allclose(output(result), expected(x), rtol=1e-5, atol=1e-6)
+            assert_dense(result, x)
             assert a.direct_calls == 2
 
     asyncio.run(scenario())
@@ -249,8 +244,7 @@ def test_a_front_that_goes_leaves_the_others_served(worker: Worker) -> None:
                 assert b.direct_calls == 1
             # b is gone (its link and its channel closed); a goes on
             for _ in range(3):
-                result = await infer(a, x)
-                np.testing.assert_allclose(output(result), expected(x), rtol=1e-5, atol=1e-6)
+                assert_dense(await infer(a, x), x)
             assert a.direct_calls == 3
 
     asyncio.run(scenario())
