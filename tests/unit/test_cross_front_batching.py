@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from worker_thread import serving_worker
 
 from runtime.client import CallFailed, InferResult, PreparedInput, RuntimeClient
 from runtime.ipc.protocol import Batching, Code, LoadModel, ModelSignature
@@ -31,6 +30,7 @@ from runtime.ipc.shm import Arena, SlotPool
 from runtime.settings import WorkerSettings
 from runtime.worker import Worker
 from server.settings import DEMO_REPOSITORY
+from tests.unit.worker_thread import serving_worker
 
 MODEL = DEMO_REPOSITORY / "dense" / "1" / "model.onnx"
 SLOT = 64 << 10
