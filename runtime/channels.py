@@ -1,21 +1,23 @@
-"""Direct channels: a graph-served version's calls, sent by each front straight to its serving
-thread.
+"""Direct channels: a batched version's calls, sent by each front straight to the thread that
+batches them.
 
 A call that comes through its front's connection wakes two worker threads: the connection's
-reader, which decodes it and queues it on the version's batcher, then the version's serving
-thread, which batches and replays it (onnxruntime keeps CUDA graphs in the capturing thread,
-so the reader cannot replay it itself). That hop costs 17-25 µs here and 42 µs on an H100 VM
-(docs/gpu.md §12). A direct channel removes it. The version listens on a Unix socket of its
-own, named in LoadDone; each front connects, says `Attach(connection)` and sends that
-version's calls there; the serving thread waits in `select` on those sockets and on a wake
-pipe (`Waker`, the batcher's `Idle`), reads, queues, batches, replays and answers on the same
-socket. Calls that still come through a reader (a front without the channel) wake it through
-the pipe, and all of them batch together in the one queue.
+reader, which decodes it and queues it on the version's batcher, then the thread that batches
+and runs it: a graph-served version's serving thread (onnxruntime keeps CUDA graphs in the
+capturing thread, so the reader cannot replay them itself), or a plain batcher's thread. That
+hop costs 17-25 us here and 42 us on an H100 VM (docs/gpu.md §12). A direct channel removes
+it. The version listens on a Unix socket of its own, named in LoadDone; each front connects,
+says `Attach(connection)` and sends that version's calls there; the batching thread waits in
+`select` on those sockets and on a wake pipe (`Waker`, the batcher's `Idle`), reads, queues,
+batches, runs and answers on the same socket. Calls that still come through a reader (a front
+without the channel) wake it through the pipe, and all of them batch together in the one
+queue. A plain version with several instances has no channel: the instance reading it would
+hold the others back while it runs a batch.
 
-A version's channels outlive its instances: a reload of the same name and version hands them
-(`Channels.hand_to`) from the old instance's thread to the new one's, so the fronts keep their
-sockets and what they send meanwhile waits in the socket for the new instance, never read by
-one that is draining. Only the owner reads; answers may come from the old and the new
+A version's channels outlive its instances: a reload (same name and version, new files) hands
+them (`Channels.hand_to`) from the old instance's thread to the new one's, so the fronts keep
+their sockets and what they send meanwhile waits in the socket for the new instance, never
+read by one that is draining. Only the owner reads; answers may come from the old and the new
 instance at once, so each channel's sends take a lock.
 """
 
@@ -32,12 +34,11 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from runtime.engine.graph_model import queue_call
 from runtime.engine.regions import RegionTable
 from runtime.ipc.protocol import MAX_FRAME, Attach, FrameReader, Infer, InferDone, decode_front
 from runtime.ipc.protocol import encode as encode_frame
 
-__all__ = ["ChannelTable", "Channels", "Front", "Waker"]
+__all__ = ["Channel", "ChannelTable", "Channels", "Front", "Queue", "Waker"]
 
 log = logging.getLogger("microtune.worker")
 
@@ -49,14 +50,23 @@ class Front(Protocol):
 
     def arena_buf(self) -> memoryview: ...
 
+    def run_alone(self, call: Infer, received_ns: int, answer: Callable[[InferDone], None]) -> None:
+        """Run `call` by itself on the worker's pool (a call the batcher does not take)."""
+        ...
+
+
+# How a version queues a call read from one of its channels (Channel: the answer's way back
+# and the front's arena), with the instant it was read.
+Queue = Callable[[Infer, "Channel", int], None]
+
 
 class Waker:
     """Where one serving thread waits between batches (runtime.engine.batcher.Idle): a wake
     pipe, plus the version's channels while this thread owns them."""
 
-    def __init__(self, channels: Channels | None, submit: Callable[..., None]) -> None:
+    def __init__(self, channels: Channels | None, queue: Queue) -> None:
         self.channels = channels
-        self.submit = submit  # the instance's GraphModel.submit
+        self.queue = queue  # onto the instance's batcher
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
@@ -101,8 +111,9 @@ def _poll(fds: list[int], timeout_s: float | None) -> list[int]:
     return [fd for fd, _ in poller.poll(ms)]
 
 
-class _Channel:
-    """One front's socket to a version."""
+class Channel:
+    """One front's socket to a version. A call's answer goes back here (`answer`, also
+    named `send_quiet` as on the worker's Connection), its tensors are in `arena_buf()`."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -114,6 +125,16 @@ class _Channel:
         frame = encode_frame(msg)
         with self._send_lock, contextlib.suppress(OSError):  # a front gone: its calls with it
             self.sock.sendall(frame)
+
+    send_quiet = answer
+
+    def arena_buf(self) -> memoryview:
+        assert self.front is not None  # calls are queued only once the channel is attached
+        return self.front.arena_buf()
+
+    @property
+    def regions(self) -> RegionTable | None:
+        return None if self.front is None else self.front.regions
 
 
 class Channels:
@@ -129,7 +150,7 @@ class Channels:
         self._listener.listen(64)
         self._lock = threading.Lock()
         self._owner: Waker | None = None
-        self._channels: dict[int, _Channel] = {}  # by file descriptor
+        self._channels: dict[int, Channel] = {}  # by file descriptor
         self._chunk = bytearray(1 << 20)
         self._closed = False
 
@@ -175,9 +196,9 @@ class Channels:
     def _accept(self) -> None:
         with contextlib.suppress(BlockingIOError, InterruptedError):
             sock, _ = self._listener.accept()
-            self._channels[sock.fileno()] = _Channel(sock)
+            self._channels[sock.fileno()] = Channel(sock)
 
-    def _read(self, chan: _Channel, waker: Waker) -> None:
+    def _read(self, chan: Channel, waker: Waker) -> None:
         view = memoryview(self._chunk)
         try:
             n = chan.sock.recv_into(self._chunk, 0, socket.MSG_DONTWAIT)
@@ -194,8 +215,7 @@ class Channels:
             for body in chan.reader.frames(view[:n]):
                 msg = decode_front(body)
                 if isinstance(msg, Infer) and chan.front is not None:
-                    buf, regions = chan.front.arena_buf(), chan.front.regions
-                    queue_call(waker.submit, msg, chan.answer, buf, regions, received)
+                    waker.queue(msg, chan, received)
                 elif isinstance(msg, Attach) and chan.front is None:
                     chan.front = self._attach(msg.connection)
                     if chan.front is None:
@@ -206,7 +226,7 @@ class Channels:
             log.exception("direct channel protocol error; closing it")
             self._drop(chan)
 
-    def _drop(self, chan: _Channel) -> None:
+    def _drop(self, chan: Channel) -> None:
         self._channels.pop(chan.sock.fileno(), None)
         chan.sock.close()
 

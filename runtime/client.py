@@ -174,8 +174,11 @@ class RuntimeClient:
         self._send(msg)
         done = await fut
         assert isinstance(done, LoadDone)
+        key = (msg.name, msg.version)
         if done.code == Code.OK and done.channel:
-            await self._open_channel((msg.name, msg.version), done.channel)
+            await self._open_channel(key, done.channel)
+        elif done.code == Code.OK and key in self._channels:
+            self._channels.pop(key).retire()  # reloaded without one: back to the link
         return done
 
     async def unload(self, name: str, version: int) -> None:

@@ -21,11 +21,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from runtime.channels import ChannelTable, Front, Waker
-from runtime.engine.batcher import Batcher, Pending
+from runtime.channels import Channel, Channels, ChannelTable, Front, Waker
+from runtime.engine.batcher import Batcher, BatcherClosed, Pending, QueueFull
 from runtime.engine.buckets import BucketTable
 from runtime.engine.golden import GoldenMismatch
-from runtime.engine.graph_model import GraphModel
+from runtime.engine.graph_model import GraphModel, queue_call
 from runtime.engine.graph_model import Queued as GraphQueued
 from runtime.engine.graphs import GraphSet
 from runtime.engine.memory import DeviceMemoryMeter, Probe
@@ -51,6 +51,7 @@ from runtime.engine.signature import SignatureMismatch, reconcile
 from runtime.ipc.pinning import device_memory_used
 from runtime.ipc.protocol import (
     Code,
+    Infer,
     InferDone,
     LoadDone,
     LoadModel,
@@ -209,8 +210,10 @@ class Worker:
 
     def _load_plain(self, msg: LoadModel) -> LoadDone:
         t0 = time.monotonic_ns()
+        key = (msg.name, msg.version)
         with self._models_lock:
-            current = self.models.get((msg.name, msg.version))
+            current = self.models.get(key)
+        channels = self.channels.get(key)
         if current is not None and msg.served_by(current.spec):
             # Several fronts load the same models: the first load serves them all.
             return LoadDone(
@@ -219,6 +222,7 @@ class Worker:
                 signature=current.signature,
                 device_memory=current.device_memory,
                 reused=True,
+                channel="" if channels is None else channels.path,
             )
         failed: LoadDone | None = None
         with self.memory.measure() as used, self.gpu_lock or contextlib.nullcontext():
@@ -234,8 +238,12 @@ class Worker:
         if failed is not None:
             return failed
         model.device_memory = used.nbytes
-        key = (msg.name, msg.version)
-        batcher = self._start_batcher(model, msg)
+        b = msg.batching
+        if channels is None and b is not None and msg.max_batch_size > 0 and b.instances <= 1:
+            # One batch thread: it can read the version's calls itself (runtime.channels).
+            # Several would wait for the one that reads while it runs a batch.
+            channels = self.channels.open(key)
+        batcher, waker = self._start_batcher(model, msg, channels)
         # Replacing a loaded instance frees its session: a release for loads measured meanwhile.
         with self.memory.releasing() if current is not None else contextlib.nullcontext():
             with self._models_lock:
@@ -243,9 +251,17 @@ class Worker:
                 old = self.batchers.pop(key, None)
                 if batcher is not None:
                     self.batchers[key] = batcher
+            if channels is not None:
+                channels.hand_to(waker)  # the old instance drains only what it has queued
             with self.gpu_lock or contextlib.nullcontext():
                 del current  # the replaced session is freed here unless a call still runs it
-        if old is not None:  # calls already queued on the old instance finish there
+        if channels is not None and waker is None:
+            # Reloaded without batching: no thread reads them. The fronts hear it in LoadDone
+            # and go back to their links; calls they sent meanwhile fail as on a lost link.
+            self.channels.pop(key)
+            closing, channels = channels, None
+            threading.Thread(target=_after, args=(old, closing.close), daemon=True).start()
+        elif old is not None:  # calls already queued on the old instance finish there
             threading.Thread(target=old.close, daemon=True).start()
         return LoadDone(
             msg.request_id,
@@ -253,6 +269,7 @@ class Worker:
             signature=model.signature,
             load_ns=time.monotonic_ns() - t0,
             device_memory=model.device_memory,
+            channel="" if channels is None else channels.path,
         )
 
     def _load_graphs(self, msg: LoadModel) -> LoadDone:
@@ -315,7 +332,11 @@ class Worker:
         )
 
         def waker(model: GraphModel) -> Waker:
-            return Waker(channels, model.submit)
+            def queue(call: Infer, chan: Channel, received_ns: int) -> None:
+                buf, regions = chan.arena_buf(), chan.regions
+                queue_call(model.submit, call, chan.answer, buf, regions, received_ns)
+
+            return Waker(channels, queue)
 
         try:
             with self.memory.measure() as used:
@@ -389,20 +410,24 @@ class Worker:
                 channels.hand_to(None)
             if graph_model is not None:
                 graph_model.close()  # drains what is queued
-            if channels is not None:
-                channels.close()
             with self._models_lock:
                 plain = self.models.pop((msg.name, msg.version), None)
                 batcher = self.batchers.pop((msg.name, msg.version), None)
             if batcher is not None:
                 batcher.close()  # drains what is queued
+            if channels is not None:
+                channels.close()
             with self.gpu_lock or contextlib.nullcontext():
                 del plain  # its session is freed here unless a call still runs it
         return UnloadDone(msg.request_id)
 
-    def _start_batcher(self, model: LoadedModel, msg: LoadModel) -> Batcher[Queued] | None:
+    def _start_batcher(
+        self, model: LoadedModel, msg: LoadModel, channels: Channels | None
+    ) -> tuple[Batcher[Queued] | None, Waker | None]:
+        """The version's batcher and its threads (none without dynamic batching); with
+        `channels`, the first thread waits in a Waker and reads them (returned too)."""
         if msg.batching is None or msg.max_batch_size < 1:
-            return None
+            return None, None
         b = msg.batching
         batcher: Batcher[Queued] = Batcher(
             msg.max_batch_size,
@@ -433,14 +458,52 @@ class Worker:
             conn, call, _ = p.payload
             conn.send_quiet(InferDone(call.call_id, Code.DEADLINE, "deadline expired while queued"))
 
+        def queue(call: Infer, chan: Channel, received_ns: int) -> None:
+            """A call read from a channel: as `Connection._dispatch` queues one of the link."""
+            assert chan.front is not None
+            if call.bound:  # bound in place (runtime.engine.bound): runs alone
+                chan.front.run_alone(call, received_ns, chan.answer)
+                return
+            rows = call.inputs[0].shape[0] if call.inputs and call.inputs[0].shape else 1
+            try:
+                batcher.submit(
+                    Pending(
+                        call.call_id,
+                        rows,
+                        received_ns,
+                        call.deadline_ns,
+                        payload=(chan, call, received_ns),
+                    )
+                )
+            except QueueFull as exc:
+                chan.answer(InferDone(call.call_id, Code.OVERLOADED, str(exc)))
+            except BatcherClosed:  # replaced meanwhile: the new instance takes it
+                chan.front.run_alone(call, received_ns, chan.answer)
+
+        waker = None if channels is None else Waker(channels, queue)
+
+        def serve(idle: Waker | None) -> None:
+            try:
+                batcher.run(run_batch, expire, idle)
+            finally:
+                if idle is not None:
+                    idle.close()
+
         for i in range(max(1, b.instances)):  # each runs one batch at a time (instance_group)
             threading.Thread(
-                target=batcher.run,
-                args=(run_batch, expire),
+                target=serve,
+                args=(waker if i == 0 else None,),
                 daemon=True,
                 name=f"batch-{msg.name}-{msg.version}-{i}",
             ).start()
-        return batcher
+        return batcher, waker
+
+
+def _after(old: Batcher[Queued] | None, then: Callable[[], object]) -> None:
+    """Drain `old` (if any), then call `then`."""
+    if old is not None:
+        old.close()
+    then()
 
 
 def run(settings_json: bytes) -> None:

@@ -191,7 +191,11 @@ class Connection:
         # Graph models' calls carry an answer callback (ours or a direct channel's) and our
         # arena, not us.
         buf = None if self.arena is None else self.arena.buf
-        counts = [((name, v), b.count_queued(lambda q: q[0] is self)) for (name, v), b in plain]
+        # A plain batcher's calls carry us, or the direct channel they came on (runtime.channels)
+        counts = [
+            ((name, v), b.count_queued(lambda q: q[0] is self or getattr(q[0], "front", 0) is self))
+            for (name, v), b in plain
+        ]
         counts += [((name, v), b.count_queued(lambda q: q[2] is buf)) for (name, v), b in graphs]
         pinned = self.pinned
         return WorkerStatus(
@@ -304,14 +308,24 @@ class Connection:
             # Replaced or unloading: the new instance (if any) takes it.
             self.worker.pool.submit(self._infer, call, received_ns)
 
-    def _infer(self, call: Infer, received_ns: int) -> None:
+    def run_alone(self, call: Infer, received_ns: int, answer: Callable[[InferDone], None]) -> None:
+        """Run `call` by itself on the pool, answered through `answer` (a direct channel's:
+        runtime.channels)."""
+        self.worker.pool.submit(self._infer, call, received_ns, answer)
+
+    def _infer(
+        self,
+        call: Infer,
+        received_ns: int,
+        answer: Callable[[InferDone], None] | None = None,
+    ) -> None:
         # On a GPU the whole call runs under the lock, and so does the end of `_execute`'s
         # frame: the model it looked up may be the last reference to a version replaced
         # meanwhile (its session is freed there), and an error's traceback holds it too.
         with self.worker.gpu_lock or contextlib.nullcontext():
             done = self._execute(call, received_ns)
         with contextlib.suppress(OSError):
-            self.send(done)
+            (answer or self.send)(done)
 
     def _execute(self, call: Infer, received_ns: int) -> InferDone:
         try:

@@ -1,12 +1,14 @@
-"""Direct channels (runtime.channels): a graph-served version's calls go from each front
-straight to the version's serving thread, on a socket of the version's own.
+"""Direct channels (runtime.channels): a batched version's calls go from each front straight
+to the thread that batches them, on a socket of the version's own.
 
-A real worker (`cpu_graphs`: the GPU worker's path on the CPU EP) serves real fronts'
-RuntimeClients. Checked here: a front that loads the version gets its channel and its calls
-take it, and they still batch with calls that came through another front's link; a reload
-keeps the channel and answers every call sent across it; an unload closes it; a stranger on
-the socket is shut out without harming the version; a full queue and the status of queued
-calls work on the channel as on the link.
+A real worker serves real fronts' RuntimeClients, on both paths that have channels: a
+version served from its graph set (`cpu_graphs`: the GPU worker's path on the CPU EP) and a
+plain session's batcher with one instance. Checked here: a front that loads the version gets
+its channel and its calls take it, and they still batch with calls that came through another
+front's link; a reload keeps the channel and answers every call sent across it; an unload
+closes it; a stranger on the socket is shut out without harming the version; a full queue and
+the status of queued calls work on the channel as on the link; a batcher that cannot read a
+channel has none.
 """
 
 from __future__ import annotations
@@ -37,7 +39,12 @@ SLOT = 64 << 10
 WAIT_FOR_TWO = Batching(max_queue_delay_us=60_000_000, preferred=(2,))
 
 
-def load(request_id: int = 1, batching: Batching | None = None, revision: str = "") -> LoadModel:
+NO_DELAY = Batching()
+
+
+def load(
+    request_id: int = 1, batching: Batching | None = NO_DELAY, revision: str = ""
+) -> LoadModel:
     return LoadModel(
         request_id,
         "dense",
@@ -50,11 +57,17 @@ def load(request_id: int = 1, batching: Batching | None = None, revision: str = 
     )
 
 
-@pytest.fixture()
-def worker(tmp_path: Path) -> Iterator[Worker]:
-    settings = WorkerSettings(socket_path=str(tmp_path / "w.sock"), device="cpu", cpu_graphs=True)
+@pytest.fixture(params=["graphs", "batcher"])
+def worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Worker]:
+    graphs = request.param == "graphs"
+    settings = WorkerSettings(socket_path=str(tmp_path / "w.sock"), device="cpu", cpu_graphs=graphs)
     with serving_worker(settings) as w:
         yield w
+
+
+def instance(worker: Worker) -> object:
+    """What serves dense version 1 now (a reload replaces it)."""
+    return worker.graph_models.get(("dense", 1)) or worker.models[("dense", 1)]
 
 
 @asynccontextmanager
@@ -82,6 +95,10 @@ def expected(x: np.ndarray) -> np.ndarray:
     reference = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
     (want,) = reference.run(["OUTPUT0"], {"INPUT0": x})
     return np.asarray(want)
+
+
+def exists(path: str) -> bool:
+    return Path(path).exists()
 
 
 def output(result: InferResult) -> np.ndarray:
@@ -119,7 +136,7 @@ def test_a_front_that_loads_the_version_sends_on_its_channel_and_batches_with_th
     for result, x in ((ra, x_a), (rb, x_b)):
         assert_dense(result, x)
         assert result.timings.batch_size == 2
-        assert result.timings.mode == "replay"
+        assert result.timings.mode == ("replay" if worker.use_graphs else "eager")
     assert ra.timings.executions + rb.timings.executions == 1
 
 
@@ -135,7 +152,7 @@ def test_a_reload_keeps_the_channel_and_answers_every_call_sent_across_it(
         async with front(worker, 3) as a:
             first = await a.load(load(revision="r1"))
             assert first.code == Code.OK, first.message
-            before = worker.graph_models[("dense", 1)]
+            before = instance(worker)
             stop = asyncio.Event()
             answered = 0
 
@@ -149,7 +166,7 @@ def test_a_reload_keeps_the_channel_and_answers_every_call_sent_across_it(
             await asyncio.sleep(0.2)
             second = await a.load(load(2, revision="r2"))
             assert second.code == Code.OK and not second.reused, second.message
-            assert worker.graph_models[("dense", 1)] is not before
+            assert instance(worker) is not before
             await asyncio.sleep(0.2)
             stop.set()
             await asyncio.gather(*senders)  # any failed call raises here
@@ -265,3 +282,38 @@ def test_the_table_makes_one_socket_per_version_or_none_when_it_cannot(
     assert Path(channels.path).exists()
     made.close_all()
     assert not Path(channels.path).exists()
+
+
+@pytest.mark.parametrize("how", ["two instances", "reloaded without batching"])
+def test_a_batcher_that_cannot_read_a_channel_has_none_and_its_calls_take_the_link(
+    tmp_path: Path, how: str
+) -> None:
+    """A plain version with two instances gets no channel (the one that read it would hold
+    the other back while it runs a batch); a version reloaded without batching loses its
+    channel, and the front goes back to its link."""
+    settings = WorkerSettings(socket_path=str(tmp_path / "w.sock"), device="cpu")
+    x = np.full((1, 256), 0.25, dtype=np.float32)
+
+    async def scenario() -> None:
+        with serving_worker(settings) as worker:
+            async with front(worker, 9) as a:
+                if how == "two instances":
+                    done = await a.load(load(batching=Batching(instances=2)))
+                    assert done.code == Code.OK and done.channel == ""
+                else:
+                    first = await a.load(load(revision="r1"))
+                    assert first.channel
+                    assert_dense(await infer(a, x), x)
+                    assert a.direct_calls == 1
+                    done = await a.load(load(2, batching=None, revision="r2"))
+                    assert done.code == Code.OK and done.channel == ""
+                    deadline = time.monotonic() + 10
+                    while exists(first.channel):  # closed once the old one drained
+                        assert time.monotonic() < deadline, "the channel stayed open"
+                        await asyncio.sleep(0.01)
+                calls = a.direct_calls
+                for _ in range(3):
+                    assert_dense(await infer(a, x), x)
+                assert a.direct_calls == calls
+
+    asyncio.run(scenario())
