@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from runtime.channels import Channel, Channels, ChannelTable, Front, Waker
-from runtime.engine.batcher import Batcher, BatcherClosed, Pending, QueueFull
+from runtime.engine.batcher import Batcher, Pending
 from runtime.engine.buckets import BucketTable
 from runtime.engine.golden import GoldenMismatch
 from runtime.engine.graph_model import GraphModel, queue_call
@@ -62,7 +62,7 @@ from runtime.ipc.protocol import (
 from runtime.ipc.shm import pid_alive
 from runtime.native_stderr import route_native_stderr
 from runtime.settings import WorkerSettings
-from runtime.worker_connection import Connection, Queued
+from runtime.worker_connection import Connection, Queued, queue_batched
 
 __all__ = ["Worker", "run"]
 
@@ -460,25 +460,16 @@ class Worker:
 
         def queue(call: Infer, chan: Channel, received_ns: int) -> None:
             """A call read from a channel: as `Connection._dispatch` queues one of the link."""
-            assert chan.front is not None
+            front = chan.front
+            assert front is not None
+
+            def alone() -> None:
+                front.run_alone(call, received_ns, chan.answer)
+
             if call.bound:  # bound in place (runtime.engine.bound): runs alone
-                chan.front.run_alone(call, received_ns, chan.answer)
+                alone()
                 return
-            rows = call.inputs[0].shape[0] if call.inputs and call.inputs[0].shape else 1
-            try:
-                batcher.submit(
-                    Pending(
-                        call.call_id,
-                        rows,
-                        received_ns,
-                        call.deadline_ns,
-                        payload=(chan, call, received_ns),
-                    )
-                )
-            except QueueFull as exc:
-                chan.answer(InferDone(call.call_id, Code.OVERLOADED, str(exc)))
-            except BatcherClosed:  # replaced meanwhile: the new instance takes it
-                chan.front.run_alone(call, received_ns, chan.answer)
+            queue_batched(batcher, call, chan, received_ns, alone)
 
         waker = None if channels is None else Waker(channels, queue)
 

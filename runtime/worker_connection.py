@@ -18,9 +18,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from runtime.engine.batcher import BatcherClosed, Pending, QueueFull
+from runtime.engine.batcher import Batcher, BatcherClosed, Pending, QueueFull
 from runtime.engine.graph_model import queue_call
 from runtime.engine.regions import RegionError, RegionTable
 from runtime.ipc.pinning import CudaError, PinnedRegion, pin_arena
@@ -58,8 +58,10 @@ log = logging.getLogger("microtune.worker")
 # Calls of models whose average execution is shorter than this run on the reader thread.
 INLINE_BELOW_NS = 200_000
 
-# What a queued call carries to the batch thread: its connection, the call, when it arrived.
-Queued = tuple["Connection", Infer, int]
+# What a queued call carries to the batch thread: where it came from and is answered (its
+# Connection, or its direct channel: anything with arena_buf() and send_quiet()), the call,
+# when it arrived.
+Queued = tuple[Any, Infer, int]
 
 
 class Connection:
@@ -264,7 +266,6 @@ class Connection:
     def _dispatch(self, call: Infer, received_ns: int) -> None:
         """Batched models queue the call on their batcher (answered by its thread); others
         run it on the pool."""
-        rows = call.inputs[0].shape[0] if call.inputs and call.inputs[0].shape else 1
         graph_model = self.worker.graph_models.get((call.name, call.version))
         if graph_model is not None and self.arena is not None:
             buf = self.arena.buf
@@ -292,25 +293,13 @@ class Connection:
             else:
                 self.worker.pool.submit(self._infer, call, received_ns)
             return
-        try:
-            batcher.submit(
-                Pending(
-                    call.call_id,
-                    rows,
-                    received_ns,
-                    call.deadline_ns,
-                    payload=(self, call, received_ns),
-                )
-            )
-        except QueueFull as exc:
-            self.send_quiet(InferDone(call.call_id, Code.OVERLOADED, str(exc)))
-        except BatcherClosed:
-            # Replaced or unloading: the new instance (if any) takes it.
-            self.worker.pool.submit(self._infer, call, received_ns)
+        queue_batched(batcher, call, self, received_ns, lambda: self.run_alone(call, received_ns))
 
-    def run_alone(self, call: Infer, received_ns: int, answer: Callable[[InferDone], None]) -> None:
+    def run_alone(
+        self, call: Infer, received_ns: int, answer: Callable[[InferDone], None] | None = None
+    ) -> None:
         """Run `call` by itself on the pool, answered through `answer` (a direct channel's:
-        runtime.channels)."""
+        runtime.channels) or on this connection."""
         self.worker.pool.submit(self._infer, call, received_ns, answer)
 
     def _infer(
@@ -342,3 +331,28 @@ class Connection:
         except Exception as exc:
             log.exception("call %d failed", call.call_id)
             return InferDone(call.call_id, Code.INTERNAL, type(exc).__name__)
+
+
+class _Sender(Protocol):
+    def send_quiet(self, msg: InferDone) -> None: ...
+
+
+def queue_batched(
+    batcher: Batcher[Queued],
+    call: Infer,
+    sender: _Sender,
+    received_ns: int,
+    alone: Callable[[], object],
+) -> None:
+    """Queue `call` on a plain version's batcher, answered through `sender` (the Connection it
+    came on, or its direct channel: runtime.channels). A full queue is answered at once; a
+    batcher being replaced or unloaded leaves the call to `alone()` (the new instance, if any,
+    takes it)."""
+    rows = call.inputs[0].shape[0] if call.inputs and call.inputs[0].shape else 1
+    payload = (sender, call, received_ns)
+    try:
+        batcher.submit(Pending(call.call_id, rows, received_ns, call.deadline_ns, payload=payload))
+    except QueueFull as exc:
+        sender.send_quiet(InferDone(call.call_id, Code.OVERLOADED, str(exc)))
+    except BatcherClosed:
+        alone()
