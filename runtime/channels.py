@@ -152,6 +152,7 @@ class Channels:
         self._owner: Waker | None = None
         self._channels: dict[int, Channel] = {}  # by file descriptor
         self._chunk = bytearray(1 << 20)
+        self._view = memoryview(self._chunk)  # what each read's frames are decoded from
         self._closed = False
 
     def hand_to(self, owner: Waker | None) -> None:
@@ -199,7 +200,6 @@ class Channels:
             self._channels[sock.fileno()] = Channel(sock)
 
     def _read(self, chan: Channel, waker: Waker) -> None:
-        view = memoryview(self._chunk)
         try:
             n = chan.sock.recv_into(self._chunk, 0, socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -212,7 +212,7 @@ class Channels:
             return
         received = time.monotonic_ns()
         try:
-            for body in chan.reader.frames(view[:n]):
+            for body in chan.reader.frames(self._view[:n]):
                 msg = decode_front(body)
                 if isinstance(msg, Infer) and chan.front is not None:
                     waker.queue(msg, chan, received)

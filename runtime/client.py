@@ -5,9 +5,10 @@ inputs into it (the one host copy of a request's tensors), sends an Infer messag
 InferDone. A lease is returned only once the worker can no longer write to it: on its reply, or
 when the worker is known dead. If the link drops, every pending call fails with WorkerGone.
 
-A version served from CUDA graphs has a direct channel (`LoadDone.channel`,
-runtime.channels): a second socket, read by the version's own serving thread, where its calls
-go instead of the link. The client opens it when the load answers and closes it on unload.
+A batched version served by one thread (from CUDA graphs, or a plain batcher with one
+instance) has a direct channel (`LoadDone.channel`, runtime.channels): a second socket, read by
+that thread, where its calls go instead of the link. The client opens it when the load answers
+and closes it on unload.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import ClassVar, cast
 
 import msgspec
@@ -131,11 +132,10 @@ class RuntimeClient:
         self.pool = pool
         self.frontend_id = frontend_id
         self.welcome: Welcome | None = None
-        self._transport: asyncio.Transport | None = None
+        self._link: _Outbox | None = None  # the link's socket, once connected
         # The loop of `connect`, kept: on Python 3.11, asyncio.get_running_loop() makes a
         # getpid() system call each time, and the request path would make two per call.
         self._loop: asyncio.AbstractEventLoop  # set by connect()
-        self._out: list[bytes] = []  # frames written this loop iteration, flushed together
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[object]] = {}
         self._leases: dict[int, Lease] = {}
@@ -150,7 +150,7 @@ class RuntimeClient:
     async def connect(self, on_lost: Callable[[], None] | None = None) -> Welcome:
         loop = self._loop = asyncio.get_running_loop()
         transport, _ = await loop.create_unix_connection(lambda: _Link(self), self.socket_path)
-        self._transport = transport
+        self._link = _Outbox(loop, transport)
         self._on_lost = on_lost
         self.closed = False
         fut = self._expect(0)
@@ -163,9 +163,8 @@ class RuntimeClient:
     async def close(self) -> None:
         self.closed = True
         self._close_channels()
-        if self._transport is not None:
-            self._flush()
-            self._transport.close()
+        if self._link is not None:
+            self._link.close()
             await asyncio.sleep(0)  # let connection_lost run
         self._fail_all(WorkerGone("link closed"))
 
@@ -367,13 +366,9 @@ class RuntimeClient:
         if self._channels.get(chan.key) is chan:
             del self._channels[chan.key]
         name, version = chan.key
-        gone = f"its channel for model '{name}' version {version} closed"
-        for call_id in chan.calls:
-            fut = self._pending.pop(call_id, None)
-            if fut is not None and not fut.done():
-                fut.set_exception(WorkerGone(gone))
-                fut.exception()  # mark retrieved: callers may have gone
-            self._release_call(call_id)
+        self._fail(
+            chan.calls, WorkerGone(f"its channel for model '{name}' version {version} closed")
+        )
         chan.calls.clear()
 
     def _close_channels(self) -> None:
@@ -395,17 +390,10 @@ class RuntimeClient:
         return fut
 
     def _send(self, msg: FrontMessage) -> None:
-        if self._transport is None or self.closed:
+        link = self._link
+        if link is None or self.closed:
             raise WorkerGone("worker is not connected")
-        # Concurrent requests of one loop iteration leave in one write (one syscall).
-        if not self._out:
-            self._loop.call_soon(self._flush)
-        self._out.append(encode(msg))
-
-    def _flush(self) -> None:
-        out, self._out = self._out, []
-        if out and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+        link.send(encode(msg))
 
     def _on_message(self, msg: object) -> None:
         if isinstance(msg, InferDone):
@@ -439,15 +427,17 @@ class RuntimeClient:
             self._on_lost()
 
     def _fail_all(self, exc: Exception) -> None:
-        pending, self._pending = self._pending, {}
-        for key, fut in pending.items():
-            if not fut.done():
+        self._fail(list(self._pending), exc)
+
+    def _fail(self, keys: Iterable[int], exc: Exception) -> None:
+        """Fail what waits on `keys` (calls, requests) with `exc`, and return the calls'
+        leases: the worker will never write into them (dead, or it never read the calls)."""
+        for key in keys:
+            fut = self._pending.pop(key, None)
+            if fut is not None and not fut.done():
                 fut.set_exception(exc)
                 fut.exception()  # mark retrieved: callers may have gone
-            # Unanswered calls: the dead worker will never write to their slots again.
-            lease = self._leases.pop(key, None)
-            if lease is not None:
-                self._release(lease)
+            self._release_call(key)
 
     def _release_call(self, call_id: int) -> None:
         lease = self._leases.pop(call_id, None)
@@ -496,45 +486,61 @@ class _Link(asyncio.Protocol):
                 self.client._on_message(decode_worker(body))
         except Exception:
             log.exception("worker link protocol error")
-            if self.client._transport is not None:
-                self.client._transport.close()
+            link = self.client._link
+            if link is not None and link.transport is not None:
+                link.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client._lost(exc)
 
 
-class _Channel:
-    """A direct channel to one version: its socket, the frames written this loop iteration
-    (flushed together), the calls sent on it and not answered yet."""
+class _Outbox:
+    """A socket to the worker, and the frames written to it during this loop iteration: the
+    concurrent requests of one iteration leave in one write (one syscall) when it ends."""
 
-    def __init__(self, path: str, key: tuple[str, int], loop: asyncio.AbstractEventLoop) -> None:
-        self.path = path
-        self.key = key
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport | None = None
+    ) -> None:
         self.loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.calls: set[int] = set()
-        self.lost = False
-        self.retiring = False
-        self._out: list[bytes] = []
+        self.transport = transport
+        self._frames: list[bytes] = []
 
     def send(self, frame: bytes) -> None:
-        if not self._out:
+        if not self._frames:
             self.loop.call_soon(self.flush)
-        self._out.append(frame)
+        self._frames.append(frame)
 
     def flush(self) -> None:
-        out, self._out = self._out, []
+        out, self._frames = self._frames, []
         t = self.transport
         if out and t is not None and not t.is_closing():
             t.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def close(self) -> None:
+        """Send what is written, then close."""
+        if self.transport is not None:
+            self.flush()
+            self.transport.close()
+
+
+class _Channel(_Outbox):
+    """A direct channel to one version: its socket and the calls sent on it and not
+    answered yet."""
+
+    def __init__(self, path: str, key: tuple[str, int], loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.path = path
+        self.key = key
+        self.calls: set[int] = set()
+        self.lost = False
+        self.retiring = False
 
     def retire(self) -> None:
         """No new calls come here; close once the ones sent are answered (closing earlier
         would leave their leases to a worker still writing into them)."""
         self.retiring = True
-        if not self.calls and self.transport is not None:
-            self.flush()
-            self.transport.close()
+        if not self.calls:
+            self.close()
 
 
 class _ChannelLink(asyncio.Protocol):

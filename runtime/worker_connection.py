@@ -291,7 +291,7 @@ class Connection:
                     if lock is not None:
                         lock.release()
             else:
-                self.worker.pool.submit(self._infer, call, received_ns)
+                self.run_alone(call, received_ns)
             return
         queue_batched(batcher, call, self, received_ns, lambda: self.run_alone(call, received_ns))
 
@@ -348,10 +348,11 @@ def queue_batched(
     came on, or its direct channel: runtime.channels). A full queue is answered at once; a
     batcher being replaced or unloaded leaves the call to `alone()` (the new instance, if any,
     takes it)."""
-    rows = call.inputs[0].shape[0] if call.inputs and call.inputs[0].shape else 1
     payload = (sender, call, received_ns)
     try:
-        batcher.submit(Pending(call.call_id, rows, received_ns, call.deadline_ns, payload=payload))
+        batcher.submit(
+            Pending(call.call_id, call.rows, received_ns, call.deadline_ns, payload=payload)
+        )
     except QueueFull as exc:
         sender.send_quiet(InferDone(call.call_id, Code.OVERLOADED, str(exc)))
     except BatcherClosed:

@@ -377,10 +377,9 @@ def queue_call(
 ) -> None:
     """Queue `call` on a graph-served version (`submit`: its GraphModel's); a full queue or a
     version being replaced or unloaded is answered at once through `answer`."""
-    rows = call.inputs[0].shape[0] if call.inputs and call.inputs[0].shape else 1
     payload = (answer, call, buf, received_ns, regions)
     try:
-        submit(Pending(call.call_id, rows, received_ns, call.deadline_ns, payload=payload))
+        submit(Pending(call.call_id, call.rows, received_ns, call.deadline_ns, payload=payload))
     except QueueFull as exc:
         answer(InferDone(call.call_id, Code.OVERLOADED, str(exc)))
     except BatcherClosed:

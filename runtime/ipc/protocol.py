@@ -191,6 +191,12 @@ class Infer(_Msg, tag="infer"):
     span: bytes = b""  # the request's trace/span id (24 bytes) for execution span links
     bound: bool = False  # some input or output lives in a client CUDA shared-memory region
 
+    @property
+    def rows(self) -> int:
+        """The rows it adds to a batch: its first input's leading dimension (1 without)."""
+        inputs = self.inputs
+        return inputs[0].shape[0] if inputs and inputs[0].shape else 1
+
 
 class GetStatus(_Msg, tag="status"):
     """Ask what the worker holds for this front (the front's metrics poll it about once a
@@ -260,9 +266,10 @@ class LoadDone(_Msg, tag="loaded"):
     # when it could not be attributed.
     device_memory: int | None = None
     reused: bool = False  # the instance another front's load made (same identity): no load
-    # A version served from CUDA graphs: the Unix socket of its direct channel, where the
-    # front sends its calls so that they reach the version's serving thread without a hop
-    # through the connection's reader (runtime.channels). "" = none: calls go by the link.
+    # A batched version served by one thread (from CUDA graphs, or a plain batcher with one
+    # instance): the Unix socket of its direct channel, where the front sends its calls so
+    # that they reach that thread without a hop through the connection's reader
+    # (runtime.channels). "" = none: calls go by the link.
     channel: str = ""
 
 
