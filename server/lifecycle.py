@@ -34,9 +34,9 @@ from runtime.ipc.protocol import (
 from server.errors import LoadFailed, NotFound, Unsupported
 from server.model_config import ConfigError, parse_config_json
 from server.models import ModelEntry, ModelTable, VersionEntry
-from server.poll_policy import next_poll_in, poll_work, revision, unsettled
+from server.poll_policy import Seen, next_poll_in, poll_work, revision, seen_since, unsettled
 from server.repository import ScannedModel, scan_model, scan_repository
-from server.types import Fingerprint, ModelSpec, ModelState
+from server.types import ModelSpec, ModelState
 from server.worker_link import WorkerLink
 
 __all__ = ["ModelManager"]
@@ -81,9 +81,10 @@ class ModelManager:
         # RepositoryModelLoad are the same to the worker, which loads each version once.
         self.on_control: Callable[[str, str, str | None, Path, str], Awaitable[None]] | None = None
         self.override_dir: Path | None = None
-        # Poll mode: each model's version fingerprints at the last scan (`unsettled`), and
-        # the clock the scan time comes from (wall clock, as file mtimes are).
-        self._scanned: dict[str, dict[int, Fingerprint]] = {}
+        # Poll mode: each model's version fingerprints at the last scan, with the scan time
+        # each was first seen (`seen_since`), and the clock the scan time comes from (wall
+        # clock, as file mtimes are).
+        self._scanned: dict[str, Seen] = {}
         self.wall_clock: Callable[[], float] = time.time
         link.on_restart = self.reload_all
         link.on_lost = self.mark_worker_lost
@@ -181,13 +182,14 @@ class ModelManager:
         """Load new models, versions and changed version files; unload what disappeared."""
         now_ns = int(self.wall_clock() * 1e9)
         scanned = {s.name: s for s in await asyncio.to_thread(scan_repository, self.repository)}
-        previous, self._scanned = self._scanned, {n: s.files for n, s in scanned.items()}
+        previous = self._scanned
+        self._scanned = {n: seen_since(s, now_ns, previous.get(n, {})) for n, s in scanned.items()}
         for name, s in scanned.items():
             entry = self.table.models.get(name)
             if s.spec is None:  # a config that no longer parses: what is loaded goes on serving
                 self._broken_config(name, entry, s.reason)
                 continue
-            work = poll_work(entry, s, unsettled(s, now_ns, previous.get(name, {})))
+            work = poll_work(entry, s, unsettled(s, now_ns, self._scanned[name]))
             if work is None:
                 if entry is not None:
                     entry.reason = s.reason  # (a config that parses again, unchanged)

@@ -12,11 +12,15 @@ from server.models import ModelEntry
 from server.repository import ScannedModel
 from server.types import Fingerprint, ModelState
 
-__all__ = ["SETTLE_S", "next_poll_in", "poll_work", "revision", "unsettled"]
+__all__ = ["SETTLE_S", "Seen", "next_poll_in", "poll_work", "revision", "seen_since", "unsettled"]
 
-# A version whose files changed this recently before a scan, and since the previous scan, may
-# be half-written (a copy in place): it waits for the next poll (`unsettled`).
+# A version whose files changed this recently before a scan may be half-written (a copy in
+# place): it waits until scans have found its files unchanged for this long (`unsettled`).
 SETTLE_S = 1.0
+_SETTLE_NS = int(SETTLE_S * 1e9)
+
+# Per version: its files at the last scan, and the scan time (ns) they were first seen so.
+Seen = Mapping[int, tuple[Fingerprint, int]]
 
 
 def next_poll_in(now: float, period_s: float) -> float:
@@ -29,18 +33,33 @@ def next_poll_in(now: float, period_s: float) -> float:
     return period_s - now % period_s
 
 
-def unsettled(s: ScannedModel, now_ns: int, previous: Mapping[int, Fingerprint]) -> frozenset[int]:
+def seen_since(s: ScannedModel, now_ns: int, previous: Seen) -> dict[int, tuple[Fingerprint, int]]:
+    """`s`'s versions with the scan time their files were first seen as they are now: kept
+    from `previous` (the last scan's table) when they are unchanged, else `now_ns`. A time
+    after `now_ns` (the wall clock stepped back) starts again at `now_ns`."""
+    table: dict[int, tuple[Fingerprint, int]] = {}
+    for v, files in s.files.items():
+        before = previous.get(v)
+        same = before is not None and before[0] == files and before[1] <= now_ns
+        table[v] = (files, before[1] if same and before is not None else now_ns)
+    return table
+
+
+def unsettled(s: ScannedModel, now_ns: int, seen: Seen) -> frozenset[int]:
     """The versions of `s` whose files may still be being written: one changed in the last
-    SETTLE_S before the scan (`now_ns`, wall clock) and not the same as at the previous scan.
-    A copy in place (`cp` over model.onnx, a sync tool) moves the mtime as it writes: such a
-    version waits for a poll that finds it quiet or unchanged, instead of loading a
-    half-written file (or twice). Files unchanged across two scans count as settled whatever
-    their mtimes say (a clock ahead of this one, on a network file system)."""
-    young = now_ns - int(SETTLE_S * 1e9)
+    SETTLE_S before the scan (`now_ns`, wall clock), whose files the scans (`seen`, this
+    scan's `seen_since`) have not found unchanged for SETTLE_S yet. A copy in place (`cp`
+    over model.onnx, a sync tool) moves the mtime as it writes: such a version waits instead
+    of loading a half-written file (or twice). A writer that pauses for less than SETTLE_S
+    (a slow disk, a busy machine) between two short poll periods is still waited for. Files
+    unchanged for SETTLE_S of scans count as settled whatever their mtimes say (a clock
+    ahead of this one, on a network file system)."""
+    young = now_ns - _SETTLE_NS
     return frozenset(
         v
         for v, files in s.files.items()
-        if max((mtime for _, _, mtime in files), default=0) > young and previous.get(v) != files
+        if max((mtime for _, _, mtime in files), default=0) > young
+        and now_ns - seen.get(v, (files, now_ns))[1] < _SETTLE_NS
     )
 
 

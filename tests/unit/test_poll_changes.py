@@ -20,7 +20,7 @@ from fake_worker_link import SIGNATURE, FakeWorkerLink
 from runtime.ipc.protocol import Code, LoadDone, LoadModel
 from server.lifecycle import ModelManager
 from server.models import ModelTable
-from server.poll_policy import next_poll_in, poll_work, unsettled
+from server.poll_policy import next_poll_in, poll_work, seen_since, unsettled
 from server.repository import ScannedModel, fingerprint, scan_model
 from server.types import ModelState
 
@@ -222,8 +222,9 @@ def test_fronts_started_apart_poll_at_the_same_instants() -> None:
 
 def test_a_copy_in_place_is_loaded_once_it_has_settled(tmp_path: Path) -> None:
     """A model.onnx being written (its mtime moving, within SETTLE_S of the scan) waits: the
-    half-written file is never tried. A poll that finds it unchanged since the previous one
-    loads it, whatever its mtime (a clock ahead of ours)."""
+    half-written file is never tried, not even when the writer pauses across two scans of a
+    short period. Once scans have found it unchanged for SETTLE_S it loads, whatever its
+    mtime (a clock ahead of ours)."""
     root = repository(tmp_path, v1=b"one")
     manager, link, table = manager_over(root)
     now = 2_000_000_000.0  # the scans' wall clock (2033), files written "just now"
@@ -232,14 +233,20 @@ def test_a_copy_in_place_is_loaded_once_it_has_settled(tmp_path: Path) -> None:
     just_now = int(now * 1e9) - 100_000_000
 
     async def scenario() -> None:
+        nonlocal now
         await manager.load_repository()
         write(model, b"one, retr", just_now)  # the copy under way
         await manager.poll_once()
         write(model, b"one, retrained", just_now + 50_000_000)  # still under way
+        now += 0.3
         await manager.poll_once()
-        assert link.loads == [("m", 1, b"one")]  # neither half was tried
-        await manager.poll_once()  # unchanged since the last scan: settled
+        now += 0.3
+        await manager.poll_once()  # unchanged, but for 0.3 s only: the writer may go on
+        assert link.loads == [("m", 1, b"one")]  # no half was tried
+        now += 0.8
+        await manager.poll_once()  # unchanged for 1.1 s of scans: settled
         assert link.loads == [("m", 1, b"one"), ("m", 1, b"one, retrained")]
+        now += 0.3
         await manager.poll_once()
         assert len(link.loads) == 2
 
@@ -268,15 +275,24 @@ def test_a_model_still_being_copied_in_appears_once_settled(tmp_path: Path) -> N
     assert link.loads[-1] == ("n", 1, b"n, whole") and len(link.loads) == 2
 
 
-def test_unsettled_is_young_and_changed() -> None:
+def test_unsettled_is_young_and_not_yet_seen_unchanged_for_settle_s() -> None:
     s = scan_model_files({1: (("model.onnx", 5, 10 * 10**9),), 2: (("model.onnx", 5, 1),)})
     now = 10 * 10**9 + 500_000_000  # 0.5 s after version 1's last write
-    assert unsettled(s, now, {}) == {1}
-    assert unsettled(s, now, {1: s.files[1]}) == frozenset()  # unchanged across two scans
-    assert unsettled(s, now + 2 * 10**9, {}) == frozenset()  # quiet for SETTLE_S
+    first = seen_since(s, now, {})
+    assert first == {1: (s.files[1], now), 2: (s.files[2], now)}
+    assert unsettled(s, now, first) == {1}
+    later = now + 300_000_000  # the next scan of a 0.3 s period: unchanged, not for long
+    assert seen_since(s, later, first) == first
+    assert unsettled(s, later, first) == {1}
+    assert unsettled(s, now + 10**9, first) == frozenset()  # unchanged for SETTLE_S of scans
+    assert unsettled(s, now + 2 * 10**9, {}) == frozenset()  # written SETTLE_S before the scan
+    changed = scan_model_files({1: (("model.onnx", 6, 10 * 10**9),)})
+    assert seen_since(changed, later, first) == {1: (changed.files[1], later)}
+    stepped_back = seen_since(s, now - 10**9, first)  # the wall clock went back: start again
+    assert stepped_back[1] == (s.files[1], now - 10**9)
     ahead = scan_model_files({1: (("model.onnx", 5, now + 3600 * 10**9),)})  # a clock ahead
-    assert unsettled(ahead, now, {}) == {1}
-    assert unsettled(ahead, now, {1: ahead.files[1]}) == frozenset()
+    assert unsettled(ahead, now, seen_since(ahead, now, {})) == {1}
+    assert unsettled(ahead, now + 10**9, {1: (ahead.files[1], now)}) == frozenset()
 
 
 def scan_model_files(files: dict[int, tuple[tuple[str, int, int], ...]]) -> ScannedModel:
