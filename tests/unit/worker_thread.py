@@ -9,13 +9,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from runtime.ipc.protocol import UnloadModel
 from runtime.settings import WorkerSettings
 from runtime.worker import Worker
 
 
 @contextmanager
 def serving_worker(settings: WorkerSettings, listen_s: float = 30) -> Iterator[Worker]:
-    """The worker, once its socket exists; stopped (and its channels closed) on exit."""
+    """The worker, once its socket exists; on exit stopped, its channels closed and what is
+    still loaded unloaded (serving threads ended, sessions and captured graphs freed: a GPU
+    worker's must not outlive its test, beside the next tests' captures)."""
     sock = Path(settings.socket_path)
     w = Worker(settings)
     server = threading.Thread(target=w.serve_forever, daemon=True)
@@ -29,4 +32,6 @@ def serving_worker(settings: WorkerSettings, listen_s: float = 30) -> Iterator[W
     finally:
         w.stopping.set()
         server.join(10)
+        for name, version in {*w.graph_models, *w.models}:
+            w._unload(UnloadModel(0, name, version))  # whoever still holds it
         w.pool.shutdown()
