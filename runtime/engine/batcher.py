@@ -91,6 +91,29 @@ def form_batch(
     5. Else release the longest sub-prefix whose rows equal a preferred size, if any.
     6. Else wait: until the oldest request's delay runs out or the first deadline passes.
     """
+    if len(queue) == 1:  # the common case below saturation, decided without building lists
+        p = queue[0]
+        if p.expired_at(now_ns):
+            return Formed([], [p], None)
+        if (
+            drain
+            or p.batch_size >= max_batch_size
+            or now_ns - p.enqueued_ns >= max_queue_delay_ns
+            or p.batch_size in preferred
+        ):
+            return Formed([p], [], None)
+    return _form(queue, now_ns, max_batch_size, preferred, max_queue_delay_ns, drain)
+
+
+def _form(
+    queue: Sequence[Pending[T]],
+    now_ns: int,
+    max_batch_size: int,
+    preferred: tuple[int, ...],
+    max_queue_delay_ns: int,
+    drain: bool,
+) -> Formed[T]:
+    """form_batch for any queue (form_batch decides a lone request itself)."""
     expired = [p for p in queue if p.expired_at(now_ns)]
     live = [p for p in queue if not p.expired_at(now_ns)] if expired else list(queue)
     if not live:
@@ -311,14 +334,17 @@ class Batcher(Generic[T]):
             self.max_queue_delay_ns,
             drain=self._closing,
         )
-        if formed.batch or formed.expired:
+        if formed.expired:
             gone = {id(p) for p in formed.batch} | {id(p) for p in formed.expired}
             self._queue = deque(p for p in self._queue if id(p) not in gone)
             self._expired += len(formed.expired)
-            if formed.batch:
-                self._batches += 1
-                self._batched_requests += len(formed.batch)
-                self._batched_rows += sum(p.batch_size for p in formed.batch)
+        elif formed.batch:  # a FIFO prefix of the queue
+            for _ in formed.batch:
+                self._queue.popleft()
+        if formed.batch:
+            self._batches += 1
+            self._batched_requests += len(formed.batch)
+            self._batched_rows += sum(p.batch_size for p in formed.batch)
         return formed
 
     def _dispatch(

@@ -16,6 +16,7 @@ from runtime.engine.batcher import (
     BatcherClosed,
     Pending,
     QueueFull,
+    _form,
     form_batch,
 )
 
@@ -163,6 +164,27 @@ def test_batch_is_a_fifo_prefix_and_nothing_is_lost(
     if len(batch) < len(live):
         nxt = live[len(batch)].batch_size
         assert batch == [] or rows + nxt > max_batch or rows in preferred
+
+
+@given(
+    queue=queues.filter(lambda q: len(q) == 1),
+    now=st.integers(0, 30),
+    max_batch=st.integers(1, 10),
+    preferred=st.sets(st.integers(1, 10)).map(lambda s: tuple(sorted(s))),
+    delay=st.integers(0, 15),
+    drain=st.booleans(),
+)
+def test_a_lone_request_is_decided_as_any_queue_is(
+    queue: list[Pending[None]],
+    now: int,
+    max_batch: int,
+    preferred: tuple[int, ...],
+    delay: int,
+    drain: bool,
+) -> None:
+    """form_batch's shortcut for one queued request decides what the general rule does."""
+    general = _form(queue, now, max_batch, preferred, delay, drain)
+    assert form_batch(queue, now, max_batch, preferred, delay, drain=drain) == general
 
 
 # ----------------------------------------------------------------------------- Batcher, no threads
