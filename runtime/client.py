@@ -288,10 +288,11 @@ class RuntimeClient:
             fut = self._expect(call_id)
             self._leases[call_id] = lease
             chan = self._channels.get((name, version)) if self._channels else None
+            alone = len(self._pending) == 1  # this call's: no other one could share its write
             if chan is None:
-                self._send(msg)
+                self._send(msg, alone)
             else:
-                chan.send(encode(msg))
+                chan.send(encode(msg), alone)
                 chan.calls.add(call_id)
                 self.direct_calls += 1
             released = True  # from here the reader returns the lease
@@ -389,11 +390,11 @@ class RuntimeClient:
         self._pending[key] = fut
         return fut
 
-    def _send(self, msg: FrontMessage) -> None:
+    def _send(self, msg: FrontMessage, alone: bool = False) -> None:
         link = self._link
         if link is None or self.closed:
             raise WorkerGone("worker is not connected")
-        link.send(encode(msg))
+        link.send(encode(msg), alone)
 
     def _on_message(self, msg: object) -> None:
         if isinstance(msg, InferDone):
@@ -496,7 +497,9 @@ class _Link(asyncio.Protocol):
 
 class _Outbox:
     """A socket to the worker, and the frames written to it during this loop iteration: the
-    concurrent requests of one iteration leave in one write (one syscall) when it ends."""
+    concurrent requests of one iteration leave in one write (one syscall) when it ends. A
+    frame sent `alone` (the only call in flight: nothing could join it) is written at once,
+    unless frames wait before it: at concurrency 1 the worker gets it a loop turn earlier."""
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport | None = None
@@ -505,7 +508,12 @@ class _Outbox:
         self.transport = transport
         self._frames: list[bytes] = []
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes, alone: bool = False) -> None:
+        if alone and not self._frames:
+            t = self.transport
+            if t is not None and not t.is_closing():
+                t.write(frame)
+            return
         if not self._frames:
             self.loop.call_soon(self.flush)
         self._frames.append(frame)
