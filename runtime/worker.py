@@ -70,6 +70,11 @@ log = logging.getLogger("microtune.worker")
 
 Key = tuple[str, int]  # (model name, version)
 
+# How long the channels of a version reloaded without batching are still read, at most: the
+# fronts close them once they have their LoadDone (or, for another front of the pod, their
+# own load of the same revision) and their calls there are answered.
+DRAIN_CHANNELS_S = 60.0
+
 
 class Worker:
     def __init__(self, settings: WorkerSettings) -> None:
@@ -244,6 +249,11 @@ class Worker:
             # Several would wait for the one that reads while it runs a batch.
             channels = self.channels.open(key)
         batcher, waker = self._start_batcher(model, msg, channels)
+        drain = None
+        if channels is not None and waker is None:
+            # Reloaded without batching: no batch thread reads them. The fronts hear it in
+            # LoadDone and go back to their links; what they sent meanwhile runs alone.
+            drain = Waker(channels, _run_alone)
         # Replacing a loaded instance frees its session: a release for loads measured meanwhile.
         with self.memory.releasing() if current is not None else contextlib.nullcontext():
             with self._models_lock:
@@ -252,16 +262,19 @@ class Worker:
                 if batcher is not None:
                     self.batchers[key] = batcher
             if channels is not None:
-                channels.hand_to(waker)  # the old instance drains only what it has queued
+                channels.hand_to(waker or drain)  # the old instance drains what it queued
             with self.gpu_lock or contextlib.nullcontext():
                 del current  # the replaced session is freed here unless a call still runs it
-        if channels is not None and waker is None:
-            # Reloaded without batching: no thread reads them. The fronts hear it in LoadDone
-            # and go back to their links; calls they sent meanwhile fail as on a lost link.
+        if channels is not None and drain is not None:
             self.channels.pop(key)
             closing, channels = channels, None
-            threading.Thread(target=_after, args=(old, closing.close), daemon=True).start()
-        elif old is not None:  # calls already queued on the old instance finish there
+            threading.Thread(
+                target=_drain_channels,
+                args=(closing, drain),
+                daemon=True,
+                name=f"drain-{msg.name}-{msg.version}",
+            ).start()
+        if old is not None:  # calls already queued on the old instance finish there
             threading.Thread(target=old.close, daemon=True).start()
         return LoadDone(
             msg.request_id,
@@ -490,11 +503,24 @@ class Worker:
         return batcher, waker
 
 
-def _after(old: Batcher[Queued] | None, then: Callable[[], object]) -> None:
-    """Drain `old` (if any), then call `then`."""
-    if old is not None:
-        old.close()
-    then()
+def _run_alone(call: Infer, chan: Channel, received_ns: int) -> None:
+    """A call read from the channel of a version that no longer batches: it runs by itself."""
+    assert chan.front is not None  # calls are read only once the channel is attached
+    chan.front.run_alone(call, received_ns, chan.answer)
+
+
+def _drain_channels(channels: Channels, waker: Waker) -> None:
+    """Read what the fronts still send on `channels` (their version was reloaded without
+    batching) and run it alone, until each front has closed its end once its calls there
+    were answered (or DRAIN_CHANNELS_S passed: a front that never heard of the reload);
+    then close them."""
+    deadline = time.monotonic() + DRAIN_CHANNELS_S
+    try:
+        while channels.attached() and time.monotonic() < deadline:
+            waker.wait(0.2)
+    finally:
+        channels.close()
+        waker.close()
 
 
 def run(settings_json: bytes) -> None:

@@ -317,3 +317,47 @@ def test_a_batcher_that_cannot_read_a_channel_has_none_and_its_calls_take_the_li
                 assert a.direct_calls == calls
 
     asyncio.run(scenario())
+
+
+def test_calls_sent_on_the_channel_across_a_reload_without_batching_are_all_answered(
+    tmp_path: Path,
+) -> None:
+    """Calls keep flowing while a plain batched version is reloaded without batching: those
+    the front sends on its channel before it reads LoadDone are still read there and run
+    alone. None fails, and the channel closes once the front has left it."""
+    settings = WorkerSettings(socket_path=str(tmp_path / "w.sock"), device="cpu")
+    x = np.full((1, 256), 0.5, dtype=np.float32)
+    want = expected(x)
+
+    async def scenario() -> tuple[int, int, int]:
+        with serving_worker(settings) as worker:
+            async with front(worker, 12) as a:
+                first = await a.load(load(revision="r1"))
+                assert first.code == Code.OK and first.channel, first.message
+                stop = asyncio.Event()
+                answered = 0
+
+                async def traffic() -> None:
+                    nonlocal answered
+                    while not stop.is_set():
+                        np.testing.assert_allclose(output(await infer(a, x)), want, rtol=1e-5)
+                        answered += 1
+
+                senders = [asyncio.create_task(traffic()) for _ in range(8)]
+                await asyncio.sleep(0.2)
+                sent_direct = a.direct_calls
+                done = await a.load(load(2, batching=None, revision="r2"))
+                assert done.code == Code.OK and done.channel == "", done.message
+                direct_at_reload = a.direct_calls
+                await asyncio.sleep(0.2)
+                stop.set()
+                await asyncio.gather(*senders)  # any failed call raises here
+                assert a.direct_calls == direct_at_reload  # after LoadDone: the link
+                deadline = time.monotonic() + 10
+                while exists(first.channel):
+                    assert time.monotonic() < deadline, "the channel stayed open"
+                    await asyncio.sleep(0.01)
+                return answered, sent_direct, direct_at_reload
+
+    answered, before, at_reload = asyncio.run(scenario())
+    assert 0 < before <= at_reload < answered
