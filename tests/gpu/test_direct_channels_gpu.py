@@ -19,7 +19,7 @@ import pytest
 from runtime.ipc.protocol import Code
 from runtime.settings import WorkerSettings
 from runtime.worker import Worker
-from tests.unit.test_direct_channels import expected, front, infer, load, output
+from tests.unit.test_direct_channels import expected, front, infer, load, output, traffic
 from tests.unit.worker_thread import serving_worker
 
 pytestmark = pytest.mark.gpu
@@ -48,24 +48,13 @@ def test_calls_on_the_channel_replay_on_the_gpu_and_survive_a_reload(worker: Wor
                 result = await infer(a, x)
                 assert result.timings.mode == "replay"
                 np.testing.assert_allclose(output(result), want, rtol=TOL, atol=TOL)
-            stop = asyncio.Event()
-            answered = 0
-
-            async def traffic(k: int) -> None:
-                nonlocal answered
-                while not stop.is_set():
-                    result = await infer(a, xs[k])
-                    np.testing.assert_allclose(output(result), wants[k], rtol=TOL, atol=TOL)
-                    answered += 1
-
-            senders = [asyncio.create_task(traffic(k % 3)) for k in range(4)]
-            await asyncio.sleep(0.3)
-            second = await a.load(load(2, revision="r2"))  # captures anew, then takes over
-            assert second.code == Code.OK and second.channel == first.channel, second.message
-            await asyncio.sleep(0.3)
-            stop.set()
-            await asyncio.gather(*senders)  # a failed or wrong call raises here
-            return answered, a.direct_calls
+            cases = list(zip(xs, wants, strict=True))
+            async with traffic(a, cases, senders=4, rtol=TOL, atol=TOL) as answered:
+                await asyncio.sleep(0.3)
+                second = await a.load(load(2, revision="r2"))  # captures anew, then takes over
+                assert second.code == Code.OK and second.channel == first.channel, second.message
+                await asyncio.sleep(0.3)
+            return answered(), a.direct_calls
 
     answered, direct = asyncio.run(scenario())
     assert direct == answered + 3 and answered > 0

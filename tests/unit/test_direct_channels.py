@@ -17,7 +17,7 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -91,6 +91,34 @@ async def infer(client: RuntimeClient, x: np.ndarray, deadline_s: float = 20) ->
     )
 
 
+@asynccontextmanager
+async def traffic(
+    client: RuntimeClient,
+    cases: Sequence[tuple[np.ndarray, np.ndarray]],
+    senders: int,
+    rtol: float = 1e-5,
+    atol: float = 0.0,
+) -> AsyncIterator[Callable[[], int]]:
+    """`senders` tasks calling `client` in a loop while the block runs, sender k with input
+    and expected output `cases[k % len(cases)]`; a failed or wrong call raises when the block
+    ends. Yields how many calls were answered so far."""
+    stop = asyncio.Event()
+    answered = 0
+
+    async def send(x: np.ndarray, want: np.ndarray) -> None:
+        nonlocal answered
+        while not stop.is_set():
+            np.testing.assert_allclose(output(await infer(client, x)), want, rtol=rtol, atol=atol)
+            answered += 1
+
+    tasks = [asyncio.create_task(send(*cases[k % len(cases)])) for k in range(senders)]
+    try:
+        yield lambda: answered
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
 def expected(x: np.ndarray) -> np.ndarray:
     reference = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
     (want,) = reference.run(["OUTPUT0"], {"INPUT0": x})
@@ -153,24 +181,13 @@ def test_a_reload_keeps_the_channel_and_answers_every_call_sent_across_it(
             first = await a.load(load(revision="r1"))
             assert first.code == Code.OK, first.message
             before = instance(worker)
-            stop = asyncio.Event()
-            answered = 0
-
-            async def traffic() -> None:
-                nonlocal answered
-                while not stop.is_set():
-                    np.testing.assert_allclose(output(await infer(a, x)), want, rtol=1e-5)
-                    answered += 1
-
-            senders = [asyncio.create_task(traffic()) for _ in range(4)]
-            await asyncio.sleep(0.2)
-            second = await a.load(load(2, revision="r2"))
-            assert second.code == Code.OK and not second.reused, second.message
-            assert instance(worker) is not before
-            await asyncio.sleep(0.2)
-            stop.set()
-            await asyncio.gather(*senders)  # any failed call raises here
-            return answered, a.direct_calls, first.channel, second.channel
+            async with traffic(a, [(x, want)], senders=4) as answered:
+                await asyncio.sleep(0.2)
+                second = await a.load(load(2, revision="r2"))
+                assert second.code == Code.OK and not second.reused, second.message
+                assert instance(worker) is not before
+                await asyncio.sleep(0.2)
+            return answered(), a.direct_calls, first.channel, second.channel
 
     answered, direct, first, second = asyncio.run(scenario())
     assert first == second
@@ -334,30 +351,19 @@ def test_calls_sent_on_the_channel_across_a_reload_without_batching_are_all_answ
             async with front(worker, 12) as a:
                 first = await a.load(load(revision="r1"))
                 assert first.code == Code.OK and first.channel, first.message
-                stop = asyncio.Event()
-                answered = 0
-
-                async def traffic() -> None:
-                    nonlocal answered
-                    while not stop.is_set():
-                        np.testing.assert_allclose(output(await infer(a, x)), want, rtol=1e-5)
-                        answered += 1
-
-                senders = [asyncio.create_task(traffic()) for _ in range(8)]
-                await asyncio.sleep(0.2)
-                sent_direct = a.direct_calls
-                done = await a.load(load(2, batching=None, revision="r2"))
-                assert done.code == Code.OK and done.channel == "", done.message
-                direct_at_reload = a.direct_calls
-                await asyncio.sleep(0.2)
-                stop.set()
-                await asyncio.gather(*senders)  # any failed call raises here
+                async with traffic(a, [(x, want)], senders=8) as answered:
+                    await asyncio.sleep(0.2)
+                    sent_direct = a.direct_calls
+                    done = await a.load(load(2, batching=None, revision="r2"))
+                    assert done.code == Code.OK and done.channel == "", done.message
+                    direct_at_reload = a.direct_calls
+                    await asyncio.sleep(0.2)
                 assert a.direct_calls == direct_at_reload  # after LoadDone: the link
                 deadline = time.monotonic() + 10
                 while exists(first.channel):
                     assert time.monotonic() < deadline, "the channel stayed open"
                     await asyncio.sleep(0.01)
-                return answered, sent_direct, direct_at_reload
+                return answered(), sent_direct, direct_at_reload
 
     answered, before, at_reload = asyncio.run(scenario())
     assert 0 < before <= at_reload < answered
