@@ -294,6 +294,9 @@ class GraphModel:
         graphs = self.graphs
         assert graphs is not None
         specs = graphs.output_specs
+        widest = max((spec.row_nbytes for spec in specs), default=0)
+        if max(p.batch_size for p in live) * widest < DIRECT_MIN_BYTES:
+            return None  # no call has an output that large (small models: the common case)
         places: list[dict[str, Any]] = []
         any_place = False
         for p in live:
