@@ -11,6 +11,8 @@ perf_analyzer does not run: it sends one request of `b` rows at a time (concurre
 returns the wall time of each call as this process sees it; the request is serialized once and
 travels as bytes through a generic unary-unary call, so the client's own cost per call is the
 gRPC channel's alone, yet it is inside the figure (ServerLive p50 ~330 us on the GPU machine).
+`phase_totals` reads the server's ModelStatistics, so that a caller can tell the worker's
+phases of a run from the rest.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ input [ {{ name: "INPUT0" data_type: TYPE_{dtype} dims: [ {row} ] }} ]
 output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ {out} ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: 0 }}
 """
+PHASES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 # INPUT0's numpy element type -> its KServe v2 datatype (OUTPUT0 is FP32 in every model)
 DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
 
@@ -132,6 +135,26 @@ class E2EServer:
         resp = pb.ModelInferResponse.FromString(raw)
         shape = tuple(resp.outputs[0].shape)
         return out, np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(shape)
+
+    def phase_totals(self, name: str) -> dict[str, tuple[int, int]]:
+        """The server's ModelStatistics of `name` (all versions) so far: per phase (success,
+        queue, compute_input, compute_infer, compute_output), its total ns and count. The
+        difference of two snapshots is what the calls between them cost, by the server's
+        own account."""
+        from server._proto.inference import grpc_service_pb2 as pb
+        from server._proto.inference import grpc_service_pb2_grpc as pbg
+
+        assert self._channel is not None
+        stub = pbg.GRPCInferenceServiceStub(self._channel)
+        stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name=name), timeout=30)
+        totals: dict[str, tuple[int, int]] = {}
+        for phase in PHASES:
+            ns = n = 0
+            for s in stats.model_stats:
+                d = getattr(s.inference_stats, phase)
+                ns, n = ns + d.ns, n + d.count
+            totals[phase] = (ns, n)
+        return totals
 
     def __exit__(
         self,

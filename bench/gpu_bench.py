@@ -137,6 +137,9 @@ class Row:
     e2e_us: float | None = None
     e2e_pa_us: float | None = None
     e2e_pa_cudashm_us: float | None = None
+    # the server's own account (ModelStatistics) of the perf_analyzer raw-bytes run: the mean
+    # per call of each phase, in microseconds
+    pa_phases_us: dict[str, float] | None = None
 
     @property
     def cut_vs_iobinding(self) -> float:
@@ -356,7 +359,9 @@ def bench_e2e(rows: list[Row], paths: dict[str, Path], args: argparse.Namespace)
             np.testing.assert_allclose(y, want, rtol=2e-2, atol=2e-2)
             r.e2e_us = statistics.median(t)
             if version is not None:
+                before = srv.phase_totals(r.model)
                 r.e2e_pa_us = pa_p50(run, RAW, r, srv.port, args.pa_interval_ms, ())
+                r.pa_phases_us = phase_means(before, srv.phase_totals(r.model))
             if version is not None and cuda:
                 # perf_analyzer sizes a fixed-shape output from the model's config; the flag
                 # states the batch's output bytes, the most it may need.
@@ -373,6 +378,18 @@ def bench_e2e(rows: list[Row], paths: dict[str, Path], args: argparse.Namespace)
         run.floor_us = floor_p50(run, args.pa_interval_ms)
         print(f"gRPC floor (bench/floor_server.py, dense b=1): {us(run.floor_us)} us", flush=True)
     return run
+
+
+def phase_means(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+) -> dict[str, float] | None:
+    """Each phase's mean (us) over the calls between two `phase_totals` snapshots."""
+    means = {}
+    for phase, (ns, n) in after.items():
+        ns0, n0 = before.get(phase, (0, 0))
+        if n > n0:
+            means[phase] = (ns - ns0) / (n - n0) / 1000
+    return means or None
 
 
 def floor_p50(run: E2ERun, interval_ms: int) -> float | None:
@@ -599,6 +616,7 @@ def render_e2e(
     if have_pa:
         lines.append(f"- the Python client column, client cost included, for reference: {python}.")
     lines.append("")
+    lines += render_phases(rows)
     if run is not None and run.floor_us is not None:
         lines += render_floor(rows, run.floor_us, run.commands["floor"])
     for variant, errs in (run.errors if run else {}).items():
@@ -612,12 +630,40 @@ def render_e2e(
     return lines
 
 
+def render_phases(rows: list[Row]) -> list[str]:
+    """The server's own account of each perf_analyzer raw-bytes row: where its time went."""
+    measured = [r for r in rows if r.pa_phases_us]
+    if not measured:
+        return []
+    lines = [
+        "The server's own account of the perf_analyzer raw-bytes calls (ModelStatistics, mean "
+        "per call in microseconds; the run's warm-up calls included). `success` runs from the "
+        "front's handler taking the request to its answer; queue (the worker's read to the "
+        "batch's start), input (gather and host-to-device), infer (the replay) and output "
+        "(device-to-host and the arena) are the worker's; `rest` = success minus those four: "
+        "the front's code and the link's two wake-ups. Outside `success`: both gRPC stacks "
+        "(see the floor below).",
+        "",
+        "| model | batch | perf_analyzer p50 | success | queue | input | infer | output | rest |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in measured:
+        p = r.pa_phases_us or {}
+        worker = [p.get(k) for k in ("queue", "compute_input", "compute_infer", "compute_output")]
+        success = p.get("success")
+        known = [w for w in worker if w is not None]
+        rest = success - sum(known) if success is not None and len(known) == 4 else None
+        cells = [r.model, str(r.batch), us(r.e2e_pa_us), us(success), *map(us, worker), us(rest)]
+        lines.append(f"| {' | '.join(cells)} |")
+    return [*lines, ""]
+
+
 def render_floor(rows: list[Row], floor_us: float, cmd: str) -> list[str]:
     """The gRPC floor and what the server adds above it for dense b=1."""
     text = (
         f"gRPC floor: perf_analyzer at concurrency 1 against bench/floor_server.py (a grpc.aio "
-        f"server that answers ModelInfer with prebuilt bytes: no parsing, no worker, no "
-        f"compute), dense b=1: **{floor_us:.1f} us** p50 (`{cmd}`)."
+        f"server that parses ModelInfer and answers it with a prebuilt response: no worker, "
+        f"no compute), dense b=1: **{floor_us:.1f} us** p50 (`{cmd}`)."
     )
     dense = next((r for r in rows if r.model == "dense" and r.batch == 1), None)
     if dense is not None and dense.e2e_pa_us is not None:
