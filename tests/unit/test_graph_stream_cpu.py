@@ -39,17 +39,28 @@ def assert_bucket_4_holds(gs: GraphSet, x: Array) -> None:
     assert not bound[3:].any()  # zeroed, whatever a fuller batch left there
 
 
+def assert_outputs_of(
+    model: Any,
+    inputs: list[Array],
+    outputs: list[list[Array]],
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+) -> None:
+    """Each request's output is what a plain CPU session computes for its input."""
+    ref = cpu_session(model)
+    for x, (out,) in zip(inputs, outputs, strict=True):
+        np.testing.assert_allclose(out, ref.run(None, {"INPUT0": x})[0], rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("split", [[1], [3], [1, 1, 1], [2, 3], [1, 2, 4, 1], [5, 3]])
 def test_streamed_replay_matches_a_plain_run(split: list[int]) -> None:
     model = gm.mlp()
     gs, _ = streamed(model)
-    ref = cpu_session(model)
-    feeds = [{"INPUT0": rows(n, seed=i)} for i, n in enumerate(split)]
-    result = gs.run(feeds)
+    parts = [rows(n, seed=i) for i, n in enumerate(split)]
+    result = gs.run([{"INPUT0": p} for p in parts])
     assert result.replayed and result.rows == sum(split)
-    for feed, n, (out,) in zip(feeds, split, result.outputs, strict=True):
-        assert out.shape == (n, 10)
-        np.testing.assert_allclose(out, ref.run(None, feed)[0], rtol=1e-5, atol=1e-6)
+    assert [out.shape for (out,) in result.outputs] == [(n, 10) for n in split]
+    assert_outputs_of(model, parts, result.outputs)
 
 
 def test_small_requests_are_gathered_then_copied_once_and_synchronised_once() -> None:
@@ -64,9 +75,7 @@ def test_small_requests_are_gathered_then_copied_once_and_synchronised_once() ->
     result = gs.run([{"INPUT0": p} for p in parts])
     assert stream.calls == ["to_device", "zero", "to_host", "synchronize"]
     assert_bucket_4_holds(gs, np.concatenate(parts))
-    ref = cpu_session(model)
-    for p, (out,) in zip(parts, result.outputs, strict=True):
-        np.testing.assert_allclose(out, ref.run(None, {"INPUT0": p})[0], rtol=1e-5, atol=1e-6)
+    assert_outputs_of(model, parts, result.outputs)
 
 
 def test_one_request_is_copied_from_where_it_is_and_the_padding_zeroed_on_the_device() -> None:
@@ -79,9 +88,7 @@ def test_one_request_is_copied_from_where_it_is_and_the_padding_zeroed_on_the_de
     result = gs.run([{"INPUT0": x}])
     assert stream.calls == ["to_device", "zero", "to_host", "synchronize"]
     assert_bucket_4_holds(gs, x)
-    np.testing.assert_allclose(
-        result.outputs[0][0], cpu_session(model).run(None, {"INPUT0": x})[0], rtol=1e-5, atol=1e-6
-    )
+    assert_outputs_of(model, [x], result.outputs)
 
 
 def test_large_requests_are_each_copied_to_their_row_offset() -> None:
@@ -93,9 +100,7 @@ def test_large_requests_are_each_copied_to_their_row_offset() -> None:
     result = gs.run([{"INPUT0": p} for p in parts])
     assert stream.calls == ["to_device", "to_device", "zero", "to_host", "synchronize"]
     assert_bucket_4_holds(gs, np.concatenate(parts))
-    ref = cpu_session(model)
-    for p, (out,) in zip(parts, result.outputs, strict=True):
-        np.testing.assert_allclose(out, ref.run(None, {"INPUT0": p})[0], rtol=1e-4, atol=1e-5)
+    assert_outputs_of(model, parts, result.outputs, rtol=1e-4, atol=1e-5)
 
 
 def test_a_strided_request_is_gathered_not_copied_from_its_address() -> None:
@@ -105,8 +110,7 @@ def test_a_strided_request_is_gathered_not_copied_from_its_address() -> None:
     x = wide[:, ::2]  # not contiguous: one address cannot describe it
     result = gs.run([{"INPUT0": x}])
     assert stream.calls == ["to_device", "to_host", "synchronize"]
-    want = cpu_session(model).run(None, {"INPUT0": np.ascontiguousarray(x)})[0]
-    np.testing.assert_allclose(result.outputs[0][0], want, rtol=1e-5, atol=1e-6)
+    assert_outputs_of(model, [np.ascontiguousarray(x)], result.outputs)
 
 
 def test_only_the_outputs_wanted_on_the_host_come_back() -> None:
@@ -166,9 +170,7 @@ def test_rows_in_device_memory_are_copied_by_the_copier_beside_streamed_host_row
     result = gs.run(feeds)
     assert stream.calls == ["to_host", "synchronize"]  # the inputs went through the copier
     assert_bucket_4_holds(gs, np.concatenate([a, b]))
-    ref = cpu_session(model)
-    for x, (out,) in zip((a, b), result.outputs, strict=True):
-        np.testing.assert_allclose(out, ref.run(None, {"INPUT0": x})[0], rtol=1e-5, atol=1e-6)
+    assert_outputs_of(model, [a, b], result.outputs)
 
 
 def test_outputs_with_places_are_copied_from_the_device_straight_there() -> None:
@@ -180,10 +182,9 @@ def test_outputs_with_places_are_copied_from_the_device_straight_there() -> None
     places = [{"OUTPUT0": np.full((n, 32), np.nan, np.float32)} for n in (1, 2)]
     result = gs.run([{"INPUT0": p} for p in parts], places=places)
     assert stream.calls == ["to_device", "zero", "to_host", "to_host", "synchronize"]
-    ref = cpu_session(model)
-    for p, place, (out,) in zip(parts, places, result.outputs, strict=True):
+    for place, (out,) in zip(places, result.outputs, strict=True):
         assert out is place["OUTPUT0"]
-        np.testing.assert_allclose(out, ref.run(None, {"INPUT0": p})[0], rtol=1e-5, atol=1e-6)
+    assert_outputs_of(model, parts, result.outputs)
 
 
 @pytest.mark.parametrize(
@@ -207,6 +208,4 @@ def test_an_output_goes_through_staging_unless_every_request_has_a_fitting_place
     result = gs.run([{"INPUT0": p} for p in parts], places=places)
     assert stream.calls.count("to_host") == 1  # the whole batch, into staging
     assert result.outputs[0][0] is not first and not first.any()
-    ref = cpu_session(model)
-    for p, (out,) in zip(parts, result.outputs, strict=True):
-        np.testing.assert_allclose(out, ref.run(None, {"INPUT0": p})[0], rtol=1e-5, atol=1e-6)
+    assert_outputs_of(model, parts, result.outputs)
