@@ -510,9 +510,7 @@ class _Outbox:
 
     def send(self, frame: bytes, alone: bool = False) -> None:
         if alone and not self._frames:
-            t = self.transport
-            if t is not None and not t.is_closing():
-                t.write(frame)
+            self._write(frame)
             return
         if not self._frames:
             self.loop.call_soon(self.flush)
@@ -520,9 +518,13 @@ class _Outbox:
 
     def flush(self) -> None:
         out, self._frames = self._frames, []
+        if out:
+            self._write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _write(self, data: bytes) -> None:
         t = self.transport
-        if out and t is not None and not t.is_closing():
-            t.write(out[0] if len(out) == 1 else b"".join(out))
+        if t is not None and not t.is_closing():
+            t.write(data)
 
     def close(self) -> None:
         """Send what is written, then close."""

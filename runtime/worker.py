@@ -265,12 +265,12 @@ class Worker:
                 channels.hand_to(waker or drain)  # the old instance drains what it queued
             with self.gpu_lock or contextlib.nullcontext():
                 del current  # the replaced session is freed here unless a call still runs it
-        if channels is not None and drain is not None:
+        if drain is not None:  # the channels are `drain`'s now; LoadDone names none
             self.channels.pop(key)
-            closing, channels = channels, None
+            channels = None
             threading.Thread(
                 target=_drain_channels,
-                args=(closing, drain),
+                args=(drain,),
                 daemon=True,
                 name=f"drain-{msg.name}-{msg.version}",
             ).start()
@@ -509,11 +509,13 @@ def _run_alone(call: Infer, chan: Channel, received_ns: int) -> None:
     chan.front.run_alone(call, received_ns, chan.answer)
 
 
-def _drain_channels(channels: Channels, waker: Waker) -> None:
-    """Read what the fronts still send on `channels` (their version was reloaded without
-    batching) and run it alone, until each front has closed its end once its calls there
-    were answered (or DRAIN_CHANNELS_S passed: a front that never heard of the reload);
-    then close them."""
+def _drain_channels(waker: Waker) -> None:
+    """Read what the fronts still send on `waker`'s channels (their version was reloaded
+    without batching) and run it alone, until each front has closed its end once its calls
+    there were answered (or DRAIN_CHANNELS_S passed: a front that never heard of the
+    reload); then close them."""
+    channels = waker.channels
+    assert channels is not None
     deadline = time.monotonic() + DRAIN_CHANNELS_S
     try:
         while channels.attached() and time.monotonic() < deadline:

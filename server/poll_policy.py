@@ -40,8 +40,10 @@ def seen_since(s: ScannedModel, now_ns: int, previous: Seen) -> dict[int, tuple[
     table: dict[int, tuple[Fingerprint, int]] = {}
     for v, files in s.files.items():
         before = previous.get(v)
-        same = before is not None and before[0] == files and before[1] <= now_ns
-        table[v] = (files, before[1] if same and before is not None else now_ns)
+        if before is not None and before[0] == files and before[1] <= now_ns:
+            table[v] = before
+        else:
+            table[v] = (files, now_ns)
     return table
 
 
