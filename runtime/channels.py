@@ -18,7 +18,7 @@ A version's channels outlive its instances: a reload (same name and version, new
 them (`Channels.hand_to`) from the old instance's thread to the new one's, so the fronts keep
 their sockets and what they send meanwhile waits in the socket for the new instance, never
 read by one that is draining. Only the owner reads; answers may come from the old and the new
-instance at once, so each channel's sends take a lock. A version reloaded without batching
+instance at once, and go out through one Outbound per channel. A version reloaded without batching
 hands them to a thread of their own (runtime.worker), which runs what the fronts still send
 there alone until each has gone back to its link and closed its end.
 """
@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from runtime.engine.regions import RegionTable
+from runtime.ipc.outbound import Outbound
 from runtime.ipc.protocol import MAX_FRAME, Attach, FrameReader, Infer, InferDone, decode_front
 from runtime.ipc.protocol import encode as encode_frame
 
@@ -121,12 +122,13 @@ class Channel:
         self.sock = sock
         self.reader = FrameReader(MAX_FRAME)
         self.front: Front | None = None
-        self._send_lock = threading.Lock()
+        # Answers may come from the old and the new instance at once (a reload), and never
+        # wait for the front to read (runtime.ipc.outbound).
+        self._out = Outbound(sock)
 
     def answer(self, msg: InferDone) -> None:
-        frame = encode_frame(msg)
-        with self._send_lock, contextlib.suppress(OSError):  # a front gone: its calls with it
-            self.sock.sendall(frame)
+        with contextlib.suppress(OSError):  # a front gone: its calls with it
+            self._out.send(encode_frame(msg))
 
     send_quiet = answer
 
@@ -226,7 +228,11 @@ class Channels:
                 elif isinstance(msg, Attach) and chan.front is None:
                     chan.front = self._attach(msg.connection)
                     if chan.front is None:
-                        raise ValueError(f"no front connection {msg.connection}")
+                        # Its front left (or never was) before the channel said whose it is:
+                        # not an error of the protocol; the front's calls went with it.
+                        log.info("direct channel for gone front connection %d", msg.connection)
+                        self._drop(chan)
+                        return
                 else:
                     raise ValueError(f"{type(msg).__name__} on a direct channel")
         except Exception:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from runtime.engine.batcher import Batcher, BatcherClosed, Pending, QueueFull
 from runtime.engine.graph_model import queue_call
 from runtime.engine.regions import RegionError, RegionTable
+from runtime.ipc.outbound import Outbound
 from runtime.ipc.pinning import CudaError, PinnedRegion, pin_arena
 from runtime.ipc.protocol import (
     MAX_FRAME,
@@ -71,7 +72,7 @@ class Connection:
         self.worker = worker
         self.sock = sock
         self.id = id  # named in Welcome; a direct channel's Attach names it (runtime.channels)
-        self.send_lock = threading.Lock()
+        self._out = Outbound(sock)  # answers never wait for this front to read (see there)
         self.arena: Arena | None = None
         self.pinned: PinnedRegion | None = None
         io = worker.region_io
@@ -88,14 +89,12 @@ class Connection:
             # Answers of calls run inline while handling one read leave in one write.
             self._collect.append(frame)
             return
-        with self.send_lock:
-            self.sock.sendall(frame)
+        self._out.send(frame)
 
     def _flush(self) -> None:
         out, self._collect = self._collect, None
         if out:
-            with self.send_lock:
-                self.sock.sendall(out[0] if len(out) == 1 else b"".join(out))
+            self._out.send(out[0] if len(out) == 1 else b"".join(out))
 
     def send_quiet(self, msg: Any) -> None:
         """Send, ignoring a front that has gone (its calls die with it)."""

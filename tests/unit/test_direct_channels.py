@@ -71,10 +71,13 @@ def instance(worker: Worker) -> object:
 
 
 @asynccontextmanager
-async def front(worker: Worker, front_id: int, slots: int = 8) -> AsyncIterator[RuntimeClient]:
+async def front(
+    worker: Worker, front_id: int, slots: int = 8, slot_bytes: int = SLOT
+) -> AsyncIterator[RuntimeClient]:
     name = f"/microtune-test-{os.getpid()}-chan-{front_id}"
-    arena = Arena(name, SLOT * slots, create=True)
-    client = RuntimeClient(worker.settings.socket_path, arena, SlotPool(SLOT, slots), front_id)
+    arena = Arena(name, slot_bytes * slots, create=True)
+    pool = SlotPool(slot_bytes, slots)
+    client = RuntimeClient(worker.settings.socket_path, arena, pool, front_id)
     try:
         await client.connect()
         yield client
