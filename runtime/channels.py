@@ -132,6 +132,9 @@ class Channel:
 
     send_quiet = answer
 
+    def close(self) -> None:
+        self._out.close()
+
     def arena_buf(self) -> memoryview:
         assert self.front is not None  # calls are queued only once the channel is attached
         return self.front.arena_buf()
@@ -197,7 +200,7 @@ class Channels:
             self._owner = None
             self._closed = True
             for chan in self._channels.values():
-                chan.sock.close()
+                chan.close()
             self._channels.clear()
             self._listener.close()
             with contextlib.suppress(FileNotFoundError):
@@ -241,7 +244,7 @@ class Channels:
 
     def _drop(self, chan: Channel) -> None:
         self._channels.pop(chan.sock.fileno(), None)
-        chan.sock.close()
+        chan.close()
 
 
 class ChannelTable:

@@ -114,7 +114,7 @@ class Connection:
         except Exception:
             log.exception("protocol error; closing the connection")
         finally:
-            self.sock.close()
+            self._out.close()
             self._control.shutdown(wait=True)  # an (un)registration under way ends first
             self.worker.release(self)
             if self.regions is not None:

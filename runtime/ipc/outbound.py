@@ -17,13 +17,11 @@ without end: past BACKLOG_MAX bytes the senders wait for the writer, as `sendall
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import socket
 import threading
 
 __all__ = ["BACKLOG_MAX", "Outbound"]
-
-log = logging.getLogger("microtune.worker")
 
 BACKLOG_MAX = 64 << 20
 
@@ -60,7 +58,16 @@ class Outbound:
             self._queue(memoryview(frame)[n:])
             self._draining = True
             self.stalls += 1
-        threading.Thread(target=self._drain, name="outbound", daemon=True).start()
+        try:
+            threading.Thread(target=self._drain, name="outbound", daemon=True).start()
+        except RuntimeError:  # no thread to be had: this sender writes, waiting as sendall did
+            self._drain()
+
+    def close(self) -> None:
+        """Shut the socket down, so that a writer blocked on it returns, and close it."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
 
     def _queue(self, rest: bytes | memoryview) -> None:
         self._backlog.append(rest)

@@ -110,3 +110,23 @@ def test_a_front_that_has_gone_is_an_os_error_for_every_sender(
             time.sleep(0.01)
     with pytest.raises(BrokenPipeError, match="the front has gone"):
         out.send(frame(1))
+
+
+def test_closing_ends_a_writer_blocked_on_a_front_that_does_not_read(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """The worker closes a connection (the front broke the protocol) while answers wait: the
+    writer returns, and the front sees the end instead of a socket held open by it."""
+    worker_end, front_end = pair
+    out = Outbound(worker_end)
+    for k in range(20):
+        out.send(frame(k))
+    assert out.stalls == 1
+    out.close()
+    deadline = time.monotonic() + 10
+    while any(t.name == "outbound" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the writer is still blocked"
+        time.sleep(0.01)
+    front_end.settimeout(10)
+    while front_end.recv(1 << 16):
+        pass
