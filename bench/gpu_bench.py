@@ -137,9 +137,10 @@ class Row:
     e2e_us: float | None = None
     e2e_pa_us: float | None = None
     e2e_pa_cudashm_us: float | None = None
-    # the server's own account (ModelStatistics) of the perf_analyzer raw-bytes run: the mean
-    # per call of each phase, in microseconds
+    # the server's own account (ModelStatistics) of the perf_analyzer runs, raw bytes and CUDA
+    # shm: the mean per call of each phase, in microseconds
     pa_phases_us: dict[str, float] | None = None
+    pa_cudashm_phases_us: dict[str, float] | None = None
 
     @property
     def cut_vs_iobinding(self) -> float:
@@ -370,7 +371,9 @@ def bench_e2e(rows: list[Row], paths: dict[str, Path], args: argparse.Namespace)
                 # states the batch's output bytes, the most it may need.
                 out_bytes = r.batch * math.prod(out_row) * 4
                 shm = ("--shared-memory", "cuda", "--output-shared-memory-size", str(out_bytes))
+                before = srv.phase_totals(r.model)
                 r.e2e_pa_cudashm_us = pa_p50(run, CUDA_SHM, r, srv.port, args.pa_interval_ms, shm)
+                r.pa_cudashm_phases_us = phase_means(before, srv.phase_totals(r.model))
             print(
                 f"{r.model} b={r.batch}: end-to-end p50 {us(r.e2e_us)} us Python client, "
                 f"{us(r.e2e_pa_us)} us perf_analyzer, {us(r.e2e_pa_cudashm_us)} us CUDA shm "
@@ -627,7 +630,7 @@ def render_e2e(
     if have_pa:
         lines.append(f"- the Python client column, client cost included, for reference: {python}.")
     lines.append("")
-    lines += render_phases(rows)
+    lines += render_phases(rows, RAW) + render_phases(rows, CUDA_SHM)
     if run is not None and run.floor_us is not None:
         lines += render_floor(rows, run.floor_us, run.commands["floor dense"])
     if run is not None and run.payload_floor is not None:
@@ -643,13 +646,15 @@ def render_e2e(
     return lines
 
 
-def render_phases(rows: list[Row]) -> list[str]:
-    """The server's own account of each perf_analyzer raw-bytes row: where its time went."""
-    measured = [r for r in rows if r.pa_phases_us]
+def render_phases(rows: list[Row], variant: str) -> list[str]:
+    """The server's own account of each perf_analyzer row of `variant`: where its time went."""
+    cuda_shm = variant == CUDA_SHM
+    measured = [(r, r.pa_cudashm_phases_us if cuda_shm else r.pa_phases_us) for r in rows]
+    measured = [(r, p) for r, p in measured if p]
     if not measured:
         return []
     lines = [
-        "The server's own account of the perf_analyzer raw-bytes calls (ModelStatistics, mean "
+        f"The server's own account of the perf_analyzer {variant} calls (ModelStatistics, mean "
         "per call in microseconds; the run's warm-up calls included). `success` runs from the "
         "front's handler taking the request to its answer; queue (the worker's read to the "
         "batch's start), input (gather and host-to-device), infer (the replay) and output "
@@ -660,13 +665,13 @@ def render_phases(rows: list[Row]) -> list[str]:
         "| model | batch | perf_analyzer p50 | success | queue | input | infer | output | rest |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in measured:
-        p = r.pa_phases_us or {}
+    for r, p in measured:
         worker = [p.get(k) for k in ("queue", "compute_input", "compute_infer", "compute_output")]
         success = p.get("success")
         known = [w for w in worker if w is not None]
         rest = success - sum(known) if success is not None and len(known) == 4 else None
-        cells = [r.model, str(r.batch), us(r.e2e_pa_us), us(success), *map(us, worker), us(rest)]
+        p50 = r.e2e_pa_cudashm_us if cuda_shm else r.e2e_pa_us
+        cells = [r.model, str(r.batch), us(p50), us(success), *map(us, worker), us(rest)]
         lines.append(f"| {' | '.join(cells)} |")
     return [*lines, ""]
 
