@@ -19,16 +19,16 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import ClassVar, cast
+from typing import ClassVar
 
 import msgspec
 
+from runtime.client_link import ChannelReader, DirectChannel, LinkReader, Outbox
 from runtime.ipc.protocol import (
     PROTOCOL_VERSION,
     Attach,
     CloseRegion,
     Code,
-    FrameReader,
     FrontMessage,
     GetStatus,
     Hello,
@@ -45,7 +45,6 @@ from runtime.ipc.protocol import (
     UnloadModel,
     Welcome,
     WorkerStatus,
-    decode_worker,
     encode,
 )
 from runtime.ipc.shm import Arena, Lease, SlotPool, align_up
@@ -132,7 +131,7 @@ class RuntimeClient:
         self.pool = pool
         self.frontend_id = frontend_id
         self.welcome: Welcome | None = None
-        self._link: _Outbox | None = None  # the link's socket, once connected
+        self._link: Outbox | None = None  # the link's socket, once connected
         # The loop of `connect`, kept: on Python 3.11, asyncio.get_running_loop() makes a
         # getpid() system call each time, and the request path would make two per call.
         self._loop: asyncio.AbstractEventLoop  # set by connect()
@@ -142,15 +141,17 @@ class RuntimeClient:
         self._wanted: dict[tuple[str, ...], tuple[OutputRequest, ...]] = {}
         self._space_waiters: list[asyncio.Future[None]] = []
         self._on_lost: Callable[[], None] | None = None
-        self._channels: dict[tuple[str, int], _Channel] = {}  # direct channels, by version
+        self._channels: dict[tuple[str, int], DirectChannel] = {}  # direct channels, by version
         self.closed = True
         self.inline_outputs = 0  # counted slow path: outputs that did not fit the reservation
         self.direct_calls = 0  # calls sent on a direct channel
 
     async def connect(self, on_lost: Callable[[], None] | None = None) -> Welcome:
         loop = self._loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_unix_connection(lambda: _Link(self), self.socket_path)
-        self._link = _Outbox(loop, transport)
+        transport, _ = await loop.create_unix_connection(
+            lambda: LinkReader(self._on_message, self._lost), self.socket_path
+        )
+        self._link = Outbox(loop, transport)
         self._on_lost = on_lost
         self.closed = False
         fut = self._expect(0)
@@ -346,9 +347,11 @@ class RuntimeClient:
         if old is not None and old.path == path and not old.lost:
             return
         assert self.welcome is not None
-        chan = _Channel(path, key, self._loop)
+        chan = DirectChannel(path, key, self._loop)
         try:
-            await self._loop.create_unix_connection(lambda: _ChannelLink(self, chan), path)
+            await self._loop.create_unix_connection(
+                lambda: ChannelReader(chan, self._on_message, self._channel_lost), path
+            )
         except OSError as exc:
             log.warning("no direct channel to %s version %d (%s): calls take the link", *key, exc)
             return
@@ -360,7 +363,7 @@ class RuntimeClient:
         if old is not None:
             old.retire()
 
-    def _channel_lost(self, chan: _Channel) -> None:
+    def _channel_lost(self, chan: DirectChannel) -> None:
         """The worker closed a direct channel: it died (its channels may end before its link
         does), or the version was unloaded (the fronts drain their calls first). Calls still
         in the channel were never read, so their leases can go back."""
@@ -471,117 +474,3 @@ class RuntimeClient:
             self._space_waiters.append(waiter)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(waiter, remaining)
-
-
-class _Link(asyncio.Protocol):
-    """Frames from the worker: every complete frame of a read is handled in one callback,
-    without a coroutine step per frame."""
-
-    def __init__(self, client: RuntimeClient) -> None:
-        self.client = client
-        self.reader = FrameReader()
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            for body in self.reader.frames(memoryview(data)):
-                self.client._on_message(decode_worker(body))
-        except Exception:
-            log.exception("worker link protocol error")
-            link = self.client._link
-            if link is not None and link.transport is not None:
-                link.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.client._lost(exc)
-
-
-class _Outbox:
-    """A socket to the worker, and the frames written to it during this loop iteration: the
-    concurrent requests of one iteration leave in one write (one syscall) when it ends. A
-    frame sent `alone` (the only call in flight: nothing could join it) is written at once,
-    unless frames wait before it: at concurrency 1 the worker gets it a loop turn earlier."""
-
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport | None = None
-    ) -> None:
-        self.loop = loop
-        self.transport = transport
-        self._frames: list[bytes] = []
-
-    def send(self, frame: bytes, alone: bool = False) -> None:
-        if alone and not self._frames:
-            self._write(frame)
-            return
-        if not self._frames:
-            self.loop.call_soon(self.flush)
-        self._frames.append(frame)
-
-    def flush(self) -> None:
-        out, self._frames = self._frames, []
-        if out:
-            self._write(out[0] if len(out) == 1 else b"".join(out))
-
-    def _write(self, data: bytes) -> None:
-        t = self.transport
-        if t is not None and not t.is_closing():
-            t.write(data)
-
-    def close(self) -> None:
-        """Send what is written, then close."""
-        if self.transport is not None:
-            self.flush()
-            self.transport.close()
-
-
-class _Channel(_Outbox):
-    """A direct channel to one version: its socket and the calls sent on it and not
-    answered yet."""
-
-    def __init__(self, path: str, key: tuple[str, int], loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
-        self.path = path
-        self.key = key
-        self.calls: set[int] = set()
-        self.lost = False
-        self.retiring = False
-
-    def retire(self) -> None:
-        """No new calls come here; close once the ones sent are answered (closing earlier
-        would leave their leases to a worker still writing into them)."""
-        self.retiring = True
-        if not self.calls:
-            self.close()
-
-
-class _ChannelLink(asyncio.Protocol):
-    """Answers on a direct channel: InferDone only."""
-
-    def __init__(self, client: RuntimeClient, chan: _Channel) -> None:
-        self.client = client
-        self.chan = chan
-        self.reader = FrameReader()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # (uvloop's transports are not asyncio.Transport instances, but behave as one)
-        self.chan.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        chan = self.chan
-        try:
-            for body in self.reader.frames(memoryview(data)):
-                msg = decode_worker(body)
-                if not isinstance(msg, InferDone):
-                    raise ValueError(f"{type(msg).__name__} on a direct channel")
-                chan.calls.discard(msg.call_id)
-                self.client._on_message(msg)
-        except Exception:
-            log.exception("direct channel protocol error")
-            if chan.transport is not None:
-                chan.transport.close()
-            return
-        if chan.retiring and not chan.calls and chan.transport is not None:
-            chan.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.chan.lost = True
-        self.client._channel_lost(self.chan)
