@@ -17,33 +17,20 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import pytest
 
 from runtime.client import CallFailed, InferResult, PreparedInput, RuntimeClient
 from runtime.ipc.protocol import Batching, Code, LoadModel, ModelSignature
 from runtime.ipc.shm import Arena, SlotPool
-from runtime.settings import WorkerSettings
 from runtime.worker import Worker
 from server.settings import DEMO_REPOSITORY
-from tests.unit.worker_thread import serving_worker
 
 MODEL = DEMO_REPOSITORY / "dense" / "1" / "model.onnx"
 SLOT = 64 << 10
 SLOTS = 8
 WAIT_FOR_TWO = Batching(max_queue_delay_us=60_000_000, preferred=(2,))
-
-
-@pytest.fixture(params=[False, True], ids=["session-batcher", "graph-model"])
-def worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Worker]:
-    sock = tmp_path / "w.sock"
-    settings = WorkerSettings(socket_path=str(sock), device="cpu", cpu_graphs=request.param)
-    with serving_worker(settings) as w:
-        yield w
 
 
 async def _front(worker: Worker, front_id: int) -> RuntimeClient:

@@ -17,7 +17,7 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -55,14 +55,6 @@ def load(
         revision=revision,
         batching=batching,
     )
-
-
-@pytest.fixture(params=["graphs", "batcher"])
-def worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Worker]:
-    graphs = request.param == "graphs"
-    settings = WorkerSettings(socket_path=str(tmp_path / "w.sock"), device="cpu", cpu_graphs=graphs)
-    with serving_worker(settings) as w:
-        yield w
 
 
 def instance(worker: Worker) -> object:

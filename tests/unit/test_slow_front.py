@@ -12,28 +12,22 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from runtime.client import InferResult
 from runtime.ipc.protocol import Code
-from runtime.settings import WorkerSettings
 from runtime.worker import Worker
-from tests.unit.test_direct_channels import expected, front, infer, load, output
-from tests.unit.worker_thread import serving_worker
+from tests.unit.test_direct_channels import (
+    expected,
+    front,
+    infer,
+    load,
+    output,
+)
 
 CALLS = 600  # answers of about 200 bytes: several times what a Unix socket holds
-
-
-@pytest.fixture(params=["graphs", "batcher"])
-def worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Worker]:
-    graphs = request.param == "graphs"
-    settings = WorkerSettings(socket_path=str(tmp_path / "w.sock"), device="cpu", cpu_graphs=graphs)
-    with serving_worker(settings) as w:
-        yield w
 
 
 @pytest.mark.parametrize("a_path", ["link", "channel"])
