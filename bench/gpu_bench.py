@@ -290,7 +290,7 @@ class E2ERun:
     floor_us: float | None = None
     # the same floor moving the encoder's largest batch (identity_fp32 echoing as many FP32
     # bytes in and out): what gRPC alone costs for that payload; None where it did not run
-    payload_floor: tuple[Row, float] | None = None
+    payload_floor: tuple[Row, int, float] | None = None  # (that row, FP32 values each way, p50)
 
 
 def first_line(text: str) -> str:
@@ -389,7 +389,7 @@ def bench_e2e(rows: list[Row], paths: dict[str, Path], args: argparse.Namespace)
             p50 = floor_p50(run, args.pa_interval_ms, "identity_fp32", f"INPUT0:{floats}")
             print(f"gRPC floor, encoder b={big.batch}'s payload: {us(p50)} us", flush=True)
             if p50 is not None:
-                run.payload_floor = (big, p50)
+                run.payload_floor = (big, floats, p50)
     return run
 
 
@@ -631,10 +631,8 @@ def render_e2e(
         lines.append(f"- the Python client column, client cost included, for reference: {python}.")
     lines.append("")
     lines += render_phases(rows, RAW) + render_phases(rows, CUDA_SHM)
-    if run is not None and run.floor_us is not None:
-        lines += render_floor(rows, run.floor_us, run.commands["floor dense"])
-    if run is not None and run.payload_floor is not None:
-        lines += render_payload_floor(*run.payload_floor, run.commands["floor identity_fp32"])
+    if run is not None:
+        lines += render_floors(rows, run)
     for variant, errs in (run.errors if run else {}).items():
         lines += [
             f"perf_analyzer ({variant}) failed on {len(errs)} of {len(rows)} rows; first: "
@@ -676,47 +674,46 @@ def render_phases(rows: list[Row], variant: str) -> list[str]:
     return [*lines, ""]
 
 
-def render_floor(rows: list[Row], floor_us: float, cmd: str) -> list[str]:
-    """The gRPC floor and what the server adds above it for dense b=1."""
+def render_floor(what: str, row: Row | None, floor_us: float, cmd: str) -> str:
+    """A gRPC floor (`what` it moved) and how far microtune's `row` is above it."""
     text = (
-        f"gRPC floor: perf_analyzer at concurrency 1 against bench/floor_server.py (a grpc.aio "
-        f"server that parses ModelInfer and answers it with a prebuilt response: no worker, "
-        f"no compute), dense b=1: **{floor_us:.1f} us** p50 (`{cmd}`)."
+        f"gRPC floor, {what}: perf_analyzer at concurrency 1 against bench/floor_server.py (a "
+        f"grpc.aio server that parses ModelInfer and answers it with a prebuilt or echoed "
+        f"response: no worker, no compute): **{floor_us:.1f} us** p50 (`{cmd}`)."
     )
-    dense = next((r for r in rows if r.model == "dense" and r.batch == 1), None)
-    if dense is not None and dense.e2e_pa_us is not None:
-        above = dense.e2e_pa_us - floor_us
+    if row is not None and row.e2e_pa_us is not None:
+        above = row.e2e_pa_us - floor_us
         text += (
-            f" microtune's dense b=1 is {above:+.1f} us above it, of which "
-            f"{dense.in_process_us:.1f} us is the in-process replay; the rest "
-            f"({above - dense.in_process_us:+.1f} us) is the server's own path (front, worker "
+            f" microtune's {row.model} b={row.batch} (raw bytes) is {above:+.1f} us above it, "
+            f"of which {row.in_process_us:.1f} us is the in-process replay; the rest "
+            f"({above - row.in_process_us:+.1f} us) is the server's own path (front, worker "
             f"link, batcher, copies)."
         )
-    return [text, ""]
+    return text
 
 
-def render_payload_floor(big: Row, floor_us: float, cmd: str) -> list[str]:
-    """The gRPC floor for the encoder's largest batch's bytes, and microtune above it."""
-    mib = big.batch * math.prod(MODELS["encoder"].row) * 4 / (1 << 20)
-    text = (
-        f"gRPC floor for the encoder b={big.batch}'s payload: bench/floor_server.py's "
-        f"identity_fp32 echoing {mib:.2f} MiB of FP32 in and out (no worker, no compute): "
-        f"**{floor_us:.1f} us** p50 (`{cmd}`)."
-    )
-    if big.e2e_pa_us is not None:
-        above = big.e2e_pa_us - floor_us
-        text += (
-            f" microtune's encoder b={big.batch} (raw bytes) is {above:+.1f} us above it, of "
-            f"which {big.in_process_us:.1f} us is the in-process replay; the rest "
-            f"({above - big.in_process_us:+.1f} us) is the server's own path."
+def render_floors(rows: list[Row], run: E2ERun) -> list[str]:
+    """The dense b=1 floor, and the encoder's largest payload's, each beside microtune's row."""
+    lines = []
+    if run.floor_us is not None:
+        dense = next((r for r in rows if r.model == "dense" and r.batch == 1), None)
+        cmd = run.commands["floor dense"]
+        lines += [render_floor("dense b=1", dense, run.floor_us, cmd), ""]
+    if run.payload_floor is not None:
+        big, floats, floor_us = run.payload_floor
+        what = (
+            f"the encoder b={big.batch}'s payload (identity_fp32 echoing "
+            f"{floats * 4 / (1 << 20):.2f} MiB of FP32 in and out)"
         )
-    if floor_us >= E2E_LIMIT_US:
-        text += (
-            " The floor alone is over 0.5 ms: raw bytes of this size cannot come within 0.5 ms "
-            "of in-process through a Python gRPC server; the CUDA shm column carries no tensor "
-            "bytes."
-        )
-    return [text, ""]
+        text = render_floor(what, big, floor_us, run.commands["floor identity_fp32"])
+        if floor_us >= E2E_LIMIT_US:
+            text += (
+                " The floor alone is over 0.5 ms: raw bytes of this size cannot come within "
+                "0.5 ms of in-process through a Python gRPC server; the CUDA shm column carries "
+                "no tensor bytes."
+            )
+        lines += [text, ""]
+    return lines
 
 
 def parse_batches(text: str) -> list[int]:
@@ -797,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
         if e2e is not None:
             floors["dense b=1"] = e2e.floor_us
             if e2e.payload_floor is not None:
-                big, p50 = e2e.payload_floor
+                big, _, p50 = e2e.payload_floor
                 floors[f"encoder b={big.batch} payload"] = p50
         report = {"info": info, "rows": [asdict(r) for r in rows], "grpc_floor_us": floors}
         args.json.write_text(json.dumps(report, indent=1))

@@ -18,9 +18,9 @@ A version's channels outlive its instances: a reload (same name and version, new
 them (`Channels.hand_to`) from the old instance's thread to the new one's, so the fronts keep
 their sockets and what they send meanwhile waits in the socket for the new instance, never
 read by one that is draining. Only the owner reads; answers may come from the old and the new
-instance at once, and go out through one Outbound per channel. A version reloaded without batching
-hands them to a thread of their own (runtime.worker), which runs what the fronts still send
-there alone until each has gone back to its link and closed its end.
+instance at once, and go out through one Outbound per channel. A version reloaded without
+batching hands them to a thread of their own (runtime.worker), which runs what the fronts still
+send there alone until each has gone back to its link and closed its end.
 """
 
 from __future__ import annotations
