@@ -57,6 +57,10 @@ class Front(Protocol):
         """Run `call` by itself on the worker's pool (a call the batcher does not take)."""
         ...
 
+    def stalled(self) -> None:
+        """Count a stall of one of the front's sockets (its metrics report them)."""
+        ...
+
 
 # How a version queues a call read from one of its channels (Channel: the answer's way back
 # and the front's arena), with the instant it was read.
@@ -124,13 +128,18 @@ class Channel:
         self.front: Front | None = None
         # Answers may come from the old and the new instance at once (a reload), and never
         # wait for the front to read (runtime.ipc.outbound).
-        self._out = Outbound(sock)
+        self._out = Outbound(sock, on_stall=self._stalled)
 
     def answer(self, msg: InferDone) -> None:
         with contextlib.suppress(OSError):  # a front gone: its calls with it
             self._out.send(encode_frame(msg))
 
     send_quiet = answer
+
+    def _stalled(self) -> None:
+        front = self.front  # answers flow only once attached: a stall has its front
+        if front is not None:
+            front.stalled()
 
     def close(self) -> None:
         self._out.close()

@@ -72,7 +72,11 @@ class Connection:
         self.worker = worker
         self.sock = sock
         self.id = id  # named in Welcome; a direct channel's Attach names it (runtime.channels)
-        self._out = Outbound(sock)  # answers never wait for this front to read (see there)
+        # Answers never wait for this front to read (see there); the times its socket or one of
+        # its direct channels was full are counted for its metrics (WorkerStatus.send_stalls).
+        self.send_stalls = 0
+        self._stalls_lock = threading.Lock()
+        self._out = Outbound(sock, on_stall=self.stalled)
         self.arena: Arena | None = None
         self.pinned: PinnedRegion | None = None
         io = worker.region_io
@@ -95,6 +99,11 @@ class Connection:
         out, self._collect = self._collect, None
         if out:
             self._out.send(out[0] if len(out) == 1 else b"".join(out))
+
+    def stalled(self) -> None:
+        """One of this front's sockets was full: an answer waits for a writer thread."""
+        with self._stalls_lock:  # the link's and the direct channels' senders
+            self.send_stalls += 1
 
     def send_quiet(self, msg: Any) -> None:
         """Send, ignoring a front that has gone (its calls die with it)."""
@@ -203,6 +212,7 @@ class Connection:
             msg.request_id,
             tuple(QueuedCalls(name, v, n) for (name, v), n in counts if n),
             0 if pinned is None or pinned.closed else pinned.size,
+            self.send_stalls,
         )
 
     def _answer(self, act: Callable[[Any], Any], msg: Any) -> None:

@@ -246,6 +246,8 @@ class App:
                 status = await self.link.status(timeout_s=1.0)
                 m.set_pending(() if status is None else ((q.name, q.calls) for q in status.queued))
                 m.set_pinned_bytes(0 if status is None else status.pinned_bytes)
+                if status is not None:
+                    m.set_send_stalls(status.send_stalls)
             await asyncio.sleep(1.0)
 
     @staticmethod

@@ -13,6 +13,10 @@ Frames sent meanwhile join the backlog, so the front reads them in the order the
 The backlog is bounded by what the front has asked for (one answer per call it sent, calls
 bounded by its arena's slots), but a front that sends calls and never reads would grow it
 without end: past BACKLOG_MAX bytes the senders wait for the writer, as `sendall` would.
+
+Each stall (a writer started because the socket was full) is reported to `on_stall`: the worker
+counts them per front and the front exports the count (`microtune_worker_send_stalls_total`), the
+sign of a front whose event loop falls behind reading its answers.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 
 __all__ = ["BACKLOG_MAX", "Outbound"]
 
@@ -30,15 +35,20 @@ class Outbound:
     """Writes frames to one socket for many threads; `send` raises OSError once the front is
     gone (as `sendall` did)."""
 
-    def __init__(self, sock: socket.socket, backlog_max: int = BACKLOG_MAX) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        backlog_max: int = BACKLOG_MAX,
+        on_stall: Callable[[], None] | None = None,
+    ) -> None:
         self._sock = sock
+        self._on_stall = on_stall
         self._max = backlog_max
         self._cond = threading.Condition(threading.Lock())
         self._backlog: list[bytes | memoryview] = []
         self._bytes = 0
         self._draining = False  # a writer owns the socket's sending until the backlog is empty
         self._gone = ""  # why the writer found the front gone ("": it has not)
-        self.stalls = 0  # how often the front's socket was full (a writer started)
 
     def send(self, frame: bytes) -> None:
         with self._cond:
@@ -57,7 +67,8 @@ class Outbound:
                 return
             self._queue(memoryview(frame)[n:])
             self._draining = True
-            self.stalls += 1
+        if self._on_stall is not None:
+            self._on_stall()
         try:
             threading.Thread(target=self._drain, name="outbound", daemon=True).start()
         except RuntimeError:  # no thread to be had: this sender writes, waiting as sendall did

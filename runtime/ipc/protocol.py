@@ -312,6 +312,9 @@ class WorkerStatus(_Msg, tag="report"):
     request_id: int
     queued: tuple[QueuedCalls, ...] = ()  # versions with calls waiting (none listed: none)
     pinned_bytes: int = 0  # bytes of the front's arena page-locked for the GPU (0 on a CPU)
+    # Times the worker found the front's link or direct channels full and left answers to a
+    # writer thread, since the front connected (runtime.ipc.outbound).
+    send_stalls: int = 0
 
 
 class RegionDone(_Msg, tag="region_done"):

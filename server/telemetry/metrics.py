@@ -205,6 +205,13 @@ class Metrics:
             "Bytes of this front's arena page-locked by the worker.",
             (),
         )
+        self.send_stalls = counter(
+            "microtune_worker_send_stalls",
+            "Times the worker found this front's sockets full and left answers to a writer thread"
+            " (this front's event loop fell behind reading them).",
+            (),
+        )
+        self._send_stalls_seen = 0  # the worker's running count at the last report
         self.model_state = gauge(
             "microtune_model_state",
             "1 for the state a model version is in, 0 for the other states.",
@@ -419,6 +426,15 @@ class Metrics:
         """This front's arena bytes the worker reports page-locked (0: nothing pinned, e.g. a
         CPU worker)."""
         self.pinned.set(nbytes)
+
+    def set_send_stalls(self, total: int) -> None:
+        """The worker's running count of stalls of this front's sockets (WorkerStatus): the
+        counter grows by what is new since the last report. A count below the last one is a new
+        connection's (a restarted worker): all of it is new."""
+        seen, self._send_stalls_seen = self._send_stalls_seen, total
+        new = total - seen if total >= seen else total
+        if new:
+            self.send_stalls.inc(new)
 
     def start_http_server(self, port: int, host: str = "0.0.0.0") -> MetricsHttpServer:
         """Serve this registry at http://host:port/metrics (port 0 picks a free port)."""

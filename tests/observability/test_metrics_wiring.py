@@ -5,8 +5,9 @@ through a real scrape of an in-process server (explicit model control, CPU worke
   its counters stay; a model removed from the repository loses its gauges the same way;
 - `microtune_pending_requests` shows a request while it waits in a worker batcher queue
   (`dense_slow`: a batching delay of seconds), and 0 once it has run;
-- the pending and pinned gauges are what the worker reports (a stand-in report proves the
-  wiring: on this CPU worker the real pinned figure is 0);
+- the pending and pinned gauges and the send-stalls counter are what the worker reports (a
+  stand-in report proves the wiring: on this CPU worker the real pinned figure is 0), and the
+  counter does not go down when a report's count is lower (a restarted worker's);
 - `microtune_model_device_memory_bytes` is absent on a CPU worker, and is the figure the
   worker's load answer carries when there is one (a stand-in answer, as a GPU worker's).
 """
@@ -168,14 +169,19 @@ def test_pending_and_pinned_gauges_are_the_workers_report(
         "pinned bytes reported as 0 by a CPU worker",
     )
 
+    stalls = "microtune_worker_send_stalls_total"
+    assert series(srv, stalls) == [({}, 0.0)]
+
     async def report(timeout_s: float) -> WorkerStatus:
-        return WorkerStatus(0, (QueuedCalls("dense", 1, 3), QueuedCalls("dense", 2, 4)), 1 << 26)
+        queued = (QueuedCalls("dense", 1, 3), QueuedCalls("dense", 2, 4))
+        return WorkerStatus(0, queued, 1 << 26, send_stalls=5)
 
     monkeypatch.setattr(srv.app.link, "status", report)
     wait_for(
         lambda: (
             series(srv, "microtune_pinned_memory_bytes") == [({}, float(1 << 26))]
             and pending(srv, "dense") == 7
+            and series(srv, stalls) == [({}, 5.0)]
         ),
         3 * SYNC_PERIOD_S,
         "the stand-in report in /metrics",
@@ -189,6 +195,9 @@ def test_pending_and_pinned_gauges_are_the_workers_report(
         3 * SYNC_PERIOD_S,
         "the real report again",
     )
+    # The real report's count (0 stalls) is below the stand-in's, as a new connection's would
+    # be: the counter keeps what it counted.
+    assert series(srv, stalls) == [({}, 5.0)]
 
 
 def test_device_memory_is_absent_on_cpu_and_follows_the_load_answer(

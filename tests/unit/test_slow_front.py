@@ -3,7 +3,8 @@
 A version's batching thread answers every front's calls. Front a sends hundreds of calls and
 then its event loop stops (busy, paused) before reading a single answer: its socket to the
 worker fills after some 200 answers. Front b's call to the same version must still be
-answered meanwhile, and once a reads again it gets every one of its answers, right. Both the
+answered meanwhile, and once a reads again it gets every one of its answers, right, and the
+worker's status for a counts the stalls of its socket (none for b). Both the
 graph-set and the plain batcher paths, with a's calls on its link or on its direct channel.
 """
 
@@ -35,6 +36,7 @@ def test_a_front_that_stops_reading_does_not_hold_up_the_others(
     resume = threading.Event()  # a's loop may go on
     a_results: list[InferResult] = []
     a_error: list[BaseException] = []
+    a_stalls: list[int] = []
 
     async def front_a() -> None:
         async with front(worker, 1, slots=CALLS, slot_bytes=8192) as a:
@@ -47,6 +49,8 @@ def test_a_front_that_stops_reading_does_not_hold_up_the_others(
             resume.wait(60)  # the loop stops here: nothing is read from the worker
             a_results.extend(await asyncio.gather(*calls))
             assert a.direct_calls == (CALLS if a_path == "channel" else 0)
+            # The worker counted a's full socket (the front's metrics export it).
+            a_stalls.append((await a.status()).send_stalls)
 
     def run_a() -> None:
         try:
@@ -58,7 +62,9 @@ def test_a_front_that_stops_reading_does_not_hold_up_the_others(
     async def front_b() -> InferResult:
         async with front(worker, 2) as b:
             assert (await b.load(load(2))).code == Code.OK
-            return await infer(b, x_b, deadline_s=10)
+            result = await infer(b, x_b, deadline_s=10)
+            assert (await b.status()).send_stalls == 0  # b read its answer: no stall of its own
+            return result
 
     if a_path == "link":  # a never loads: its calls come through its link and the reader
 
@@ -83,6 +89,7 @@ def test_a_front_that_stops_reading_does_not_hold_up_the_others(
     assert_dense(result_b, x_b)
     assert waited < 10
     assert len(a_results) == CALLS
+    assert a_stalls and a_stalls[0] >= 1
     want = expected(xs.reshape(CALLS, 256))
     got = np.concatenate([output(r) for r in a_results])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

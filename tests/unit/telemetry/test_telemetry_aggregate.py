@@ -44,6 +44,7 @@ def front(requests: int, inflight: int = 0, *, clock: Callable[[], float] = lamb
     m.observe_model_load("dense", 1, 0.5)
     m.set_routing_weights("dense", {1: 10000})
     m.set_pinned_bytes(1000)
+    m.set_send_stalls(requests)
     for _ in range(requests):
         m.observe_request("dense", 1, "stable", OK, 3e-4, queue_s=1e-5, compute_s=2e-4, batch=2)
         m.observe_execution("dense", 1, 2)
@@ -70,6 +71,7 @@ def test_merge_sums_per_front_series_and_maxes_pod_scoped_ones(k: Callable[..., 
     # per front: summed
     assert s[k("microtune_inflight_requests", model="dense")] == 3
     assert s[k("microtune_pinned_memory_bytes")] == 2000
+    assert s[k("microtune_worker_send_stalls_total")] == 8
     # about the shared worker, config and GPUs: the same in every front, so not doubled
     assert s[k("microtune_model_state", **D1, state="READY")] == 1
     assert s[k("microtune_model_load_duration_seconds", **D1)] == 0.5

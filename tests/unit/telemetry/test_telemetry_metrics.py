@@ -44,6 +44,7 @@ FAMILIES: dict[str, tuple[str, set[str]]] = {
     "microtune_shm_slots_in_use": ("gauge", set()),
     "microtune_shm_slots_capacity": ("gauge", set()),
     "microtune_pinned_memory_bytes": ("gauge", set()),
+    "microtune_worker_send_stalls": ("counter", set()),
     "microtune_model_state": ("gauge", {"model", "version", "state"}),
     "microtune_model_load_duration_seconds": ("gauge", {"model", "version"}),
     "microtune_model_device_memory_bytes": ("gauge", {"model", "version"}),
@@ -76,6 +77,7 @@ def exercise(m: Metrics) -> None:
     m.observe_shadow("dense", 2, ShadowOutcome.MISMATCH, 0.25)
     m.track_shm_slots(lambda: 3, lambda: 64)
     m.set_pinned_bytes(64 << 20)
+    m.set_send_stalls(2)
     m.observe_model_load("dense", 1, 0.75)
     m.set_model_device_memory("dense", 1, 12 << 20)
     m.set_routing_weights("dense", {1: 9000, 2: 1000})
@@ -317,6 +319,17 @@ def test_routing_weights_replace_the_previous_table(
     assert s[k(w, model="dense", version="1")] == 10000
     assert k(w, model="dense", version="2") not in s
     assert s[k("microtune_canary_rollbacks_total", model="dense", version="2")] == 1
+
+
+def test_send_stalls_count_what_each_report_adds_and_never_go_down(
+    metrics: Metrics, scrape: Callable[..., Any], k: Callable[..., Any]
+) -> None:
+    stalls = k("microtune_worker_send_stalls_total")
+    seen = []
+    for total in (0, 3, 3, 5, 2, 4):  # 2: a restarted worker's new connection counts from 0
+        metrics.set_send_stalls(total)
+        seen.append(scrape(metrics.registry)[stalls])
+    assert seen == [0, 3, 3, 5, 7, 9]
 
 
 def test_shadow_and_resources(
