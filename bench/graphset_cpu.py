@@ -2,7 +2,7 @@
 
     python bench/graphset_cpu.py [--iters 20000] [--batches 1,8]
 
-`GraphSet.run` on the copy-stream path (`_replay_streamed`, what a GPU worker runs) with
+`GraphSet.run` on the copy-stream path (`Replayer._replay_streamed`, what a GPU worker runs) with
 `HostStream` standing in for the CUDA stream (its copies are memmoves), on the benchmark's
 `dense` MLP (FP32 [b, 256] -> 10), buckets 1 2 4 8, b requests of one row each. The replay
 itself is onnxruntime's CPU run; everything else is the Python a GPU batch pays too, so a change

@@ -5,17 +5,23 @@ provider actually obtained, because onnxruntime-gpu silently falls back to CPU o
 Every session is made with `enable_fallback=0`: else onnxruntime's Python wrapper, on an EP
 error at creation or an EPFail in `run()`, re-creates the session on the CPU EP (printing to
 stdout) and hides the original error; a server must answer that call with an error instead.
+A graph session may compute on a CUDA stream of ours (`make_streamed_graph_session`), reached
+through runtime.engine.copy_stream inside that function: this module imports anywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import onnxruntime as ort
 
 from runtime.ipc.dtypes import BY_ONNX
 from runtime.ipc.protocol import ModelSignature, TensorInfo
+
+if TYPE_CHECKING:
+    from runtime.engine.copy_stream import CopyStream
 
 __all__ = [
     "ORT_LOG_SEVERITY",
@@ -26,6 +32,7 @@ __all__ = [
     "first_line",
     "make_graph_session",
     "make_session",
+    "make_streamed_graph_session",
     "preload_cuda_libraries",
     "signature_of",
 ]
@@ -197,6 +204,49 @@ def make_graph_session(
             f"asked for {CUDA} with graphs but onnxruntime gave {sess.get_providers()}"
         )
     return sess
+
+
+def make_streamed_graph_session(
+    path: str,
+    device_id: int,
+    intra_op_threads: int,
+    provider_options: dict[str, str] | None,
+    lock: contextlib.AbstractContextManager[Any],
+) -> tuple[ort.InferenceSession, CopyStream | None]:
+    """A graph session computing on a stream of ours (user_compute_stream), so that the
+    batch's copies are queued on the stream the replay runs on; without one (no cupy, or an
+    onnxruntime that refuses the option: logged) a session on onnxruntime's own stream.
+    Raises what make_graph_session raises."""
+    from runtime.engine.copy_stream import CudaStream
+    from runtime.ipc.pinning import CudaError
+
+    try:
+        stream: CopyStream | None = CudaStream(device_id)
+    except CudaError as exc:
+        log.warning("no copy stream for %s (%s): blocking copies", path, first_line(exc))
+        stream = None
+    if stream is not None:
+        options = {**(provider_options or {}), "user_compute_stream": str(stream.ptr)}
+        try:
+            with lock:
+                sess = make_graph_session(
+                    path, device_id, intra_op_threads, provider_options=options
+                )
+            # The stream must outlive the session computing on it, whoever drops the session
+            # last: the session's attributes are released after its native session (`_sess`,
+            # set first), so the stream is destroyed after.
+            sess._microtune_copy_stream = stream  # type: ignore[attr-defined]
+            return sess, stream
+        except SessionError as exc:
+            log.warning(
+                "%s: onnxruntime refused a user compute stream (%s): blocking copies",
+                path,
+                first_line(exc),
+            )
+    with lock:
+        return make_graph_session(
+            path, device_id, intra_op_threads, provider_options=provider_options
+        ), None
 
 
 def _raise_for_cpu_nodes(path: str, device_id: int, exc: Exception) -> None:
