@@ -21,15 +21,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from runtime.channels import Channel, Channels, ChannelTable, Front, Waker
-from runtime.engine.batcher import Batcher, Pending
+from runtime.channels import Channel, ChannelTable, Front, Waker
+from runtime.engine.batcher import Batcher
 from runtime.engine.buckets import BucketTable
 from runtime.engine.golden import GoldenMismatch
 from runtime.engine.graph_model import GraphModel, queue_call
 from runtime.engine.graph_model import Queued as GraphQueued
 from runtime.engine.graphs import GraphSet
 from runtime.engine.memory import DeviceMemoryMeter, Probe
-from runtime.engine.model import LoadedModel, execute_batch
+from runtime.engine.model import LoadedModel
 from runtime.engine.regions import (
     Copier,
     Opener,
@@ -52,7 +52,6 @@ from runtime.ipc.pinning import device_memory_used
 from runtime.ipc.protocol import (
     Code,
     Infer,
-    InferDone,
     LoadDone,
     LoadModel,
     ModelSignature,
@@ -61,19 +60,15 @@ from runtime.ipc.protocol import (
 )
 from runtime.ipc.shm import pid_alive
 from runtime.native_stderr import route_native_stderr
+from runtime.plain_batching import drain_channels, run_alone, start_batcher
 from runtime.settings import WorkerSettings
-from runtime.worker_connection import Connection, Queued, queue_batched
+from runtime.worker_connection import Connection, Queued
 
 __all__ = ["Worker", "run"]
 
 log = logging.getLogger("microtune.worker")
 
 Key = tuple[str, int]  # (model name, version)
-
-# How long the channels of a version reloaded without batching are still read, at most: the
-# fronts close them once they have their LoadDone (or, for another front of the pod, their
-# own load of the same revision) and their calls there are answered.
-DRAIN_CHANNELS_S = 60.0
 
 
 class Worker:
@@ -248,12 +243,12 @@ class Worker:
             # One batch thread: it can read the version's calls itself (runtime.channels).
             # Several would wait for the one that reads while it runs a batch.
             channels = self.channels.open(key)
-        batcher, waker = self._start_batcher(model, msg, channels)
+        batcher, waker = start_batcher(model, msg, channels)
         drain = None
         if channels is not None and waker is None:
             # Reloaded without batching: no batch thread reads them. The fronts hear it in
             # LoadDone and go back to their links; what they sent meanwhile runs alone.
-            drain = Waker(channels, _run_alone)
+            drain = Waker(channels, run_alone)
         # Replacing a loaded instance frees its session: a release for loads measured meanwhile.
         with self.memory.releasing() if current is not None else contextlib.nullcontext():
             with self._models_lock:
@@ -269,7 +264,7 @@ class Worker:
             self.channels.pop(key)
             channels = None
             threading.Thread(
-                target=_drain_channels,
+                target=drain_channels,
                 args=(drain,),
                 daemon=True,
                 name=f"drain-{msg.name}-{msg.version}",
@@ -433,96 +428,6 @@ class Worker:
             with self.gpu_lock or contextlib.nullcontext():
                 del plain  # its session is freed here unless a call still runs it
         return UnloadDone(msg.request_id)
-
-    def _start_batcher(
-        self, model: LoadedModel, msg: LoadModel, channels: Channels | None
-    ) -> tuple[Batcher[Queued] | None, Waker | None]:
-        """The version's batcher and its threads (none without dynamic batching); with
-        `channels`, the first thread waits in a Waker and reads them (returned too)."""
-        if msg.batching is None or msg.max_batch_size < 1:
-            return None, None
-        b = msg.batching
-        batcher: Batcher[Queued] = Batcher(
-            msg.max_batch_size,
-            preferred=[p for p in b.preferred if 1 <= p <= msg.max_batch_size],
-            max_queue_delay_ns=b.max_queue_delay_us * 1000,
-            max_queue_size=b.max_queue_size,
-            name=f"model '{msg.name}' version {msg.version}",
-        )
-
-        def run_batch(batch: list[Pending[Queued]]) -> None:
-            try:
-                calls = []
-                for p in batch:
-                    conn, call, received = p.payload
-                    calls.append((call, conn.arena_buf(), received))
-                dones = execute_batch(model, calls)
-            except Exception as exc:
-                # Every call must be answered, or its caller (and its arena lease) waits forever.
-                log.exception("batch of %s version %d failed", msg.name, msg.version)
-                dones = [
-                    InferDone(p.payload[1].call_id, Code.INTERNAL, type(exc).__name__)
-                    for p in batch
-                ]
-            for p, done in zip(batch, dones, strict=True):
-                p.payload[0].send_quiet(done)
-
-        def expire(p: Pending[Queued]) -> None:
-            conn, call, _ = p.payload
-            conn.send_quiet(InferDone(call.call_id, Code.DEADLINE, "deadline expired while queued"))
-
-        def queue(call: Infer, chan: Channel, received_ns: int) -> None:
-            """A call read from a channel: as `Connection._dispatch` queues one of the link."""
-            front = chan.front
-            assert front is not None
-
-            def alone() -> None:
-                front.run_alone(call, received_ns, chan.answer)
-
-            if call.bound:  # bound in place (runtime.engine.bound): runs alone
-                alone()
-                return
-            queue_batched(batcher, call, chan, received_ns, alone)
-
-        waker = None if channels is None else Waker(channels, queue)
-
-        def serve(idle: Waker | None) -> None:
-            try:
-                batcher.run(run_batch, expire, idle)
-            finally:
-                if idle is not None:
-                    idle.close()
-
-        for i in range(max(1, b.instances)):  # each runs one batch at a time (instance_group)
-            threading.Thread(
-                target=serve,
-                args=(waker if i == 0 else None,),
-                daemon=True,
-                name=f"batch-{msg.name}-{msg.version}-{i}",
-            ).start()
-        return batcher, waker
-
-
-def _run_alone(call: Infer, chan: Channel, received_ns: int) -> None:
-    """A call read from the channel of a version that no longer batches: it runs by itself."""
-    assert chan.front is not None  # calls are read only once the channel is attached
-    chan.front.run_alone(call, received_ns, chan.answer)
-
-
-def _drain_channels(waker: Waker) -> None:
-    """Read what the fronts still send on `waker`'s channels (their version was reloaded
-    without batching) and run it alone, until each front has closed its end once its calls
-    there were answered (or DRAIN_CHANNELS_S passed: a front that never heard of the
-    reload); then close them."""
-    channels = waker.channels
-    assert channels is not None
-    deadline = time.monotonic() + DRAIN_CHANNELS_S
-    try:
-        while channels.attached() and time.monotonic() < deadline:
-            waker.wait(0.2)
-    finally:
-        channels.close()
-        waker.close()
 
 
 def run(settings_json: bytes) -> None:
