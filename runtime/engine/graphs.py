@@ -308,8 +308,9 @@ class GraphSet:
     def binding(self, size: int) -> tuple[TensorBinding, ...]:
         """What bucket `size` is bound to now: (name, shape, dtype, address) per tensor, as
         `GraphRegistry.check` compares it with what was captured."""
-        assert self._replayer is not None  # a bucket with a graph was captured by it
-        return tuple(TensorBinding(*b) for b in self._replayer.signature(self._captured[size].buf))
+        buf = self._captured[size].buf  # KeyError when it has no graph, as bucket()
+        assert self._replayer is not None  # it captured the bucket
+        return tuple(TensorBinding(*b) for b in self._replayer.signature(buf))
 
     def stats(self) -> GraphSetStats:
         return GraphSetStats(self.capturable, self._reason, self.table.sizes, self.registry.stats())
