@@ -10,6 +10,7 @@ runtime.worker_connection.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -68,12 +69,7 @@ def start_batcher(
 
     def queue(call: Infer, chan: Channel, received_ns: int) -> None:
         """A call read from a channel: as `Connection._dispatch` queues one of the link."""
-        front = chan.front
-        assert front is not None
-
-        def alone() -> None:
-            front.run_alone(call, received_ns, chan.answer)
-
+        alone = functools.partial(run_alone, call, chan, received_ns)
         if call.bound:  # bound in place (runtime.engine.bound): runs alone
             alone()
             return
@@ -99,7 +95,8 @@ def start_batcher(
 
 
 def run_alone(call: Infer, chan: Channel, received_ns: int) -> None:
-    """A call read from the channel of a version that no longer batches: it runs by itself."""
+    """A call read from a channel that runs by itself: its version no longer batches, it is
+    bound in place, or the batcher it met is being replaced."""
     assert chan.front is not None  # calls are read only once the channel is attached
     chan.front.run_alone(call, received_ns, chan.answer)
 
