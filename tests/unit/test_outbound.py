@@ -45,12 +45,17 @@ def read_frames(sock: socket.socket, n: int) -> list[int]:
     return out
 
 
+def counting_stalls(sock: socket.socket) -> tuple[Outbound, list[int]]:
+    """An Outbound on `sock` and the list its stalls are appended to (on_stall)."""
+    stalls: list[int] = []
+    return Outbound(sock, on_stall=lambda: stalls.append(1)), stalls
+
+
 def test_a_front_that_does_not_read_never_holds_the_sender_and_reads_all_in_order(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     worker_end, front_end = pair
-    stalls: list[int] = []
-    out = Outbound(worker_end, on_stall=lambda: stalls.append(1))
+    out, stalls = counting_stalls(worker_end)
     n = 200  # 800 KiB: far more than the socket holds
     started = time.monotonic()
     senders = [
@@ -99,8 +104,7 @@ def test_a_front_that_has_gone_is_an_os_error_for_every_sender(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     worker_end, front_end = pair
-    stalls: list[int] = []
-    out = Outbound(worker_end, on_stall=lambda: stalls.append(1))
+    out, stalls = counting_stalls(worker_end)
     for k in range(20):  # the socket fills: a writer holds the rest
         out.send(frame(k))
     assert len(stalls) == 1
@@ -120,8 +124,7 @@ def test_closing_ends_a_writer_blocked_on_a_front_that_does_not_read(
     """The worker closes a connection (the front broke the protocol) while answers wait: the
     writer returns, and the front sees the end instead of a socket held open by it."""
     worker_end, front_end = pair
-    stalls: list[int] = []
-    out = Outbound(worker_end, on_stall=lambda: stalls.append(1))
+    out, stalls = counting_stalls(worker_end)
     for k in range(20):
         out.send(frame(k))
     assert len(stalls) == 1
