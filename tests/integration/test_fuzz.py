@@ -1,0 +1,538 @@
+"""Property tests: whatever a client sends, the server answers it with a result or a clear client
+error, and keeps serving.
+
+Hypothesis builds requests near the edge of valid: a correct request for a real model (its
+contract read from ModelMetadata and ModelConfig), then a few mutations: a tensor dropped,
+renamed or doubled; a datatype, shape or byte count changed; typed contents instead of raw
+bytes; an input or output placed in a registered region (system or CUDA), or shared-memory
+parameters naming unknown regions, wrong kinds or sizes and offsets out of range; odd request
+parameters, versions and names. Every answer must be either
+- OK, with outputs whose sizes match their shapes and, where the model is an identity, the
+  input's bytes back exactly (from the response or from the region the output was put in); or
+- a client error (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED) with a message that is not
+  the "internal error (id ...)" of an unexpected exception.
+A good request is answered after every example; at the end the worker is the one the server
+started with and the server's log holds no traceback. The same holds for requests on one
+ModelInferStream, and for the model and shared-memory RPCs called with arbitrary arguments.
+
+Two servers: plain sessions, and `--cpu-graphs true` (the GPU worker's path on the CPU EP: graph
+sets, padding to buckets, direct channels). Both with client shared memory on (`--fake-cuda-ipc`
+plays the CUDA region with a POSIX shm object, as in test_cuda_shm.py).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.utils.shared_memory as shm
+from harness import Server, running_server
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from runtime.engine.regions import fake_handle
+
+Code = grpc.StatusCode
+Stub = service_pb2_grpc.GRPCInferenceServiceStub
+ARGS = ("--allow-client-shm", "true", "--fake-cuda-ipc", "true")
+MODELS = (
+    "simple", "simple_string", "simple_identity", "dense", "identity_fp32",
+    "id_fp16", "id_bool", "id_bytes", "id_int8", "id_uint64", "id_fp64", "mixed_bytes",
+)  # fmt: skip
+IDENTITIES = {"simple_identity", "identity_fp32"} | {m for m in MODELS if m.startswith("id_")}
+DATATYPES = (
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES", "BF16",
+)  # fmt: skip
+ITEMSIZE = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
+            "UINT32": 4, "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}  # fmt: skip
+
+# What a request may get besides OK: the client errors. UNAVAILABLE only for the model that
+# failed to load: every other one is loaded and ready, so "not ready" would be a bug.
+CLIENT_ERRORS = {Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED}
+NOT_LOADED = "bad_corrupt"
+# simple_string parses its strings as integers in the graph (Cast): onnxruntime fails on other
+# text, which the server answers as the model's failure (INTERNAL naming the model, as Triton).
+PARSES = "simple_string"
+
+# Two registered regions; valid placements put inputs in the first half, outputs in the second.
+SYS, CUDA, REGION_BYTES, HALF = "fz_sys", "fz_cuda", 4096, 2048
+REGIONS = (SYS, CUDA, "fz_unknown", "")
+
+
+@dataclass(frozen=True)
+class Contract:
+    max_batch: int
+    inputs: tuple[tuple[str, str, tuple[int, ...]], ...]  # name, datatype, dims (-1 = any)
+    outputs: tuple[str, ...]
+
+
+@dataclass(repr=False)  # a failing example prints the target: keep it short
+class Target:
+    server: Server
+    stub: Stub
+    contracts: dict[str, Contract]
+    regions: dict[str, object]  # region name -> tritonclient shm handle
+    keys: dict[str, str]  # region name -> POSIX shm key
+    worker: int
+
+    def __repr__(self) -> str:
+        return f"Target({self.server.url})"
+
+    def _repr_pretty_(self, p: object, cycle: bool) -> None:  # what hypothesis prints
+        p.text(repr(self))  # type: ignore[attr-defined]
+
+
+def contract(stub: Stub, model: str) -> Contract:
+    meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=10)
+    config = stub.ModelConfig(pb.ModelConfigRequest(name=model), timeout=10).config
+    batched = config.max_batch_size > 0
+    return Contract(
+        config.max_batch_size,
+        tuple(
+            (t.name, t.datatype, tuple(t.shape[1:] if batched else t.shape)) for t in meta.inputs
+        ),
+        tuple(t.name for t in meta.outputs),
+    )
+
+
+def register(stub: Stub, keys: dict[str, str]) -> None:
+    stub.SystemSharedMemoryRegister(
+        pb.SystemSharedMemoryRegisterRequest(name=SYS, key=keys[SYS], byte_size=REGION_BYTES),
+        timeout=10,
+    )
+    stub.CudaSharedMemoryRegister(
+        pb.CudaSharedMemoryRegisterRequest(
+            name=CUDA, raw_handle=fake_handle(keys[CUDA]), device_id=0, byte_size=REGION_BYTES
+        ),
+        timeout=10,
+    )
+
+
+@pytest.fixture(scope="module", params=["sessions", "cpu-graphs"])
+def target(
+    request: pytest.FixtureRequest,
+    model_repository: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Target]:
+    extra = ("--cpu-graphs", "true") if request.param == "cpu-graphs" else ()
+    keys = {r: f"/mt-fuzz-{r}-{os.getpid()}-{request.param}" for r in (SYS, CUDA)}
+    regions = {r: shm.create_shared_memory_region(r, k, REGION_BYTES) for r, k in keys.items()}
+    try:
+        with (
+            running_server(model_repository, tmp_path_factory.mktemp("fuzz"), ARGS + extra) as s,
+            grpc.insecure_channel(s.url) as channel,
+        ):
+            stub = Stub(channel)
+            register(stub, keys)
+            contracts = {m: contract(stub, m) for m in MODELS}
+            yield Target(s, stub, contracts, regions, keys, s.worker_pid())
+            log = s.log()
+            assert "Traceback" not in log and "internal error" not in log, log[-6000:]
+    finally:
+        for handle in regions.values():
+            shm.destroy_shared_memory_region(handle)
+
+
+# ----------------------------------------------------------------------------- the requests
+
+
+@dataclass
+class Case:
+    """A request; the bytes each input carries, whether raw or in a region; the region writes
+    to make before sending it."""
+
+    req: pb.ModelInferRequest
+    sent: dict[str, bytes] = field(default_factory=dict)
+    writes: list[tuple[str, int, bytes]] = field(default_factory=list)
+
+    def __repr__(self) -> str:  # the request without its tensors' bytes
+        head = pb.ModelInferRequest()
+        head.CopyFrom(self.req)
+        del head.raw_input_contents[:]
+        sizes = [len(r) for r in self.req.raw_input_contents]
+        writes = [(r, o, len(b)) for r, o, b in self.writes]
+        return f"Case({head}raw sizes {sizes}, writes {writes})"
+
+    def _repr_pretty_(self, p: object, cycle: bool) -> None:
+        p.text(repr(self))  # type: ignore[attr-defined]
+
+
+INTEGERS = st.integers(-99, 99).map(lambda v: str(v).encode())  # what simple_string parses
+TEXT_ELEMENTS = st.text(max_size=6).map(str.encode)
+# One kind of BYTES element per request, so that whole tensors of each kind occur.
+ELEMENTS = st.sampled_from(
+    [INTEGERS, TEXT_ELEMENTS, st.one_of(INTEGERS, TEXT_ELEMENTS, st.binary(max_size=6))]
+)
+
+
+def encode(datatype: str, n: int, data: st.DataObject, elements: st.SearchStrategy[bytes]) -> bytes:
+    """n elements of `datatype` as raw bytes (BYTES: 4-byte little-endian length + bytes)."""
+    if datatype == "BYTES":
+        items = data.draw(st.lists(elements, min_size=n, max_size=n))
+        return b"".join(struct.pack("<I", len(b)) + b for b in items)
+    if datatype == "BOOL":
+        return bytes(data.draw(st.lists(st.integers(0, 1), min_size=n, max_size=n)))
+    size = n * ITEMSIZE[datatype]
+    return data.draw(st.binary(min_size=size, max_size=size))
+
+
+def good_case(c: Contract, model: str, data: st.DataObject) -> Case:
+    case = Case(pb.ModelInferRequest(model_name=model))
+    batch = data.draw(st.integers(1, c.max_batch)) if c.max_batch else None
+    free = data.draw(st.integers(0, 5))  # one size for every -1 dim
+    elements = data.draw(ELEMENTS)
+    for name, datatype, dims in c.inputs:
+        shape = [batch] if batch is not None else []
+        shape += [free if d < 0 else d for d in dims]
+        raw = encode(datatype, int(np.prod(shape)), data, elements)
+        case.req.inputs.add(name=name, datatype=datatype, shape=shape)
+        case.req.raw_input_contents.append(raw)
+        case.sent[name] = raw
+    return case
+
+
+def placed(params: object, region: str, offset: int, size: int) -> None:
+    params["shared_memory_region"].string_param = region  # type: ignore[index]
+    params["shared_memory_byte_size"].int64_param = size  # type: ignore[index]
+    params["shared_memory_offset"].int64_param = offset  # type: ignore[index]
+
+
+def odd_shm_params(params: object, data: st.DataObject) -> None:
+    params["shared_memory_region"].string_param = data.draw(st.sampled_from(REGIONS))  # type: ignore[index]
+    size = data.draw(st.sampled_from([0, 1, 4, 16, 64, 4096, 4097, -4, 1 << 40]))
+    if data.draw(st.integers(0, 3)):
+        params["shared_memory_byte_size"].int64_param = size  # type: ignore[index]
+    else:  # the wrong kind of parameter
+        params["shared_memory_byte_size"].string_param = str(size)  # type: ignore[index]
+    if data.draw(st.booleans()):
+        offset = data.draw(st.sampled_from([0, 4, 3, 4092, 4096, -8, 1 << 62]))
+        params["shared_memory_offset"].int64_param = offset  # type: ignore[index]
+
+
+def place_input(case: Case, i: int, data: st.DataObject) -> None:
+    """Input i's bytes into a registered region, as a client would put them (valid)."""
+    req = case.req
+    if len(req.raw_input_contents) != len(req.inputs):
+        return  # which raw entry is whose is no longer clear
+    raw = req.raw_input_contents[i]
+    offset = data.draw(st.sampled_from([0, 64, 1024]))
+    if len(raw) > HALF - offset:
+        return
+    region = data.draw(st.sampled_from([SYS, CUDA]))
+    placed(req.inputs[i].parameters, region, offset, len(raw))
+    case.writes.append((region, offset, raw))
+    del req.raw_input_contents[i]
+
+
+def mutate(case: Case, c: Contract, data: st.DataObject) -> None:
+    """One change that may or may not make the request invalid."""
+    req = case.req
+    kinds = ["drop", "double", "rename", "datatype", "shape", "bytes", "typed", "raws",
+             "odd_shm", "place_in", "place_out", "outputs", "parameters", "version", "model",
+             "id"]  # fmt: skip
+    kind = data.draw(st.sampled_from(kinds))
+    n = len(req.inputs)
+    i = data.draw(st.integers(0, n - 1)) if n else None
+    if kind == "drop" and i is not None:
+        del req.inputs[i]
+        if i < len(req.raw_input_contents):
+            del req.raw_input_contents[i]
+    elif kind == "double" and i is not None:
+        req.inputs.add().CopyFrom(req.inputs[i])
+        if i < len(req.raw_input_contents):
+            req.raw_input_contents.append(req.raw_input_contents[i])
+    elif kind == "rename" and i is not None:
+        req.inputs[i].name = data.draw(st.sampled_from(["", "INPUT0", "INPUT1", "IN", "TAG", "x"]))
+    elif kind == "datatype" and i is not None:
+        req.inputs[i].datatype = data.draw(st.sampled_from([*DATATYPES, "", "fp32", "FLOAT"]))
+    elif kind == "shape" and i is not None:
+        dims = st.one_of(st.integers(-2, 20), st.sampled_from([1 << 31, 1 << 40, (1 << 63) - 1]))
+        del req.inputs[i].shape[:]
+        req.inputs[i].shape.extend(data.draw(st.lists(dims, max_size=4)))
+    elif kind == "bytes" and i is not None and i < len(req.raw_input_contents):
+        raw = req.raw_input_contents[i]
+        cut = data.draw(st.integers(-len(raw), 9))
+        req.raw_input_contents[i] = raw[:cut] if cut < 0 else raw + b"\x01" * cut
+    elif kind == "typed" and i is not None:  # typed contents instead of (or beside) raw bytes
+        values = data.draw(st.lists(st.integers(-3, 3), max_size=40))
+        contents = req.inputs[i].contents
+        typed = ["int_contents", "fp32_contents", "bytes_contents", "bool_contents",
+                 "uint64_contents", "int64_contents", "fp64_contents", "uint_contents"]  # fmt: skip
+        name = data.draw(st.sampled_from(typed))
+        if name == "bytes_contents":
+            contents.bytes_contents.extend(str(v).encode() for v in values)
+        elif name == "bool_contents":
+            contents.bool_contents.extend(v > 0 for v in values)
+        elif name.startswith("uint"):
+            getattr(contents, name).extend(abs(v) for v in values)
+        else:
+            getattr(contents, name).extend(values)
+        if data.draw(st.booleans()):
+            del req.raw_input_contents[:]
+    elif kind == "raws":
+        extra = data.draw(st.integers(-len(req.raw_input_contents), 2))
+        if extra < 0:
+            del req.raw_input_contents[extra:]
+        else:
+            req.raw_input_contents.extend([b"\x00" * 4] * extra)
+    elif kind == "odd_shm" and i is not None:
+        odd_shm_params(req.inputs[i].parameters, data)
+        if data.draw(st.booleans()):
+            del req.raw_input_contents[:]
+    elif kind == "place_in" and i is not None:
+        place_input(case, i, data)
+    elif kind == "place_out" and c.outputs:
+        out = req.outputs.add(name=data.draw(st.sampled_from(c.outputs)))
+        offset = data.draw(st.sampled_from([HALF, HALF + 64, REGION_BYTES - 64]))
+        size = data.draw(st.sampled_from([REGION_BYTES - offset, 64, 4]))
+        placed(out.parameters, data.draw(st.sampled_from([SYS, CUDA])), offset, size)
+    elif kind == "outputs":
+        names = st.sampled_from(["OUTPUT0", "OUTPUT1", "OUT", "TAG_OUT", "nope", ""])
+        for name in data.draw(st.lists(names, max_size=3)):
+            out = req.outputs.add(name=name)
+            if data.draw(st.booleans()):
+                odd_shm_params(out.parameters, data)
+            elif data.draw(st.booleans()):
+                out.parameters["classification"].int64_param = data.draw(st.integers(-1, 3))
+    elif kind == "parameters":
+        key = data.draw(st.sampled_from(["routing_key", "priority", "timeout", "sequence_id",
+                                         "binary_data_output", "x"]))  # fmt: skip
+        value = data.draw(st.one_of(st.integers(-(1 << 63), (1 << 63) - 1), st.text(max_size=6),
+                                    st.booleans()))  # fmt: skip
+        p = req.parameters[key]
+        if isinstance(value, bool):
+            p.bool_param = value
+        elif isinstance(value, int):
+            p.int64_param = value
+        else:
+            p.string_param = value
+    elif kind == "version":
+        versions = ["1", "2", "3", "0", "-1", "01", " 1", "1.0", "x", "99999999999999999999"]
+        req.model_version = data.draw(st.sampled_from(versions))
+    elif kind == "model":
+        req.model_name = data.draw(st.sampled_from(["", "nope", "SIMPLE", "dense/1", NOT_LOADED]))
+    elif kind == "id":
+        req.id = data.draw(st.text(max_size=20))
+
+
+@st.composite
+def cases(draw: st.DrawFn, contracts: dict[str, Contract]) -> Case:
+    data = draw(st.data())
+    model = draw(st.sampled_from(sorted(contracts)))
+    case = good_case(contracts[model], model, data)
+    for _ in range(draw(st.integers(0, 3))):
+        mutate(case, contracts[model], data)
+    return case
+
+
+# ----------------------------------------------------------------------------- the checks
+
+
+def read(t: Target, region: str, offset: int, size: int) -> bytes:
+    return shm.get_contents_as_numpy(t.regions[region], np.uint8, [size], offset).tobytes()
+
+
+def prepare(t: Target, case: Case) -> None:
+    for handle in t.regions.values():  # outputs' half zeroed: a missed write cannot pass
+        shm.set_shared_memory_region(handle, [np.zeros(HALF, np.uint8)], offset=HALF)
+    for region, offset, raw in case.writes:
+        shm.set_shared_memory_region(t.regions[region], [np.frombuffer(raw, np.uint8)], offset)
+
+
+def check_ok(t: Target, case: Case, resp: pb.ModelInferResponse) -> None:
+    req = case.req
+    assert resp.model_name == req.model_name
+    asked = {o.name: o.parameters for o in req.outputs}
+    # As Triton: one raw entry per output, in order, left empty for an output in a region.
+    assert len(resp.raw_output_contents) == len(resp.outputs), resp
+    got: dict[str, bytes] = {}
+    for out, body in zip(resp.outputs, resp.raw_output_contents, strict=True):
+        params = asked.get(out.name, {})
+        if "shared_memory_region" in params:
+            region = params["shared_memory_region"].string_param
+            assert out.parameters["shared_memory_region"].string_param == region, out
+            assert body == b"", out
+            size = int(np.prod(out.shape)) * ITEMSIZE.get(out.datatype, 0)
+            got[out.name] = read(t, region, params["shared_memory_offset"].int64_param, size)
+            continue
+        if out.datatype != "BYTES":
+            assert len(body) == int(np.prod(out.shape)) * ITEMSIZE[out.datatype], (out, body)
+        got[out.name] = body
+    if req.model_name in IDENTITIES and len(req.inputs) == 1 and len(got) == 1:
+        (inp,), (out,) = req.inputs, resp.outputs
+        if inp.name in case.sent and not inp.HasField("contents"):
+            assert list(out.shape) == list(inp.shape), (out, inp)
+            assert got[out.name] == case.sent[inp.name], (got, case.sent)
+
+
+def check_error(case: Case, code: Code, details: str) -> None:
+    req = case.req
+    assert details and "internal error" not in details, (code, details, req)
+    if code == Code.UNAVAILABLE and req.model_name == NOT_LOADED:
+        assert f"'{NOT_LOADED}'" in details, details
+    elif code == Code.INTERNAL and req.model_name == PARSES:
+        assert f"model '{PARSES}' version 1 failed: " in details, details
+    else:
+        assert code in CLIENT_ERRORS, (code, details, req)
+
+
+def still_serving(t: Target) -> None:
+    req = pb.ModelInferRequest(model_name="id_fp32")
+    req.inputs.add(name="IN", datatype="FP32", shape=[1, 4])
+    req.raw_input_contents.append(np.arange(4, dtype=np.float32).tobytes())
+    resp = t.stub.ModelInfer(req, timeout=10)
+    assert resp.raw_output_contents[0] == req.raw_input_contents[0]
+
+
+FUZZ = settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_infer_request_gets_a_result_or_a_client_error(
+    target: Target, data: st.DataObject
+) -> None:
+    case = data.draw(cases(target.contracts))
+    prepare(target, case)
+    try:
+        resp = target.stub.ModelInfer(case.req, timeout=10)
+    except grpc.RpcError as e:
+        check_error(case, e.code(), e.details() or "")
+    else:
+        check_ok(target, case, resp)
+    still_serving(target)
+
+
+@settings(FUZZ, max_examples=60)
+@given(data=st.data())
+def test_a_stream_answers_every_request_in_order_whatever_they_are(
+    target: Target, data: st.DataObject
+) -> None:
+    batch = data.draw(st.lists(cases(target.contracts), min_size=1, max_size=4))
+    for i, case in enumerate(batch):
+        case.req.id = f"fz-{i}"
+    # Placements may overlap across the stream's requests: only answers are checked here.
+    prepare(target, Case(pb.ModelInferRequest(), writes=[w for c in batch for w in c.writes]))
+    answers = list(target.stub.ModelStreamInfer(iter([c.req for c in batch]), timeout=20))
+    assert len(answers) == len(batch)
+    for case, a in zip(batch, answers, strict=True):
+        if a.error_message:
+            assert "internal error" not in a.error_message, (a.error_message, case.req)
+        else:
+            assert a.infer_response.id == case.req.id
+    still_serving(target)
+
+
+# ------------------------------------------------------------------------- the other RPCs
+
+TEXT = st.one_of(
+    st.sampled_from(["", "simple", "dense", NOT_LOADED, SYS, CUDA]), st.text(max_size=8)
+)
+VERSION = st.one_of(st.sampled_from(["", "1", "2", "0", "-1", "x"]), st.text(max_size=4))
+SIZE = st.sampled_from([0, 1, 64, 4096, 4097, 1 << 40, (1 << 64) - 1])
+HANDLE = st.binary(min_size=64, max_size=64)  # a cudaIpcMemHandle_t's size
+KEYS = st.sampled_from(["", "nope", "/nope", "/a/b", "/../etc", "/dev/shm/x"])
+
+CALLS: dict[str, Callable[[Target, st.DataObject], object]] = {
+    "ModelReady": lambda t, d: t.stub.ModelReady(
+        pb.ModelReadyRequest(name=d.draw(TEXT), version=d.draw(VERSION)), timeout=10
+    ),
+    "ModelMetadata": lambda t, d: t.stub.ModelMetadata(
+        pb.ModelMetadataRequest(name=d.draw(TEXT), version=d.draw(VERSION)), timeout=10
+    ),
+    "ModelConfig": lambda t, d: t.stub.ModelConfig(
+        pb.ModelConfigRequest(name=d.draw(TEXT), version=d.draw(VERSION)), timeout=10
+    ),
+    "ModelStatistics": lambda t, d: t.stub.ModelStatistics(
+        pb.ModelStatisticsRequest(name=d.draw(TEXT), version=d.draw(VERSION)), timeout=10
+    ),
+    "SystemSharedMemoryStatus": lambda t, d: t.stub.SystemSharedMemoryStatus(
+        pb.SystemSharedMemoryStatusRequest(name=d.draw(TEXT)), timeout=10
+    ),
+    "CudaSharedMemoryStatus": lambda t, d: t.stub.CudaSharedMemoryStatus(
+        pb.CudaSharedMemoryStatusRequest(name=d.draw(TEXT)), timeout=10
+    ),
+    "SystemSharedMemoryRegister": lambda t, d: t.stub.SystemSharedMemoryRegister(
+        pb.SystemSharedMemoryRegisterRequest(
+            name=d.draw(TEXT),
+            key=d.draw(st.one_of(KEYS, st.sampled_from(list(t.keys.values())))),
+            offset=d.draw(SIZE),
+            byte_size=d.draw(SIZE),
+        ),
+        timeout=10,
+    ),
+    "CudaSharedMemoryRegister": lambda t, d: t.stub.CudaSharedMemoryRegister(
+        pb.CudaSharedMemoryRegisterRequest(
+            name=d.draw(TEXT),
+            raw_handle=d.draw(
+                st.one_of(st.binary(max_size=80), st.binary(min_size=64, max_size=64))
+            ),
+            device_id=d.draw(st.sampled_from([0, 1, -1, 1 << 40])),
+            byte_size=d.draw(SIZE),
+        ),
+        timeout=10,
+    ),
+    "RepositoryModelLoad": lambda t, d: t.stub.RepositoryModelLoad(
+        pb.RepositoryModelLoadRequest(model_name=d.draw(TEXT)), timeout=10
+    ),
+    "RepositoryModelUnload": lambda t, d: t.stub.RepositoryModelUnload(
+        pb.RepositoryModelUnloadRequest(model_name=d.draw(TEXT)), timeout=10
+    ),
+}
+# Each RPC's answers besides OK. Load and unload are UNIMPLEMENTED without model control.
+OTHER_ERRORS = CLIENT_ERRORS | {Code.ALREADY_EXISTS}
+CONTROL_OFF = {Code.UNIMPLEMENTED, Code.INVALID_ARGUMENT}
+
+
+@FUZZ
+@given(data=st.data())
+def test_the_model_and_shared_memory_rpcs_answer_any_arguments(
+    target: Target, data: st.DataObject
+) -> None:
+    rpc = data.draw(st.sampled_from(sorted(CALLS)))
+    try:
+        CALLS[rpc](target, data)
+    except grpc.RpcError as e:
+        code, details = e.code(), e.details() or ""
+        assert details and "internal error" not in details, (rpc, code, details)
+        allowed = CONTROL_OFF if rpc.startswith("Repository") else OTHER_ERRORS
+        if code == Code.UNAVAILABLE:  # only the model that failed to load is not ready
+            assert f"'{NOT_LOADED}'" in details, (rpc, details)
+        else:
+            assert code in allowed, (rpc, code, details)
+    else:
+        if rpc.endswith("Register"):  # a new region: gone again, ours untouched
+            status = target.stub.SystemSharedMemoryStatus(
+                pb.SystemSharedMemoryStatusRequest(), timeout=10
+            )
+            cuda = target.stub.CudaSharedMemoryStatus(
+                pb.CudaSharedMemoryStatusRequest(), timeout=10
+            )
+            for name in set(status.regions) - {SYS, CUDA}:
+                target.stub.SystemSharedMemoryUnregister(
+                    pb.SystemSharedMemoryUnregisterRequest(name=name), timeout=10
+                )
+            for name in set(cuda.regions) - {SYS, CUDA}:
+                target.stub.CudaSharedMemoryUnregister(
+                    pb.CudaSharedMemoryUnregisterRequest(name=name), timeout=10
+                )
+    still_serving(target)
+
+
+def test_the_worker_never_restarted(target: Target) -> None:
+    """Runs after the property tests in this module (pytest keeps file order)."""
+    still_serving(target)
+    assert target.server.worker_pid() == target.worker
