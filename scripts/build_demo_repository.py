@@ -32,8 +32,15 @@ dense
 dense_large
     FP32 [batch, 1024] -> Gemm(1024x2048) + Relu -> DENSE_LARGE_HIDDEN_LAYERS x (Gemm(2048x2048) +
     Relu) -> Gemm(2048x10) -> [batch, 10]. The hidden layers share one 2048x2048 weight matrix
-    (each has its own bias) so that batch-1 compute is ~2 ms on a CPU with onnxruntime while the
-    file stays ~24 MiB. max_batch_size 32, dynamic batching with a 2 ms queue delay.
+    (each has its own bias) so that batch-1 compute is ~2 ms on a CPU with onnxruntime.
+    The three weight matrices (~24 MiB of FP32) are not stored: the graph computes each from
+    a few scalars (``_quadratic_uniform``: exact int64 arithmetic, then one FP32 multiply),
+    and onnxruntime's constant folding (optimization level basic and up, which runs before
+    partitioning, so for every execution provider; sessions use ORT_ENABLE_ALL) turns those
+    nodes into initializers when the session loads. What runs is the Gemm chain alone, as when
+    the weights were stored; a load takes ~0.1 s longer (the folding), and the file, which
+    travels with every call to the GPU machine, is ~0.1 MiB instead of ~24 MiB: only the biases
+    are stored. max_batch_size 32, dynamic batching with a 2 ms queue delay.
 identity_fp32
     FP32 [-1] echoed, max_batch_size 0 (payload-size benchmarks).
 """
@@ -143,6 +150,83 @@ def _uniform(rs: np.random.RandomState, shape: tuple[int, ...], limit: float) ->
     return rs.uniform(-limit, limit, size=shape).astype(np.float32)
 
 
+# _quadratic_uniform's modulus: a prime below 2**24, so that every value mod P (and so every
+# weight before its one FP32 multiply) is an integer that FP32 holds exactly.
+WEIGHT_PRIME = 2**24 - 3
+
+
+def _quadratic_uniform(
+    rs: np.random.RandomState, name: str, shape: tuple[int, int], limit: float
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes computing a ``shape`` FP32 tensor ``name`` spread uniformly over (-limit, limit),
+    instead of storing it. With i, j the row and column indices and a..f drawn from ``rs`` in
+    [1, P) (P = WEIGHT_PRIME), a random quadratic polynomial modulo a prime:
+
+        h[i, j] = (a*i*i + b*i*j + c*j*j + d*i + e*j + f) mod P
+        name[i, j] = float32(h[i, j] - (P - 1) / 2) * float32(limit / 2**23)
+
+    Unlike a smooth function of the index (sin(k * (i*cols + j)) has rank 2), this is full rank,
+    with the singular values and neighbour correlations of a random matrix. It is computed in
+    int64 without overflow (every intermediate < 2**49 for sides up to 2**11) and the cast is
+    exact, so the result is one correctly rounded FP32 multiply: bit-identical in onnxruntime,
+    numpy or anywhere. Only 7 nodes work on the whole matrix (each costs onnxruntime's constant
+    folding a few ns per element when the session loads); the others work on vectors.
+    Every input is an initializer, so onnxruntime folds them all into one initializer."""
+    rows, cols = shape
+    assert max(rows, cols) <= 1 << 11  # keeps every int64 intermediate below 2**49
+    a, b, c, d, e, f = (int(v) for v in rs.randint(1, WEIGHT_PRIME, size=6))
+    consts = {
+        "rows": np.array(rows, np.int64),
+        "cols": np.array(cols, np.int64),
+        "zero": np.array(0, np.int64),
+        "one": np.array(1, np.int64),
+        "column": np.array([-1, 1], np.int64),
+        "a": np.array(a, np.int64),
+        "b": np.array(b, np.int64),
+        "c": np.array(c, np.int64),
+        "d": np.array(d, np.int64),
+        "e": np.array(e, np.int64),
+        "f": np.array(f, np.int64),
+        "prime": np.array(WEIGHT_PRIME, np.int64),
+        "half": np.array((WEIGHT_PRIME - 1) // 2, np.int64),
+        "scale": np.array(limit / 2**23, np.float32),
+    }
+    inits = [numpy_helper.from_array(v, f"{name}_{k}") for k, v in consts.items()]
+    steps = [  # (op, inputs, output), names without their f"{name}_" prefix; "" is ``name``
+        ("Range", ["zero", "rows", "one"], "rows_range"),
+        ("Reshape", ["rows_range", "column"], "i"),  # [rows, 1]
+        ("Range", ["zero", "cols", "one"], "j"),  # [cols]
+        # vectors: row = (a*i + d)*i + f, col = (c*j + e)*j, bi = b*i
+        ("Mul", ["i", "a"], "ai"),
+        ("Add", ["ai", "d"], "ai_d"),
+        ("Mul", ["ai_d", "i"], "ai_d_i"),
+        ("Add", ["ai_d_i", "f"], "row"),
+        ("Mul", ["j", "c"], "cj"),
+        ("Add", ["cj", "e"], "cj_e"),
+        ("Mul", ["cj_e", "j"], "col"),
+        ("Mul", ["i", "b"], "bi"),
+        # the whole matrix, by broadcasting [rows, 1] with [cols]
+        ("Mul", ["bi", "j"], "bij"),
+        ("Add", ["bij", "row"], "bij_row"),
+        ("Add", ["bij_row", "col"], "q"),
+        ("Mod", ["q", "prime"], "h"),
+        ("Sub", ["h", "half"], "centered"),
+        ("Cast", ["centered"], "centered_float"),
+        ("Mul", ["centered_float", "scale"], ""),
+    ]
+    nodes = [
+        helper.make_node(
+            op,
+            [f"{name}_{x}" for x in xs],
+            [f"{name}_{y}" if y else name],
+            name=f"{name}_{y}" if y else name,
+            **({"to": TensorProto.FLOAT} if op == "Cast" else {}),
+        )
+        for op, xs, y in steps
+    ]
+    return nodes, inits
+
+
 # ----------------------------------------------------------------------------- graphs
 
 
@@ -187,11 +271,13 @@ def _mlp_graph(
     seed: int,
     widths: Sequence[int],
     shared_hidden_layers: int = 0,
+    weights_in_graph: bool = False,
 ) -> onnx.GraphProto:
     """Gemm+Relu layers through ``widths`` (first = input width, last = output width, no Relu on
     the last layer). With ``shared_hidden_layers`` = k > 0, k extra Gemm+Relu layers of width
     widths[-2] are inserted before the output layer; they share one weight matrix, each has its
-    own bias."""
+    own bias. With ``weights_in_graph`` the weight matrices are computed by nodes
+    (``_quadratic_uniform``) instead of stored; biases are stored either way."""
     rs = np.random.RandomState(seed)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -212,19 +298,27 @@ def _mlp_graph(
         inits.append(numpy_helper.from_array(arr, name))
         return name
 
+    def add_weight(name: str, shape: tuple[int, int], limit: float) -> str:
+        if not weights_in_graph:
+            return add_init(name, _uniform(rs, shape, limit))
+        w_nodes, w_inits = _quadratic_uniform(rs, name, shape, limit)
+        nodes.extend(w_nodes)
+        inits.extend(w_inits)
+        return name
+
     # Hidden layers: He-uniform weights (keeps activation scale through Relu), small biases.
     for i, (d_in, d_out) in enumerate(itertools.pairwise(widths[:-1])):
-        w = add_init(f"w{i}", _uniform(rs, (d_in, d_out), np.sqrt(6.0 / d_in)))
+        w = add_weight(f"w{i}", (d_in, d_out), np.sqrt(6.0 / d_in))
         b = add_init(f"b{i}", _uniform(rs, (d_out,), 0.1))
         x = gemm(x, w, b, relu=True)
     if shared_hidden_layers:
         d = widths[-2]
-        w = add_init("w_shared", _uniform(rs, (d, d), np.sqrt(6.0 / d)))
+        w = add_weight("w_shared", (d, d), np.sqrt(6.0 / d))
         for k in range(shared_hidden_layers):
             b = add_init(f"b_shared{k}", _uniform(rs, (d,), 0.1))
             x = gemm(x, w, b, relu=True)
     d_in, d_out = widths[-2], widths[-1]
-    w = add_init("w_out", _uniform(rs, (d_in, d_out), np.sqrt(3.0 / d_in)))
+    w = add_weight("w_out", (d_in, d_out), np.sqrt(3.0 / d_in))
     b = add_init("b_out", _uniform(rs, (d_out,), 0.1))
     gemm(x, w, b, relu=False, out="OUTPUT0")
     return _graph(model, version, nodes, inits)
@@ -282,6 +376,7 @@ def models() -> list[Model]:
                     seed=3,
                     widths=(DENSE_LARGE_IN, DENSE_LARGE_WIDTH, DENSE_LARGE_OUT),
                     shared_hidden_layers=DENSE_LARGE_HIDDEN_LAYERS,
+                    weights_in_graph=True,  # ~24 MiB of weights made at load, not stored
                 )
             },
             max_queue_delay_us=2000,

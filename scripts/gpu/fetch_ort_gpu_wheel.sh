@@ -14,9 +14,10 @@
 #                                     end-to-end section and the 16-core CPU benchmark
 #
 # A device call sends the working tree (tracked + untracked-not-ignored files) and the carried
-# paths, 64 MiB in all. The tree is not small (a 25 MB demo model is tracked), so N is the
-# smallest number >= 4 of parts that fit beside it, with a margin: re-run this script right
-# before the device calls if the tree has grown (it re-splits only when N changes).
+# paths, 64 MiB in all. The tree counts (~2.7 MB, 5 parts; ~28 MB and 7 parts while the
+# dense_large demo model stored its weights), so N is the smallest number >= 4 of parts that
+# fit beside it, with a margin: re-run this script right before the device calls if the tree
+# has grown (it re-splits only when N changes).
 #
 # Usage: scripts/gpu/fetch_ort_gpu_wheel.sh [--parts N] [--force]
 # Env:   ORT_GPU_VERSION (1.31.1), ORT_GPU_SHA256 (pinned for 1.31.1 cp312), PY_VERSION (3.12),
@@ -135,7 +136,7 @@ log "deps: $(cd "$DEPS_DIR" && echo *.whl) ($deps_bytes bytes)"
 
 # 3. How many parts: each call sends the tree + one part + the two small manifest files; the
 #    deps travel alone in a first call (with them beside part 0, every part would have to
-#    shrink to part 0's room: 12 calls instead of 9).
+#    shrink to part 0's room: 8 calls instead of 6 with the ~30 MB of deps and a 2.7 MB tree).
 tree_bytes=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } \
     | { xargs -0 -r stat -c %s -- 2>/dev/null || true; } | awk '{s += $1} END {print s + 0}')
 budget=$((LIMIT - tree_bytes - MARGIN - 64 * 1024))

@@ -3,6 +3,7 @@ its models compute what their contracts say (checked directly with onnxruntime).
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -259,19 +260,60 @@ def test_simple_identity_bytes() -> None:
     assert out.shape == (2, 0)
 
 
-def _numpy_mlp(path: Path, x: np.ndarray) -> np.ndarray:
+def _int_op(op: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ONNX integer Add/Sub/Mul/Div/Mod in numpy, refusing anything that could overflow int64
+    (numpy would wrap silently) or where numpy's rounding differs from ONNX's (Div truncates,
+    numpy floors; Mod with fmod=0 takes the divisor's sign, as numpy's % does)."""
+    assert a.dtype == b.dtype == np.int64, (op, a.dtype, b.dtype)
+    amax, bmax = int(np.abs(a).max(initial=0)), int(np.abs(b).max(initial=0))
+    bound = {"Add": amax + bmax, "Sub": amax + bmax, "Mul": amax * bmax}.get(op, amax)
+    assert bound < 2**63, f"{op} may overflow int64"
+    if op == "Div":
+        assert a.min(initial=0) >= 0 and b.min() > 0  # truncation == floor
+        return a // b
+    return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Mod": np.mod}[op](a, b)
+
+
+def _numpy_graph(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every value of an MLP graph evaluated in numpy, onnxruntime not involved: its Gemm/Relu
+    layers and, in dense_large, the nodes that make its weights (Range, exact int64 arithmetic,
+    Cast, one FP32 Mul, Reshape)."""
     m = onnx.load(str(path))
-    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-    env = {"INPUT0": x}
+    env = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    env["INPUT0"] = x
     for node in m.graph.node:
-        if node.op_type == "Gemm":
-            a, w, b = (env.get(n, inits.get(n)) for n in node.input)
-            env[node.output[0]] = a @ w + b
-        elif node.op_type == "Relu":
-            env[node.output[0]] = np.maximum(env[node.input[0]], 0)
+        args = [env[n] for n in node.input]
+        op = node.op_type
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if op == "Gemm":
+            assert not attrs  # alpha = beta = 1, no transposes
+            a, w, b = args
+            y = a @ w + b
+        elif op == "Relu":
+            y = np.maximum(args[0], 0)
+        elif op == "Range":
+            start, limit, delta = args
+            assert start.dtype == limit.dtype == delta.dtype == np.int64
+            y = np.arange(start, limit, delta, dtype=np.int64)
+        elif op in ("Add", "Sub", "Mul", "Div", "Mod") and args[0].dtype == np.int64:
+            assert attrs.get("fmod", 0) == 0
+            y = _int_op(op, *args)
+        elif op == "Mul":  # FP32: one correctly rounded multiply, as anywhere
+            a, b = args
+            assert a.dtype == b.dtype == np.float32
+            y = a * b
+        elif op == "Cast":
+            y = args[0].astype(onnx.helper.tensor_dtype_to_np_dtype(attrs["to"]))
+        elif op == "Reshape":
+            y = args[0].reshape(args[1])
         else:
-            raise AssertionError(f"unexpected op {node.op_type}")
-    return env["OUTPUT0"]
+            raise AssertionError(f"unexpected op {op}")
+        env[node.output[0]] = y
+    return env
+
+
+def _numpy_mlp(path: Path, x: np.ndarray) -> np.ndarray:
+    return _numpy_graph(path, x)["OUTPUT0"]
 
 
 def test_dense_versions() -> None:
@@ -297,6 +339,94 @@ def test_dense_large() -> None:
     assert not np.allclose(y[0], y[1])  # output depends on the input
     ref = _numpy_mlp(REPO / "dense_large" / "1" / "model.onnx", x)
     np.testing.assert_allclose(y, ref, rtol=1e-3, atol=1e-3)
+
+
+DENSE_LARGE = REPO / "dense_large" / "1" / "model.onnx"
+# name -> (shape, limit): He-uniform limits, as build_demo_repository.py's _mlp_graph
+DENSE_LARGE_WEIGHTS = {
+    "w0": ((1024, 2048), np.sqrt(6 / 1024)),
+    "w_shared": ((2048, 2048), np.sqrt(6 / 2048)),
+    "w_out": ((2048, 10), np.sqrt(3 / 2048)),
+}
+WEIGHT_PRIME = 2**24 - 3
+
+
+@functools.cache
+def _dense_large_values() -> dict[str, np.ndarray]:
+    """Every value of dense_large's graph, the made weights included, evaluated in numpy."""
+    return _numpy_graph(DENSE_LARGE, np.zeros((1, 1024), np.float32))
+
+
+@pytest.mark.parametrize("level", ["ORT_ENABLE_BASIC", "ORT_ENABLE_ALL"])
+def test_dense_large_weights_are_made_at_load(tmp_path: Path, level: str) -> None:
+    """The file is small because the graph computes its ~24 MiB of weights; what makes that
+    free is onnxruntime's constant folding (level basic and up; the server's sessions use
+    ORT_ENABLE_ALL): once the session is loaded only the Gemm chain is left to run, and the
+    folded weights are bit for bit what numpy computes from the same nodes."""
+    assert DENSE_LARGE.stat().st_size < 1 << 20
+    m = onnx.load(str(DENSE_LARGE))
+    stored = sum(numpy_helper.to_array(i).nbytes for i in m.graph.initializer)
+    assert stored < 128 << 10  # biases and scalars only
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(DENSE_LARGE), so, providers=["CPUExecutionProvider"])
+    opt = onnx.load(so.optimized_model_filepath)
+    ops = [n.op_type for n in opt.graph.node]
+    assert set(ops) <= {"Gemm", "FusedGemm", "Relu"}, ops  # FusedGemm = Gemm + Relu (level 2)
+    assert sum(op != "Relu" for op in ops) == 12  # 1 + 10 hidden + output
+    folded = {i.name: numpy_helper.to_array(i) for i in opt.graph.initializer}
+    values = _dense_large_values()
+    for name, (shape, _) in DENSE_LARGE_WEIGHTS.items():
+        assert folded[name].shape == shape and folded[name].dtype == np.float32
+        np.testing.assert_array_equal(folded[name].view(np.int32), values[name].view(np.int32))
+
+
+def test_dense_large_weights_are_the_documented_polynomial() -> None:
+    """h[i, j] = (a*i*i + b*i*j + c*j*j + d*i + e*j + f) mod P, centred and scaled (the
+    docstring of build_demo_repository.py's _quadratic_uniform), with Python's integers."""
+    inits = {
+        i.name: numpy_helper.to_array(i) for i in onnx.load(str(DENSE_LARGE)).graph.initializer
+    }
+    values = _dense_large_values()
+    for name, (shape, limit) in DENSE_LARGE_WEIGHTS.items():
+        a, b, c, d, e, f = (int(inits[f"{name}_{k}"]) for k in "abcdef")
+        assert int(inits[f"{name}_prime"]) == WEIGHT_PRIME
+        assert inits[f"{name}_scale"] == np.float32(limit / 2**23)
+        w = values[name]
+        rng = np.random.default_rng(len(name))
+        for i, j in [(0, 0), (shape[0] - 1, shape[1] - 1), *rng.integers(0, shape, (50, 2))]:
+            i, j = int(i), int(j)
+            h = (a * i * i + b * i * j + c * j * j + d * i + e * j + f) % WEIGHT_PRIME
+            want = np.float32(h - (WEIGHT_PRIME - 1) // 2) * np.float32(limit / 2**23)
+            assert w[i, j].view(np.int32) == want.view(np.int32), (name, i, j)
+
+
+def test_dense_large_weights_look_random() -> None:
+    """The made weights are as good as stored random ones: uniform over (-limit, limit), no
+    correlation between neighbours, and the singular values of a random matrix (a smooth
+    function of the index, such as sin(k * (i*cols + j)), would give rank-2 matrices)."""
+    values = _dense_large_values()
+    for name, (_, limit) in DENSE_LARGE_WEIGHTS.items():
+        w = values[name].astype(np.float64)
+        assert -limit < w.min() < -0.999 * limit and 0.999 * limit < w.max() < limit, name
+        assert abs(w.mean()) < 0.01 * limit, name
+        assert abs(w.std() / (limit / np.sqrt(3)) - 1) < 0.01, name  # a uniform's std
+        for x, y in ((w[:-1], w[1:]), (w[:, :-1], w[:, 1:])):  # neighbouring rows, columns
+            assert abs(np.corrcoef(x.ravel(), y.ravel())[0, 1]) < 0.03, name
+    for name in ("w0", "w_shared"):
+        w = values[name].astype(np.float64)
+        limit = DENSE_LARGE_WEIGHTS[name][1]
+        assert np.linalg.matrix_rank(w[:256, :256]) == 256, name
+        # an i.i.d. n x n block with std s: singular values fill [0, 2*s*sqrt(n)] as a quarter
+        # circle (median ~0.4x the largest). A 512 block keeps LAPACK quick on a busy machine.
+        for block in (w[:512, :512], w[-512:, -512:]):
+            sv = np.linalg.svd(block, compute_uv=False)
+            top = 2 * limit / np.sqrt(3) * np.sqrt(512)
+            assert 0.85 * top < sv[0] < 1.15 * top, (name, sv[0], top)
+            assert 0.3 * top < np.median(sv) < 0.5 * top, (name, np.median(sv), top)
+    w0, ws = values["w0"], values["w_shared"]
+    assert abs(np.corrcoef(w0.ravel(), ws[:1024].ravel())[0, 1]) < 0.01
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 262_144])  # up to 1 MiB
