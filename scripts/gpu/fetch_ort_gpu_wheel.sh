@@ -59,8 +59,10 @@ googleapis-common-protos==1.76.0 uvloop==0.23.0 wrapt==2.5.2"
 # tritonclient's CUDA shared-memory example (simple_grpc_cudashm_client.py) imports
 # cuda.bindings.runtime (cuda-python; its runtime is linked in, only libcuda is needed there):
 # run_gpu_checks.sh runs it, with the system shm examples, against a GPU server (~10 MB).
+# hypothesis (+ sortedcontainers): run_gpu_checks.sh's tests step also runs
+# tests/integration/test_fuzz.py against a CUDA worker (MICROTUNE_FUZZ_DEVICE).
 CLIENT_WHEELS="tritonclient==2.73.0 python-rapidjson==1.25 cuda-bindings==13.0.3 \
-cuda-pathfinder==1.9.0"
+cuda-pathfinder==1.9.0 hypothesis==6.170.15 sortedcontainers==2.4.0"
 EXTRA_WHEELS="${EXTRA_WHEELS:-$FRONT_WHEELS $CLIENT_WHEELS}"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi

@@ -4,7 +4,8 @@
 #
 # Writes into $OUT (the device tool's result folder; else bench/results/):
 #   gpu-env.txt      device, driver, versions, library paths
-#   gpu-tests.log    pytest -m gpu tests/gpu (MICROTUNE_REQUIRE_GPU=1: no silent skips)
+#   gpu-tests.log    pytest -m gpu tests/gpu (MICROTUNE_REQUIRE_GPU=1: no silent skips), then
+#                    tests/integration/test_fuzz.py against a CUDA worker (MICROTUNE_FUZZ_DEVICE)
 #   gpu.md, gpu.json the benchmark table (bench/gpu_bench.py) and its raw rows; its end-to-end
 #                    section runs perf_analyzer where .whl/perf_analyzer.tar.xz travelled
 #   gpu-bench.log    the benchmark's output
@@ -104,6 +105,13 @@ if want tests; then
     "$PYTHON" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
         | tee "$RESULTS/gpu-tests.log"
     rc_tests=${PIPESTATUS[0]}
+    # Odd requests, shared-memory parameters and CUDA IPC handles against a CUDA worker (graphs
+    # per bucket, the pinned arena): every answer a result or a client error, no restart.
+    log "pytest tests/integration/test_fuzz.py (MICROTUNE_FUZZ_DEVICE=cuda:0)"
+    # shellcheck disable=SC2086
+    MICROTUNE_FUZZ_DEVICE=cuda:0 "$PYTHON" -m pytest tests/integration/test_fuzz.py -q -rs \
+        -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee -a "$RESULTS/gpu-tests.log"
+    (( PIPESTATUS[0] == 0 )) || rc_tests=1
 fi
 
 # perf_analyzer (bench/tools/perf_analyzer runs .cache/perf_analyzer/bin/perf_analyzer, and

@@ -221,7 +221,10 @@ class Server:
         self._log = self.log_path.open("wb")
         # Hermetic: no MICROTUNE_* setting of the caller's environment reaches the server.
         env = {k: v for k, v in os.environ.items() if not k.startswith("MICROTUNE_")}
-        env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        # The caller's path ahead of the tree: on a GPU machine it holds onnxruntime-gpu and the
+        # server's dependencies (scripts/gpu/run_gpu_checks.sh), ahead of the image's own.
+        path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(ROOT)) if p)
+        env.update(PYTHONPATH=path, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [
                 *prefix,  # a command that execs the rest (same pid), e.g. in a mount namespace
@@ -348,10 +351,14 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(
-    repository: Path, log_dir: Path, extra_args: tuple[str, ...] = ()
+    repository: Path,
+    log_dir: Path,
+    extra_args: tuple[str, ...] = (),
+    *,
+    start_timeout: float = 60.0,
 ) -> Iterator[Server]:
     log_dir.mkdir(parents=True, exist_ok=True)
-    server = Server(repository, log_dir, extra_args=extra_args)
+    server = Server(repository, log_dir, extra_args=extra_args, start_timeout=start_timeout)
     try:
         yield server
     finally:

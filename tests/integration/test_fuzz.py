@@ -18,6 +18,10 @@ ModelInferStream, and for the model and shared-memory RPCs called with arbitrary
 Two servers: plain sessions, and `--cpu-graphs true` (the GPU worker's path on the CPU EP: graph
 sets, padding to buckets, direct channels). Both with client shared memory on (`--fake-cuda-ipc`
 plays the CUDA region with a POSIX shm object, as in test_cuda_shm.py).
+
+With MICROTUNE_FUZZ_DEVICE=cuda:0 (scripts/gpu/run_gpu_checks.sh on a GPU machine) one server
+instead: a CUDA worker (CUDA graphs per bucket, the pinned arena), real CUDA IPC, so that the
+CUDA region is left out and arbitrary 64-byte handles reach cudaIpcOpenMemHandle.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ PARSES = "simple_string"
 # Two registered regions; valid placements put inputs in the first half, outputs in the second.
 SYS, CUDA, REGION_BYTES, HALF = "fz_sys", "fz_cuda", 4096, 2048
 REGIONS = (SYS, CUDA, "fz_unknown", "")
+DEVICE = os.environ.get("MICROTUNE_FUZZ_DEVICE", "")  # a test knob; the servers never see it
+SERVERS = ["device"] if DEVICE else ["sessions", "cpu-graphs"]
 
 
 @dataclass(frozen=True)
@@ -80,9 +86,13 @@ class Target:
     server: Server
     stub: Stub
     contracts: dict[str, Contract]
-    regions: dict[str, object]  # region name -> tritonclient shm handle
+    regions: dict[str, object]  # registered region name -> tritonclient shm handle
     keys: dict[str, str]  # region name -> POSIX shm key
     worker: int
+
+    @property
+    def places(self) -> list[str]:
+        return sorted(self.regions)
 
     def __repr__(self) -> str:
         return f"Target({self.server.url})"
@@ -109,26 +119,33 @@ def register(stub: Stub, keys: dict[str, str]) -> None:
         pb.SystemSharedMemoryRegisterRequest(name=SYS, key=keys[SYS], byte_size=REGION_BYTES),
         timeout=10,
     )
-    stub.CudaSharedMemoryRegister(
-        pb.CudaSharedMemoryRegisterRequest(
-            name=CUDA, raw_handle=fake_handle(keys[CUDA]), device_id=0, byte_size=REGION_BYTES
-        ),
-        timeout=10,
-    )
+    if CUDA in keys:
+        stub.CudaSharedMemoryRegister(
+            pb.CudaSharedMemoryRegisterRequest(
+                name=CUDA, raw_handle=fake_handle(keys[CUDA]), device_id=0, byte_size=REGION_BYTES
+            ),
+            timeout=10,
+        )
 
 
-@pytest.fixture(scope="module", params=["sessions", "cpu-graphs"])
+@pytest.fixture(scope="module", params=SERVERS)
 def target(
     request: pytest.FixtureRequest,
     model_repository: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Target]:
-    extra = ("--cpu-graphs", "true") if request.param == "cpu-graphs" else ()
-    keys = {r: f"/mt-fuzz-{r}-{os.getpid()}-{request.param}" for r in (SYS, CUDA)}
+    args = {
+        "sessions": ARGS,
+        "cpu-graphs": (*ARGS, "--cpu-graphs", "true"),
+        "device": ("--allow-client-shm", "true", "--device", DEVICE),
+    }[request.param]
+    names = (SYS,) if request.param == "device" else (SYS, CUDA)
+    keys = {r: f"/mt-fuzz-{r}-{os.getpid()}-{request.param}" for r in names}
     regions = {r: shm.create_shared_memory_region(r, k, REGION_BYTES) for r, k in keys.items()}
+    log_dir = tmp_path_factory.mktemp("fuzz")
     try:
         with (
-            running_server(model_repository, tmp_path_factory.mktemp("fuzz"), ARGS + extra) as s,
+            running_server(model_repository, log_dir, args, start_timeout=300) as s,
             grpc.insecure_channel(s.url) as channel,
         ):
             stub = Stub(channel)
@@ -215,7 +232,7 @@ def odd_shm_params(params: object, data: st.DataObject) -> None:
         params["shared_memory_offset"].int64_param = offset  # type: ignore[index]
 
 
-def place_input(case: Case, i: int, data: st.DataObject) -> None:
+def place_input(case: Case, i: int, data: st.DataObject, places: list[str]) -> None:
     """Input i's bytes into a registered region, as a client would put them (valid)."""
     req = case.req
     if len(req.raw_input_contents) != len(req.inputs):
@@ -224,13 +241,13 @@ def place_input(case: Case, i: int, data: st.DataObject) -> None:
     offset = data.draw(st.sampled_from([0, 64, 1024]))
     if len(raw) > HALF - offset:
         return
-    region = data.draw(st.sampled_from([SYS, CUDA]))
+    region = data.draw(st.sampled_from(places))
     placed(req.inputs[i].parameters, region, offset, len(raw))
     case.writes.append((region, offset, raw))
     del req.raw_input_contents[i]
 
 
-def mutate(case: Case, c: Contract, data: st.DataObject) -> None:
+def mutate(case: Case, c: Contract, data: st.DataObject, places: list[str]) -> None:
     """One change that may or may not make the request invalid."""
     req = case.req
     kinds = ["drop", "double", "rename", "datatype", "shape", "bytes", "typed", "raws",
@@ -286,12 +303,12 @@ def mutate(case: Case, c: Contract, data: st.DataObject) -> None:
         if data.draw(st.booleans()):
             del req.raw_input_contents[:]
     elif kind == "place_in" and i is not None:
-        place_input(case, i, data)
+        place_input(case, i, data, places)
     elif kind == "place_out" and c.outputs:
         out = req.outputs.add(name=data.draw(st.sampled_from(c.outputs)))
         offset = data.draw(st.sampled_from([HALF, HALF + 64, REGION_BYTES - 64]))
         size = data.draw(st.sampled_from([REGION_BYTES - offset, 64, 4]))
-        placed(out.parameters, data.draw(st.sampled_from([SYS, CUDA])), offset, size)
+        placed(out.parameters, data.draw(st.sampled_from(places)), offset, size)
     elif kind == "outputs":
         names = st.sampled_from(["OUTPUT0", "OUTPUT1", "OUT", "TAG_OUT", "nope", ""])
         for name in data.draw(st.lists(names, max_size=3)):
@@ -322,12 +339,12 @@ def mutate(case: Case, c: Contract, data: st.DataObject) -> None:
 
 
 @st.composite
-def cases(draw: st.DrawFn, contracts: dict[str, Contract]) -> Case:
+def cases(draw: st.DrawFn, t: Target) -> Case:
     data = draw(st.data())
-    model = draw(st.sampled_from(sorted(contracts)))
-    case = good_case(contracts[model], model, data)
+    model = draw(st.sampled_from(sorted(t.contracts)))
+    case = good_case(t.contracts[model], model, data)
     for _ in range(draw(st.integers(0, 3))):
-        mutate(case, contracts[model], data)
+        mutate(case, t.contracts[model], data, t.places)
     return case
 
 
@@ -460,7 +477,7 @@ FUZZ = settings(
 def test_any_infer_request_gets_a_result_or_a_client_error(
     target: Target, data: st.DataObject
 ) -> None:
-    case = data.draw(cases(target.contracts))
+    case = data.draw(cases(target))
     image = prepare(target, case)
     try:
         resp = target.stub.ModelInfer(case.req, timeout=10)
@@ -476,7 +493,7 @@ def test_any_infer_request_gets_a_result_or_a_client_error(
 def test_a_stream_answers_every_request_in_order_whatever_they_are(
     target: Target, data: st.DataObject
 ) -> None:
-    batch = data.draw(st.lists(cases(target.contracts), min_size=1, max_size=4))
+    batch = data.draw(st.lists(cases(target), min_size=1, max_size=4))
     for i, case in enumerate(batch):
         case.req.id = f"fz-{i}"
     # Placements may overlap across the stream's requests: only answers are checked here.
@@ -566,6 +583,8 @@ def test_the_model_and_shared_memory_rpcs_answer_any_arguments(
         allowed = CONTROL_OFF if rpc.startswith("Repository") else OTHER_ERRORS
         if code == Code.UNAVAILABLE:  # only the model that failed to load is not ready
             assert f"'{NOT_LOADED}'" in details, (rpc, details)
+        elif DEVICE == "cpu" and rpc == "CudaSharedMemoryRegister" and code == Code.UNIMPLEMENTED:
+            assert "no CUDA device" in details, details  # a rehearsal of the GPU run, no fakes
         else:
             assert code in allowed, (rpc, code, details)
     else:
