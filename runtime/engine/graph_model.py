@@ -207,14 +207,14 @@ class GraphModel:
                 host_outputs=_host_outputs(live, graphs.output_names) if holds else None,
                 places=places,
             )
-        except BadBatch:
-            # Requests whose shapes cannot share a batch: run them one by one.
+        except Exception as exc:
+            if not isinstance(exc, BadBatch) and len(live) == 1:
+                live[0].payload[0](_run_error(live[0].payload[1].call_id, exc))
+                return
+            # Requests whose shapes cannot share a batch (BadBatch), or a batch that failed
+            # (one call's data can fail it): each runs alone, and fails only by itself.
             for p, f in zip(live, feeds, strict=True):
                 self._run_one(p, f, holds.get(id(p)))
-            return
-        except Exception as exc:
-            for p in live:
-                p.payload[0](_run_error(p.payload[1].call_id, exc))
             return
         t = result.timings
         links = tuple(p.payload[1].span for p in live if p.payload[1].span)

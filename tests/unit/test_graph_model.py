@@ -226,6 +226,54 @@ def test_region_calls_join_the_replay_and_their_outputs_land_in_the_region() -> 
     assert unlocked == []
 
 
+class _Poisonable(GraphSet):
+    """A GraphSet whose run fails on any batch holding a NaN: as onnxruntime fails a whole
+    execution on one request's data (text a Cast cannot parse)."""
+
+    def run(self, feeds: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(np.isnan(f["INPUT0"]).any() for f in feeds):
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : a NaN")
+        return super().run(feeds, *args, **kwargs)
+
+
+def test_a_failed_batch_runs_each_call_alone_so_only_the_bad_one_fails() -> None:
+    sess = make_session(str(DENSE / "model.onnx"), "cpu", 1)
+
+    def make() -> GraphSet:
+        gs = _Poisonable(sess, BucketTable((1, 2, 4, 8)), signature_of(sess), device_type="cpu")
+        gs.capture()
+        return gs
+
+    model = GraphModel.start(_spec(), make, Batcher(8, max_queue_delay_ns=200_000_000))
+    arena = memoryview(bytearray(16 * 131072))
+    calls = [_call(arena, i, 1, i * 131072) for i in range(1, 4)]
+    poisoned = calls[1][0].inputs[0]
+    np.frombuffer(arena, np.float32, 1, poisoned.offset)[:] = np.nan
+    answers: dict[int, InferDone] = {}
+    done = threading.Event()
+
+    def answer(d: InferDone) -> None:
+        answers[d.call_id] = d
+        if len(answers) == len(calls):
+            done.set()
+
+    now = time.monotonic_ns()
+    for call, _x in calls:  # one batch: the queue delay outlasts the three submits
+        model.submit(Pending(call.call_id, 1, now, payload=(answer, call, arena, now, None)))
+    assert done.wait(10)
+    model.close()
+    bad = answers[2]
+    assert (bad.code, bad.message) == (Code.MODEL_FAILED, "6 : RUNTIME_EXCEPTION : a NaN")
+    for call, x in (calls[0], calls[2]):
+        d = answers[call.call_id]
+        assert d.code == Code.OK, d.message
+        assert d.timings is not None and d.timings.batch_size == 1  # ran alone
+        out = d.outputs[0]
+        got = np.frombuffer(arena, np.float32, count=out.nbytes // 4, offset=out.offset)
+        want = sess.run(["OUTPUT0"], {"INPUT0": x})[0]
+        np.testing.assert_allclose(got.reshape(out.shape), want, rtol=1e-5, atol=1e-5)
+
+
 def test_call_errors_of_both_executors() -> None:
     """One mapping for plain and graph-served versions: the client's mistakes are BAD_INPUT
     with their own message, anything else is what onnxruntime said."""

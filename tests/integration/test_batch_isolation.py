@@ -1,0 +1,81 @@
+"""One request's data fails only that request, not the others it was batched with.
+
+`strings` is the demo's simple_string (its graph parses text as integers with a Cast, so
+onnxruntime fails on other text) with dynamic batching and a long queue delay: requests sent
+together run as one execution. When that execution fails, the worker runs each request alone,
+so the good ones are answered with their sums and only the bad one gets the model's failure.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import shutil
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from harness import DEMO, Server, running_server
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+
+Code = grpc.StatusCode
+DELAY_US = 300_000  # the batch waits this long for more requests: all of them join it
+
+
+@pytest.fixture(scope="module")
+def stub(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[service_pb2_grpc.GRPCInferenceServiceStub]:
+    repo = tmp_path_factory.mktemp("isolation") / "models"
+    (repo / "strings" / "1").mkdir(parents=True)
+    shutil.copy(DEMO / "simple_string" / "1" / "model.onnx", repo / "strings" / "1")
+    config = (DEMO / "simple_string" / "config.pbtxt").read_text()
+    config = config.replace('"simple_string"', '"strings"')
+    config += f"dynamic_batching {{ max_queue_delay_microseconds: {DELAY_US} }}\n"
+    (repo / "strings" / "config.pbtxt").write_text(config)
+    server: Server
+    with (
+        running_server(repo, repo.parent / "server") as server,
+        grpc.insecure_channel(server.url) as channel,
+    ):
+        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def request(a: list[str], b: list[str]) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name="strings")
+    for name, values in (("INPUT0", a), ("INPUT1", b)):
+        req.inputs.add(name=name, datatype="BYTES", shape=[1, 16])
+        tensor = np.array([[v.encode() for v in values]], dtype=object)
+        req.raw_input_contents.append(serialize_byte_tensor(tensor).item())
+    return req
+
+
+def sums(resp: pb.ModelInferResponse) -> list[int]:
+    out = deserialize_bytes_tensor(resp.raw_output_contents[0])
+    return [int(v) for v in out]
+
+
+def executions(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> dict[int, int]:
+    """Successful executions per batch size."""
+    stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="strings"), timeout=10)
+    return {b.batch_size: b.compute_infer.count for b in stats.model_stats[0].batch_stats}
+
+
+def test_a_bad_request_fails_alone_and_its_batch_is_answered(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub,
+) -> None:
+    good = [request([str(i + k) for k in range(16)], ["1"] * 16) for i in range(4)]
+    bad = request(["1"] * 15 + ["not a number"], ["1"] * 16)
+    with cf.ThreadPoolExecutor(5) as pool:
+        futures = [pool.submit(stub.ModelInfer, r, timeout=30) for r in (*good, bad)]
+        cf.wait(futures)
+    for i, fut in enumerate(futures[:4]):
+        assert sums(fut.result()) == [i + k + 1 for k in range(16)]
+    with pytest.raises(grpc.RpcError) as ei:
+        futures[4].result()
+    assert ei.value.code() == Code.INTERNAL
+    assert "model 'strings' version 1 failed: " in (ei.value.details() or "")
+    # They were one batch (five rows), which failed; then each ran alone.
+    assert executions(stub) == {1: 4}, executions(stub)
