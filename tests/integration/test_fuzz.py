@@ -26,7 +26,9 @@ CUDA region is left out and arbitrary 64-byte handles reach cudaIpcOpenMemHandle
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -41,17 +43,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
+from tritonclient.utils import deserialize_bytes_tensor
 
 from runtime.engine.regions import fake_handle
 
 Code = grpc.StatusCode
 Stub = service_pb2_grpc.GRPCInferenceServiceStub
 ARGS = ("--allow-client-shm", "true", "--fake-cuda-ipc", "true")
+# Copies with dynamic batching (a queue delay, so that requests in flight together batch):
+# name -> the model copied.
+BATCHED = {"b_simple": "simple", "b_simple_string": "simple_string", "b_id_fp32": "id_fp32"}
 MODELS = (
     "simple", "simple_string", "simple_identity", "dense", "identity_fp32",
     "id_fp16", "id_bool", "id_bytes", "id_int8", "id_uint64", "id_fp64", "mixed_bytes",
+    *BATCHED,
 )  # fmt: skip
-IDENTITIES = {"simple_identity", "identity_fp32"} | {m for m in MODELS if m.startswith("id_")}
+IDENTITIES = {"simple_identity", "identity_fp32"} | {m for m in MODELS if "id_" in m}
+SUMS = {"simple", "b_simple"}  # OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1 (INT32)
 DATATYPES = (
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
     "FP16", "FP32", "FP64", "BYTES", "BF16",
@@ -65,7 +73,9 @@ CLIENT_ERRORS = {Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED}
 NOT_LOADED = "bad_corrupt"
 # simple_string parses its strings as integers in the graph (Cast): onnxruntime fails on other
 # text, which the server answers as the model's failure (INTERNAL naming the model, as Triton).
-PARSES = "simple_string"
+# Requests whose every string is a small decimal integer must not fail (nor its batch's others).
+PARSES = {"simple_string", "b_simple_string"}
+DECIMAL = re.compile(rb"-?\d{1,2}")
 
 # Two registered regions; valid placements put inputs in the first half, outputs in the second.
 SYS, CUDA, REGION_BYTES, HALF = "fz_sys", "fz_cuda", 4096, 2048
@@ -128,6 +138,21 @@ def register(stub: Stub, keys: dict[str, str]) -> None:
         )
 
 
+def fuzz_repository(source: Path, root: Path) -> Path:
+    """`source`'s models (linked), and BATCHED's copies with dynamic batching."""
+    root.mkdir(parents=True)
+    for entry in source.iterdir():
+        (root / entry.name).symlink_to(entry.resolve(), target_is_directory=True)
+    for name, of in BATCHED.items():
+        (root / name).mkdir()
+        (root / name / "1").symlink_to((source / of / "1").resolve(), target_is_directory=True)
+        config = (source / of / "config.pbtxt").read_text()
+        config = config.replace(f'name: "{of}"', f'name: "{name}"')
+        config += "dynamic_batching { max_queue_delay_microseconds: 5000 }\n"
+        (root / name / "config.pbtxt").write_text(config)
+    return root
+
+
 @pytest.fixture(scope="module", params=SERVERS)
 def target(
     request: pytest.FixtureRequest,
@@ -143,9 +168,10 @@ def target(
     keys = {r: f"/mt-fuzz-{r}-{os.getpid()}-{request.param}" for r in names}
     regions = {r: shm.create_shared_memory_region(r, k, REGION_BYTES) for r, k in keys.items()}
     log_dir = tmp_path_factory.mktemp("fuzz")
+    repo = fuzz_repository(model_repository, log_dir / "models")
     try:
         with (
-            running_server(model_repository, log_dir, args, start_timeout=300) as s,
+            running_server(repo, log_dir, args, start_timeout=300) as s,
             grpc.insecure_channel(s.url) as channel,
         ):
             stub = Stub(channel)
@@ -302,9 +328,9 @@ def mutate(case: Case, c: Contract, data: st.DataObject, places: list[str]) -> N
         odd_shm_params(req.inputs[i].parameters, data)
         if data.draw(st.booleans()):
             del req.raw_input_contents[:]
-    elif kind == "place_in" and i is not None:
+    elif kind == "place_in" and i is not None and places:
         place_input(case, i, data, places)
-    elif kind == "place_out" and c.outputs:
+    elif kind == "place_out" and c.outputs and places:
         out = req.outputs.add(name=data.draw(st.sampled_from(c.outputs)))
         offset = data.draw(st.sampled_from([HALF, HALF + 64, REGION_BYTES - 64]))
         size = data.draw(st.sampled_from([REGION_BYTES - offset, 64, 4]))
@@ -339,12 +365,16 @@ def mutate(case: Case, c: Contract, data: st.DataObject, places: list[str]) -> N
 
 
 @st.composite
-def cases(draw: st.DrawFn, t: Target) -> Case:
+def cases(
+    draw: st.DrawFn, t: Target, places: list[str] | None = None, model: str | None = None
+) -> Case:
+    """A request for `model` (default: any of `t`'s), mutated; valid placements in `places`
+    (default: every registered region)."""
     data = draw(st.data())
-    model = draw(st.sampled_from(sorted(t.contracts)))
+    model = model or draw(st.sampled_from(sorted(t.contracts)))
     case = good_case(t.contracts[model], model, data)
     for _ in range(draw(st.integers(0, 3))):
-        mutate(case, t.contracts[model], data, t.places)
+        mutate(case, t.contracts[model], data, t.places if places is None else places)
     return case
 
 
@@ -364,7 +394,16 @@ def prepare(t: Target, case: Case) -> dict[str, bytes]:
     return {r: read(t, r, 0, REGION_BYTES) for r in t.regions}
 
 
-def check_ok(t: Target, case: Case, image: dict[str, bytes], resp: pb.ModelInferResponse) -> None:
+def check_ok(
+    t: Target,
+    case: Case,
+    image: dict[str, bytes],
+    resp: pb.ModelInferResponse,
+    *,
+    shared: bool = False,
+) -> None:
+    """`shared`: other requests in flight may write the regions, so what a region holds is
+    not checked (for this request's outputs, nor as its inputs)."""
     req = case.req
     assert resp.model_name == req.model_name
     asked = {o.name: o.parameters for o in req.outputs}
@@ -381,13 +420,14 @@ def check_ok(t: Target, case: Case, image: dict[str, bytes], resp: pb.ModelInfer
             size = out.parameters["shared_memory_byte_size"].int64_param  # what was written
             if out.datatype != "BYTES":
                 assert size == int(np.prod(out.shape)) * ITEMSIZE[out.datatype], out
-            if not overlaps(spans, (region, offset, offset + size)):
+            if not shared and not overlaps(spans, (region, offset, offset + size)):
                 got[out.name] = read(t, region, offset, size)
             continue
         if out.datatype != "BYTES":
             assert len(body) == int(np.prod(out.shape)) * ITEMSIZE[out.datatype], (out, body)
         got[out.name] = body
-    sent = sent_bytes(case, image)
+    in_regions = any("shared_memory_region" in i.parameters for i in req.inputs)
+    sent = None if shared and in_regions else sent_bytes(case, image)
     if sent is None:
         return
     if req.model_name in IDENTITIES and len(req.inputs) == 1 and len(resp.outputs) == 1:
@@ -395,11 +435,37 @@ def check_ok(t: Target, case: Case, image: dict[str, bytes], resp: pb.ModelInfer
         assert list(out.shape) == list(inp.shape), (out, inp)
         if out.name in got:
             assert got[out.name] == sent[inp.name], (got, sent)
-    elif req.model_name == "simple":
+    elif req.model_name in SUMS:
         a, b = (np.frombuffer(sent[n], np.int32) for n in ("INPUT0", "INPUT1"))
         expected = {"OUTPUT0": (a + b).tobytes(), "OUTPUT1": (a - b).tobytes()}
         for name, body in got.items():
             assert body == expected[name], (name, body, expected[name])
+    elif req.model_name in PARSES and (numbers := decimal_strings(case)) is not None:
+        a, b = (np.array(numbers[n]) for n in ("INPUT0", "INPUT1"))
+        expected = {"OUTPUT0": a + b, "OUTPUT1": a - b}
+        for name, body in got.items():
+            values = [int(v) for v in deserialize_bytes_tensor(body)]
+            assert values == expected[name].tolist(), (name, values, expected[name])
+
+
+def decimal_strings(case: Case) -> dict[str, list[int]] | None:
+    """The integers a request's text inputs hold when every element is a small decimal
+    integer and every input is raw BYTES (what simple_string parses for sure); else None."""
+    req = case.req
+    if len(req.raw_input_contents) != len(req.inputs):
+        return None
+    numbers: dict[str, list[int]] = {}
+    for inp, raw in zip(req.inputs, req.raw_input_contents, strict=True):
+        if inp.datatype != "BYTES" or inp.parameters or inp.HasField("contents"):
+            return None
+        try:
+            items = deserialize_bytes_tensor(raw)
+        except Exception:  # malformed on purpose: not a case for this check
+            return None
+        if len(items) != int(np.prod(inp.shape)) or not all(DECIMAL.fullmatch(v) for v in items):
+            return None
+        numbers[inp.name] = [int(v) for v in items]
+    return numbers
 
 
 def where(params: Mapping[str, pb.InferParameter]) -> tuple[str, int, int]:
@@ -451,8 +517,9 @@ def check_error(case: Case, code: Code, details: str) -> None:
     assert details and "internal error" not in details, (code, details, req)
     if code == Code.UNAVAILABLE and req.model_name == NOT_LOADED:
         assert f"'{NOT_LOADED}'" in details, details
-    elif code == Code.INTERNAL and req.model_name == PARSES:
-        assert f"model '{PARSES}' version 1 failed: " in details, details
+    elif code == Code.INTERNAL and req.model_name in PARSES:
+        assert f"model '{req.model_name}' version 1 failed: " in details, details
+        assert not decimal_strings(case), ("text every element of which parses failed", req)
     else:
         assert code in CLIENT_ERRORS, (code, details, req)
 
@@ -505,6 +572,29 @@ def test_a_stream_answers_every_request_in_order_whatever_they_are(
             assert "internal error" not in a.error_message, (a.error_message, case.req)
         else:
             assert a.infer_response.id == case.req.id
+    still_serving(target)
+
+
+@settings(FUZZ, max_examples=60)
+@given(data=st.data())
+def test_requests_in_flight_together_are_each_answered_as_alone(
+    target: Target, data: st.DataObject
+) -> None:
+    """Up to 8 requests at once, so that a batched version batches odd ones beside good ones:
+    each gets the answer it would get alone. None is placed in a region (requests in flight
+    together would write over each other's places)."""
+    model = data.draw(st.sampled_from([None, *BATCHED]))  # often one batched model for all
+    batch = data.draw(st.lists(cases(target, places=[], model=model), min_size=2, max_size=8))
+    image = prepare(target, Case(pb.ModelInferRequest()))
+    with cf.ThreadPoolExecutor(len(batch)) as pool:
+        futures = [pool.submit(target.stub.ModelInfer, c.req, timeout=10) for c in batch]
+    for case, future in zip(batch, futures, strict=True):
+        try:
+            resp = future.result()
+        except grpc.RpcError as e:
+            check_error(case, e.code(), e.details() or "")
+        else:
+            check_ok(target, case, image, resp, shared=True)
     still_serving(target)
 
 
