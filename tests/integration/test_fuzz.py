@@ -160,7 +160,7 @@ def target(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Target]:
     args = {
-        "sessions": ARGS,
+        "sessions": (*ARGS, "--tracing", "console"),  # trace context headers are parsed
         "cpu-graphs": (*ARGS, "--cpu-graphs", "true"),
         "device": ("--allow-client-shm", "true", "--device", DEVICE),
     }[request.param]
@@ -178,8 +178,9 @@ def target(
             register(stub, keys)
             contracts = {m: contract(stub, m) for m in MODELS}
             yield Target(s, stub, contracts, regions, keys, s.worker_pid())
+            # No exception logged (spans on the console carry their own stack traces).
             log = s.log()
-            assert "Traceback" not in log and "internal error" not in log, log[-6000:]
+            assert '"exc": "Traceback' not in log and "internal error" not in log, log[-6000:]
     finally:
         for handle in regions.values():
             shm.destroy_shared_memory_region(handle)
@@ -532,6 +533,19 @@ def still_serving(t: Target) -> None:
     assert resp.raw_output_contents[0] == req.raw_input_contents[0]
 
 
+# Request headers the server reads (routing hints, W3C trace context), with odd values.
+ASCII = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60)
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+HEADER_KEYS = ["x-model-version", "x-routing-key", "x-canary-weight", "traceparent",
+               "tracestate", "baggage"]  # fmt: skip
+ZERO_IDS = "00-" + "0" * 32 + "-" + "0" * 16 + "-01"  # invalid: all-zero trace and span ids
+HEADER_VALUES = ["1", "2", "0", "-1", "1e3", "50", "100.5", TRACEPARENT,
+                 TRACEPARENT.replace("01", "zz"), ZERO_IDS]  # fmt: skip
+HEADERS = st.lists(
+    st.tuples(st.sampled_from(HEADER_KEYS), st.one_of(ASCII, st.sampled_from(HEADER_VALUES))),
+    max_size=3,
+)
+
 FUZZ = settings(
     max_examples=300,
     deadline=None,
@@ -545,9 +559,10 @@ def test_any_infer_request_gets_a_result_or_a_client_error(
     target: Target, data: st.DataObject
 ) -> None:
     case = data.draw(cases(target))
+    metadata = data.draw(HEADERS)
     image = prepare(target, case)
     try:
-        resp = target.stub.ModelInfer(case.req, timeout=10)
+        resp = target.stub.ModelInfer(case.req, timeout=10, metadata=metadata)
     except grpc.RpcError as e:
         check_error(case, e.code(), e.details() or "")
     else:
