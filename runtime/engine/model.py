@@ -133,8 +133,7 @@ class LoadedModel:
         # EWMA over ~16 calls: decides whether calls may run on the worker's reader thread.
         elapsed = t3 - t0
         self.avg_ns = elapsed if self.avg_ns >= 1e9 else self.avg_ns + (elapsed - self.avg_ns) / 16
-        batch = _batch_of(call)
-        timings = Timings(t0 - received_ns, t1 - t0, t2 - t1, t3 - t2, batch)
+        timings = Timings(t0 - received_ns, t1 - t0, t2 - t1, t3 - t2, call.rows)
         return InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings)
 
     def _execute_bound(
@@ -158,7 +157,7 @@ class LoadedModel:
             run.t_bound - t0,
             run.t_ran - run.t_bound,
             run.t_done - run.t_ran,
-            _batch_of(call),
+            call.rows,
         )
         return InferDone(call.call_id, Code.OK, outputs=run.outputs, timings=timings)
 
@@ -210,7 +209,7 @@ def _run_group(
         first = calls[ok[0]][0]
         names = [o.name for o in first.outputs] or list(model.output_names)
         feeds = {k: np.concatenate([f[k] for f in feeds_each]) for k in feeds_each[0]}
-        rows = [_batch_of(calls[i][0]) for i in ok]
+        rows = [calls[i][0].rows for i in ok]
         t1 = time.monotonic_ns()
         try:
             results = model.session.run(names, feeds)
@@ -247,11 +246,6 @@ def _run_group(
             )
             out[i] = InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings)
     return [o for o in out if o is not None]
-
-
-def _batch_of(call: Infer) -> int:
-    first = call.inputs[0].shape if call.inputs else ()
-    return first[0] if first else 1
 
 
 def _input_array(ref: Any, buf: memoryview) -> np.ndarray[Any, Any]:
