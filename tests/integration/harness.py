@@ -399,3 +399,18 @@ def raises(call: object, status: str, *needles: str) -> str:
     for n in needles:
         assert n in msg, (n, msg)
     return msg
+
+
+def assert_still_serving(stub: object) -> None:
+    """A good request is answered right: `simple` (no test changes it) adds INPUT0 + INPUT1.
+    `stub` is tritonclient's raw GRPCInferenceServiceStub."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    req = pb.ModelInferRequest(model_name="simple")
+    for name in ("INPUT0", "INPUT1"):
+        req.inputs.add(name=name, datatype="INT32", shape=[1, 16])
+        req.raw_input_contents.append(a.tobytes())
+    resp = stub.ModelInfer(req, timeout=10)  # type: ignore[attr-defined]
+    out = np.frombuffer(resp.raw_output_contents[0], dtype=np.int32)
+    np.testing.assert_array_equal(out, (a + a).ravel())

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from harness import assert_still_serving
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
@@ -51,12 +52,6 @@ def strings(shape: list[int], raw: bytes) -> pb.ModelInferRequest:
     good = serialize_byte_tensor(np.array([[b"1"] * 16], dtype=object)).item()
     req.raw_input_contents.append(good)
     return req
-
-
-def assert_still_serving(stub: Stub) -> None:
-    resp = stub.ModelInfer(simple(), timeout=10)
-    out = np.frombuffer(resp.raw_output_contents[0], dtype=np.int32)
-    np.testing.assert_array_equal(out, (A + A).ravel())
 
 
 def expect(stub: Stub, req: pb.ModelInferRequest, code: grpc.StatusCode, *needles: str) -> str:

@@ -38,7 +38,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.utils.shared_memory as shm
-from harness import Server, running_server
+from harness import Server, assert_still_serving, running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
@@ -525,14 +525,6 @@ def check_error(case: Case, code: Code, details: str) -> None:
         assert code in CLIENT_ERRORS, (code, details, req)
 
 
-def still_serving(t: Target) -> None:
-    req = pb.ModelInferRequest(model_name="id_fp32")
-    req.inputs.add(name="IN", datatype="FP32", shape=[1, 4])
-    req.raw_input_contents.append(np.arange(4, dtype=np.float32).tobytes())
-    resp = t.stub.ModelInfer(req, timeout=10)
-    assert resp.raw_output_contents[0] == req.raw_input_contents[0]
-
-
 # Request headers the server reads (routing hints, W3C trace context), with odd values.
 ASCII = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60)
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -567,7 +559,7 @@ def test_any_infer_request_gets_a_result_or_a_client_error(
         check_error(case, e.code(), e.details() or "")
     else:
         check_ok(target, case, image, resp)
-    still_serving(target)
+    assert_still_serving(target.stub)
 
 
 @settings(FUZZ, max_examples=60)
@@ -587,7 +579,7 @@ def test_a_stream_answers_every_request_in_order_whatever_they_are(
             assert "internal error" not in a.error_message, (a.error_message, case.req)
         else:
             assert a.infer_response.id == case.req.id
-    still_serving(target)
+    assert_still_serving(target.stub)
 
 
 @settings(FUZZ, max_examples=60)
@@ -610,7 +602,7 @@ def test_requests_in_flight_together_are_each_answered_as_alone(
             check_error(case, e.code(), e.details() or "")
         else:
             check_ok(target, case, image, resp, shared=True)
-    still_serving(target)
+    assert_still_serving(target.stub)
 
 
 # ------------------------------------------------------------------------- the other RPCs
@@ -708,10 +700,10 @@ def test_the_model_and_shared_memory_rpcs_answer_any_arguments(
                 target.stub.CudaSharedMemoryUnregister(
                     pb.CudaSharedMemoryUnregisterRequest(name=name), timeout=10
                 )
-    still_serving(target)
+    assert_still_serving(target.stub)
 
 
 def test_the_worker_never_restarted(target: Target) -> None:
     """Runs after the property tests in this module (pytest keeps file order)."""
-    still_serving(target)
+    assert_still_serving(target.stub)
     assert target.server.worker_pid() == target.worker
