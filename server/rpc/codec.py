@@ -14,7 +14,7 @@ import numpy as np
 
 from runtime.ipc.dtypes import DTYPES, BytesDecodeError, decode_bytes_tensor, encode_bytes_tensor
 from server._proto.inference import grpc_service_pb2 as pb
-from server.errors import InvalidInput
+from server.errors import InvalidInput, Unsupported
 from server.handler import ModelView, StatsRow
 from server.shm_directory import RegionRecord
 from server.shm_regions import CudaRegion, SystemRegion
@@ -69,6 +69,14 @@ def decode_infer(req: pb.ModelInferRequest) -> InferRequest:
     names = []
     for o in req.outputs:
         names.append(o.name)
+        if o.parameters and "classification" in o.parameters:
+            # Triton's classification extension (tritonclient's class_count), not implemented:
+            # answering the raw tensor instead would hand the client data of another type and
+            # shape than it asked for.
+            raise Unsupported(
+                f"output '{o.name}': classification is not supported (Triton's classification "
+                "extension); request the tensor itself"
+            )
         ref = _shm_ref(o.name, o.parameters)
         if ref is not None:
             output_shm[o.name] = ref

@@ -288,11 +288,17 @@ def test_tritonclient_errors(client: grpcclient.InferenceServerClient) -> None:
     b.set_data_from_numpy(A)
     wrong = grpcclient.InferInput("INPUT0", [1, 16], "INT64")
     wrong.set_data_from_numpy(A.astype(np.int64))
+    classes = grpcclient.InferRequestedOutput("OUTPUT0", class_count=3)
     for kwargs, status, needle in [
         ({"model_name": "no_such_model", "inputs": [a, b]}, "NOT_FOUND", "no_such_model"),
         ({"model_name": "simple", "inputs": [a, b], "model_version": "7"}, "NOT_FOUND", "7"),
         ({"model_name": "simple", "inputs": [wrong, b]}, "INVALID_ARGUMENT", "'INPUT0'"),
         ({"model_name": "simple", "inputs": [a]}, "INVALID_ARGUMENT", "INPUT1"),
+        (  # Triton's classification extension: not advertised, so refused, not ignored
+            {"model_name": "simple", "inputs": [a, b], "outputs": [classes]},
+            "UNIMPLEMENTED",
+            "output 'OUTPUT0': classification is not supported",
+        ),
     ]:
         with pytest.raises(InferenceServerException) as ei:
             client.infer(**kwargs)

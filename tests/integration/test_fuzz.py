@@ -518,6 +518,8 @@ def check_error(case: Case, code: Code, details: str) -> None:
     assert details and "internal error" not in details, (code, details, req)
     if code == Code.UNAVAILABLE and req.model_name == NOT_LOADED:
         assert f"'{NOT_LOADED}'" in details, details
+    elif code == Code.UNIMPLEMENTED and any("classification" in o.parameters for o in req.outputs):
+        assert "classification is not supported" in details, details
     elif code == Code.INTERNAL and req.model_name in PARSES:
         assert f"model '{req.model_name}' version 1 failed: " in details, details
         assert not decimal_strings(case), ("text every element of which parses failed", req)
