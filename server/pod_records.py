@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +37,15 @@ __all__ = [
 ACK_TIMEOUT_S = 120.0
 
 Identity = tuple[int, int]  # (inode, mtime ns) of a record's file: which write of it it is
+
+# Why the writer stamps the mtime itself (`_written`): a record removed or replaced frees its
+# inode, and ext4 or xfs give the next file the same inode number at once; a kernel before
+# 6.13 stamps files from a clock that ticks once per jiffy (1-10 ms), so the next write of a
+# name could carry the very same (inode, mtime) as the one a front took, and that front would
+# keep using a registration the client replaced (docs/architecture.md, "Several fronts"). A
+# random stamp, whole seconds included (some filesystems keep no fractions), is another one
+# for every write whatever the kernel's clock. Nothing reads a record's mtime as a time.
+_STAMP_SECONDS = (1 << 31) - 1  # below 2038: every filesystem can store it
 
 
 def record_path(directory: Path, prefix: str, key: str) -> Path:
@@ -73,6 +83,8 @@ def _written(directory: Path, data: bytes) -> tuple[Path, Identity]:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         os.write(fd, data)
+        stamp = _stamp()
+        os.utime(fd, ns=(stamp, stamp))
         st = os.fstat(fd)  # the file's, which a rename or a link keeps
     finally:
         os.close(fd)
@@ -177,3 +189,9 @@ def _replaced(path: Path, written: Identity) -> bool:
         return identity(path) != written
     except FileNotFoundError:
         return False  # (records of this kind are replaced, never removed)
+
+
+def _stamp() -> int:
+    """A random file time in nanoseconds (see `_STAMP_SECONDS`)."""
+    seconds = 1 + secrets.randbelow(_STAMP_SECONDS)
+    return seconds * 1_000_000_000 + secrets.randbelow(1_000_000_000)
