@@ -113,7 +113,7 @@ class Router:
         self._stable: dict[int, Route] = {}  # Route(v, "stable") by v: immutable, shared
         self.counters = _Counters()
         self.file_error = ""
-        self._file_mtime: float | None = None
+        self._file_bytes: bytes | None = None  # the routing file as last read
 
     # ------------------------------------------------------------------ per request
 
@@ -254,16 +254,21 @@ class Router:
 
     def reload_file(self, path: Path) -> bool:
         """(Re)read the routing file if it changed; True if a new file was applied."""
+        # Compared by content, not mtime: a file rewritten in place within one tick of the
+        # kernel's file clock (a jiffy before Linux 6.13), say by `>` that truncates and then
+        # writes, keeps its mtime, and a poll between the two would keep the empty file's error.
+        # The file is small and read once a second.
         try:
-            mtime = path.stat().st_mtime
+            raw = path.read_bytes()
         except OSError as exc:
             self.file_error = f"cannot read {path}: {exc.strerror}"
+            self._file_bytes = None  # the same file back is applied again (and the error goes)
             return False
-        if mtime == self._file_mtime:
+        if raw == self._file_bytes:
             return False
-        self._file_mtime = mtime
+        self._file_bytes = raw
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(raw)
             tables = parse_routing_file(data)
             for model, table in tables.items():
                 self._validate(model, table)

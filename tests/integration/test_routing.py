@@ -55,17 +55,11 @@ STABLE_CANARY = {"stable": 1, "canary": 2}
 APPLY_WITHIN_S = 3.0
 
 
-_last_mtime = [0.0]
-
-
 def write_routing_file(path: Path, text: str) -> None:
-    """Replace the file atomically, as a ConfigMap update does. The server notices a change by
-    its mtime: make sure each write has a new one, even on a file system with coarse times."""
+    """Replace the file atomically, as a ConfigMap update does (the server compares contents,
+    so writes within one tick of the file clock are seen too)."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
-    mtime = max(time.time(), _last_mtime[0] + 1.0)
-    os.utime(tmp, (mtime, mtime))
-    _last_mtime[0] = mtime
     os.replace(tmp, path)
 
 

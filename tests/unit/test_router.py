@@ -5,6 +5,8 @@ stable/canary pairing (or rule) starts a fresh window."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -122,3 +124,57 @@ def test_an_unpinned_request_without_a_table_routes_as_resolve_says(
         assert str(ei.value) == str(exc)
         return
     assert r.route("m", "", hints) == want
+
+
+# ------------------------------------------------------------------------------ routing file
+
+
+def file_table(stable: int, canary: int) -> str:
+    weights = {str(stable): 9000, str(canary): 1000}
+    return json.dumps({"models": {"m": {"weights": weights}}})
+
+
+def rewrite_in_place(path: Path, text: str) -> None:
+    """Truncate and write, as `>` does, within one tick of a coarse file clock (a kernel before
+    6.13 stamps files once per jiffy): the mtime stays what it was."""
+    before = path.stat()
+    path.write_text(text)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_the_routing_file_is_reread_when_rewritten_within_one_tick(tmp_path: Path) -> None:
+    r, _, _ = router()
+    path = tmp_path / "routing.json"
+    path.write_text(file_table(1, 2))
+    assert r.reload_file(path)
+    rewrite_in_place(path, file_table(1, 3))  # the same size, another table
+    assert r.reload_file(path)
+    assert r.view("m").table["weights"] == {"1": 9000, "3": 1000}  # type: ignore[index]
+    assert not r.reload_file(path)  # unchanged: not applied again
+
+
+def test_a_poll_between_truncate_and_write_does_not_stick(tmp_path: Path) -> None:
+    r, _, _ = router()
+    path = tmp_path / "routing.json"
+    path.write_text(file_table(1, 2))
+    assert r.reload_file(path)
+    rewrite_in_place(path, "")  # the poll sees the truncated file ...
+    assert not r.reload_file(path)
+    assert r.file_error.endswith("the previous tables keep serving")
+    rewrite_in_place(path, file_table(2, 3))  # ... and the writer finishes in the same tick
+    assert r.reload_file(path)
+    assert r.file_error == ""
+    assert r.view("m").table["weights"] == {"2": 9000, "3": 1000}  # type: ignore[index]
+
+
+def test_a_routing_file_that_comes_back_unchanged_clears_the_error(tmp_path: Path) -> None:
+    r, _, _ = router()
+    path = tmp_path / "routing.json"
+    path.write_text(file_table(1, 2))
+    assert r.reload_file(path)
+    path.rename(tmp_path / "away.json")
+    assert not r.reload_file(path)
+    assert r.file_error.startswith(f"cannot read {path}")
+    (tmp_path / "away.json").rename(path)
+    assert r.reload_file(path)
+    assert r.file_error == ""
