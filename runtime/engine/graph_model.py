@@ -225,8 +225,8 @@ class GraphModel:
             try:
                 placed = _placed(outs, graphs.output_names, places[k]) if places else ()
                 outputs = self._outputs(p, outs, result, row0, holds.get(id(p)), placed)
-            except RegionError as exc:
-                answer(InferDone(call.call_id, Code.BAD_INPUT, str(exc)))
+            except Exception as exc:  # a region that does not fit, a CUDA copy that failed:
+                answer(call_error(call.call_id, exc))  # this call's, and the rest go on
                 continue
             finally:
                 row0 += p.batch_size

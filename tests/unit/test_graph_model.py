@@ -16,6 +16,7 @@ from runtime.engine.buckets import BucketTable
 from runtime.engine.graph_model import GraphModel, Queued
 from runtime.engine.graphs import GraphSet
 from runtime.engine.session import make_session, signature_of
+from runtime.ipc.pinning import CudaError
 from runtime.ipc.protocol import (
     Code,
     Infer,
@@ -268,6 +269,55 @@ def test_a_failed_batch_runs_each_call_alone_so_only_the_bad_one_fails() -> None
         d = answers[call.call_id]
         assert d.code == Code.OK, d.message
         assert d.timings is not None and d.timings.batch_size == 1  # ran alone
+        out = d.outputs[0]
+        got = np.frombuffer(arena, np.float32, count=out.nbytes // 4, offset=out.offset)
+        want = sess.run(["OUTPUT0"], {"INPUT0": x})[0]
+        np.testing.assert_allclose(got.reshape(out.shape), want, rtol=1e-5, atol=1e-5)
+
+
+class _FailsToPlace(GraphModel):
+    """Placing call 2's outputs fails, as a device-to-device copy into a client's CUDA region
+    can (CudaError) after the batch itself ran."""
+
+    def _outputs(self, p: Pending[Queued], *args: Any, **kwargs: Any) -> Any:
+        if p.payload[1].call_id == 2:
+            raise CudaError("cudaMemcpyAsync failed: an illegal memory access was encountered")
+        return super()._outputs(p, *args, **kwargs)
+
+
+def test_a_call_whose_outputs_cannot_be_placed_fails_alone() -> None:
+    """The rest of its batch is answered, with their outputs (before, the error left the
+    serving thread's batch and the calls after it waited for their deadlines)."""
+    sess = make_session(str(DENSE / "model.onnx"), "cpu", 1)
+
+    def make() -> GraphSet:
+        gs = GraphSet(sess, BucketTable((1, 2, 4, 8)), signature_of(sess), device_type="cpu")
+        gs.capture()
+        return gs
+
+    model = _FailsToPlace.start(_spec(), make, Batcher(8, max_queue_delay_ns=200_000_000))
+    arena = memoryview(bytearray(16 * 131072))
+    calls = [_call(arena, i, 1, i * 131072) for i in range(1, 4)]
+    answers: dict[int, InferDone] = {}
+    done = threading.Event()
+
+    def answer(d: InferDone) -> None:
+        answers[d.call_id] = d
+        if len(answers) == len(calls):
+            done.set()
+
+    now = time.monotonic_ns()
+    for call, _x in calls:  # one batch: the queue delay outlasts the three submits
+        model.submit(Pending(call.call_id, 1, now, payload=(answer, call, arena, now, None)))
+    assert done.wait(5), sorted(answers)
+    model.close()
+    bad = answers[2]
+    assert bad.code == Code.MODEL_FAILED
+    assert bad.message == "cudaMemcpyAsync failed: an illegal memory access was encountered"
+    for call, x in (calls[0], calls[2]):
+        d = answers[call.call_id]
+        assert d.code == Code.OK, d.message
+        assert d.timings is not None and d.timings.batch_size == 3  # the batch ran once
         out = d.outputs[0]
         got = np.frombuffer(arena, np.float32, count=out.nbytes // 4, offset=out.offset)
         want = sess.run(["OUTPUT0"], {"INPUT0": x})[0]
