@@ -34,7 +34,7 @@ from runtime.engine.model import (
     arena_offsets,
     call_error,
 )
-from runtime.engine.regions import Held, RegionError, RegionTable, hold
+from runtime.engine.regions import Held, RegionTable, hold
 from runtime.ipc.protocol import (
     Code,
     Infer,
@@ -174,8 +174,8 @@ class GraphModel:
                     for p in in_regions:
                         try:
                             held, feed = _device_feed(p.payload)
-                        except RegionError as exc:
-                            p.payload[0](InferDone(p.payload[1].call_id, Code.BAD_INPUT, str(exc)))
+                        except Exception as exc:  # answered here: nothing may leave the batch
+                            p.payload[0](call_error(p.payload[1].call_id, exc))
                             continue
                         holds[id(p)] = held
                         live.append(p)
