@@ -249,52 +249,60 @@ class Replayer:
         t1 = time.perf_counter_ns()
         device = cap.device
         with self._lock:
-            self.registry.check(buf.bucket, self._signature_now(cap))
-            for spec, arrays, how in plans:
-                dst = device[spec.name]
-                if how == "device":  # copy_rows_into zeroes the padding itself
-                    if self._copier is None:
-                        raise BadBatch("rows in device memory, but this GraphSet has no copier")
-                    copy_rows_into(
-                        dst, spec.row_nbytes, arrays, buf.bucket, self._copier, self._device_id
-                    )
-                    continue
-                nbytes = rows * spec.row_nbytes  # check_feeds: every request has these rows
-                if how == "gather":
-                    stream.to_device(dst, self._host_ptrs[spec.name], nbytes)
-                else:
-                    offset = 0
-                    for a in arrays:
-                        stream.to_device(dst + offset, a.ctypes.data, a.nbytes)
-                        offset += a.nbytes
-                if rows < buf.bucket:  # zeros, not stale rows (see pad_batch)
-                    stream.zero(dst + nbytes, (buf.bucket - rows) * spec.row_nbytes)
-            if direct and self._copier is not None:
-                self._copier.synchronize(self._device_id)  # the legacy stream's copies
-            t2 = time.perf_counter_ns()
-            cap.call()
-            t3 = time.perf_counter_ns()
-            wanted = self.output_names if host_outputs is None else host_outputs
-            views = cap.out_staging
-            results: list[Array] = []
-            placed: dict[int, list[Array]] = {}  # output index -> each request's place
-            for k, spec in enumerate(self._outputs):
-                if spec.name not in wanted:
-                    results.append(self.host_output(buf, spec, ()))
-                    continue
-                results.append(views[spec.name])
-                dests = _places_of(places, spec, sizes)
-                if dests is None:
-                    stream.to_host(
-                        self._out_ptrs[spec.name], device[spec.name], rows * spec.row_nbytes
-                    )
-                    continue
-                src = device[spec.name]
-                for dest in dests:
-                    stream.to_host(dest.ctypes.data, src, dest.nbytes)
-                    src += dest.nbytes
-                placed[k] = dests
-            stream.synchronize()
+            try:
+                self.registry.check(buf.bucket, self._signature_now(cap))
+                for spec, arrays, how in plans:
+                    dst = device[spec.name]
+                    if how == "device":  # copy_rows_into zeroes the padding itself
+                        if self._copier is None:
+                            raise BadBatch("rows in device memory, but this GraphSet has no copier")
+                        copy_rows_into(
+                            dst, spec.row_nbytes, arrays, buf.bucket, self._copier, self._device_id
+                        )
+                        continue
+                    nbytes = rows * spec.row_nbytes  # check_feeds: every request has these rows
+                    if how == "gather":
+                        stream.to_device(dst, self._host_ptrs[spec.name], nbytes)
+                    else:
+                        offset = 0
+                        for a in arrays:
+                            stream.to_device(dst + offset, a.ctypes.data, a.nbytes)
+                            offset += a.nbytes
+                    if rows < buf.bucket:  # zeros, not stale rows (see pad_batch)
+                        stream.zero(dst + nbytes, (buf.bucket - rows) * spec.row_nbytes)
+                if direct and self._copier is not None:
+                    self._copier.synchronize(self._device_id)  # the legacy stream's copies
+                t2 = time.perf_counter_ns()
+                cap.call()
+                t3 = time.perf_counter_ns()
+                wanted = self.output_names if host_outputs is None else host_outputs
+                views = cap.out_staging
+                results: list[Array] = []
+                placed: dict[int, list[Array]] = {}  # output index -> each request's place
+                for k, spec in enumerate(self._outputs):
+                    if spec.name not in wanted:
+                        results.append(self.host_output(buf, spec, ()))
+                        continue
+                    results.append(views[spec.name])
+                    dests = _places_of(places, spec, sizes)
+                    if dests is None:
+                        stream.to_host(
+                            self._out_ptrs[spec.name], device[spec.name], rows * spec.row_nbytes
+                        )
+                        continue
+                    src = device[spec.name]
+                    for dest in dests:
+                        stream.to_host(dest.ctypes.data, src, dest.nbytes)
+                        src += dest.nbytes
+                    placed[k] = dests
+                stream.synchronize()
+            except BaseException:
+                # Copies queued before the failure may still be running: the staging, the
+                # arena slots and the places must not be reused (the call's answer frees
+                # its slot at once) until the stream has let go of them.
+                with contextlib.suppress(Exception):
+                    stream.synchronize()
+                raise
         t4 = time.perf_counter_ns()
         outputs = per_request(results, sizes)
         for k, dests in placed.items():

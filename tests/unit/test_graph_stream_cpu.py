@@ -139,6 +139,21 @@ def test_above_the_largest_bucket_runs_eagerly_without_the_stream() -> None:
     assert gs.stats().graphs.eager == {None: 1}
 
 
+def test_a_replay_that_fails_waits_for_the_copies_it_queued() -> None:
+    """The inputs' copies are queued before the replay; when it fails, the stream is
+    synchronised before the error leaves, so neither the staging nor the requests' memory (an
+    arena slot the answer frees) is reused while a copy may still read it."""
+    gs, stream = streamed(gm.mlp(), (4,))
+
+    def fails() -> None:
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : replay failed")
+
+    gs._captured[4].call = fails  # what onnxruntime's replay call does when it fails
+    with pytest.raises(RuntimeError, match="replay failed"):
+        gs.run([{"INPUT0": rows(3, seed=7)}])
+    assert stream.calls == ["to_device", "zero", "synchronize"]
+
+
 def test_close_drops_the_output_staging_and_the_stream() -> None:
     gs, _ = streamed(gm.mlp(), (2,))
     gs.close()
