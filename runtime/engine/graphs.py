@@ -135,6 +135,11 @@ class GraphSet:
         copier: Copier | None = None,
         stream: CopyStream | None = None,
     ) -> None:
+        # First: a GraphSet dropped without close() frees its attributes in this order, and
+        # the captured buckets hold the native session, whose destructor may still use the
+        # stream below (freed after it).
+        self._captured: dict[int, Captured] = {}  # per bucket
+        self._replayer: Replayer | None = None  # made by capture()
         self._session: ort.InferenceSession | None = session
         self.table = table
         self.signature = signature
@@ -165,8 +170,6 @@ class GraphSet:
             self._reason = signature_reason(signature)
         self._staging: dict[str, HostBuffer] = {}  # per input: [largest bucket, *row_shape]
         self._out_staging: dict[str, HostBuffer] = {}  # with a stream: per output, pinned
-        self._replayer: Replayer | None = None  # made by capture()
-        self._captured: dict[int, Captured] = {}  # per bucket
         self._owner: int | None = None  # thread that captured
         self._eager_options = ort.RunOptions()
         self._eager_options.add_run_config_entry("gpu_graph_id", _NO_GRAPH)

@@ -6,6 +6,8 @@ stream itself runs in tests/gpu."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import numpy as np
@@ -159,6 +161,28 @@ def test_close_drops_the_output_staging_and_the_stream() -> None:
     gs.close()
     with pytest.raises(RuntimeError, match="closed"):
         gs.run([{"INPUT0": rows(1)}])
+
+
+def test_a_graph_set_dropped_without_close_frees_its_session_before_its_stream() -> None:
+    """The native session's destructor may still use the session's stream: a GraphSet that
+    is only dropped (tests, the benchmark) must let go of the captured buckets, which hold the
+    native session, before the stream."""
+    seen: list[bool] = []
+
+    class Stream(HostStream):
+        def __del__(self) -> None:
+            seen.append(call() is not None)  # a captured replay (the native session) alive?
+
+    sess = cpu_session(gm.mlp())
+    stream = Stream()
+    sess._microtune_copy_stream = stream  # type: ignore[attr-defined]  # as make_streamed_graph_session
+    gs = GraphSet(sess, BucketTable((1, 2)), signature_of(sess), device_type="cpu", stream=stream)
+    gs.capture()
+    call = weakref.ref(gs._captured[1].call)
+    del stream, sess  # the GraphSet (and the session) hold them now
+    del gs
+    gc.collect()
+    assert seen == [False]
 
 
 def test_rows_in_device_memory_are_copied_by_the_copier_beside_streamed_host_rows() -> None:
