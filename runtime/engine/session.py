@@ -225,6 +225,7 @@ def make_streamed_graph_session(
     except CudaError as exc:
         log.warning("no copy stream for %s (%s): blocking copies", path, first_line(exc))
         stream = None
+    refused: SessionError | None = None
     if stream is not None:
         options = {**(provider_options or {}), "user_compute_stream": str(stream.ptr)}
         try:
@@ -238,15 +239,18 @@ def make_streamed_graph_session(
             sess._microtune_copy_stream = stream  # type: ignore[attr-defined]
             return sess, stream
         except SessionError as exc:
-            log.warning(
-                "%s: onnxruntime refused a user compute stream (%s): blocking copies",
-                path,
-                first_line(exc),
-            )
+            refused = exc
     with lock:
-        return make_graph_session(
+        sess = make_graph_session(
             path, device_id, intra_op_threads, provider_options=provider_options
-        ), None
+        )  # a model that cannot load at all fails here, with its own error and no warning
+    if refused is not None:
+        log.warning(
+            "%s: onnxruntime refused a user compute stream (%s): blocking copies",
+            path,
+            first_line(refused),
+        )
+    return sess, None
 
 
 def _raise_for_cpu_nodes(path: str, device_id: int, exc: Exception) -> None:

@@ -6,8 +6,10 @@ stream itself runs in tests/gpu."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -248,3 +250,49 @@ def test_an_output_goes_through_staging_unless_every_request_has_a_fitting_place
     assert stream.calls.count("to_host") == 1  # the whole batch, into staging
     assert result.outputs[0][0] is not first and not first.any()
     assert_outputs_of(model, parts, result.outputs)
+
+
+# ---------------------------------------------------------------- the streamed session's making
+
+
+def _stream_sessions(
+    monkeypatch: pytest.MonkeyPatch, refuses: Callable[[dict[str, str]], bool]
+) -> list[dict[str, str]]:
+    """make_streamed_graph_session with HostStream for the CUDA stream and a session maker
+    that raises SessionError when `refuses(its provider options)`; the options it got."""
+    from runtime.engine import copy_stream, session
+
+    tried: list[dict[str, str]] = []
+
+    def make(path: str, device_id: int, threads: int, *, provider_options: Any = None) -> Any:
+        tried.append(dict(provider_options or {}))
+        if refuses(tried[-1]):
+            raise session.SessionError(f"cannot load {path}")
+        return object()
+
+    monkeypatch.setattr(copy_stream, "CudaStream", lambda device_id: HostStream())
+    monkeypatch.setattr(session, "make_graph_session", make)
+    return tried
+
+
+def test_a_model_that_cannot_load_says_so_without_blaming_the_stream(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from runtime.engine.session import SessionError, make_streamed_graph_session
+
+    tried = _stream_sessions(monkeypatch, lambda options: True)  # a corrupt file
+    with pytest.raises(SessionError, match=r"cannot load bad\.onnx"):
+        make_streamed_graph_session("bad.onnx", 0, 1, None, contextlib.nullcontext())
+    assert [("user_compute_stream" in o) for o in tried] == [True, False]
+    assert "refused a user compute stream" not in caplog.text
+
+
+def test_a_refused_stream_falls_back_to_blocking_copies_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from runtime.engine.session import make_streamed_graph_session
+
+    _stream_sessions(monkeypatch, lambda options: "user_compute_stream" in options)
+    sess, stream = make_streamed_graph_session("m.onnx", 0, 1, None, contextlib.nullcontext())
+    assert sess is not None and stream is None
+    assert "m.onnx: onnxruntime refused a user compute stream (cannot load m.onnx)" in caplog.text
