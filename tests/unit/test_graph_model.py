@@ -237,19 +237,27 @@ class _Poisonable(GraphSet):
         return super().run(feeds, *args, **kwargs)
 
 
-def test_a_failed_batch_runs_each_call_alone_so_only_the_bad_one_fails() -> None:
+def _three_calls_in_one_batch(
+    graphs_type: type[GraphSet] = GraphSet,
+    model_type: type[GraphModel] = GraphModel,
+    nan_in: int | None = None,
+) -> tuple[Any, memoryview, list[tuple[Infer, np.ndarray]], dict[int, InferDone]]:
+    """Calls 1-3, one row each, submitted together to a new model (the queue delay outlasts
+    the three submits: one batch), call `nan_in` with a NaN; the session, the arena, the calls
+    and their answers."""
     sess = make_session(str(DENSE / "model.onnx"), "cpu", 1)
 
     def make() -> GraphSet:
-        gs = _Poisonable(sess, BucketTable((1, 2, 4, 8)), signature_of(sess), device_type="cpu")
+        gs = graphs_type(sess, BucketTable((1, 2, 4, 8)), signature_of(sess), device_type="cpu")
         gs.capture()
         return gs
 
-    model = GraphModel.start(_spec(), make, Batcher(8, max_queue_delay_ns=200_000_000))
+    model = model_type.start(_spec(), make, Batcher(8, max_queue_delay_ns=200_000_000))
     arena = memoryview(bytearray(16 * 131072))
     calls = [_call(arena, i, 1, i * 131072) for i in range(1, 4)]
-    poisoned = calls[1][0].inputs[0]
-    np.frombuffer(arena, np.float32, 1, poisoned.offset)[:] = np.nan
+    if nan_in is not None:
+        poisoned = calls[nan_in - 1][0].inputs[0]
+        np.frombuffer(arena, np.float32, 1, poisoned.offset)[:] = np.nan
     answers: dict[int, InferDone] = {}
     done = threading.Event()
 
@@ -259,20 +267,29 @@ def test_a_failed_batch_runs_each_call_alone_so_only_the_bad_one_fails() -> None
             done.set()
 
     now = time.monotonic_ns()
-    for call, _x in calls:  # one batch: the queue delay outlasts the three submits
+    for call, _x in calls:
         model.submit(Pending(call.call_id, 1, now, payload=(answer, call, arena, now, None)))
-    assert done.wait(10)
+    assert done.wait(10), sorted(answers)
     model.close()
+    return sess, arena, calls, answers
+
+
+def _assert_answered(sess: Any, arena: memoryview, d: InferDone, x: np.ndarray, rows: int) -> None:
+    """`d` holds the session's outputs for `x`, from an execution of `rows` rows."""
+    assert d.code == Code.OK, d.message
+    assert d.timings is not None and d.timings.batch_size == rows
+    out = d.outputs[0]
+    got = np.frombuffer(arena, np.float32, count=out.nbytes // 4, offset=out.offset)
+    want = sess.run(["OUTPUT0"], {"INPUT0": x})[0]
+    np.testing.assert_allclose(got.reshape(out.shape), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_batch_runs_each_call_alone_so_only_the_bad_one_fails() -> None:
+    sess, arena, calls, answers = _three_calls_in_one_batch(_Poisonable, nan_in=2)
     bad = answers[2]
     assert (bad.code, bad.message) == (Code.MODEL_FAILED, "6 : RUNTIME_EXCEPTION : a NaN")
     for call, x in (calls[0], calls[2]):
-        d = answers[call.call_id]
-        assert d.code == Code.OK, d.message
-        assert d.timings is not None and d.timings.batch_size == 1  # ran alone
-        out = d.outputs[0]
-        got = np.frombuffer(arena, np.float32, count=out.nbytes // 4, offset=out.offset)
-        want = sess.run(["OUTPUT0"], {"INPUT0": x})[0]
-        np.testing.assert_allclose(got.reshape(out.shape), want, rtol=1e-5, atol=1e-5)
+        _assert_answered(sess, arena, answers[call.call_id], x, rows=1)  # ran alone
 
 
 class _FailsToPlace(GraphModel):
@@ -288,40 +305,12 @@ class _FailsToPlace(GraphModel):
 def test_a_call_whose_outputs_cannot_be_placed_fails_alone() -> None:
     """The rest of its batch is answered, with their outputs (before, the error left the
     serving thread's batch and the calls after it waited for their deadlines)."""
-    sess = make_session(str(DENSE / "model.onnx"), "cpu", 1)
-
-    def make() -> GraphSet:
-        gs = GraphSet(sess, BucketTable((1, 2, 4, 8)), signature_of(sess), device_type="cpu")
-        gs.capture()
-        return gs
-
-    model = _FailsToPlace.start(_spec(), make, Batcher(8, max_queue_delay_ns=200_000_000))
-    arena = memoryview(bytearray(16 * 131072))
-    calls = [_call(arena, i, 1, i * 131072) for i in range(1, 4)]
-    answers: dict[int, InferDone] = {}
-    done = threading.Event()
-
-    def answer(d: InferDone) -> None:
-        answers[d.call_id] = d
-        if len(answers) == len(calls):
-            done.set()
-
-    now = time.monotonic_ns()
-    for call, _x in calls:  # one batch: the queue delay outlasts the three submits
-        model.submit(Pending(call.call_id, 1, now, payload=(answer, call, arena, now, None)))
-    assert done.wait(5), sorted(answers)
-    model.close()
+    sess, arena, calls, answers = _three_calls_in_one_batch(model_type=_FailsToPlace)
     bad = answers[2]
     assert bad.code == Code.MODEL_FAILED
     assert bad.message == "cudaMemcpyAsync failed: an illegal memory access was encountered"
     for call, x in (calls[0], calls[2]):
-        d = answers[call.call_id]
-        assert d.code == Code.OK, d.message
-        assert d.timings is not None and d.timings.batch_size == 3  # the batch ran once
-        out = d.outputs[0]
-        got = np.frombuffer(arena, np.float32, count=out.nbytes // 4, offset=out.offset)
-        want = sess.run(["OUTPUT0"], {"INPUT0": x})[0]
-        np.testing.assert_allclose(got.reshape(out.shape), want, rtol=1e-5, atol=1e-5)
+        _assert_answered(sess, arena, answers[call.call_id], x, rows=3)  # the batch ran once
 
 
 def test_call_errors_of_both_executors() -> None:
