@@ -9,10 +9,13 @@ on its first use (`adopt`), and one unregistered elsewhere is closed once this f
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
+from runtime.client import WorkerGone
 from runtime.ipc.protocol import Code, RegionDone
-from server.errors import AlreadyExists, InvalidInput, Unsupported
+from server.errors import InvalidInput, NotReady, Unsupported
 from server.shm_directory import RegionRecord
 from server.shm_regions import CudaRegion, SharedMemoryRegistry
 from server.types import InferRequest
@@ -31,15 +34,19 @@ class CudaRegions:
     async def register(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
         """Triton's CudaSharedMemoryRegister: the front checks, the worker opens the handle."""
         self.shm.check_cuda(name, device_id)
-        done = await self.link.require().open_region(name, raw_handle, device_id, byte_size)
+        async with _worker_needed():
+            # An earlier registration of the name that this front had adopted and the pod
+            # has unregistered since: the worker holds one region per name and connection.
+            await self._close_stale()
+            done = await self.link.require().open_region(name, raw_handle, device_id, byte_size)
         if done.code == Code.UNSUPPORTED:
             raise Unsupported(f"CUDA shared memory region '{name}': {done.message}")
         if done.code != Code.OK:
             raise InvalidInput(done.message)
         try:
             self.shm.add_cuda(CudaRegion(name, device_id, byte_size, bytes(raw_handle)))
-        except AlreadyExists:  # a concurrent register of the same name won the race
-            await self.link.require().close_region(name)
+        except BaseException:  # a concurrent register of the name won, or no record was written
+            await self._close([name])
             raise
 
     async def unregister(self, name: str) -> None:
@@ -55,11 +62,12 @@ class CudaRegions:
         names = {t.shm.region for t in req.inputs if t.shm is not None}
         names.update(ref.region for ref in req.output_shm.values())
         todo = self.shm.cuda_to_adopt(names)
-        # A registration replaced under the same name: the worker closes this front's old one
-        # first (its table holds one region per name).
-        await self._close_stale()
-        for region, identity in todo:
-            done = await self._open(region)
+        async with _worker_needed():
+            # A registration replaced under the same name: the worker closes this front's old
+            # one first (its table holds one region per name).
+            await self._close_stale()
+            dones = [await self._open(region) for region, _identity in todo]
+        for (region, identity), done in zip(todo, dones, strict=True):
             if done.code == Code.OK:
                 self.shm.adopt_cuda(region, identity)
             else:  # the request then names an unregistered region (INVALID_ARGUMENT)
@@ -77,14 +85,20 @@ class CudaRegions:
         return await self.link.require().open_region(r.name, r.raw_handle, r.device_id, r.byte_size)
 
     async def _close(self, names: list[str]) -> None:
-        """Have the worker close this front's `names` (a worker restarting has none open)."""
+        """Have the worker close this front's `names` (a worker restarting, or gone meanwhile,
+        has none open)."""
         for name in names:
             if self.link.ready:
-                await self.link.require().close_region(name)
+                with contextlib.suppress(WorkerGone):
+                    await self.link.require().close_region(name)
 
     async def reopen(self) -> None:
         """After a worker restart: open every registered region in the new worker; one that
-        no longer opens (its owner exited) is dropped, with a warning."""
+        no longer opens (its owner exited) is dropped, with a warning. Regions the pod has
+        unregistered or replaced since this front took them are only forgotten here (the new
+        worker has none open): their record, a client's newer registration perhaps, stays."""
+        self.shm.sweep()
+        self.shm.take_stale_cuda()
         for r in list(self.shm.cuda.values()):
             done = await self._open(r)
             if done.code != Code.OK:
@@ -94,3 +108,12 @@ class CudaRegions:
                     r.name,
                     done.message,
                 )
+
+
+@contextlib.asynccontextmanager
+async def _worker_needed() -> AsyncIterator[None]:
+    """A worker that is restarting, or whose link drops meanwhile: UNAVAILABLE, as for infer."""
+    try:
+        yield
+    except WorkerGone as exc:
+        raise NotReady(f"the runtime worker is unavailable ({exc}); retry") from None
