@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -170,19 +171,28 @@ class App:
             self._model_loaded(name)
         if s.routing_file is not None:
             self.router.reload_file(s.routing_file)
-            self._tasks.append(asyncio.create_task(self._watch_routing_file(s.routing_file)))
+            path = s.routing_file
+
+            async def reload_routing_file() -> None:
+                # A mounted ConfigMap changes by an atomic symlink swap: polling catches it.
+                self.router.reload_file(path)
+
+            self._background(1.0, "routing file reload", reload_routing_file)
         self.handler.started = True
         if self.metrics is not None:
-            self._tasks.append(asyncio.create_task(self._sync_metrics()))
-            self._tasks.append(asyncio.create_task(self._fold_metrics(self.metrics)))
-        self._tasks.append(asyncio.create_task(self._watch_readiness()))
+            self._background(1.0, "metrics refresh", self._sync_metrics)
+            self._background(0.05, "served-requests fold", self._fold_metrics)
+        # Readiness can change under our feet (worker death, loads): re-derived often.
+        self._background(0.1, "readiness", self._set_readiness)
+        if self.shm.directory is not None and self.shm.enabled:
+            self._background(1.0, "CUDA region sweep", self.handler.cuda.sweep)
         if s.model_control_mode == "poll":
             self._tasks.append(asyncio.create_task(self.manager.poll_forever(s.repository_poll_s)))
         if self.control_sync is not None:
             await self.control_sync.poll()  # the models other fronts loaded or unloaded
         if self.admin_sync is not None:
             self.admin_sync.poll()  # route by the pod's admin tables from the first request
-            self._tasks.append(asyncio.create_task(self._poll_pod(self.admin_sync)))
+            self._background(0.25, "pod poll", self._poll_pod)
         if shared_port:
             await self.health.set_ready(self.handler.ready())
             await self._listen(server)
@@ -222,41 +232,40 @@ class App:
         else:
             self.gpu_sampler = None
 
+    def _background(self, period_s: float, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        self._tasks.append(asyncio.create_task(_every(period_s, what, step)))
+
     async def _sync_metrics(self) -> None:
         """Model states, load times, capacities and weights, and the worker's report on this
         front (queued calls, pinned arena), refreshed off the request path."""
         m = self.metrics
         assert m is not None
-        while True:
-            for name, entry in self.table.models.items():
-                ready_batches = []
-                for v, ve in entry.versions.items():
-                    if ve.unloaded:  # its series were dropped at unload
-                        continue
-                    m.set_model_state(name, v, ve.state)
-                    if ve.load_ns:
-                        m.observe_model_load(name, v, ve.load_ns / 1e9)
-                    m.set_model_device_memory(name, v, ve.device_memory)
-                    if ve.state is ModelState.READY and ve.spec is not None:
-                        ready_batches.append(ve.spec.max_batch_size)
-                m.set_capacity(name, capacity_for(ready_batches))
-                table = self.router.tables.get(name)
-                m.set_routing_weights(name, {} if table is None else table.weights)
-            with contextlib.suppress(TimeoutError):  # a busy worker: keep the last sample
-                status = await self.link.status(timeout_s=1.0)
-                m.set_pending(() if status is None else ((q.name, q.calls) for q in status.queued))
-                m.set_pinned_bytes(0 if status is None else status.pinned_bytes)
-                if status is not None:
-                    m.set_send_stalls(status.send_stalls)
-            await asyncio.sleep(1.0)
+        for name, entry in self.table.models.items():
+            ready_batches = []
+            for v, ve in entry.versions.items():
+                if ve.unloaded:  # its series were dropped at unload
+                    continue
+                m.set_model_state(name, v, ve.state)
+                if ve.load_ns:
+                    m.observe_model_load(name, v, ve.load_ns / 1e9)
+                m.set_model_device_memory(name, v, ve.device_memory)
+                if ve.state is ModelState.READY and ve.spec is not None:
+                    ready_batches.append(ve.spec.max_batch_size)
+            m.set_capacity(name, capacity_for(ready_batches))
+            table = self.router.tables.get(name)
+            m.set_routing_weights(name, {} if table is None else table.weights)
+        with contextlib.suppress(TimeoutError):  # a busy worker: keep the last sample
+            status = await self.link.status(timeout_s=1.0)
+            m.set_pending(() if status is None else ((q.name, q.calls) for q in status.queued))
+            m.set_pinned_bytes(0 if status is None else status.pinned_bytes)
+            if status is not None:
+                m.set_send_stalls(status.send_stalls)
 
-    @staticmethod
-    async def _fold_metrics(m: Metrics) -> None:
+    async def _fold_metrics(self) -> None:
         """Count the answered requests in bulk (server.telemetry.served), often enough that a
         fold stays short (~350 requests at 7k/s: ~0.5 ms of the loop)."""
-        while True:
-            await asyncio.sleep(0.05)
-            m.fold_served()
+        assert self.metrics is not None
+        self.metrics.fold_served()
 
     def _rolled_back(self, model: str, version: int, reason: str) -> None:
         if self.metrics is not None:
@@ -267,30 +276,16 @@ class App:
         spec = None if entry is None else entry.spec
         self.router.set_config_table(name, None if spec is None else spec.parameters.get("routing"))
 
-    async def _watch_routing_file(self, path: Path) -> None:
-        # A mounted ConfigMap changes by an atomic symlink swap: polling stat() catches it.
-        while True:
-            await asyncio.sleep(1.0)
-            self.router.reload_file(path)
-
-    async def _poll_pod(self, admin: AdminSync) -> None:
+    async def _poll_pod(self) -> None:
         """Several fronts: apply what the others decided (model control first: a routing table
         may name a version it loads)."""
-        while True:
-            await asyncio.sleep(0.25)
-            if self.control_sync is not None:
-                await self.control_sync.poll()
-            admin.poll()
+        if self.control_sync is not None:
+            await self.control_sync.poll()
+        assert self.admin_sync is not None
+        self.admin_sync.poll()
 
-    async def _watch_readiness(self) -> None:
-        # Readiness can change under our feet (worker death, loads): re-derive it often.
-        ticks = 0
-        while True:
-            await self.health.set_ready(self.handler.ready())
-            ticks += 1
-            if ticks % 10 == 0 and self.shm.directory is not None and self.shm.enabled:
-                await self.handler.cuda.sweep()  # each second: regions unregistered elsewhere
-            await asyncio.sleep(0.1)
+    async def _set_readiness(self) -> None:
+        await self.health.set_ready(self.handler.ready())
 
     async def stop(self, grace: float = 5.0) -> None:
         for task in self._tasks:
@@ -344,3 +339,22 @@ async def _exit_with_parent(parent: int, stop: asyncio.Event) -> None:
             break
     log.warning("supervisor %d is gone; this front shuts down", parent)
     stop.set()
+
+
+async def _every(period_s: float, what: str, step: Callable[[], Awaitable[None]]) -> None:
+    """Run `step` now and then every `period_s` until cancelled. A step that raises is logged
+    (once per run of failures) and the loop goes on: a full disk under the pod's records or a
+    worker lost in the middle of a step must not end a front's background duty for good."""
+    failing = False
+    while True:
+        try:
+            await step()
+        except Exception:
+            if not failing:
+                log.exception("%s failed; retrying every %g s", what, period_s)
+            failing = True
+        else:
+            if failing:
+                log.info("%s works again", what)
+            failing = False
+        await asyncio.sleep(period_s)

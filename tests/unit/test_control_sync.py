@@ -6,7 +6,10 @@ front that never answers is given up on after the timeout."""
 from __future__ import annotations
 
 import asyncio
+import errno
 from pathlib import Path
+
+import pytest
 
 from server.control_sync import ControlSync
 
@@ -76,3 +79,36 @@ def test_a_silent_front_is_given_up_on(tmp_path: Path) -> None:
         return loop.time() - t0
 
     assert 0.3 <= asyncio.run(scenario()) < 3
+
+
+def test_a_poll_that_fails_once_does_not_stop_the_fronts_polling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Front B's poll hits a full disk writing its ack (once): the app's loop (server.app's
+    `_every`, as for the pod poll) logs it and goes on, so B replays and acknowledges what
+    comes later (before, the loop ended there: B never replayed anything again)."""
+    from server import pod_records
+    from server.app import _every
+
+    (a, _), (b, mb) = fronts(tmp_path, timeout_s=1.0)
+    real_write = pod_records.os.write
+    acks = {"t1": 0}
+
+    def write(fd: int, data: bytes) -> int:
+        if data == b"t1":
+            acks["t1"] += 1
+            if acks["t1"] == 2:  # A acks its own action first; then B's ack fails
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(pod_records.os, "write", write)
+
+    async def scenario() -> None:
+        loop = asyncio.create_task(_every(0.02, "pod poll", b.poll))
+        await a.publish("m1", "load", None, tmp_path, "t1")  # B's ack never came: 1 s
+        await a.publish("m2", "load", None, tmp_path, "t2")
+        loop.cancel()
+
+    asyncio.run(scenario())
+    assert mb.replayed == [("m1", "load"), ("m2", "load")]
+    assert "pod poll failed; retrying every 0.02 s" in caplog.text
