@@ -103,8 +103,8 @@ class App:
                 self.control_sync = ControlSync(
                     pod_dir, self.manager, settings.frontend_index, settings.frontends
                 )
-                self.manager.on_control = self.control_sync.publish
-                self.manager.override_dir = pod_dir
+                self.manager.control = self.control_sync
+                self.manager.overrides.directory = pod_dir
         reload_models = self.link.on_restart
 
         async def after_worker_restart() -> None:

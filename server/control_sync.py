@@ -15,6 +15,7 @@ acknowledge within ACK_TIMEOUT_S (crashed and restarting slowly) is logged and n
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import msgspec
 
 from server.errors import MicrotuneError
 from server.lifecycle import ModelManager
-from server.pod_records import ACK_TIMEOUT_S, AckedRecords
+from server.pod_records import ACK_TIMEOUT_S, AckedRecords, Identity, identity
 
 __all__ = ["ControlSync"]
 
@@ -49,15 +50,20 @@ class ControlSync:
         self.ack_timeout_s = ack_timeout_s
         self._records = AckedRecords(directory, "control", index, fronts)
 
-    async def publish(
+    def publish(
         self, name: str, action: str, config_json: str | None, root: Path, token: str
-    ) -> None:
-        """This front loaded or unloaded `name` (ModelManager.on_control): every front does the
-        same before the RPC answers, so a client's next call finds it done on any front.
-        `token` is the action's own (its loads' revision: the worker loads it once)."""
+    ) -> Identity:
+        """This front loaded or unloaded `name` (ModelManager.control, under the model's lock):
+        the record every front replays; what `settled` waits on. `token` is the action's own
+        (its loads' revision: the worker loads it once)."""
         record = _Record(name, action, str(root), token, config_json)
-        written = self._records.write(name, msgspec.json.encode(record), record.token)
-        silent = await self._records.wait(name, record.token, written, self.ack_timeout_s)
+        return self._records.write(name, msgspec.json.encode(record), record.token)
+
+    async def settled(self, name: str, action: str, token: str, written: object) -> None:
+        """Until every front has done it (or a newer action replaced it, whose writer waits
+        instead), so a client's next call finds it done on any front; or ack_timeout_s."""
+        assert isinstance(written, tuple)
+        silent = await self._records.wait(name, token, written, self.ack_timeout_s)
         if silent:
             log.warning(
                 "model %s: %s not acknowledged by front(s) %s within %.0f s; answering anyway",
@@ -76,7 +82,7 @@ class ControlSync:
             try:
                 await self.manager.replay(
                     record.name, record.action, record.config_json, Path(record.root),
-                    record.token,
+                    record.token, latest=functools.partial(_is_still, path, written),
                 )  # fmt: skip
             except MicrotuneError as exc:
                 log.error(
@@ -87,3 +93,11 @@ class ControlSync:
                 log.exception("model %s: %s by another front failed", record.name, record.action)
             # Done here, well or not (a failure is logged): the front that asked stops waiting.
             self._records.acks.ack(record.name, record.token)
+
+
+def _is_still(path: Path, written: Identity) -> bool:
+    """Whether the record at `path` is still the write `written` (none newer replaced it)."""
+    try:
+        return identity(path) == written
+    except FileNotFoundError:
+        return False

@@ -14,13 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import secrets
-import shutil
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 from runtime.client import WorkerGone
 from runtime.ipc.protocol import (
@@ -34,6 +32,7 @@ from runtime.ipc.protocol import (
 from server.errors import LoadFailed, NotFound, Unsupported
 from server.model_config import ConfigError, parse_config_json
 from server.models import ModelEntry, ModelTable, VersionEntry
+from server.overrides import Overrides
 from server.poll_policy import Seen, next_poll_in, poll_work, revision, seen_since, unsettled
 from server.repository import ScannedModel, scan_model, scan_repository
 from server.types import ModelSpec, ModelState
@@ -47,7 +46,18 @@ DRAIN_TIMEOUT_S = 30.0
 # Worker deaths during a version's load after which it is left UNAVAILABLE (the second one has
 # it loading alone: reload_all) and the repository poll stops trying it.
 GIVE_UP_AFTER_CRASHES = 2
-_FILE_PARAM = re.compile(r"^file:([1-9][0-9]*)/([A-Za-z0-9._-]{1,128})$")
+
+
+class ControlLog(Protocol):
+    """Where a front publishes its model control for the others (server.control_sync)."""
+
+    def publish(
+        self, name: str, action: str, config_json: str | None, root: Path, token: str
+    ) -> object:
+        """Record the action (under the model's lock); what `settled` waits on."""
+
+    async def settled(self, name: str, action: str, token: str, written: object) -> None:
+        """Until every front has done it (outside the lock)."""
 
 
 class ModelManager:
@@ -72,15 +82,15 @@ class ModelManager:
         # model removed from the repository): the owner drops what it keeps about it (metrics).
         self.on_version_unloaded: Callable[[str, int], None] | None = None
         self.batching_enabled = True
-        self._tmp: dict[str, Path] = {}  # override directories made from load parameters
-        # Several fronts: model control is the pod's. `on_control(name, action, config_json,
-        # root, token)` publishes what this front did (server.control_sync), `replay` applies
-        # what another front did, and overrides go to the pod's directory, where every front
-        # (and so the worker, which then loads them once) finds them under one path. The
-        # action's token is part of its loads' revision: the fronts' loads of one
+        self.overrides = Overrides()  # models uploaded with load parameters
+        # Several fronts: model control is the pod's. `control` records what this front did
+        # (server.control_sync) before the model's lock is let go, so that a replay of an older
+        # action that waited for the lock sees it is not the latest and skips (`replay`), and
+        # the RPC answers once every front did it. Overrides go to the pod's directory, where
+        # every front (and so the worker, which then loads them once) finds them under one
+        # path. The action's token is part of its loads' revision: the fronts' loads of one
         # RepositoryModelLoad are the same to the worker, which loads each version once.
-        self.on_control: Callable[[str, str, str | None, Path, str], Awaitable[None]] | None = None
-        self.override_dir: Path | None = None
+        self.control: ControlLog | None = None
         # Poll mode: each model's version fingerprints at the last scan, with the scan time
         # each was first seen (`seen_since`), and the clock the scan time comes from (wall
         # clock, as file mtimes are).
@@ -123,6 +133,7 @@ class ModelManager:
         """Load or reload `name` (Triton's RepositoryModelLoad); raises LoadFailed."""
         self._require_control("RepositoryModelLoad")
         token = secrets.token_hex(8)  # a new revision: the same files load again
+        failed: LoadFailed | None = None
         async with self._lock(name):
             spec = _override_spec(name, config_json)
             root = self.repository
@@ -131,32 +142,80 @@ class ModelManager:
                     raise LoadFailed(
                         f"failed to load '{name}': file parameters need a 'config' parameter too"
                     )
-                root = await asyncio.to_thread(self._write_override, name, files)
-            await self._load_from(name, spec, root, token)
-        if self.on_control is not None:
-            await self.on_control(name, "load", config_json, root, token)
+                root = await asyncio.to_thread(self.overrides.write, name, files)
+            try:
+                await self._load_from(name, spec, root, token)
+            except LoadFailed as exc:
+                # It may have changed what this front serves (versions no longer selected
+                # are unloaded, some loaded): the other fronts do the same, and fail alike.
+                failed = exc
+            finally:
+                self._prune_overrides(name, keep=root)
+            written = self._publish(name, "load", config_json, root, token)
+        await self._settled(name, "load", token, written)
+        if failed is not None:
+            raise failed
 
     async def unload(self, name: str) -> None:
         self._require_control("RepositoryModelUnload")
+        token = secrets.token_hex(8)
         async with self._lock(name):
             entry = self.table.models.get(name)
             if entry is None:
                 raise NotFound(f"Request for unknown model: '{name}' is not found")
             await self._unload_model(entry)
-        if self.on_control is not None:
-            await self.on_control(name, "unload", None, self.repository, secrets.token_hex(8))
+            self._prune_overrides(name)
+            written = self._publish(name, "unload", None, self.repository, token)
+        await self._settled(name, "unload", token, written)
+
+    def _publish(
+        self, name: str, action: str, config_json: str | None, root: Path, token: str
+    ) -> object:
+        if self.control is None:
+            return None
+        return self.control.publish(name, action, config_json, root, token)
+
+    async def _settled(self, name: str, action: str, token: str, written: object) -> None:
+        if self.control is not None:
+            await self.control.settled(name, action, token, written)
 
     async def replay(
-        self, name: str, action: str, config_json: str | None, root: Path, token: str
-    ) -> None:
-        """Another front's RepositoryModelLoad or RepositoryModelUnload, applied here."""
+        self,
+        name: str,
+        action: str,
+        config_json: str | None,
+        root: Path,
+        token: str,
+        latest: Callable[[], bool] = lambda: True,
+    ) -> bool:
+        """Another front's RepositoryModelLoad or RepositoryModelUnload, applied here unless
+        `latest()` says, once the model's lock is taken, that a newer action replaced it (this
+        front's own, which held the lock meanwhile: the newer one is what stays). Whether it
+        was applied."""
         async with self._lock(name):
+            if not latest():
+                return False
             if action == "load":
-                await self._load_from(name, _override_spec(name, config_json), root, token)
-                return
+                try:
+                    await self._load_from(name, _override_spec(name, config_json), root, token)
+                finally:
+                    self._prune_overrides(name)
+                return True
             entry = self.table.models.get(name)
             if entry is not None:
                 await self._unload_model(entry)
+                self._prune_overrides(name)
+            return True
+
+    def _prune_overrides(self, name: str, keep: Path | None = None) -> None:
+        """Remove this front's uploaded copies of `name` that no version is served from
+        (Overrides.prune)."""
+        entry = self.table.models.get(name)
+        live = (ModelState.READY, ModelState.LOADING)
+        in_use = [] if entry is None else [
+            ve.path for ve in entry.versions.values() if ve.state in live and ve.path
+        ]  # fmt: skip
+        self.overrides.prune(name, in_use, keep)
 
     async def _load_from(self, name: str, spec: ModelSpec | None, root: Path, token: str) -> None:
         scanned = await asyncio.to_thread(scan_model, root, name, spec)
@@ -390,35 +449,8 @@ class ModelManager:
         if self.on_version_unloaded is not None:
             self.on_version_unloaded(ve.model, ve.version)
 
-    def _write_override(self, name: str, files: Mapping[str, bytes]) -> Path:
-        """Triton's `file:<version>/<name>` load parameters: a private copy of the model."""
-        for key in files:
-            if not _FILE_PARAM.match(key):
-                raise LoadFailed(
-                    f"failed to load '{name}', failed to poll from model "
-                    f"repository: invalid file parameter '{key[:64]}'"
-                )
-        old = self._tmp.pop(name, None)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        if self.override_dir is not None:  # the pod's (removed with it)
-            root = Path(tempfile.mkdtemp(prefix="override-", dir=self.override_dir))
-        else:
-            root = Path(tempfile.mkdtemp(prefix="microtune-override-"))
-        for key, data in files.items():
-            m = _FILE_PARAM.match(key)
-            assert m is not None
-            target = root / name / m.group(1) / m.group(2)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        self._tmp[name] = root
-        return root
-
     def close(self) -> None:
-        if self.override_dir is not None:
-            return  # the pod's overrides outlive a front: the supervisor removes them
-        for d in self._tmp.values():
-            shutil.rmtree(d, ignore_errors=True)
+        self.overrides.close()
 
 
 def _override_spec(name: str, config_json: str | None) -> ModelSpec | None:

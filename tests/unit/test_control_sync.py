@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,17 @@ class FakeManager:
         self.replayed: list[tuple[str, str]] = []
 
     async def replay(
-        self, name: str, action: str, config_json: str | None, root: Path, token: str
-    ) -> None:
+        self, name: str, action: str, config_json: str | None, root: Path, token: str,
+        latest: Callable[[], bool] = lambda: True,
+    ) -> bool:  # fmt: skip
         self.replayed.append((name, action))
+        return True
+
+
+async def act(sync: ControlSync, name: str, action: str, root: Path, token: str) -> None:
+    """What ModelManager does for an RPC: publish (under its lock), then wait until settled."""
+    written = sync.publish(name, action, None, root, token)
+    await sync.settled(name, action, token, written)
 
 
 def fronts(tmp_path: Path, timeout_s: float = 10.0) -> list[tuple[ControlSync, FakeManager]]:
@@ -44,7 +53,7 @@ def test_publish_returns_once_the_other_front_has_replayed(tmp_path: Path) -> No
             order.append("b replayed")
 
         poller = asyncio.create_task(b_polls_later())
-        await a.publish("m", "load", None, tmp_path, "t1")
+        await act(a, "m", "load", tmp_path, "t1")
         order.append("a answered")
         await poller
         await a.poll()  # its own action is not replayed by itself
@@ -58,10 +67,10 @@ def test_a_newer_action_releases_the_older_wait(tmp_path: Path) -> None:
     (a, _), (b, _) = fronts(tmp_path)
 
     async def scenario() -> None:
-        waiting = asyncio.create_task(a.publish("m", "load", None, tmp_path, "t2"))
+        waiting = asyncio.create_task(act(a, "m", "load", tmp_path, "t2"))
         await asyncio.sleep(0.05)
         # b's unload overwrites the record before b ever polled a's load; a's poll acks it.
-        unload = asyncio.create_task(b.publish("m", "unload", None, tmp_path, "t3"))
+        unload = asyncio.create_task(act(b, "m", "unload", tmp_path, "t3"))
         await asyncio.wait_for(waiting, 5)
         await a.poll()
         await asyncio.wait_for(unload, 5)
@@ -75,7 +84,7 @@ def test_a_silent_front_is_given_up_on(tmp_path: Path) -> None:
     async def scenario() -> float:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        await a.publish("m", "unload", None, tmp_path, "t4")
+        await act(a, "m", "unload", tmp_path, "t4")
         return loop.time() - t0
 
     assert 0.3 <= asyncio.run(scenario()) < 3
@@ -105,8 +114,8 @@ def test_a_poll_that_fails_once_does_not_stop_the_fronts_polling(
 
     async def scenario() -> None:
         loop = asyncio.create_task(_every(0.02, "pod poll", b.poll))
-        await a.publish("m1", "load", None, tmp_path, "t1")  # B's ack never came: 1 s
-        await a.publish("m2", "load", None, tmp_path, "t2")
+        await act(a, "m1", "load", tmp_path, "t1")  # B's ack never came: 1 s
+        await act(a, "m2", "load", tmp_path, "t2")
         loop.cancel()
 
     asyncio.run(scenario())

@@ -1,0 +1,161 @@
+"""Model control with several fronts, end to end in memory: two ModelManagers over one fake
+worker each (`FileLink`: a load reads the model file; missing or "broken" fails) and two
+ControlSyncs over one pod directory stand for two fronts. Actions that overlap on two fronts
+end alike on both, a load that fails is done (and fails) on every front, and the files an
+upload left serving survive a later upload that fails."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from fake_worker_link import SIGNATURE, FakeWorkerLink
+
+from runtime.ipc.protocol import Code, LoadDone, LoadModel
+from server.control_sync import ControlSync
+from server.errors import LoadFailed
+from server.lifecycle import ModelManager
+from server.models import ModelTable
+from server.types import ModelState
+
+CONFIG = (
+    'name: "m"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 0\n'
+    'input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+    'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+)
+CONFIG_JSON = json.dumps(
+    {
+        "name": "m",
+        "platform": "onnxruntime_onnx",
+        "max_batch_size": 0,
+        "input": [{"name": "X", "data_type": "TYPE_FP32", "dims": [4]}],
+        "output": [{"name": "Y", "data_type": "TYPE_FP32", "dims": [4]}],
+    }
+)
+
+
+class FileLink(FakeWorkerLink):
+    """As the worker: reads the file; a missing or "broken" one fails. Loads take a while."""
+
+    async def load(self, msg: LoadModel) -> LoadDone:
+        await asyncio.sleep(0.05)
+        if not _loads(msg.path):
+            return LoadDone(msg.request_id, Code.BAD_INPUT, f"cannot load {msg.path}")
+        return LoadDone(msg.request_id, Code.OK, signature=SIGNATURE)
+
+
+def _loads(path: str) -> bool:
+    p = Path(path)
+    return p.exists() and p.read_bytes() != b"broken"
+
+
+Front = tuple[ModelManager, ControlSync, ModelTable]
+
+
+def two_fronts(tmp_path: Path) -> tuple[Front, Front]:
+    repo = tmp_path / "repo"
+    (repo / "m" / "1").mkdir(parents=True)
+    (repo / "m" / "config.pbtxt").write_text(CONFIG)
+    (repo / "m" / "1" / "model.onnx").write_bytes(b"ok")
+    pod = tmp_path / "pod"
+    pod.mkdir()
+    fronts = []
+    for i in range(2):
+        table = ModelTable()
+        manager = ModelManager(repo, FileLink(), table, 1, mode="explicit")  # type: ignore[arg-type]
+        sync = ControlSync(pod, manager, i, 2, ack_timeout_s=5)
+        manager.control = sync
+        manager.overrides.directory = pod
+        fronts.append((manager, sync, table))
+    return fronts[0], fronts[1]
+
+
+def ready(table: ModelTable) -> list[int]:
+    entry = table.models.get("m")
+    if entry is None:
+        return []
+    return sorted(v for v, ve in entry.versions.items() if ve.state is ModelState.READY)
+
+
+async def polling(*syncs: ControlSync) -> list[asyncio.Task[None]]:
+    async def poll(sync: ControlSync) -> None:  # App's pod poll
+        while True:
+            await sync.poll()
+            await asyncio.sleep(0.02)
+
+    return [asyncio.create_task(poll(s)) for s in syncs]
+
+
+def test_a_load_and_an_unload_on_two_fronts_at_once_end_alike(tmp_path: Path) -> None:
+    """B's load holds B's lock while B's poll has read A's unload and waits for it: the
+    unload, older than B's load, must not be applied after it on B."""
+    (a, sa, ta), (b, sb, tb) = two_fronts(tmp_path)
+
+    async def scenario() -> None:
+        await asyncio.gather(a.load_repository(), b.load_repository())
+        pollers = await polling(sa, sb)
+        load_b = asyncio.create_task(b.load("m"))
+        await asyncio.sleep(0.01)
+        await a.unload("m")
+        await load_b
+        await asyncio.sleep(0.5)
+        for p in pollers:
+            p.cancel()
+
+    asyncio.run(scenario())
+    assert ready(ta) == ready(tb)
+
+
+def test_a_load_that_fails_is_done_on_every_front(tmp_path: Path) -> None:
+    """Version 2 only, from an upload that does not load: the front that got the RPC unloaded
+    version 1 (no longer selected) and failed; so does the other."""
+    (a, _sa, ta), (b, sb, tb) = two_fronts(tmp_path)
+
+    async def scenario() -> None:
+        await asyncio.gather(a.load_repository(), b.load_repository())
+        pollers = await polling(sb)
+        with pytest.raises(LoadFailed, match="failed to load 'm'"):
+            await a.load("m", CONFIG_JSON, {"file:2/model.onnx": b"broken"})
+        for p in pollers:
+            p.cancel()
+
+    asyncio.run(scenario())
+    assert ready(ta) == ready(tb) == []
+
+
+def test_an_upload_that_fails_keeps_the_files_of_the_serving_version(tmp_path: Path) -> None:
+    """A restarted worker reloads the serving version from where it was loaded."""
+    (a, _sa, ta), (b, sb, tb) = two_fronts(tmp_path)
+
+    async def scenario() -> None:
+        await asyncio.gather(a.load_repository(), b.load_repository())
+        pollers = await polling(sb)
+        await a.load("m", CONFIG_JSON, {"file:1/model.onnx": b"ok"})
+        with pytest.raises(LoadFailed):
+            await a.load("m", CONFIG_JSON, {"file:1/model.onnx": b"broken"})
+        for p in pollers:
+            p.cancel()
+        await asyncio.gather(a.reload_all(), b.reload_all())  # the worker restarted
+
+    asyncio.run(scenario())
+    assert ready(ta) == ready(tb) == [1]
+    assert Path(ta.models["m"].versions[1].path).exists()
+
+
+def test_uploads_no_version_is_served_from_are_removed(tmp_path: Path) -> None:
+    (a, sa, _ta), (b, sb, tb) = two_fronts(tmp_path)
+
+    async def scenario() -> None:
+        await asyncio.gather(a.load_repository(), b.load_repository())
+        pollers = await polling(sa, sb)
+        for manager in (a, b, a, b, a, b):
+            await manager.load("m", CONFIG_JSON, {"file:1/model.onnx": b"ok"})
+        await asyncio.sleep(0.2)
+        for p in pollers:
+            p.cancel()
+
+    asyncio.run(scenario())
+    left = list((tmp_path / "pod").glob("override-*"))
+    assert [Path(tb.models["m"].versions[1].path).is_relative_to(d) for d in left] == [True]
