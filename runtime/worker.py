@@ -182,14 +182,36 @@ class Worker:
         `holder`, the front asking."""
         key = (msg.name, msg.version)
         with self._version_lock(key):
-            if self.use_graphs and msg.max_batch_size > 0:
-                done = self._load_graphs(msg)
-            else:
-                done = self._load_plain(msg)
+            graphs = self.use_graphs and msg.max_batch_size > 0
+            done = self._load_graphs(msg) if graphs else self._load_plain(msg)
             if done.code == Code.OK:
+                # A config change can move a version between the two kinds (max_batch_size 0
+                # is never graph-served): the instance of the other kind goes, or calls would
+                # still find it first (Connection._dispatch) and run the old files and config.
+                self._drop_other_kind(key, graphs)
                 with self._models_lock:
                     self._holders.setdefault(key, set()).add(holder)
         return done
+
+    def _drop_other_kind(self, key: Key, graphs: bool) -> None:
+        """After `key` loaded as a graph version (`graphs`) or a plain one: the instance of
+        the other kind, if any, finishes what it has queued and is freed."""
+        with self._models_lock:
+            if graphs:
+                plain, batcher, graph = (
+                    self.models.pop(key, None),
+                    self.batchers.pop(key, None),
+                    None,
+                )
+            else:
+                plain, batcher, graph = None, None, self.graph_models.pop(key, None)
+        if batcher is not None:
+            threading.Thread(target=batcher.close, daemon=True).start()
+        if graph is not None:
+            threading.Thread(target=self._released, args=(graph.close,), daemon=True).start()
+        if plain is not None:
+            with self.memory.releasing(), self.gpu_lock or contextlib.nullcontext():
+                del plain  # freed here unless a call still runs it
 
     def holders(self, name: str, version: int) -> int:
         """How many fronts hold the version."""
