@@ -133,9 +133,12 @@ class Connection:
                 with self.worker.device_lock:
                     self.pinned.close()
             if self.arena is not None:
-                # The front is gone or done: nothing else will unlink its arena.
+                # The front is gone or done: nothing else will unlink its arena. The mapping
+                # is not closed here but goes with its last reference: calls of this front
+                # still queued in a batcher hold a view of it, and run to their end (their
+                # answers go nowhere) rather than fail the batch they share with other fronts'
+                # calls on a released buffer.
                 self.arena.unlink()
-                self.arena.close()
 
     def _loop(self) -> None:
         # Read what is there (up to 1 MiB) and handle every complete frame of it: under load

@@ -27,7 +27,6 @@ from runtime.engine.graph_batch import BadBatch, BatchResult
 from runtime.engine.graphs import DIRECT_MIN_BYTES, GraphSet
 from runtime.engine.model import (
     ARENA,
-    BadInput,
     _input_array,
     _run_error,
     _write_outputs,
@@ -161,8 +160,8 @@ class GraphModel:
                 continue
             try:
                 feeds.append({ref.name: _input_array(ref, buf) for ref in call.inputs})
-            except BadInput as exc:
-                answer(InferDone(call.call_id, Code.BAD_INPUT, str(exc)))
+            except Exception as exc:  # this call's only: the others of the batch go on
+                answer(call_error(call.call_id, exc))
                 continue
             live.append(p)
         holds: dict[int, Held] = {}  # by id(pending): call ids repeat across fronts

@@ -203,8 +203,8 @@ def _run_group(
         try:
             feeds_each.append({ref.name: _input_array(ref, buf) for ref in call.inputs})
             ok.append(i)
-        except BadInput as exc:
-            out[i] = InferDone(call.call_id, Code.BAD_INPUT, str(exc))
+        except Exception as exc:  # this call's only: the others of the group go on
+            out[i] = call_error(call.call_id, exc)
     if ok:
         first = calls[ok[0]][0]
         names = [o.name for o in first.outputs] or list(model.output_names)
@@ -228,8 +228,11 @@ def _run_group(
         for i, n in zip(ok, rows, strict=True):
             call, buf, _recv = calls[i]
             part = [r[start : start + n] for r in results]
-            dones.append((i, _write_outputs(names, part, model.signature, buf, call)))
             start += n
+            try:
+                dones.append((i, _write_outputs(names, part, model.signature, buf, call)))
+            except Exception as exc:  # this call's only (outputs over its reserve, say)
+                out[i] = call_error(call.call_id, exc)
         t3 = time.monotonic_ns()
         total = sum(rows)
         links = tuple(calls[i][0].span for i in ok if calls[i][0].span)

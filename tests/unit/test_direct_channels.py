@@ -279,6 +279,28 @@ def test_a_front_that_goes_leaves_the_others_served(worker: Worker) -> None:
     asyncio.run(scenario())
 
 
+def test_a_front_that_goes_with_a_call_queued_does_not_fail_its_batch_mates(
+    worker: Worker,
+) -> None:
+    """Front a's call waits in the queue for a second row when a leaves; b's call then forms
+    the batch with it. a's arena is still mapped for its queued call (before, the worker had
+    closed it: reading a released buffer failed the whole batch, b's call included)."""
+    x = np.full((1, 256), 2.0, dtype=np.float32)
+
+    async def scenario() -> None:
+        async with front(worker, 1) as b:
+            assert (await b.load(load(batching=WAIT_FOR_TWO))).code == Code.OK
+            async with front(worker, 2) as a:
+                assert (await a.load(load(2, batching=WAIT_FOR_TWO))).code == Code.OK
+                queued = asyncio.create_task(infer(a, x))
+                await asyncio.sleep(0.3)
+                queued.cancel()
+            await asyncio.sleep(0.3)  # a is gone, its call still queued
+            assert_dense(await infer(b, x, deadline_s=10), x)
+
+    asyncio.run(scenario())
+
+
 def test_the_table_makes_one_socket_per_version_or_none_when_it_cannot(
     tmp_path: Path,
 ) -> None:
