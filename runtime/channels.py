@@ -216,9 +216,19 @@ class Channels:
                 os.unlink(self.path)
 
     def _accept(self) -> None:
-        with contextlib.suppress(BlockingIOError, InterruptedError):
+        try:
             sock, _ = self._listener.accept()
-            self._channels[sock.fileno()] = Channel(sock)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            # No descriptor left (EMFILE), no memory: the front's connection waits in the
+            # listen backlog (what it sends there is read once a descriptor is free) and this
+            # thread keeps serving the rest. The listener stays readable: wait a little
+            # rather than spin on it.
+            log.warning("direct channel %s: accept failed: %s", self.path, exc)
+            time.sleep(0.01)
+            return
+        self._channels[sock.fileno()] = Channel(sock)
 
     def _read(self, chan: Channel, waker: Waker) -> None:
         try:

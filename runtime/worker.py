@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -113,6 +114,8 @@ class Worker:
         # of them unloads it. With several fronts, each drains and unloads on its own schedule
         # (a poll of the repository, a hot swap); the others still route to the version.
         self._holders: dict[tuple[str, int], set[object]] = {}
+        # Fronts gone (`release`): a load of theirs that ends after it holds nothing for them.
+        self._gone: weakref.WeakSet[object] = weakref.WeakSet()
         # One load or unload of a version at a time: a front's load that finds the version
         # loaded must register its hold before another front's unload can decide it is free.
         self._version_locks: dict[tuple[str, int], threading.Lock] = {}
@@ -190,7 +193,8 @@ class Worker:
                 # still find it first (Connection._dispatch) and run the old files and config.
                 self._drop_other_kind(key, graphs)
                 with self._models_lock:
-                    self._holders.setdefault(key, set()).add(holder)
+                    if holder is None or holder not in self._gone:
+                        self._holders.setdefault(key, set()).add(holder)
         return done
 
     def _drop_other_kind(self, key: Key, graphs: bool) -> None:
@@ -227,6 +231,7 @@ class Worker:
         and for its restart, until a front unloads it)."""
         self.connections.pop(getattr(holder, "id", 0), None)
         with self._models_lock:
+            self._gone.add(holder)
             for holders in self._holders.values():
                 holders.discard(holder)
 

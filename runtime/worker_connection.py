@@ -35,6 +35,7 @@ from runtime.ipc.protocol import (
     Hello,
     Infer,
     InferDone,
+    LoadDone,
     LoadModel,
     OpenRegion,
     QueuedCalls,
@@ -270,7 +271,12 @@ class Connection:
             )
 
     def _load(self, msg: LoadModel) -> None:
-        self.send(self.worker.load(msg, self))
+        try:
+            done = self.worker.load(msg, self)
+        except Exception as exc:  # answered whatever failed: the front's load has no timeout
+            log.exception("loading %s version %d failed", msg.name, msg.version)
+            done = LoadDone(msg.request_id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+        self.send_quiet(done)  # a front that left meanwhile has nobody to read it
 
     def _unload(self, msg: UnloadModel) -> UnloadDone:
         return self.worker.unload(msg, self)

@@ -14,6 +14,7 @@ channel has none.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import time
@@ -297,6 +298,48 @@ def test_a_front_that_goes_with_a_call_queued_does_not_fail_its_batch_mates(
                 queued.cancel()
             await asyncio.sleep(0.3)  # a is gone, its call still queued
             assert_dense(await infer(b, x, deadline_s=10), x)
+
+    asyncio.run(scenario())
+
+
+class _OutOfDescriptors:
+    """A channel listener whose first `fails` accepts fail as with no descriptor left."""
+
+    def __init__(self, real: socket.socket, fails: int) -> None:
+        self.real, self.fails = real, fails
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.fails > 0:
+            self.fails -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.real.accept()
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def test_a_channel_accept_that_fails_for_a_while_does_not_stop_the_version(
+    worker: Worker,
+) -> None:
+    """EMFILE on accept: the serving thread goes on (before, it ended, and every later call of
+    the version was queued with nobody to run it); the fronts' connections wait in the
+    backlog and are served once a descriptor is free."""
+    x = np.full((1, 256), 2.0, dtype=np.float32)
+
+    async def scenario() -> None:
+        async with front(worker, 1) as a:
+            assert (await a.load(load())).code == Code.OK
+            chans = worker.channels.get(("dense", 1))
+            assert chans is not None
+            chans._listener = _OutOfDescriptors(chans._listener, fails=5)  # type: ignore[assignment]
+            async with front(worker, 2) as b:
+                assert (await b.load(load(2))).code == Code.OK
+                assert_dense(await infer(a, x, deadline_s=10), x)
+                assert_dense(await infer(b, x, deadline_s=10), x)
+                assert a.direct_calls == b.direct_calls == 1
 
     asyncio.run(scenario())
 
