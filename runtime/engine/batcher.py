@@ -282,7 +282,13 @@ class Batcher(Generic[T]):
                         self._cond.notify()  # what is left may be another instance's batch
                 if not due:
                     assert idle is not None
-                    idle.wait(timeout)  # outside the lock: it may submit
+                    try:
+                        idle.wait(timeout)  # outside the lock: it may submit
+                    except Exception:
+                        # This thread is the only one that serves the version: it must not end
+                        # while the version takes calls (they would wait forever).
+                        log.exception("%s: waiting between batches failed", self.name)
+                        time.sleep(0.01)
                     self._waiting = None
                     continue
                 self._dispatch(formed, execute_batch, expire)

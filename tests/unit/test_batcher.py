@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -391,6 +392,36 @@ def test_a_loop_with_an_idle_waits_there_and_is_woken_by_submits_and_close() -> 
     assert rec.ran.wait(5)
     assert rec.batches == [[1, 2]]
     assert b.close(timeout=5) is True  # close wakes it too, and the loop returns
+    t.join(5)
+    assert not t.is_alive()
+
+
+class FailingOnceIdle(EventIdle):
+    """Its first wait raises, as a channel's read can (a descriptor the kernel refused)."""
+
+    def wait(self, timeout_s: float | None) -> None:
+        if not self.timeouts:
+            self.timeouts.append(timeout_s)
+            raise OSError(errno.EMFILE, "Too many open files")
+        super().wait(timeout_s)
+
+
+def test_a_wait_that_raises_does_not_end_the_loop() -> None:
+    """The loop is the version's only server: had it ended, every later call would wait
+    forever in its queue."""
+    rec = Recorder()
+    b: Batcher[None] = Batcher(1)
+    idle = FailingOnceIdle(b)
+    t = threading.Thread(target=b.run, args=(rec.execute, rec.expire, idle), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 5
+    while len(idle.timeouts) < 2:  # failed once, waits again
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    b.submit(req(1))
+    assert rec.ran.wait(5)
+    assert rec.batches == [[1]]
+    assert b.close(timeout=5) is True
     t.join(5)
     assert not t.is_alive()
 
