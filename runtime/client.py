@@ -313,7 +313,9 @@ class RuntimeClient:
                     fut.cancel()
                 raise
         finally:
-            if not released:
+            if not released:  # never sent (a link or channel gone): nobody else returns it
+                self._pending.pop(call_id, None)
+                self._leases.pop(call_id, None)
                 self._release(lease)
         assert isinstance(done, InferDone)
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.client import PreparedInput, RuntimeClient
+from runtime.client import PreparedInput, RuntimeClient, WorkerGone
 from runtime.ipc.protocol import (
     FRAME_HEADER,
     PROTOCOL_VERSION,
@@ -107,3 +107,62 @@ def test_every_call_gets_its_answer_however_frames_are_cut(tmp_path: Path, cut: 
     assert [(i, int.from_bytes(data, "little")) for i, data in results] == [
         (i, i + 1000) for i in range(40)
     ]
+
+
+class SilentWorker(FakeWorker):
+    """Welcomes the front, then never answers a call."""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while len(self.buf) >= FRAME_HEADER.size:
+            (n,) = FRAME_HEADER.unpack_from(self.buf, 0)
+            if len(self.buf) - FRAME_HEADER.size < n:
+                return
+            msg = decode_front(bytes(self.buf[FRAME_HEADER.size : FRAME_HEADER.size + n]))
+            del self.buf[: FRAME_HEADER.size + n]
+            if isinstance(msg, Hello):
+                self.transport.write(encode(Welcome(PROTOCOL_VERSION, os.getpid(), "cpu", ())))
+
+
+def test_a_call_that_waited_for_room_while_the_worker_went_returns_its_slot_once(
+    tmp_path: Path,
+) -> None:
+    """A fills the one slot; B waits for room; the worker goes: A fails and frees the slot,
+    B leases it and fails to send. B's slot goes back once: the client's close afterwards
+    (a shutdown before the restart reconnected) must not return it again."""
+
+    async def scenario() -> list[str]:
+        loop = asyncio.get_running_loop()
+        arena = Arena(f"/microtune-test-frames-{os.getpid()}-room", SLOT, create=True)
+        path = str(tmp_path / "w.sock")
+        workers: list[SilentWorker] = []
+
+        def make() -> SilentWorker:
+            workers.append(SilentWorker(arena, "whole", random.Random(0)))
+            return workers[-1]
+
+        server = await loop.create_unix_server(make, path)
+        pool = SlotPool(SLOT, 1)
+        client = RuntimeClient(path, arena, pool, 0)
+        try:
+            await client.connect()
+            x = (PreparedInput("INPUT0", "INT32", (1, 1), (1).to_bytes(4, "little")),)
+            calls = [asyncio.create_task(client.infer("m", 1, x, ("OUTPUT0",), 4, None))]
+            await asyncio.sleep(0.05)
+            calls.append(asyncio.create_task(client.infer("m", 1, x, ("OUTPUT0",), 4, None)))
+            await asyncio.sleep(0.05)
+            workers[0].transport.close()  # the worker is gone
+            errors = []
+            for call in calls:
+                with pytest.raises(WorkerGone) as ei:
+                    await asyncio.wait_for(call, 5)
+                errors.append(str(ei.value))
+            await client.close()  # raised "double release" before
+            assert pool.try_lease(SLOT) is not None  # the one slot is free, once
+            return errors
+        finally:
+            server.close()
+            arena.unlink()
+            arena.close()
+
+    assert asyncio.run(scenario()) == ["worker process exited", "worker is not connected"]
