@@ -8,7 +8,6 @@ server.rpc.wire for ModelInfer, which takes its request's bytes: `add_to_server`
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,14 +22,13 @@ from server.router import RouteHints
 from server.routing import HEADER_CANARY_WEIGHT, HEADER_MODEL_VERSION, HEADER_ROUTING_KEY
 from server.rpc import codec
 from server.rpc.registration import Registrations
-from server.rpc.status import rpc_errors, status_of
+from server.rpc.status import internal_error, rpc_errors, status_of
 from server.rpc.wire import InferDecoder, encode_response
 from server.telemetry.infer_trace import InferTrace
 from server.telemetry.logs import LOG_SPAN
 
 __all__ = ["InferenceServicer", "add_to_server"]
 
-log = logging.getLogger("microtune.rpc")
 
 Ctx = grpc.aio.ServicerContext
 Metadata = tuple[tuple[str, str | bytes], ...]
@@ -170,8 +168,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except Exception:
                 if span is not None:
                     tracer.end(span, grpc.StatusCode.INTERNAL)  # type: ignore[union-attr]
-                log.exception("internal error in ModelStreamInfer")
-                yield pb.ModelStreamInferResponse(error_message="internal error; see server log")
+                yield pb.ModelStreamInferResponse(
+                    error_message=internal_error("ModelStreamInfer", request),
+                    infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name, id=request.id
+                    ),
+                )
 
     ModelStreamInfer.__rpc_errors__ = True  # type: ignore[attr-defined]  # handles its own
 

@@ -82,13 +82,17 @@ def rpc_errors(fn: Handler[R]) -> Handler[R]:
         except grpc.aio.AbortError:
             raise
         except Exception:
-            error_id = uuid.uuid4().hex[:12]
-            with request_context(**_request_fields(request)):
-                log.exception("internal error %s in %s", error_id, fn.__name__)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); see the server log"
-            )
+            await context.abort(grpc.StatusCode.INTERNAL, internal_error(fn.__name__, request))
         raise AssertionError("unreachable")  # abort() always raises
 
     wrapper.__rpc_errors__ = True  # type: ignore[attr-defined]
     return wrapper
+
+
+def internal_error(rpc: str, request: Any) -> str:
+    """Log the exception being handled with a new error id; the client's message, which
+    names the id and nothing of the exception."""
+    error_id = uuid.uuid4().hex[:12]
+    with request_context(**_request_fields(request)):
+        log.exception("internal error %s in %s", error_id, rpc)
+    return f"internal error (id {error_id}); see the server log"
