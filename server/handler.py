@@ -267,9 +267,13 @@ class InferenceHandler:
             raise err from None
         finally:
             ve.inflight -= 1
-        outputs = tuple(response_tensor(self.shm, req, o) for o in result.outputs)
-        elapsed = time.perf_counter_ns() - start
         t = result.timings
+        try:
+            outputs = tuple(response_tensor(self.shm, req, o) for o in result.outputs)
+        except MicrotuneError:  # an output region too small, say: the client's, after the run
+            ve.stats.record_failure(time.perf_counter_ns() - start, t)
+            raise
+        elapsed = time.perf_counter_ns() - start
         ve.stats.record_success(elapsed, t, plan.batch_size)
         self.router.observe(req.model, ve.version, elapsed / 1e9, ok=True)
         if metrics is not None:  # counted in bulk (server.telemetry.served)

@@ -52,6 +52,17 @@ class VersionStats:
         self.compute_output.add(t.output_ns)
         self.inference_count += batch_size
         self.last_inference_ms = time.time_ns() // 1_000_000
+        self._record_execution(t)
+
+    def record_failure(self, total_ns: int, t: Timings | None = None) -> None:
+        """A failed request; `t` when the model ran it (its answer then failed: an output
+        region too small), whose execution counts as any other."""
+        self.fail.add(total_ns)
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        if t is not None:
+            self._record_execution(t)
+
+    def _record_execution(self, t: Timings) -> None:
         if not t.executions:
             return  # another request of the same execution counts it
         self.execution_count += t.executions
@@ -61,10 +72,6 @@ class VersionStats:
         b.compute_input.add(t.input_ns)
         b.compute_infer.add(t.infer_ns)
         b.compute_output.add(t.output_ns)
-
-    def record_failure(self, total_ns: int) -> None:
-        self.fail.add(total_ns)
-        self.last_inference_ms = time.time_ns() // 1_000_000
 
 
 _PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")

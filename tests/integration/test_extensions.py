@@ -185,6 +185,13 @@ def test_system_shared_memory_errors(c: grpcclient.InferenceServerClient) -> Non
     raises(lambda: c.register_cuda_shared_memory("g", b"\0" * 64, 0, 64), "UNIMPLEMENTED", "'g'")
 
 
+def fails_and_executions(c: grpcclient.InferenceServerClient, model: str) -> tuple[int, int]:
+    """ModelStatistics of `model`'s one version: its failed requests and its executions."""
+    (entry,) = c.get_inference_statistics(model, as_json=True)["model_stats"]
+    fail = entry["inference_stats"].get("fail", {})
+    return int(fail.get("count", 0)), int(entry.get("execution_count", 0))
+
+
 def test_an_output_region_too_small_is_refused_and_left_as_it_was(
     ext: Server, c: grpcclient.InferenceServerClient
 ) -> None:
@@ -200,12 +207,15 @@ def test_an_output_region_too_small_is_refused_and_left_as_it_was(
         inp, x = fp32_input(2)  # 32 bytes out
         out = grpcclient.InferRequestedOutput("OUT")
         out.set_shared_memory("small-out", 16)
+        fails, executions = fails_and_executions(c, "id_fp32")
         raises(
             lambda: c.infer("id_fp32", [inp], outputs=[out]),
             "INVALID_ARGUMENT",
             "shared memory size specified with the request for output 'OUT' (16 bytes) should "
             "be at least 32 bytes to hold the results",
         )
+        # a failed request, whose execution ran
+        assert fails_and_executions(c, "id_fp32") == (fails + 1, executions + 1)
         got = shm.get_contents_as_numpy(region, np.float32, [4])
         np.testing.assert_array_equal(got, marker)
         inp, x = fp32_input(1)  # 16 bytes: fits
