@@ -241,9 +241,13 @@ class RuntimeClient:
         holds when the bytes land."""
         if self.closed:
             raise WorkerGone("worker is not connected")
-        need = align_up(output_reserve)
+        need = 0
         for t in inputs:
             need += align_up(len(t.payload))
+        # The reserve is where outputs go when they fit; what does not fit travels inline in
+        # the answer. So only the inputs must fit the arena: a reserve (the front's guess for
+        # outputs of unknown size, say) that would not fit beside them shrinks to what does.
+        need += min(align_up(output_reserve), max(self.pool.capacity - need, 0))
         lease = self.pool.try_lease(need) or await self._wait_for_space(need, deadline)
         call_id = next(self._ids)
         released = False

@@ -1,5 +1,6 @@
-"""Shared-memory backpressure on a server with a tiny arena (16 slots of 64 KiB): a request larger
-than the arena is RESOURCE_EXHAUSTED, concurrent requests that do not fit at once wait for
+"""Shared-memory backpressure on a server with a tiny arena (16 slots of 64 KiB): a request whose
+inputs are larger than the arena is RESOURCE_EXHAUSTED (outputs that do not fit come back
+inline), concurrent requests that do not fit at once wait for
 slots instead of failing, and no failure path leaks a slot (a request needing the whole arena
 still runs afterwards)."""
 
@@ -19,6 +20,8 @@ from harness import Server, running_server
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+
+from runtime.ipc.shm import align_up
 
 SLOT = 64 * 1024
 SLOTS = 16
@@ -58,12 +61,31 @@ def whole_arena_request() -> pb.ModelInferRequest:
 
 
 def test_request_larger_than_the_arena(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+    req = identity_request(1300)  # 8 x 1300 x 104 = 1081600 bytes of input alone
+    assert len(req.raw_input_contents[0]) > ARENA
     with pytest.raises(grpc.RpcError) as ei:
-        stub.ModelInfer(identity_request(1000), timeout=10)
+        stub.ModelInfer(req, timeout=10)
     assert ei.value.code() == Code.RESOURCE_EXHAUSTED, ei.value.details()
-    assert "shared memory" in ei.value.details() and str(ARENA) in ei.value.details()
+    assert ei.value.details() == (
+        f"request needs {align_up(len(req.raw_input_contents[0]))} bytes of shared memory; "
+        f"the arena holds {ARENA}"
+    )
     resp = stub.ModelInfer(identity_request(10), timeout=10)
     assert list(resp.outputs[0].shape) == [8, 10]
+
+
+def test_inputs_that_fit_run_though_their_output_guess_does_not(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """832 KB of text in: the server reserves as much again for the output of unknown size,
+    which cannot fit beside it in the 1 MiB arena; the reserve shrinks and the output comes
+    back inline (it was RESOURCE_EXHAUSTED, though the input fits)."""
+    req = identity_request(1000, item=b"y" * 100)
+    assert ARENA / 2 < len(req.raw_input_contents[0]) < ARENA
+    resp = stub.ModelInfer(req, timeout=10)
+    out = deserialize_bytes_tensor(resp.raw_output_contents[0])
+    assert list(resp.outputs[0].shape) == [8, 1000] and out.size == 8000
+    assert all(bytes(item) == b"y" * 100 for item in out)
 
 
 def test_contention_waits_for_slots(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
