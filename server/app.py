@@ -27,7 +27,7 @@ from server.admin_sync import AdminSync
 from server.control_sync import ControlSync
 from server.handler import InferenceHandler
 from server.lifecycle import ModelManager
-from server.models import ModelTable
+from server.models import ModelEntry, ModelTable
 from server.router import Router
 from server.rpc.admin import RoutingAdminServicer
 from server.rpc.health import HealthState
@@ -241,25 +241,30 @@ class App:
         m = self.metrics
         assert m is not None
         for name, entry in self.table.models.items():
-            ready_batches = []
-            for v, ve in entry.versions.items():
-                if ve.unloaded:  # its series were dropped at unload
-                    continue
-                m.set_model_state(name, v, ve.state)
-                if ve.load_ns:
-                    m.observe_model_load(name, v, ve.load_ns / 1e9)
-                m.set_model_device_memory(name, v, ve.device_memory)
-                if ve.state is ModelState.READY and ve.spec is not None:
-                    ready_batches.append(ve.spec.max_batch_size)
-            m.set_capacity(name, capacity_for(ready_batches))
-            table = self.router.tables.get(name)
-            m.set_routing_weights(name, {} if table is None else table.weights)
+            self._sync_model_metrics(m, name, entry)
         with contextlib.suppress(TimeoutError):  # a busy worker: keep the last sample
             status = await self.link.status(timeout_s=1.0)
             m.set_pending(() if status is None else ((q.name, q.calls) for q in status.queued))
             m.set_pinned_bytes(0 if status is None else status.pinned_bytes)
             if status is not None:
                 m.set_send_stalls(status.send_stalls)
+
+    def _sync_model_metrics(self, m: Metrics, name: str, entry: ModelEntry) -> None:
+        """One model's version states (which also declare its name as a label value), load
+        times, device memory, capacity and routing weights."""
+        ready_batches = []
+        for v, ve in entry.versions.items():
+            if ve.unloaded:  # its series were dropped at unload
+                continue
+            m.set_model_state(name, v, ve.state)
+            if ve.load_ns:
+                m.observe_model_load(name, v, ve.load_ns / 1e9)
+            m.set_model_device_memory(name, v, ve.device_memory)
+            if ve.state is ModelState.READY and ve.spec is not None:
+                ready_batches.append(ve.spec.max_batch_size)
+        m.set_capacity(name, capacity_for(ready_batches))
+        table = self.router.tables.get(name)
+        m.set_routing_weights(name, {} if table is None else table.weights)
 
     async def _fold_metrics(self) -> None:
         """Count the answered requests in bulk (server.telemetry.served), often enough that a
@@ -275,6 +280,10 @@ class App:
         entry = self.table.models.get(name)
         spec = None if entry is None else entry.spec
         self.router.set_config_table(name, None if spec is None else spec.parameters.get("routing"))
+        if self.metrics is not None and entry is not None:
+            # Now, not at the next sync: until its name is declared, the model's requests
+            # would be counted under "_other".
+            self._sync_model_metrics(self.metrics, name, entry)
 
     async def _poll_pod(self) -> None:
         """Several fronts: apply what the others decided (model control first: a routing table

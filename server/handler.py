@@ -161,6 +161,13 @@ class InferenceHandler:
 
     # ------------------------------------------------------------ inference
 
+    def refused(self, model: str, exc: MicrotuneError, start_ns: int) -> None:
+        """A request refused before `infer` (it did not decode): counted as any answered one,
+        under `model` when it is a known name."""
+        if self.metrics is not None:
+            seconds = (time.perf_counter_ns() - start_ns) / 1e9
+            self.metrics.observe_request(model, None, "", self.status_of(exc), seconds)
+
     async def infer(
         self,
         req: InferRequest,

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
@@ -135,7 +136,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         md: Metadata | None,
     ) -> bytes:
         hints = _hints(md)
-        decoded = self.decoder.decode(request)
+        start = time.perf_counter_ns()
+        try:
+            decoded = self.decoder.decode(request)
+        except MicrotuneError as exc:
+            self.h.refused(_model_name_of(request), exc, start)
+            raise
         result = await self.h.infer(decoded, _deadline(context), hints, span)
         context.set_trailing_metadata(((ROUTE_REASON_KEY, result.route_reason),))
         return encode_response(result)
@@ -150,9 +156,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # The stream's server span is the interceptor's; each request adds its inner spans.
             span = None if tracer is None else tracer.begin_inner()
             try:
-                result = await self.h.infer(
-                    codec.decode_infer(request), _deadline(context), hints, span
-                )
+                start = time.perf_counter_ns()
+                try:
+                    decoded = codec.decode_infer(request)
+                except MicrotuneError as exc:
+                    self.h.refused(request.model_name, exc, start)
+                    raise
+                result = await self.h.infer(decoded, _deadline(context), hints, span)
                 if span is not None:
                     tracer.end(span, grpc.StatusCode.OK)  # type: ignore[union-attr]
                 yield pb.ModelStreamInferResponse(infer_response=codec.encode_infer(result))
@@ -274,3 +284,11 @@ def add_to_server(servicer: InferenceServicer, server: Any) -> None:
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)
+
+
+def _model_name_of(request: bytes) -> str:
+    """The model a request that did not decode names, if protobuf can read that much."""
+    try:
+        return str(pb.ModelInferRequest.FromString(request).model_name)
+    except DecodeError:
+        return ""

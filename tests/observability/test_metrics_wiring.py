@@ -132,6 +132,58 @@ def test_unloaded_versions_leave_the_exposition(explicit: InProcess, repo: Path)
     assert gauges_of(srv, "dense") >= {"microtune_model_state"}
 
 
+def requests(srv: InProcess, **labels: str) -> float:
+    return sum(v for _, v in series(srv, "microtune_requests_total", **labels))
+
+
+def test_requests_that_do_not_decode_are_counted(explicit: InProcess) -> None:
+    """Refused by the codec (a raw input of the wrong size, no model name), unary or on a
+    stream: INVALID_ARGUMENT like any other, under the model when it is a known one (they
+    were traced, but never reached the request counter)."""
+    srv = explicit
+    before = requests(srv, model="dense", code="INVALID_ARGUMENT")
+    before_other = requests(srv, model="_other", code="INVALID_ARGUMENT")
+    short = fp32_request("dense")
+    short.raw_input_contents[0] = b"\0" * 100
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pbg.GRPCInferenceServiceStub(ch)
+        for req in (short, fp32_request("")):
+            with pytest.raises(grpc.RpcError) as ei:
+                stub.ModelInfer(req, timeout=10)
+            assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        (answer,) = list(stub.ModelStreamInfer(iter([short]), timeout=10))
+        assert "'INPUT0'" in answer.error_message
+    wait_for(
+        lambda: (
+            requests(srv, model="dense", code="INVALID_ARGUMENT") == before + 2
+            and requests(srv, model="_other", code="INVALID_ARGUMENT") == before_other + 1
+        ),
+        5,
+        "two refused dense requests and one without a model counted",
+    )
+
+
+def test_a_model_loaded_by_rpc_is_counted_under_its_name_at_once(
+    explicit: InProcess, repo: Path
+) -> None:
+    """Not under "_other" until the next metrics sync declares its name (up to a second)."""
+    srv = explicit
+    shutil.copytree(DEMO_REPOSITORY / "dense" / "1", repo / "dense_new" / "1")
+    config = (DEMO_REPOSITORY / "dense" / "config.pbtxt").read_text()
+    (repo / "dense_new" / "config.pbtxt").write_text(
+        config.replace('name: "dense"', 'name: "dense_new"')
+    )
+    other = requests(srv, model="_other", code="OK")
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pbg.GRPCInferenceServiceStub(ch)
+        load = pb.RepositoryModelLoadRequest(model_name="dense_new")
+        stub.RepositoryModelLoad(load, timeout=60)
+        for _ in range(3):
+            stub.ModelInfer(fp32_request("dense_new"), timeout=10)
+    wait_for(lambda: requests(srv, model="dense_new", code="OK") == 3, 5, "3 dense_new requests")
+    assert requests(srv, model="_other", code="OK") == other
+
+
 def pending(srv: InProcess, model: str) -> float | None:
     found = series(srv, "microtune_pending_requests", model=model)
     return found[0][1] if found else None
