@@ -236,8 +236,8 @@ class GraphModel:
                 output_ns=t.d2h_ns + time.monotonic_ns() - w0,
                 batch_size=result.rows,
                 executions=1 if k == 0 else 0,
-                padded_batch=result.bucket or 0,
-                mode="replay" if result.replayed else "eager",
+                padded_batch=_padded(result),
+                mode=self._mode(result.replayed),
                 links=links if k == 0 else (),
             )
             answer(InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings))
@@ -333,10 +333,18 @@ class GraphModel:
             t.d2h_ns,
             result.rows,
             1,
-            result.bucket or 0,
-            "replay" if result.replayed else "eager",
+            _padded(result),
+            self._mode(result.replayed),
         )
         answer(InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings))
+
+    def _mode(self, replayed: bool) -> str:
+        """Timings.mode of an execution: a replay, an eager run of a version that has captured
+        graphs (a fallback: no bucket fits, or tensors bound in CUDA shared memory), or an
+        eager run of one that has none (not capturable)."""
+        if replayed:
+            return "replay"
+        return "fallback" if self.graphs is not None and self.graphs.captured else "eager"
 
     def _run_bound(self, p: Pending[Queued]) -> None:
         """A call with tensors in CUDA shared memory: one counted eager run with an IOBinding
@@ -363,7 +371,7 @@ class GraphModel:
             run.t_ran - run.t_bound,
             run.t_done - run.t_ran,
             p.batch_size,
-            mode="eager",
+            mode=self._mode(False),
             links=(call.span,) if call.span else (),
         )
         answer(InferDone(call.call_id, Code.OK, outputs=run.outputs, timings=timings))
@@ -438,3 +446,9 @@ def _device_feed(payload: Queued) -> tuple[Held, dict[str, Any]]:
         held.release()
         raise
     return held, feed
+
+
+def _padded(result: BatchResult) -> int:
+    """The bucket a replayed batch was padded to; 0 for an eager run (no padding happened,
+    whatever bucket the rows would have taken)."""
+    return (result.bucket or 0) if result.replayed else 0

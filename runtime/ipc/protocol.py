@@ -119,7 +119,9 @@ class Timings(_Msg):
     batch_size: int = 1  # rows of the execution this call ran in
     executions: int = 1  # 1 for one call of each execution (so executions are counted once)
     padded_batch: int = 0  # the CUDA-graph bucket the batch was padded to (0 = no padding)
-    mode: str = "eager"  # "replay" (a captured CUDA graph) or "eager"
+    # "replay" (a captured CUDA graph), "fallback" (eager on a version with captured graphs)
+    # or "eager" (a version without graphs)
+    mode: str = "eager"
     links: tuple[bytes, ...] = ()  # on the counted call: span refs of every call in the batch
 
 

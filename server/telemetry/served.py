@@ -40,6 +40,7 @@ _NUMBERS = attrgetter(
 )
 _MODE = attrgetter("mode")
 _REPLAY = "replay".__eq__
+_FALLBACK = "fallback".__eq__
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +96,9 @@ class ServedLog:
         compute = numbers[:, 1:4].sum(axis=1) / 1e9
         batch = np.fromiter(map(_BATCH, got), np.int64, n)
         counted = numbers[:, 4] != 0
-        graphs = counted & (numbers[:, 6] != 0)
-        replay = np.fromiter(map(_REPLAY, map(_MODE, timings)), bool, n)
+        modes = list(map(_MODE, timings))
+        replay = counted & np.fromiter(map(_REPLAY, modes), bool, n)
+        fallback = counted & np.fromiter(map(_FALLBACK, modes), bool, n)
         distinct = dict.fromkeys(keys)
         if len(distinct) == 1:
             groups: list[NDArray[np.intp] | slice] = [slice(None)]
@@ -115,8 +117,8 @@ class ServedLog:
                 compute=_histogram(compute[g], self._seconds),
                 executions=int(ex.sum()),
                 batch=_histogram(numbers[g, 5][ex].astype(np.float64), self._batch),
-                replays=int((graphs[g] & replay[g]).sum()),
-                eager=int((graphs[g] & ~replay[g]).sum()),
+                replays=int(replay[g].sum()),
+                eager=int(fallback[g].sum()),
             )
         return out
 

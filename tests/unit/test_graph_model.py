@@ -313,6 +313,54 @@ def test_a_call_whose_outputs_cannot_be_placed_fails_alone() -> None:
         _assert_answered(sess, arena, answers[call.call_id], x, rows=3)  # the batch ran once
 
 
+@pytest.mark.parametrize(
+    ("capturable", "rows", "mode", "padded"),
+    [
+        (True, 3, "replay", 4),  # padded to its bucket
+        (True, 9, "fallback", 0),  # over the largest bucket: eager on a version with graphs
+        (False, 3, "eager", 0),  # a version without graphs: eager, never padded
+    ],
+)
+def test_an_execution_says_how_it_ran_and_what_it_was_padded_to(
+    capturable: bool, rows: int, mode: str, padded: int
+) -> None:
+    """What the front counts as graph replays and eager fallbacks, and the span's padded
+    batch (before, an uncapturable version reported every run as a padded fallback, and a run
+    over the largest bucket as neither)."""
+
+    def make() -> GraphSet:
+        sess = make_session(str(DENSE / "model.onnx"), "cpu", 1)
+        gs = GraphSet(
+            sess,
+            BucketTable((1, 2, 4, 8)),
+            signature_of(sess),
+            device_type="cpu",
+            capturable=capturable,
+            reason=None if capturable else "a Loop node",
+        )
+        gs.capture()
+        return gs
+
+    model = GraphModel.start(_spec(), make, Batcher(16, max_queue_delay_ns=0))
+    arena = memoryview(bytearray(4 * 131072))
+    call, _x = _call(arena, 1, rows, 0)
+    answers: list[InferDone] = []
+    done = threading.Event()
+
+    def answer(d: InferDone) -> None:
+        answers.append(d)
+        done.set()
+
+    now = time.monotonic_ns()
+    model.submit(Pending(1, rows, now, payload=(answer, call, arena, now, None)))
+    assert done.wait(10)
+    model.close()
+    (d,) = answers
+    assert d.code == Code.OK, d.message
+    assert d.timings is not None
+    assert (d.timings.mode, d.timings.padded_batch, d.timings.batch_size) == (mode, padded, rows)
+
+
 def test_call_errors_of_both_executors() -> None:
     """One mapping for plain and graph-served versions: the client's mistakes are BAD_INPUT
     with their own message, anything else is what onnxruntime said."""

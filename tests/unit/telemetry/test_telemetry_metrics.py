@@ -385,7 +385,7 @@ _TIMINGS = st.builds(
     batch_size=st.integers(1, 600),
     executions=st.sampled_from([0, 1]),
     padded_batch=st.sampled_from([0, 8, 512]),
-    mode=st.sampled_from(["eager", "replay"]),
+    mode=st.sampled_from(["eager", "replay", "fallback"]),
 )
 _ENTRIES = st.lists(
     st.tuples(
@@ -430,7 +430,8 @@ def test_requests_counted_in_bulk_equal_per_request_counting(
                              compute_s=(t.input_ns + t.infer_ns + t.output_ns) / 1e9,
                              batch=batch)  # fmt: skip
         if t.executions:
-            replay = None if not t.padded_batch else t.mode == "replay"
+            # A replay, an eager fallback of a version with graphs, or neither (no graphs).
+            replay = {"replay": True, "fallback": False}.get(t.mode)
             each.observe_execution(model, version, t.batch_size, graph_replay=replay)
     got = _samples(bulk)  # the scrape folds the rest
     want = _samples(each)
