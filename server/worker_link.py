@@ -199,8 +199,18 @@ class WorkerLink:
                 continue
             self.restarts += 1
             if self.on_restart is not None:
-                await self.on_restart()
-            return
+                try:
+                    await self.on_restart()  # the models load again
+                except Exception:
+                    log.exception("reloading the models after a worker restart failed")
+            if self.client is not None and not self.client.closed:
+                return
+            # The worker died again while the models reloaded (a model whose load kills it
+            # is found out this way: reload_all loads it alone): `_lost` left the recovery to
+            # this task, which goes on, after a pause.
+            log.error("runtime worker lost again during recovery; retrying in %.1fs", delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def stop(self) -> None:
         self._stopping = True

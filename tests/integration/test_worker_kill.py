@@ -152,6 +152,39 @@ def test_worker_sigkill_under_traffic(own_server: Server) -> None:
     assert len(now) == 1, now
 
 
+def test_a_worker_that_dies_again_while_the_models_reload_is_recovered(
+    own_server: Server,
+) -> None:
+    """The second death comes while the first recovery reloads the models (as a model whose
+    load kills the worker makes it happen): the front recovers again. Before, the recovery
+    task ignored it, and no worker was ever started again: readiness NOT_SERVING for good,
+    liveness SERVING, so Kubernetes never restarted the pod."""
+    s = own_server
+    ready_before = ready_versions(s.url)
+    first = s.worker_pid()
+    connected = s.log().count("connected on")
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while s.log().count("connected on") <= connected:  # the replacement is connected ...
+        assert time.monotonic() < deadline, s.log()[-3000:]
+        time.sleep(0.005)
+    second = s.worker_pid()
+    assert second != first
+    os.kill(second, signal.SIGKILL)  # ... and dies while the models load again
+    with grpc.insecure_channel(s.url) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        req = health_pb2.HealthCheckRequest(service="readiness")
+        while ready_versions(s.url) != ready_before:
+            assert time.monotonic() < deadline, s.log()[-3000:]
+            time.sleep(0.1)
+        assert health.Check(req, timeout=2).status == SERVING
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        resp = stub.ModelInfer(simple_request(), timeout=10)
+    out = np.frombuffer(resp.raw_output_contents[0], dtype=np.int32)
+    np.testing.assert_array_equal(out, np.arange(16, dtype=np.int32) * 2)
+    assert s.worker_pid() not in (first, second)
+
+
 def test_front_sigkill_leaves_no_worker_or_shm(
     model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
