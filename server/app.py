@@ -47,6 +47,11 @@ __all__ = ["App", "serve"]
 log = logging.getLogger("microtune")
 
 
+class CannotStart(Exception):
+    """A setting this machine cannot honour (a port in use): the process exits with
+    EXIT_CONFIG and this one line, not a traceback."""
+
+
 class App:
     def __init__(self, settings: Settings, span_exporter: SpanExporter | None = None) -> None:
         """`span_exporter` replaces the configured trace exporter (tests)."""
@@ -224,7 +229,10 @@ class App:
             announce = self.pod_dir / f"metrics-{s.frontend_index}"
             announce.write_text(f"{os.getpid()} {self.metrics_server.url}")
             return
-        self.metrics_server = m.start_http_server(s.metrics_port, s.grpc_host.strip("[]"))
+        try:
+            self.metrics_server = m.start_http_server(s.metrics_port, s.grpc_host.strip("[]"))
+        except OSError as exc:
+            raise CannotStart(f"cannot serve metrics on port {s.metrics_port}: {exc}") from None
         log.info("metrics on %s", self.metrics_server.url)
         self.gpu_sampler = GpuSampler(m.registry)
         if self.gpu_sampler.open():

@@ -85,14 +85,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve_front(settings: Settings) -> int:
     """Run one front process until it is stopped; its exit code. A setting the machine cannot
-    honour (a /dev/shm too small for the arena) ends it with EXIT_CONFIG and one log line."""
+    honour (a /dev/shm too small for the arena, a metrics port in use) ends it with
+    EXIT_CONFIG and one log line."""
     from runtime.ipc.shm import ArenaNoSpace
-    from server.app import serve
+    from server.app import CannotStart, serve
 
     try:
         with contextlib.suppress(KeyboardInterrupt):
             run_loop(serve(settings))
-    except ArenaNoSpace as exc:
+    except (ArenaNoSpace, CannotStart) as exc:
         logging.getLogger("microtune").error("cannot start: %s", exc)
         return EXIT_CONFIG
     return 0

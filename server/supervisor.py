@@ -98,15 +98,16 @@ def _pod_metrics(settings: Settings, tmp: Path) -> tuple[PodMetrics | None, GpuS
         return found
 
     local = CollectorRegistry(auto_describe=False)
+    pod = PodMetrics(sources, local=local)
+    # OSError when the port is taken: raised before anything here needs stopping.
+    server = pod.start_http_server(settings.metrics_port, settings.grpc_host.strip("[]"))
+    log.info("pod metrics on %s", server.url)
     gpu: GpuSampler | None = GpuSampler(local)
     assert gpu is not None
     if gpu.open():
         gpu.start()
     else:
         gpu = None
-    pod = PodMetrics(sources, local=local)
-    server = pod.start_http_server(settings.metrics_port, settings.grpc_host.strip("[]"))
-    log.info("pod metrics on %s", server.url)
     return pod, gpu
 
 
@@ -146,13 +147,24 @@ def run_supervisor(settings: Settings) -> int:
         p.start()
         return p
 
-    worker.start()
-    worker.wait_listening(settings.worker_start_timeout_s)
-    fronts = [front(i) for i in range(n)]
-    pod, gpu = _pod_metrics(settings, tmp)
-    log.info("supervisor %d: %d front(s) on port %d, worker %s", os.getpid(), n, port, worker.pid)
+    fronts: list[BaseProcess] = []
+    pod: PodMetrics | None = None
+    gpu: GpuSampler | None = None
     code = 0
+    # Everything from here is undone in `finally`, whatever fails: a supervisor that left
+    # its fronts running would wait for them at exit for ever (SIGTERM no longer heard).
     try:
+        try:  # first: a port in use stops the server before any process starts
+            pod, gpu = _pod_metrics(settings, tmp)
+        except OSError as exc:
+            log.error("cannot serve metrics on port %s: %s", settings.metrics_port, exc)
+            return EXIT_CONFIG
+        worker.start()
+        worker.wait_listening(settings.worker_start_timeout_s)
+        fronts.extend(front(i) for i in range(n))
+        log.info(
+            "supervisor %d: %d front(s) on port %d, worker %s", os.getpid(), n, port, worker.pid
+        )
         while not stop.wait(0.2):
             if not worker.is_alive():
                 log.error("runtime worker died (exit code %s); restarting", worker.exitcode)

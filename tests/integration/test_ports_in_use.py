@@ -1,0 +1,40 @@
+"""A metrics port another process holds: the server stops at start with EXIT_CONFIG and one
+line naming the port, a lone front and a supervisor alike. (The supervisor used to start its
+worker and fronts first, then fail outside its clean-up: it waited for its fronts at exit for
+ever and no longer heard SIGTERM; a lone front ended with a traceback.)"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import Server, ServerExited
+
+EXIT_CONFIG = 78
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_a_metrics_port_in_use_stops_the_server_at_start(
+    model_repository: Path, tmp_path: Path, busy_port: int, frontends: str
+) -> None:
+    with pytest.raises(ServerExited) as info:
+        Server(
+            model_repository,
+            tmp_path,
+            extra_args=("--frontends", frontends, "--metrics-port", str(busy_port)),
+            start_timeout=60,
+        )
+    text = str(info.value)
+    assert f"server exited with code {EXIT_CONFIG}" in text, text[-3000:]
+    assert f"cannot serve metrics on port {busy_port}: [Errno 98] Address already in use" in text
+    assert "Traceback" not in text
