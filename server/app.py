@@ -334,12 +334,24 @@ async def serve(settings: Settings) -> None:
     orphan_watch = None
     if settings.worker_socket:  # a front of server.supervisor: it goes when the supervisor goes
         orphan_watch = asyncio.create_task(_exit_with_parent(os.getppid(), stop))
+    starting = asyncio.create_task(app.start())
+    stopping = asyncio.create_task(stop.wait())
     try:
-        await app.start()
-        log.info("microtune ready: %d model(s)", len(app.table.models))
-        await stop.wait()
+        # A stop during start-up (a pod deleted while its models load) is acted on at once,
+        # not once every model has loaded: the kubelet would SIGKILL it at the grace period.
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a start-up failure raises here
+            log.info("microtune ready: %d model(s)", len(app.table.models))
+            await stopping
         log.info("shutting down")
     finally:
+        for task in (starting, stopping):
+            if not task.done():
+                task.cancel()
+                # (a start-up cut short may fail otherwise than cancelled: we stop anyway)
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if orphan_watch is not None:
             orphan_watch.cancel()
         await app.stop()
