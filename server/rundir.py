@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from runtime.ipc.shm import pid_alive, remove_stale_arenas
+from runtime.ipc.shm import owner_alive, remove_stale_arenas
 
 __all__ = ["make_rundir", "remove_leftovers", "remove_rundir", "remove_stale_rundirs"]
 
@@ -42,11 +42,12 @@ def remove_stale_rundirs(tmp: Path | None = None) -> list[str]:
     """Remove the run directories of dead owners; their names."""
     removed: list[str] = []
     for d in Path(tmp or tempfile.gettempdir()).glob(f"{_PREFIX}*"):
+        owner = d / _OWNER
         try:
-            pid = (d / _OWNER).read_text()
+            pid, made = owner.read_text(), owner.stat().st_mtime
         except OSError:
             continue  # another kind of directory (microtune-override-...), or not ours to judge
-        if not pid.isdigit() or pid_alive(int(pid)):
+        if not pid.isdigit() or owner_alive(int(pid), made):
             continue
         remove_rundir(d)
         if not d.exists():

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import mmap
 import os
+import time
 from pathlib import Path
 from typing import Final, NamedTuple
 
@@ -132,7 +133,11 @@ def remove_stale_arenas() -> list[str]:
             pid = int(path.name[len(PREFIX) :].split("-")[0])
         except ValueError:
             continue
-        if not pid_alive(pid):
+        try:
+            made = path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if not owner_alive(pid, made):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path.name)
@@ -147,6 +152,34 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def owner_alive(pid: int, made_at: float) -> bool:
+    """Whether the process that made a file at `made_at` (wall clock, its mtime) as `pid` is
+    still running: `pid` is alive and started before the file was made. A container restarted
+    with its /dev/shm or /tmp volume (a Kubernetes emptyDir) runs its processes under the
+    same pids again, and the previous incarnation's leftovers looked alive for ever."""
+    if not pid_alive(pid):
+        return False
+    started = process_start(pid)
+    return started is None or started <= made_at + _START_SLACK_S
+
+
+_START_SLACK_S = 0.5  # /proc's clock ticks and uptime are in hundredths of a second
+
+
+def process_start(pid: int) -> float | None:
+    """When `pid` started (wall clock), from /proc; None where /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:  # the fields after the command name, which may hold spaces and parentheses
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 class Lease(NamedTuple):

@@ -26,6 +26,7 @@ from runtime.ipc.shm import (
     SlotPool,
     align_up,
     arena_name,
+    process_start,
     remove_stale_arenas,
 )
 
@@ -356,6 +357,27 @@ def test_remove_stale_arenas_removes_dead_owner_keeps_live_and_foreign() -> None
         assert (SHM / live[1:]).exists()
         assert (SHM / foreign[1:]).exists()
         assert dead[1:] not in remove_stale_arenas()
+    finally:
+        for arena in arenas:
+            arena.unlink()
+            arena.close()
+
+
+def test_an_arena_older_than_its_live_owner_is_a_previous_incarnations() -> None:
+    """A container restarted with its /dev/shm volume runs its processes under the same pids
+    again: an arena named after a live pid but made before that process started is a
+    leftover (it looked alive for ever, 64 MiB more in the volume at every restart)."""
+    old = arena_name(os.getpid(), 900_000 + random.randrange(99_999))
+    new = arena_name(os.getpid(), 900_000 + random.randrange(99_999))
+    arenas = [Arena(n, PAGE, create=True) for n in (old, new)]
+    try:
+        started = process_start(os.getpid())
+        assert started is not None
+        before_us = started - 3600
+        os.utime(SHM / old[1:], (before_us, before_us))
+        removed = remove_stale_arenas()
+        assert old[1:] in removed and new[1:] not in removed
+        assert (SHM / new[1:]).exists()
     finally:
         for arena in arenas:
             arena.unlink()

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from server.rundir import make_rundir, remove_rundir, remove_stale_rundirs
@@ -44,3 +45,17 @@ def test_make_and_remove(tmp_path: Path) -> None:
     finally:
         remove_rundir(d)
     assert not d.exists()
+
+
+def test_a_run_directory_older_than_its_live_owner_is_removed(tmp_path: Path) -> None:
+    """Same pid, earlier process (a container restarted with its /tmp volume)."""
+    old = tmp_path / "microtune-old"
+    old.mkdir()
+    (old / "owner").write_text(str(os.getpid()))
+    before_us = time.time() - 3600 * 24 * 365
+    os.utime(old / "owner", (before_us, before_us))
+    mine = tmp_path / "microtune-mine"
+    mine.mkdir()
+    (mine / "owner").write_text(str(os.getpid()))
+    assert remove_stale_rundirs(tmp_path) == [old.name]
+    assert mine.exists()
