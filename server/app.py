@@ -113,6 +113,8 @@ class App:
         reload_models = self.link.on_restart
 
         async def after_worker_restart() -> None:
+            if self.metrics is not None:
+                self.metrics.worker_restarted()
             await self.handler.cuda.reopen()  # before the models take traffic again
             if reload_models is not None:
                 await reload_models()

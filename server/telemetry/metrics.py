@@ -156,7 +156,8 @@ class Metrics:
         )
         self.eager_fallbacks = FastCounter(
             "microtune_eager_fallbacks",
-            "Executions run eagerly on a model that has CUDA graphs (no bucket fits).",
+            "Executions run eagerly on a model that has CUDA graphs (no bucket fits, or "
+            "tensors bound in CUDA shared memory).",
             _MV,
         )
         # Successful requests: appended on the request path, counted in bulk (served.py).
@@ -435,6 +436,12 @@ class Metrics:
         new = total - seen if total >= seen else total
         if new:
             self.send_stalls.inc(new)
+
+    def worker_restarted(self) -> None:
+        """A new worker counts stalls from 0: its first report is all new, even when it is
+        higher than the last report of the worker before (which the heuristic above would
+        take for growth)."""
+        self._send_stalls_seen = 0
 
     def start_http_server(self, port: int, host: str = "0.0.0.0") -> MetricsHttpServer:
         """Serve this registry at http://host:port/metrics (port 0 picks a free port)."""

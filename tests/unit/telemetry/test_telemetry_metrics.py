@@ -330,6 +330,9 @@ def test_send_stalls_count_what_each_report_adds_and_never_go_down(
         metrics.set_send_stalls(total)
         seen.append(scrape(metrics.registry)[stalls])
     assert seen == [0, 3, 3, 5, 7, 9]
+    metrics.worker_restarted()  # the front reconnected: the next report is all new ...
+    metrics.set_send_stalls(20)  # ... even above the last one (4)
+    assert scrape(metrics.registry)[stalls] == 29
 
 
 def test_shadow_and_resources(
