@@ -71,6 +71,7 @@ class NvmlProbe:
         except self._nvml.NVMLError as exc:  # LibraryNotFound, DriverNotLoaded, NoPermission...
             raise NvmlUnavailable(f"NVML did not initialise: {exc}") from exc
         self._uuids: dict[int, str] = {}
+        self._unreadable: set[int] = set()  # boards whose handle NVML refused (logged once)
 
     def _call(self, fn: Callable[..., T], *args: object) -> T | None:
         try:
@@ -85,7 +86,16 @@ class NvmlProbe:
         nv = self._nvml
         out: list[GpuSample] = []
         for i in range(nv.nvmlDeviceGetCount()):
-            h = nv.nvmlDeviceGetHandleByIndex(i)
+            try:
+                h = nv.nvmlDeviceGetHandleByIndex(i)
+            except nv.NVMLError as exc:
+                # One board lost (NVMLError_GpuIsLost, fallen off the bus) must not freeze the
+                # others' gauges: it drops out of the sample, the rest are read as usual.
+                if i not in self._unreadable:
+                    log.warning("GPU %d cannot be read (%s); its gauges are dropped", i, exc)
+                    self._unreadable.add(i)
+                continue
+            self._unreadable.discard(i)
             uuid = self._uuids.get(i)
             if uuid is None:
                 raw = self._call(nv.nvmlDeviceGetUUID, h)

@@ -229,3 +229,29 @@ def test_a_failing_board_keeps_the_last_values_and_logs_once(
         sampler.sample_once()
     assert len([r for r in caplog.records if "GPU sampling failed" in r.getMessage()]) == 1
     assert len(sampler.samples) == 2
+
+
+def test_one_lost_board_leaves_the_others_gauges_live(
+    nvml: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GPU 1 falls off the bus: GPU 0 is still sampled (before, the whole sample failed and
+    every board's gauges froze at their last values, the lost one's included)."""
+    registry = CollectorRegistry()
+    sampler = GpuSampler(registry)
+    assert sampler.open()
+    sampler.sample_once()
+
+    def handle(i: int) -> int:
+        if i == 1:
+            raise nvml.NVMLError_GpuIsLost("GPU is lost")
+        return i
+
+    nvml.nvmlDeviceGetHandleByIndex = handle
+    nvml.gpus[0].util = 5
+    with caplog.at_level(logging.WARNING, logger="microtune.telemetry"):
+        sampler.sample_once()
+        sampler.sample_once()
+    samples = _samples(registry)
+    assert samples[("microtune_gpu_utilization_ratio", "0", "GPU-0000aaaa")] == 0.05
+    assert not [key for key in samples if key[1] == "1"]  # the lost board's series are gone
+    assert len([r for r in caplog.records if "GPU 1 cannot be read" in r.getMessage()]) == 1
