@@ -16,6 +16,7 @@ codes), and retries follow its rule: up to 6 attempts within the timeout, backin
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 from collections.abc import Callable
@@ -64,7 +65,11 @@ class AsyncChunkSender:
             if self.dropped == 1:
                 log.warning("the trace collector is too slow: dropping spans (said once)")
             return
-        task = asyncio.get_running_loop().create_task(self._send(payload()))
+        # A context of its own: the request whose span filled the chunk set the log context
+        # (trace and span ids), which the send's own log lines must not carry.
+        task = asyncio.get_running_loop().create_task(
+            self._send(payload()), context=contextvars.Context()
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

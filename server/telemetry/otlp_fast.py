@@ -16,6 +16,7 @@ settings; tests catch a change.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -88,7 +89,10 @@ class SpanChunker:
 
     def add(self, rec: InferTrace) -> None:
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._flush_s, self.flush)
+            # (its own context: not the log context of the request that armed it)
+            self._timer = asyncio.get_running_loop().call_later(
+                self._flush_s, self.flush, context=contextvars.Context()
+            )
         waiting = self._waiting
         waiting.append(rec)
         if len(waiting) >= self._every:

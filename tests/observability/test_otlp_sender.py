@@ -81,3 +81,32 @@ def test_a_slow_collector_makes_it_drop_not_queue(collector: FakeCollector) -> N
     s = sender(collector, max_in_flight=2)
     asyncio.run(send(s, times=5))
     assert (collector.attempts, s.dropped, len(collector.spans())) == (2, 3, 2)
+
+
+def test_the_senders_log_lines_carry_no_requests_trace(collector: FakeCollector) -> None:
+    """The send runs in a context of its own: the request whose span was submitted last had
+    set the log context (LOG_SPAN), and every export warning or error carried its trace and
+    span ids, as if that request had failed to export."""
+    from server.telemetry.logs import LOG_SPAN
+
+    collector.refuse = [(grpc.StatusCode.INVALID_ARGUMENT, None)]
+    seen: list[bytes | None] = []
+
+    class Spy(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            seen.append(LOG_SPAN.get())
+            return True
+
+    spy = Spy()
+    logger = logging.getLogger("microtune.tracing")
+    logger.addFilter(spy)
+    try:
+
+        async def scenario() -> None:
+            LOG_SPAN.set(b"\1" * 24)  # this request's task, as the servicer sets it
+            await send(sender(collector))
+
+        asyncio.run(scenario())
+    finally:
+        logger.removeFilter(spy)
+    assert seen and seen == [None] * len(seen)
