@@ -220,6 +220,7 @@ class App:
             return
         # An unloaded version's series leave the exposition (its counters stay; see forget_version).
         self.manager.on_version_unloaded = m.forget_version
+        self.manager.on_model_removed = m.forget_model
         m.track_shm_slots(
             lambda: self.link.client.pool.in_use if self.link.client else 0,
             lambda: self.link.client.pool.slots if self.link.client else 0,

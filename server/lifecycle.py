@@ -81,6 +81,8 @@ class ModelManager:
         # Called with (model, version) once a version is gone from the worker (unloaded, or its
         # model removed from the repository): the owner drops what it keeps about it (metrics).
         self.on_version_unloaded: Callable[[str, int], None] | None = None
+        # Called with the model once poll mode found it gone from the repository.
+        self.on_model_removed: Callable[[str], None] | None = None
         self.batching_enabled = True
         self.overrides = Overrides()  # models uploaded with load parameters
         # Several fronts: model control is the pod's. `control` records what this front did
@@ -267,6 +269,8 @@ class ModelManager:
                 del self.table.models[name]
                 for ve in entry.versions.values():  # failed versions too: the model is gone
                     self._forget(ve)
+                if self.on_model_removed is not None:
+                    self.on_model_removed(name)
 
     def _broken_config(self, name: str, entry: ModelEntry | None, reason: str) -> None:
         if entry is None:

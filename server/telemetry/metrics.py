@@ -370,6 +370,15 @@ class Metrics:
         for s in ModelState:
             self.model_state.labels(model, str(version), s.value).set(1.0 if s is state else 0.0)
 
+    def forget_model(self, model: str) -> None:
+        """A model gone from the repository: its per-model gauges (in flight, saturation,
+        pending) leave the exposition and its name is no longer a label value; its counters
+        stay, as a version's do."""
+        self._models.discard(model)
+        self.saturation.forget(model)
+        _remove(self.pending, model)
+        self._pending_labels.discard(model)
+
     def forget_version(self, model: str, version: int) -> None:
         """Drop an unloaded version's gauges (counters stay: removing one would look like a
         reset to Prometheus)."""

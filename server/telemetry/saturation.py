@@ -143,6 +143,12 @@ class Saturation(Collector):
                 got = self._loads.setdefault(model, Load(self._tau, self._clock))
         return got
 
+    def forget(self, model: str) -> None:
+        """A model gone from the repository: its load and capacity go (and its series)."""
+        with self._lock:
+            self._loads.pop(model, None)
+            self._capacity.pop(model, None)
+
     def set_capacity(self, model: str, inferences: int) -> None:
         with self._lock:
             self._capacity[model] = inferences

@@ -122,13 +122,25 @@ def test_unloaded_versions_leave_the_exposition(explicit: InProcess, repo: Path)
         "dense READY again",
     )
 
-    # Poll path: a model whose directory is gone is unloaded and loses its gauges.
+    # Poll path: a model whose directory is gone is unloaded and loses its gauges, the
+    # per-model ones too (in flight, saturation, pending: they stayed at 0 for ever).
+    per_model = {"microtune_inflight_requests", "microtune_saturation_ratio",
+                 "microtune_pending_requests"}  # fmt: skip
+    wait_for(  # (in flight appears with a first request; none was sent to simple)
+        lambda: (
+            {n for n, lab, _ in scrape(srv) if lab.get("model") == "simple"}
+            >= per_model - {"microtune_inflight_requests"}
+        ),
+        5,
+        "simple's per-model gauges",
+    )
     shutil.rmtree(repo / "simple")
     srv.run(srv.app.manager.poll_once())
     assert "simple" not in srv.app.table.models
     assert gauges_of(srv, "simple") == set()
     time.sleep(1.5 * SYNC_PERIOD_S)
     assert gauges_of(srv, "simple") == set()
+    assert not {n for n, lab, _ in scrape(srv) if lab.get("model") == "simple"} & per_model
     assert gauges_of(srv, "dense") >= {"microtune_model_state"}
 
 
