@@ -174,10 +174,12 @@ def test_a_worker_that_dies_again_while_the_models_reload_is_recovered(
     with grpc.insecure_channel(s.url) as ch:
         health = health_pb2_grpc.HealthStub(ch)
         req = health_pb2.HealthCheckRequest(service="readiness")
-        while ready_versions(s.url) != ready_before:
+        # every version READY again, and readiness says so (it follows within 0.1 s)
+        while (
+            ready_versions(s.url) != ready_before or health.Check(req, timeout=2).status != SERVING
+        ):
             assert time.monotonic() < deadline, s.log()[-3000:]
             time.sleep(0.1)
-        assert health.Check(req, timeout=2).status == SERVING
         stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
         resp = stub.ModelInfer(simple_request(), timeout=10)
     out = np.frombuffer(resp.raw_output_contents[0], dtype=np.int32)
