@@ -207,7 +207,13 @@ class App:
 
     async def _listen(self, server: grpc.aio.Server) -> None:
         s = self.settings
-        self.port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        try:
+            self.port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        except RuntimeError as exc:  # grpc's "Failed to bind to address ...": a port in use
+            raise CannotStart(
+                f"cannot listen on {s.grpc_host}:{s.grpc_port}: the address is in use "
+                "or not this machine's"
+            ) from exc
         await server.start()
         self.server = server
         log.info("gRPC listening on %s:%d", s.grpc_host, self.port)

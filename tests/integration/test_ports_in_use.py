@@ -1,7 +1,8 @@
-"""A metrics port another process holds: the server stops at start with EXIT_CONFIG and one
-line naming the port, a lone front and a supervisor alike. (The supervisor used to start its
-worker and fronts first, then fail outside its clean-up: it waited for its fronts at exit for
-ever and no longer heard SIGTERM; a lone front ended with a traceback.)"""
+"""A port another process holds: the server stops at start with EXIT_CONFIG and one line
+naming it (the metrics port: a lone front and a supervisor alike; the gRPC port: a lone
+front). The supervisor used to start its worker and fronts first, then fail outside its
+clean-up: it waited for its fronts at exit for ever and no longer heard SIGTERM; a lone front
+ended with a traceback."""
 
 from __future__ import annotations
 
@@ -37,4 +38,16 @@ def test_a_metrics_port_in_use_stops_the_server_at_start(
     text = str(info.value)
     assert f"server exited with code {EXIT_CONFIG}" in text, text[-3000:]
     assert f"cannot serve metrics on port {busy_port}: [Errno 98] Address already in use" in text
+    assert "Traceback" not in text
+
+
+def test_a_grpc_port_in_use_stops_a_lone_front_with_one_line(
+    model_repository: Path, tmp_path: Path, busy_port: int
+) -> None:
+    """(It ended with grpc's RuntimeError traceback and exit code 1.)"""
+    with pytest.raises(ServerExited) as info:
+        Server(model_repository, tmp_path, extra_args=("--grpc-port", str(busy_port)))
+    text = str(info.value)
+    assert f"server exited with code {EXIT_CONFIG}" in text, text[-3000:]
+    assert f"cannot listen on 127.0.0.1:{busy_port}: the address is in use" in text
     assert "Traceback" not in text
