@@ -35,9 +35,8 @@ _KEY = itemgetter(0, 1, 2)
 _ELAPSED = itemgetter(3)
 _TIMINGS = itemgetter(4)
 _BATCH = itemgetter(5)
-_NUMBERS = attrgetter(
-    "queue_ns", "input_ns", "infer_ns", "output_ns", "executions", "batch_size", "padded_batch"
-)
+_NUMBERS = attrgetter("queue_ns", "input_ns", "infer_ns", "output_ns", "executions", "batch_size")
+_WIDTH = 6  # the numbers of one entry
 _MODE = attrgetter("mode")
 _REPLAY = "replay".__eq__
 _FALLBACK = "fallback".__eq__
@@ -89,8 +88,8 @@ class ServedLog:
         n = len(got)
         keys = list(map(_KEY, got))
         timings = list(map(_TIMINGS, got))
-        numbers = np.fromiter(chain.from_iterable(map(_NUMBERS, timings)), np.int64, 7 * n)
-        numbers = numbers.reshape(n, 7)
+        numbers = np.fromiter(chain.from_iterable(map(_NUMBERS, timings)), np.int64, _WIDTH * n)
+        numbers = numbers.reshape(n, _WIDTH)
         seconds = np.fromiter(map(_ELAPSED, got), np.int64, n) / 1e9
         queue = numbers[:, 0] / 1e9
         compute = numbers[:, 1:4].sum(axis=1) / 1e9
