@@ -23,7 +23,7 @@ import msgspec
 
 from server.errors import MicrotuneError
 from server.lifecycle import ModelManager
-from server.pod_records import ACK_TIMEOUT_S, AckedRecords, Identity, identity
+from server.pod_records import ACK_TIMEOUT_S, AckedRecords, Identity, is_current
 
 __all__ = ["ControlSync"]
 
@@ -59,10 +59,9 @@ class ControlSync:
         record = _Record(name, action, str(root), token, config_json)
         return self._records.write(name, msgspec.json.encode(record), record.token)
 
-    async def settled(self, name: str, action: str, token: str, written: object) -> None:
+    async def settled(self, name: str, action: str, token: str, written: Identity) -> None:
         """Until every front has done it (or a newer action replaced it, whose writer waits
         instead), so a client's next call finds it done on any front; or ack_timeout_s."""
-        assert isinstance(written, tuple)
         silent = await self._records.wait(name, token, written, self.ack_timeout_s)
         if silent:
             log.warning(
@@ -82,7 +81,7 @@ class ControlSync:
             try:
                 await self.manager.replay(
                     record.name, record.action, record.config_json, Path(record.root),
-                    record.token, latest=functools.partial(_is_still, path, written),
+                    record.token, latest=functools.partial(is_current, path, written),
                 )  # fmt: skip
             except MicrotuneError as exc:
                 log.error(
@@ -93,11 +92,3 @@ class ControlSync:
                 log.exception("model %s: %s by another front failed", record.name, record.action)
             # Done here, well or not (a failure is logged): the front that asked stops waiting.
             self._records.acks.ack(record.name, record.token)
-
-
-def _is_still(path: Path, written: Identity) -> bool:
-    """Whether the record at `path` is still the write `written` (none newer replaced it)."""
-    try:
-        return identity(path) == written
-    except FileNotFoundError:
-        return False

@@ -33,6 +33,7 @@ from server.errors import LoadFailed, NotFound, Unsupported
 from server.model_config import ConfigError, parse_config_json
 from server.models import ModelEntry, ModelTable, VersionEntry
 from server.overrides import Overrides
+from server.pod_records import Identity
 from server.poll_policy import Seen, next_poll_in, poll_work, revision, seen_since, unsettled
 from server.repository import ScannedModel, scan_model, scan_repository
 from server.types import ModelSpec, ModelState
@@ -53,10 +54,10 @@ class ControlLog(Protocol):
 
     def publish(
         self, name: str, action: str, config_json: str | None, root: Path, token: str
-    ) -> object:
+    ) -> Identity:
         """Record the action (under the model's lock); what `settled` waits on."""
 
-    async def settled(self, name: str, action: str, token: str, written: object) -> None:
+    async def settled(self, name: str, action: str, token: str, written: Identity) -> None:
         """Until every front has done it (outside the lock)."""
 
 
@@ -172,13 +173,13 @@ class ModelManager:
 
     def _publish(
         self, name: str, action: str, config_json: str | None, root: Path, token: str
-    ) -> object:
+    ) -> Identity | None:
         if self.control is None:
             return None
         return self.control.publish(name, action, config_json, root, token)
 
-    async def _settled(self, name: str, action: str, token: str, written: object) -> None:
-        if self.control is not None:
+    async def _settled(self, name: str, action: str, token: str, written: Identity | None) -> None:
+        if self.control is not None and written is not None:
             await self.control.settled(name, action, token, written)
 
     async def replay(
@@ -189,25 +190,23 @@ class ModelManager:
         root: Path,
         token: str,
         latest: Callable[[], bool] = lambda: True,
-    ) -> bool:
+    ) -> None:
         """Another front's RepositoryModelLoad or RepositoryModelUnload, applied here unless
         `latest()` says, once the model's lock is taken, that a newer action replaced it (this
-        front's own, which held the lock meanwhile: the newer one is what stays). Whether it
-        was applied."""
+        front's own, which held the lock meanwhile: the newer one is what stays)."""
         async with self._lock(name):
             if not latest():
-                return False
+                return
             if action == "load":
                 try:
                     await self._load_from(name, _override_spec(name, config_json), root, token)
                 finally:
                     self._prune_overrides(name)
-                return True
+                return
             entry = self.table.models.get(name)
             if entry is not None:
                 await self._unload_model(entry)
                 self._prune_overrides(name)
-            return True
 
     def _prune_overrides(self, name: str, keep: Path | None = None) -> None:
         """Remove this front's uploaded copies of `name` that no version is served from

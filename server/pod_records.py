@@ -28,6 +28,7 @@ __all__ = [
     "create_file",
     "identity",
     "identity_of",
+    "is_current",
     "record_path",
     "replace_file",
 ]
@@ -59,6 +60,14 @@ def identity_of(st: os.stat_result) -> Identity:
 def identity(path: Path) -> Identity:
     """FileNotFoundError when there is no such record."""
     return identity_of(os.stat(path))
+
+
+def is_current(path: Path, written: Identity) -> bool:
+    """Whether the record at `path` is still the write `written` (not replaced, not gone)."""
+    try:
+        return identity(path) == written
+    except FileNotFoundError:
+        return False
 
 
 def replace_file(path: Path, data: bytes) -> Identity:

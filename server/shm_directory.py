@@ -22,7 +22,7 @@ from pathlib import Path
 import msgspec
 
 from server.errors import AlreadyExists
-from server.pod_records import Identity, create_file, identity, identity_of, record_path
+from server.pod_records import Identity, create_file, identity_of, is_current, record_path
 
 __all__ = ["RegionDirectory", "RegionRecord"]
 
@@ -78,10 +78,7 @@ class RegionDirectory:
 
     def current(self, name: str, written: Identity) -> bool:
         """Whether `written` is still the registration of `name`."""
-        try:
-            return identity(self._file(name)) == written
-        except FileNotFoundError:
-            return False
+        return is_current(self._file(name), written)
 
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -22,9 +22,8 @@ class FakeManager:
     async def replay(
         self, name: str, action: str, config_json: str | None, root: Path, token: str,
         latest: Callable[[], bool] = lambda: True,
-    ) -> bool:  # fmt: skip
+    ) -> None:  # fmt: skip
         self.replayed.append((name, action))
-        return True
 
 
 async def act(sync: ControlSync, name: str, action: str, root: Path, token: str) -> None:
