@@ -53,25 +53,39 @@ def _call(buf: memoryview, call_id: int, rows: int, offset: int) -> tuple[Infer,
     return Infer(call_id, "dense", 1, (ref,), (OutputRequest("OUTPUT0"),), out_at, 65536), x
 
 
+class _Answers(dict[int, InferDone]):
+    """The answers of `expected` calls by call id: the calls' `answer`; `wait` for them all.
+    `received` counts every answer, a second one to a call included."""
+
+    def __init__(self, expected: int) -> None:
+        super().__init__()
+        self.expected = expected
+        self.received = 0
+        self._all = threading.Event()
+
+    def __call__(self, d: InferDone) -> None:
+        self.received += 1
+        self[d.call_id] = d
+        if len(self) == self.expected:
+            self._all.set()
+
+    def wait(self, timeout_s: float = 10) -> bool:
+        return self._all.wait(timeout_s)
+
+
 def test_concurrent_calls_batch_pad_and_trim() -> None:
     sess = make_session(str(DENSE / "model.onnx"), "cpu", 1)
     model = _start()
     arena = memoryview(bytearray(16 * 131072))
-    answers: dict[int, InferDone] = {}
-    done = threading.Event()
     calls = [_call(arena, i, rows, i * 131072) for i, rows in enumerate((1, 2, 3), start=1)]
-
-    def answer(d: InferDone) -> None:
-        answers[d.call_id] = d
-        if len(answers) == len(calls):
-            done.set()
+    answers = _Answers(len(calls))
 
     now = time.monotonic_ns()
     for call, x in calls:
         model.submit(
-            Pending(call.call_id, x.shape[0], now, payload=(answer, call, arena, now, None))
+            Pending(call.call_id, x.shape[0], now, payload=(answers, call, arena, now, None))
         )
-    assert done.wait(10)
+    assert answers.wait()
     model.close()
     executions = 0
     for call, x in calls:
@@ -195,18 +209,12 @@ def test_region_calls_join_the_replay_and_their_outputs_land_in_the_region() -> 
     )
     arena = memoryview(bytearray(262144))
     plain, y = _call(arena, 12, 3, 0)
-    answers: dict[int, InferDone] = {}
-    done = threading.Event()
-
-    def answer(d: InferDone) -> None:
-        answers[d.call_id] = d
-        if len(answers) == 2:
-            done.set()
+    answers = _Answers(2)
 
     now = time.monotonic_ns()
-    model.submit(Pending(11, 2, now, payload=(answer, in_region, arena, now, regions)))
-    model.submit(Pending(12, 3, now, payload=(answer, plain, arena, now, None)))
-    assert done.wait(10)
+    model.submit(Pending(11, 2, now, payload=(answers, in_region, arena, now, regions)))
+    model.submit(Pending(12, 3, now, payload=(answers, plain, arena, now, None)))
+    assert answers.wait()
     model.close()
     d = answers[11]
     assert d.code == Code.OK, d.message
@@ -258,18 +266,12 @@ def _three_calls_in_one_batch(
     if nan_in is not None:
         poisoned = calls[nan_in - 1][0].inputs[0]
         np.frombuffer(arena, np.float32, 1, poisoned.offset)[:] = np.nan
-    answers: dict[int, InferDone] = {}
-    done = threading.Event()
-
-    def answer(d: InferDone) -> None:
-        answers[d.call_id] = d
-        if len(answers) == len(calls):
-            done.set()
+    answers = _Answers(len(calls))
 
     now = time.monotonic_ns()
     for call, _x in calls:
-        model.submit(Pending(call.call_id, 1, now, payload=(answer, call, arena, now, None)))
-    assert done.wait(10), sorted(answers)
+        model.submit(Pending(call.call_id, 1, now, payload=(answers, call, arena, now, None)))
+    assert answers.wait(), sorted(answers)
     model.close()
     return sess, arena, calls, answers
 
@@ -344,18 +346,14 @@ def test_an_execution_says_how_it_ran_and_what_it_was_padded_to(
     model = GraphModel.start(_spec(), make, Batcher(16, max_queue_delay_ns=0))
     arena = memoryview(bytearray(4 * 131072))
     call, _x = _call(arena, 1, rows, 0)
-    answers: list[InferDone] = []
-    done = threading.Event()
-
-    def answer(d: InferDone) -> None:
-        answers.append(d)
-        done.set()
+    answers = _Answers(1)
 
     now = time.monotonic_ns()
-    model.submit(Pending(1, rows, now, payload=(answer, call, arena, now, None)))
-    assert done.wait(10)
+    model.submit(Pending(1, rows, now, payload=(answers, call, arena, now, None)))
+    assert answers.wait()
     model.close()
-    (d,) = answers
+    (d,) = answers.values()
+    assert answers.received == 1
     assert d.code == Code.OK, d.message
     assert d.timings is not None
     assert (d.timings.mode, d.timings.padded_batch, d.timings.batch_size) == (mode, padded, rows)
@@ -408,15 +406,9 @@ def test_large_outputs_are_copied_from_the_device_straight_into_the_arena(
     arena (one copy per call, none on the host after); smaller ones through the staging."""
     model, stream, ref = _streamed_model(tmp_path, (16, width))
     arena = memoryview(bytearray(4 << 20))
-    answers: dict[int, InferDone] = {}
-    done = threading.Event()
     xs = {1: np.random.default_rng(1).random((1, 16), dtype=np.float32)}
     xs[2] = np.random.default_rng(2).random((2, 16), dtype=np.float32)
-
-    def answer(d: InferDone) -> None:
-        answers[d.call_id] = d
-        if len(answers) == 2:
-            done.set()
+    answers = _Answers(2)
 
     now = time.monotonic_ns()
     for call_id, x in xs.items():
@@ -425,8 +417,8 @@ def test_large_outputs_are_copied_from_the_device_straight_into_the_arena(
         ref_in = TensorRef("INPUT0", "FP32", x.shape, at, x.nbytes)
         wanted = (OutputRequest("OUTPUT0"),) if call_id == 2 else ()  # named or all: the same
         call = Infer(call_id, "mlp", 1, (ref_in,), wanted, at + 4096, 1 << 19)
-        model.submit(Pending(call_id, x.shape[0], now, payload=(answer, call, arena, now, None)))
-    assert done.wait(10)
+        model.submit(Pending(call_id, x.shape[0], now, payload=(answers, call, arena, now, None)))
+    assert answers.wait()
     model.close()
     assert stream.calls.count("to_host") == (2 if direct else 1)
     for call_id, x in xs.items():
