@@ -10,6 +10,7 @@ Fronts are started with `spawn` and receive their settings as JSON.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -75,13 +76,31 @@ def _front_main(settings_json: str) -> None:
         sys.exit(code)
 
 
-def _reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (not listen) with SO_REUSEPORT to learn the port that every front will share."""
+def _reserve_port(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """Bind (not listen) with SO_REUSEPORT to learn the port that every front will share, and
+    take the port's lock. OSError when the port is not ours to take.
+
+    SO_REUSEPORT lets any process of the same user bind the port too: a second supervisor
+    started on it (a new release beside the old one, on a host) would silently share the
+    connections with the first. So the supervisor also binds an abstract Unix socket named
+    after the port, which, like the port, belongs to the network namespace: only one
+    supervisor can hold it. (A lone front binds without SO_REUSEPORT: the kernel refuses it.)
+    """
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host.strip("[]"), port))
-    return sock
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host.strip("[]"), port))
+        try:
+            lock.bind(f"\0microtune-grpc-port-{sock.getsockname()[1]}")
+        except OSError:
+            raise OSError(errno.EADDRINUSE, "another microtune server serves it") from None
+    except BaseException:
+        sock.close()
+        lock.close()
+        raise
+    return sock, lock
 
 
 def _pod_metrics(settings: Settings, tmp: Path) -> tuple[PodMetrics | None, GpuSampler | None]:
@@ -119,12 +138,18 @@ def run_supervisor(settings: Settings) -> int:
     except ArenaNoSpace as exc:
         log.error("cannot start: %s", exc)
         return EXIT_CONFIG
+    try:  # before anything starts, as for the metrics port
+        reserved, port_lock = _reserve_port(settings.grpc_host, settings.grpc_port)
+    except OSError as exc:
+        log.error(
+            "cannot listen on %s:%s: %s", settings.grpc_host, settings.grpc_port, exc.strerror
+        )
+        return EXIT_CONFIG
+    port = reserved.getsockname()[1]
     tmp = make_rundir()
     worker = WorkerProcess(
         worker_settings_for(settings, str(tmp / "worker.sock")), worker_log_setup(settings)
     )
-    reserved = _reserve_port(settings.grpc_host, settings.grpc_port)
-    port = reserved.getsockname()[1]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -194,6 +219,7 @@ def run_supervisor(settings: Settings) -> int:
                 p.kill()
         worker.stop(5.0)
         reserved.close()
+        port_lock.close()
         if pod is not None:
             pod.close()
         if gpu is not None:

@@ -1,8 +1,8 @@
 """A port another process holds: the server stops at start with EXIT_CONFIG and one line
-naming it (the metrics port: a lone front and a supervisor alike; the gRPC port: a lone
-front). The supervisor used to start its worker and fronts first, then fail outside its
-clean-up: it waited for its fronts at exit for ever and no longer heard SIGTERM; a lone front
-ended with a traceback."""
+naming it (the metrics port and the gRPC port: a lone front and a supervisor alike, a second
+supervisor on the first one's port among them). The supervisor used to start its worker and
+fronts first, then fail outside its clean-up: it waited for its fronts at exit for ever and no
+longer heard SIGTERM; a lone front ended with a traceback."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from grpc_health.v1 import health_pb2
 from harness import Server, ServerExited
 
 EXIT_CONFIG = 78
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest.fixture
@@ -51,3 +53,48 @@ def test_a_grpc_port_in_use_stops_a_lone_front_with_one_line(
     assert f"server exited with code {EXIT_CONFIG}" in text, text[-3000:]
     assert f"cannot listen on 127.0.0.1:{busy_port}: the address is in use" in text
     assert "Traceback" not in text
+
+
+def test_a_grpc_port_in_use_stops_a_supervisor_with_one_line(
+    model_repository: Path, tmp_path: Path, busy_port: int
+) -> None:
+    """(The supervisor raised an OSError traceback.)"""
+    with pytest.raises(ServerExited) as info:
+        Server(
+            model_repository,
+            tmp_path,
+            extra_args=("--frontends", "2", "--grpc-port", str(busy_port)),
+        )
+    text = str(info.value)
+    assert f"server exited with code {EXIT_CONFIG}" in text, text[-3000:]
+    assert f"cannot listen on 127.0.0.1:{busy_port}: Address already in use" in text
+    assert "Traceback" not in text
+
+
+def test_a_second_supervisor_on_the_port_stops_instead_of_sharing_it(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """Both would bind with SO_REUSEPORT, and the kernel would spread the clients' connections
+    over the two servers' fronts without a word."""
+    for d in ("first", "second"):
+        (tmp_path / d).mkdir()
+    first = Server(model_repository, tmp_path / "first", extra_args=("--frontends", "2"))
+    try:
+        try:
+            second = Server(
+                model_repository,
+                tmp_path / "second",
+                extra_args=("--frontends", "2", "--grpc-port", str(first.port)),
+            )
+        except ServerExited as exc:
+            text = str(exc)
+        else:
+            second.stop(check=False)
+            pytest.fail("a second supervisor started on the port: they share its connections")
+        assert f"server exited with code {EXIT_CONFIG}" in text, text[-3000:]
+        assert (
+            f"cannot listen on 127.0.0.1:{first.port}: another microtune server serves it"
+        ) in text
+        first.wait_health("readiness", SERVING, 10)
+    finally:
+        first.stop()
