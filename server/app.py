@@ -129,6 +129,8 @@ class App:
 
     async def start(self) -> int:
         s = self.settings
+        if not s.model_repository.is_dir():  # a typo'd path or a volume not mounted
+            raise CannotStart(f"model repository {s.model_repository} is not a directory")
         opts = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),

@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     from server.telemetry.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
+    if not settings.model_repository.is_dir():  # before the supervisor starts anything
+        logging.getLogger("microtune").error(
+            "cannot start: model repository %s is not a directory", settings.model_repository
+        )
+        return EXIT_CONFIG
     from server.supervisor import frontends_for, run_supervisor
 
     if frontends_for(settings) > 1:

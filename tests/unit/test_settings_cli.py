@@ -170,3 +170,24 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
         main(argv)
     assert info.value.code == 2
     assert "usage: microtune" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_a_missing_model_repository_stops_the_server_with_one_line(
+    frontends: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(A lone front ended with a traceback and code 1; a supervisor restarted its fronts, each
+    dying the same way, for ever.)"""
+    missing = tmp_path / "not-there"
+    argv = ["serve", "--model-repository", str(missing), "--grpc-port", "0"]
+    assert main([*argv, "--metrics-port", "-1", "--frontends", frontends]) == 78
+    err = capsys.readouterr().err
+    assert f"cannot start: model repository {missing} is not a directory" in err
+
+
+def test_a_front_finds_its_model_repository_gone(tmp_path: Path) -> None:
+    """A front of the supervisor (or a lone one started otherwise than by `main`) checks too."""
+    from server.cli import serve_front
+
+    settings = Settings(model_repository=tmp_path / "gone", grpc_port=0, metrics_port=-1)
+    assert serve_front(settings) == 78
