@@ -28,6 +28,7 @@ from server.control_sync import ControlSync
 from server.handler import InferenceHandler
 from server.lifecycle import ModelManager
 from server.models import ModelEntry, ModelTable
+from server.restarts import EXIT_GAVE_UP
 from server.router import Router
 from server.rpc.admin import RoutingAdminServicer
 from server.rpc.health import HealthState
@@ -336,9 +337,12 @@ class App:
         self.shm.close()
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT (0), or until the runtime worker kept dying and the front
+    gave up on it (EXIT_GAVE_UP: the container should be restarted)."""
     app = App(settings)
     stop = asyncio.Event()
+    app.link.on_give_up = stop.set
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -366,6 +370,7 @@ async def serve(settings: Settings) -> None:
         if orphan_watch is not None:
             orphan_watch.cancel()
         await app.stop()
+    return EXIT_GAVE_UP if app.link.gave_up else 0
 
 
 async def _exit_with_parent(parent: int, stop: asyncio.Event) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import sys
 from collections.abc import Coroutine
@@ -55,15 +54,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
-def run_loop(main: Coroutine[Any, Any, None]) -> None:
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
     """Run the server's event loop: uvloop where it is installed (a C event loop: cheaper
     callbacks and transports for every RPC), else asyncio's own."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,9 +94,9 @@ def serve_front(settings: Settings) -> int:
     from server.app import CannotStart, serve
 
     try:
-        with contextlib.suppress(KeyboardInterrupt):
-            run_loop(serve(settings))
+        return run_loop(serve(settings))
+    except KeyboardInterrupt:
+        return 0
     except (ArenaNoSpace, CannotStart) as exc:
         logging.getLogger("microtune").error("cannot start: %s", exc)
         return EXIT_CONFIG
-    return 0

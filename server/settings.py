@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     they end (a ModelStreamInfer stream is never cut; new calls go to the new connection)."""
     worker_start_timeout_s: float = Field(60.0, gt=0)
     """How long the worker may take to start listening."""
+    restart_limit: int = Field(8, ge=0)
+    """A runtime worker (or, under the supervisor, a front) that dies this many times within
+    --restart-window-s makes the server give up and exit with code 70, so that its container
+    is restarted (crash-looping) instead of respawning it for ever; restarts wait longer after
+    each death. 0 = never give up."""
+    restart_window_s: float = Field(600.0, gt=0)
+    """How long a death counts toward --restart-limit."""
     allow_client_shm: bool = False
     """Allow clients to register system shared-memory regions for inputs and outputs
     (Triton's --allow-client-shm); off by default because it maps client-named objects."""

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from runtime.ipc.shm import ArenaNoSpace, remove_stale_arenas, require_space
 from runtime.process import WorkerProcess
 from server.cli import EXIT_CONFIG
+from server.restarts import EXIT_GAVE_UP, RestartHistory, RestartPolicy, after_death
 from server.rundir import make_rundir, remove_leftovers, remove_rundir
 from server.settings import Settings
 from server.telemetry import GpuSampler, PodMetrics, setup_logging
@@ -130,6 +131,42 @@ def _pod_metrics(settings: Settings, tmp: Path) -> tuple[PodMetrics | None, GpuS
     return pod, gpu
 
 
+class _Restarts:
+    """One supervised process's deaths and the instant it is due to start again."""
+
+    def __init__(self, what: str, policy: RestartPolicy) -> None:
+        self.what = what
+        self.policy = policy
+        self.history = RestartHistory()
+        self.due: float | None = None
+
+    def died(self, now: float, exitcode: int | None) -> bool:
+        """Record a death; False when the server should give up."""
+        self.history, decision = after_death(self.policy, self.history, now)
+        if decision.give_up:
+            log.error(
+                "%s died %d times within %g s (last exit code %s); giving up: the server "
+                "exits (code %d) so that its container is restarted",
+                self.what,
+                decision.recent,
+                self.policy.window_s,
+                exitcode,
+                EXIT_GAVE_UP,
+            )
+            return False
+        log.error(
+            "%s died (exit code %s); restarting in %.1f s", self.what, exitcode, decision.delay_s
+        )
+        self.due = now + decision.delay_s
+        return True
+
+    def is_due(self, now: float) -> bool:
+        if self.due is None or now < self.due:
+            return False
+        self.due = None
+        return True
+
+
 def run_supervisor(settings: Settings) -> int:
     n = frontends_for(settings)
     remove_leftovers()
@@ -190,24 +227,38 @@ def run_supervisor(settings: Settings) -> int:
         log.info(
             "supervisor %d: %d front(s) on port %d, worker %s", os.getpid(), n, port, worker.pid
         )
+        policy = RestartPolicy(limit=settings.restart_limit, window_s=settings.restart_window_s)
+        worker_restarts = _Restarts("runtime worker", policy)
+        front_restarts = [_Restarts(f"front {i}", policy) for i in range(n)]
+        # Nothing in this loop blocks for long: a worker that takes its time to start again,
+        # or a front waiting for its restart, must not keep the others unwatched or SIGTERM
+        # unheard. (The fronts find a restarted worker on their own: they poll its socket.)
         while not stop.wait(0.2):
-            if not worker.is_alive():
-                log.error("runtime worker died (exit code %s); restarting", worker.exitcode)
-                worker.stop(1.0)
+            now = time.monotonic()
+            dead = worker_restarts.due is None and not worker.is_alive()
+            if dead and not worker_restarts.died(now, worker.exitcode):
+                code = EXIT_GAVE_UP
+                break
+            if worker_restarts.is_due(now):
+                worker.stop(1.0)  # (reaps the dead one)
                 worker.start()
-                with contextlib.suppress(Exception):
-                    worker.wait_listening(settings.worker_start_timeout_s)
             for i, p in enumerate(fronts):
-                if p.is_alive():
+                r = front_restarts[i]
+                if r.is_due(now):
+                    remove_stale_arenas()  # the dead front's arena: the new one needs the room
+                    fronts[i] = front(i)
+                    continue
+                if r.due is not None or p.is_alive():
                     continue
                 if p.exitcode == EXIT_CONFIG:  # would fail the same way again: the pod stops
                     log.error("front %d cannot start (see its error); stopping the server", i)
                     code = EXIT_CONFIG
-                    stop.set()
                     break
-                log.error("front %d died (exit code %s); restarting", i, p.exitcode)
-                remove_stale_arenas()  # its arena, so that the new one has the room back
-                fronts[i] = front(i)
+                if not r.died(now, p.exitcode):
+                    code = EXIT_GAVE_UP
+                    break
+            if code:
+                break
     finally:
         for p in fronts:
             if p.is_alive() and p.pid is not None:

@@ -23,6 +23,7 @@ from runtime.ipc.protocol import Welcome, WorkerStatus
 from runtime.ipc.shm import Arena, ArenaNoSpace, SlotPool, arena_name
 from runtime.process import WorkerProcess
 from runtime.settings import WorkerSettings
+from server.restarts import Decision, RestartHistory, RestartPolicy, after_death
 from server.rundir import make_rundir, remove_leftovers, remove_rundir
 from server.settings import Settings
 from server.telemetry.logs import setup_logging
@@ -78,6 +79,17 @@ class WorkerLink:
         self.restarts = 0
         self.on_restart: Callable[[], Awaitable[None]] | None = None
         self.on_lost: Callable[[], None] | None = None
+        # A front that owns its worker gives up on one that keeps dying (server.restarts); a
+        # front of the supervisor never does: the supervisor decides, and stops it.
+        self._policy = (
+            RestartPolicy(limit=settings.restart_limit, window_s=settings.restart_window_s)
+            if self.owner
+            else RestartPolicy(limit=0, first_delay_s=0.1, max_delay_s=1.0)
+        )
+        self._deaths = RestartHistory()
+        self._next = Decision(give_up=False, delay_s=0.0, recent=0)
+        self.gave_up = False
+        self.on_give_up: Callable[[], None] | None = None
         self._restart_task: asyncio.Task[None] | None = None
         self._stopping = False
         self.welcome: Welcome | None = None
@@ -178,12 +190,32 @@ class WorkerLink:
         log.error("runtime worker link lost (worker exit code %s); recovering", code)
         if self.on_lost is not None:
             self.on_lost()
+        self._died()
         if self._restart_task is None or self._restart_task.done():
             self._restart_task = asyncio.get_running_loop().create_task(self._restart())
 
+    def _died(self) -> None:
+        self._deaths, self._next = after_death(
+            self._policy, self._deaths, asyncio.get_running_loop().time()
+        )
+
     async def _restart(self) -> None:
-        delay = 0.1
         while not self._stopping:
+            decision = self._next
+            if decision.give_up:
+                log.error(
+                    "the runtime worker died %d times within %g s; giving up: the server "
+                    "exits so that its container is restarted",
+                    decision.recent,
+                    self._policy.window_s,
+                )
+                self.gave_up = True
+                if self.on_give_up is not None:
+                    self.on_give_up()
+                return
+            if decision.delay_s:
+                log.error("restarting the runtime worker in %.1f s", decision.delay_s)
+                await asyncio.sleep(decision.delay_s)
             try:
                 if self.process is not None:
                     self.process.kill()
@@ -193,9 +225,8 @@ class WorkerLink:
                 else:  # the supervisor respawns it: wait for the new socket
                     await self._connect(self.settings.worker_start_timeout_s)
             except Exception as exc:
-                log.error("worker recovery failed: %s; retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                log.error("worker recovery failed: %s", exc)
+                self._died()
                 continue
             self.restarts += 1
             if self.on_restart is not None:
@@ -206,11 +237,9 @@ class WorkerLink:
             if self.client is not None and not self.client.closed:
                 return
             # The worker died again while the models reloaded (a model whose load kills it
-            # is found out this way: reload_all loads it alone): `_lost` left the recovery to
-            # this task, which goes on, after a pause.
-            log.error("runtime worker lost again during recovery; retrying in %.1fs", delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            # is found out this way: reload_all loads it alone): `_lost` counted the death and
+            # left the recovery to this task, which goes on.
+            log.error("runtime worker lost again during recovery")
 
     async def stop(self) -> None:
         self._stopping = True
@@ -225,3 +254,4 @@ class WorkerLink:
         self._retire_arena()
         if self._dir is not None:
             remove_rundir(self._dir)
+
