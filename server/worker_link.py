@@ -75,6 +75,7 @@ class WorkerLink:
         )
         self.client: RuntimeClient | None = None
         self._arena: Arena | None = None
+        self._spare: Arena | None = None  # created, not yet connected (_connect_once)
         self._generation = 0
         self.restarts = 0
         self.on_restart: Callable[[], Awaitable[None]] | None = None
@@ -145,17 +146,22 @@ class WorkerLink:
                 await asyncio.sleep(0.05)
 
     async def _connect_once(self) -> None:
-        if self.client is not None and self.client.closed:
+        if self.client is not None and self.client.closed and self._arena is not None:
             # The lost worker's arena goes first: a /dev/shm sized for one arena per front
             # (the arena's pages are reserved) has no room for the new one beside it.
-            self._retire_arena()
-        self._generation += 1
+            self._arena = _remove(self._arena)
         s = self.settings
-        arena = Arena(
-            arena_name(os.getpid(), self._generation),
-            s.shm_slot_bytes * s.shm_slots,
-            create=True,
-        )
+        arena = self._spare
+        if arena is None:
+            # Kept across failed attempts: while a worker restarts, the connection is retried
+            # every 50 ms, and a new arena each time would reserve (and zero) its pages anew.
+            self._generation += 1
+            arena = Arena(
+                arena_name(os.getpid(), self._generation),
+                s.shm_slot_bytes * s.shm_slots,
+                create=True,
+            )
+            self._spare = arena
         client = RuntimeClient(
             self.worker_settings.socket_path,
             arena,
@@ -164,10 +170,12 @@ class WorkerLink:
         )
         try:
             self.welcome = await client.connect(on_lost=self._lost)
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise  # nothing listens yet: no worker saw the arena, the next attempt takes it
         except BaseException:
-            arena.unlink()
-            arena.close()
+            self._spare = _remove(arena)  # a worker may have mapped it, and may unlink it
             raise
+        self._spare = None
         self._retire_arena()
         self._arena, self.client = arena, client
         log.info(
@@ -178,10 +186,9 @@ class WorkerLink:
         )
 
     def _retire_arena(self) -> None:
-        if self._arena is not None:
-            self._arena.unlink()
-            self._arena.close()
-            self._arena = None
+        """Remove the arena in use and a spare one."""
+        self._arena = _remove(self._arena) if self._arena is not None else None
+        self._spare = _remove(self._spare) if self._spare is not None else None
 
     def _lost(self) -> None:
         if self._stopping:
@@ -255,3 +262,7 @@ class WorkerLink:
         if self._dir is not None:
             remove_rundir(self._dir)
 
+
+def _remove(arena: Arena) -> None:
+    arena.unlink()
+    arena.close()
