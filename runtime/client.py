@@ -145,6 +145,12 @@ class RuntimeClient:
         self.closed = True
         self.inline_outputs = 0  # counted slow path: outputs that did not fit the reservation
         self.direct_calls = 0  # calls sent on a direct channel
+        # Calls whose caller gave up before the answer, by call id: (model, version). The
+        # worker counts each execution on one call of its batch (Timings.executions); when
+        # that call is one of these, `on_orphan_execution` is told, so statistics still count
+        # the execution the other calls of the batch shared.
+        self._orphans: dict[int, tuple[str, int]] = {}
+        self.on_orphan_execution: Callable[[str, int, Timings], None] | None = None
 
     async def connect(self, on_lost: Callable[[], None] | None = None) -> Welcome:
         loop = self._loop = asyncio.get_running_loop()
@@ -311,10 +317,14 @@ class RuntimeClient:
                     # Answered as the deadline or a cancellation hit: the reader left the
                     # lease to this call, which must return it.
                     self._release_call(call_id)
+                    answer = fut.result()
+                    if isinstance(answer, InferDone):
+                        self._orphan_answered(name, version, answer)
                 else:
                     # Not answered yet (wait_for may already have cancelled it): the reader
                     # returns the lease when the worker's answer arrives.
                     fut.cancel()
+                    self._orphans[call_id] = (name, version)
                 raise
         finally:
             if not released:  # never sent (a link or channel gone): nobody else returns it
@@ -412,6 +422,9 @@ class RuntimeClient:
             if fut is None or fut.done():
                 # The caller gave up (deadline, cancellation): nobody copies outputs out.
                 self._release_call(key)
+                orphan = self._orphans.pop(key, None)
+                if orphan is not None:
+                    self._orphan_answered(*orphan, msg)
                 return
             fut.set_result(msg)
             return
@@ -424,6 +437,15 @@ class RuntimeClient:
         fut = self._pending.pop(key, None)
         if fut is not None and not fut.done():
             fut.set_result(msg)
+
+    def _orphan_answered(self, name: str, version: int, done: InferDone) -> None:
+        t = done.timings  # (None in an answer that ran nothing: a deadline, an error)
+        if t is None or not t.executions or self.on_orphan_execution is None:
+            return
+        try:
+            self.on_orphan_execution(name, version, t)
+        except Exception:  # statistics must never break the link's reader
+            log.exception("counting an abandoned call's execution failed")
 
     def _lost(self, exc: BaseException | None) -> None:
         if not self.closed and exc is not None:
@@ -443,6 +465,7 @@ class RuntimeClient:
         """Fail what waits on `keys` (calls, requests) with `exc`, and return the calls'
         leases: the worker will never write into them (dead, or it never read the calls)."""
         for key in keys:
+            self._orphans.pop(key, None)
             fut = self._pending.pop(key, None)
             if fut is not None and not fut.done():
                 fut.set_exception(exc)

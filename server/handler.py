@@ -22,7 +22,7 @@ from runtime.client import (
     OutputTensor,
     WorkerGone,
 )
-from runtime.ipc.protocol import Code, ModelSignature
+from runtime.ipc.protocol import Code, ModelSignature, Timings
 from server import __version__
 from server.cuda_regions import CudaRegions
 from server.errors import (
@@ -133,6 +133,18 @@ class InferenceHandler:
         self.server_name = server_name
         self.started = False  # the repository's first load pass has finished
         self.peers: StatsPeers | None = None  # the pod's other fronts (--frontends N)
+        link.on_orphan_execution = self._orphan_execution
+
+    def _orphan_execution(self, model: str, version: int, t: Timings) -> None:
+        """An execution counted on a call whose caller gave up (a cancellation, a deadline
+        hit while it ran): its batch's other calls were answered, so it did run."""
+        entry = self.table.models.get(model)
+        ve = entry.versions.get(version) if entry is not None else None
+        if ve is not None:
+            ve.stats.record_execution(t)
+        if self.metrics is not None:
+            replay = {"replay": True, "fallback": False}.get(t.mode)
+            self.metrics.observe_execution(model, version, t.batch_size, graph_replay=replay)
 
     # ------------------------------------------------------------ health and metadata
 

@@ -52,7 +52,7 @@ class VersionStats:
         self.compute_output.add(t.output_ns)
         self.inference_count += batch_size
         self.last_inference_ms = time.time_ns() // 1_000_000
-        self._record_execution(t)
+        self.record_execution(t)
 
     def record_failure(self, total_ns: int, t: Timings | None = None) -> None:
         """A failed request; `t` when the model ran it (its answer then failed: an output
@@ -60,9 +60,11 @@ class VersionStats:
         self.fail.add(total_ns)
         self.last_inference_ms = time.time_ns() // 1_000_000
         if t is not None:
-            self._record_execution(t)
+            self.record_execution(t)
 
-    def _record_execution(self, t: Timings) -> None:
+    def record_execution(self, t: Timings) -> None:
+        """The execution `t` was counted on (a request's, or one its caller abandoned:
+        runtime.client.RuntimeClient.on_orphan_execution)."""
         if not t.executions:
             return  # another request of the same execution counts it
         self.execution_count += t.executions

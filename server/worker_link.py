@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from runtime.client import RuntimeClient, WorkerGone
-from runtime.ipc.protocol import Welcome, WorkerStatus
+from runtime.ipc.protocol import Timings, Welcome, WorkerStatus
 from runtime.ipc.shm import Arena, ArenaNoSpace, SlotPool, arena_name
 from runtime.process import WorkerProcess
 from runtime.settings import WorkerSettings
@@ -80,6 +80,9 @@ class WorkerLink:
         self.restarts = 0
         self.on_restart: Callable[[], Awaitable[None]] | None = None
         self.on_lost: Callable[[], None] | None = None
+        # Given to every client (RuntimeClient.on_orphan_execution): statistics of executions
+        # whose counted call was abandoned.
+        self.on_orphan_execution: Callable[[str, int, Timings], None] | None = None
         # A front that owns its worker gives up on one that keeps dying (server.restarts); a
         # front of the supervisor never does: the supervisor decides, and stops it.
         self._policy = (
@@ -168,6 +171,7 @@ class WorkerLink:
             SlotPool(s.shm_slot_bytes, s.shm_slots),
             frontend_id=self.frontend_id,
         )
+        client.on_orphan_execution = self.on_orphan_execution
         try:
             self.welcome = await client.connect(on_lost=self._lost)
         except (ConnectionRefusedError, FileNotFoundError):

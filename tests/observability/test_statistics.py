@@ -138,3 +138,38 @@ def test_statistics_of_every_model_and_unknown_version(traced: InProcess) -> Non
         ("rows4", "1"),
     }
     assert code is grpc.StatusCode.NOT_FOUND
+
+
+def test_an_execution_shared_with_an_abandoned_request_is_counted(traced: InProcess) -> None:
+    """The worker counts each execution on one call of its batch (the first). When that call's
+    client cancels it while it waits in the batcher's queue, the batch still runs and its
+    other request is answered: the execution must still be counted once."""
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with grpc.aio.insecure_channel(traced.target) as ch:
+            stub = pbg.GRPCInferenceServiceStub(ch)
+
+            async def stats() -> dict[str, Any]:
+                req = pb.ModelStatisticsRequest(name=MODEL, version=VERSION)
+                return snapshot(await stub.ModelStatistics(req))
+
+            before = await stats()
+            abandoned = stub.ModelInfer(rows4_request(1))
+            await asyncio.sleep(0.02)  # queued: the batcher waits 100 ms for company
+            abandoned.cancel()
+            await stub.ModelInfer(rows4_request(2))  # joins the same execution
+            for _ in range(100):  # the abandoned call's answer arrives after the other's
+                after = await stats()
+                if after["execution_count"] != before["execution_count"]:
+                    break
+                await asyncio.sleep(0.01)
+            return before, after
+
+    before, after = traced.run(scenario())
+    assert after["inference_count"] - before["inference_count"] == 2  # the answered request
+    assert after["execution_count"] - before["execution_count"] == 1
+    batches = {
+        size: counts[1] - before["batches"].get(size, (0, 0, 0))[1]
+        for size, counts in after["batches"].items()
+    }
+    assert {size: n for size, n in batches.items() if n} == {3: 1}
