@@ -58,6 +58,7 @@ def exercise() -> CollectorRegistry:
     m.observe_shadow("dense", 1, ShadowOutcome.MATCH, 0.0)
     m.track_shm_slots(lambda: 0, lambda: 1024)
     m.set_pinned_bytes(0)
+    m.trace_chunk_lost("backlog")
     gpu = GpuSampler(m.registry, probe_factory=_FakeGpu)
     assert gpu.open()
     gpu.sample_once()

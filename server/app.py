@@ -79,6 +79,8 @@ class App:
         self.tracing = make_tracing(
             settings.tracing, settings.trace_sampling_ratio, __version__, span_exporter
         )
+        if self.metrics is not None and self.tracing is not None and self.tracing.sender:
+            self.tracing.sender.on_loss = self.metrics.trace_chunk_lost
         self.router = Router(self.table, on_rollback=self._rolled_back)
         self.manager.on_model_loaded = self._model_loaded
         self.handler = InferenceHandler(

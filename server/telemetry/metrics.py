@@ -213,6 +213,13 @@ class Metrics:
             (),
         )
         self._send_stalls_seen = 0  # the worker's running count at the last report
+        self.trace_chunks_lost = counter(
+            "microtune_trace_chunks_lost",
+            "Chunks of request spans (up to 1024 requests each) not exported, by reason:"
+            " backlog (too many exports in flight) or export_failed (the collector refused"
+            " them, or could not be reached).",
+            ("reason",),
+        )
         self.model_state = gauge(
             "microtune_model_state",
             "1 for the state a model version is in, 0 for the other states.",
@@ -445,6 +452,10 @@ class Metrics:
         new = total - seen if total >= seen else total
         if new:
             self.send_stalls.inc(new)
+
+    def trace_chunk_lost(self, reason: str) -> None:
+        """server.telemetry.otlp_async.AsyncChunkSender.on_loss."""
+        self.trace_chunks_lost.labels(reason).inc()
 
     def worker_restarted(self) -> None:
         """A new worker counts stalls from 0: its first report is all new, even when it is

@@ -16,6 +16,7 @@ codes), and retries follow its rule: up to 6 attempts within the timeout, backin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import random
@@ -55,8 +56,13 @@ class AsyncChunkSender:
         self._channel: grpc.aio.Channel | None = None
         self._export: grpc.aio.UnaryUnaryMultiCallable | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing: asyncio.Event | None = None  # set by close()
+        self._close_by = float("inf")  # loop time by which close() wants the sends done
         self.dropped = 0  # chunks not sent: too many in flight
         self.failed = 0  # chunks the collector never accepted
+        # Told of each chunk lost, with why ("backlog": too many in flight; "export_failed":
+        # the collector never accepted it): the front's metrics count them.
+        self.on_loss: Callable[[str], None] | None = None
 
     def submit(self, payload: Callable[[], bytes]) -> None:
         """Send what `payload()` returns, in the background (call on the event loop)."""
@@ -64,6 +70,7 @@ class AsyncChunkSender:
             self.dropped += 1
             if self.dropped == 1:
                 log.warning("the trace collector is too slow: dropping spans (said once)")
+            self._lost("backlog")
             return
         # A context of its own: the request whose span filled the chunk set the log context
         # (trace and span ids), which the send's own log lines must not carry.
@@ -73,13 +80,27 @@ class AsyncChunkSender:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def close(self, timeout_s: float = 10.0) -> None:
-        """Wait up to `timeout_s` for the sends in flight, then close the channel."""
+    async def close(self, timeout_s: float = 3.0) -> None:
+        """Give the sends in flight `timeout_s` to finish, retries included when they fit (a
+        send waiting out a longer backoff gives up at once: with the collector down, its
+        retries would hold the shutdown ~10 s), then close the channel."""
+        loop = asyncio.get_running_loop()
+        self._close_by = loop.time() + timeout_s
+        self._closing_event().set()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+
+    def _closing_event(self) -> asyncio.Event:
+        if self._closing is None:
+            self._closing = asyncio.Event()
+        return self._closing
+
+    def _lost(self, reason: str) -> None:
+        if self.on_loss is not None:
+            self.on_loss(reason)
 
     def _connect(self) -> grpc.aio.UnaryUnaryMultiCallable:
         if self._insecure:
@@ -105,10 +126,12 @@ class AsyncChunkSender:
     async def _send(self, payload: bytes) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
+        closing = self._closing_event()
         for attempt in range(_ATTEMPTS):
             export = self._export or self._connect()
             try:
-                await export(payload, metadata=self._headers, timeout=deadline - loop.time())
+                limit = min(deadline, self._close_by)
+                await export(payload, metadata=self._headers, timeout=limit - loop.time())
                 return
             except grpc.aio.AioRpcError as error:
                 code = error.code()
@@ -123,15 +146,9 @@ class AsyncChunkSender:
                 if (
                     code not in self._retryable
                     or attempt + 1 == _ATTEMPTS
-                    or backoff > deadline - loop.time()
+                    or backoff > min(deadline, self._close_by) - loop.time()
                 ):
-                    self.failed += 1
-                    log.error(
-                        "failed to export spans to %s: %s %s",
-                        self._endpoint,
-                        code.name,
-                        error.details(),
-                    )
+                    self._failed(code, error.details())
                     return
                 log.warning(
                     "transient error %s exporting spans to %s, retrying in %.2fs",
@@ -139,4 +156,16 @@ class AsyncChunkSender:
                     self._endpoint,
                     backoff,
                 )
-                await asyncio.sleep(backoff)
+                wake_at = loop.time() + backoff
+                with contextlib.suppress(TimeoutError):  # close() wakes the wait
+                    await asyncio.wait_for(closing.wait(), backoff)
+                if wake_at > self._close_by:  # the retry would come after the close
+                    self._failed(code, "the server is shutting down")
+                    return
+                if wake_at > loop.time():
+                    await asyncio.sleep(wake_at - loop.time())
+
+    def _failed(self, code: grpc.StatusCode, details: str | None) -> None:
+        self.failed += 1
+        log.error("failed to export spans to %s: %s %s", self._endpoint, code.name, details)
+        self._lost("export_failed")

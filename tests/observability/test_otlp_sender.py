@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 import pytest
@@ -79,8 +80,53 @@ def test_a_permanent_error_is_not_retried(
 def test_a_slow_collector_makes_it_drop_not_queue(collector: FakeCollector) -> None:
     collector.delay_s = 0.3
     s = sender(collector, max_in_flight=2)
+    lost: list[str] = []
+    s.on_loss = lost.append
     asyncio.run(send(s, times=5))
     assert (collector.attempts, s.dropped, len(collector.spans())) == (2, 3, 2)
+    assert lost == ["backlog"] * 3
+
+
+async def first_attempt(collector: FakeCollector) -> None:
+    for _ in range(500):
+        if collector.attempts:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the collector was never called")
+
+
+def test_closing_does_not_wait_out_a_long_retry_delay(collector: FakeCollector) -> None:
+    """With the collector down, a send waits 1, 2, 4 ... s between attempts: the shutdown
+    used to wait up to 10 s for it. A retry that would come after the close's budget gives up
+    at once; the chunk counts as lost."""
+    collector.refuse = [(grpc.StatusCode.UNAVAILABLE, 5.0)]
+    s = sender(collector)
+    lost: list[str] = []
+    s.on_loss = lost.append
+
+    async def scenario() -> float:
+        s.submit(lambda: PAYLOAD)
+        await first_attempt(collector)  # refused: now waiting 5 s to retry
+        await asyncio.sleep(0.05)
+        start = time.monotonic()
+        await s.close(timeout_s=3.0)
+        return time.monotonic() - start
+
+    assert asyncio.run(scenario()) < 1.0
+    assert (collector.attempts, s.failed, lost) == (1, 1, ["export_failed"])
+
+
+def test_closing_still_lets_a_short_retry_through(collector: FakeCollector) -> None:
+    collector.refuse = [(grpc.StatusCode.UNAVAILABLE, 0.2)]
+    s = sender(collector)
+
+    async def scenario() -> None:
+        s.submit(lambda: PAYLOAD)
+        await first_attempt(collector)
+        await s.close(timeout_s=3.0)
+
+    asyncio.run(scenario())
+    assert (collector.attempts, s.failed, len(collector.spans())) == (2, 0, 1)
 
 
 def test_the_senders_log_lines_carry_no_requests_trace(collector: FakeCollector) -> None:

@@ -45,6 +45,7 @@ FAMILIES: dict[str, tuple[str, set[str]]] = {
     "microtune_shm_slots_capacity": ("gauge", set()),
     "microtune_pinned_memory_bytes": ("gauge", set()),
     "microtune_worker_send_stalls": ("counter", set()),
+    "microtune_trace_chunks_lost": ("counter", {"reason"}),
     "microtune_model_state": ("gauge", {"model", "version", "state"}),
     "microtune_model_load_duration_seconds": ("gauge", {"model", "version"}),
     "microtune_model_device_memory_bytes": ("gauge", {"model", "version"}),
@@ -78,6 +79,7 @@ def exercise(m: Metrics) -> None:
     m.track_shm_slots(lambda: 3, lambda: 64)
     m.set_pinned_bytes(64 << 20)
     m.set_send_stalls(2)
+    m.trace_chunk_lost("export_failed")
     m.observe_model_load("dense", 1, 0.75)
     m.set_model_device_memory("dense", 1, 12 << 20)
     m.set_routing_weights("dense", {1: 9000, 2: 1000})
