@@ -203,12 +203,13 @@ class GpuSampler:
             self._failing = True
 
     def start(self) -> None:
-        """Open the probe and sample in the background (NVML init can take a while)."""
+        """Sample in the background, opening the probe first unless open() did (NVML init
+        can take a while)."""
         self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        if not self.open():
+        if self._probe is None and not self.open():  # (callers may have opened it)
             return
         while not self._stop.is_set():
             self.sample_once()

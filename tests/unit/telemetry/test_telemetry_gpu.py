@@ -176,6 +176,23 @@ def test_background_thread_samples_and_stops(nvml: Any) -> None:
     assert nvml.calls[-1] == "shutdown"
 
 
+def test_open_then_start_initialises_nvml_once(nvml: Any) -> None:
+    """What the front and the supervisor do (open to know whether to start): start() used to
+    open a second probe, so NVML was initialised twice and shut down once."""
+    sampler = GpuSampler(CollectorRegistry(), interval_s=0.01)
+    assert sampler.open()
+    sampler.start()
+    try:
+        for _ in range(500):
+            if len(sampler.samples) == 2:
+                break
+            time.sleep(0.01)
+        assert len(sampler.samples) == 2
+    finally:
+        sampler.stop()
+    assert (nvml.calls.count("init"), nvml.calls.count("shutdown")) == (1, 1)
+
+
 def test_without_nvml_one_line_and_nothing_exported(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
