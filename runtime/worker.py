@@ -369,7 +369,15 @@ class Worker:
         def waker(model: GraphModel) -> Waker:
             def queue(call: Infer, chan: Channel, received_ns: int) -> None:
                 buf, regions = chan.arena_buf(), chan.regions
-                queue_call(model.submit, call, chan.answer, buf, regions, received_ns)
+                queue_call(
+                    model,
+                    call,
+                    chan.answer,
+                    buf,
+                    regions,
+                    received_ns,
+                    lambda: self.graph_models.get(key),
+                )
 
             return Waker(channels, queue)
 

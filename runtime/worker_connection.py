@@ -284,10 +284,19 @@ class Connection:
     def _dispatch(self, call: Infer, received_ns: int) -> None:
         """Batched models queue the call on their batcher (answered by its thread); others
         run it on the pool."""
-        graph_model = self.worker.graph_models.get((call.name, call.version))
+        key = (call.name, call.version)
+        graph_model = self.worker.graph_models.get(key)
         if graph_model is not None and self.arena is not None:
             buf = self.arena.buf
-            queue_call(graph_model.submit, call, self.send_quiet, buf, self.regions, received_ns)
+            queue_call(
+                graph_model,
+                call,
+                self.send_quiet,
+                buf,
+                self.regions,
+                received_ns,
+                lambda: self.worker.graph_models.get(key),
+            )
             return
         batcher = self.worker.batchers.get((call.name, call.version))
         if batcher is not None and call.bound:

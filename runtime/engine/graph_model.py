@@ -378,28 +378,39 @@ class GraphModel:
 
 
 def queue_call(
-    submit: Callable[[Pending[Queued]], None],
+    model: GraphModel,
     call: Infer,
     answer: Callable[[InferDone], None],
     buf: memoryview,
     regions: RegionTable | None,
     received_ns: int,
+    current: Callable[[], GraphModel | None] = lambda: None,
 ) -> None:
-    """Queue `call` on a graph-served version (`submit`: its GraphModel's); a full queue or a
-    version being replaced or unloaded is answered at once through `answer`."""
+    """Queue `call` on a graph-served version's instance `model`; a full queue is answered at
+    once through `answer`. A reload swaps the instance between the caller's lookup of `model`
+    and this submit, then closes the old one: the call goes to the instance `current()` names
+    now (a hot swap drops nothing). Only a version being unloaded answers it NOT_READY."""
     payload = (answer, call, buf, received_ns, regions)
-    try:
-        submit(Pending(call.call_id, call.rows, received_ns, call.deadline_ns, payload=payload))
-    except QueueFull as exc:
-        answer(InferDone(call.call_id, Code.OVERLOADED, str(exc)))
-    except BatcherClosed:
-        answer(
-            InferDone(
-                call.call_id,
-                Code.NOT_READY,
-                f"model '{call.name}' version {call.version} is being replaced or unloaded",
-            )
+    item = Pending(call.call_id, call.rows, received_ns, call.deadline_ns, payload=payload)
+    while True:
+        try:
+            model.submit(item)
+            return
+        except QueueFull as exc:
+            answer(InferDone(call.call_id, Code.OVERLOADED, str(exc)))
+            return
+        except BatcherClosed:
+            successor = current()
+            if successor is None or successor is model:
+                break
+            model = successor
+    answer(
+        InferDone(
+            call.call_id,
+            Code.NOT_READY,
+            f"model '{call.name}' version {call.version} is being replaced or unloaded",
         )
+    )
 
 
 def _all_to_arena(call: Infer, names: tuple[str, ...]) -> bool:

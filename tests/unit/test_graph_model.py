@@ -13,7 +13,7 @@ import pytest
 
 from runtime.engine.batcher import Batcher, Pending
 from runtime.engine.buckets import BucketTable
-from runtime.engine.graph_model import GraphModel, Queued
+from runtime.engine.graph_model import GraphModel, Queued, queue_call
 from runtime.engine.graphs import GraphSet
 from runtime.engine.session import make_session, signature_of
 from runtime.ipc.pinning import CudaError
@@ -428,3 +428,43 @@ def test_large_outputs_are_copied_from_the_device_straight_into_the_arena(
         assert out.offset == (call_id << 20) + 4096 and out.nbytes == x.shape[0] * width * 4
         got = np.frombuffer(arena, np.float32, out.nbytes // 4, out.offset).reshape(out.shape)
         np.testing.assert_allclose(got, ref.run(None, {"INPUT0": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_call_routed_to_a_replaced_instance_goes_to_its_successor() -> None:
+    """A reload swaps the version's instance, then closes the old one. A call whose lookup
+    found the old one just before the swap met its closed batcher and was answered
+    NOT_READY (UNAVAILABLE to the client): a hot swap that dropped a request. It now goes to
+    the instance that serves the version now."""
+    old, new = _start(), _start()
+    old.close()
+    arena = memoryview(bytearray(262144))
+    call, x = _call(arena, 11, 1, 0)
+    answers = _Answers(1)
+    queue_call(old, call, answers, arena, None, time.monotonic_ns(), lambda: new)
+    try:
+        assert answers.wait()
+    finally:
+        new.close()
+    d = answers[call.call_id]
+    assert d.code == Code.OK, d.message
+    sess = make_session(str(DENSE / "model.onnx"), "cpu", 1)
+    out = d.outputs[0]
+    got = np.frombuffer(arena, np.float32, count=out.nbytes // 4, offset=out.offset)
+    want = sess.run(["OUTPUT0"], {"INPUT0": x})[0]
+    np.testing.assert_allclose(got.reshape(out.shape), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("now", ["unloaded", "still listed"])
+def test_a_call_to_a_version_being_unloaded_is_answered_not_ready(now: str) -> None:
+    model = _start()
+    model.close()
+    arena = memoryview(bytearray(262144))
+    call, _ = _call(arena, 12, 1, 0)
+    answers = _Answers(1)
+    current = (lambda: None) if now == "unloaded" else (lambda: model)
+    queue_call(model, call, answers, arena, None, time.monotonic_ns(), current)
+    assert answers[call.call_id].code == Code.NOT_READY
+    assert answers[call.call_id].message == (
+        "model 'dense' version 1 is being replaced or unloaded"
+    )
+
