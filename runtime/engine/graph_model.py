@@ -83,6 +83,11 @@ class GraphModel:
         model.idle = None if idle is None else idle(model)
         loaded = threading.Event()
         failure: list[BaseException] = []
+        # Set (under `decided`) by a caller that stopped waiting: the load, when it ends,
+        # frees what it made instead of serving a version nobody will route to (on a GPU, its
+        # session and captured graphs would hold device memory for the process's life).
+        abandoned = False
+        decided = threading.Lock()
 
         def serve() -> None:
             try:
@@ -92,10 +97,21 @@ class GraphModel:
                     if spec.golden_path:
                         model._self_test(spec.golden_path)
                 except BaseException as exc:
+                    if model.graphs is not None:  # the self-test failed: free its graphs now
+                        model.graphs.close()
                     failure.append(exc)
                     loaded.set()
                     return
-                loaded.set()
+                with decided:
+                    if abandoned:
+                        log.warning(
+                            "%s version %d: loaded after its load timed out; freed",
+                            spec.name,
+                            spec.version,
+                        )
+                        model.graphs.close()
+                        return
+                    loaded.set()
                 try:
                     batcher.run(model._run_batch, model._expire, model.idle)
                 finally:
@@ -109,7 +125,11 @@ class GraphModel:
         )
         model._thread.start()
         if not loaded.wait(timeout_s):
-            raise TimeoutError(f"capture of {spec.name} version {spec.version} took too long")
+            with decided:
+                if not loaded.is_set():
+                    abandoned = True
+            if abandoned:
+                raise TimeoutError(f"capture of {spec.name} version {spec.version} took too long")
         if failure:
             raise failure[0]
         return model

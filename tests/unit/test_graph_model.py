@@ -468,3 +468,54 @@ def test_a_call_to_a_version_being_unloaded_is_answered_not_ready(now: str) -> N
         "model 'dense' version 1 is being replaced or unloaded"
     )
 
+
+class _SlowGraphs:
+    """Stands in for a GraphSet whose load and captures take `load_s`."""
+
+    def __init__(self) -> None:
+        self.signature = ModelSignature((), ())
+        self.closed = threading.Event()
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def test_a_load_that_times_out_frees_what_it_loads_later() -> None:
+    """The caller gives up (LoadDone INTERNAL: the capture took too long); the load went on
+    and then served, for nobody, holding its session and graphs (device memory) for good."""
+    made: list[_SlowGraphs] = []
+
+    def make() -> Any:
+        time.sleep(0.3)
+        made.append(_SlowGraphs())
+        return made[-1]
+
+    batcher: Batcher[Queued] = Batcher(8)
+    with pytest.raises(TimeoutError, match="capture of dense version 1 took too long"):
+        GraphModel.start(_spec(), make, batcher, timeout_s=0.05)
+    for _ in range(200):
+        if made:
+            break
+        time.sleep(0.01)
+    assert made and made[0].closed.wait(5)
+
+
+def test_a_failed_self_test_frees_the_graphs_at_once(tmp_path: Path) -> None:
+    made: list[_SlowGraphs] = []
+
+    def make() -> Any:
+        made.append(_SlowGraphs())
+        return made[-1]
+
+    spec = LoadModel(
+        1,
+        "dense",
+        1,
+        str(DENSE / "model.onnx"),
+        8,
+        ModelSignature((), ()),
+        golden_path=str(tmp_path / "no-such-golden.npz"),
+    )
+    with pytest.raises(Exception):  # noqa: B017 - whatever the self-test raised
+        GraphModel.start(spec, make, Batcher(8))
+    assert made[0].closed.is_set()
