@@ -36,6 +36,8 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 
 
 ROUTE_REASON_KEY = "x-route-reason"
+# Requests of one ModelStreamInfer in progress at once (see InferenceServicer.ModelStreamInfer).
+STREAM_WINDOW = 64
 _NO_HINTS = RouteHints()
 _OK = grpc.StatusCode.OK  # (an Enum member read through its class costs ~1k instructions)
 
@@ -149,41 +151,70 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Ctx
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        # Errors of one request travel in error_message and the stream goes on (Triton's form).
+        """Each request runs as soon as it arrives, beside the stream's earlier ones (so they
+        batch together, as separate ModelInfer calls would), and the responses go back in the
+        order of the requests, as Triton's stream does for a model that is not decoupled.
+        At most STREAM_WINDOW requests are in progress: past that, the stream is read no
+        further until the oldest is answered (gRPC's flow control then holds the client)."""
         hints = _hints(context.invocation_metadata())
-        tracer = self.h.tracer
-        async for request in request_iterator:
-            # The stream's server span is the interceptor's; each request adds its inner spans.
-            span = None if tracer is None else tracer.begin_inner()
+        deadline = _deadline(context)
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        answers: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
+
+        async def read() -> None:
             try:
-                start = time.perf_counter_ns()
+                async for request in request_iterator:
+                    await window.acquire()
+                    answers.put_nowait(
+                        asyncio.create_task(self._stream_one(request, deadline, hints))
+                    )
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await answers.get()) is not None:
                 try:
-                    decoded = codec.decode_infer(request)
-                except MicrotuneError as exc:
-                    self.h.refused(request.model_name, exc, start)
-                    raise
-                result = await self.h.infer(decoded, _deadline(context), hints, span)
-                if span is not None:
-                    tracer.end(span, grpc.StatusCode.OK)  # type: ignore[union-attr]
-                yield pb.ModelStreamInferResponse(infer_response=codec.encode_infer(result))
+                    yield await task
+                finally:
+                    window.release()
+            await reader  # a read that failed (the client's stream broke) fails the call
+        finally:
+            reader.cancel()
+            while not answers.empty():
+                if (left := answers.get_nowait()) is not None:
+                    left.cancel()
+
+    async def _stream_one(
+        self, request: pb.ModelInferRequest, deadline: float | None, hints: RouteHints
+    ) -> pb.ModelStreamInferResponse:
+        # Errors of one request travel in error_message and the stream goes on (Triton's form).
+        tracer = self.h.tracer
+        # The stream's server span is the interceptor's; each request adds its inner spans.
+        span = None if tracer is None else tracer.begin_inner()
+        try:
+            start = time.perf_counter_ns()
+            try:
+                decoded = codec.decode_infer(request)
             except MicrotuneError as exc:
-                if span is not None:
-                    tracer.end(span, status_of(exc), exc.message)  # type: ignore[union-attr]
-                yield pb.ModelStreamInferResponse(
-                    error_message=exc.message,
-                    infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name, id=request.id
-                    ),
-                )
-            except Exception:
-                if span is not None:
-                    tracer.end(span, grpc.StatusCode.INTERNAL)  # type: ignore[union-attr]
-                yield pb.ModelStreamInferResponse(
-                    error_message=internal_error("ModelStreamInfer", request),
-                    infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name, id=request.id
-                    ),
-                )
+                self.h.refused(request.model_name, exc, start)
+                raise
+            result = await self.h.infer(decoded, deadline, hints, span)
+            if span is not None:
+                tracer.end(span, grpc.StatusCode.OK)  # type: ignore[union-attr]
+            return pb.ModelStreamInferResponse(infer_response=codec.encode_infer(result))
+        except MicrotuneError as exc:
+            if span is not None:
+                tracer.end(span, status_of(exc), exc.message)  # type: ignore[union-attr]
+            error = exc.message
+        except Exception:
+            if span is not None:
+                tracer.end(span, grpc.StatusCode.INTERNAL)  # type: ignore[union-attr]
+            error = internal_error("ModelStreamInfer", request)
+        return pb.ModelStreamInferResponse(
+            error_message=error,
+            infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+        )
 
     ModelStreamInfer.__rpc_errors__ = True  # type: ignore[attr-defined]  # handles its own
 
