@@ -164,6 +164,29 @@ class GraphModel:
         answer(InferDone(call.call_id, Code.DEADLINE, "deadline expired while queued"))
 
     def _run_batch(self, batch: list[Pending[Queued]]) -> None:
+        """Run one batch; every call gets exactly one answer. The known failures (a call's
+        input, its region, its outputs; a batch that fails) are answered per call where they
+        happen. Anything else, a bug, would leave the batch's unanswered calls waiting for
+        ever (the batcher only logs what its execute raised) with their arena leases held:
+        those are answered INTERNAL here. Each answer goes through a once-only wrapper, so
+        none is answered twice (a second answer would return its lease twice)."""
+        answered: set[int] = set()
+        tracked = [_answer_once(p, answered) for p in batch]
+        try:
+            self._run_tracked(tracked)
+        except Exception:
+            log.exception(
+                "model '%s' version %d: a batch of %d call(s) failed unexpectedly",
+                self.name,
+                self.version,
+                len(batch),
+            )
+            for p in tracked:
+                p.payload[0](
+                    InferDone(p.call_id, Code.INTERNAL, "the runtime worker failed the batch")
+                )
+
+    def _run_tracked(self, batch: list[Pending[Queued]]) -> None:
         graphs = self.graphs
         assert graphs is not None and self.signature is not None
         t0 = time.monotonic_ns()
@@ -395,6 +418,23 @@ class GraphModel:
             links=(call.span,) if call.span else (),
         )
         answer(InferDone(call.call_id, Code.OK, outputs=run.outputs, timings=timings))
+
+
+def _answer_once(p: Pending[Queued], answered: set[int]) -> Pending[Queued]:
+    """`p` with an answer callback that answers only the first time. `answered` collects the
+    batch's answered calls by the id of their original Pending (call ids repeat across
+    fronts; the batch list keeps the Pendings, and so their ids, alive)."""
+    answer, call, buf, recv, regions = p.payload
+    key = id(p)
+
+    def once(done: InferDone) -> None:
+        if key in answered:
+            return
+        answered.add(key)
+        answer(done)
+
+    payload = (once, call, buf, recv, regions)
+    return Pending(p.call_id, p.batch_size, p.enqueued_ns, p.deadline_ns, payload=payload)
 
 
 def queue_call(

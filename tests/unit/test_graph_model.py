@@ -519,3 +519,39 @@ def test_a_failed_self_test_frees_the_graphs_at_once(tmp_path: Path) -> None:
     with pytest.raises(Exception):  # noqa: B017 - whatever the self-test raised
         GraphModel.start(spec, make, Batcher(8))
     assert made[0].closed.is_set()
+
+
+def test_an_unexpected_failure_in_a_batch_answers_each_call_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug past the per-call handling (here: building the second call's timings) left the
+    calls not yet answered waiting for ever, their leases held: the batcher only logs what
+    its execute raised. They are answered INTERNAL; the one already answered is not again."""
+    from runtime.engine import graph_model
+
+    real = graph_model._padded
+    seen = []
+
+    def padded_failing_second(result: Any) -> int:
+        seen.append(result)
+        if len(seen) == 2:
+            raise RuntimeError("a bug")
+        return real(result)
+
+    monkeypatch.setattr(graph_model, "_padded", padded_failing_second)
+    model = _start(delay_us=50_000)
+    arena = memoryview(bytearray(4 * 131072))
+    calls = [_call(arena, i, 1, i * 131072) for i in (1, 2)]
+    answers = _Answers(2)
+    now = time.monotonic_ns()
+    for call, _x in calls:
+        model.submit(Pending(call.call_id, 1, now, payload=(answers, call, arena, now, None)))
+    try:
+        assert answers.wait()
+        time.sleep(0.05)  # a second answer to either would come now
+    finally:
+        model.close()
+    assert answers.received == 2
+    assert answers[1].code == Code.OK
+    assert answers[2].code == Code.INTERNAL
+    assert answers[2].message == "the runtime worker failed the batch"
