@@ -29,7 +29,7 @@ from runtime.ipc.protocol import (
     ModelSignature,
     TensorInfo,
 )
-from server.errors import LoadFailed, NotFound, Unsupported
+from server.errors import InvalidInput, LoadFailed, NotFound, Unsupported
 from server.model_config import ConfigError, parse_config_json
 from server.models import ModelEntry, ModelTable, VersionEntry
 from server.overrides import Overrides
@@ -135,6 +135,7 @@ class ModelManager:
     ) -> None:
         """Load or reload `name` (Triton's RepositoryModelLoad); raises LoadFailed."""
         self._require_control("RepositoryModelLoad")
+        _check_name(name)
         token = secrets.token_hex(8)  # a new revision: the same files load again
         failed: LoadFailed | None = None
         async with self._lock(name):
@@ -454,6 +455,17 @@ class ModelManager:
 
     def close(self) -> None:
         self.overrides.close()
+
+
+def _check_name(name: str) -> None:
+    """A model is a directory of the repository: its name is joined to paths (the repository's,
+    an upload's private root), so one that could lead out of them ("../x", "/etc") is refused
+    before anything reads or writes a file (Triton's CVE-2023-31036 was this)."""
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise InvalidInput(
+            f"'{name[:128]}' is not a model name: a model is a directory of the repository, "
+            "named without '/', '\\' or a leading '.'"
+        )
 
 
 def _override_spec(name: str, config_json: str | None) -> ModelSpec | None:

@@ -78,10 +78,18 @@ def spec_from_pb(msg: pb.ModelConfig, dir_name: str) -> ModelSpec:
         outputs=tuple(_tensor(dir_name, "output", t.name, t.data_type, t.dims) for t in msg.output),
         version_policy=_policy(msg),
         dynamic_batching=batching,
-        default_model_filename=msg.default_model_filename or "model.onnx",
+        default_model_filename=_file_name(dir_name, msg.default_model_filename or "model.onnx"),
         platform=platform,
         parameters={k: v.string_value for k, v in msg.parameters.items()},
     )
+
+
+def _file_name(model: str, name: str) -> str:
+    """default_model_filename: a file in the version directory, never a path out of it (a
+    config override comes from a client: RepositoryModelLoad)."""
+    if name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"model '{model}': default_model_filename '{name}' is not a file name")
+    return name
 
 
 def _tensor(model: str, kind: str, name: str, data_type: int, dims: object) -> TensorSpec:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -163,3 +164,44 @@ def test_any_load_or_unload_is_done_or_refused_with_a_reason(
         else:
             assert code in (Code.INVALID_ARGUMENT, Code.NOT_FOUND), (code, details)
     assert_still_serving(stub)
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/microtune-escaped", "a/../../escaped", "."])
+def test_a_model_name_cannot_lead_out_of_the_repository(
+    control: tuple[Server, Stub, dict[str, Any]], tmp_path: Path, name: str
+) -> None:
+    """RepositoryModelLoad joined the name to paths unchecked: "../x" loaded a model from
+    outside the repository, and with file: parameters an absolute name wrote the files
+    anywhere the server could (Triton's CVE-2023-31036)."""
+    _server, stub, configs = control
+    req = pb.RepositoryModelLoadRequest(model_name=name)
+    req.parameters["config"].string_param = json.dumps(configs["dense"])
+    req.parameters["file:1/model.onnx"].bytes_param = b"not a model"
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.RepositoryModelLoad(req, timeout=30)
+    assert ei.value.code() == Code.INVALID_ARGUMENT, ei.value.details()
+    assert ei.value.details() == (
+        f"'{name}' is not a model name: a model is a directory of the repository, "
+        "named without '/', '\\' or a leading '.'"
+    )
+    assert not Path("/tmp/microtune-escaped").exists()
+    assert_still_serving(stub)
+
+
+def test_default_model_filename_cannot_lead_out_of_the_version(
+    control: tuple[Server, Stub, dict[str, Any]],
+) -> None:
+    _server, stub, configs = control
+    ready = stub.ModelReady(pb.ModelReadyRequest(name="dense"), timeout=10).ready
+    config = dict(configs["dense"], default_model_filename="../../simple/1/model.onnx")
+    req = pb.RepositoryModelLoadRequest(model_name="dense")
+    req.parameters["config"].string_param = json.dumps(config)
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.RepositoryModelLoad(req, timeout=30)
+    assert ei.value.code() == Code.INTERNAL, ei.value.details()
+    assert ei.value.details() == (
+        "failed to load 'dense', failed to poll from model repository: invalid config "
+        "override: model 'dense': default_model_filename '../../simple/1/model.onnx' is not "
+        "a file name"
+    )
+    assert stub.ModelReady(pb.ModelReadyRequest(name="dense"), timeout=10).ready == ready
