@@ -20,6 +20,7 @@ import contextlib
 import errno
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -289,11 +290,19 @@ def _map_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegio
     if not stem or "/" in stem or stem.startswith(_RESERVED):
         raise InvalidInput(f"invalid shared memory key '{key}'")
     try:
-        fd = os.open(_SHM_DIR / stem, os.O_RDWR)
+        # As shm_open does (glibc adds O_NOFOLLOW): a symlink planted in /dev/shm must not
+        # make the server read and write a file it points to.
+        fd = os.open(_SHM_DIR / stem, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise _unopenable(name, key, exc) from None
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInput(
+                f"unable to open shared memory region '{name}' (key '{key}'): not a shared "
+                "memory object"
+            )
+        size = st.st_size
         if byte_size == 0 or offset + byte_size > size:
             raise InvalidInput(
                 f"shared memory region '{name}': offset {offset} + byte_size {byte_size} "
@@ -314,7 +323,8 @@ def _map_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegio
 
 
 def _unopenable(name: str, key: str, exc: OSError) -> InvalidInput | Overloaded:
-    message = f"unable to open shared memory region '{name}' (key '{key}'): {exc.strerror}"
+    why = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+    message = f"unable to open shared memory region '{name}' (key '{key}'): {why}"
     if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):  # the server's limits, not the key
         return Overloaded(f"{message}; unregister regions no longer used")
     return InvalidInput(message)
