@@ -24,6 +24,7 @@ from typing import ClassVar
 import msgspec
 
 from runtime.client_link import ChannelReader, DirectChannel, LinkReader, Outbox
+from runtime.ipc.file_slice import FileSlice
 from runtime.ipc.protocol import (
     PROTOCOL_VERSION,
     Attach,
@@ -85,7 +86,7 @@ class PreparedInput(msgspec.Struct, frozen=True):
     name: str
     datatype: str
     shape: tuple[int, ...]
-    payload: bytes | memoryview  # the tensor in KServe raw form
+    payload: bytes | memoryview | FileSlice  # the tensor in KServe raw form
     # Not a field: the request path builds a PreparedInput per tensor, so the fewer fields
     # the better. RegionInput sets it.
     region: ClassVar[str] = ""
@@ -100,7 +101,7 @@ class RegionInput(PreparedInput, frozen=True):
     nbytes: int = 0
 
 
-OutputSink = Callable[[str, int], "memoryview | None"]
+OutputSink = Callable[[str, int], "FileSlice | None"]
 
 
 class OutputTensor(msgspec.Struct, frozen=True):
@@ -269,8 +270,12 @@ class RuntimeClient:
                     )
                     bound = True
                     continue
-                n = len(t.payload)
-                buf[pos : pos + n] = t.payload
+                payload = t.payload
+                n = len(payload)
+                if type(payload) is FileSlice:  # a client system region: read, never mapped
+                    payload.readinto(buf[pos : pos + n])
+                else:
+                    buf[pos : pos + n] = payload
                 refs.append(TensorRef(t.name, t.datatype, t.shape, pos, n))
                 pos += align_up(n)
             deadline_ns = int(deadline * 1e9) if deadline is not None else 0
@@ -343,7 +348,7 @@ class RuntimeClient:
                     self.inline_outputs += 1
                     out.append(OutputTensor(o.name, o.datatype, o.shape, o.inline, True))
                 elif output_sink and (sink := output_sink(o.name, o.nbytes)) is not None:
-                    sink[: o.nbytes] = buf[o.offset : o.offset + o.nbytes]  # the only copy
+                    sink.write(buf[o.offset : o.offset + o.nbytes])  # the only copy
                     out.append(RegionOutput(o.name, o.datatype, o.shape, b"", False, o.nbytes))
                 else:
                     data = bytes(buf[o.offset : o.offset + o.nbytes])

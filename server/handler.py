@@ -22,6 +22,7 @@ from runtime.client import (
     OutputTensor,
     WorkerGone,
 )
+from runtime.ipc.file_slice import SliceTruncated
 from runtime.ipc.protocol import Code, ModelSignature, Timings
 from server import __version__
 from server.cuda_regions import CudaRegions
@@ -333,7 +334,10 @@ class InferenceHandler:
         if served_out is None:
             return  # an output is in device memory: nothing to compare with
         # Shared-memory inputs may change once the client has its answer: copy them now.
-        inputs = tuple(struct_replace(t, payload=bytes(t.payload)) for t in plan.inputs)
+        try:
+            inputs = tuple(struct_replace(t, payload=bytes(t.payload)) for t in plan.inputs)
+        except SliceTruncated:  # the client's region shrank meanwhile: nothing to mirror
+            return
         task = asyncio.create_task(
             self._shadow(model, ve, struct_replace(plan, inputs=inputs), served_out)
         )
@@ -431,6 +435,8 @@ def _domain_error(exc: BaseException, ve: VersionEntry) -> BaseException:
         return NotReady(f"the runtime worker is unavailable ({exc}); retry")
     if isinstance(exc, ArenaFull):
         return Overloaded(str(exc))
+    if isinstance(exc, SliceTruncated):  # a client region truncated while its bytes were read
+        return InvalidInput(str(exc))
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return DeadlineExceeded("deadline exceeded before the model returned")
     if isinstance(exc, CallFailed):

@@ -1,6 +1,7 @@
 """One request's use of client shared memory (Triton's extensions), for the handler.
 
-Inputs in a system region become views of its bytes (copied once, into the worker's arena);
+Inputs in a system region become slices of its file (runtime.ipc.file_slice: read once, by
+the kernel, into the worker's arena);
 inputs in a CUDA region stay references the worker reads on the device. Outputs bound for a
 system region are copied straight from the arena into it (`system_sink`, asked by the
 RuntimeClient as it reads the answer); outputs bound for a CUDA region are written there by the
@@ -16,6 +17,7 @@ from msgspec.structs import replace as struct_replace
 
 from runtime.client import OutputSink, OutputTensor, PreparedInput, RegionInput
 from runtime.ipc.dtypes import BytesDecodeError, decode_bytes_tensor
+from runtime.ipc.file_slice import FileSlice, SliceTruncated
 from server.errors import InvalidInput
 from server.routing.shadow import OutputLike
 from server.shm_regions import SharedMemoryRegistry
@@ -42,15 +44,25 @@ def shm_input(shm: SharedMemoryRegistry, t: Tensor) -> Tensor:
                 f"input '{t.name}' is BYTES: CUDA shared memory holds numeric tensors only"
             )
         return t
-    view = shm.view(t.shm, t.name)
+    data: FileSlice | bytes = shm.view(t.shm, t.name)
     if t.datatype == "BYTES":
+        # Read now, once: the bytes checked are the bytes sent (the client could change its
+        # region between a check and a later copy).
+        data = _read(data)
         try:
-            decode_bytes_tensor(view, math.prod(t.shape))
+            decode_bytes_tensor(data, math.prod(t.shape))
         except BytesDecodeError as exc:
             raise InvalidInput(
                 f"input '{t.name}' has malformed BYTES content in shared memory: {exc}"
             ) from None
-    return struct_replace(t, data=view, shm=None)
+    return struct_replace(t, data=data, shm=None)
+
+
+def _read(region: FileSlice) -> bytes:
+    try:
+        return region.read()
+    except SliceTruncated as exc:
+        raise InvalidInput(str(exc)) from None
 
 
 def in_regions(inputs: tuple[PreparedInput, ...], req: InferRequest) -> tuple[PreparedInput, ...]:
@@ -82,12 +94,12 @@ def system_sink(shm: SharedMemoryRegistry, req: InferRequest) -> OutputSink:
     small (whose error `response_tensor` gives). (Outputs bound for CUDA regions are never
     asked: the worker wrote them there, `cuda_outputs`.)"""
 
-    def sink(name: str, nbytes: int) -> memoryview | None:
+    def sink(name: str, nbytes: int) -> FileSlice | None:
         ref = req.output_shm.get(name)
         if ref is None:
             return None
-        view = shm.view(ref, name)  # (checked now: the bytes land right after)
-        return view if nbytes <= len(view) else None
+        region = shm.view(ref, name)  # (checked now: the bytes land right after)
+        return region if nbytes <= len(region) else None
 
     return sink
 
@@ -102,14 +114,14 @@ def response_tensor(shm: SharedMemoryRegistry, req: InferRequest, o: OutputTenso
         return Tensor(
             o.name, o.datatype, o.shape, b"", ShmRef(ref.region, ref.offset, o.region_nbytes)
         )
-    view = shm.view(ref, o.name)
+    region = shm.view(ref, o.name)
     data = o.data
     if len(data) > ref.byte_size:
         raise InvalidInput(
             f"shared memory size specified with the request for output '{o.name}' "
             f"({ref.byte_size} bytes) should be at least {len(data)} bytes to hold the results"
         )
-    view[: len(data)] = data
+    region.write(data)
     return Tensor(o.name, o.datatype, o.shape, b"", ShmRef(ref.region, ref.offset, len(data)))
 
 
@@ -126,8 +138,8 @@ def served_outputs(
             if shm.cuda_ref(ref, o.name) is not None:
                 return None
             try:
-                data = bytes(shm.view(ref, o.name)[: o.region_nbytes])
-            except InvalidInput:  # shrunk meanwhile: the client's answer is not ours to fail
-                return None
+                data = shm.view(ref, o.name).head(o.region_nbytes).read()
+            except (InvalidInput, SliceTruncated):  # shrunk meanwhile: the client's answer
+                return None  # is not ours to fail
         served.append((o.name, o.datatype, o.shape, data))
     return served

@@ -1,12 +1,13 @@
 """Client shared-memory regions (Triton's system / CUDA shared-memory extensions).
 
-System regions are POSIX shm objects the client created; the front maps them (whole file,
-since mmap offsets must be page-aligned) and reads inputs from / writes outputs to
-[offset, offset + byte_size). CUDA regions are device memory the front never touches: it
-keeps their name, device and size (for status and bounds checks) and the worker opens the
-client's IPC handle (runtime.engine.regions); tensors in them go to the worker as references.
-System and CUDA regions share one namespace. Regions are never unlinked or freed here: the
-client owns them.
+System regions are POSIX shm objects the client created; the front opens them and reads
+inputs from / writes outputs to [offset, offset + byte_size) with pread/pwrite, never through a
+mapping (runtime.ipc.file_slice: a client that truncates its object would turn an access to a
+mapping into SIGBUS, which kills the front). CUDA regions are device memory the front never
+touches: it keeps their name, device and size (for status and bounds checks) and the worker
+opens the client's IPC handle (runtime.engine.regions); tensors in them go to the worker as
+references. System and CUDA regions share one namespace. Regions are never unlinked or freed
+here: the client owns them.
 
 With several fronts (`--frontends N`) the namespace is the pod's: registrations live in a
 server.shm_directory.RegionDirectory, and each front maps (system) or has the worker open
@@ -16,15 +17,14 @@ is gone or replaced.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import mmap
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from runtime.ipc.file_slice import FileSlice, SharedFd
 from runtime.ipc.shm import reserve_pages
 from server.errors import AlreadyExists, InvalidInput, NotFound, Overloaded, Unsupported
 from server.pod_records import Identity
@@ -47,15 +47,14 @@ class SystemRegion:
     key: str
     offset: int
     byte_size: int
-    _map: mmap.mmap
-    view: memoryview  # exactly [offset, offset + byte_size) of the shm object
+    fd: SharedFd | None  # the object's descriptor (None once closed)
 
     def check_intact(self) -> None:
-        # The object's size now (mmap's size() is an fstat of the descriptor the mapping
-        # keeps): a client that truncates the object it registered (say, one restarted that
-        # creates its region again, smaller, under the same key) would turn the front's next
-        # access into SIGBUS.
-        size = self._map.size()
+        # A client that truncates the object it registered (say, one restarted that creates
+        # its region again, smaller, under the same key) gets a clear error before its bytes
+        # are used; a truncation after this check only makes the copy short (FileSlice).
+        assert self.fd is not None
+        size = os.fstat(self.fd.fd).st_size
         if size < self.offset + self.byte_size:
             raise InvalidInput(
                 f"shared memory region '{self.name}' (key '{self.key}') has shrunk to {size} "
@@ -63,10 +62,15 @@ class SystemRegion:
                 f"{self.byte_size}; unregister it and register it again"
             )
 
+    def slice(self, offset: int, nbytes: int) -> FileSlice:
+        """[offset, offset + nbytes) of the region (bounds checked by the caller)."""
+        assert self.fd is not None
+        what = f"shared memory region '{self.name}' (key '{self.key}')"
+        return FileSlice(self.fd, self.offset + offset, nbytes, what)
+
     def close(self) -> None:
-        self.view.release()
-        with contextlib.suppress(BufferError):
-            self._map.close()
+        # The descriptor closes once no request still holds a slice of it (SharedFd).
+        self.fd = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +265,7 @@ class SharedMemoryRegistry:
         _check_bounds(ref, tensor, region.byte_size)
         return region
 
-    def view(self, ref: ShmRef, tensor: str) -> memoryview:
+    def view(self, ref: ShmRef, tensor: str) -> FileSlice:
         """The bytes of a tensor in a region, bounds-checked."""
         self._check_enabled()
         if self.directory is None:
@@ -274,7 +278,7 @@ class SharedMemoryRegistry:
             )
         _check_bounds(ref, tensor, region.byte_size)
         region.check_intact()
-        return region.view[ref.offset : ref.offset + ref.byte_size]
+        return region.slice(ref.offset, ref.byte_size)
 
     def close(self) -> None:
         for region in self.system.values():
@@ -285,7 +289,8 @@ class SharedMemoryRegistry:
 
 
 def _map_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegion:
-    """Map [offset, offset + byte_size) of the client's POSIX shm object `key`."""
+    """Open [offset, offset + byte_size) of the client's POSIX shm object `key` (read and
+    written with pread/pwrite: runtime.ipc.file_slice says why not through a mapping)."""
     stem = key.lstrip("/")
     if not stem or "/" in stem or stem.startswith(_RESERVED):
         raise InvalidInput(f"invalid shared memory key '{key}'")
@@ -308,18 +313,18 @@ def _map_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegio
                 f"shared memory region '{name}': offset {offset} + byte_size {byte_size} "
                 f"exceeds the {size} bytes of '{key}'"
             )
-        if not reserve_pages(fd, offset, byte_size):  # (or an output write could SIGBUS us)
+        if not reserve_pages(fd, offset, byte_size):  # (or an output write could fail)
             raise Overloaded(
                 f"shared memory region '{name}' (key '{key}'): /dev/shm has no room for its "
                 f"{byte_size} bytes"
             )
-        m = mmap.mmap(fd, size)  # (which keeps a dup of fd: one descriptor per region)
     except OSError as exc:
-        raise _unopenable(name, key, exc) from None
-    finally:
         os.close(fd)
-    view = memoryview(m)[offset : offset + byte_size]
-    return SystemRegion(name, key, offset, byte_size, m, view)
+        raise _unopenable(name, key, exc) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return SystemRegion(name, key, offset, byte_size, SharedFd(fd))
 
 
 def _unopenable(name: str, key: str, exc: OSError) -> InvalidInput | Overloaded:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from runtime.ipc.file_slice import FileSlice
+
 __all__ = [
     "DynamicBatching",
     "Fingerprint",
@@ -105,7 +107,7 @@ class Tensor(msgspec.Struct, frozen=True):
     name: str
     datatype: str
     shape: tuple[int, ...]
-    data: bytes | memoryview
+    data: bytes | memoryview | FileSlice  # FileSlice: a client system region's bytes
     shm: ShmRef | None = None
 
 

@@ -8,7 +8,6 @@ registration under the same name. The regions are real POSIX shm objects.
 
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 from collections.abc import Iterator
@@ -68,7 +67,7 @@ def test_a_region_registered_on_one_front_is_used_on_the_other(
     key = client.region("in", b"0123456789abcdef")
     a.register_system("in", key, 4, 8)
     assert read(b, "in", 8) == b"456789ab"
-    b.view(ShmRef("in", 0, 8), "OUT")[:] = b"ABCDEFGH"  # outputs are written the same way
+    b.view(ShmRef("in", 0, 8), "OUT").write(b"ABCDEFGH")  # outputs are written the same way
     assert read(a, "in", 8) == b"ABCDEFGH"
     assert [(r.name, r.key, r.offset, r.byte_size) for r in b.system_status("")] == [
         ("in", key, 4, 8)
@@ -246,5 +245,5 @@ def test_a_lone_front_keeps_its_regions_to_itself(client: Client) -> None:
     a.register_system("in", key, 0, 8)
     with pytest.raises(InvalidInput, match="unregistered shared memory region 'in'"):
         b.view(ShmRef("in", 0, 8), "INPUT0")
-    assert isinstance(a.system["in"]._map, mmap.mmap)
+    assert a.system["in"].fd is not None
     a.close()

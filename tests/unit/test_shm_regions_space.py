@@ -46,5 +46,5 @@ def test_a_region_without_room_is_refused_and_one_with_room_is_reserved(shm_dir:
     assert reg.system_status("") == []
     reg.register_system("part", "/client", 4 * MIB, 4 * MIB)  # fits: taken now
     assert os.stat(shm_dir / "client").st_blocks * 512 >= 4 * MIB
-    reg.system["part"].view[:] = b"\x01" * (4 * MIB)  # an output written whole, no SIGBUS
+    reg.system["part"].slice(0, 4 * MIB).write(b"\x01" * (4 * MIB))  # an output, written whole
     reg.close()
