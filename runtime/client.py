@@ -322,9 +322,10 @@ class RuntimeClient:
                     # Answered as the deadline or a cancellation hit: the reader left the
                     # lease to this call, which must return it.
                     self._release_call(call_id)
-                    answer = fut.result()
-                    if isinstance(answer, InferDone):
-                        self._orphan_answered(name, version, answer)
+                    if fut.exception() is None:  # (not failed by a lost link meanwhile)
+                        answer = fut.result()
+                        if isinstance(answer, InferDone):
+                            self._orphan_answered(name, version, answer)
                 else:
                     # Not answered yet (wait_for may already have cancelled it): the reader
                     # returns the lease when the worker's answer arrives.

@@ -146,6 +146,11 @@ class WorkerLink:
             except (OSError, WorkerGone, TimeoutError):
                 if loop.time() > deadline or self._stopping:
                     raise
+                if self.process is not None and not self.process.is_alive():
+                    raise WorkerGone(
+                        f"the runtime worker exited (code {self.process.exitcode}) before "
+                        "the front could connect"
+                    ) from None
                 await asyncio.sleep(0.05)
 
     async def _connect_once(self) -> None:
@@ -154,17 +159,17 @@ class WorkerLink:
             # (the arena's pages are reserved) has no room for the new one beside it.
             self._arena = _remove(self._arena)
         s = self.settings
-        arena = self._spare
+        # Kept across failed attempts: while a worker restarts, the connection is retried every
+        # 50 ms, and a new arena each time would reserve (and zero) its pages anew. Taken, not
+        # shared: two connectors (start-up's and a recovery's) must never hold the same one.
+        arena, self._spare = self._spare, None
         if arena is None:
-            # Kept across failed attempts: while a worker restarts, the connection is retried
-            # every 50 ms, and a new arena each time would reserve (and zero) its pages anew.
             self._generation += 1
             arena = Arena(
                 arena_name(os.getpid(), self._generation),
                 s.shm_slot_bytes * s.shm_slots,
                 create=True,
             )
-            self._spare = arena
         client = RuntimeClient(
             self.worker_settings.socket_path,
             arena,
@@ -173,14 +178,19 @@ class WorkerLink:
         )
         client.on_orphan_execution = self.on_orphan_execution
         try:
-            self.welcome = await client.connect(on_lost=self._lost)
+            self.welcome = await client.connect(on_lost=lambda: self._lost(client))
         except (ConnectionRefusedError, FileNotFoundError):
-            raise  # nothing listens yet: no worker saw the arena, the next attempt takes it
-        except BaseException:
-            self._spare = _remove(arena)  # a worker may have mapped it, and may unlink it
+            # Nothing listens yet: no worker saw the arena; the next attempt takes it back.
+            if self._spare is None:
+                self._spare = arena
+            else:
+                _remove(arena)
             raise
-        self._spare = None
-        self._retire_arena()
+        except BaseException:
+            _remove(arena)  # a worker may have mapped it, and may unlink it
+            raise
+        if self._arena is not None:
+            self._arena = _remove(self._arena)
         self._arena, self.client = arena, client
         log.info(
             "runtime worker %d connected on %s (providers: %s)",
@@ -194,8 +204,11 @@ class WorkerLink:
         self._arena = _remove(self._arena) if self._arena is not None else None
         self._spare = _remove(self._spare) if self._spare is not None else None
 
-    def _lost(self) -> None:
-        if self._stopping:
+    def _lost(self, client: RuntimeClient) -> None:
+        # Only the connected client's loss is a worker lost to recover from: a client that
+        # loses its worker during the handshake fails its connect, and its connector (start-up
+        # or `_restart`) deals with that, and counts the death once.
+        if self._stopping or client is not self.client:
             return
         code = self.process.exitcode if self.process is not None else "?"
         log.error("runtime worker link lost (worker exit code %s); recovering", code)

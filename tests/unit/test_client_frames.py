@@ -166,3 +166,35 @@ def test_a_call_that_waited_for_room_while_the_worker_went_returns_its_slot_once
             arena.close()
 
     assert asyncio.run(scenario()) == ["worker process exited", "worker is not connected"]
+
+
+def test_a_call_cancelled_as_the_link_fails_it_stays_cancelled(tmp_path: Path) -> None:
+    """The caller is cancelled (its client cancelled the RPC) in the same loop turn as a lost
+    link fails its call: the cancellation must propagate, not turn into WorkerGone (which the
+    handler answers UNAVAILABLE, and the canary guard counts as a failure)."""
+
+    async def scenario() -> bool:
+        loop = asyncio.get_running_loop()
+        arena = Arena(f"/microtune-test-frames-{os.getpid()}-cancel", 8 * SLOT, create=True)
+        path = str(tmp_path / "w.sock")
+        server = await loop.create_unix_server(
+            lambda: SilentWorker(arena, "whole", random.Random(1)), path
+        )
+        client = RuntimeClient(path, arena, SlotPool(SLOT, 8), 0)
+        try:
+            await client.connect()
+            x = (PreparedInput("INPUT0", "INT32", (1, 1), (1).to_bytes(4, "little")),)
+            task = asyncio.create_task(client.infer("m", 1, x, ("OUTPUT0",), 4, None))
+            await asyncio.sleep(0.05)  # sent, waiting for its answer
+            client._fail_all(WorkerGone("worker process exited"))  # the link is lost ...
+            task.cancel()  # ... as the caller is cancelled
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await client.close()
+            return task.cancelled()
+        finally:
+            server.close()
+            arena.unlink()
+            arena.close()
+
+    assert asyncio.run(scenario())
