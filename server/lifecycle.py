@@ -303,14 +303,34 @@ class ModelManager:
             ve.files = s.files.get(v, ())
             jobs.append(self._load_version(s.spec, ve, str(path), revision(ve.files, token)))
         for v, why in s.version_errors.items():
+            old = entry.versions.get(v)
+            if old is not None and old.state is ModelState.READY:
+                old.reason = why  # (its model file went, say): it serves on, as in Triton
+                continue
             entry.versions[v] = VersionEntry(s.name, v, ModelState.UNAVAILABLE, why)
         failures = [r for r in await asyncio.gather(*jobs) if r]
+        # The versions no longer selected go only once every selected one serves: a new
+        # version that failed to load, or is still being copied in (poll mode leaves it for a
+        # later poll), must not leave the model with nothing READY (a hot swap with the
+        # default `latest` policy is exactly that: 2 replaces 1). Triton unloads the previous
+        # versions only when the whole load succeeded, too.
+        complete = not failures and not s.version_errors and all(
+            (ve := entry.versions.get(v)) is not None and ve.state is ModelState.READY
+            for v in s.versions
+        )
         stale = [
             ve
             for v, ve in entry.versions.items()
             if v not in s.versions and v not in s.version_errors and ve.state is ModelState.READY
         ]
-        await asyncio.gather(*(self._unload_version(ve) for ve in stale))
+        if complete:
+            await asyncio.gather(*(self._unload_version(ve) for ve in stale))
+        elif stale:
+            log.warning(
+                "%s: keeping version(s) %s until every selected version serves",
+                s.name,
+                ", ".join(str(ve.version) for ve in stale),
+            )
         if failures or s.version_errors:
             reasons = failures + list(s.version_errors.values())
             raise LoadFailed(f"failed to load '{s.name}': {'; '.join(reasons)}")

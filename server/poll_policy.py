@@ -71,7 +71,8 @@ def poll_work(
     """What a repository poll must do for the model scanned as `s` (with a config): None when
     nothing changed, else the versions to (re)load (every selected one when the config
     changed; maybe none, when only a loaded version was removed). `waiting`: versions whose
-    files are not settled yet (`unsettled`), left for a later poll unless the config changed.
+    files are not settled yet (`unsettled`), left for a later poll (with a config change, the
+    whole change waits).
 
     A version is as it should be when it was last tried with the files it has now and is
     READY (or loading), or failed: a load that failed, or killed the worker twice, is tried
@@ -81,7 +82,9 @@ def poll_work(
         new = frozenset(s.versions) - waiting
         return new if new or not s.versions else None  # (a model still being copied in)
     if entry.spec != s.spec:
-        return frozenset(s.versions)
+        # The whole change waits while a version's files are still being written: the new
+        # config must not load a half-copied file.
+        return None if waiting else frozenset(s.versions)
     stale = (
         frozenset(
             v

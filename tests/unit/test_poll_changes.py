@@ -40,6 +40,7 @@ class FileLink(FakeWorkerLink):
     def __init__(self) -> None:
         super().__init__()
         self.loads: list[tuple[str, int, bytes]] = []  # (model, version, file content) tried
+        self.unloads: list[tuple[str, int]] = []
 
     async def load(self, msg: LoadModel) -> LoadDone:
         content = await asyncio.to_thread(Path(msg.path).read_bytes)
@@ -47,6 +48,9 @@ class FileLink(FakeWorkerLink):
         if content == b"broken":
             return LoadDone(msg.request_id, Code.BAD_INPUT, "model file does not parse")
         return LoadDone(msg.request_id, Code.OK, signature=SIGNATURE)
+
+    async def unload(self, name: str, version: int) -> None:
+        self.unloads.append((name, version))
 
 
 def write(path: Path, content: bytes, mtime_ns: int) -> None:
@@ -297,3 +301,73 @@ def test_unsettled_is_young_and_not_yet_seen_unchanged_for_settle_s() -> None:
 
 def scan_model_files(files: dict[int, tuple[tuple[str, int, int], ...]]) -> ScannedModel:
     return ScannedModel("m", None, "", {v: Path(f"/r/m/{v}/model.onnx") for v in files}, {}, files)
+
+
+LATEST = CONFIG.replace("version_policy: { all { } }\n", "")  # Triton's default: latest 1
+
+
+def test_latest_keeps_the_old_version_until_the_new_one_serves(tmp_path: Path) -> None:
+    """With the default policy a new version 2 replaces 1. The poll unloaded 1 whatever became
+    of 2: while 2 was still being copied in (held back until settled), or when it failed to
+    load, the model had no READY version (UNAVAILABLE for every request; for good in the
+    second case). 1 now goes only once 2 serves."""
+    root = repository(tmp_path, v1=b"one")
+    (root / "m" / "config.pbtxt").write_text(LATEST)
+    manager, link, table = manager_over(root)
+    now = 2_000_000_000.0  # the scans' wall clock (2033)
+    manager.wall_clock = lambda: now
+
+    async def scenario() -> None:
+        await manager.load_repository()
+        assert states(table) == {1: ModelState.READY}
+        write(root / "m" / "2" / "model.onnx", b"two, half-cop", int(now * 1e9) - 10**8)
+        await manager.poll_once()  # 2 is still being written: left for a later poll
+        assert states(table) == {1: ModelState.READY}
+        write(root / "m" / "2" / "model.onnx", b"broken", LATER)
+        await manager.poll_once()  # 2 fails to load
+        assert states(table) == {1: ModelState.READY, 2: ModelState.UNAVAILABLE}
+        write(root / "m" / "2" / "model.onnx", b"two", LATER + 1)
+        await manager.poll_once()  # 2 serves: 1 goes
+
+    asyncio.run(scenario())
+    assert table.models["m"].ready_versions() == [2]
+    assert link.unloads == [("m", 1)]
+
+
+def test_a_serving_version_whose_file_went_serves_on(tmp_path: Path) -> None:
+    """Its directory stays, its model.onnx is gone: the READY entry was replaced by an
+    UNAVAILABLE one without a drain or an unload (the worker kept the session for good)."""
+    root = repository(tmp_path, v1=b"one", v2=b"two")
+    manager, link, table = manager_over(root)
+
+    async def scenario() -> None:
+        await manager.load_repository()
+        (root / "m" / "2" / "model.onnx").unlink()
+        await manager.poll_once()
+
+    asyncio.run(scenario())
+    v2 = table.models["m"].versions[2]
+    assert (v2.state, v2.reason) == (ModelState.READY, "version 2 has no model.onnx")
+    assert link.unloads == []
+
+
+def test_a_config_change_waits_for_a_version_still_being_copied(tmp_path: Path) -> None:
+    """A deploy that rewrites config.pbtxt while 2/model.onnx is still being copied loaded the
+    half-written file: a config change skipped the settling wait."""
+    root = repository(tmp_path, v1=b"one", v2=b"two")
+    manager, link, _table = manager_over(root)
+    now = 2_000_000_000.0
+    manager.wall_clock = lambda: now
+
+    async def scenario() -> None:
+        await manager.load_repository()
+        write(root / "m" / "2" / "model.onnx", b"two, half-cop", int(now * 1e9) - 10**8)
+        (root / "m" / "config.pbtxt").write_text(CONFIG.replace("[ 4 ]", "[ -1 ]"))
+        loads = len(link.loads)
+        await manager.poll_once()
+        assert len(link.loads) == loads  # nothing loaded while 2 is being written
+        write(root / "m" / "2" / "model.onnx", b"two, whole", LATER)
+        await manager.poll_once()
+        assert sorted(link.loads[loads:]) == [("m", 1, b"one"), ("m", 2, b"two, whole")]
+
+    asyncio.run(scenario())
