@@ -65,7 +65,8 @@ class ShadowTally:
 @dataclass(slots=True)
 class _Guard:
     state: GuardState
-    watching: tuple[int | None, int | None, GuardConfig]  # (stable, canary, rule) it samples for
+    # (stable, canary, rule, canary has a share) it samples for
+    watching: tuple[int | None, int | None, GuardConfig, bool]
     last_eval: float = 0.0
 
 
@@ -167,10 +168,15 @@ class Router:
             return
         now = self.clock()
         g = self._guards.get(model)
-        watching = (table.stable_version, table.canary_version, table.guard)
+        canary_on = (
+            table.canary_version is not None and table.weights.get(table.canary_version, 0) > 0
+        )
+        watching = (table.stable_version, table.canary_version, table.guard, canary_on)
         if g is None or g.watching != watching:
             # A new canary, stable or rule starts a fresh window: samples taken before (say, of
-            # a version pinned for testing before it became the canary) must not judge it.
+            # a version pinned for testing before it became the canary) must not judge it. So
+            # does a canary given a share again: what it answered while it had none (pinned
+            # requests to a build that was rolled back, then fixed) must not roll it back.
             g = self._guards[model] = _Guard(GuardState.for_config(table.guard), watching)
         g.state = observe(g.state, version, now, latency_s, ok)
         if now - g.last_eval < 0.5:  # evaluating twice a second is plenty
@@ -264,8 +270,11 @@ class Router:
             self.file_error = f"cannot read {path}: {exc.strerror}"
             self._file_bytes = None  # the same file back is applied again (and the error goes)
             return False
-        if raw == self._file_bytes:
+        if raw == self._file_bytes and not self.file_error:
             return False
+        # A rejected file is tried again at each poll: whether it is valid depends on the
+        # server too (a version it names may be loading, a model not loaded yet), and it must
+        # apply once that changes, not wait for an edit. Its error is logged when it changes.
         self._file_bytes = raw
         try:
             data = json.loads(raw)
@@ -274,8 +283,10 @@ class Router:
                 self._validate(model, table)
         except (OSError, ValueError, RoutingError) as exc:
             msg = exc.message if isinstance(exc, RoutingError) else str(exc)
-            self.file_error = f"{path}: {msg}; the previous tables keep serving"
-            log.error("routing file rejected: %s", self.file_error)
+            error = f"{path}: {msg}; the previous tables keep serving"
+            if error != self.file_error:
+                log.error("routing file rejected: %s", error)
+            self.file_error = error
             return False
         self._file, self.file_error = tables, ""
         self._rebuild()

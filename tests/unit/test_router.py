@@ -178,3 +178,40 @@ def test_a_routing_file_that_comes_back_unchanged_clears_the_error(tmp_path: Pat
     (tmp_path / "away.json").rename(path)
     assert r.reload_file(path)
     assert r.file_error == ""
+
+
+def test_a_canary_given_a_share_again_is_not_judged_on_its_rolled_back_errors() -> None:
+    """After a rollback, requests pinned to the broken canary kept filling the window of the
+    same (stable, canary, rule); the operator fixed and reloaded it and sent the pairing again
+    (docs/routing.md's retry), and those old errors rolled the fixed canary back at once."""
+    r, clock, rolled = router()
+    set_table(r, 1, 2)
+    traffic(r, clock, 1, 30, ok=True)
+    traffic(r, clock, 2, 30, ok=False)
+    assert rolled == ["m:2"]
+    traffic(r, clock, 2, 30, ok=False)  # reproduced by hand: x-model-version: 2
+    clock.now += 1  # (within the guard's 5 s window)
+    set_table(r, 1, 2)  # fixed and reloaded: the canary gets its share again
+    traffic(r, clock, 1, 30, ok=True)
+    traffic(r, clock, 2, 30, ok=True)
+    assert rolled == ["m:2"]
+
+
+def test_a_routing_file_rejected_for_a_version_not_ready_yet_applies_once_it_is(
+    tmp_path: Path,
+) -> None:
+    """Whether the file is valid depends on the server too: it was never read again (the
+    bytes had not changed), so a file naming a version still loading at start-up never
+    took effect, and label requests got NOT_FOUND until someone edited it."""
+    r, _clock, _rolled = router((1,))
+    entry = r.models.models["m"]
+    entry.versions[2] = VersionEntry("m", 2, ModelState.LOADING)
+    path = tmp_path / "routing.json"
+    tables = {"m": {"weights": {"1": 5000, "2": 5000}, "labels": {"stable": 1, "canary": 2}}}
+    path.write_text(json.dumps({"models": tables}))
+    assert not r.reload_file(path)
+    assert "version 2" in r.file_error
+    entry.versions[2].state = ModelState.READY
+    assert r.reload_file(path)  # the next poll, the same bytes
+    assert r.file_error == "" and r.view("m").source == "file"
+    assert not r.reload_file(path)  # applied: nothing more to do until it changes
