@@ -184,7 +184,10 @@ def execute_batch(
     for members in groups.values():
         if len(members) == 1:
             call, buf, recv = calls[members[0]]
-            answers[members[0]] = model.execute(call, buf, recv)
+            try:
+                answers[members[0]] = model.execute(call, buf, recv)
+            except Exception as exc:  # this call's alone: the batch's others are answered
+                answers[members[0]] = call_error(call.call_id, exc)
             continue
         for i, done in zip(
             members, _run_group(model, [calls[i] for i in members], t0), strict=True
@@ -267,7 +270,10 @@ def _input_array(ref: Any, buf: memoryview) -> np.ndarray[Any, Any]:
             ) from exc
         return np.array(text, dtype=object).reshape(ref.shape)
     dtype = np.dtype(DTYPES[ref.datatype].numpy)
-    return np.frombuffer(buf, dtype=dtype, count=count, offset=ref.offset).reshape(ref.shape)
+    try:
+        return np.frombuffer(buf, dtype=dtype, count=count, offset=ref.offset).reshape(ref.shape)
+    except ValueError as exc:  # (the front refuses such shapes; a call is never trusted)
+        raise BadInput(f"input '{ref.name}' with shape {list(ref.shape)}: {exc}") from None
 
 
 def _write_outputs(

@@ -125,15 +125,30 @@ def _int_param(tensor: str, key: str, p: pb.InferParameter | None) -> int:
     return value
 
 
+# No tensor has more elements: numpy (and onnxruntime) size arrays in a signed 64-bit count of
+# bytes, and an element takes up to 8.
+_MAX_ELEMENTS = 1 << 59
+
+
+def _shape(name: str, dims: Iterable[int]) -> tuple[int, ...]:
+    """An input's shape: no negative dimension, and no size past what an array can have, even
+    with no element at all ([0, 2**62] is 0 bytes, but numpy cannot shape an array so: the
+    worker failed the call INTERNAL, and with it every call batched with it)."""
+    shape = tuple(dims)
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input '{name}' has a negative dimension in shape {list(shape)}")
+    if math.prod(d for d in shape if d) > _MAX_ELEMENTS:
+        raise InvalidInput(f"input '{name}' has shape {list(shape)}: too large a tensor")
+    return shape
+
+
 def _decode_shm_input(inp: pb.ModelInferRequest.InferInputTensor, ref: ShmRef) -> Tensor:
     dt = DTYPES.get(inp.datatype)
     if dt is None:
         raise InvalidInput(f"input '{inp.name}' has unknown datatype '{inp.datatype}'")
     if inp.HasField("contents"):
         raise InvalidInput(f"input '{inp.name}' is in shared memory and must not set contents")
-    shape = tuple(inp.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"input '{inp.name}' has a negative dimension in shape {list(shape)}")
+    shape = _shape(inp.name, inp.shape)
     if dt.itemsize:
         want = math.prod(shape) * dt.itemsize
         if ref.byte_size != want:
@@ -149,9 +164,7 @@ def _decode_input(inp: pb.ModelInferRequest.InferInputTensor, raw: bytes | None)
     dt = DTYPES.get(inp.datatype)
     if dt is None:
         raise InvalidInput(f"input '{name}' has unknown datatype '{inp.datatype}'")
-    shape = tuple(inp.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"input '{name}' has a negative dimension in shape {list(shape)}")
+    shape = _shape(name, inp.shape)
     count = math.prod(shape)
     if raw is not None:
         if dt.itemsize:

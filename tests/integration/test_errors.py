@@ -129,6 +129,11 @@ CASES: dict[str, tuple[Callable[[], pb.ModelInferRequest], grpc.StatusCode, tupl
         Code.INVALID_ARGUMENT,
         ("'INPUT0'", "negative"),
     ),
+    "no element but a huge dim": (  # 0 bytes, but no array can have that shape
+        lambda: simple(inputs=[("INPUT0", I32, [0, 1 << 62], b""), GOOD1]),
+        Code.INVALID_ARGUMENT,
+        ("input 'INPUT0' has shape [0, 4611686018427387904]: too large a tensor",),
+    ),
     "zero batch": (
         lambda: simple(inputs=[("INPUT0", I32, [0, 16], b""), ("INPUT1", I32, [0, 16], b"")]),
         Code.INVALID_ARGUMENT,
