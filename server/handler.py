@@ -39,12 +39,12 @@ from server.errors import (
 from server.lifecycle import ModelManager
 from server.models import ModelTable, VersionEntry
 from server.request_shm import (
+    SystemOutputs,
     cuda_outputs,
     in_regions,
     response_tensor,
     served_outputs,
     shm_input,
-    system_sink,
 )
 from server.router import RouteHints, Router
 from server.routing import compare_outputs, route_key_point, should_shadow
@@ -254,7 +254,7 @@ class InferenceHandler:
         if on_device:
             plan = struct_replace(plan, inputs=in_regions(plan.inputs, req))
         out_regions = cuda_outputs(self.shm, req) if req.output_shm else None
-        sink = system_sink(self.shm, req) if req.output_shm else None
+        outs = SystemOutputs(self.shm, req) if req.output_shm else None
         metrics = self.metrics
         # Counted from routing to the answer: unloading this version waits for it (drain).
         ve.inflight += 1
@@ -273,7 +273,7 @@ class InferenceHandler:
                     deadline,
                     span.ref if span is not None else b"",
                     out_regions,
-                    sink,
+                    None if outs is None else outs.sink,
                 )
             finally:
                 if load is not None:
@@ -289,7 +289,7 @@ class InferenceHandler:
             ve.inflight -= 1
         t = result.timings
         try:
-            outputs = tuple(response_tensor(self.shm, req, o) for o in result.outputs)
+            outputs = tuple(response_tensor(req, o, outs) for o in result.outputs)
         except MicrotuneError:  # an output region too small, say: the client's, after the run
             ve.stats.record_failure(time.perf_counter_ns() - start, t)
             raise
@@ -301,7 +301,7 @@ class InferenceHandler:
             metrics.served.append(entry)
         if span is not None:
             span.timings, span.answer_ns = t, time.time_ns()
-        self._maybe_shadow(req, route.version, plan, result.outputs, hints)
+        self._maybe_shadow(req, route.version, plan, result.outputs, hints, outs)
         return InferResponse(req.model, str(ve.version), req.id, outputs, route.reason)
 
     def _maybe_shadow(
@@ -311,6 +311,7 @@ class InferenceHandler:
         plan: Plan,
         outputs: Sequence[OutputTensor],
         hints: RouteHints,
+        outs: SystemOutputs | None,
     ) -> None:
         """Mirror a sampled share of requests to the shadow version, off the response path."""
         model = req.model
@@ -330,7 +331,7 @@ class InferenceHandler:
             return
         if any(t.region for t in plan.inputs):
             return  # device memory the client may reuse at once: nothing to mirror from
-        served_out = served_outputs(self.shm, req, outputs)
+        served_out = served_outputs(outputs, outs)
         if served_out is None:
             return  # an output is in device memory: nothing to compare with
         # Shared-memory inputs may change once the client has its answer: copy them now.

@@ -314,9 +314,13 @@ class ModelManager:
         # later poll), must not leave the model with nothing READY (a hot swap with the
         # default `latest` policy is exactly that: 2 replaces 1). Triton unloads the previous
         # versions only when the whole load succeeded, too.
-        complete = not failures and not s.version_errors and all(
-            (ve := entry.versions.get(v)) is not None and ve.state is ModelState.READY
-            for v in s.versions
+        complete = (
+            not failures
+            and not s.version_errors
+            and all(
+                (ve := entry.versions.get(v)) is not None and ve.state is ModelState.READY
+                for v in s.versions
+            )
         )
         stale = [
             ve

@@ -1,11 +1,11 @@
 """One request's use of client shared memory (Triton's extensions), for the handler.
 
 Inputs in a system region become slices of its file (runtime.ipc.file_slice: read once, by
-the kernel, into the worker's arena);
-inputs in a CUDA region stay references the worker reads on the device. Outputs bound for a
-system region are copied straight from the arena into it (`system_sink`, asked by the
-RuntimeClient as it reads the answer); outputs bound for a CUDA region are written there by the
-worker. The response then describes each such output by region, without its bytes.
+the kernel, into the worker's arena); inputs in a CUDA region stay references the worker
+reads on the device. Outputs bound for a system region are copied straight from the arena into
+it (`SystemOutputs`, resolved before the request runs; its sink is asked by the RuntimeClient
+as it reads the answer); outputs bound for a CUDA region are written there by the worker. The
+response then describes each such output by region, without its bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from msgspec.structs import replace as struct_replace
 
-from runtime.client import OutputSink, OutputTensor, PreparedInput, RegionInput
+from runtime.client import OutputTensor, PreparedInput, RegionInput
 from runtime.ipc.dtypes import BytesDecodeError, decode_bytes_tensor
 from runtime.ipc.file_slice import FileSlice, SliceTruncated
 from server.errors import InvalidInput
@@ -24,12 +24,12 @@ from server.shm_regions import SharedMemoryRegistry
 from server.types import InferRequest, ShmRef, Tensor
 
 __all__ = [
+    "SystemOutputs",
     "cuda_outputs",
     "in_regions",
     "response_tensor",
     "served_outputs",
     "shm_input",
-    "system_sink",
 ]
 
 
@@ -88,23 +88,31 @@ def cuda_outputs(
     return out or None
 
 
-def system_sink(shm: SharedMemoryRegistry, req: InferRequest) -> OutputSink:
-    """Where the client copies an output bound for a system region: straight from the arena
-    into the region (one copy). None leaves it to `response_tensor`: no region, or one too
-    small (whose error `response_tensor` gives). (Outputs bound for CUDA regions are never
-    asked: the worker wrote them there, `cuda_outputs`.)"""
+class SystemOutputs:
+    """The client system regions a request's outputs go to, looked up and bounds-checked
+    before the request runs (Triton refuses a bad output region before inference too: a
+    request must not run, be counted and half-write its regions, to fail on its last output),
+    and held until it ends: a region unregistered meanwhile still takes its outputs (the
+    slices keep its descriptor), as in Triton."""
 
-    def sink(name: str, nbytes: int) -> FileSlice | None:
-        ref = req.output_shm.get(name)
-        if ref is None:
-            return None
-        region = shm.view(ref, name)  # (checked now: the bytes land right after)
-        return region if nbytes <= len(region) else None
+    __slots__ = ("slices",)
 
-    return sink
+    def __init__(self, shm: SharedMemoryRegistry, req: InferRequest) -> None:
+        self.slices = {
+            name: shm.view(ref, name)
+            for name, ref in req.output_shm.items()
+            if shm.cuda_ref(ref, name) is None  # (CUDA ones: `cuda_outputs`)
+        }
+
+    def sink(self, name: str, nbytes: int) -> FileSlice | None:
+        """The RuntimeClient's OutputSink: where an output bound for a system region is copied,
+        straight from the arena (one copy). None leaves it to `response_tensor`: no region, or
+        one too small (whose error `response_tensor` gives)."""
+        region = self.slices.get(name)
+        return region if region is not None and nbytes <= len(region) else None
 
 
-def response_tensor(shm: SharedMemoryRegistry, req: InferRequest, o: OutputTensor) -> Tensor:
+def response_tensor(req: InferRequest, o: OutputTensor, outs: SystemOutputs | None) -> Tensor:
     """An output as the response describes it: its bytes, or where in a client region it is
     (copied there now if the sink did not take it: an inline output, or one too large)."""
     ref = req.output_shm.get(o.name)
@@ -114,19 +122,19 @@ def response_tensor(shm: SharedMemoryRegistry, req: InferRequest, o: OutputTenso
         return Tensor(
             o.name, o.datatype, o.shape, b"", ShmRef(ref.region, ref.offset, o.region_nbytes)
         )
-    region = shm.view(ref, o.name)
+    assert outs is not None
     data = o.data
     if len(data) > ref.byte_size:
         raise InvalidInput(
             f"shared memory size specified with the request for output '{o.name}' "
             f"({ref.byte_size} bytes) should be at least {len(data)} bytes to hold the results"
         )
-    region.write(data)
+    outs.slices[o.name].write(data)
     return Tensor(o.name, o.datatype, o.shape, b"", ShmRef(ref.region, ref.offset, len(data)))
 
 
 def served_outputs(
-    shm: SharedMemoryRegistry, req: InferRequest, outputs: Sequence[OutputTensor]
+    outputs: Sequence[OutputTensor], outs: SystemOutputs | None
 ) -> list[OutputLike] | None:
     """What was served, as bytes, for the shadow comparison; None when an output went to a
     client CUDA region. System-region outputs are read back (only for sampled requests)."""
@@ -134,12 +142,12 @@ def served_outputs(
     for o in outputs:
         data = o.data
         if o.region_nbytes is not None:
-            ref = req.output_shm[o.name]
-            if shm.cuda_ref(ref, o.name) is not None:
-                return None
+            region = None if outs is None else outs.slices.get(o.name)
+            if region is None:
+                return None  # a CUDA region's
             try:
-                data = shm.view(ref, o.name).head(o.region_nbytes).read()
-            except (InvalidInput, SliceTruncated):  # shrunk meanwhile: the client's answer
-                return None  # is not ours to fail
+                data = region.head(o.region_nbytes).read()
+            except SliceTruncated:  # shrunk meanwhile: the client's answer is not ours to fail
+                return None
         served.append((o.name, o.datatype, o.shape, data))
     return served

@@ -228,3 +228,23 @@ def test_an_output_region_too_small_is_refused_and_left_as_it_was(
     finally:
         c.unregister_system_shared_memory()
         shm.destroy_shared_memory_region(region)
+
+
+def test_an_output_bound_to_no_region_is_refused_before_the_model_runs(
+    c: grpcclient.InferenceServerClient,
+) -> None:
+    """Output regions were looked up only as the answer was copied: the model ran (and was
+    counted) first, and earlier outputs of the request could already be in their regions.
+    As in Triton, a request whose output region is unknown or too short for its offset is
+    refused before it runs."""
+    inp, _x = fp32_input(1)
+    out = grpcclient.InferRequestedOutput("OUT")
+    out.set_shared_memory("never-registered", 16)
+    fails, executions = fails_and_executions(c, "id_fp32")
+    raises(
+        lambda: c.infer("id_fp32", [inp], outputs=[out]),
+        "INVALID_ARGUMENT",
+        "tensor 'OUT' refers to unregistered shared memory region 'never-registered'",
+    )
+    assert fails_and_executions(c, "id_fp32")[1] == executions  # never ran
+    assert fails_and_executions(c, "id_fp32")[0] == fails  # refused, as any invalid request

@@ -12,8 +12,10 @@ import pytest
 
 from runtime.ipc.file_slice import SliceTruncated
 from server import shm_regions
+from server.errors import InvalidInput
+from server.request_shm import SystemOutputs
 from server.shm_regions import SharedMemoryRegistry
-from server.types import ShmRef
+from server.types import InferRequest, ShmRef
 
 PAGE = 4096
 
@@ -63,3 +65,22 @@ def test_a_region_unregistered_mid_request_keeps_its_descriptor_until_the_reques
     assert region.read() == bytes(range(8))  # still the client's object, never a reused fd
     del region
     assert len(os.listdir("/proc/self/fd")) == before - 1
+
+
+def test_output_regions_are_resolved_before_the_request_runs_and_held(
+    registry: SharedMemoryRegistry, tmp_path: Path
+) -> None:
+    """A region unregistered while its request runs still takes the request's outputs (as in
+    Triton: the request succeeds); one unknown before it runs fails it before it runs."""
+    req = InferRequest("m", "", "", (), (), {}, output_shm={"OUT": ShmRef("in", 8, 16)})
+    outs = SystemOutputs(registry, req)
+    registry.unregister_system("in")
+    sink = outs.sink("OUT", 16)
+    assert sink is not None
+    sink.write(b"\x05" * 16)
+    with open(tmp_path / "client", "rb") as f:
+        f.seek(PAGE + 8)
+        assert f.read(16) == b"\x05" * 16
+    assert outs.sink("OUT", 17) is None  # too large: response_tensor gives the error
+    with pytest.raises(InvalidInput, match="unregistered shared memory region 'in'"):
+        SystemOutputs(registry, req)
