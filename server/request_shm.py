@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from msgspec.structs import replace as struct_replace
 
 from runtime.client import OutputTensor, PreparedInput, RegionInput
-from runtime.ipc.dtypes import BytesDecodeError, decode_bytes_tensor
+from runtime.ipc.dtypes import BytesDecodeError, check_bytes_tensor
 from runtime.ipc.file_slice import FileSlice, SliceTruncated
 from server.errors import InvalidInput
 from server.routing.shadow import OutputLike
@@ -50,7 +50,7 @@ def shm_input(shm: SharedMemoryRegistry, t: Tensor) -> Tensor:
         # region between a check and a later copy).
         data = _read(data)
         try:
-            decode_bytes_tensor(data, math.prod(t.shape))
+            check_bytes_tensor(data, math.prod(t.shape))
         except BytesDecodeError as exc:
             raise InvalidInput(
                 f"input '{t.name}' has malformed BYTES content in shared memory: {exc}"

@@ -15,6 +15,7 @@ __all__ = [
     "DTYPES",
     "BytesDecodeError",
     "DType",
+    "check_bytes_tensor",
     "decode_bytes_tensor",
     "encode_bytes_tensor",
 ]
@@ -75,6 +76,39 @@ def decode_bytes_tensor(buf: bytes | memoryview, count: int) -> list[bytes]:
     if len(out) != count:
         raise BytesDecodeError(f"holds {len(out)} elements but the shape needs {count}")
     return out
+
+
+# check_bytes_tensor walks the length prefixes of tensors of at most this many elements.
+BYTES_WALKED_UP_TO = 65536
+
+
+def check_bytes_tensor(
+    buf: bytes | memoryview, count: int, walk_up_to: int = BYTES_WALKED_UP_TO
+) -> None:
+    """decode_bytes_tensor's checks, or BytesDecodeError, without building the elements; the
+    length prefixes are walked only for tensors of at most `walk_up_to` elements (a larger one
+    gets the size check alone). The front's event loop checks each request's BYTES inputs: a
+    tensor of millions of elements walked there held every other request up for seconds (the
+    worker decodes, and so checks, every tensor anyway)."""
+    end = len(buf)
+    if count > walk_up_to:
+        if end < 4 * count:
+            raise BytesDecodeError(f"{end} bytes cannot hold the {count} elements the shape needs")
+        return
+    view = memoryview(buf)
+    unpack = _LEN.unpack_from
+    pos = k = 0
+    while pos < end:
+        if end - pos < 4:
+            raise BytesDecodeError(f"truncated length prefix at byte {pos}")
+        (n,) = unpack(view, pos)
+        pos += 4
+        if n > end - pos:
+            raise BytesDecodeError(f"element {k} claims {n} bytes but {end - pos} remain")
+        pos += n
+        k += 1
+    if k != count:
+        raise BytesDecodeError(f"holds {k} elements but the shape needs {count}")
 
 
 def encode_bytes_tensor(items: list[bytes]) -> bytes:

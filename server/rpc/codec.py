@@ -12,7 +12,12 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from runtime.ipc.dtypes import DTYPES, BytesDecodeError, decode_bytes_tensor, encode_bytes_tensor
+from runtime.ipc.dtypes import (
+    DTYPES,
+    BytesDecodeError,
+    check_bytes_tensor,
+    encode_bytes_tensor,
+)
 from server._proto.inference import grpc_service_pb2 as pb
 from server.errors import InvalidInput, Unsupported
 from server.handler import ModelView, StatsRow
@@ -176,7 +181,7 @@ def _decode_input(inp: pb.ModelInferRequest.InferInputTensor, raw: bytes | None)
                 )
         else:
             try:
-                decode_bytes_tensor(raw, count)
+                check_bytes_tensor(raw, count)  # (on the event loop: bounded work)
             except BytesDecodeError as exc:
                 raise InvalidInput(f"input '{name}' has malformed BYTES content: {exc}") from None
         return Tensor(name, dt.wire, shape, raw)

@@ -15,6 +15,7 @@ from runtime.ipc.dtypes import (
     BY_ONNX,
     DTYPES,
     BytesDecodeError,
+    check_bytes_tensor,
     decode_bytes_tensor,
     encode_bytes_tensor,
     numpy_dtype,
@@ -175,3 +176,21 @@ def test_wire_types_cover_config_types_that_onnx_serves() -> None:
     """Every Triton TYPE_ that has a KServe wire name here; BF16 is the only one left out."""
     config_names = set(pb.DataType.DESCRIPTOR.values_by_name) - {"TYPE_INVALID"}
     assert config_names - set(BY_CONFIG) == {"TYPE_BF16"}
+
+
+def test_check_bytes_tensor_walks_small_tensors_and_sizes_large_ones() -> None:
+    """The front checks BYTES inputs on its event loop: walking the prefixes of millions of
+    elements there held every other request up for seconds. Past `walk_up_to` elements only
+    the size is checked; the worker decodes (and so checks) every tensor anyway."""
+    good = encode_bytes_tensor([b"a", b"bc"])
+    check_bytes_tensor(good, 2)
+    with pytest.raises(BytesDecodeError, match="holds 2 elements but the shape needs 3"):
+        check_bytes_tensor(good, 3)
+    with pytest.raises(BytesDecodeError, match="element 0 claims 100 bytes"):
+        check_bytes_tensor(struct.pack("<I", 100) + b"short", 1)
+    malformed = struct.pack("<I", 100) + bytes(8 * 4)  # right size for 8, framing wrong
+    check_bytes_tensor(malformed, 8, walk_up_to=4)  # too large to walk: sized only
+    with pytest.raises(BytesDecodeError, match="9 bytes cannot hold the 8 elements"):
+        check_bytes_tensor(bytes(9), 8, walk_up_to=4)
+    with pytest.raises(BytesDecodeError):
+        decode_bytes_tensor(malformed, 8)  # (what the worker does with it)
