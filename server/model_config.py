@@ -71,6 +71,14 @@ def spec_from_pb(msg: pb.ModelConfig, dir_name: str) -> ModelSpec:
             queue,
             _instances(msg, dir_name),
         )
+    for t in (*msg.input, *msg.output):
+        if t.HasField("reshape"):
+            # Parsed, then ignored, it made the config-vs-graph check fail with a message
+            # about shapes that never named the cause.
+            raise ConfigError(
+                f"model '{dir_name}': '{t.name}' has a reshape, which microtune does not "
+                "support; declare the ONNX graph's own dims instead"
+            )
     return ModelSpec(
         name=dir_name,
         max_batch_size=msg.max_batch_size,

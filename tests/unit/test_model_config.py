@@ -161,6 +161,12 @@ def test_every_config_type_maps_to_its_wire_type(tmp_path: Path, wire: str) -> N
             'output { name: "y" data_type: 99 dims: [ 1 ] }',
             "model 'm': output 'y' has unsupported type 99",
         ),
+        (
+            # parsed, then ignored: the config-vs-graph check failed without naming it
+            'input { name: "x" data_type: TYPE_FP32 dims: [ 1 ] reshape { shape: [ ] } }',
+            "model 'm': 'x' has a reshape, which microtune does not support; declare the "
+            "ONNX graph's own dims instead",
+        ),
     ],
     ids=[
         "bad-value",
@@ -178,6 +184,7 @@ def test_every_config_type_maps_to_its_wire_type(tmp_path: Path, wire: str) -> N
         "bf16",
         "no-type",
         "type-number",
+        "reshape",
     ],
 )
 def test_pbtxt_errors(tmp_path: Path, pbtxt: str, message: str | None) -> None:
