@@ -245,7 +245,13 @@ class InferenceHandler:
         if self.shm.directory is not None and (
             req.output_shm or any(t.shm is not None for t in req.inputs)
         ):
-            await self.cuda.adopt(req)
+            # The one wait before the call: counted in flight (as from here to the answer,
+            # below), or an unload that drains meanwhile would not wait for this request.
+            ve.inflight += 1
+            try:
+                await self.cuda.adopt(req)
+            finally:
+                ve.inflight -= 1
         on_device = False  # some input stays in a client CUDA region (read by the worker)
         if any(t.shm is not None for t in req.inputs):
             req = struct_replace(req, inputs=tuple(shm_input(self.shm, t) for t in req.inputs))
