@@ -40,6 +40,7 @@ from runtime.engine.regions import (
     fake_opener,
     host_copier,
 )
+from runtime.engine.reshape import ReshapeError, model_file
 from runtime.engine.session import (
     SessionError,
     choose_device,
@@ -256,8 +257,9 @@ class Worker:
             # Errors are caught inside the lock: their tracebacks hold the failed load's frames,
             # and with them its session, which must be freed under the lock too.
             try:
-                model = LoadedModel.load(msg, self.device)
-            except (SessionError, SignatureMismatch, GoldenMismatch) as exc:
+                with model_file(msg) as path:
+                    model = LoadedModel.load(msg, self.device, path)
+            except (SessionError, SignatureMismatch, GoldenMismatch, ReshapeError) as exc:
                 failed = LoadDone(msg.request_id, Code.BAD_INPUT, str(exc))
             except Exception as exc:
                 log.exception("loading %s version %d failed", msg.name, msg.version)
@@ -335,8 +337,12 @@ class Worker:
             return reconcile(signature_of(sess), msg.declared, msg.max_batch_size)
 
         def make_graphs() -> GraphSet:
+            with model_file(msg) as path:
+                return graphs_from(path)
+
+        def graphs_from(path: str) -> GraphSet:
             if not self.device.startswith("cuda"):  # cpu_graphs: the same path on the CPU EP
-                sess = make_session(msg.path, "cpu", msg.intra_op_threads)
+                sess = make_session(path, "cpu", msg.intra_op_threads)
                 gs = GraphSet(
                     sess,
                     table,
@@ -348,7 +354,7 @@ class Worker:
                 gs.capture()
                 return gs
             return GraphSet.load(
-                msg.path,
+                path,
                 self.device_id,
                 table,
                 intra_op_threads=msg.intra_op_threads,
@@ -384,7 +390,7 @@ class Worker:
         try:
             with self.memory.measure() as used:
                 model = GraphModel.start(same, make_graphs, batcher, idle=waker)
-        except (SessionError, SignatureMismatch, GoldenMismatch) as exc:
+        except (SessionError, SignatureMismatch, GoldenMismatch, ReshapeError) as exc:
             self._close_unused_channels(key)
             return LoadDone(msg.request_id, Code.BAD_INPUT, str(exc))
         except Exception as exc:

@@ -408,6 +408,11 @@ class ModelManager:
                 rev,
                 self._batching(spec),
                 _golden(path),
+                reshapes=tuple(
+                    (t.name, t.reshape)
+                    for t in (*spec.inputs, *spec.outputs)
+                    if t.reshape is not None
+                ),
             )
             done = await client.load(msg)
         except WorkerGone:

@@ -8,6 +8,7 @@ ONNX graph by the worker. See docs/model-repository.md.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from google.protobuf import json_format, text_format
@@ -71,19 +72,11 @@ def spec_from_pb(msg: pb.ModelConfig, dir_name: str) -> ModelSpec:
             queue,
             _instances(msg, dir_name),
         )
-    for t in (*msg.input, *msg.output):
-        if t.HasField("reshape"):
-            # Parsed, then ignored, it made the config-vs-graph check fail with a message
-            # about shapes that never named the cause.
-            raise ConfigError(
-                f"model '{dir_name}': '{t.name}' has a reshape, which microtune does not "
-                "support; declare the ONNX graph's own dims instead"
-            )
     return ModelSpec(
         name=dir_name,
         max_batch_size=msg.max_batch_size,
-        inputs=tuple(_tensor(dir_name, "input", t.name, t.data_type, t.dims) for t in msg.input),
-        outputs=tuple(_tensor(dir_name, "output", t.name, t.data_type, t.dims) for t in msg.output),
+        inputs=tuple(_tensor(dir_name, "input", t) for t in msg.input),
+        outputs=tuple(_tensor(dir_name, "output", t) for t in msg.output),
         version_policy=_policy(msg),
         dynamic_batching=batching,
         default_model_filename=_file_name(dir_name, msg.default_model_filename or "model.onnx"),
@@ -100,18 +93,29 @@ def _file_name(model: str, name: str) -> str:
     return name
 
 
-def _tensor(model: str, kind: str, name: str, data_type: int, dims: object) -> TensorSpec:
+def _tensor(model: str, kind: str, t: pb.ModelInput | pb.ModelOutput) -> TensorSpec:
+    name = t.name
     try:
-        type_name = pb.DataType.Name(data_type)
+        type_name = pb.DataType.Name(t.data_type)
     except ValueError:  # a number outside the enum (proto3 text and JSON accept it)
-        type_name = str(data_type)
+        type_name = str(t.data_type)
     dt = BY_CONFIG.get(type_name)
     if dt is None:
         raise ConfigError(f"model '{model}': {kind} '{name}' has unsupported type {type_name}")
-    shape = tuple(int(d) for d in dims)  # type: ignore[attr-defined]
+    shape = tuple(int(d) for d in t.dims)
     if any(d < -1 or d == 0 for d in shape):
         raise ConfigError(f"model '{model}': {kind} '{name}' has invalid dims {list(shape)}")
-    return TensorSpec(name, dt.wire, shape)
+    reshape = None
+    if t.HasField("reshape"):
+        reshape = tuple(int(d) for d in t.reshape.shape)
+        # The graph is given the clients' shapes by a Reshape node (runtime.engine.reshape),
+        # whose target may leave one dimension, the batch, to be worked out: so fixed ones.
+        if any(d < 1 for d in (*shape, *reshape)) or math.prod(shape) != math.prod(reshape):
+            raise ConfigError(
+                f"model '{model}': {kind} '{name}': reshape {list(reshape)} of dims "
+                f"{list(shape)} needs fixed dims (no -1) holding as many elements"
+            )
+    return TensorSpec(name, dt.wire, shape, reshape)
 
 
 MAX_INSTANCES = 64

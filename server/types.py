@@ -49,6 +49,9 @@ class TensorSpec:
     name: str
     datatype: str  # KServe wire datatype
     dims: tuple[int, ...]  # without the batch dimension when max_batch_size > 0
+    # Triton's reshape: the tensor's shape in the graph (same batch exclusion), which clients
+    # see as `dims` (runtime.engine.reshape); None: the graph's shape is `dims`.
+    reshape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

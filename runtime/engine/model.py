@@ -59,8 +59,9 @@ class LoadedModel:
     device_id: int = 0  # the CUDA device its session runs on (0 on the CPU)
 
     @classmethod
-    def load(cls, spec: LoadModel, device: str) -> LoadedModel:
-        session = make_session(spec.path, device, spec.intra_op_threads)
+    def load(cls, spec: LoadModel, device: str, path: str | None = None) -> LoadedModel:
+        """`path`: the file to load instead of spec.path (runtime.engine.reshape.model_file)."""
+        session = make_session(path or spec.path, device, spec.intra_op_threads)
         sig = reconcile(signature_of(session), spec.declared, spec.max_batch_size)
         model = cls(
             spec.name,

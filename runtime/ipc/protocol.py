@@ -173,6 +173,9 @@ class LoadModel(_Msg, tag="load"):
         return self.identity() == loaded
 
     golden_path: str = ""  # its GOLDEN_FILE, if any: must be reproduced before it is ready
+    # Config tensors with Triton's `reshape`: (name, its shape in the graph, batch excluded);
+    # the worker serves the graph with those tensors seen as `declared` (runtime.engine.reshape).
+    reshapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 class UnloadModel(_Msg, tag="unload"):

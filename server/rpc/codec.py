@@ -290,6 +290,10 @@ def encode_config(v: ModelView) -> pb.ModelConfigResponse:
             for t in v.signature.outputs
         ],
     )
+    reshapes = {t.name: t.reshape for t in (*spec.inputs, *spec.outputs) if t.reshape is not None}
+    for tensor in (*cfg.input, *cfg.output):
+        if tensor.name in reshapes:  # (the config's, as Triton echoes it)
+            tensor.reshape.shape.extend(reshapes[tensor.name])
     policy = spec.version_policy
     if policy.kind == "all":
         cfg.version_policy.all.SetInParent()

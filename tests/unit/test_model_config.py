@@ -162,10 +162,14 @@ def test_every_config_type_maps_to_its_wire_type(tmp_path: Path, wire: str) -> N
             "model 'm': output 'y' has unsupported type 99",
         ),
         (
-            # parsed, then ignored: the config-vs-graph check failed without naming it
-            'input { name: "x" data_type: TYPE_FP32 dims: [ 1 ] reshape { shape: [ ] } }',
-            "model 'm': 'x' has a reshape, which microtune does not support; declare the "
-            "ONNX graph's own dims instead",
+            'input { name: "x" data_type: TYPE_FP32 dims: [ -1 ] reshape { shape: [ -1, 1 ] } }',
+            "model 'm': input 'x': reshape [-1, 1] of dims [-1] needs fixed dims (no -1) "
+            "holding as many elements",
+        ),
+        (
+            'input { name: "x" data_type: TYPE_FP32 dims: [ 2, 3 ] reshape { shape: [ 5 ] } }',
+            "model 'm': input 'x': reshape [5] of dims [2, 3] needs fixed dims (no -1) "
+            "holding as many elements",
         ),
     ],
     ids=[
@@ -184,7 +188,8 @@ def test_every_config_type_maps_to_its_wire_type(tmp_path: Path, wire: str) -> N
         "bf16",
         "no-type",
         "type-number",
-        "reshape",
+        "reshape-variable",
+        "reshape-count",
     ],
 )
 def test_pbtxt_errors(tmp_path: Path, pbtxt: str, message: str | None) -> None:
@@ -285,3 +290,14 @@ def test_bad_instance_groups(tmp_path: Path, groups: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         read_model_config(model_dir(tmp_path, pbtxt=pbtxt))
     assert str(err.value) == message
+
+
+def test_reshape_is_read(tmp_path: Path) -> None:
+    pbtxt = (
+        'max_batch_size: 4 input { name: "x" data_type: TYPE_FP32 dims: [ 1 ] '
+        'reshape { shape: [ ] } } output { name: "y" data_type: TYPE_FP32 dims: [ 2, 3 ] '
+        "reshape { shape: [ 6 ] } }"
+    )
+    spec = read_model_config(model_dir(tmp_path, "m", pbtxt))
+    assert spec.inputs == (TensorSpec("x", "FP32", (1,), ()),)
+    assert spec.outputs == (TensorSpec("y", "FP32", (2, 3), (6,)),)

@@ -60,7 +60,7 @@ def test_a_failed_load_frees_its_session_under_the_lock(
     freed_under_lock: list[bool] = []
     lock: Any = worker.device_lock
 
-    def failing_load(msg: LoadModel, device: str) -> object:
+    def failing_load(msg: LoadModel, device: str, path: str | None = None) -> object:
         session = ort.InferenceSession(str(DENSE), providers=["CPUExecutionProvider"])
         weakref.finalize(session, lambda: freed_under_lock.append(lock._is_owned()))
         raise SessionError("the signature does not match the config")
