@@ -48,6 +48,13 @@ def snapshot(stats: pb.ModelStatisticsResponse) -> dict[str, Any]:
     }
 
 
+async def rows4_stats(stub: pbg.GRPCInferenceServiceStub) -> dict[str, Any]:
+    """ModelStatistics of rows4 version 1, as `snapshot` reads it."""
+    return snapshot(
+        await stub.ModelStatistics(pb.ModelStatisticsRequest(name=MODEL, version=VERSION))
+    )
+
+
 def delta(after: dict[str, Any], before: dict[str, Any], key: str) -> tuple[int, int]:
     (c1, n1), (c0, n0) = after[key], before[key]
     return c1 - c0, n1 - n0
@@ -65,8 +72,7 @@ def test_statistics_have_triton_semantics(traced: InProcess) -> None:
             stub = pbg.GRPCInferenceServiceStub(ch)
 
             async def stats() -> dict[str, Any]:
-                req = pb.ModelStatisticsRequest(name=MODEL, version=VERSION)
-                return snapshot(await stub.ModelStatistics(req))
+                return await rows4_stats(stub)
 
             before = await stats()
             for wave in waves:
@@ -150,8 +156,7 @@ def test_an_execution_shared_with_an_abandoned_request_is_counted(traced: InProc
             stub = pbg.GRPCInferenceServiceStub(ch)
 
             async def stats() -> dict[str, Any]:
-                req = pb.ModelStatisticsRequest(name=MODEL, version=VERSION)
-                return snapshot(await stub.ModelStatistics(req))
+                return await rows4_stats(stub)
 
             before = await stats()
             abandoned = stub.ModelInfer(rows4_request(1))

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import numpy as np
 from obs_support import InProcess
-from test_statistics import MODEL, VERSION, rows4_request, snapshot
+from test_statistics import rows4_request, rows4_stats
 
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pbg
@@ -35,15 +35,14 @@ def test_a_streams_requests_batch_together_and_answer_in_order(traced: InProcess
     async def scenario() -> tuple[list[pb.ModelStreamInferResponse], dict[str, Any], Any]:
         async with grpc.aio.insecure_channel(traced.target) as ch:
             stub = pbg.GRPCInferenceServiceStub(ch)
-            stats = pb.ModelStatisticsRequest(name=MODEL, version=VERSION)
-            before = snapshot(await stub.ModelStatistics(stats))
+            before = await rows4_stats(stub)
 
             async def send() -> Any:
                 for r in requests:
                     yield r
 
             got = [r async for r in stub.ModelStreamInfer(send(), timeout=30)]
-            return got, before, snapshot(await stub.ModelStatistics(stats))
+            return got, before, await rows4_stats(stub)
 
     got, before, after = traced.run(scenario())
     assert [r.infer_response.id for r in got] == [r.id for r in requests]

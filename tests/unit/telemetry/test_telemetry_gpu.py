@@ -165,6 +165,12 @@ def test_background_thread_samples_and_stops(nvml: Any) -> None:
     registry = CollectorRegistry()
     sampler = GpuSampler(registry, interval_s=0.01)
     sampler.start()
+    sample_both_boards_then_stop(sampler)
+    assert nvml.calls[-1] == "shutdown"
+
+
+def sample_both_boards_then_stop(sampler: GpuSampler) -> None:
+    """Wait (up to 5 s) for the sampler's thread to publish both fake boards, then stop it."""
     try:
         for _ in range(500):
             if len(sampler.samples) == 2:
@@ -173,7 +179,6 @@ def test_background_thread_samples_and_stops(nvml: Any) -> None:
         assert len(sampler.samples) == 2
     finally:
         sampler.stop()
-    assert nvml.calls[-1] == "shutdown"
 
 
 def test_open_then_start_initialises_nvml_once(nvml: Any) -> None:
@@ -182,14 +187,7 @@ def test_open_then_start_initialises_nvml_once(nvml: Any) -> None:
     sampler = GpuSampler(CollectorRegistry(), interval_s=0.01)
     assert sampler.open()
     sampler.start()
-    try:
-        for _ in range(500):
-            if len(sampler.samples) == 2:
-                break
-            time.sleep(0.01)
-        assert len(sampler.samples) == 2
-    finally:
-        sampler.stop()
+    sample_both_boards_then_stop(sampler)
     assert (nvml.calls.count("init"), nvml.calls.count("shutdown")) == (1, 1)
 
 
