@@ -121,6 +121,9 @@ class Worker:
         # loaded must register its hold before another front's unload can decide it is free.
         self._version_locks: dict[tuple[str, int], threading.Lock] = {}
         self.pool = ThreadPoolExecutor(settings.exec_threads, thread_name_prefix="exec")
+        # Beside the socket, in the directory the front made (server/rundir.py): what the
+        # worker writes there (a reshaped model while it loads) goes with it, crash included.
+        self.run_dir = os.path.dirname(settings.socket_path) or None
         self.stopping = threading.Event()
 
     def serve_forever(self) -> None:
@@ -253,17 +256,23 @@ class Worker:
                 channel="" if channels is None else channels.path,
             )
         failed: LoadDone | None = None
-        with self.memory.measure() as used, self.gpu_lock or contextlib.nullcontext():
-            # Errors are caught inside the lock: their tracebacks hold the failed load's frames,
-            # and with them its session, which must be freed under the lock too.
-            try:
-                with model_file(msg) as path:
+        try:  # (a config reshape's rewrite of the graph: CPU work, outside the device lock)
+            with (
+                model_file(msg, self.run_dir) as path,
+                self.memory.measure() as used,
+                self.gpu_lock or contextlib.nullcontext(),
+            ):
+                # Errors are caught inside the lock: their tracebacks hold the failed load's
+                # frames, and with them its session, which must be freed under the lock too.
+                try:
                     model = LoadedModel.load(msg, self.device, path)
-            except (SessionError, SignatureMismatch, GoldenMismatch, ReshapeError) as exc:
-                failed = LoadDone(msg.request_id, Code.BAD_INPUT, str(exc))
-            except Exception as exc:
-                log.exception("loading %s version %d failed", msg.name, msg.version)
-                failed = LoadDone(msg.request_id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+                except (SessionError, SignatureMismatch, GoldenMismatch) as exc:
+                    failed = LoadDone(msg.request_id, Code.BAD_INPUT, str(exc))
+                except Exception as exc:
+                    log.exception("loading %s version %d failed", msg.name, msg.version)
+                    failed = LoadDone(msg.request_id, Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+        except ReshapeError as exc:
+            failed = LoadDone(msg.request_id, Code.BAD_INPUT, str(exc))
         if failed is not None:
             return failed
         model.device_memory = used.nbytes
@@ -337,7 +346,7 @@ class Worker:
             return reconcile(signature_of(sess), msg.declared, msg.max_batch_size)
 
         def make_graphs() -> GraphSet:
-            with model_file(msg) as path:
+            with model_file(msg, self.run_dir) as path:
                 return graphs_from(path)
 
         def graphs_from(path: str) -> GraphSet:

@@ -33,15 +33,17 @@ class ReshapeError(ValueError):
 
 
 @contextlib.contextmanager
-def model_file(msg: LoadModel) -> Iterator[str]:
+def model_file(msg: LoadModel, directory: str | None = None) -> Iterator[str]:
     """The file onnxruntime loads `msg`'s version from: its own, or, when its config reshapes
-    tensors, a rewritten copy that lives while the load runs (sessions read it at creation)."""
+    tensors, a rewritten copy in `directory` (the worker's run directory, which the front
+    removes when it stops and after a crash), deleted when the load is done (sessions read the
+    file at creation)."""
     if not msg.reshapes:
         yield msg.path
         return
     declared = {t.name: t.shape for t in (*msg.declared.inputs, *msg.declared.outputs)}
     data = reshaped_model(msg.path, dict(msg.reshapes), declared, msg.max_batch_size > 0)
-    fd, tmp = tempfile.mkstemp(prefix="microtune-reshaped-", suffix=".onnx")
+    fd, tmp = tempfile.mkstemp(prefix="reshaped-", suffix=".onnx", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -49,6 +51,10 @@ def model_file(msg: LoadModel) -> Iterator[str]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+# protobuf's limit for one message: a rewritten model is written whole (external data inline).
+_MAX_MODEL_BYTES = (1 << 31) - 1
 
 
 def reshaped_model(
@@ -68,9 +74,17 @@ def reshaped_model(
         model = onnx.load(path)
     except Exception as exc:
         raise ReshapeError(f"cannot read {path} to apply the config's reshape: {exc}") from None
+    if model.ByteSize() > _MAX_MODEL_BYTES:
+        raise ReshapeError(
+            f"{path} (with its external data) is over 2 GiB: a config reshape cannot be applied "
+            "to it; declare the ONNX graph's own dims instead"
+        )
     g = model.graph
     inputs = {i.name: i for i in g.input}
     outputs = {o.name: o for o in g.output}
+    produced = {out for node in g.node for out in node.output}
+    initializers = {t.name: t for t in g.initializer}
+    in_subgraphs = _names_in_subgraphs(g)
     prefix = [-1] if batched else []
     for name, model_dims in reshapes.items():
         client = dims[name]
@@ -79,25 +93,74 @@ def reshaped_model(
                 f"'{name}': dims {list(client)} and reshape {list(model_dims)} hold different "
                 "numbers of elements"
             )
+        info = inputs.get(name) or outputs.get(name)
+        if info is None:
+            raise ReshapeError(f"config tensor '{name}' with a reshape is not in the ONNX graph")
+        # As Triton's onnxruntime backend does: the reshape is the graph's own shape.
+        graph_dims = _dims(info)
+        want = [*prefix, *model_dims]
+        if graph_dims is not None and (
+            len(graph_dims) != len(want)
+            or any(a != b and a != -1 and b != -1 for a, b in zip(graph_dims, want, strict=True))
+        ):
+            raise ReshapeError(
+                f"'{name}': reshape {list(model_dims)} does not fit the ONNX graph's shape "
+                f"{graph_dims}" + (" (batch dimension first)" if batched else "")
+            )
+        if name in in_subgraphs:
+            raise ReshapeError(
+                f"'{name}' is used inside a control-flow subgraph (If, Loop, Scan): a reshape of "
+                "it is not supported"
+            )
         inner = name + _SUFFIX
+        shape = name + _SUFFIX + "_shape"
         if name in inputs:
             _rename_uses(g, name, inner)
-            shape = name + _SUFFIX + "_shape"
-            g.initializer.append(numpy_helper.from_array(np.array([*prefix, *model_dims]), shape))
+            target = np.array([*prefix, *model_dims], dtype=np.int64)
+            g.initializer.append(numpy_helper.from_array(target, shape))
             g.node.insert(0, helper.make_node("Reshape", [name, shape], [inner]))
             _set_dims(inputs[name], client, batched)
-        elif name in outputs:
+            continue
+        if name in produced:
             _rename_uses(g, name, inner)  # (its producer's output and any other consumer)
-            shape = name + _SUFFIX + "_shape"
-            g.initializer.append(numpy_helper.from_array(np.array([*prefix, *client]), shape))
-            g.node.append(helper.make_node("Reshape", [inner, shape], [name]))
-            _set_dims(outputs[name], client, batched)
+        elif name in initializers:  # a constant output (a label table, say)
+            _rename_uses(g, name, inner)
+            initializers[name].name = inner
         else:
-            raise ReshapeError(f"config tensor '{name}' with a reshape is not in the ONNX graph")
-    try:
-        return bytes(model.SerializeToString())
-    except ValueError as exc:  # over protobuf's 2 GiB
-        raise ReshapeError(f"{path} is too large to apply the config's reshape: {exc}") from None
+            raise ReshapeError(f"'{name}' is a graph output no node produces: cannot reshape it")
+        target = np.array([*prefix, *client], dtype=np.int64)
+        g.initializer.append(numpy_helper.from_array(target, shape))
+        g.node.append(helper.make_node("Reshape", [inner, shape], [name]))
+        _set_dims(outputs[name], client, batched)
+    return bytes(model.SerializeToString())
+
+
+def _dims(info: object) -> list[int] | None:
+    """A graph input's or output's shape, -1 for a symbolic or unknown dimension; None when
+    the graph does not say."""
+    tensor = info.type.tensor_type  # type: ignore[attr-defined]
+    if not tensor.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+
+
+def _names_in_subgraphs(g: object) -> set[str]:
+    """Every name a node inside a subgraph (If, Loop, Scan bodies, nested) reads or writes."""
+    found: set[str] = set()
+
+    def walk(graph: object, inside: bool) -> None:
+        for node in graph.node:  # type: ignore[attr-defined]
+            if inside:
+                found.update(node.input)
+                found.update(node.output)
+            for attr in node.attribute:
+                for sub in (attr.g,) if attr.HasField("g") else ():
+                    walk(sub, True)
+                for sub in attr.graphs:
+                    walk(sub, True)
+
+    walk(g, False)
+    return found
 
 
 def _rename_uses(g: object, old: str, new: str) -> None:
