@@ -76,6 +76,23 @@ def test_default_render(helm: str) -> None:
     assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 600
     ports = {p["name"]: p["port"] for p in out["Service"]["spec"]["ports"]}
     assert ports == {"grpc": 8001, "metrics": 8002}
+    # The HPA's metric exists only if Prometheus scrapes the pods: by default, through the
+    # usual annotations (nothing scraped them: the HPA never got a value).
+    annotations = out["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == "8002"
+    # $(POD_NAME) expands only from a variable defined before it.
+    names = [e["name"] for e in c["env"]]
+    assert names.index("POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")
+
+
+def test_the_adapter_rule_in_the_docs_serves_the_hpas_metric(helm: str) -> None:
+    """docs/observability.md's prometheus-adapter rule published the metric under another
+    name than the one the HPA asks for."""
+    hpa = render(helm)["HorizontalPodAutoscaler"]["spec"]
+    wanted = hpa["metrics"][0]["pods"]["metric"]["name"]
+    doc = (ROOT / "docs" / "observability.md").read_text()
+    assert f'name: {{as: "{wanted}"}}' in doc
 
 
 def test_gpu_routing_and_monitoring(helm: str) -> None:
@@ -89,7 +106,11 @@ def test_gpu_routing_and_monitoring(helm: str) -> None:
     )
     c = out["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "--device=cuda:0" in c["args"]  # a pod that cannot use its GPU fails, loudly
     assert "--routing-file=/etc/microtune/routing.json" in c["args"]
+    # A routing change is applied by the running server: no checksum to restart every pod.
+    annotations = out["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert not [k for k in annotations if k.startswith("checksum/")]
     assert "routing.json" in out["ConfigMap"]["data"]
     assert out["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "metrics"
     tol = out["Deployment"]["spec"]["template"]["spec"]["tolerations"]
@@ -102,3 +123,20 @@ def test_single_replica_has_no_pdb(helm: str) -> None:
     c = out["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert not any(a.startswith("--max-connection-age-s") for a in c["args"])  # set to 0 below
     assert out["Deployment"]["spec"]["replicas"] == 1
+
+
+def test_a_gpu_pod_without_limits_renders_and_takes_one_gpu_only(helm: str) -> None:
+    out = render(helm, "gpu.enabled=true", "resources.limits=null")
+    c = out["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert c["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    env = {**os.environ, "HOME": tempfile.mkdtemp()}
+    proc = subprocess.run(
+        [helm, "template", "t", str(CHART), "--set", "gpu.enabled=true", "--set", "gpu.count=2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "gpu.count: microtune runs one runtime worker per pod, on one GPU" in proc.stderr
