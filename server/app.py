@@ -190,6 +190,7 @@ class App:
                 self.router.reload_file(path)
 
             self._background(1.0, "routing file reload", reload_routing_file)
+        self.handler.strict_readiness = s.strict_readiness
         self.handler.started = True
         if self.metrics is not None:
             self._background(1.0, "metrics refresh", self._sync_metrics)

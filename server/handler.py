@@ -133,6 +133,7 @@ class InferenceHandler:
         self.manager = manager
         self.server_name = server_name
         self.started = False  # the repository's first load pass has finished
+        self.strict_readiness = True  # (Settings.strict_readiness: see ModelTable.failed)
         self.peers: StatsPeers | None = None  # the pod's other fronts (--frontends N)
         link.on_orphan_execution = self._orphan_execution
 
@@ -153,7 +154,9 @@ class InferenceHandler:
         return True
 
     def ready(self) -> bool:
-        return self.started and self.link.ready and not self.table.loading()
+        if not (self.started and self.link.ready) or self.table.loading():
+            return False
+        return not (self.strict_readiness and self.table.failed())
 
     def server_metadata(self) -> tuple[str, str, tuple[str, ...]]:
         return self.server_name, __version__, EXTENSIONS

@@ -454,6 +454,8 @@ class ModelManager:
     async def _unload_model(self, entry: ModelEntry) -> None:
         """RepositoryModelUnload, this front's or another's (replayed)."""
         await self._unload_ready(entry)
+        for ve in entry.versions.values():  # (failed ones too: the model is not wanted now)
+            ve.unloaded = True
         entry.reason = "unloaded"
 
     async def _unload_ready(self, entry: ModelEntry) -> None:

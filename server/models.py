@@ -123,6 +123,18 @@ class ModelTable:
                 out.append(ModelIndexEntry(name, str(v), ve.state.value, reason))
         return out
 
+    def failed(self) -> bool:
+        """Whether a model the server should serve is not available: its config does not parse
+        or names no version, or a version of it failed to load (--strict-readiness). Models
+        not loaded at start-up (explicit mode) and those unloaded by request do not count."""
+        for entry in self.models.values():
+            if entry.spec is None and entry.reason:
+                return True
+            for ve in entry.versions.values():
+                if ve.state is ModelState.UNAVAILABLE and not ve.unloaded:
+                    return True
+        return False
+
     def loading(self) -> bool:
         return any(
             ve.state is ModelState.LOADING

@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     they end (a ModelStreamInfer stream is never cut; new calls go to the new connection)."""
     worker_start_timeout_s: float = Field(60.0, gt=0)
     """How long the worker may take to start listening."""
+    strict_readiness: bool = True
+    """Readiness (and ServerReady) also requires every model to be available: none whose
+    config fails or whose version failed to load (Triton's --strict-readiness, also on by
+    default). Models unloaded by request do not count. So a rolling update whose models fail
+    to load stops instead of replacing serving pods; false: ready once loads have finished."""
     restart_limit: int = Field(8, ge=0)
     """A runtime worker (or, under the supervisor, a front) that dies this many times within
     --restart-window-s makes the server give up and exit with code 70, so that its container

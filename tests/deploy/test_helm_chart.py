@@ -64,6 +64,8 @@ def test_default_render(helm: str) -> None:
     assert c["readinessProbe"]["grpc"] == {"port": 8001, "service": "readiness"}
     assert c["livenessProbe"]["grpc"] == {"port": 8001, "service": "liveness"}
     assert "--grpc-host=0.0.0.0" in c["args"]
+    # A rollout whose models fail to load stops: its pods never become ready.
+    assert "--strict-readiness=true" in c["args"]
     # Connections are recycled, so that replicas the HPA adds get traffic from old clients.
     assert "--max-connection-age-s=300" in c["args"]
     assert {v["name"]: v for v in pod["volumes"]}["dshm"]["emptyDir"]["medium"] == "Memory"

@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
+from grpc_health.v1 import health_pb2
 from harness import Server, raises, running_server
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 ARGS = (
     "--model-control-mode",
@@ -248,3 +252,30 @@ def test_an_output_bound_to_no_region_is_refused_before_the_model_runs(
     )
     assert fails_and_executions(c, "id_fp32")[1] == executions  # never ran
     assert fails_and_executions(c, "id_fp32")[0] == fails  # refused, as any invalid request
+
+
+def test_strict_readiness_follows_failed_models(model_repository: Path, tmp_path: Path) -> None:
+    """--strict-readiness (Triton's default, the Helm chart's): a model that fails to load
+    makes the server not ready, so that a rolling update whose models fail stops instead of
+    replacing pods that serve; unloading it makes the server ready again. Liveness holds."""
+    args = (
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "simple",
+        "--strict-readiness",
+        "true",
+    )
+    with running_server(model_repository, tmp_path, args) as s:
+        c = grpcclient.InferenceServerClient(s.url)
+        try:
+            assert c.is_server_ready()
+            raises(lambda: c.load_model("bad_corrupt"), "INTERNAL", "bad_corrupt")
+            s.wait_health("readiness", NOT_SERVING, 10)
+            assert not c.is_server_ready() and c.is_server_live()
+            s.wait_health("liveness", SERVING, 10)
+            c.unload_model("bad_corrupt")
+            s.wait_health("readiness", SERVING, 10)
+            assert c.is_server_ready()
+        finally:
+            c.close()
