@@ -39,8 +39,7 @@ from server.errors import (
 from server.lifecycle import ModelManager
 from server.models import ModelTable, VersionEntry
 from server.request_shm import (
-    SystemOutputs,
-    cuda_outputs,
+    OutputRegions,
     in_regions,
     response_tensor,
     served_outputs,
@@ -262,8 +261,7 @@ class InferenceHandler:
         plan = plan_call(req, sig, spec.max_batch_size)
         if on_device:
             plan = struct_replace(plan, inputs=in_regions(plan.inputs, req))
-        out_regions = cuda_outputs(self.shm, req) if req.output_shm else None
-        outs = SystemOutputs(self.shm, req) if req.output_shm else None
+        outs = OutputRegions(self.shm, req) if req.output_shm else None
         metrics = self.metrics
         # Counted from routing to the answer: unloading this version waits for it (drain).
         ve.inflight += 1
@@ -281,7 +279,7 @@ class InferenceHandler:
                     plan.output_reserve,
                     deadline,
                     span.ref if span is not None else b"",
-                    out_regions,
+                    None if outs is None else outs.cuda,
                     None if outs is None else outs.sink,
                 )
             finally:
@@ -320,7 +318,7 @@ class InferenceHandler:
         plan: Plan,
         outputs: Sequence[OutputTensor],
         hints: RouteHints,
-        outs: SystemOutputs | None,
+        outs: OutputRegions | None,
     ) -> None:
         """Mirror a sampled share of requests to the shadow version, off the response path."""
         model = req.model

@@ -3,9 +3,10 @@
 Inputs in a system region become slices of its file (runtime.ipc.file_slice: read once, by
 the kernel, into the worker's arena); inputs in a CUDA region stay references the worker
 reads on the device. Outputs bound for a system region are copied straight from the arena into
-it (`SystemOutputs`, resolved before the request runs; its sink is asked by the RuntimeClient
-as it reads the answer); outputs bound for a CUDA region are written there by the worker. The
-response then describes each such output by region, without its bytes.
+it (`OutputRegions.slices`, resolved before the request runs; its sink is asked by the
+RuntimeClient as it reads the answer); outputs bound for a CUDA region are written there by the
+worker (`OutputRegions.cuda`). The response then describes each such output by region, without
+its bytes.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from server.shm_regions import SharedMemoryRegistry
 from server.types import InferRequest, ShmRef, Tensor
 
 __all__ = [
-    "SystemOutputs",
-    "cuda_outputs",
+    "OutputRegions",
     "in_regions",
     "response_tensor",
     "served_outputs",
@@ -77,32 +77,26 @@ def in_regions(inputs: tuple[PreparedInput, ...], req: InferRequest) -> tuple[Pr
     return tuple(out)
 
 
-def cuda_outputs(
-    shm: SharedMemoryRegistry, req: InferRequest
-) -> dict[str, tuple[str, int, int]] | None:
-    """Outputs to be written into client CUDA regions: name -> (region, offset, size)."""
-    out = {}
-    for name, ref in req.output_shm.items():
-        if shm.cuda_ref(ref, name) is not None:
-            out[name] = (ref.region, ref.offset, ref.byte_size)
-    return out or None
+class OutputRegions:
+    """The client regions a request's outputs go to, looked up and bounds-checked before the
+    request runs (Triton refuses a bad output region before inference too: a request must not
+    run, be counted and half-write its regions, to fail on its last output). `cuda`: outputs
+    the worker writes into client CUDA regions, name -> (region, offset, size), or None.
+    `slices`: the system regions' bytes, held until the request ends: a region unregistered
+    meanwhile still takes its outputs (the slices keep its descriptor), as in Triton."""
 
-
-class SystemOutputs:
-    """The client system regions a request's outputs go to, looked up and bounds-checked
-    before the request runs (Triton refuses a bad output region before inference too: a
-    request must not run, be counted and half-write its regions, to fail on its last output),
-    and held until it ends: a region unregistered meanwhile still takes its outputs (the
-    slices keep its descriptor), as in Triton."""
-
-    __slots__ = ("slices",)
+    __slots__ = ("cuda", "slices")
 
     def __init__(self, shm: SharedMemoryRegistry, req: InferRequest) -> None:
-        self.slices = {
-            name: shm.view(ref, name)
-            for name, ref in req.output_shm.items()
-            if shm.cuda_ref(ref, name) is None  # (CUDA ones: `cuda_outputs`)
-        }
+        cuda: dict[str, tuple[str, int, int]] = {}
+        system: list[tuple[str, ShmRef]] = []
+        for name, ref in req.output_shm.items():
+            if shm.cuda_ref(ref, name) is not None:
+                cuda[name] = (ref.region, ref.offset, ref.byte_size)
+            else:
+                system.append((name, ref))
+        self.cuda = cuda or None
+        self.slices = {name: shm.view(ref, name) for name, ref in system}
 
     def sink(self, name: str, nbytes: int) -> FileSlice | None:
         """The RuntimeClient's OutputSink: where an output bound for a system region is copied,
@@ -112,7 +106,7 @@ class SystemOutputs:
         return region if region is not None and nbytes <= len(region) else None
 
 
-def response_tensor(req: InferRequest, o: OutputTensor, outs: SystemOutputs | None) -> Tensor:
+def response_tensor(req: InferRequest, o: OutputTensor, outs: OutputRegions | None) -> Tensor:
     """An output as the response describes it: its bytes, or where in a client region it is
     (copied there now if the sink did not take it: an inline output, or one too large)."""
     ref = req.output_shm.get(o.name)
@@ -134,7 +128,7 @@ def response_tensor(req: InferRequest, o: OutputTensor, outs: SystemOutputs | No
 
 
 def served_outputs(
-    outputs: Sequence[OutputTensor], outs: SystemOutputs | None
+    outputs: Sequence[OutputTensor], outs: OutputRegions | None
 ) -> list[OutputLike] | None:
     """What was served, as bytes, for the shadow comparison; None when an output went to a
     client CUDA region. System-region outputs are read back (only for sampled requests)."""

@@ -183,7 +183,7 @@ class Router:
             return
         g.last_eval = now
         stable, canary = table.stable_version, table.canary_version
-        if stable is None or canary is None or table.weights.get(canary, 0) == 0:
+        if stable is None or canary is None or not canary_on:
             return
         decision = evaluate(g.state, table.guard, stable, canary, now)
         if decision.rollback:

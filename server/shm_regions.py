@@ -10,7 +10,7 @@ references. System and CUDA regions share one namespace. Regions are never unlin
 here: the client owns them.
 
 With several fronts (`--frontends N`) the namespace is the pod's: registrations live in a
-server.shm_directory.RegionDirectory, and each front maps (system) or has the worker open
+server.shm_directory.RegionDirectory, and each front opens (system) or has the worker open
 (CUDA, through the handler) what it uses on first use, and drops it once the pod's record of it
 is gone or replaced.
 """
@@ -105,7 +105,7 @@ class SharedMemoryRegistry:
         self._drop_if_stale(name)
         if name in self.system or name in self.cuda:
             raise AlreadyExists(f"shared memory region '{name}' already in manager")
-        region = _map_system(name, key, offset, byte_size)
+        region = _open_system(name, key, offset, byte_size)
         if self.directory is not None:
             try:
                 record = RegionRecord(name, "system", byte_size, key, offset)
@@ -250,7 +250,7 @@ class SharedMemoryRegistry:
         if found is None or found[0].kind != "system":
             return None
         r, identity = found
-        region = _map_system(r.name, r.key, r.offset, r.byte_size)
+        region = _open_system(r.name, r.key, r.offset, r.byte_size)
         self.system[name] = region
         self._taken[name] = identity
         return region
@@ -288,7 +288,7 @@ class SharedMemoryRegistry:
         self._taken.clear()
 
 
-def _map_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegion:
+def _open_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegion:
     """Open [offset, offset + byte_size) of the client's POSIX shm object `key` (read and
     written with pread/pwrite: runtime.ipc.file_slice says why not through a mapping)."""
     stem = key.lstrip("/")

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from runtime.engine.signature import shapes_fit
 from runtime.ipc.protocol import LoadModel
 
 __all__ = ["ReshapeError", "model_file", "reshaped_model"]
@@ -99,10 +100,7 @@ def reshaped_model(
         # As Triton's onnxruntime backend does: the reshape is the graph's own shape.
         graph_dims = _dims(info)
         want = [*prefix, *model_dims]
-        if graph_dims is not None and (
-            len(graph_dims) != len(want)
-            or any(a != b and a != -1 and b != -1 for a, b in zip(graph_dims, want, strict=True))
-        ):
+        if graph_dims is not None and not shapes_fit(graph_dims, want):
             raise ReshapeError(
                 f"'{name}': reshape {list(model_dims)} does not fit the ONNX graph's shape "
                 f"{graph_dims}" + (" (batch dimension first)" if batched else "")

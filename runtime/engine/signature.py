@@ -8,9 +8,11 @@ max_batch_size > 0 they start with the batch dimension (-1).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from runtime.ipc.protocol import ModelSignature, TensorInfo
 
-__all__ = ["SignatureMismatch", "reconcile"]
+__all__ = ["SignatureMismatch", "reconcile", "shapes_fit"]
 
 
 class SignatureMismatch(ValueError):
@@ -54,9 +56,7 @@ def _side(
         full = ((-1,) if max_batch_size > 0 else ()) + d.shape
         if max_batch_size > 0:
             _check_batch_dim(kind, g, max_batch_size)
-        if len(full) != len(g.shape) or any(
-            a != b and a != -1 and b != -1 for a, b in zip(full, g.shape, strict=True)
-        ):
+        if not shapes_fit(full, g.shape):
             raise SignatureMismatch(
                 f"config {kind} '{d.name}' has shape {list(full)} (batch dim included) but the "
                 f"ONNX graph has {list(g.shape)}"
@@ -71,6 +71,13 @@ def _side(
                 f"ONNX graph {kind}(s) {', '.join(missing)} missing from the config"
             )
     return tuple(out)
+
+
+def shapes_fit(a: Sequence[int], b: Sequence[int]) -> bool:
+    """Same rank, and each dimension equal unless one side leaves it open (-1)."""
+    if len(a) != len(b):
+        return False
+    return all(x == y or x == -1 or y == -1 for x, y in zip(a, b, strict=True))
 
 
 def _check_batch_dim(kind: str, t: TensorInfo, max_batch_size: int) -> None:

@@ -56,7 +56,7 @@ class AsyncChunkSender:
         self._channel: grpc.aio.Channel | None = None
         self._export: grpc.aio.UnaryUnaryMultiCallable | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._closing: asyncio.Event | None = None  # set by close()
+        self._closing = asyncio.Event()  # set by close() (bound to the loop that first waits)
         self._close_by = float("inf")  # loop time by which close() wants the sends done
         self.dropped = 0  # chunks not sent: too many in flight
         self.failed = 0  # chunks the collector never accepted
@@ -86,17 +86,12 @@ class AsyncChunkSender:
         retries would hold the shutdown ~10 s), then close the channel."""
         loop = asyncio.get_running_loop()
         self._close_by = loop.time() + timeout_s
-        self._closing_event().set()
+        self._closing.set()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
-
-    def _closing_event(self) -> asyncio.Event:
-        if self._closing is None:
-            self._closing = asyncio.Event()
-        return self._closing
 
     def _lost(self, reason: str) -> None:
         if self.on_loss is not None:
@@ -126,7 +121,7 @@ class AsyncChunkSender:
     async def _send(self, payload: bytes) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        closing = self._closing_event()
+        closing = self._closing
         for attempt in range(_ATTEMPTS):
             export = self._export or self._connect()
             try:

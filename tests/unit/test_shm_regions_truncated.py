@@ -13,7 +13,7 @@ import pytest
 from runtime.ipc.file_slice import SliceTruncated
 from server import shm_regions
 from server.errors import InvalidInput
-from server.request_shm import SystemOutputs
+from server.request_shm import OutputRegions
 from server.shm_regions import SharedMemoryRegistry
 from server.types import InferRequest, ShmRef
 
@@ -73,7 +73,7 @@ def test_output_regions_are_resolved_before_the_request_runs_and_held(
     """A region unregistered while its request runs still takes the request's outputs (as in
     Triton: the request succeeds); one unknown before it runs fails it before it runs."""
     req = InferRequest("m", "", "", (), (), {}, output_shm={"OUT": ShmRef("in", 8, 16)})
-    outs = SystemOutputs(registry, req)
+    outs = OutputRegions(registry, req)
     registry.unregister_system("in")
     sink = outs.sink("OUT", 16)
     assert sink is not None
@@ -83,4 +83,4 @@ def test_output_regions_are_resolved_before_the_request_runs_and_held(
         assert f.read(16) == b"\x05" * 16
     assert outs.sink("OUT", 17) is None  # too large: response_tensor gives the error
     with pytest.raises(InvalidInput, match="unregistered shared memory region 'in'"):
-        SystemOutputs(registry, req)
+        OutputRegions(registry, req)
