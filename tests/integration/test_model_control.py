@@ -1,6 +1,6 @@
 """Model control in explicit mode (issue 3): the golden self-test gates a version before it is
 routable, and tritonclient's own `simple_grpc_model_control.py` passes unchanged against the
-demo repository."""
+demo repository, and so do its inference examples."""
 
 from __future__ import annotations
 
@@ -99,6 +99,65 @@ def test_golden_self_test_gates_a_version(golden_server: tuple[Server, Path]) ->
         c.close()
 
 
+def run_examples(url: str, *names: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "run_triton_examples.py"),
+            "--examples-dir",
+            str(EXAMPLES),
+            "--url",
+            url,
+            "--show-output",
+            "all",
+            *names,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+# Every example of the default set but model control (it needs explicit mode): inference over
+# raw and typed contents, strings, compression, deadlines, keepalive, system shared memory.
+# Those that cannot run here (a CUDA client, tritonclient.http) report SKIP, not failure.
+INFER_EXAMPLES = (
+    "simple_grpc_health_metadata",
+    "simple_grpc_infer_client",
+    "simple_grpc_async_infer_client",
+    "simple_grpc_aio_infer_client",
+    "simple_grpc_string_infer_client",
+    "grpc_explicit_int_content_client",
+    "grpc_explicit_int8_content_client",
+    "grpc_explicit_byte_content_client",
+    "simple_grpc_custom_args_client",
+    "simple_grpc_keepalive_client",
+    "simple_grpc_shm_client",
+    "simple_grpc_shm_string_client",
+    "simple_grpc_infer_client[gzip]",
+    "simple_grpc_infer_client[deflate]",
+    "simple_grpc_aio_infer_client[gzip]",
+    "simple_grpc_infer_client[timeout]",
+)
+
+
+@pytest.mark.skipif(
+    not (EXAMPLES / "simple_grpc_shm_client.py").is_file(),
+    reason=f"tritonclient's example programs are not in {EXAMPLES} (CI has no network to fetch "
+    "them; see scripts/run_triton_examples.py)",
+)
+def test_tritonclient_inference_examples(tmp_path: Path) -> None:
+    """tritonclient's gRPC example programs, unchanged, against the demo repository with client
+    shared memory allowed: each must print its own PASS line."""
+    with running_server(DEMO, tmp_path, ("--allow-client-shm", "true")) as s:
+        proc = run_examples(s.url, *INFER_EXAMPLES)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out + "\n--- server log ---\n" + s.log()[-4000:]
+        assert f"{len(INFER_EXAMPLES)} passed, 0 failed" in out, out
+
+
 @pytest.mark.skipif(
     not (EXAMPLES / "simple_grpc_model_control.py").is_file(),
     reason=f"tritonclient's example programs are not in {EXAMPLES} (CI has no network to fetch "
@@ -109,24 +168,7 @@ def test_tritonclient_model_control_example(tmp_path: Path) -> None:
     index: it checks the count) served with --model-control-mode explicit --load-model '*'."""
     args = ("--model-control-mode", "explicit", "--load-model", "*")
     with running_server(DEMO, tmp_path, args) as s:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "scripts" / "run_triton_examples.py"),
-                "--examples-dir",
-                str(EXAMPLES),
-                "--url",
-                s.url,
-                "--show-output",
-                "all",
-                "simple_grpc_model_control",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        proc = run_examples(s.url, "simple_grpc_model_control")
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, out + "\n--- server log ---\n" + s.log()[-4000:]
         assert "PASS: model control" in out, out
