@@ -38,6 +38,7 @@ from server.errors import (
 )
 from server.lifecycle import ModelManager
 from server.models import ModelTable, VersionEntry
+from server.repository import model_names
 from server.request_shm import (
     OutputRegions,
     in_regions,
@@ -417,8 +418,19 @@ class InferenceHandler:
             rows.extend(StatsRow(e.name, v, e.versions[v].stats) for v in e.ready_versions())
         return rows
 
-    def repository_index(self, ready_only: bool) -> list[ModelIndexEntry]:
-        return self.table.index(ready_only)
+    async def repository_index(self, ready_only: bool) -> list[ModelIndexEntry]:
+        on_disk = None
+        if not ready_only and self.manager.mode != "poll":
+            # Explicit and none modes load only what they are told, yet the index shows the
+            # repository as it is now, as Triton's does (it polls the repository for it): a
+            # model added since start-up is listed as not loaded, one removed and not loaded
+            # is not listed. (Poll mode's table follows the repository at every poll.)
+            try:
+                names = await asyncio.to_thread(model_names, self.manager.repository)
+                on_disk = frozenset(names)
+            except OSError:  # the repository's volume gone: the table is all there is
+                pass
+        return self.table.index(ready_only, on_disk)
 
     async def load_model(
         self, name: str, config_json: str | None, files: Mapping[str, bytes]

@@ -31,7 +31,7 @@ from runtime.ipc.protocol import (
 )
 from server.errors import InvalidInput, LoadFailed, NotFound, Unsupported
 from server.model_config import ConfigError, parse_config_json
-from server.models import ModelEntry, ModelTable, VersionEntry
+from server.models import NOT_LOADED, ModelEntry, ModelTable, VersionEntry
 from server.overrides import Overrides
 from server.pod_records import Identity
 from server.poll_policy import Seen, next_poll_in, poll_work, revision, seen_since, unsettled
@@ -111,7 +111,8 @@ class ModelManager:
             if s.name in wanted:
                 self.table.models[s.name] = _entry(s)
             else:
-                self.table.models[s.name] = ModelEntry(s.name, s.spec, "not loaded")
+                entry = ModelEntry(s.name, s.spec, NOT_LOADED, requested=False)
+                self.table.models[s.name] = entry
         await asyncio.gather(
             *(self._load_pending(self.table.models[n]) for n in wanted if n in self.table.models)
         )
@@ -222,6 +223,12 @@ class ModelManager:
     async def _load_from(self, name: str, spec: ModelSpec | None, root: Path, token: str) -> None:
         scanned = await asyncio.to_thread(scan_model, root, name, spec)
         if scanned.spec is None or (scanned.reason and not scanned.versions):
+            entry = self.table.models.get(name)
+            if entry is not None and (root / name).is_dir():
+                # Asked for, so its failure counts (readiness) until an unload; what it
+                # loaded before, if anything, serves on. (A name that is not in the
+                # repository is only the request's error.)
+                entry.reason, entry.requested = scanned.reason, True
             raise LoadFailed(
                 f"failed to load '{name}', failed to poll from model repository: {scanned.reason}"
             )
@@ -291,7 +298,7 @@ class ModelManager:
         entry = self.table.models.get(s.name)
         if entry is None:
             entry = self.table.models[s.name] = ModelEntry(s.name, s.spec)
-        entry.spec, entry.reason = s.spec, s.reason
+        entry.spec, entry.reason, entry.requested = s.spec, s.reason, True
         assert s.spec is not None
         jobs = []
         for v, path in s.versions.items():
@@ -456,7 +463,7 @@ class ModelManager:
         await self._unload_ready(entry)
         for ve in entry.versions.values():  # (failed ones too: the model is not wanted now)
             ve.unloaded = True
-        entry.reason = "unloaded"
+        entry.reason, entry.requested = "unloaded", False
 
     async def _unload_ready(self, entry: ModelEntry) -> None:
         """Drain and unload every READY version of a model, concurrently."""

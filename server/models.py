@@ -13,7 +13,10 @@ from server.errors import InvalidInput, NotFound, NotReady
 from server.stats import VersionStats
 from server.types import Fingerprint, ModelIndexEntry, ModelSpec, ModelState
 
-__all__ = ["ModelEntry", "ModelTable", "VersionEntry"]
+__all__ = ["NOT_LOADED", "ModelEntry", "ModelTable", "VersionEntry"]
+
+# The index's reason for a model of the repository the server was not asked to load.
+NOT_LOADED = "not loaded"
 
 _READY = ModelState.READY  # read per request: an Enum member via its class costs ~1k instructions
 
@@ -49,6 +52,10 @@ class ModelEntry:
     spec: ModelSpec | None
     reason: str = ""  # model-level failure (bad config, no versions)
     versions: dict[int, VersionEntry] = field(default_factory=dict)
+    # Whether the server is meant to serve it: false for a model of the repository that
+    # explicit mode did not load at start-up, and for one unloaded by request, until a load.
+    # Readiness (--strict-readiness) counts only the failures of requested models.
+    requested: bool = True
 
     def ready_versions(self) -> list[int]:
         return sorted(v for v, e in self.versions.items() if e.state is _READY)
@@ -103,10 +110,21 @@ class ModelTable:
             return False
         return True
 
-    def index(self, ready_only: bool) -> list[ModelIndexEntry]:
+    def index(
+        self, ready_only: bool, on_disk: frozenset[str] | None = None
+    ) -> list[ModelIndexEntry]:
+        """`on_disk`: the repository's models now, when the table may lag it (explicit and
+        none modes): those not in the table are listed as not loaded, and a model gone from
+        the disk is no longer listed unless it was loaded and serves on."""
         out: list[ModelIndexEntry] = []
-        for name in sorted(self.models):
-            entry = self.models[name]
+        for name in sorted(self.models.keys() | (on_disk or ())):
+            entry = self.models.get(name)
+            if entry is None:
+                if not ready_only:
+                    out.append(ModelIndexEntry(name, "", ModelState.UNAVAILABLE.value, NOT_LOADED))
+                continue
+            if on_disk is not None and name not in on_disk and not entry.requested:
+                continue
             if entry.reason and not entry.versions:
                 if not ready_only:
                     out.append(
@@ -128,7 +146,9 @@ class ModelTable:
         or names no version, or a version of it failed to load (--strict-readiness). Models
         not loaded at start-up (explicit mode) and those unloaded by request do not count."""
         for entry in self.models.values():
-            if entry.spec is None and entry.reason:
+            if not entry.requested:
+                continue
+            if entry.reason and (entry.spec is None or not entry.versions):
                 return True
             for ve in entry.versions.values():
                 if ve.state is ModelState.UNAVAILABLE and not ve.unloaded:

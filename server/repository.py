@@ -59,11 +59,14 @@ def fingerprint(version_dir: Path) -> Fingerprint:
 def scan_repository(root: Path) -> list[ScannedModel]:
     if not root.is_dir():
         raise FileNotFoundError(f"model repository {root} is not a directory")
-    return [
-        scan_model(root, d.name)
-        for d in sorted(root.iterdir())
-        if d.is_dir() and not d.name.startswith((".", "_"))
-    ]
+    return [scan_model(root, name) for name in model_names(root)]
+
+
+def model_names(root: Path) -> list[str]:
+    """The models of a repository as it is now: its directories, hidden ones aside."""
+    return sorted(
+        d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))
+    )
 
 
 def scan_model(root: Path, name: str, spec: ModelSpec | None = None) -> ScannedModel:

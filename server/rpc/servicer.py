@@ -228,7 +228,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Ctx
     ) -> pb.RepositoryIndexResponse:
-        return codec.encode_index(self.h.repository_index(request.ready))
+        return codec.encode_index(await self.h.repository_index(request.ready))
 
     @rpc_errors
     async def RepositoryModelLoad(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from grpc_health.v1 import health_pb2
-from harness import Server, raises, running_server
+from harness import DEMO, Server, raises, running_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -276,6 +277,43 @@ def test_strict_readiness_follows_failed_models(model_repository: Path, tmp_path
             s.wait_health("liveness", SERVING, 10)
             c.unload_model("bad_corrupt")
             s.wait_health("readiness", SERVING, 10)
+            assert c.is_server_ready()
+        finally:
+            c.close()
+
+
+def test_readiness_and_index_in_explicit_mode_follow_what_was_asked_for(tmp_path: Path) -> None:
+    """Explicit mode with --strict-readiness: a model of the repository nobody asked for does
+    not make the server unready, even with a config that does not parse (it did, for good);
+    asking for it and failing does, until it is unloaded. The index lists the repository as it
+    is now (as Triton's, which polls it): a model added since start-up shows, one removed and
+    not loaded goes."""
+    repo = tmp_path / "repo"
+    shutil.copytree(DEMO / "simple", repo / "simple")
+    (repo / "broken").mkdir()
+    (repo / "broken" / "config.pbtxt").write_text("this is { not a config")
+    args = ("--model-control-mode", "explicit", "--load-model", "simple")
+    with running_server(repo, tmp_path / "log", (*args, "--strict-readiness", "true")) as s:
+        c = grpcclient.InferenceServerClient(s.url)
+        try:
+
+            def index() -> dict[str, tuple[str, str]]:
+                return {m.name: (m.state, m.reason) for m in c.get_model_repository_index().models}
+
+            s.wait_health("readiness", SERVING, 10)
+            assert c.is_server_ready() and c.is_model_ready("simple")
+            assert index()["broken"] == ("UNAVAILABLE", "not loaded")
+            raises(lambda: c.load_model("broken"), "INTERNAL", "failed to load 'broken'")
+            s.wait_health("readiness", NOT_SERVING, 10)
+            assert not c.is_server_ready() and c.is_server_live()
+            c.unload_model("broken")
+            s.wait_health("readiness", SERVING, 10)
+
+            shutil.copytree(DEMO / "simple", repo / "later")
+            shutil.rmtree(repo / "broken")
+            listed = index()
+            assert listed["later"] == ("UNAVAILABLE", "not loaded")
+            assert "broken" not in listed and listed["simple"][0] == "READY"
             assert c.is_server_ready()
         finally:
             c.close()
