@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     strict_readiness: bool = True
     """Readiness (and ServerReady) also requires every model to be available: none whose
     config fails or whose version failed to load (Triton's --strict-readiness, also on by
-    default). Models unloaded by request do not count. So a rolling update whose models fail
+    default). Only models the server was asked to serve count: not those explicit mode left
+    unloaded at start-up, nor those unloaded by request. So a rolling update whose models fail
     to load stops instead of replacing serving pods; false: ready once loads have finished."""
     restart_limit: int = Field(8, ge=0)
     """A runtime worker (or, under the supervisor, a front) that dies this many times within
