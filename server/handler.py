@@ -420,11 +420,13 @@ class InferenceHandler:
 
     async def repository_index(self, ready_only: bool) -> list[ModelIndexEntry]:
         on_disk = None
-        if not ready_only and self.manager.mode != "poll":
+        if not ready_only and self.started and self.manager.mode != "poll":
             # Explicit and none modes load only what they are told, yet the index shows the
             # repository as it is now, as Triton's does (it polls the repository for it): a
             # model added since start-up is listed as not loaded, one removed and not loaded
-            # is not listed. (Poll mode's table follows the repository at every poll.)
+            # is not listed. (Poll mode's table follows the repository at every poll; until
+            # the start-up scan has filled the table, a model about to load is not "not
+            # loaded".)
             try:
                 names = await asyncio.to_thread(model_names, self.manager.repository)
                 on_disk = frozenset(names)

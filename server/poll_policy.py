@@ -97,7 +97,12 @@ def poll_work(
         - waiting
     )
     removed = any(
-        ve.state is ModelState.READY for v, ve in entry.versions.items() if v not in s.versions
+        ve.state is ModelState.READY
+        # (a failed one goes too, unless it is still there and still failing: left in the
+        # table, it would keep the server unready)
+        or (ve.state is ModelState.UNAVAILABLE and v not in s.version_errors)
+        for v, ve in entry.versions.items()
+        if v not in s.versions
     )
     return stale if stale or removed else None
 

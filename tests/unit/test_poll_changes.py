@@ -9,6 +9,7 @@ its files change, not at every poll; a config that stops parsing leaves what is 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -371,3 +372,50 @@ def test_a_config_change_waits_for_a_version_still_being_copied(tmp_path: Path) 
         assert sorted(link.loads[loads:]) == [("m", 1, b"one"), ("m", 2, b"two, whole")]
 
     asyncio.run(scenario())
+
+
+def test_a_failed_version_whose_directory_went_is_forgotten(tmp_path: Path) -> None:
+    """A broken version 2 was pushed, then deleted: its failed entry stayed in the table, so
+    the server stayed unready (--strict-readiness) and the index listed the failure, for
+    good, though version 1 served all along."""
+    root = repository(tmp_path, v1=b"one")
+    (root / "m" / "config.pbtxt").write_text(LATEST)
+    manager, _link, table = manager_over(root)
+
+    async def scenario() -> None:
+        await manager.load_repository()
+        write(root / "m" / "2" / "model.onnx", b"broken", LATER)
+        await manager.poll_once()
+        assert states(table) == {1: ModelState.READY, 2: ModelState.UNAVAILABLE}
+        assert table.failed()
+        shutil.rmtree(root / "m" / "2")
+        await manager.poll_once()
+
+    asyncio.run(scenario())
+    assert states(table) == {1: ModelState.READY}
+    assert not table.failed()
+
+
+def test_a_failed_version_deselected_by_a_load_is_forgotten(tmp_path: Path) -> None:
+    """Explicit mode: a load whose new policy no longer selects the version that failed
+    leaves only what it selected."""
+    root = repository(tmp_path, v1=b"one", v2=b"broken")
+    table = ModelTable()
+    link = FileLink()
+    manager = ModelManager(root, link, table, 1, mode="explicit")  # type: ignore[arg-type]
+    only_1 = {
+        "name": "m",
+        "platform": "onnxruntime_onnx",
+        "version_policy": {"specific": {"versions": [1]}},
+        "input": [{"name": "X", "data_type": "TYPE_FP32", "dims": [4]}],
+        "output": [{"name": "Y", "data_type": "TYPE_FP32", "dims": [4]}],
+    }
+
+    async def scenario() -> None:
+        await manager.load_repository()
+        assert states(table) == {1: ModelState.READY, 2: ModelState.UNAVAILABLE}
+        await manager.load("m", json.dumps(only_1))
+
+    asyncio.run(scenario())
+    assert states(table) == {1: ModelState.READY}
+    assert not table.failed()
