@@ -63,6 +63,7 @@ from server.types import (
     ModelState,
 )
 from server.validation import Plan, plan_call
+from server.versions import parse_version
 from server.worker_link import WorkerLink
 
 __all__ = ["EXTENSIONS", "InferenceHandler", "ModelView", "StatsRow"]
@@ -409,8 +410,7 @@ class InferenceHandler:
         rows: list[StatsRow] = []
         for e in entries:
             if version and name:
-                v = int(version) if version.isascii() and version.isdigit() else -1
-                ve = e.versions.get(v)
+                ve = e.versions.get(parse_version(version))
                 if ve is None:
                     raise NotFound(f"model '{name}' has no version {version}")
                 rows.append(StatsRow(e.name, ve.version, ve.stats))

@@ -337,10 +337,10 @@ class ModelManager:
         # A failed version no longer selected (its directory removed, a new policy) is no
         # longer part of the model: listed on, it would keep the server unready for good.
         for v, ve in list(entry.versions.items()):
-            if v not in s.versions and v not in s.version_errors:
-                if ve.state is ModelState.UNAVAILABLE:
-                    del entry.versions[v]
-                    self._forget(ve)
+            gone = v not in s.versions and v not in s.version_errors
+            if gone and ve.state is ModelState.UNAVAILABLE:
+                del entry.versions[v]
+                self._forget(ve)
         if complete:
             await asyncio.gather(*(self._unload_version(ve) for ve in stale))
         elif stale:

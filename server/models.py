@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from runtime.ipc.protocol import ModelSignature
-from server.errors import InvalidInput, NotFound, NotReady
+from server.errors import NotFound, NotReady
 from server.stats import VersionStats
 from server.types import Fingerprint, ModelIndexEntry, ModelSpec, ModelState
+from server.versions import parse_version
 
 __all__ = ["NOT_LOADED", "ModelEntry", "ModelTable", "VersionEntry"]
 
@@ -104,9 +105,11 @@ class ModelTable:
         return reasons or f"model '{name}' has no ready version"
 
     def is_ready(self, name: str, version: str) -> bool:
+        """Whether `version` ("": any) of `name` serves; a version string that is not one is
+        InvalidInput, as in Triton."""
         try:
             self.resolve(name, version)
-        except (NotFound, NotReady, InvalidInput):
+        except (NotFound, NotReady):
             return False
         return True
 
@@ -161,17 +164,6 @@ class ModelTable:
             for e in self.models.values()
             for ve in e.versions.values()
         )
-
-
-def parse_version(version: str) -> int:
-    v = int(version) if version.isascii() and version.isdigit() else 0
-    if v <= 0:
-        # Triton's wording, which clients match on.
-        raise InvalidInput(
-            f"failed to get model version from specified version string '{version}': "
-            "version should be an integral value > 0"
-        )
-    return v
 
 
 def _not_ready(name: str, ve: VersionEntry) -> str:

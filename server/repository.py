@@ -14,6 +14,7 @@ from pathlib import Path
 
 from server.model_config import ConfigError, read_model_config
 from server.types import Fingerprint, ModelSpec
+from server.versions import version_number
 
 __all__ = ["ScannedModel", "fingerprint", "scan_model", "scan_repository"]
 
@@ -78,10 +79,12 @@ def scan_model(root: Path, name: str, spec: ModelSpec | None = None) -> ScannedM
             spec = read_model_config(model_dir)
         except ConfigError as exc:
             return ScannedModel(name, None, str(exc))
+    # A version is a directory named by its number: "01" is not (Triton skips it too), and
+    # neither is one past int64 (Triton's versions are int64).
     available = [
-        int(d.name)
+        v
         for d in model_dir.iterdir()
-        if d.is_dir() and d.name.isascii() and d.name.isdigit() and not d.name.startswith("0")
+        if d.is_dir() and not d.name.startswith("0") and (v := version_number(d.name)) is not None
     ]
     selected = spec.version_policy.select(available)
     if not selected:

@@ -1,5 +1,6 @@
 """Per-request version resolution: which version serves a request, and why. Pure; randomness is
-injected. May import: routing.table, routing.split, routing.errors, server.errors.
+injected. May import: routing.table, routing.split, routing.errors, server.errors,
+server.versions.
 
 Precedence:
 1. ``model_version`` in the request -> that version, reason ``pinned``.
@@ -24,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from server.errors import InvalidInput, NotFound
+from server.errors import NotFound
 from server.routing.errors import InvalidRoutingHeader, UnknownLabel, VersionNotReady
 from server.routing.split import (
     RandomSource,
@@ -34,6 +35,7 @@ from server.routing.split import (
     route_key_point,
 )
 from server.routing.table import BP_TOTAL, RoutingTable
+from server.versions import parse_version
 
 __all__ = [
     "HEADER_CANARY_WEIGHT",
@@ -79,11 +81,11 @@ def resolve(
     ``rng`` is drawn from only when the split runs without a routing key."""
     who = f"model '{model}'" if model else "the model"
     if request_version:
-        version = _parse_version(request_version)
+        version = parse_version(request_version)
         return Route(_check_pinned(version, ready_versions, known_versions, who), "pinned")
     wanted = (header_version or "").strip()
     if wanted.isascii() and wanted.isdigit():
-        version = _parse_version(wanted)
+        version = parse_version(wanted)
         return Route(_check_pinned(version, ready_versions, known_versions, who), "pinned")
     if wanted:
         return Route(_by_label(wanted, table, ready_versions, who), "label")
@@ -129,17 +131,6 @@ def parse_canary_weight(value: str) -> int:
             f"such as '12.5%', got '{value}'"
         )
     return bp
-
-
-def _parse_version(text: str) -> int:
-    version = int(text) if text.isascii() and text.isdigit() else 0
-    if version <= 0:
-        # Triton's wording, which clients match on (as server/models.py).
-        raise InvalidInput(
-            f"failed to get model version from specified version string '{text}': "
-            "version should be an integral value > 0"
-        )
-    return version
 
 
 def _check_pinned(

@@ -451,6 +451,35 @@ class TestRawStub:
         assert unknown.ready is False
         assert stub.ModelReady(pb.ModelReadyRequest(name="dense", version="9")).ready is False
 
+    @pytest.mark.parametrize("version", ["abc", "-1", "9" * 5000])
+    def test_a_version_string_that_is_none(
+        self, stub: service_pb2_grpc.GRPCInferenceServiceStub, version: str
+    ) -> None:
+        """As in Triton, INVALID_ARGUMENT in its wording, on every RPC that names a version:
+        ModelReady said ready=False, and 5000 digits (past Python's int() limit) answered
+        INTERNAL with a traceback in the log."""
+        wording = f"failed to get model version from specified version string '{version[:64]}'"
+        calls = {
+            "ModelReady": lambda: stub.ModelReady(
+                pb.ModelReadyRequest(name="dense", version=version), timeout=5
+            ),
+            "ModelMetadata": lambda: stub.ModelMetadata(
+                pb.ModelMetadataRequest(name="dense", version=version), timeout=5
+            ),
+            "ModelStatistics": lambda: stub.ModelStatistics(
+                pb.ModelStatisticsRequest(name="dense", version=version), timeout=5
+            ),
+            "ModelInfer": lambda: stub.ModelInfer(
+                pb.ModelInferRequest(model_name="dense", model_version=version), timeout=5
+            ),
+        }
+        for rpc, call in calls.items():
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            err = info.value
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (rpc, err.details())
+            assert wording in (err.details() or ""), (rpc, err.details())
+
     def test_server_metadata(self, stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
         md = stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=5)
         assert md.name == "triton" and md.version == VERSION

@@ -6,8 +6,9 @@ import pytest
 
 from server.errors import InvalidInput, NotFound, NotReady
 from server.handler import InferenceHandler
-from server.models import ModelEntry, ModelTable, VersionEntry, parse_version
+from server.models import ModelEntry, ModelTable, VersionEntry
 from server.types import ModelIndexEntry, ModelSpec, ModelState
+from server.versions import parse_version
 
 READY, LOADING, UNAVAILABLE, UNLOADING = (
     ModelState.READY,
@@ -128,12 +129,18 @@ def test_model_level_reason() -> None:
 
 @pytest.mark.parametrize(
     ("name", "version", "ready"),
-    [("m", "", True), ("m", "1", True), ("m", "2", False), ("m", "9", False), ("m", "x", False),
+    [("m", "", True), ("m", "1", True), ("m", "2", False), ("m", "9", False),
      ("nope", "", False), ("broken", "", False)],
 )  # fmt: skip
 def test_is_ready(name: str, version: str, ready: bool) -> None:
     t = table(m={1: (READY, ""), 2: (LOADING, "")}, broken="bad")
     assert t.is_ready(name, version) is ready
+
+
+def test_is_ready_of_a_version_string_that_is_none() -> None:
+    """As in Triton, ModelReady refuses it (INVALID_ARGUMENT) rather than saying not ready."""
+    with pytest.raises(InvalidInput, match="failed to get model version"):
+        table(m={1: (READY, "")}).is_ready("m", "x")
 
 
 def test_index() -> None:
@@ -186,12 +193,22 @@ def test_statistics_rows(name: str, version: str, rows: list[tuple[str, int]]) -
     assert sorted((r.name, r.version) for r in got) == rows
 
 
-@pytest.mark.parametrize("version", ["9", "x", "²", "-1"])
-def test_statistics_unknown_version(version: str) -> None:
+def test_statistics_unknown_version() -> None:
     t = table(m={1: (READY, "")})
     with pytest.raises(NotFound) as info:
-        _stats_handler(t)._own_statistics("m", version)
-    assert info.value.message == f"model 'm' has no version {version}"
+        _stats_handler(t)._own_statistics("m", "9")
+    assert info.value.message == "model 'm' has no version 9"
+
+
+@pytest.mark.parametrize("version", ["x", "²", "-1", "0", str(2**63), "9" * 5000])
+def test_statistics_of_a_version_string_that_is_none(version: str) -> None:
+    """As in Triton: INVALID_ARGUMENT in its wording (a 5000-digit one was INTERNAL: int())."""
+    with pytest.raises(InvalidInput) as info:
+        _stats_handler(table(m={1: (READY, "")}))._own_statistics("m", version)
+    assert info.value.message == (
+        f"failed to get model version from specified version string '{version[:64]}': "
+        "version should be an integral value > 0"
+    )
 
 
 def test_statistics_unknown_model() -> None:

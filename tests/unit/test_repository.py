@@ -40,8 +40,20 @@ def make_model(
         (["0", "1"], [1]),  # "0" starts with a zero
         (["3", "abc", "v4", "4a", "-5", "+6", " 7"], [3]),  # non-numeric ignored
         (["2", "²", "٣"], [2]),  # non-ASCII digits are not version numbers
+        # past int64 (Triton's versions): an OverflowError stopped the server at start-up
+        (["4", str(2**63), "9" * 250], [4]),
+        ([str(2**63 - 1)], [2**63 - 1]),
     ],
-    ids=["plain", "numeric-order", "leading-zero", "zero", "non-numeric", "unicode-digits"],
+    ids=[
+        "plain",
+        "numeric-order",
+        "leading-zero",
+        "zero",
+        "non-numeric",
+        "unicode-digits",
+        "past-int64",
+        "int64-max",
+    ],
 )
 def test_version_directory_rules(tmp_path: Path, dirs: list[str], selected: list[int]) -> None:
     make_model(tmp_path, "m", dirs)
