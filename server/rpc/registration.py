@@ -9,12 +9,13 @@ server.telemetry.tracing wraps each method once with the OpenTelemetry instrumen
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
-__all__ = ["Registrations"]
+__all__ = ["Registrations", "decoding_in_handler"]
 
 
 class Registrations(grpc.aio.Server):
@@ -52,3 +53,64 @@ class Registrations(grpc.aio.Server):
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         raise NotImplementedError
+
+
+def decoding_in_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler`, taking its request serialized and decoding it itself: a request that does not
+    parse answers INVALID_ARGUMENT. (Left to grpc, its deserializer's failure answers UNKNOWN
+    with the exception's text and logs a traceback; on a stream it ends the stream.) A handler
+    that already takes bytes (ModelInfer, ModelStreamInfer) is returned as it is."""
+    decode = handler.request_deserializer
+    if decode is None:
+        return handler
+    what = _message_name(decode)
+
+    async def request(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return decode(raw)
+        except Exception:  # whatever fails to parse is the client's doing
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {what} message"
+            )
+
+    async def requests(raws: Any, context: grpc.aio.ServicerContext) -> Any:
+        async for raw in raws:
+            yield await request(raw, context)
+
+    inner: Any
+    arg: Any
+    if handler.request_streaming:
+        inner = handler.stream_stream or handler.stream_unary
+
+        async def arg(raws: Any, context: grpc.aio.ServicerContext) -> Any:
+            return requests(raws, context)
+    else:
+        inner = handler.unary_stream or handler.unary_unary
+        arg = request
+
+    behavior: Any
+    if not (inspect.iscoroutinefunction(inner) or inspect.isasyncgenfunction(inner)):
+        return handler  # (a synchronous handler: grpc runs it on a thread; none here)
+    if inspect.isasyncgenfunction(inner):
+
+        async def behavior(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for response in inner(await arg(raw, context), context):
+                yield response
+    else:  # a coroutine: one response, or a stream written with context.write()
+
+        async def behavior(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await inner(await arg(raw, context), context)
+
+    kind = {
+        (False, False): "unary_unary",
+        (False, True): "unary_stream",
+        (True, False): "stream_unary",
+        (True, True): "stream_stream",
+    }[(handler.request_streaming, handler.response_streaming)]
+    return handler._replace(request_deserializer=None, **{kind: behavior})
+
+
+def _message_name(decode: Any) -> str:
+    """The protobuf message a deserializer (a generated `Message.FromString`) reads."""
+    descriptor = getattr(getattr(decode, "__self__", None), "DESCRIPTOR", None)
+    return str(getattr(descriptor, "name", "request"))

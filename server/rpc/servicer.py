@@ -149,7 +149,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return encode_response(result)
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Ctx
+        self, request_iterator: AsyncIterator[bytes], context: Ctx
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Each request runs as soon as it arrives, beside the stream's earlier ones (so they
         batch together, as separate ModelInfer calls would), and the responses go back in the
@@ -186,18 +186,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     left.cancel()
 
     async def _stream_one(
-        self, request: pb.ModelInferRequest, deadline: float | None, hints: RouteHints
+        self, request: bytes, deadline: float | None, hints: RouteHints
     ) -> pb.ModelStreamInferResponse:
-        # Errors of one request travel in error_message and the stream goes on (Triton's form).
+        # Errors of one request travel in error_message and the stream goes on (Triton's form),
+        # a message that is no ModelInferRequest included: the stream's framing is gRPC's, so
+        # the next message is read as if nothing happened.
         tracer = self.h.tracer
         # The stream's server span is the interceptor's; each request adds its inner spans.
         span = None if tracer is None else tracer.begin_inner()
         try:
             start = time.perf_counter_ns()
             try:
-                decoded = codec.decode_infer(request)
+                decoded = self.decoder.decode(request)
             except MicrotuneError as exc:
-                self.h.refused(request.model_name, exc, start)
+                self.h.refused(_model_name_of(request), exc, start)
                 raise
             result = await self.h.infer(decoded, deadline, hints, span)
             if span is not None:
@@ -212,8 +214,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 tracer.end(span, grpc.StatusCode.INTERNAL)  # type: ignore[union-attr]
             error = internal_error("ModelStreamInfer", request)
         return pb.ModelStreamInferResponse(
-            error_message=error,
-            infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+            error_message=error, infer_response=_response_head(request)
         )
 
     ModelStreamInfer.__rpc_errors__ = True  # type: ignore[attr-defined]  # handles its own
@@ -313,13 +314,21 @@ def add_to_server(servicer: InferenceServicer, server: Any) -> None:
         request_deserializer=None,
         response_serializer=None,
     )
+    # The stream's requests decode as ModelInfer's do, one by one (see _stream_one).
+    handlers["ModelStreamInfer"] = handlers["ModelStreamInfer"]._replace(request_deserializer=None)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)
 
 
 def _model_name_of(request: bytes) -> str:
     """The model a request that did not decode names, if protobuf can read that much."""
+    return _response_head(request).model_name
+
+
+def _response_head(request: bytes) -> pb.ModelInferResponse:
+    """The model name and request id of a request that failed, if protobuf can read them."""
     try:
-        return str(pb.ModelInferRequest.FromString(request).model_name)
+        msg = pb.ModelInferRequest.FromString(request)
     except DecodeError:
-        return ""
+        return pb.ModelInferResponse()
+    return pb.ModelInferResponse(model_name=msg.model_name, id=msg.id)

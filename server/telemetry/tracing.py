@@ -45,7 +45,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from server.rpc.registration import Registrations
+from server.rpc.registration import Registrations, decoding_in_handler
 from server.telemetry.infer_trace import InferTrace, random_span_ids, span_ids_from, span_ref
 from server.telemetry.otlp_async import AsyncChunkSender
 from server.telemetry.otlp_fast import (
@@ -131,8 +131,10 @@ async def register_services(
     server: grpc.aio.Server, registrations: Sequence[Registration], tracing: Tracing | None
 ) -> None:
     """Run each registration (a generated `add_*_to_server(servicer, s)`, reflection...) on
-    `server`; with tracing, every method not in UNTRACED is wrapped once, here, by
-    opentelemetry-instrumentation-grpc's interceptor.
+    `server`, each method decoding its own request (server.rpc.registration
+    .decoding_in_handler: a request that does not parse is INVALID_ARGUMENT); with tracing,
+    every method not in UNTRACED is wrapped once, here, by opentelemetry-instrumentation-grpc's
+    interceptor.
 
     Why not install the interceptor: grpc.aio then runs an interceptor chain on every call, a
     coroutine per RPC before the handler is even found, ModelInfer included (a pass-through
@@ -140,30 +142,30 @@ async def register_services(
     c=16). The instrumentation's interceptor only reads the method name from the call details,
     so wrapping each method's handler once gives the same spans per call.
     """
-    if tracing is None:
-        for add in registrations:
-            add(server)
-        return
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
-    inner = aio_server_interceptor(tracer_provider=tracing.provider)
     capture = Registrations()
     for add in registrations:
         add(capture)
+    inner = None
+    if tracing is not None:
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+        inner = aio_server_interceptor(tracer_provider=tracing.provider)
     for service, handlers in capture.tables.items():
-        traced: dict[str, grpc.RpcMethodHandler] = {}
+        table: dict[str, grpc.RpcMethodHandler] = {}
         for name, handler in handlers.items():
+            table[name] = decoding_in_handler(handler)
             method = f"/{service}/{name}"
-            if method in UNTRACED:
-                traced[name] = handler
+            if inner is None or method in UNTRACED:
                 continue
 
-            async def same(_details: grpc.HandlerCallDetails, h: grpc.RpcMethodHandler = handler):
+            async def same(
+                _details: grpc.HandlerCallDetails, h: grpc.RpcMethodHandler = table[name]
+            ) -> grpc.RpcMethodHandler:
                 return h
 
-            traced[name] = await inner.intercept_service(same, _Details(method))
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, traced),))
-        server.add_registered_method_handlers(service, traced)
+            table[name] = await inner.intercept_service(same, _Details(method))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, table),))
+        server.add_registered_method_handlers(service, table)
     for generic in capture.untabled():
         server.add_generic_rpc_handlers((generic,))  # no method table to wrap: left untraced
 

@@ -259,6 +259,67 @@ def test_bytes_that_are_no_request_message(channel: grpc.Channel, stub: Stub) ->
     assert_still_serving(stub)
 
 
+GARBAGE = b"\x0a\x05abc"  # field 1: 5 bytes announced, 3 sent
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("/inference.GRPCInferenceService/ServerLive", "ServerLiveRequest"),
+        ("/inference.GRPCInferenceService/ModelReady", "ModelReadyRequest"),
+        ("/inference.GRPCInferenceService/ModelMetadata", "ModelMetadataRequest"),
+        ("/inference.GRPCInferenceService/ModelStatistics", "ModelStatisticsRequest"),
+        ("/inference.GRPCInferenceService/RepositoryModelLoad", "RepositoryModelLoadRequest"),
+        ("/inference.GRPCInferenceService/SystemSharedMemoryRegister", (
+            "SystemSharedMemoryRegisterRequest")),
+        ("/microtune.admin.v1.RoutingAdmin/SetRouting", "SetRoutingRequest"),
+        ("/grpc.health.v1.Health/Check", "HealthCheckRequest"),
+    ],
+)  # fmt: skip
+def test_bytes_that_are_no_request_message_on_any_rpc(
+    channel: grpc.Channel, stub: Stub, method: str, message: str
+) -> None:
+    """Every RPC decodes its own request: left to grpc, bytes that do not parse answered
+    UNKNOWN with the Python exception's text, and the server logged a traceback."""
+    with pytest.raises(grpc.RpcError) as ei:
+        channel.unary_unary(method)(GARBAGE, timeout=10)
+    assert ei.value.code() == Code.INVALID_ARGUMENT, ei.value.details()
+    assert ei.value.details() == f"the request is not a valid {message} message"
+    assert_still_serving(stub)
+
+
+def test_bytes_that_are_no_request_message_on_the_streams(
+    channel: grpc.Channel, stub: Stub
+) -> None:
+    """On ModelStreamInfer, such a message is one request's error (error_message) and the
+    stream goes on: it ended the stream, the requests after it unanswered. The other streams
+    (health's Watch, reflection) end with INVALID_ARGUMENT."""
+    stream = channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        response_deserializer=pb.ModelStreamInferResponse.FromString,
+    )
+    good = simple()
+    good.id = "after"
+    answers = list(stream(iter([GARBAGE, good.SerializeToString()]), timeout=10))
+    assert [a.error_message for a in answers] == [
+        "the request is not a valid ModelInferRequest message",
+        "",
+    ]
+    assert answers[1].infer_response.id == "after"
+    watch = channel.unary_stream("/grpc.health.v1.Health/Watch")
+    with pytest.raises(grpc.RpcError) as ei:
+        list(watch(GARBAGE, timeout=10))
+    assert ei.value.code() == Code.INVALID_ARGUMENT, ei.value.details()
+    assert ei.value.details() == "the request is not a valid HealthCheckRequest message"
+    reflect = channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    )
+    with pytest.raises(grpc.RpcError) as ei:
+        list(reflect(iter([GARBAGE]), timeout=10))
+    assert ei.value.code() == Code.INVALID_ARGUMENT, ei.value.details()
+    assert_still_serving(stub)
+
+
 def test_a_repeated_request_with_a_short_input_after_good_ones(stub: Stub) -> None:
     """The header of this request is known (cached) from good ones; its short raw input is
     still refused with decode_infer's message, and the next good one is right."""
