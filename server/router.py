@@ -11,7 +11,6 @@ answered by its step 3 here directly); time and randomness are injected here.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -31,7 +30,7 @@ from server.routing import (
     VersionNotReady,
     evaluate,
     observe,
-    parse_routing_file,
+    parse_routing_file_json,
     parse_table_json,
     resolve,
     table_to_dict,
@@ -268,27 +267,27 @@ class Router:
             raw = path.read_bytes()
         except OSError as exc:
             self.file_error = f"cannot read {path}: {exc.strerror}"
-            self._file_bytes = None  # the same file back is applied again (and the error goes)
             return False
         if raw == self._file_bytes and not self.file_error:
             return False
-        # A rejected file is tried again at each poll: whether it is valid depends on the
-        # server too (a version it names may be loading, a model not loaded yet), and it must
-        # apply once that changes, not wait for an edit. Its error is logged when it changes.
-        self._file_bytes = raw
+        # After an error the file is tried again at each poll, even unchanged: whether it is
+        # valid depends on the server too (a version it names may be loading, a model not
+        # loaded yet), and it must apply once that changes, not wait for an edit; and the file
+        # in force that comes back after a failed read clears the error. Its error is logged
+        # when it changes. `_file_bytes` is the file in force: bytes recorded before they were
+        # parsed made the next poll skip a file that had failed in an unexpected way, with no
+        # error to show.
         try:
-            data = json.loads(raw)
-            tables = parse_routing_file(data)
+            tables = parse_routing_file_json(raw)  # any problem of the content: RoutingError
             for model, table in tables.items():
                 self._validate(model, table)
-        except (OSError, ValueError, RoutingError) as exc:
-            msg = exc.message if isinstance(exc, RoutingError) else str(exc)
-            error = f"{path}: {msg}; the previous tables keep serving"
+        except RoutingError as exc:
+            error = f"{path}: {exc.message}; the previous tables keep serving"
             if error != self.file_error:
                 log.error("routing file rejected: %s", error)
             self.file_error = error
             return False
-        self._file, self.file_error = tables, ""
+        self._file, self._file_bytes, self.file_error = tables, raw, ""
         self._rebuild()
         log.info("routing file %s applied (%d model(s))", path, len(tables))
         return True

@@ -435,8 +435,22 @@ def test_admin_set_get_clear(stub: Stub, admin: AdminStub, table: Any) -> None:
             "allow_weight_override, guard, shadow)",
         ),
         ("{not json", "routing table is not valid JSON: "),
+        ("[" * 100_000, "routing table is refused: its JSON is nested too deeply"),
+        (
+            '{"weights": {"' + "1" * 5000 + '": 10000}}',
+            "weights: version '11111111111111111...111111111111111111' is out of range (int64)",
+        ),
     ],
-    ids=["weights-sum", "unknown-version", "label-unloaded", "guard-labels", "typo", "json"],
+    ids=[
+        "weights-sum",
+        "unknown-version",
+        "label-unloaded",
+        "guard-labels",
+        "typo",
+        "json",
+        "deep",
+        "huge-version",
+    ],
 )
 def test_admin_rejects_invalid_tables_and_keeps_the_old_one(
     stub: Stub, admin: AdminStub, table: Any, table_json: Any, message: str

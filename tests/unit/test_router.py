@@ -215,3 +215,31 @@ def test_a_routing_file_rejected_for_a_version_not_ready_yet_applies_once_it_is(
     assert r.reload_file(path)  # the next poll, the same bytes
     assert r.file_error == "" and r.view("m").source == "file"
     assert not r.reload_file(path)  # applied: nothing more to do until it changes
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000, "routing file is refused: its JSON is nested too deeply"),
+        ('{"models": {"m": {"weights": {"' + "1" * 5000 + '": 10000}}}}',
+         "model 'm': weights: version '11111111111111111...111111111111111111' is out of range "
+         "(int64)"),
+    ],
+    ids=["deep", "huge-version"],
+)  # fmt: skip
+def test_a_routing_file_beyond_json_limits_is_reported_and_keeps_the_previous_tables(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """Read at start-up, the deep file killed the server (RecursionError); read while serving,
+    it was recorded as read before it failed, so the next poll skipped it and `file_error`
+    stayed empty, claiming the file in force was the last one written."""
+    r, _, _ = router()
+    path = tmp_path / "routing.json"
+    path.write_text(file_table(1, 2))
+    assert r.reload_file(path)
+    path.write_text(text)
+    for _ in range(2):  # the next poll (the same bytes) still reports it
+        assert not r.reload_file(path)
+        assert r.file_error == f"{path}: {message}; the previous tables keep serving"
+        assert r.view("m").source == "file"
+        assert r.view("m").table["weights"] == {"1": 9000, "2": 1000}  # type: ignore[index]

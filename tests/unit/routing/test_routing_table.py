@@ -17,6 +17,7 @@ from server.routing import (
     RoutingTables,
     ShadowConfig,
     parse_routing_file,
+    parse_routing_file_json,
     parse_table,
     parse_table_json,
     table_to_dict,
@@ -181,3 +182,45 @@ def test_validate_against_loaded_versions() -> None:
     )
     with pytest.raises(RoutingError, match=r"label 'stable' points at version 5.*\(loaded: none\)"):
         validate(RoutingTable(labels={"stable": 5}), frozenset())
+
+
+# --- JSON from clients and files: every problem a RoutingError (INVALID_ARGUMENT) ------------
+
+DIGITS_5000 = "1" * 5000
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # RecursionError from json
+        ("[" * 100_000, "routing table is refused: its JSON is nested too deeply"),
+        ('{"weights": {"1": ' + "[" * 100_000, "its JSON is nested too deeply"),
+        # ValueError from int(), with a hint about sys.set_int_max_str_digits for the client
+        ('{"weights": {"1": 1' + "0" * 5000 + "}}", "number '1000000000000000"),
+        ('{"labels": {"stable": ' + DIGITS_5000 + "}}", "is out of range (int64)"),
+        ('{"labels": {"stable": 9223372036854775808}}',
+         "number '9223372036854775808' is out of range (int64)"),
+        # ValueError from int() of a version key
+        ('{"weights": {"' + DIGITS_5000 + '": 10000}}',
+         "weights: version '11111111111111111...111111111111111111' is out of range (int64)"),
+        ('{"weights": {"9223372036854775808": 10000}}',
+         "weights: version '9223372036854775808' is out of range (int64)"),
+    ],
+    ids=["deep", "deep-value", "huge-number", "huge-label", "int64+1", "huge-key", "key-int64+1"],
+)  # fmt: skip
+def test_json_beyond_limits_is_an_invalid_table(text: str, message: str) -> None:
+    """Deep nesting and huge integers raised RecursionError or ValueError: SetRouting answered
+    INTERNAL, and the same routing file killed the server at start-up."""
+    with pytest.raises(RoutingError) as exc:
+        parse_table_json(text)
+    assert message in exc.value.message
+    assert "set_int_max_str_digits" not in exc.value.message and len(exc.value.message) < 200
+    with pytest.raises(RoutingError) as in_file:
+        parse_routing_file_json('{"models": {"m": ' + text + "}}")
+    assert in_file.value.message.startswith("routing file is refused: " if "[" * 99 in text else "")
+
+
+def test_the_largest_int64_version_is_accepted() -> None:
+    top = 2**63 - 1
+    t = parse_table_json(json.dumps({"weights": {str(top): 10000}, "labels": {"stable": top}}))
+    assert dict(t.weights) == {top: 10000} and t.stable_version == top
