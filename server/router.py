@@ -243,7 +243,12 @@ class Router:
         self._rebuild()
 
     def set_config_table(self, model: str, routing_json: str | None) -> None:
-        """From the model config's `routing` parameter, after a (re)load of the model."""
+        """From the model config's `routing` parameter, after a (re)load of the model (also one
+        that failed: the config is the new one, its versions may not all be ready).
+
+        A rejected table leaves the model's previous config table serving, as any rejected
+        table does: dropping it sent every request to the highest ready version, typically
+        the canary, over a typo in a weight or a load that failed."""
         if routing_json is None:
             self._config.pop(model, None)
         else:
@@ -251,10 +256,15 @@ class Router:
                 table = parse_table_json(routing_json)
                 self._validate(model, table)
             except RoutingError as exc:
-                log.error("model %s: routing in its config is ignored: %s", model, exc.message)
-                self._config.pop(model, None)
-            else:
-                self._config[model] = table
+                kept = "the previous one" if model in self._config else "none"
+                log.error(
+                    "model %s: the routing table in its config is rejected (%s keeps serving): %s",
+                    model,
+                    kept,
+                    exc.message,
+                )
+                return
+            self._config[model] = table
         self._rebuild()
 
     def reload_file(self, path: Path) -> bool:

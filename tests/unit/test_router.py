@@ -217,6 +217,41 @@ def test_a_routing_file_rejected_for_a_version_not_ready_yet_applies_once_it_is(
     assert not r.reload_file(path)  # applied: nothing more to do until it changes
 
 
+# ------------------------------------------------------------------------------ config table
+
+
+def test_a_rejected_config_table_leaves_the_previous_one_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A config whose table was rejected (a typo in a weight; or a load that failed, whose new
+    config names the version that did not load) dropped the table that was serving: a 90/10
+    split became 100% for the highest ready version, the canary."""
+    r, _, _ = router((1, 2))
+    r.models.models["m"].versions[3] = VersionEntry("m", 3, ModelState.UNAVAILABLE, "bad file")
+    good = {"weights": {"1": 9000, "2": 1000}, "labels": {"stable": 1, "canary": 2}}
+    r.set_config_table("m", json.dumps(good))
+    assert r.view("m").source == "config"
+    for bad, why in (
+        ({**good, "weights": {"1": 9000, "2": 500}}, "weights must sum to 10000 basis points"),
+        ({**good, "weights": {"1": 9000, "3": 1000}}, "weights name version 3, which is not"),
+    ):
+        caplog.clear()
+        r.set_config_table("m", json.dumps(bad))
+        view = r.view("m")
+        assert view.source == "config"
+        assert view.table is not None and view.table["weights"] == {"1": 9000, "2": 1000}
+        assert r.route("m", "", RouteHints(routing_key="user-1")).version in (1, 2)
+        assert (
+            "model m: the routing table in its config is rejected (the previous one keeps "
+            f"serving): invalid routing table: {why}"
+        ) in caplog.text
+    r.set_config_table("m", None)  # a config without a routing entry: no config table
+    assert r.view("m").source == "none"
+    caplog.clear()
+    r.set_config_table("m", "{")
+    assert r.view("m").source == "none" and "rejected (none keeps serving)" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
