@@ -289,8 +289,7 @@ class Router:
         # error to show.
         try:
             tables = parse_routing_file_json(raw)  # any problem of the content: RoutingError
-            for model, table in tables.items():
-                self._validate(model, table)
+            self._validate_file(tables)
         except RoutingError as exc:
             error = f"{path}: {exc.message}; the previous tables keep serving"
             if error != self.file_error:
@@ -305,8 +304,21 @@ class Router:
     def _validate(self, model: str, table: RoutingTable) -> None:
         entry = self.models.models.get(model)
         if entry is None:
-            raise RoutingError(f"routing table for unknown model '{model}'")
+            raise RoutingError("no such model in the repository")
         validate(table, frozenset(entry.ready_versions()))
+
+    def _validate_file(self, tables: RoutingTables) -> None:
+        """Every model's problems, each under its model's name: the file's one error is shown
+        for every model (the whole file waits), so a bare "weights name version 2" read as
+        if it were about each of them."""
+        problems = []
+        for model, table in tables.items():
+            try:
+                self._validate(model, table)
+            except RoutingError as exc:
+                problems.append(f"model '{model}': {exc.message}")
+        if problems:
+            raise RoutingError("; ".join(problems))
 
     def _rebuild(self) -> None:
         tables: dict[str, RoutingTable] = {}

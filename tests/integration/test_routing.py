@@ -361,7 +361,10 @@ def test_table_from_the_routing_file_reloads_while_serving(
     ):
         assert time.monotonic() - start < APPLY_WITHIN_S, err
         time.sleep(0.05)
-    assert "label 'canary' points at version 5, which is not loaded (loaded: 1, 2)" in err
+    assert err == (  # each problem under its model's name: GetRouting of `dense` shows it too
+        f"{routing_file}: model 'dense_file': invalid routing table: label 'canary' points at "
+        "version 5, which is not loaded (loaded: 1, 2); the previous tables keep serving"
+    )
     write_routing_file(routing_file, "{not json")
     start = time.monotonic()
     while "canary" in (err := admin.GetRouting(apb.GetRoutingRequest(model="dense")).file_error):

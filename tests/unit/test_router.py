@@ -278,3 +278,25 @@ def test_a_routing_file_beyond_json_limits_is_reported_and_keeps_the_previous_ta
         assert r.file_error == f"{path}: {message}; the previous tables keep serving"
         assert r.view("m").source == "file"
         assert r.view("m").table["weights"] == {"1": 9000, "2": 1000}  # type: ignore[index]
+
+
+def test_a_rejected_routing_file_names_the_model_of_each_problem(tmp_path: Path) -> None:
+    """Validation errors came without their model: GetRouting of every model showed "weights
+    name version 2, which is not loaded", also for a model whose table names only version 1;
+    and only the first model's problems were listed."""
+    r, _, _ = router((1,))
+    r.models.models["b"] = ModelEntry("b", None)  # in the repository, not loaded
+    path = tmp_path / "routing.json"
+    tables = {
+        "m": {"weights": {"1": 10000}},
+        "b": {"weights": {"2": 10000}},
+        "gone": {"labels": {"stable": 1}},
+    }
+    path.write_text(json.dumps({"models": tables}))
+    assert not r.reload_file(path)
+    assert r.file_error == (
+        f"{path}: model 'b': invalid routing table: weights name version 2, which is not "
+        "loaded (loaded: none); model 'gone': no such model in the repository; the previous "
+        "tables keep serving"
+    )
+    assert r.view("m").file_error == r.view("b").file_error == r.file_error
