@@ -19,16 +19,17 @@ use this dict::
     }
 
 Version numbers may be JSON numbers or digit strings (JSON object keys are strings) within
-int64, as Triton's versions are; weights and counts must be integers. Every key is optional
-(guard keys default as above); an unknown key is an error, so a typo never passes silently.
-Empty ``weights`` means no split: unpinned requests go to ``default_label``'s version, or to the
-highest ready version without one.
+int64, as Triton's versions are; a digit string is written without leading zeros (``"01"`` and
+``"1"`` would be one version under two keys, one silently dropped); weights and counts must be
+integers. Every key is optional (guard keys default as above); an unknown key is an error, so a
+typo never passes silently. Empty ``weights`` means no split: unpinned requests go to
+``default_label``'s version, or to the highest ready version without one.
 
 JSON text comes from clients and files, so anything in it is an error of the table
 (``RoutingError``, INVALID_ARGUMENT), never an exception of the server: nesting deeper than
 Python's recursion limit, integers beyond 64 bits (Python refuses more than 4300 digits with a
-ValueError; a version key is converted here). Values are shown clipped in messages
-(``reprlib``).
+ValueError; a version key is converted here), a key given twice in one object (JSON would keep
+the last silently). Values are shown clipped in messages (``reprlib``).
 """
 
 from __future__ import annotations
@@ -166,6 +167,12 @@ def _number(value: object, where: str) -> float:
 def _version(value: object, where: str) -> int:
     given = value
     if isinstance(value, str) and value.isascii() and value.isdigit():
+        digits = value.lstrip("0")
+        if digits and digits != value:
+            raise RoutingError(
+                f"{where}: version {_shown(value)} has a leading zero: write {_shown(digits)} "
+                "(one version, one key)"
+            )
         # (not int() of thousands of digits: Python refuses more than 4300 with a ValueError)
         value = int(value) if len(value) <= len(str(_INT64_MAX)) else _INT64_MAX + 1
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -177,7 +184,7 @@ def _version(value: object, where: str) -> int:
 
 def _loads(text: str | bytes, what: str) -> object:
     try:
-        return json.loads(text, parse_int=_json_int)
+        return json.loads(text, parse_int=_json_int, object_pairs_hook=_json_object)
     except RecursionError:
         raise RoutingError(f"{what} is refused: its JSON is nested too deeply") from None
     except ValueError as exc:
@@ -191,6 +198,15 @@ def _json_int(digits: str) -> int:
     if n is None or not -_INT64_MAX - 1 <= n <= _INT64_MAX:
         raise RoutingError(f"number {_shown(digits)} is out of range (int64)")
     return n
+
+
+def _json_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj: dict[str, object] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise RoutingError(f"key {_shown(key)} is given twice in one JSON object")
+        obj[key] = value
+    return obj
 
 
 _repr = reprlib.Repr()

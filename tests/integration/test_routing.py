@@ -443,6 +443,14 @@ def test_admin_set_get_clear(stub: Stub, admin: AdminStub, table: Any) -> None:
             '{"weights": {"' + "1" * 5000 + '": 10000}}',
             "weights: version '11111111111111111...111111111111111111' is out of range (int64)",
         ),
+        (
+            '{"weights": {"1": 5000, "01": 5000}}',
+            "weights: version '01' has a leading zero: write '1' (one version, one key)",
+        ),
+        (
+            '{"labels": {"stable": 1, "canary": 2}, "guard": {"max_p95_ratio": Infinity}}',
+            "invalid routing table: guard.max_p95_ratio must be a finite number >= 1.0, got inf",
+        ),
     ],
     ids=[
         "weights-sum",
@@ -453,6 +461,8 @@ def test_admin_set_get_clear(stub: Stub, admin: AdminStub, table: Any) -> None:
         "json",
         "deep",
         "huge-version",
+        "leading-zero",
+        "infinite",
     ],
 )
 def test_admin_rejects_invalid_tables_and_keeps_the_old_one(

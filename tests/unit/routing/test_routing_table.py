@@ -139,7 +139,7 @@ def test_parse_routing_file() -> None:
         ({"labels": {"stable": 1, "canary": 2}, "guard": {"max_error_rate_delta": 5}},
          "guard.max_error_rate_delta must be a fraction within [0, 1], got 5.0"),
         ({"labels": {"stable": 1, "canary": 2}, "guard": {"max_p95_ratio": 0.5}},
-         "guard.max_p95_ratio must be >= 1.0, got 0.5"),
+         "guard.max_p95_ratio must be a finite number >= 1.0, got 0.5"),
         ({"labels": {"stable": 1, "canary": 2}, "guard": {"min_sample": 5}},
          "unknown key(s) min_sample in guard"),
         ({"shadow": {"version": 2}}, "shadow needs 'version' and 'sample_bp'"),
@@ -224,3 +224,36 @@ def test_the_largest_int64_version_is_accepted() -> None:
     top = 2**63 - 1
     t = parse_table_json(json.dumps({"weights": {str(top): 10000}, "labels": {"stable": top}}))
     assert dict(t.weights) == {top: 10000} and t.stable_version == top
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # "01" and "1" were one version: one of the two weights silently dropped
+        ('{"weights": {"1": 5000, "01": 5000}}',
+         "weights: version '01' has a leading zero: write '1' (one version, one key)"),
+        ('{"labels": {"stable": "007"}}', "labels[stable]: version '007' has a leading zero"),
+        ('{"shadow": {"version": "02", "sample_bp": 5}}', "shadow.version: version '02' has a"),
+        # JSON keeps the last of two equal keys
+        ('{"weights": {"1": 5000, "1": 5000}}', "key '1' is given twice in one JSON object"),
+        ('{"labels": {"stable": 1, "stable": 2}}', "key 'stable' is given twice"),
+        # GetRouting answered the table back with a bare Infinity (or NaN): not JSON
+        ('{"labels": {"stable": 1, "canary": 2}, "guard": {"max_p95_ratio": Infinity}}',
+         "guard.max_p95_ratio must be a finite number >= 1.0, got inf"),
+        ('{"labels": {"stable": 1, "canary": 2}, "guard": {"max_p95_ratio": 1e400}}',
+         "guard.max_p95_ratio must be a finite number >= 1.0, got inf"),
+        ('{"labels": {"stable": 1, "canary": 2}, "guard": {"max_p95_ratio": NaN}}',
+         "guard.max_p95_ratio must be a finite number >= 1.0, got nan"),
+        ('{"labels": {"stable": 1, "canary": 2}, "guard": {"max_error_rate_delta": NaN}}',
+         "guard.max_error_rate_delta must be a fraction within [0, 1], got nan"),
+        ('{"weights": {"1": Infinity}}', "weights[1] must be an integer, got inf"),
+    ],
+    ids=["weights-01", "label-007", "shadow-02", "dup-weight", "dup-label", "inf", "1e400", "nan",
+         "nan-delta", "inf-weight"],
+)  # fmt: skip
+def test_keys_that_would_collapse_and_numbers_json_cannot_show_are_refused(
+    text: str, message: str
+) -> None:
+    with pytest.raises(RoutingError) as exc:
+        parse_table_json(text)
+    assert message in exc.value.message
