@@ -11,7 +11,6 @@ answered by its step 3 here directly); time and randomness are injected here.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -31,7 +30,7 @@ from server.routing import (
     VersionNotReady,
     evaluate,
     observe,
-    parse_routing_file,
+    parse_routing_file_json,
     parse_table_json,
     resolve,
     table_to_dict,
@@ -244,7 +243,12 @@ class Router:
         self._rebuild()
 
     def set_config_table(self, model: str, routing_json: str | None) -> None:
-        """From the model config's `routing` parameter, after a (re)load of the model."""
+        """From the model config's `routing` parameter, after a (re)load of the model (also one
+        that failed: the config is the new one, its versions may not all be ready).
+
+        A rejected table leaves the model's previous config table serving, as any rejected
+        table does: dropping it sent every request to the highest ready version, typically
+        the canary, over a typo in a weight or a load that failed."""
         if routing_json is None:
             self._config.pop(model, None)
         else:
@@ -252,10 +256,15 @@ class Router:
                 table = parse_table_json(routing_json)
                 self._validate(model, table)
             except RoutingError as exc:
-                log.error("model %s: routing in its config is ignored: %s", model, exc.message)
-                self._config.pop(model, None)
-            else:
-                self._config[model] = table
+                kept = "the previous one" if model in self._config else "none"
+                log.error(
+                    "model %s: the routing table in its config is rejected (%s keeps serving): %s",
+                    model,
+                    kept,
+                    exc.message,
+                )
+                return
+            self._config[model] = table
         self._rebuild()
 
     def reload_file(self, path: Path) -> bool:
@@ -268,27 +277,26 @@ class Router:
             raw = path.read_bytes()
         except OSError as exc:
             self.file_error = f"cannot read {path}: {exc.strerror}"
-            self._file_bytes = None  # the same file back is applied again (and the error goes)
             return False
         if raw == self._file_bytes and not self.file_error:
             return False
-        # A rejected file is tried again at each poll: whether it is valid depends on the
-        # server too (a version it names may be loading, a model not loaded yet), and it must
-        # apply once that changes, not wait for an edit. Its error is logged when it changes.
-        self._file_bytes = raw
+        # After an error the file is tried again at each poll, even unchanged: whether it is
+        # valid depends on the server too (a version it names may be loading, a model not
+        # loaded yet), and it must apply once that changes, not wait for an edit; and the file
+        # in force that comes back after a failed read clears the error. Its error is logged
+        # when it changes. `_file_bytes` is the file in force: bytes recorded before they were
+        # parsed made the next poll skip a file that had failed in an unexpected way, with no
+        # error to show.
         try:
-            data = json.loads(raw)
-            tables = parse_routing_file(data)
-            for model, table in tables.items():
-                self._validate(model, table)
-        except (OSError, ValueError, RoutingError) as exc:
-            msg = exc.message if isinstance(exc, RoutingError) else str(exc)
-            error = f"{path}: {msg}; the previous tables keep serving"
+            tables = parse_routing_file_json(raw)  # any problem of the content: RoutingError
+            self._validate_file(tables)
+        except RoutingError as exc:
+            error = f"{path}: {exc.message}; the previous tables keep serving"
             if error != self.file_error:
                 log.error("routing file rejected: %s", error)
             self.file_error = error
             return False
-        self._file, self.file_error = tables, ""
+        self._file, self._file_bytes, self.file_error = tables, raw, ""
         self._rebuild()
         log.info("routing file %s applied (%d model(s))", path, len(tables))
         return True
@@ -296,8 +304,21 @@ class Router:
     def _validate(self, model: str, table: RoutingTable) -> None:
         entry = self.models.models.get(model)
         if entry is None:
-            raise RoutingError(f"routing table for unknown model '{model}'")
+            raise RoutingError("no such model in the repository")
         validate(table, frozenset(entry.ready_versions()))
+
+    def _validate_file(self, tables: RoutingTables) -> None:
+        """Every model's problems, each under its model's name: the file's one error is shown
+        for every model (the whole file waits), so a bare "weights name version 2" read as
+        if it were about each of them."""
+        problems = []
+        for model, table in tables.items():
+            try:
+                self._validate(model, table)
+            except RoutingError as exc:
+                problems.append(f"model '{model}': {exc.message}")
+        if problems:
+            raise RoutingError("; ".join(problems))
 
     def _rebuild(self) -> None:
         tables: dict[str, RoutingTable] = {}

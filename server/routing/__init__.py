@@ -27,6 +27,7 @@ from server.routing.guard import (
 )
 from server.routing.parse import (
     parse_routing_file,
+    parse_routing_file_json,
     parse_table,
     parse_table_json,
     table_to_dict,
@@ -92,6 +93,7 @@ __all__ = [
     "override_canary",
     "parse_canary_weight",
     "parse_routing_file",
+    "parse_routing_file_json",
     "parse_table",
     "parse_table_json",
     "pick_weighted",

@@ -18,27 +18,43 @@ use this dict::
       "shadow": {"version": 3, "sample_bp": 500}  # optional: mirror 5% of requests to v3
     }
 
-Version numbers may be JSON numbers or digit strings (JSON object keys are strings); weights
-and counts must be integers. Every key is optional (guard keys default as above); an unknown
-key is an error, so a typo never passes silently. Empty ``weights`` means no split: unpinned
-requests go to ``default_label``'s version, or to the highest ready version without one.
+Version numbers may be JSON numbers or digit strings (JSON object keys are strings) within
+int64, as Triton's versions are; a digit string is written without leading zeros (``"01"`` and
+``"1"`` would be one version under two keys, one silently dropped); weights and counts must be
+integers. Every key is optional (guard keys default as above); an unknown key is an error, so a
+typo never passes silently. Empty ``weights`` means no split: unpinned requests go to
+``default_label``'s version, or to the highest ready version without one.
+
+JSON text comes from clients and files, so anything in it is an error of the table
+(``RoutingError``, INVALID_ARGUMENT), never an exception of the server: nesting deeper than
+Python's recursion limit, integers beyond 64 bits (Python refuses more than 4300 digits with a
+ValueError; a version key is converted here), a key given twice in one object (JSON would keep
+the last silently). Values are shown clipped in messages (``reprlib``).
 """
 
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Mapping
 
 from server.routing.errors import RoutingError
 from server.routing.table import GuardConfig, RoutingTable, RoutingTables, ShadowConfig
 
-__all__ = ["parse_routing_file", "parse_table", "parse_table_json", "table_to_dict"]
+__all__ = [
+    "parse_routing_file",
+    "parse_routing_file_json",
+    "parse_table",
+    "parse_table_json",
+    "table_to_dict",
+]
 
+_INT64_MAX = 2**63 - 1
 _TABLE_KEYS = ("weights", "labels", "default_label", "allow_weight_override", "guard", "shadow")
 _GUARD_KEYS = ("window_s", "min_samples", "max_error_rate_delta", "max_p95_ratio")
 
 
-def parse_table(data: Mapping[str, object]) -> RoutingTable:
+def parse_table(data: object) -> RoutingTable:
     """Build a table from its dict form (see the module docstring); RoutingError if malformed."""
     if not isinstance(data, Mapping):
         raise RoutingError(f"a routing table must be an object, got {type(data).__name__}")
@@ -85,14 +101,15 @@ def parse_table(data: Mapping[str, object]) -> RoutingTable:
 
 def parse_table_json(text: str | bytes) -> RoutingTable:
     """``parse_table`` over JSON text (a config parameter's value, an admin RPC's payload)."""
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise RoutingError(f"routing table is not valid JSON: {exc}") from None
-    return parse_table(data)
+    return parse_table(_loads(text, "routing table"))
 
 
-def parse_routing_file(data: Mapping[str, object]) -> RoutingTables:
+def parse_routing_file_json(text: str | bytes) -> RoutingTables:
+    """``parse_routing_file`` over the file's bytes."""
+    return parse_routing_file(_loads(text, "routing file"))
+
+
+def parse_routing_file(data: object) -> RoutingTables:
     """The routing file's dict form, ``{"models": {"<model>": <table>, ...}}``."""
     if not isinstance(data, Mapping) or set(data) - {"models"}:
         raise RoutingError('a routing file must be an object with one key, "models"')
@@ -137,19 +154,65 @@ def _obj(value: object, where: str, keys: tuple[str, ...] | None = None) -> Mapp
 
 def _int(value: object, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RoutingError(f"{where} must be an integer, got {value!r}")
+        raise RoutingError(f"{where} must be an integer, got {_shown(value)}")
     return value
 
 
 def _number(value: object, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise RoutingError(f"{where} must be a number, got {value!r}")
+        raise RoutingError(f"{where} must be a number, got {_shown(value)}")
     return float(value)
 
 
 def _version(value: object, where: str) -> int:
+    given = value
     if isinstance(value, str) and value.isascii() and value.isdigit():
-        value = int(value)
+        digits = value.lstrip("0")
+        if digits and digits != value:
+            raise RoutingError(
+                f"{where}: version {_shown(value)} has a leading zero: write {_shown(digits)} "
+                "(one version, one key)"
+            )
+        # (not int() of thousands of digits: Python refuses more than 4300 with a ValueError)
+        value = int(value) if len(value) <= len(str(_INT64_MAX)) else _INT64_MAX + 1
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise RoutingError(f"{where}: version must be an integer > 0, got {value!r}")
+        raise RoutingError(f"{where}: version must be an integer > 0, got {_shown(value)}")
+    if value > _INT64_MAX:
+        raise RoutingError(f"{where}: version {_shown(given)} is out of range (int64)")
     return value
+
+
+def _loads(text: str | bytes, what: str) -> object:
+    try:
+        return json.loads(text, parse_int=_json_int, object_pairs_hook=_json_object)
+    except RecursionError:
+        raise RoutingError(f"{what} is refused: its JSON is nested too deeply") from None
+    except ValueError as exc:
+        raise RoutingError(f"{what} is not valid JSON: {exc}") from None
+
+
+def _json_int(digits: str) -> int:
+    # Python's int() refuses more than 4300 digits with a ValueError whose message tells the
+    # client about sys.set_int_max_str_digits; nothing in a table needs more than 64 bits.
+    n = int(digits) if len(digits.lstrip("-")) <= len(str(_INT64_MAX)) else None
+    if n is None or not -_INT64_MAX - 1 <= n <= _INT64_MAX:
+        raise RoutingError(f"number {_shown(digits)} is out of range (int64)")
+    return n
+
+
+def _json_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj: dict[str, object] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise RoutingError(f"key {_shown(key)} is given twice in one JSON object")
+        obj[key] = value
+    return obj
+
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 40
+
+
+def _shown(value: object) -> str:
+    """A value for a message: clipped, so that a huge or deeply nested one stays readable."""
+    return _repr.repr(value)

@@ -13,6 +13,7 @@ found, so one round trip fixes a table.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -61,8 +62,12 @@ class GuardConfig:
                 "guard.max_error_rate_delta must be a fraction within [0, 1], "
                 f"got {self.max_error_rate_delta}"
             )
-        if not self.max_p95_ratio >= 1.0:  # also rejects NaN
-            problems.append(f"guard.max_p95_ratio must be >= 1.0, got {self.max_p95_ratio}")
+        # Finite: a table is shown as JSON (GetRouting), where Infinity and NaN are not valid
+        # (jq, Go and JavaScript clients refuse them); and an infinite ratio is no rule.
+        if not (math.isfinite(self.max_p95_ratio) and self.max_p95_ratio >= 1.0):
+            problems.append(
+                f"guard.max_p95_ratio must be a finite number >= 1.0, got {self.max_p95_ratio}"
+            )
         _raise(problems)
 
 

@@ -361,7 +361,10 @@ def test_table_from_the_routing_file_reloads_while_serving(
     ):
         assert time.monotonic() - start < APPLY_WITHIN_S, err
         time.sleep(0.05)
-    assert "label 'canary' points at version 5, which is not loaded (loaded: 1, 2)" in err
+    assert err == (  # each problem under its model's name: GetRouting of `dense` shows it too
+        f"{routing_file}: model 'dense_file': invalid routing table: label 'canary' points at "
+        "version 5, which is not loaded (loaded: 1, 2); the previous tables keep serving"
+    )
     write_routing_file(routing_file, "{not json")
     start = time.monotonic()
     while "canary" in (err := admin.GetRouting(apb.GetRoutingRequest(model="dense")).file_error):
@@ -435,8 +438,32 @@ def test_admin_set_get_clear(stub: Stub, admin: AdminStub, table: Any) -> None:
             "allow_weight_override, guard, shadow)",
         ),
         ("{not json", "routing table is not valid JSON: "),
+        ("[" * 100_000, "routing table is refused: its JSON is nested too deeply"),
+        (
+            '{"weights": {"' + "1" * 5000 + '": 10000}}',
+            "weights: version '11111111111111111...111111111111111111' is out of range (int64)",
+        ),
+        (
+            '{"weights": {"1": 5000, "01": 5000}}',
+            "weights: version '01' has a leading zero: write '1' (one version, one key)",
+        ),
+        (
+            '{"labels": {"stable": 1, "canary": 2}, "guard": {"max_p95_ratio": Infinity}}',
+            "invalid routing table: guard.max_p95_ratio must be a finite number >= 1.0, got inf",
+        ),
     ],
-    ids=["weights-sum", "unknown-version", "label-unloaded", "guard-labels", "typo", "json"],
+    ids=[
+        "weights-sum",
+        "unknown-version",
+        "label-unloaded",
+        "guard-labels",
+        "typo",
+        "json",
+        "deep",
+        "huge-version",
+        "leading-zero",
+        "infinite",
+    ],
 )
 def test_admin_rejects_invalid_tables_and_keeps_the_old_one(
     stub: Stub, admin: AdminStub, table: Any, table_json: Any, message: str

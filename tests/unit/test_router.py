@@ -215,3 +215,88 @@ def test_a_routing_file_rejected_for_a_version_not_ready_yet_applies_once_it_is(
     assert r.reload_file(path)  # the next poll, the same bytes
     assert r.file_error == "" and r.view("m").source == "file"
     assert not r.reload_file(path)  # applied: nothing more to do until it changes
+
+
+# ------------------------------------------------------------------------------ config table
+
+
+def test_a_rejected_config_table_leaves_the_previous_one_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A config whose table was rejected (a typo in a weight; or a load that failed, whose new
+    config names the version that did not load) dropped the table that was serving: a 90/10
+    split became 100% for the highest ready version, the canary."""
+    r, _, _ = router((1, 2))
+    r.models.models["m"].versions[3] = VersionEntry("m", 3, ModelState.UNAVAILABLE, "bad file")
+    good = {"weights": {"1": 9000, "2": 1000}, "labels": {"stable": 1, "canary": 2}}
+    r.set_config_table("m", json.dumps(good))
+    assert r.view("m").source == "config"
+    for bad, why in (
+        ({**good, "weights": {"1": 9000, "2": 500}}, "weights must sum to 10000 basis points"),
+        ({**good, "weights": {"1": 9000, "3": 1000}}, "weights name version 3, which is not"),
+    ):
+        caplog.clear()
+        r.set_config_table("m", json.dumps(bad))
+        view = r.view("m")
+        assert view.source == "config"
+        assert view.table is not None and view.table["weights"] == {"1": 9000, "2": 1000}
+        assert r.route("m", "", RouteHints(routing_key="user-1")).version in (1, 2)
+        assert (
+            "model m: the routing table in its config is rejected (the previous one keeps "
+            f"serving): invalid routing table: {why}"
+        ) in caplog.text
+    r.set_config_table("m", None)  # a config without a routing entry: no config table
+    assert r.view("m").source == "none"
+    caplog.clear()
+    r.set_config_table("m", "{")
+    assert r.view("m").source == "none" and "rejected (none keeps serving)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000, "routing file is refused: its JSON is nested too deeply"),
+        ('{"models": {"m": {"weights": {"' + "1" * 5000 + '": 10000}}}}',
+         "model 'm': weights: version '11111111111111111...111111111111111111' is out of range "
+         "(int64)"),
+    ],
+    ids=["deep", "huge-version"],
+)  # fmt: skip
+def test_a_routing_file_beyond_json_limits_is_reported_and_keeps_the_previous_tables(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """Read at start-up, the deep file killed the server (RecursionError); read while serving,
+    it was recorded as read before it failed, so the next poll skipped it and `file_error`
+    stayed empty, claiming the file in force was the last one written."""
+    r, _, _ = router()
+    path = tmp_path / "routing.json"
+    path.write_text(file_table(1, 2))
+    assert r.reload_file(path)
+    path.write_text(text)
+    for _ in range(2):  # the next poll (the same bytes) still reports it
+        assert not r.reload_file(path)
+        assert r.file_error == f"{path}: {message}; the previous tables keep serving"
+        assert r.view("m").source == "file"
+        assert r.view("m").table["weights"] == {"1": 9000, "2": 1000}  # type: ignore[index]
+
+
+def test_a_rejected_routing_file_names_the_model_of_each_problem(tmp_path: Path) -> None:
+    """Validation errors came without their model: GetRouting of every model showed "weights
+    name version 2, which is not loaded", also for a model whose table names only version 1;
+    and only the first model's problems were listed."""
+    r, _, _ = router((1,))
+    r.models.models["b"] = ModelEntry("b", None)  # in the repository, not loaded
+    path = tmp_path / "routing.json"
+    tables = {
+        "m": {"weights": {"1": 10000}},
+        "b": {"weights": {"2": 10000}},
+        "gone": {"labels": {"stable": 1}},
+    }
+    path.write_text(json.dumps({"models": tables}))
+    assert not r.reload_file(path)
+    assert r.file_error == (
+        f"{path}: model 'b': invalid routing table: weights name version 2, which is not "
+        "loaded (loaded: none); model 'gone': no such model in the repository; the previous "
+        "tables keep serving"
+    )
+    assert r.view("m").file_error == r.view("b").file_error == r.file_error

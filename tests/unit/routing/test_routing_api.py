@@ -7,8 +7,8 @@ import server.routing as routing
 EXPECTED = {
     # table / parse
     "BP_TOTAL", "CANARY", "STABLE", "GuardConfig", "RoutingTable", "RoutingTables",
-    "ShadowConfig", "validate", "parse_routing_file", "parse_table", "parse_table_json",
-    "table_to_dict",
+    "ShadowConfig", "validate", "parse_routing_file", "parse_routing_file_json", "parse_table",
+    "parse_table_json", "table_to_dict",
     # split
     "RandomSource", "Span", "layout", "override_canary", "pick_weighted", "random_point",
     "route_key_point", "with_canary_weight",

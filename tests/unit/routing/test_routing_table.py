@@ -17,6 +17,7 @@ from server.routing import (
     RoutingTables,
     ShadowConfig,
     parse_routing_file,
+    parse_routing_file_json,
     parse_table,
     parse_table_json,
     table_to_dict,
@@ -138,7 +139,7 @@ def test_parse_routing_file() -> None:
         ({"labels": {"stable": 1, "canary": 2}, "guard": {"max_error_rate_delta": 5}},
          "guard.max_error_rate_delta must be a fraction within [0, 1], got 5.0"),
         ({"labels": {"stable": 1, "canary": 2}, "guard": {"max_p95_ratio": 0.5}},
-         "guard.max_p95_ratio must be >= 1.0, got 0.5"),
+         "guard.max_p95_ratio must be a finite number >= 1.0, got 0.5"),
         ({"labels": {"stable": 1, "canary": 2}, "guard": {"min_sample": 5}},
          "unknown key(s) min_sample in guard"),
         ({"shadow": {"version": 2}}, "shadow needs 'version' and 'sample_bp'"),
@@ -181,3 +182,78 @@ def test_validate_against_loaded_versions() -> None:
     )
     with pytest.raises(RoutingError, match=r"label 'stable' points at version 5.*\(loaded: none\)"):
         validate(RoutingTable(labels={"stable": 5}), frozenset())
+
+
+# --- JSON from clients and files: every problem a RoutingError (INVALID_ARGUMENT) ------------
+
+DIGITS_5000 = "1" * 5000
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # RecursionError from json
+        ("[" * 100_000, "routing table is refused: its JSON is nested too deeply"),
+        ('{"weights": {"1": ' + "[" * 100_000, "its JSON is nested too deeply"),
+        # ValueError from int(), with a hint about sys.set_int_max_str_digits for the client
+        ('{"weights": {"1": 1' + "0" * 5000 + "}}", "number '1000000000000000"),
+        ('{"labels": {"stable": ' + DIGITS_5000 + "}}", "is out of range (int64)"),
+        ('{"labels": {"stable": 9223372036854775808}}',
+         "number '9223372036854775808' is out of range (int64)"),
+        # ValueError from int() of a version key
+        ('{"weights": {"' + DIGITS_5000 + '": 10000}}',
+         "weights: version '11111111111111111...111111111111111111' is out of range (int64)"),
+        ('{"weights": {"9223372036854775808": 10000}}',
+         "weights: version '9223372036854775808' is out of range (int64)"),
+    ],
+    ids=["deep", "deep-value", "huge-number", "huge-label", "int64+1", "huge-key", "key-int64+1"],
+)  # fmt: skip
+def test_json_beyond_limits_is_an_invalid_table(text: str, message: str) -> None:
+    """Deep nesting and huge integers raised RecursionError or ValueError: SetRouting answered
+    INTERNAL, and the same routing file killed the server at start-up."""
+    with pytest.raises(RoutingError) as exc:
+        parse_table_json(text)
+    assert message in exc.value.message
+    assert "set_int_max_str_digits" not in exc.value.message and len(exc.value.message) < 200
+    with pytest.raises(RoutingError) as in_file:
+        parse_routing_file_json('{"models": {"m": ' + text + "}}")
+    assert in_file.value.message.startswith("routing file is refused: " if "[" * 99 in text else "")
+
+
+def test_the_largest_int64_version_is_accepted() -> None:
+    top = 2**63 - 1
+    t = parse_table_json(json.dumps({"weights": {str(top): 10000}, "labels": {"stable": top}}))
+    assert dict(t.weights) == {top: 10000} and t.stable_version == top
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # "01" and "1" were one version: one of the two weights silently dropped
+        ('{"weights": {"1": 5000, "01": 5000}}',
+         "weights: version '01' has a leading zero: write '1' (one version, one key)"),
+        ('{"labels": {"stable": "007"}}', "labels[stable]: version '007' has a leading zero"),
+        ('{"shadow": {"version": "02", "sample_bp": 5}}', "shadow.version: version '02' has a"),
+        # JSON keeps the last of two equal keys
+        ('{"weights": {"1": 5000, "1": 5000}}', "key '1' is given twice in one JSON object"),
+        ('{"labels": {"stable": 1, "stable": 2}}', "key 'stable' is given twice"),
+        # GetRouting answered the table back with a bare Infinity (or NaN): not JSON
+        ('{"labels": {"stable": 1, "canary": 2}, "guard": {"max_p95_ratio": Infinity}}',
+         "guard.max_p95_ratio must be a finite number >= 1.0, got inf"),
+        ('{"labels": {"stable": 1, "canary": 2}, "guard": {"max_p95_ratio": 1e400}}',
+         "guard.max_p95_ratio must be a finite number >= 1.0, got inf"),
+        ('{"labels": {"stable": 1, "canary": 2}, "guard": {"max_p95_ratio": NaN}}',
+         "guard.max_p95_ratio must be a finite number >= 1.0, got nan"),
+        ('{"labels": {"stable": 1, "canary": 2}, "guard": {"max_error_rate_delta": NaN}}',
+         "guard.max_error_rate_delta must be a fraction within [0, 1], got nan"),
+        ('{"weights": {"1": Infinity}}', "weights[1] must be an integer, got inf"),
+    ],
+    ids=["weights-01", "label-007", "shadow-02", "dup-weight", "dup-label", "inf", "1e400", "nan",
+         "nan-delta", "inf-weight"],
+)  # fmt: skip
+def test_keys_that_would_collapse_and_numbers_json_cannot_show_are_refused(
+    text: str, message: str
+) -> None:
+    with pytest.raises(RoutingError) as exc:
+        parse_table_json(text)
+    assert message in exc.value.message
