@@ -191,6 +191,7 @@ class App:
 
             self._background(1.0, "routing file reload", reload_routing_file)
         self.handler.strict_readiness = s.strict_readiness
+        self.handler.max_message_bytes = s.max_message_bytes
         self.handler.started = True
         if self.metrics is not None:
             self._background(1.0, "metrics refresh", self._sync_metrics)

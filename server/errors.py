@@ -5,7 +5,7 @@ maps each ErrorCode to a gRPC status in one table.
     ├── NotFound          model, version or region unknown
     ├── InvalidInput      request does not match the model (message names the tensor)
     ├── NotReady          loading, restarting, draining: retry later
-    ├── Overloaded        queue or shared memory full
+    ├── Overloaded        queue or shared memory full, a response past the message limit
     ├── DeadlineExceeded  the deadline passed before the result
     ├── AlreadyExists     a name is taken
     ├── Unsupported       RPC or feature not implemented

@@ -61,6 +61,7 @@ from server.types import (
     ModelIndexEntry,
     ModelSpec,
     ModelState,
+    Tensor,
 )
 from server.validation import Plan, plan_call
 from server.versions import parse_version
@@ -69,6 +70,10 @@ from server.worker_link import WorkerLink
 __all__ = ["EXTENSIONS", "InferenceHandler", "ModelView", "StatsRow"]
 
 _NO_HINTS = RouteHints()
+
+# What a response needs besides its outputs' bytes (names, shapes, parameters), at most: the
+# outputs may take the rest of the largest message the server sends.
+RESPONSE_HEADROOM = 64 * 1024
 
 log = logging.getLogger("microtune.handler")
 
@@ -135,6 +140,7 @@ class InferenceHandler:
         self.server_name = server_name
         self.started = False  # the repository's first load pass has finished
         self.strict_readiness = True  # (Settings.strict_readiness: see ModelTable.failed)
+        self.max_message_bytes = 2**62  # (Settings.max_message_bytes: see _check_response_size)
         self.peers: StatsPeers | None = None  # the pod's other fronts (--frontends N)
         link.on_orphan_execution = self._orphan_execution
 
@@ -299,6 +305,7 @@ class InferenceHandler:
         t = result.timings
         try:
             outputs = tuple(response_tensor(req, o, outs) for o in result.outputs)
+            _check_response_size(outputs, self.max_message_bytes - RESPONSE_HEADROOM)
         except MicrotuneError:  # an output region too small, say: the client's, after the run
             ve.stats.record_failure(time.perf_counter_ns() - start, t)
             raise
@@ -448,6 +455,18 @@ class InferenceHandler:
 
     def unsupported(self, rpc: str, why: str) -> MicrotuneError:
         return Unsupported(f"{rpc} is not supported by this server: {why}")
+
+
+def _check_response_size(outputs: Sequence[Tensor], limit: int) -> None:
+    """Refuse a response gRPC would not send: it failed the call as it was sent, after the
+    request was counted a success, and on ModelStreamInfer it ended the whole stream."""
+    size = sum(len(t.data) for t in outputs)
+    if size > limit:
+        raise Overloaded(
+            f"the outputs take {size} bytes, more than a response may carry ({limit} bytes: "
+            "--max-message-bytes less room for the rest of the message); ask for fewer "
+            "outputs or a smaller batch, or have them written to shared memory"
+        )
 
 
 def _domain_error(exc: BaseException, ve: VersionEntry) -> BaseException:

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 from harness import Server, running_server
+from onnx import TensorProto, helper
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
@@ -162,3 +164,57 @@ def test_no_slot_leaks_when_deadlines_race_answers(
     assert set(codes) <= {"OK", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}, dict(codes)
     resp = stub.ModelInfer(whole_arena_request(), timeout=20)
     assert list(resp.outputs[0].shape) == [8, 630]
+
+
+def test_a_response_past_the_message_limit_is_refused_and_counted_failed(tmp_path: Path) -> None:
+    """`quad` answers four times its input. With --max-message-bytes 1 MiB, 300 KB in make
+    1.2 MB out: gRPC failed the call as it sent it, after the server had counted a success,
+    and on ModelStreamInfer it ended the stream (the requests after it unanswered). Now it is
+    that request's RESOURCE_EXHAUSTED, counted a failure, and the stream goes on."""
+    repo = tmp_path / "repo"
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["X", "X", "X", "X"], ["Y"], axis=0)],
+        "quad",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    (repo / "quad" / "1").mkdir(parents=True)
+    onnx.save(model, str(repo / "quad" / "1" / "model.onnx"))
+    (repo / "quad" / "config.pbtxt").write_text(
+        'platform: "onnxruntime_onnx"\nmax_batch_size: 0\n'
+        'input [ { name: "X" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
+        'output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
+    )
+
+    def quad(n: int, rid: str) -> pb.ModelInferRequest:
+        req = pb.ModelInferRequest(model_name="quad", id=rid)
+        req.inputs.add(name="X", datatype="FP32", shape=[n])
+        req.raw_input_contents.append(np.ones(n, np.float32).tobytes())
+        return req
+
+    big, small = 75_000, 4  # 300 KB in, 1.2 MB out; 16 B in
+    with running_server(repo, tmp_path / "log", ("--max-message-bytes", str(1 << 20))) as s:
+        ch = grpc.insecure_channel(s.url)
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        try:
+            with pytest.raises(grpc.RpcError) as ei:
+                stub.ModelInfer(quad(big, "big"), timeout=30)
+            assert ei.value.code() == Code.RESOURCE_EXHAUSTED, ei.value.details()
+            assert (ei.value.details() or "").startswith(
+                "the outputs take 1200000 bytes, more than a response may carry"
+            ), ei.value.details()
+            stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="quad"), timeout=10)
+            infer_stats = stats.model_stats[0].inference_stats
+            assert (infer_stats.success.count, infer_stats.fail.count) == (0, 1)
+
+            answers = list(
+                stub.ModelStreamInfer(
+                    iter([quad(small, "1"), quad(big, "2"), quad(small, "3")]), timeout=30
+                )
+            )
+            assert [a.infer_response.id for a in answers] == ["1", "2", "3"]
+            errors = [a.error_message[:40] for a in answers]
+            assert errors == ["", "the outputs take 1200000 bytes, more tha", ""]
+        finally:
+            ch.close()
