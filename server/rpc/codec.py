@@ -34,7 +34,10 @@ from server.types import (
 )
 
 __all__ = [
+    "check_repository_name",
+    "check_unload_parameters",
     "decode_infer",
+    "decode_load_parameters",
     "encode_config",
     "encode_index",
     "encode_infer",
@@ -219,20 +222,45 @@ def decode_parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Para
 def decode_load_parameters(
     params: Mapping[str, pb.ModelRepositoryParameter],
 ) -> tuple[str | None, dict[str, bytes]]:
-    """RepositoryModelLoad parameters: `config` (JSON string) and `file:<version>/<name>`."""
+    """RepositoryModelLoad parameters: `config` (JSON string) and `file:<version>/<name>`;
+    any other is refused, as in Triton (a misspelt "configs" loaded the model without the
+    override, and tritonclient's `files` without their "file:" prefix failed later, unclearly).
+    Messages in Triton's words."""
     config: str | None = None
     files: dict[str, bytes] = {}
     for key, p in params.items():
         which = p.WhichOneof("parameter_choice")
         if key == "config":
             if which != "string_param":
-                raise InvalidInput("load parameter 'config' must be a string (JSON)")
+                raise InvalidInput(
+                    "invalid value type for load parameter 'config', expected string_param."
+                )
             config = p.string_param
         elif key.startswith("file:"):
             if which != "bytes_param":
-                raise InvalidInput(f"load parameter '{key[:64]}' must be bytes")
+                raise InvalidInput(
+                    f"invalid value type for load parameter '{key[:64]}', expected bytes_param."
+                )
             files[key] = p.bytes_param
+        else:
+            raise InvalidInput(f"unrecognized load parameter '{key[:64]}'.")
     return config, files
+
+
+def check_unload_parameters(params: Mapping[str, pb.ModelRepositoryParameter]) -> None:
+    """RepositoryModelUnload's `unload_dependents` must be a bool (there are no ensembles, so
+    it changes nothing); other parameters are ignored, as in Triton."""
+    p = params.get("unload_dependents")
+    if p is not None and p.WhichOneof("parameter_choice") != "bool_param":
+        raise InvalidInput(
+            "invalid value type for 'unload_dependents' parameter, expected bool_param."
+        )
+
+
+def check_repository_name(name: str) -> None:
+    """One repository, unnamed: a request naming one is refused, as in Triton."""
+    if name:
+        raise Unsupported("'repository_name' specification is not supported")
 
 
 def encode_infer(res: InferResponse) -> pb.ModelInferResponse:

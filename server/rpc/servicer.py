@@ -229,12 +229,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Ctx
     ) -> pb.RepositoryIndexResponse:
+        codec.check_repository_name(request.repository_name)
         return codec.encode_index(await self.h.repository_index(request.ready))
 
     @rpc_errors
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Ctx
     ) -> pb.RepositoryModelLoadResponse:
+        codec.check_repository_name(request.repository_name)
         config, files = codec.decode_load_parameters(request.parameters)
         await self.h.load_model(request.model_name, config, files)
         return pb.RepositoryModelLoadResponse()
@@ -243,6 +245,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Ctx
     ) -> pb.RepositoryModelUnloadResponse:
+        codec.check_repository_name(request.repository_name)
+        codec.check_unload_parameters(request.parameters)
         await self.h.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 

@@ -7,15 +7,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from grpc_health.v1 import health_pb2
 from harness import DEMO, Server, raises, running_server
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -87,6 +90,61 @@ def test_load_failures(c: grpcclient.InferenceServerClient) -> None:
     # The server goes on serving what it has.
     inp, x = fp32_input(2)
     np.testing.assert_array_equal(c.infer("id_fp32", [inp]).as_numpy("OUT"), x)
+
+
+def test_repository_parameters_checked_as_in_triton(ext: Server) -> None:
+    """Parameters the server does not know are refused, not ignored (a misspelt "configs"
+    loaded the model without its override); a named repository is unsupported."""
+    ch = grpc.insecure_channel(ext.url)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+
+    def load(**params: pb.ModelRepositoryParameter) -> pb.RepositoryModelLoadRequest:
+        req = pb.RepositoryModelLoadRequest(model_name="simple")
+        for k, v in params.items():
+            req.parameters[k.replace("_", ":")].CopyFrom(v)
+        return req
+
+    def error(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.RpcError) as ei:
+            call()
+        return ei.value.code(), ei.value.details() or ""
+
+    string, raw = (
+        pb.ModelRepositoryParameter(string_param="{}"),
+        pb.ModelRepositoryParameter(bytes_param=b"x"),
+    )
+    Code = grpc.StatusCode
+    try:
+        assert error(lambda: stub.RepositoryModelLoad(load(configs=string))) == (
+            Code.INVALID_ARGUMENT,
+            "unrecognized load parameter 'configs'.",
+        )
+        assert error(lambda: stub.RepositoryModelLoad(load(config=raw))) == (
+            Code.INVALID_ARGUMENT,
+            "invalid value type for load parameter 'config', expected string_param.",
+        )
+        assert error(lambda: stub.RepositoryModelLoad(load(file_1=string))) == (
+            Code.INVALID_ARGUMENT,
+            "invalid value type for load parameter 'file:1', expected bytes_param.",
+        )
+        unload = pb.RepositoryModelUnloadRequest(model_name="simple")
+        unload.parameters["unload_dependents"].string_param = "yes"
+        assert error(lambda: stub.RepositoryModelUnload(unload)) == (
+            Code.INVALID_ARGUMENT,
+            "invalid value type for 'unload_dependents' parameter, expected bool_param.",
+        )
+        named = "'repository_name' specification is not supported"
+        assert error(
+            lambda: stub.RepositoryIndex(pb.RepositoryIndexRequest(repository_name="other"))
+        ) == (Code.UNIMPLEMENTED, named)
+        assert error(
+            lambda: stub.RepositoryModelLoad(
+                pb.RepositoryModelLoadRequest(repository_name="other", model_name="simple")
+            )
+        ) == (Code.UNIMPLEMENTED, named)
+        assert stub.ModelReady(pb.ModelReadyRequest(name="simple")).ready  # left as it was
+    finally:
+        ch.close()
 
 
 def test_reload_with_config_override(c: grpcclient.InferenceServerClient) -> None:
