@@ -86,9 +86,9 @@ class _Routed:
     reason: str = ""
 
 
-# Only what is really implemented (ServerMetadata.extensions).
+# Only what is really implemented (ServerMetadata.extensions); the shared-memory ones are
+# added where they are on (InferenceHandler.server_metadata).
 EXTENSIONS = (
-    "system_shared_memory",
     "model_configuration",
     "statistics",
     "model_repository",
@@ -166,7 +166,13 @@ class InferenceHandler:
         return not (self.strict_readiness and self.table.failed())
 
     def server_metadata(self) -> tuple[str, str, tuple[str, ...]]:
-        return self.server_name, __version__, EXTENSIONS
+        extensions = EXTENSIONS
+        if self.shm.enabled:  # (--allow-client-shm: else every shared-memory RPC is refused)
+            extensions += ("system_shared_memory",)
+            welcome = self.link.welcome
+            if welcome is not None and welcome.device.startswith("cuda"):
+                extensions += ("cuda_shared_memory",)
+        return self.server_name, __version__, extensions
 
     def model_ready(self, name: str, version: str) -> bool:
         # Unknown and unloaded models are simply not ready (OK status), as in Triton.

@@ -329,14 +329,18 @@ def encode_config(v: ModelView) -> pb.ModelConfigResponse:
         cfg.version_policy.specific.versions.extend(policy.versions)
     else:
         cfg.version_policy.latest.num_versions = policy.num_versions
-    if spec.dynamic_batching is not None:
-        cfg.dynamic_batching.preferred_batch_size.extend(
-            spec.dynamic_batching.preferred_batch_sizes
-        )
-        cfg.dynamic_batching.max_queue_delay_microseconds = spec.dynamic_batching.max_queue_delay_us
+    batching = spec.dynamic_batching
+    if batching is not None:
+        cfg.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
+        cfg.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+        # (the bound in force, the default included: Triton's default is unbounded)
+        cfg.dynamic_batching.default_queue_policy.max_queue_size = batching.max_queue_size
     for k, val in spec.parameters.items():
         cfg.parameters[k].string_value = val
-    cfg.instance_group.add(name=v.name, count=1, kind=pb.ModelInstanceGroup.KIND_CPU)
+    # The batches that may execute at once (the config's counts, summed); a version without
+    # dynamic batching runs each request as it comes, on the worker's pool.
+    count = batching.instances if batching is not None else 1
+    cfg.instance_group.add(name=v.name, count=count, kind=pb.ModelInstanceGroup.KIND_CPU)
     return pb.ModelConfigResponse(config=cfg)
 
 

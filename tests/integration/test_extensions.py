@@ -62,6 +62,14 @@ def dense_input() -> grpcclient.InferInput:
 # ---------------------------------------------------------------------------- model control
 
 
+def test_metadata_lists_system_shared_memory_when_it_is_on(
+    c: grpcclient.InferenceServerClient,
+) -> None:
+    extensions = set(c.get_server_metadata().extensions)
+    assert "system_shared_memory" in extensions
+    assert "cuda_shared_memory" not in extensions  # (a CPU worker: no CUDA device)
+
+
 def test_startup_loads_only_the_named_models(c: grpcclient.InferenceServerClient) -> None:
     assert c.is_server_ready()
     assert c.is_model_ready("simple") and c.is_model_ready("id_fp32")

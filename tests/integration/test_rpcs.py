@@ -149,6 +149,9 @@ class TestSyncClient:
         assert md.name == "triton"
         assert md.version == VERSION
         assert set(md.extensions) >= EXTENSIONS
+        # Client shared memory is off here (--allow-client-shm): not listed, as its RPCs
+        # are refused (tests/integration/test_extensions.py has it on, and listed).
+        assert not {"system_shared_memory", "cuda_shared_memory"} & set(md.extensions)
 
     def test_model_metadata(self, client: grpcclient.InferenceServerClient) -> None:
         md = client.get_model_metadata("simple")

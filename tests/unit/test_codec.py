@@ -363,7 +363,7 @@ def test_encode_config_drops_the_batch_dim() -> None:
         name="simple",
         max_batch_size=8,
         inputs=(TensorSpec("INPUT0", "INT32", (16,)),),
-        dynamic_batching=DynamicBatching((4, 8), 100),
+        dynamic_batching=DynamicBatching((4, 8), 100, max_queue_size=50, instances=3),
         default_model_filename="net.onnx",
         parameters={"k": "v"},
     )
@@ -384,9 +384,11 @@ def test_encode_config_drops_the_batch_dim() -> None:
     assert cfg.version_policy.latest.num_versions == 1
     assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8]
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 100
+    # (the queue bound and the instance count in force: they were left out, and 1)
+    assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 50
     assert cfg.parameters["k"].string_value == "v"
     assert [(g.name, g.count, g.kind) for g in cfg.instance_group] == [
-        ("simple", 1, pb.ModelInstanceGroup.KIND_CPU)
+        ("simple", 3, pb.ModelInstanceGroup.KIND_CPU)
     ]
 
 
