@@ -186,7 +186,9 @@ class InferenceHandler:
         ve = self.table.resolve(name, version)
         entry = self.table.get(name)
         assert entry.spec is not None and ve.signature is not None
-        return ModelView(name, ve.version, tuple(entry.ready_versions()), entry.spec, ve.signature)
+        # As Triton: the version asked for, or every ready one.
+        versions = (ve.version,) if version else tuple(entry.ready_versions())
+        return ModelView(name, ve.version, versions, entry.spec, ve.signature)
 
     # ------------------------------------------------------------ inference
 
