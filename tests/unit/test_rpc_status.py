@@ -295,10 +295,10 @@ def test_stream_errors_travel_in_error_message() -> None:
 
     s = _servicer(infer=infer)
 
-    async def requests() -> AsyncIterator[pb.ModelInferRequest]:
-        yield pb.ModelInferRequest(model_name="missing", id="a")
-        yield pb.ModelInferRequest(model_name="other", id="b")
-        yield pb.ModelInferRequest(id="c")  # no model name: a decode error, stream goes on
+    async def requests() -> AsyncIterator[bytes]:  # (the stream decodes each message itself)
+        yield pb.ModelInferRequest(model_name="missing", id="a").SerializeToString()
+        yield pb.ModelInferRequest(model_name="other", id="b").SerializeToString()
+        yield pb.ModelInferRequest(id="c").SerializeToString()  # a decode error: goes on
 
     async def go() -> list[pb.ModelStreamInferResponse]:
         return [r async for r in s.ModelStreamInfer(requests(), FakeContext())]  # type: ignore[arg-type]
