@@ -178,9 +178,7 @@ class App:
             await self.handler.peers.start()
         self._start_metrics()
         await self.link.start()
-        await self.manager.load_repository()
-        for name in self.table.models:
-            self._model_loaded(name)
+        await self.manager.load_repository()  # (each model's routing table as it loads)
         if s.routing_file is not None:
             self.router.reload_file(s.routing_file)
             path = s.routing_file

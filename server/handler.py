@@ -247,7 +247,16 @@ class InferenceHandler:
         if span is not None:
             span.model, span.requested, span.route_start = req.model, req.version, time.time_ns()
         try:
-            route = self.router.route(req.model, req.version, hints)
+            try:
+                route = self.router.route(req.model, req.version, hints)
+            except NotFound:
+                if self.started:
+                    raise
+                # The repository is still being read: the model may well be in it (a lone
+                # front listens at once, answering UNAVAILABLE until its models are loaded).
+                raise NotReady(
+                    f"model '{req.model}' is not available yet: the server is starting"
+                ) from None
         except BaseException as exc:
             if span is not None:
                 span.route_end = time.time_ns()

@@ -113,12 +113,22 @@ class ModelManager:
             else:
                 entry = ModelEntry(s.name, s.spec, NOT_LOADED, requested=False)
                 self.table.models[s.name] = entry
+                self._announce(s.name)
+
+        async def load(entry: ModelEntry) -> None:
+            await self._load_pending(entry)
+            self._announce(entry.name)  # each model as soon as it is loaded (its routing table)
+
         await asyncio.gather(
-            *(self._load_pending(self.table.models[n]) for n in wanted if n in self.table.models)
+            *(load(self.table.models[n]) for n in wanted if n in self.table.models)
         )
         missing = wanted - {s.name for s in scanned}
         for name in sorted(missing):
             log.error("--load-model %s: no such model in %s", name, self.repository)
+
+    def _announce(self, name: str) -> None:
+        if self.on_model_loaded is not None:
+            self.on_model_loaded(name)
 
     def _startup_set(self, names: list[str]) -> set[str]:
         if self.mode != "explicit" or self.startup.strip() == "*":
@@ -235,8 +245,7 @@ class ModelManager:
         try:
             await self._apply(scanned, token=token)
         finally:
-            if self.on_model_loaded is not None:
-                self.on_model_loaded(name)
+            self._announce(name)
 
     async def poll_forever(self, period_s: float) -> None:
         while True:
@@ -267,8 +276,7 @@ class ModelManager:
                     await self._apply(s, work)
                 except LoadFailed as exc:
                     log.error("%s", exc.message)
-                if self.on_model_loaded is not None:
-                    self.on_model_loaded(name)
+                self._announce(name)
         for name in set(self.table.models) - set(scanned):
             async with self._lock(name):
                 entry = self.table.models[name]

@@ -114,11 +114,23 @@ class Router:
         self.counters = _Counters()
         self.file_error = ""
         self._file_bytes: bytes | None = None  # the routing file as last read
+        # Models whose config's routing table has been applied or refused at least once: until
+        # then, one whose config has a table is not routed without a pinned version (at start-up
+        # its versions become READY one by one before their table applies; the first to load
+        # took every request, whatever the table said).
+        self._config_seen: set[str] = set()
 
     # ------------------------------------------------------------------ per request
 
     def route(self, model: str, request_version: str, hints: RouteHints) -> Route:
         entry = self.models.get(model)
+        if model not in self.tables and model not in self._config_seen:
+            spec = entry.spec
+            pinned = request_version or hints.header_version
+            if not pinned and spec is not None and "routing" in spec.parameters:
+                raise VersionNotReady(
+                    f"model '{model}' is loading: its routing table applies once its versions serve"
+                )
         if (
             not request_version
             and hints.header_version is None
@@ -249,6 +261,7 @@ class Router:
         A rejected table leaves the model's previous config table serving, as any rejected
         table does: dropping it sent every request to the highest ready version, typically
         the canary, over a typo in a weight or a load that failed."""
+        self._config_seen.add(model)
         if routing_json is None:
             self._config.pop(model, None)
         else:

@@ -17,7 +17,7 @@ from server.errors import NotFound, NotReady
 from server.models import ModelEntry, ModelTable, VersionEntry
 from server.router import RouteHints, Router
 from server.routing import VersionNotReady, resolve
-from server.types import ModelState
+from server.types import ModelSpec, ModelState
 
 
 def router(versions: tuple[int, ...] = (1, 2, 3)) -> tuple[Router, Clock, list[str]]:
@@ -300,3 +300,24 @@ def test_a_rejected_routing_file_names_the_model_of_each_problem(tmp_path: Path)
         "tables keep serving"
     )
     assert r.view("m").file_error == r.view("b").file_error == r.file_error
+
+
+def test_a_model_is_not_routed_before_its_config_table_applies() -> None:
+    """At start-up a model's versions become READY one by one, and its config's routing table
+    applies once they all have: meanwhile an unpinned request went to the highest ready one,
+    whatever the table said (thousands of requests to a version the table gave none). Now
+    such a request is UNAVAILABLE ("loading") until the table has been applied or refused;
+    a pinned one is served, and so is a model whose config has no table."""
+    table_json = json.dumps({"weights": {"1": 10_000}, "labels": {"stable": 1}})
+    r, _, _ = router((1, 2))
+    r.models.models["m"].spec = ModelSpec("m", parameters={"routing": table_json})
+    with pytest.raises(VersionNotReady, match="model 'm' is loading: its routing table"):
+        r.route("m", "", RouteHints())
+    assert r.route("m", "2", RouteHints()).version == 2
+    assert r.route("m", "", RouteHints(header_version="2")).version == 2
+    r.set_config_table("m", table_json)
+    assert {r.route("m", "", RouteHints(routing_key=str(k))).version for k in range(50)} == {1}
+
+    plain, _, _ = router((1, 2))
+    plain.models.models["m"].spec = ModelSpec("m")
+    assert plain.route("m", "", RouteHints()).version == 2
