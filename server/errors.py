@@ -4,6 +4,7 @@ maps each ErrorCode to a gRPC status in one table.
     MicrotuneError (code)
     ├── NotFound          model, version or region unknown
     ├── InvalidInput      request does not match the model (message names the tensor)
+    │   └── DataRejected  the model refused the data as it ran (the canary guard counts it)
     ├── NotReady          loading, restarting, draining: retry later
     ├── Overloaded        queue or shared memory full, a response past the message limit
     ├── DeadlineExceeded  the deadline passed before the result
@@ -19,6 +20,7 @@ import enum
 
 __all__ = [
     "AlreadyExists",
+    "DataRejected",
     "DeadlineExceeded",
     "ErrorCode",
     "InvalidInput",
@@ -58,6 +60,11 @@ class NotFound(MicrotuneError):
 
 class InvalidInput(MicrotuneError):
     code = ErrorCode.INVALID_INPUT
+
+
+class DataRejected(InvalidInput):
+    """The model refused the request's data as it ran (onnxruntime's INVALID_ARGUMENT): the
+    client's to fix, but also a failure of the version that ran it (the canary guard)."""
 
 
 class NotReady(MicrotuneError):

@@ -27,6 +27,7 @@ from runtime.ipc.protocol import Code, ModelSignature, Timings
 from server import __version__
 from server.cuda_regions import CudaRegions
 from server.errors import (
+    DataRejected,
     DeadlineExceeded,
     InvalidInput,
     MicrotuneError,
@@ -314,7 +315,13 @@ class InferenceHandler:
             elapsed = time.perf_counter_ns() - start
             ve.stats.record_failure(elapsed)
             err = _domain_error(exc, ve)
-            if not isinstance(err, InvalidInput | DeadlineExceeded | asyncio.CancelledError):
+            # The guard counts what the version did: not requests refused before it ran, nor
+            # those given up on; data the model refused as it ran, yes (a canary that refuses
+            # what its stable version takes; the client data's share is the same for both).
+            judged = isinstance(err, DataRejected) or not isinstance(
+                err, InvalidInput | DeadlineExceeded | asyncio.CancelledError
+            )
+            if judged:
                 self.router.observe(req.model, ve.version, elapsed / 1e9, ok=False)
             raise err from None
         finally:
@@ -501,6 +508,8 @@ def _domain_error(exc: BaseException, ve: VersionEntry) -> BaseException:
         match exc.code:
             case Code.BAD_INPUT:
                 return InvalidInput(exc.message)
+            case Code.DATA_REJECTED:
+                return DataRejected(exc.message)
             case Code.NOT_LOADED | Code.NOT_READY:
                 return NotReady(f"model '{ve.model}' version {ve.version} is not loaded")
             case Code.OVERLOADED:

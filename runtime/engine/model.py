@@ -366,7 +366,8 @@ def call_error(call_id: int, exc: Exception) -> InferDone:
 def _run_error(call_id: int, exc: Exception) -> InferDone:
     text = str(exc).strip().splitlines()
     msg = text[0] if text else type(exc).__name__
-    # onnxruntime reports shape/type problems in the caller's data as INVALID_ARGUMENT.
+    # onnxruntime reports problems in the caller's data (an index out of range, dims that do
+    # not agree) as INVALID_ARGUMENT.
     if "INVALID_ARGUMENT" in msg or type(exc).__name__ == "InvalidArgument":
-        return InferDone(call_id, Code.BAD_INPUT, msg.replace("[ONNXRuntimeError] : 2 : ", ""))
+        return InferDone(call_id, Code.DATA_REJECTED, msg.replace("[ONNXRuntimeError] : 2 : ", ""))
     return InferDone(call_id, Code.MODEL_FAILED, msg.replace("[ONNXRuntimeError] : ", ""))

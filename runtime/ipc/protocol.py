@@ -68,6 +68,10 @@ class Code(enum.IntEnum):
     INTERNAL = 6
     MODEL_FAILED = 7  # onnxruntime rejected the data at run time (e.g. Cast of "abc" to int)
     UNSUPPORTED = 8  # the worker cannot do this at all (CUDA shared memory on a CPU worker)
+    # onnxruntime refused the request's data as it ran (INVALID_ARGUMENT: an index out of
+    # range, dims that do not agree): the client's to fix, yet a failure of this version
+    # (a broken canary may refuse data its stable version takes: the guard counts it)
+    DATA_REJECTED = 9
 
 
 class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):

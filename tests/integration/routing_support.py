@@ -163,6 +163,42 @@ def write_failing_version(model: Path, version: int) -> None:
     onnx.save(m, str(d / "model.onnx"))
 
 
+def write_rejecting_version(model: Path, version: int) -> None:
+    """dense's signature; loads and warms up (zeros) fine, then onnxruntime refuses any input
+    that is not all zeros as it runs (INVALID_ARGUMENT: a Gather index out of range, the index
+    being int(sum|x| * 1000) into a table of one value)."""
+    rng = np.random.default_rng(7)
+    w = numpy_helper.from_array(rng.uniform(-0.1, 0.1, (256, 10)).astype(np.float32), "W")
+    nodes = [
+        helper.make_node("MatMul", ["INPUT0", "W"], ["mm"]),
+        helper.make_node("Abs", ["INPUT0"], ["abs"]),
+        helper.make_node("ReduceSum", ["abs"], ["sum"], keepdims=0),
+        helper.make_node("Mul", ["sum", "k"], ["scaled"]),
+        helper.make_node("Cast", ["scaled"], ["index"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "index"], ["picked"], axis=0),
+        helper.make_node("Add", ["mm", "picked"], ["OUTPUT0"]),
+    ]
+    inits = [
+        w,
+        numpy_helper.from_array(np.array([1000.0], np.float32), "k"),
+        numpy_helper.from_array(np.array([0.0], np.float32), "table"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rejecting_dense",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 256])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
+    m = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    onnx.checker.check_model(m)
+    d = model / str(version)
+    d.mkdir(parents=True, exist_ok=True)
+    onnx.save(m, str(d / "model.onnx"))
+
+
 def write_golden(model: Path, version: int, x: np.ndarray, out: np.ndarray) -> None:
     """`<model>/<version>/golden.json` for dense: input x [1, 256] -> output out [1, 10]."""
     doc = {
