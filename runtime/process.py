@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
@@ -22,6 +23,12 @@ def _worker_main(settings_json: bytes, log_setup: Callable[[], object] | None = 
     `log_setup` (picklable: a module-level function or a functools.partial of one) configures
     the child's logging before the worker starts, so that its lines share the front's format on
     the same stderr; the worker's own fallback (text lines) then does nothing."""
+    # The worker ends when its front tells it to (WorkerProcess.stop), never on a signal meant
+    # for the server: a SIGTERM or SIGINT sent to the whole process group (systemd's default
+    # KillMode, Ctrl-C in a terminal, `kill -- -PGID`) reached it with the front's, and it died
+    # at once, failing every request the front was still draining.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if log_setup is not None:
         log_setup()
     importlib.import_module("runtime.worker").run(settings_json)
@@ -72,10 +79,9 @@ class WorkerProcess:
             self._proc.kill()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """End the worker: the front has drained, and nothing is left to answer. A kill, as
+        SIGTERM was (the worker has no handler to run; it ignores SIGTERM: `_worker_main`)."""
         if self._proc is None:
             return
-        self._proc.terminate()
+        self._proc.kill()
         self._proc.join(timeout)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(1)

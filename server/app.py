@@ -318,7 +318,8 @@ class App:
     async def _set_readiness(self) -> None:
         await self.health.set_ready(self.handler.ready())
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self) -> None:
+        grace = self.settings.shutdown_grace_s
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

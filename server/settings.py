@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     max_connection_age_grace_s: float = Field(0.0, ge=0)
     """How long calls and streams still open on a connection past its age may go on; 0 = until
     they end (a ModelStreamInfer stream is never cut; new calls go to the new connection)."""
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    """On SIGTERM: how long the requests in flight (and queued, and open streams) may take to
+    be answered before they are cancelled (Triton's --exit-timeout-secs, 30 by default). In
+    Kubernetes keep it under terminationGracePeriodSeconds less the preStop sleep (the Helm
+    chart derives it so)."""
     worker_start_timeout_s: float = Field(60.0, gt=0)
     """How long the worker may take to start listening."""
     strict_readiness: bool = True

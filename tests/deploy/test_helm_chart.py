@@ -72,6 +72,9 @@ def test_default_render(helm: str) -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "10"]
+    # The drain after the preStop sleep fits the grace period (60 - 10 - 5 s for the rest).
+    assert pod["terminationGracePeriodSeconds"] == 60
+    assert "--shutdown-grace-s=45" in c["args"]
     assert "replicas" not in out["Deployment"]["spec"]  # the HPA owns it
     hpa = out["HorizontalPodAutoscaler"]["spec"]
     assert hpa["metrics"][0]["pods"]["metric"]["name"] == "microtune_saturation_ratio"
@@ -86,6 +89,23 @@ def test_default_render(helm: str) -> None:
     # $(POD_NAME) expands only from a variable defined before it.
     names = [e["name"] for e in c["env"]]
     assert names.index("POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")
+
+
+def test_strict_readiness_off_and_drain_follow_the_values(helm: str) -> None:
+    """strictReadiness=false wrote nothing, and the server's default is true: it did nothing."""
+    sets = ("strictReadiness=false", "terminationGracePeriodSeconds=120", "preStopSleepSeconds=5")
+    args = render(helm, *sets)["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--strict-readiness=false" in args
+    assert "--shutdown-grace-s=110" in args
+    bad = subprocess.run(
+        [helm, "template", "t", str(CHART), "--set", "terminationGracePeriodSeconds=10"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode != 0
+    assert "terminationGracePeriodSeconds must exceed preStopSleepSeconds" in bad.stderr
 
 
 def test_the_adapter_rule_in_the_docs_serves_the_hpas_metric(helm: str) -> None:

@@ -211,6 +211,7 @@ class Server:
         start_timeout: float = 60.0,
         kill_after: float = 8.0,
         prefix: tuple[str, ...] = (),
+        new_session: bool = False,
     ) -> None:
         self.repository = repository
         self.log_path = log_dir / "server.log"
@@ -247,6 +248,9 @@ class Server:
                 # The shared repository serves broken models on purpose: ready once loaded.
                 "--strict-readiness",
                 "false",
+                # Within stop()'s SIGKILL: nothing a test leaves in flight needs longer.
+                "--shutdown-grace-s",
+                "5",
                 "--log-level",
                 "INFO",
                 *extra_args,
@@ -255,6 +259,7 @@ class Server:
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=new_session,  # (its own process group, to signal as a whole)
         )
         try:
             self._wait_port(start_timeout)

@@ -174,6 +174,7 @@ def in_process_app(
         metrics_port=0,
         log_level="WARNING",
         frontends=1,
+        shutdown_grace_s=1.0,
         **settings,
     )
 
@@ -186,7 +187,7 @@ def in_process_app(
     try:
         yield InProcess(app, loop, exporter)
     finally:
-        loop.run(app.stop(1.0), timeout=60)
+        loop.run(app.stop(), timeout=60)
         loop.close()
 
 
