@@ -26,7 +26,13 @@ from enum import StrEnum
 from typing import Final
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -98,6 +104,12 @@ class Metrics:
     def __init__(
         self, *, saturation_tau_s: float = 10.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
+        # No `_created` series: prometheus-client adds one per counter and histogram, and for
+        # an unlabelled counter the text format shows it as a family of its own (an undocumented
+        # `microtune_worker_send_stalls_created` on a lone front; the supervisor's pod view
+        # drops them). Prometheus does not need them. (prometheus-client's switch is global:
+        # the front owns its process, and exports nothing else.)
+        disable_created_metrics()
         self.registry = r = CollectorRegistry()
         self._models: set[str] = set()  # declared model names (label values we accept)
         self._observed: dict[tuple[object, ...], _Observed] = {}  # see _entry

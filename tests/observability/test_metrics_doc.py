@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 from obs_support import OBSERVABILITY_DOC, ROOT, doc_promql
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.telemetry.gpu import GpuSample, GpuSampler
 from server.telemetry.metrics import Metrics
@@ -50,6 +51,11 @@ def test_every_registry_family_is_documented() -> None:
     documented = _documented_metrics()
     assert live - documented == set(), "families missing from docs/observability.md"
     assert documented - live == set(), "docs/observability.md lists families that do not exist"
+    # What /metrics shows: no `_created` family beside them (an unlabelled counter's appeared
+    # as an undocumented family of its own).
+    shown = {f.name for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    assert "microtune_worker_send_stalls" in shown
+    assert [n for n in shown if n.endswith("_created")] == []
 
 
 def test_every_span_and_attribute_is_documented() -> None:
