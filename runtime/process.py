@@ -13,7 +13,15 @@ from multiprocessing.process import BaseProcess
 
 from runtime.settings import WorkerSettings
 
-__all__ = ["WorkerProcess"]
+__all__ = ["WORKER_CANNOT_START", "WorkerProcess", "WorkerStartFailed"]
+
+# The exit code of a worker that cannot start as configured (a CUDA device asked of an
+# onnxruntime without the CUDA EP): sysexits' EX_CONFIG, as the server's own.
+WORKER_CANNOT_START = 78
+
+
+class WorkerStartFailed(RuntimeError):
+    """The worker exited during its start-up, or did not listen in time."""
 
 
 def _worker_main(settings_json: bytes, log_setup: Callable[[], object] | None = None) -> None:
@@ -62,9 +70,15 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.settings.socket_path):
             if not self.is_alive():
-                raise RuntimeError(f"worker exited with code {self.exitcode} during start-up")
+                raise WorkerStartFailed(
+                    f"the runtime worker exited with code {self.exitcode} during start-up"
+                    + (" (see its error above)" if self.exitcode == WORKER_CANNOT_START else "")
+                )
             if time.monotonic() > deadline:
-                raise TimeoutError("worker did not start listening in time")
+                raise WorkerStartFailed(
+                    f"the runtime worker did not listen within {timeout} s "
+                    "(--worker-start-timeout-s)"
+                )
             time.sleep(0.01)
 
     def is_alive(self) -> bool:

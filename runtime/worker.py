@@ -63,6 +63,7 @@ from runtime.ipc.protocol import (
 from runtime.ipc.shm import pid_alive
 from runtime.native_stderr import route_native_stderr
 from runtime.plain_batching import drain_channels, run_alone, start_batcher
+from runtime.process import WORKER_CANNOT_START
 from runtime.settings import WorkerSettings
 from runtime.worker_connection import Connection, Queued
 
@@ -491,6 +492,11 @@ def run(settings_json: bytes) -> None:
     # stay JSON lines).
     native = route_native_stderr()
     try:
-        Worker(settings).serve_forever()
+        try:
+            worker = Worker(settings)
+        except SessionError as exc:  # the device asked for: one line, no traceback
+            logging.getLogger("microtune.worker").error("cannot start: %s", exc)
+            raise SystemExit(WORKER_CANNOT_START) from None
+        worker.serve_forever()
     finally:
         native.close()

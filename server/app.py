@@ -25,6 +25,7 @@ from server._proto.microtune import admin_pb2 as apb
 from server._proto.microtune import admin_pb2_grpc as apb_grpc
 from server.admin_sync import AdminSync
 from server.control_sync import ControlSync
+from server.errors import CannotStart
 from server.handler import InferenceHandler
 from server.lifecycle import ModelManager
 from server.models import ModelEntry, ModelTable
@@ -46,11 +47,6 @@ from server.worker_link import WorkerLink
 __all__ = ["App", "serve"]
 
 log = logging.getLogger("microtune")
-
-
-class CannotStart(Exception):
-    """A setting this machine cannot honour (a port in use): the process exits with
-    EXIT_CONFIG and this one line, not a traceback."""
 
 
 class App:

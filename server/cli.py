@@ -91,7 +91,8 @@ def serve_front(settings: Settings) -> int:
     honour (a /dev/shm too small for the arena, a metrics port in use) ends it with
     EXIT_CONFIG and one log line."""
     from runtime.ipc.shm import ArenaNoSpace
-    from server.app import CannotStart, serve
+    from server.app import serve
+    from server.errors import CannotStart
 
     try:
         return run_loop(serve(settings))

@@ -20,6 +20,7 @@ import enum
 
 __all__ = [
     "AlreadyExists",
+    "CannotStart",
     "DataRejected",
     "DeadlineExceeded",
     "ErrorCode",
@@ -93,3 +94,9 @@ class ModelFailed(MicrotuneError):
 
 class LoadFailed(MicrotuneError):
     code = ErrorCode.LOAD_FAILED
+
+
+class CannotStart(Exception):
+    """Not a request's error: a setting this machine cannot honour (a port in use, a device it
+    does not have), found at start-up. The process exits with EXIT_CONFIG and this one line,
+    not a traceback."""

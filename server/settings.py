@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     grpc_port: int = Field(8001, ge=0, le=65535)
     """gRPC port; 0 picks a free one (written to --port-file)."""
     port_file: Path | None = None
-    """If set, the bound gRPC port is written here once the server is serving."""
+    """If set, the bound gRPC port is written here once the server listens (a lone front
+    listens at once, while its models load; under the supervisor, once they are loaded)."""
     model_control_mode: Literal["none", "explicit", "poll"] = "none"
     """Triton's model control: "none" loads every model at start-up and refuses load/unload
     requests; "explicit" loads --load-model at start-up and obeys RepositoryModelLoad/Unload;
@@ -52,8 +53,9 @@ class Settings(BaseSettings):
     """Logs: JSON lines (default when stderr is not a terminal, as in a container) or text."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the front and the worker."""
-    device: str = "auto"
-    """"auto", "cpu" or "cuda:N": where the worker runs models."""
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,3})?)$")
+    """"auto", "cpu" or "cuda:N" ("cuda" = "cuda:0"): where the worker runs models. Anything
+    else is refused (a "gpu" served on the CPU)."""
     worker_threads: int = Field(2, ge=1, le=64)
     """Threads in the worker that run inference calls concurrently."""
     intra_op_threads: int = Field(1, ge=0, le=256)
@@ -119,4 +121,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.shm_slot_bytes % 4096:
             raise ValueError("shm_slot_bytes must be a multiple of 4096")
+        if self.port_file is not None and (
+            self.port_file.is_dir() or not self.port_file.parent.is_dir()
+        ):
+            raise ValueError(f"port_file {str(self.port_file)!r} is not a file in a directory")
         return self

@@ -25,7 +25,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from runtime.ipc.shm import ArenaNoSpace, remove_stale_arenas, require_space
-from runtime.process import WorkerProcess
+from runtime.process import WorkerProcess, WorkerStartFailed
 from server.cli import EXIT_CONFIG
 from server.restarts import EXIT_GAVE_UP, RestartHistory, RestartPolicy, after_death
 from server.rundir import make_rundir, remove_leftovers, remove_rundir
@@ -222,7 +222,11 @@ def run_supervisor(settings: Settings) -> int:
             log.error("cannot serve metrics on port %s: %s", settings.metrics_port, exc)
             return EXIT_CONFIG
         worker.start()
-        worker.wait_listening(settings.worker_start_timeout_s)
+        try:
+            worker.wait_listening(settings.worker_start_timeout_s)
+        except WorkerStartFailed as exc:  # as configured, it would fail again: one line
+            log.error("cannot start: %s", exc)
+            return EXIT_CONFIG
         fronts.extend(front(i) for i in range(n))
         log.info(
             "supervisor %d: %d front(s) on port %d, worker %s", os.getpid(), n, port, worker.pid

@@ -21,8 +21,9 @@ from pathlib import Path
 from runtime.client import RuntimeClient, WorkerGone
 from runtime.ipc.protocol import Timings, Welcome, WorkerStatus
 from runtime.ipc.shm import Arena, ArenaNoSpace, SlotPool, arena_name
-from runtime.process import WorkerProcess
+from runtime.process import WorkerProcess, WorkerStartFailed
 from runtime.settings import WorkerSettings
+from server.errors import CannotStart
 from server.restarts import Decision, RestartHistory, RestartPolicy, after_death
 from server.rundir import make_rundir, remove_leftovers, remove_rundir
 from server.settings import Settings
@@ -120,10 +121,18 @@ class WorkerLink:
             return None
 
     async def start(self) -> None:
-        if self.owner:
-            remove_leftovers()
-            await self._spawn()
-        await self._connect(self.settings.worker_start_timeout_s)
+        """Start (or, under the supervisor, reach) the worker. A lone front whose worker
+        cannot start raises CannotStart: as configured, it would fail the same way again (a
+        front under the supervisor leaves the retries to it)."""
+        try:
+            if self.owner:
+                remove_leftovers()
+                await self._spawn()
+            await self._connect(self.settings.worker_start_timeout_s)
+        except (WorkerStartFailed, WorkerGone, OSError, TimeoutError) as exc:
+            if not self.owner:
+                raise
+            raise CannotStart(str(exc) or type(exc).__name__) from None
 
     async def _spawn(self) -> None:
         assert self.process is not None

@@ -98,3 +98,18 @@ def test_a_second_supervisor_on_the_port_stops_instead_of_sharing_it(
         first.wait_health("readiness", SERVING, 10)
     finally:
         first.stop()
+
+
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_a_worker_that_cannot_start_stops_the_server_with_one_line(
+    model_repository: Path, tmp_path: Path, frontends: str
+) -> None:
+    """(A worker that exited or was late at start-up ended a lone front with a traceback and
+    exit code 1, and left its run directory behind.)"""
+    args = ("--worker-start-timeout-s", "0.01", "--frontends", frontends)
+    with pytest.raises(ServerExited) as info:
+        Server(model_repository, tmp_path, extra_args=args)
+    text = str(info.value)
+    assert f"server exited with code {EXIT_CONFIG}" in text, text[-3000:]
+    assert "cannot start: the runtime worker did not listen within 0.01 s" in text
+    assert "Traceback" not in text

@@ -100,6 +100,13 @@ def test_frozen() -> None:
         ({"worker_threads": 0}, "greater than or equal to 1"),
         ({"log_level": "TRACE"}, "log_level"),
         ({"no_such_setting": 1}, "Extra inputs are not permitted"),
+        # (a "gpu" or "tpu" served on the CPU, saying "connected on gpu")
+        ({"device": "gpu"}, "String should match pattern"),
+        ({"device": "cuda:x"}, "String should match pattern"),
+        # (ended in a traceback once the server listened; "" is ".", a directory)
+        ({"port_file": ""}, "port_file '.' is not a file in a directory"),
+        ({"port_file": "/no/such/dir/port"}, "port_file '/no/such/dir/port' is not a file in"),
+        ({"shutdown_grace_s": -1}, "greater than or equal to 0"),
     ],
 )
 def test_validation_errors(kwargs: dict[str, object], message: str) -> None:
@@ -191,3 +198,8 @@ def test_a_front_finds_its_model_repository_gone(tmp_path: Path) -> None:
 
     settings = Settings(model_repository=tmp_path / "gone", grpc_port=0, metrics_port=-1)
     assert serve_front(settings) == 78
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_devices_accepted(device: str) -> None:
+    assert Settings(device=device).device == device
