@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
@@ -20,6 +20,7 @@ import onnxruntime as ort
 from runtime.engine.bound import run_bound
 from runtime.engine.buckets import default_buckets
 from runtime.engine.golden import GoldenMismatch, check_golden, load_golden
+from runtime.engine.inline_gate import InlineGate, has_control_flow
 from runtime.engine.regions import RegionError, RegionTable
 from runtime.engine.session import device_index, make_session, signature_of
 from runtime.engine.signature import reconcile
@@ -54,14 +55,16 @@ class LoadedModel:
     output_names: tuple[str, ...]
     input_types: dict[str, str]
     spec: LoadModel | None = None  # what it was loaded from (LoadModel.identity)
-    avg_ns: float = 1e9  # moving average of execute() time; unknown (slow) until measured
+    # Which calls may run on a front's reader thread; without a graph to read: none.
+    inline: InlineGate = field(default_factory=lambda: InlineGate(control_flow=True))
     device_memory: int | None = None  # bytes its load took on the device (None: CPU, unknown)
     device_id: int = 0  # the CUDA device its session runs on (0 on the CPU)
 
     @classmethod
     def load(cls, spec: LoadModel, device: str, path: str | None = None) -> LoadedModel:
         """`path`: the file to load instead of spec.path (runtime.engine.reshape.model_file)."""
-        session = make_session(path or spec.path, device, spec.intra_op_threads)
+        file = path or spec.path
+        session = make_session(file, device, spec.intra_op_threads)
         sig = reconcile(signature_of(session), spec.declared, spec.max_batch_size)
         model = cls(
             spec.name,
@@ -71,6 +74,7 @@ class LoadedModel:
             tuple(t.name for t in sig.outputs),
             {t.name: t.datatype for t in sig.inputs},
             spec.identity(),
+            InlineGate(control_flow=has_control_flow(file)),
             device_id=device_index(device),
         )
         model.warm_up()
@@ -131,9 +135,7 @@ class LoadedModel:
         t2 = time.monotonic_ns()
         outputs = _write_outputs(names, results, self.signature, buf, call)
         t3 = time.monotonic_ns()
-        # EWMA over ~16 calls: decides whether calls may run on the worker's reader thread.
-        elapsed = t3 - t0
-        self.avg_ns = elapsed if self.avg_ns >= 1e9 else self.avg_ns + (elapsed - self.avg_ns) / 16
+        self.inline.measured(t3 - t0, call)
         timings = Timings(t0 - received_ns, t1 - t0, t2 - t1, t3 - t2, call.rows)
         return InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings)
 
