@@ -1,10 +1,11 @@
 """One front process's connection to the worker: its arena, its socket, its reader thread.
 
-The reader decodes every complete frame of a `recv` and acts on it: a fast call runs right
-there (its answer leaves with the read's other answers in one write), a batched call goes to
-its model's batcher, a slow one to the worker's pool; loads get a thread of their own, and
-unloads and client CUDA region (un)registrations run in order on the connection's control
-thread, because they take the device lock, which a load or a capture holds for seconds.
+The reader decodes every complete frame of a `recv` and acts on it: a call known to be short
+(runtime.engine.inline_gate) runs right there (its answer leaves with the read's other answers
+in one write), a batched call goes to its model's batcher, any other to the worker's pool;
+loads get a thread of their own, and unloads and client CUDA region (un)registrations run in
+order on the connection's control thread, because they take the device lock, which a load or a
+capture holds for seconds.
 When the front goes, its regions, its arena's pinning and the arena itself are released here.
 """
 
@@ -53,12 +54,9 @@ from runtime.ipc.shm import Arena
 if TYPE_CHECKING:
     from runtime.worker import Worker
 
-__all__ = ["INLINE_BELOW_NS", "Connection", "Queued"]
+__all__ = ["Connection", "Queued"]
 
 log = logging.getLogger("microtune.worker")
-
-# Calls of models whose average execution is shorter than this run on the reader thread.
-INLINE_BELOW_NS = 200_000
 
 # What a queued call carries to the batch thread: where it came from and is answered (its
 # Connection, or its direct channel: anything with arena_buf() and send_quiet()), the call,
@@ -303,20 +301,26 @@ class Connection:
             batcher = None  # bound in place (runtime.engine.bound): runs alone, never inline
         if batcher is None:
             model = self.worker.models.get((call.name, call.version))
-            inline = model is not None and model.avg_ns < INLINE_BELOW_NS and not call.bound
+            gate = None if model is None or call.bound else model.inline
             del model  # never the last reference to a replaced version here (see _infer)
             lock = self.worker.gpu_lock
-            # A fast model runs right here: a hop to the pool (thread wake-up, GIL handoff)
-            # would cost more than the model itself. But on a GPU, a load or a graph capture
-            # may hold the device for seconds: the reader never waits for it, or every call of
-            # this front (other models' included) would stop behind this one. A pool thread
-            # waits instead.
-            if inline and (lock is None or lock.acquire(blocking=False)):
+            # A call known to be short (runtime.engine.inline_gate) runs right here: a hop to
+            # the pool (thread wake-up, GIL handoff) would cost more than the model itself.
+            # But on a GPU, a load or a graph capture may hold the device for seconds: the
+            # reader never waits for it, or every call of this front (other models' included)
+            # would stop behind this one. A pool thread waits instead.
+            if (
+                gate is not None
+                and gate.admits(call)
+                and (lock is None or lock.acquire(blocking=False))
+            ):
+                cpu = time.thread_time_ns()
                 try:
                     self._infer(call, received_ns)
                 finally:
                     if lock is not None:
                         lock.release()
+                    gate.ran_inline(time.thread_time_ns() - cpu, call)
             else:
                 self.run_alone(call, received_ns)
             return

@@ -65,6 +65,12 @@ def spec_from_pb(msg: pb.ModelConfig, dir_name: str) -> ModelSpec:
     batching = None
     if msg.HasField("dynamic_batching"):
         db = msg.dynamic_batching
+        for size in db.preferred_batch_size:  # as Triton, rather than ignore one silently
+            if not 1 <= size <= msg.max_batch_size:
+                raise ConfigError(
+                    f"model '{dir_name}': dynamic_batching preferred_batch_size {size} is not "
+                    f"between 1 and max_batch_size {msg.max_batch_size}"
+                )
         queue = db.default_queue_policy.max_queue_size or 1024
         batching = DynamicBatching(
             tuple(db.preferred_batch_size),

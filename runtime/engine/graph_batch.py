@@ -26,6 +26,7 @@ __all__ = [
     "BatchTimings",
     "BucketBuffers",
     "HostBuffer",
+    "UnsplitOutput",
     "check_feeds",
     "numpy_alloc",
     "per_request",
@@ -39,6 +40,17 @@ Array = npt.NDArray[Any]
 
 class BadBatch(ValueError):
     """The requests of a batch do not match the model's inputs (names, dtypes, row shapes)."""
+
+
+class UnsplitOutput(BadBatch):
+    """An output of a batch does not have the batch's rows: it cannot be cut per request."""
+
+    def __init__(self, output: str, shape: tuple[int, ...], rows: int) -> None:
+        super().__init__(
+            f"output '{output}' of a batch of {rows} rows has shape {list(shape)}: its first "
+            "dimension is not the batch dimension"
+        )
+        self.output = output
 
 
 class HostBuffer(Protocol):
@@ -157,8 +169,20 @@ def _matches(dims: tuple[int, ...], wanted: tuple[int, ...]) -> bool:
     return len(dims) == len(wanted) and all(w in (-1, d) for d, w in zip(dims, wanted, strict=True))
 
 
-def per_request(results: list[Array], sizes: list[int]) -> list[list[Array]]:
-    """[output][bucket rows] -> [request][output], padding dropped (views into `results`)."""
+def per_request(
+    results: list[Array], sizes: list[int], rows: int, names: Sequence[str]
+) -> list[list[Array]]:
+    """[output][rows] -> [request][output], padding dropped (views into `results`). `rows`:
+    what the outputs were computed for (a replay's bucket, an eager run's real rows); `names`:
+    the outputs'. UnsplitOutput when an output's first dimension is not `rows`: it is not the
+    batch dimension (a NonZero's count, a reduction over the batch), and cut by rows one
+    request would get another's results. A lone unpadded request needs no cut: its outputs
+    are all its own, whatever their shape."""
+    if len(sizes) == 1 and sizes[0] == rows:
+        return [list(results)]
+    for name, r in zip(names, results, strict=True):
+        if r.ndim < 1 or r.shape[0] != rows:
+            raise UnsplitOutput(name, tuple(r.shape), rows)
     if len(sizes) == 1:  # one request (every batch at concurrency 1): no transposition
         return [[split_outputs(r, sizes)[0] for r in results]]
     pieces = [split_outputs(r, sizes) for r in results]

@@ -23,7 +23,7 @@ from runtime.engine.batcher import Batcher, BatcherClosed, Idle, Pending, QueueF
 from runtime.engine.bound import hold_outputs, place_outputs, region_input, run_bound
 from runtime.engine.device_rows import DeviceRows
 from runtime.engine.golden import check_golden, load_golden
-from runtime.engine.graph_batch import BadBatch, BatchResult
+from runtime.engine.graph_batch import BadBatch, BatchResult, UnsplitOutput
 from runtime.engine.graphs import DIRECT_MIN_BYTES, GraphSet
 from runtime.engine.model import (
     ARENA,
@@ -67,6 +67,8 @@ class GraphModel:
         self.device_memory: int | None = None  # bytes its load took on the device (None: unknown)
         self._thread: threading.Thread | None = None
         self.idle: Idle | None = None
+        # False once a batch's output did not have the batch's rows: calls run one at a time.
+        self.splits_batches = True
 
     @classmethod
     def start(
@@ -240,6 +242,10 @@ class GraphModel:
     ) -> None:
         graphs = self.graphs
         assert graphs is not None
+        if not self.splits_batches and len(live) > 1:
+            for p, f in zip(live, feeds, strict=True):
+                self._run_one(p, f, holds.get(id(p)))
+            return
         places = self._arena_places(live) if graphs.streamed and not holds else None
         try:
             # Arena inputs are page-locked when the worker pinned the arena.
@@ -255,6 +261,8 @@ class GraphModel:
                 return
             # Requests whose shapes cannot share a batch (BadBatch), or a batch that failed
             # (one call's data can fail it): each runs alone, and fails only by itself.
+            if isinstance(exc, UnsplitOutput):
+                self._stop_batching(exc)
             for p, f in zip(live, feeds, strict=True):
                 self._run_one(p, f, holds.get(id(p)))
             return
@@ -284,6 +292,22 @@ class GraphModel:
                 links=links if k == 0 else (),
             )
             answer(InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings))
+
+    def _stop_batching(self, exc: UnsplitOutput) -> None:
+        """A batch's output could not be cut per request (runtime.engine.graph_batch.
+        per_request): each call gets all of its own output, run alone, as without batching;
+        the version batches no more, or a later batch whose output happened to have as many
+        rows would be cut all the same."""
+        if self.splits_batches:
+            self.splits_batches = False
+            log.warning(
+                "model '%s' version %d: %s, and a batch's outputs cannot be split between its "
+                "requests. Its calls run one at a time from now on; its config should not ask "
+                "for dynamic_batching.",
+                self.name,
+                self.version,
+                exc,
+            )
 
     def _outputs(
         self,

@@ -203,7 +203,7 @@ class Replayer:
             results = [self.host_output(buf, o, wanted) for o in self._outputs]
         t4 = time.perf_counter_ns()
         return BatchResult(
-            per_request(results, sizes),
+            per_request(results, sizes, buf.bucket, self.output_names),
             sum(sizes),
             buf.bucket,
             True,
@@ -304,7 +304,7 @@ class Replayer:
                     stream.synchronize()
                 raise
         t4 = time.perf_counter_ns()
-        outputs = per_request(results, sizes)
+        outputs = per_request(results, sizes, buf.bucket, self.output_names)
         for k, dests in placed.items():
             for i, dest in enumerate(dests):
                 outputs[i][k] = dest

@@ -479,7 +479,7 @@ class GraphSet:
             results = self.session.run(list(self.output_names), joined, self._eager_options)
         t2 = time.perf_counter_ns()
         return BatchResult(
-            per_request([np.asarray(r) for r in results], sizes),
+            per_request([np.asarray(r) for r in results], sizes, sum(sizes), self.output_names),
             sum(sizes),
             bucket,
             False,

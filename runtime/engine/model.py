@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
@@ -20,6 +20,7 @@ import onnxruntime as ort
 from runtime.engine.bound import run_bound
 from runtime.engine.buckets import default_buckets
 from runtime.engine.golden import GoldenMismatch, check_golden, load_golden
+from runtime.engine.inline_gate import InlineGate, has_control_flow
 from runtime.engine.regions import RegionError, RegionTable
 from runtime.engine.session import device_index, make_session, signature_of
 from runtime.engine.signature import reconcile
@@ -54,14 +55,19 @@ class LoadedModel:
     output_names: tuple[str, ...]
     input_types: dict[str, str]
     spec: LoadModel | None = None  # what it was loaded from (LoadModel.identity)
-    avg_ns: float = 1e9  # moving average of execute() time; unknown (slow) until measured
+    # Which calls may run on a front's reader thread; without a graph to read: none.
+    inline: InlineGate = field(default_factory=lambda: InlineGate(control_flow=True))
     device_memory: int | None = None  # bytes its load took on the device (None: CPU, unknown)
     device_id: int = 0  # the CUDA device its session runs on (0 on the CPU)
+    # False once a batch's output did not have the batch's rows (execute_batch): from then on
+    # its calls run one at a time.
+    splits_batches: bool = True
 
     @classmethod
     def load(cls, spec: LoadModel, device: str, path: str | None = None) -> LoadedModel:
         """`path`: the file to load instead of spec.path (runtime.engine.reshape.model_file)."""
-        session = make_session(path or spec.path, device, spec.intra_op_threads)
+        file = path or spec.path
+        session = make_session(file, device, spec.intra_op_threads)
         sig = reconcile(signature_of(session), spec.declared, spec.max_batch_size)
         model = cls(
             spec.name,
@@ -71,6 +77,7 @@ class LoadedModel:
             tuple(t.name for t in sig.outputs),
             {t.name: t.datatype for t in sig.inputs},
             spec.identity(),
+            InlineGate(control_flow=has_control_flow(file)),
             device_id=device_index(device),
         )
         model.warm_up()
@@ -106,6 +113,22 @@ class LoadedModel:
             ) from None
         check_golden(expected, names, results)
 
+    def stop_batching(self, output: str, shape: Sequence[int], rows: int) -> None:
+        """A batch of `rows` rows gave `output` this shape: run calls one at a time now."""
+        if self.splits_batches:
+            self.splits_batches = False
+            log.warning(
+                "model '%s' version %d: output '%s' of a batch of %d rows has shape %s: its "
+                "first dimension is not the batch dimension, and a batch's outputs cannot be "
+                "split between its requests. Its calls run one at a time from now on; its "
+                "config should not ask for dynamic_batching.",
+                self.name,
+                self.version,
+                output,
+                rows,
+                list(shape),
+            )
+
     def execute(
         self,
         call: Infer,
@@ -131,9 +154,7 @@ class LoadedModel:
         t2 = time.monotonic_ns()
         outputs = _write_outputs(names, results, self.signature, buf, call)
         t3 = time.monotonic_ns()
-        # EWMA over ~16 calls: decides whether calls may run on the worker's reader thread.
-        elapsed = t3 - t0
-        self.avg_ns = elapsed if self.avg_ns >= 1e9 else self.avg_ns + (elapsed - self.avg_ns) / 16
+        self.inline.measured(t3 - t0, call)
         timings = Timings(t0 - received_ns, t1 - t0, t2 - t1, t3 - t2, call.rows)
         return InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings)
 
@@ -168,8 +189,9 @@ def execute_batch(
 ) -> list[InferDone]:
     """Run several calls as one execution: their rows are concatenated along the batch
     dimension, the session runs once, and each call gets its rows back. Calls whose non-batch
-    shapes or requested outputs differ cannot share an execution and run in separate groups.
-    Answers are in the order of `calls`."""
+    shapes or requested outputs differ cannot share an execution and run in separate groups;
+    a version whose batch outputs could not be split by rows (`splits_batches`) runs each
+    call alone. Answers are in the order of `calls`."""
     t0 = time.monotonic_ns()
     answers: list[InferDone | None] = [None] * len(calls)
     groups: dict[tuple[object, ...], list[int]] = {}
@@ -178,8 +200,12 @@ def execute_batch(
             answers[i] = InferDone(call.call_id, Code.DEADLINE, "deadline expired in the queue")
             continue
         key = (
-            tuple((r.name, r.datatype, r.shape[1:]) for r in call.inputs),
-            tuple(o.name for o in call.outputs),
+            (
+                tuple((r.name, r.datatype, r.shape[1:]) for r in call.inputs),
+                tuple(o.name for o in call.outputs),
+            )
+            if model.splits_batches
+            else (i,)
         )
         groups.setdefault(key, []).append(i)
     for members in groups.values():
@@ -227,18 +253,30 @@ def _run_group(
                 )
             return [o for o in out if o is not None]
         t2 = time.monotonic_ns()
+        total = sum(rows)
+        unsplit = next((k for k, r in enumerate(results) if _rows(r) != total), None)
+        if unsplit is not None and len(ok) > 1:
+            # Not the batch dimension (a NonZero's count, a reduction over the batch): cut
+            # by rows, one call would get another's results. Each runs alone and gets all
+            # of its output, as without batching; the version batches no more, or a later
+            # batch whose output happened to have as many rows would be cut all the same.
+            model.stop_batching(names[unsplit], results[unsplit].shape, total)
+            for i in ok:
+                call, buf, recv = calls[i]
+                out[i] = model.execute(call, buf, recv)
+            return [o for o in out if o is not None]
         start = 0
         dones: list[tuple[int, tuple[OutputData, ...]]] = []
         for i, n in zip(ok, rows, strict=True):
             call, buf, _recv = calls[i]
-            part = [r[start : start + n] for r in results]
+            # One call: its outputs are all its own, whatever their first dimension.
+            part = results if len(ok) == 1 else [r[start : start + n] for r in results]
             start += n
             try:
                 dones.append((i, _write_outputs(names, part, model.signature, buf, call)))
             except Exception as exc:  # this call's only (outputs over its reserve, say)
                 out[i] = call_error(call.call_id, exc)
         t3 = time.monotonic_ns()
-        total = sum(rows)
         links = tuple(calls[i][0].span for i in ok if calls[i][0].span)
         for k, (i, outputs) in enumerate(dones):
             call, _buf, recv = calls[i]
@@ -253,6 +291,12 @@ def _run_group(
             )
             out[i] = InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings)
     return [o for o in out if o is not None]
+
+
+def _rows(result: Any) -> int:
+    """The first dimension of an output (-1 for a scalar: no rows to split)."""
+    shape = result.shape
+    return int(shape[0]) if shape else -1
 
 
 def _input_array(ref: Any, buf: memoryview) -> np.ndarray[Any, Any]:

@@ -1,9 +1,9 @@
 """Pure checks of a model config against its ONNX graph (no onnxruntime import).
 
 The config may omit inputs/outputs (then the graph's are taken) or declare them; a declaration
-that contradicts the graph (unknown name, other dtype, incompatible dims, missing batch dim) is
-an error with a message naming the tensor. Shapes returned are full shapes: with
-max_batch_size > 0 they start with the batch dimension (-1).
+that contradicts the graph (unknown name, other dtype, incompatible dims, missing batch dim) or
+names a tensor twice is an error with a message naming the tensor. Shapes returned are full
+shapes: with max_batch_size > 0 they start with the batch dimension (-1).
 """
 
 from __future__ import annotations
@@ -42,7 +42,13 @@ def _side(
                 _check_batch_dim(kind, t, max_batch_size)
         return graph
     out: list[TensorInfo] = []
+    seen: set[str] = set()
     for d in declared:
+        # Served as declared: a name twice would be advertised twice by ModelMetadata, and a
+        # request that follows it is refused ("appears more than once"). Triton refuses it.
+        if d.name in seen:
+            raise SignatureMismatch(f"config {kind} '{d.name}' is declared more than once")
+        seen.add(d.name)
         g = by_name.get(d.name)
         if g is None:
             names = ", ".join(sorted(by_name))

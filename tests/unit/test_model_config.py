@@ -171,6 +171,22 @@ def test_every_config_type_maps_to_its_wire_type(tmp_path: Path, wire: str) -> N
             "model 'm': input 'x': reshape [5] of dims [2, 3] needs fixed dims (no -1) "
             "holding as many elements",
         ),
+        (
+            "max_batch_size: 8 dynamic_batching { preferred_batch_size: [ 4, 16 ] }",
+            "model 'm': dynamic_batching preferred_batch_size 16 is not between 1 and "
+            "max_batch_size 8",
+        ),
+        (
+            "max_batch_size: 8 dynamic_batching { preferred_batch_size: [ -2 ] }",
+            "model 'm': dynamic_batching preferred_batch_size -2 is not between 1 and "
+            "max_batch_size 8",
+        ),
+        (
+            "dynamic_batching { preferred_batch_size: [ 1 ] }",
+            "model 'm': dynamic_batching preferred_batch_size 1 is not between 1 and "
+            "max_batch_size 0",
+        ),
+        ("max_batch_size: 8 dynamic_batching { preferred_batch_size: [ 1, 8 ] }", None),
     ],
     ids=[
         "bad-value",
@@ -190,6 +206,10 @@ def test_every_config_type_maps_to_its_wire_type(tmp_path: Path, wire: str) -> N
         "type-number",
         "reshape-variable",
         "reshape-count",
+        "preferred-over-max",
+        "preferred-negative",
+        "preferred-without-batching",
+        "preferred-ok",
     ],
 )
 def test_pbtxt_errors(tmp_path: Path, pbtxt: str, message: str | None) -> None:

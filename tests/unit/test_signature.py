@@ -180,6 +180,25 @@ def test_inputs_declared_outputs_omitted_takes_graph_outputs() -> None:
             8,
             "ONNX graph input(s) INPUT0 missing from the config",
         ),
+        (
+            sig(
+                [
+                    T("INPUT0", "INT32", (16,)),
+                    T("INPUT0", "INT32", (16,)),
+                    T("INPUT1", "INT32", (16,)),
+                ]
+            ),
+            8,
+            "config input 'INPUT0' is declared more than once",
+        ),
+        (
+            sig(
+                [T("INPUT0", "INT32", (16,)), T("INPUT1", "INT32", (16,))],
+                [T("OUTPUT1", "INT32", (16,)), T("OUTPUT1", "INT32", (16,))],
+            ),
+            8,
+            "config output 'OUTPUT1' is declared more than once",
+        ),
     ],
     ids=[
         "unknown-input",
@@ -191,6 +210,8 @@ def test_inputs_declared_outputs_omitted_takes_graph_outputs() -> None:
         "no-batching-rank",
         "output-dim",
         "missing-input",
+        "input-twice",
+        "output-twice",
     ],
 )
 def test_mismatches_name_the_tensor(declared: ModelSignature, mbs: int, message: str) -> None:
