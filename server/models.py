@@ -139,8 +139,9 @@ class ModelTable:
                 if ready_only and ve.state is not ModelState.READY:
                     continue
                 # (a model-level reason, say a config that stopped parsing in poll mode, is
-                # said on versions that go on serving the config they were loaded with)
-                reason = ve.reason or entry.reason
+                # said on versions that go on serving the config they were loaded with, and
+                # first: the version's own reason, an earlier failed reload say, hid it)
+                reason = "; ".join(dict.fromkeys(r for r in (entry.reason, ve.reason) if r))
                 out.append(ModelIndexEntry(name, str(v), ve.state.value, reason))
         return out
 

@@ -165,6 +165,23 @@ def test_index() -> None:
     assert not t.loading()
 
 
+def test_index_says_a_model_reason_beside_the_versions_own() -> None:
+    """A config that stopped parsing (poll mode) was hidden on a version that already had a
+    reason of its own (an earlier failed reload): both are said now, the model's first."""
+    t = table(m={1: (READY, "reload failed, serving the instance loaded before: x")})
+    t.models["m"].reason = "config.pbtxt does not parse"
+    assert t.index(ready_only=False) == [
+        ModelIndexEntry(
+            "m",
+            "1",
+            "READY",
+            "config.pbtxt does not parse; reload failed, serving the instance loaded before: x",
+        )
+    ]
+    t.models["m"].versions[1].reason = "config.pbtxt does not parse"
+    assert t.index(ready_only=False)[0].reason == "config.pbtxt does not parse"  # (said once)
+
+
 def test_index_of_an_empty_table() -> None:
     assert table().index(ready_only=False) == []
     assert not table().loading()
