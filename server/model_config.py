@@ -31,13 +31,15 @@ def read_model_config(model_dir: Path) -> ModelSpec:
         if pbtxt.exists():
             text_format.Parse(pbtxt.read_text(), msg)
         elif js.exists():
-            json_format.Parse(js.read_text(), msg)
-    except (text_format.ParseError, json_format.ParseError, UnicodeDecodeError, OSError) as exc:
+            return parse_config_json(js.read_text(), model_dir.name)
+    except (text_format.ParseError, UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"config of model '{model_dir.name}' does not parse: {exc}") from exc
     return spec_from_pb(msg, model_dir.name)
 
 
 def parse_config_json(text: str, name: str) -> ModelSpec:
+    if not text.lstrip().startswith("{"):  # (protobuf's parser took "[]" for an empty config)
+        raise ConfigError(f"config of model '{name}' does not parse: not a JSON object")
     msg = pb.ModelConfig()
     try:
         json_format.Parse(text, msg)

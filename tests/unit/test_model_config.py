@@ -235,8 +235,10 @@ def test_pbtxt_errors(tmp_path: Path, pbtxt: str, message: str | None) -> None:
             '{"input": [{"name": "a", "data_type": 99, "dims": [1]}]}',
             "model 'm': input 'a' has unsupported type 99",
         ),
+        ("[]", "config of model 'm' does not parse: not a JSON object"),  # (was {})
+        ("[" * 100_000, "config of model 'm' does not parse"),
     ],
-    ids=["syntax", "unknown-field", "bad-value", "name-mismatch", "type-number"],
+    ids=["syntax", "unknown-field", "bad-value", "name-mismatch", "type-number", "array", "deep"],
 )
 def test_json_errors(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
