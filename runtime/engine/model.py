@@ -22,6 +22,7 @@ from runtime.engine.buckets import default_buckets
 from runtime.engine.golden import GoldenMismatch, check_golden, load_golden
 from runtime.engine.inline_gate import InlineGate, has_control_flow
 from runtime.engine.regions import RegionError, RegionTable
+from runtime.engine.run_deadlines import TERMINATED, RunWatch
 from runtime.engine.session import device_index, make_session, signature_of
 from runtime.engine.signature import reconcile
 from runtime.ipc.dtypes import DTYPES, BytesDecodeError, decode_bytes_tensor, encode_bytes_tensor
@@ -46,6 +47,12 @@ class BadInput(ValueError):
     pass
 
 
+# The worker's one watch over runs with deadlines (runtime.engine.run_deadlines); it applies to
+# models with control flow and to those slower than this on average.
+RUN_WATCH: Final = RunWatch()
+WATCH_ABOVE_NS: Final = 1_000_000
+
+
 @dataclass(slots=True)
 class LoadedModel:
     name: str
@@ -62,6 +69,9 @@ class LoadedModel:
     # False once a batch's output did not have the batch's rows (execute_batch): from then on
     # its calls run one at a time.
     splits_batches: bool = True
+    # Whether its graph has control flow (If/Loop/Scan): a call's time follows its data, up to
+    # any length (runtime.engine.run_deadlines stops such runs at their deadline).
+    control_flow: bool = True
 
     @classmethod
     def load(cls, spec: LoadModel, device: str, path: str | None = None) -> LoadedModel:
@@ -69,6 +79,7 @@ class LoadedModel:
         file = path or spec.path
         session = make_session(file, device, spec.intra_op_threads)
         sig = reconcile(signature_of(session), spec.declared, spec.max_batch_size)
+        control_flow = has_control_flow(file)
         model = cls(
             spec.name,
             spec.version,
@@ -77,8 +88,9 @@ class LoadedModel:
             tuple(t.name for t in sig.outputs),
             {t.name: t.datatype for t in sig.inputs},
             spec.identity(),
-            InlineGate(control_flow=has_control_flow(file)),
+            InlineGate(control_flow=control_flow),
             device_id=device_index(device),
+            control_flow=control_flow,
         )
         model.warm_up()
         if spec.golden_path:
@@ -147,9 +159,22 @@ class LoadedModel:
             return InferDone(call.call_id, Code.BAD_INPUT, str(exc))
         names = [o.name for o in call.outputs] or list(self.output_names)
         t1 = time.monotonic_ns()
+        # A run that may be long is stopped at its caller's deadline (runtime.engine
+        # .run_deadlines): the front has answered DEADLINE_EXCEEDED by then, and the run
+        # would hold a pool thread for as long as its data says.
+        watched = call.deadline_ns and (self.control_flow or self.inline.avg_ns > WATCH_ABOVE_NS)
         try:
-            results = self.session.run(names, feeds)
+            if watched:
+                key, options = RUN_WATCH.start(call.deadline_ns)
+                try:
+                    results = self.session.run(names, feeds, options)
+                finally:
+                    RUN_WATCH.done(key)
+            else:
+                results = self.session.run(names, feeds)
         except Exception as exc:
+            if watched and TERMINATED in str(exc):
+                return InferDone(call.call_id, Code.DEADLINE, "deadline expired as the model ran")
             return _run_error(call.call_id, exc)
         t2 = time.monotonic_ns()
         outputs = _write_outputs(names, results, self.signature, buf, call)
