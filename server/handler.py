@@ -211,6 +211,12 @@ class InferenceHandler:
         `span`: the request's trace record when it is sampled (the servicer starts and ends it)."""
         start = time.perf_counter_ns()
         routed = _Routed()
+        timeout_us = req.parameters.get("timeout") if req.parameters else None
+        if isinstance(timeout_us, int) and timeout_us > 0:
+            # Triton's request timeout (tritonclient's `infer(timeout=...)`, microseconds):
+            # a deadline of the request's own, the gRPC one's if that is sooner.
+            own = time.monotonic() + timeout_us / 1e6
+            deadline = own if deadline is None else min(deadline, own)
         try:
             return await self._infer(req, deadline, hints, start, routed, span)
         except BaseException as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import Final
 
 import numpy as np
 
@@ -240,15 +241,47 @@ def _packed_floats(contents: pb.InferTensorContents, wire: str, count: int) -> b
     return memoryview(data)[pos:]  # (no copy of the tensor)
 
 
+# The request parameters Triton gives a meaning to, and the value types it takes for each
+# (its gRPC front checks them, and refuses a request whose type is wrong with these words).
+_TYPED_PARAMETERS: Final[dict[str, tuple[tuple[str, ...], str]]] = {
+    "sequence_id": (("int64_param", "string_param"), "int64_param or string_param"),
+    "sequence_start": (("bool_param",), "bool_param"),
+    "sequence_end": (("bool_param",), "bool_param"),
+    "priority": (("int64_param", "uint64_param"), "int64_param or uint64_param"),
+    "timeout": (("int64_param",), "int64_param"),
+}
+_TRITON_RESERVED = ("triton_enable_empty_final_response",)
+
+
 def decode_parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, ParamValue]:
+    """A request's parameters. Those Triton gives a meaning to are checked as Triton checks
+    them, with its words: their value types, and keys starting with "triton_". Others pass
+    as they are (a parameter with no value is left out)."""
     if not params:
         return {}
     out: dict[str, ParamValue] = {}
     for key, p in params.items():
         which = p.WhichOneof("parameter_choice")
+        typed = _TYPED_PARAMETERS.get(key)
+        if typed is not None and which not in typed[0]:
+            raise InvalidInput(f"invalid value type for '{key}' parameter, expected {typed[1]}.")
+        if key.startswith("triton_"):
+            if key not in _TRITON_RESERVED:
+                raise InvalidInput(
+                    "parameter keys starting with 'triton_' are reserved for Triton usage. "
+                    f"Only the following keys starting with 'triton_' are allowed: "
+                    f"{' '.join(_TRITON_RESERVED)}"
+                )
+            if which != "bool_param":
+                raise InvalidInput(
+                    f"invalid value type for '{key}' parameter, expected bool_param."
+                )
         if which is None:
             continue
-        out[key] = getattr(p, which)
+        value = getattr(p, which)
+        if key == "priority" and value < 0:
+            raise InvalidInput("invalid value for 'priority', expected value >= 0.")
+        out[key] = value
     return out
 
 

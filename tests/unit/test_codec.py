@@ -332,6 +332,48 @@ def test_decode_parameters() -> None:
     assert type(decode_parameters(r.parameters)["f"]) is bool
 
 
+@pytest.mark.parametrize(
+    ("key", "field", "value", "message"),
+    [
+        ("priority", "string_param", "high",
+         "invalid value type for 'priority' parameter, expected int64_param or uint64_param."),
+        ("priority", "int64_param", -1, "invalid value for 'priority', expected value >= 0."),
+        ("timeout", "string_param", "x",
+         "invalid value type for 'timeout' parameter, expected int64_param."),
+        ("sequence_start", "string_param", "yes",
+         "invalid value type for 'sequence_start' parameter, expected bool_param."),
+        ("sequence_id", "double_param", 1.5,
+         "invalid value type for 'sequence_id' parameter, expected int64_param or string_param."),
+        ("triton_foo", "bool_param", True,
+         "parameter keys starting with 'triton_' are reserved for Triton usage. Only the "
+         "following keys starting with 'triton_' are allowed: "
+         "triton_enable_empty_final_response"),
+        ("triton_enable_empty_final_response", "int64_param", 1,
+         "invalid value type for 'triton_enable_empty_final_response' parameter, expected "
+         "bool_param."),
+    ],
+)  # fmt: skip
+def test_parameters_triton_gives_a_meaning_are_checked_as_triton_does(
+    key: str, field: str, value: object, message: str
+) -> None:
+    """(They were taken whatever their type.) Triton's own words."""
+    r = request()
+    setattr(r.parameters[key], field, value)
+    with pytest.raises(InvalidInput) as info:
+        decode_infer(r)
+    assert info.value.message == message
+
+
+def test_parameters_triton_gives_a_meaning_pass_when_well_typed() -> None:
+    r = request()
+    r.parameters["priority"].uint64_param = 2**64 - 1
+    r.parameters["timeout"].int64_param = 1000
+    r.parameters["sequence_id"].string_param = "s-1"
+    r.parameters["sequence_end"].bool_param = True
+    r.parameters["triton_enable_empty_final_response"].bool_param = True
+    assert decode_infer(r).parameters["timeout"] == 1000
+
+
 # ----------------------------------------------------------------------------- encode_infer
 
 
