@@ -115,6 +115,31 @@ def write_corrupt_version(model: Path, version: int) -> None:
     (d / "model.onnx").write_bytes(b"\x08\x07not an onnx model\xff" * 64)
 
 
+def _save_dense_like(
+    model: Path,
+    version: int,
+    name: str,
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+) -> None:
+    """`model/version/model.onnx`: a graph with dense's signature (INPUT0 [batch, 256] ->
+    OUTPUT0 [batch, 10])."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 256])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
+    m = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    onnx.checker.check_model(m)
+    d = model / str(version)
+    d.mkdir(parents=True, exist_ok=True)
+    onnx.save(m, str(d / "model.onnx"))
+
+
 def write_failing_version(model: Path, version: int) -> None:
     """dense's signature; loads and warms up (zeros) fine, then fails at run time (onnxruntime
     FAIL, so the front answers INTERNAL and the canary guard counts it) on any input that is not
@@ -147,20 +172,7 @@ def write_failing_version(model: Path, version: int) -> None:
         const("rows10", [-1, 10], np.int64),
         const("k", [1000.0], np.float32),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "failing_dense",
-        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 256])],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 10])],
-        inits,
-    )
-    m = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
-    )
-    onnx.checker.check_model(m)
-    d = model / str(version)
-    d.mkdir(parents=True, exist_ok=True)
-    onnx.save(m, str(d / "model.onnx"))
+    _save_dense_like(model, version, "failing_dense", nodes, inits)
 
 
 def write_rejecting_version(model: Path, version: int) -> None:
@@ -183,20 +195,7 @@ def write_rejecting_version(model: Path, version: int) -> None:
         numpy_helper.from_array(np.array([1000.0], np.float32), "k"),
         numpy_helper.from_array(np.array([0.0], np.float32), "table"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "rejecting_dense",
-        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 256])],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 10])],
-        inits,
-    )
-    m = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
-    )
-    onnx.checker.check_model(m)
-    d = model / str(version)
-    d.mkdir(parents=True, exist_ok=True)
-    onnx.save(m, str(d / "model.onnx"))
+    _save_dense_like(model, version, "rejecting_dense", nodes, inits)
 
 
 def write_golden(model: Path, version: int, x: np.ndarray, out: np.ndarray) -> None:
