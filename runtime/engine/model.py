@@ -100,7 +100,11 @@ class LoadedModel:
     def warm_up(self) -> None:
         """Run zeros at every batch size the model will see (each bucket of
         `default_buckets(max_batch_size)`; once without a batch dimension), so that no request
-        pays lazy initialisation. Skipped when a shape is not fully known or an input is text."""
+        pays lazy initialisation. Skipped when a shape is not fully known or an input is text.
+        A batching model whose output does not have the batch's rows here cannot have its
+        batches split between requests (`stop_batching`): found before any request is batched,
+        where `execute_batch` would find it on a batch, after earlier batches whose rows
+        happened to match were split wrongly."""
         max_batch = self.spec.max_batch_size if self.spec is not None else 0
         for batch in default_buckets(max_batch) if max_batch > 0 else (1,):
             feeds: dict[str, Any] = {}
@@ -109,7 +113,11 @@ class LoadedModel:
                 if t.datatype == "BYTES" or any(d < 0 for d in dims):
                     return
                 feeds[t.name] = np.zeros(dims, dtype=DTYPES[t.datatype].numpy)
-            self.session.run(list(self.output_names), feeds)
+            results = self.session.run(list(self.output_names), feeds)
+            if max_batch > 0:
+                for name, out in zip(self.output_names, results, strict=True):
+                    if not out.shape or out.shape[0] != batch:
+                        self.stop_batching(name, out.shape, batch)
 
     def self_test(self, golden_path: str) -> None:
         """The golden request must give the golden answer (runtime/engine/golden.py);

@@ -25,6 +25,7 @@ from onnx import TensorProto, helper
 
 from runtime.client import InferResult, PreparedInput, RuntimeClient
 from runtime.engine.graph_batch import UnsplitOutput, per_request
+from runtime.engine.model import LoadedModel
 from runtime.ipc.protocol import Batching, Code, LoadModel, ModelSignature
 from runtime.ipc.shm import Arena, SlotPool
 from runtime.worker import Worker
@@ -121,3 +122,36 @@ def test_per_request_cuts_only_outputs_with_the_batchs_rows() -> None:
     # One request, not padded: all of it is its own, whatever the shape.
     (alone,) = per_request([y], [4], 4, ["Y"])
     assert alone[0] is y
+
+
+def test_warm_up_finds_an_output_without_the_batch_rows(tmp_path: Path) -> None:
+    """With fixed dims (X [rows, 4]) warm-up runs zeros at each batch size and sees Y's rows
+    (none: zeros have no non-zero element) differ from the batch: the version never batches,
+    so no batch whose rows happened to match is ever split wrongly before the first that
+    does not. A model whose outputs have the batch's rows batches on."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("NonZero", ["X"], ["nz"]),
+            helper.make_node("Transpose", ["nz"], ["Y"], perm=[1, 0]),
+        ],
+        "nonzero_fixed",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["rows", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT64, ["k", "rank"])],
+    )
+    fixed = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    fixed.ir_version = 8
+    onnx.save(fixed, str(tmp_path / "nz.onnx"))
+    spec = LoadModel(1, "nz", 1, str(tmp_path / "nz.onnx"), 8, ModelSignature((), ()))
+    assert not LoadedModel.load(spec, "cpu").splits_batches
+
+    identity = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["Y"])],
+        "identity",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["rows", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["rows", 4])],
+    )
+    plain = helper.make_model(identity, opset_imports=[helper.make_opsetid("", 17)])
+    plain.ir_version = 8
+    onnx.save(plain, str(tmp_path / "id.onnx"))
+    spec = LoadModel(1, "id", 1, str(tmp_path / "id.onnx"), 8, ModelSignature((), ()))
+    assert LoadedModel.load(spec, "cpu").splits_batches
