@@ -358,6 +358,14 @@ async def serve(settings: Settings) -> int:
             starting.result()  # a start-up failure raises here
             log.info("microtune ready: %d model(s)", len(app.table.models))
             await stopping
+            if settings.shutdown_delay_s > 0 and not app.link.gave_up:
+                # Not ready, still serving: health checkers see NOT_SERVING and move traffic
+                # away before the listener closes (it refuses new calls: no NOT_SERVING then).
+                app.handler.draining = True
+                await app.health.set_ready(False)
+                delay = settings.shutdown_delay_s
+                log.info("not ready; serving %.1f s more before the drain", delay)
+                await asyncio.sleep(delay)
         log.info("shutting down")
     finally:
         for task in (starting, stopping):

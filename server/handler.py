@@ -140,6 +140,7 @@ class InferenceHandler:
         self.manager = manager
         self.server_name = server_name
         self.started = False  # the repository's first load pass has finished
+        self.draining = False  # stopping (--shutdown-delay-s): not ready, still serving
         self.strict_readiness = True  # (Settings.strict_readiness: see ModelTable.failed)
         self.max_message_bytes = 2**62  # (Settings.max_message_bytes: see _check_response_size)
         self.peers: StatsPeers | None = None  # the pod's other fronts (--frontends N)
@@ -162,7 +163,7 @@ class InferenceHandler:
         return True
 
     def ready(self) -> bool:
-        if not (self.started and self.link.ready) or self.table.loading():
+        if self.draining or not (self.started and self.link.ready) or self.table.loading():
             return False
         return not (self.strict_readiness and self.table.failed())
 

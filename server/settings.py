@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     be answered before they are cancelled (Triton's --exit-timeout-secs, 30 by default). In
     Kubernetes keep it under terminationGracePeriodSeconds less the preStop sleep (the Helm
     chart derives it so)."""
+    shutdown_delay_s: float = Field(0.0, ge=0)
+    """On SIGTERM: how long to go on serving, not ready (readiness NOT_SERVING, ServerReady
+    false), before the drain: a load balancer that health-checks the server moves traffic away
+    meanwhile, where a closed listener would only refuse it. 0 in Kubernetes, where the preStop
+    sleep does this (the pod leaves the Service's endpoints first)."""
     worker_start_timeout_s: float = Field(60.0, gt=0)
     """How long the worker may take to start listening."""
     strict_readiness: bool = True

@@ -267,8 +267,9 @@ def run_supervisor(settings: Settings) -> int:
         for p in fronts:
             if p.is_alive() and p.pid is not None:
                 os.kill(p.pid, signal.SIGTERM)
-        # Each front drains for up to --shutdown-grace-s, then stops its parts (seconds).
-        deadline = time.monotonic() + settings.shutdown_grace_s + 10
+        # Each front serves on --shutdown-delay-s, drains for up to --shutdown-grace-s, then
+        # stops its parts (seconds).
+        deadline = time.monotonic() + settings.shutdown_delay_s + settings.shutdown_grace_s + 10
         for p in fronts:
             p.join(max(0.1, deadline - time.monotonic()))
             if p.is_alive():

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 from harness import Server
 from spin_model import spin_repository, spin_request
+from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 SLOW_S = 7.0  # longer than the old fixed 5 s
@@ -68,5 +70,28 @@ def test_a_signal_to_the_whole_process_group_drains_too(
     try:
         drain(server, n, lambda: os.killpg(server.proc.pid, signal.SIGINT))
         assert "Traceback" not in server.log(), server.log()[-3000:]
+    finally:
+        server.stop(check=False)
+
+
+def test_shutdown_delay_serves_on_not_ready_before_the_drain(
+    spin: tuple[Path, int], tmp_path: Path
+) -> None:
+    """--shutdown-delay-s: after SIGTERM, readiness is NOT_SERVING (and ServerReady false)
+    while calls are still served, so that a health-checking load balancer moves traffic away
+    before the listener closes (it refused new calls at once: checkers never saw
+    NOT_SERVING)."""
+    repo, _n = spin
+    args = ("--shutdown-delay-s", "4", "--frontends", "1")
+    server = Server(repo, tmp_path, extra_args=args, kill_after=60)
+    try:
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_health("readiness", health_pb2.HealthCheckResponse.NOT_SERVING, 3)
+        with grpc.insecure_channel(server.url) as ch:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+            assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+            assert stub.ModelInfer(spin_request(1), timeout=5).model_name == "spin"
+        assert server.proc.wait(30) == 0, server.log()[-3000:]
+        assert "not ready; serving 4.0 s more before the drain" in server.log()
     finally:
         server.stop(check=False)
