@@ -39,6 +39,9 @@ class RegionRecord(msgspec.Struct, frozen=True):
     offset: int = 0  # system: where the region starts in it
     device_id: int = 0  # cuda
     raw_handle: bytes = b""  # cuda: the client's 64-byte IPC handle
+    # system: the object's (st_dev, st_ino) when registered; the other fronts open it by key
+    # and must find that object there ((0, 0): unknown)
+    object_id: tuple[int, int] = (0, 0)
 
 
 _encoder = msgspec.json.Encoder()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from runtime.ipc.file_slice import FileSlice, SharedFd
+from runtime.ipc.shm import PREFIX as ARENA_PREFIX
 from runtime.ipc.shm import reserve_pages
 from server.errors import AlreadyExists, InvalidInput, NotFound, Overloaded, Unsupported
 from server.pod_records import Identity
@@ -37,8 +38,9 @@ __all__ = ["CudaRegion", "SharedMemoryRegistry", "ShmRef", "SystemRegion"]
 
 
 _SHM_DIR = Path("/dev/shm")
-# Triton reserves this prefix for its Python backend; refusing it keeps the same contract.
-_RESERVED = "triton_python_backend_shm_region_"
+# Key prefixes refused: Triton's for its Python backend (the same contract), and the server's
+# own arenas'.
+_RESERVED = ("triton_python_backend_shm_region_", ARENA_PREFIX)
 
 
 @dataclass(slots=True)
@@ -48,6 +50,7 @@ class SystemRegion:
     offset: int
     byte_size: int
     fd: SharedFd | None  # the object's descriptor (None once closed)
+    object_id: tuple[int, int] = (0, 0)  # the object's (st_dev, st_ino) when opened
 
     def check_intact(self) -> None:
         # A client that truncates the object it registered (say, one restarted that creates
@@ -108,7 +111,9 @@ class SharedMemoryRegistry:
         region = _open_system(name, key, offset, byte_size)
         if self.directory is not None:
             try:
-                record = RegionRecord(name, "system", byte_size, key, offset)
+                record = RegionRecord(
+                    name, "system", byte_size, key, offset, object_id=region.object_id
+                )
                 self._taken[name] = self.directory.claim(record)
             except BaseException:
                 region.close()
@@ -251,6 +256,16 @@ class SharedMemoryRegistry:
             return None
         r, identity = found
         region = _open_system(r.name, r.key, r.offset, r.byte_size)
+        if r.object_id != (0, 0) and region.object_id != r.object_id:
+            # Another front registered it: its key now names another object (the client
+            # unlinked it and made a new one). Served from it, this front's answers would
+            # differ from the registering front's, which reads the object it opened.
+            region.close()
+            raise InvalidInput(
+                f"shared memory region '{name}' (key '{r.key}') no longer names the object "
+                "it was registered with (unlinked or replaced since); unregister it and "
+                "register it again"
+            )
         self.system[name] = region
         self._taken[name] = identity
         return region
@@ -292,8 +307,11 @@ def _open_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegi
     """Open [offset, offset + byte_size) of the client's POSIX shm object `key` (read and
     written with pread/pwrite: runtime.ipc.file_slice says why not through a mapping)."""
     stem = key.lstrip("/")
-    if not stem or "/" in stem or stem.startswith(_RESERVED):
-        raise InvalidInput(f"invalid shared memory key '{key}'")
+    # The server's own objects (its fronts' arenas hold every client's tensors: registered,
+    # they would let a client read and write other clients' requests) are refused by name
+    # here and by identity below (a hard link or a rename of one).
+    if not stem or "/" in stem or "\0" in stem or stem.startswith(_RESERVED):
+        raise InvalidInput(f"invalid shared memory key '{key[:256]}'")
     try:
         # As shm_open does (glibc adds O_NOFOLLOW): a symlink planted in /dev/shm must not
         # make the server read and write a file it points to.
@@ -302,7 +320,7 @@ def _open_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegi
         raise _unopenable(name, key, exc) from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode) or _is_servers(st):
             raise InvalidInput(
                 f"unable to open shared memory region '{name}' (key '{key}'): not a shared "
                 "memory object"
@@ -324,7 +342,24 @@ def _open_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegi
     except BaseException:
         os.close(fd)
         raise
-    return SystemRegion(name, key, offset, byte_size, SharedFd(fd))
+    return SystemRegion(name, key, offset, byte_size, SharedFd(fd), (st.st_dev, st.st_ino))
+
+
+def _is_servers(st: os.stat_result) -> bool:
+    """Whether an object opened for a client is one of the server's own (an arena), under
+    whatever name the client gave. Registration is rare: /dev/shm is listed each time."""
+    try:
+        names = [n for n in os.listdir(_SHM_DIR) if n.startswith(ARENA_PREFIX)]
+    except OSError:
+        return False
+    for n in names:
+        try:
+            own = os.stat(_SHM_DIR / n, follow_symlinks=False)
+        except OSError:
+            continue
+        if (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
 
 
 def _unopenable(name: str, key: str, exc: OSError) -> InvalidInput | Overloaded:

@@ -247,3 +247,23 @@ def test_a_lone_front_keeps_its_regions_to_itself(client: Client) -> None:
         b.view(ShmRef("in", 0, 8), "INPUT0")
     assert a.system["in"].fd is not None
     a.close()
+
+
+def test_a_key_that_names_another_object_now_is_refused_on_the_other_front(
+    fronts: tuple[SharedMemoryRegistry, SharedMemoryRegistry], client: Client
+) -> None:
+    """The client unlinked the object it registered on front a and made a new one under the
+    same key: front a reads the object it opened, front b opened the key on first use and
+    read the new one, so the same request had two answers, depending on the connection."""
+    a, b = fronts
+    key = client.region("swap", b"A" * 16)
+    a.register_system("swap", key, 0, 16)
+    (SHM / key[1:]).unlink()
+    (SHM / key[1:]).write_bytes(b"B" * 16)
+    assert read(a, "swap", 16) == b"A" * 16
+    with pytest.raises(InvalidInput) as info:
+        read(b, "swap", 16)
+    assert str(info.value) == (
+        f"shared memory region 'swap' (key '{key}') no longer names the object it was "
+        "registered with (unlinked or replaced since); unregister it and register it again"
+    )
