@@ -88,6 +88,14 @@ class WorkerProcess:
     def exitcode(self) -> int | None:
         return self._proc.exitcode if self._proc else None
 
+    def exit_code(self, within_s: float) -> int | None:
+        """The exit code of a worker that is ending, waiting up to `within_s` for it (its
+        socket closes before the kernel has reaped it: `exitcode` is still None then)."""
+        if self._proc is None:
+            return None
+        self._proc.join(within_s)
+        return self._proc.exitcode
+
     def kill(self) -> None:
         if self._proc is not None and self._proc.is_alive():
             self._proc.kill()

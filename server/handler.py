@@ -72,6 +72,10 @@ __all__ = ["EXTENSIONS", "InferenceHandler", "ModelView", "StatsRow"]
 
 _NO_HINTS = RouteHints()
 
+# How early a cancellation may come before the request's deadline and still be its expiry
+# (grpc's timer and ours read the same clock at different instants).
+DEADLINE_SLACK_S = 0.005
+
 # What a response needs besides its outputs' bytes (names, shapes, parameters), at most: the
 # outputs may take the rest of the largest message the server sends.
 RESPONSE_HEADROOM = 64 * 1024
@@ -221,10 +225,17 @@ class InferenceHandler:
         try:
             return await self._infer(req, deadline, hints, start, routed, span)
         except BaseException as exc:
-            if self.metrics is not None and not isinstance(exc, asyncio.CancelledError):
+            counted: BaseException | None = exc
+            if isinstance(exc, asyncio.CancelledError):
+                # grpc cancels the call when its deadline passes before ours fires: that is a
+                # DEADLINE_EXCEEDED (the client's status), counted as such; a client's own
+                # cancellation is no request answered.
+                expired = deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
+                counted = DeadlineExceeded("deadline exceeded") if expired else None
+            if self.metrics is not None and counted is not None:
                 seconds = (time.perf_counter_ns() - start) / 1e9
                 self.metrics.observe_request(
-                    req.model, routed.version, routed.reason, self.status_of(exc), seconds
+                    req.model, routed.version, routed.reason, self.status_of(counted), seconds
                 )
             if isinstance(exc, ModelFailed):
                 # The model failed at run time: the operator's business, one attributed line.

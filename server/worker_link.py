@@ -219,7 +219,9 @@ class WorkerLink:
         # or `_restart`) deals with that, and counts the death once.
         if self._stopping or client is not self.client:
             return
-        code = self.process.exitcode if self.process is not None else "?"
+        # (it said "exit code None": the link closes before the worker is reaped; a short
+        # wait, on this path only)
+        code = self.process.exit_code(0.2) if self.process is not None else "?"
         log.error("runtime worker link lost (worker exit code %s); recovering", code)
         if self.on_lost is not None:
             self.on_lost()

@@ -122,7 +122,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             tracer.end(span, context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
             raise
         except asyncio.CancelledError:
-            tracer.end(span, grpc.StatusCode.CANCELLED)
+            # grpc cancels the handler when the call's deadline passes: the client sees
+            # DEADLINE_EXCEEDED, and so does the span.
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            tracer.end(
+                span, grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            )
             raise
         tracer.end(span, _OK)
         return response

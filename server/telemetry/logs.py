@@ -192,4 +192,8 @@ def setup_logging(
         old.close()
     target.addHandler(handler)
     target.setLevel(level)
+    if logger is None:
+        # grpc's Cython layer logs a DEBUG line per call ("Loaded running loop"): at
+        # --log-level DEBUG that was one line of noise per request. Its INFO and above stay.
+        logging.getLogger("grpc").setLevel(max(logging.INFO, target.getEffectiveLevel()))
     return handler

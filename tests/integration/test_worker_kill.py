@@ -130,6 +130,8 @@ def test_worker_sigkill_under_traffic(own_server: Server) -> None:
     for text in details["UNAVAILABLE"]:
         assert any(w in text for w in ("worker", "loading", "restart")), details
     assert slowest[0] < SLOW_CALL_S, slowest
+    # The log names how it died (it said "exit code None": not reaped yet).
+    assert "runtime worker link lost (worker exit code -9)" in s.log(), s.log()[-3000:]
 
     # A new worker serves the reloaded models.
     new_worker = s.worker_pid()

@@ -158,3 +158,23 @@ def test_internal_error_line_carries_the_request_fields() -> None:
     assert line["msg"] == f"internal error {error_id} in ModelInfer"
     assert (line["request_id"], line["model"], line["version"]) == ("req-42", "dense", "2")
     assert "RuntimeError: boom" in line["exc"]
+
+
+def test_debug_level_keeps_grpc_per_call_lines_out() -> None:
+    """--log-level DEBUG: grpc's Cython layer logged a DEBUG line per call (11,339 lines for
+    11,283 requests); its INFO and above still come through, ours at DEBUG too."""
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("grpc").level)
+    try:
+        setup_logging("DEBUG", "text", stream=out)
+        logging.getLogger("grpc._cython.cygrpc").debug("Loaded running loop")
+        logging.getLogger("grpc._cython.cygrpc").info("grpc info")
+        logging.getLogger("microtune").debug("ours")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.getLogger("grpc").setLevel(saved[2])
+    text = out.getvalue()
+    assert "Loaded running loop" not in text
+    assert "grpc info" in text and "ours" in text
