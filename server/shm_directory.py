@@ -42,6 +42,9 @@ class RegionRecord(msgspec.Struct, frozen=True):
     # system: the object's (st_dev, st_ino) when registered; the other fronts open it by key
     # and must find that object there ((0, 0): unknown)
     object_id: tuple[int, int] = (0, 0)
+    # system: (pid, fd) of the registering front's descriptor of it, which the other fronts
+    # open through /proc (an object whose key the client unlinked stays usable, as in Triton)
+    holder: tuple[int, int] = (0, 0)
 
 
 _encoder = msgspec.json.Encoder()

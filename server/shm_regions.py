@@ -111,8 +111,15 @@ class SharedMemoryRegistry:
         region = _open_system(name, key, offset, byte_size)
         if self.directory is not None:
             try:
+                assert region.fd is not None
                 record = RegionRecord(
-                    name, "system", byte_size, key, offset, object_id=region.object_id
+                    name,
+                    "system",
+                    byte_size,
+                    key,
+                    offset,
+                    object_id=region.object_id,
+                    holder=(os.getpid(), region.fd.fd),
                 )
                 self._taken[name] = self.directory.claim(record)
             except BaseException:
@@ -255,7 +262,7 @@ class SharedMemoryRegistry:
         if found is None or found[0].kind != "system":
             return None
         r, identity = found
-        region = _open_system(r.name, r.key, r.offset, r.byte_size)
+        region = _open_held(r) or _open_system(r.name, r.key, r.offset, r.byte_size)
         if r.object_id != (0, 0) and region.object_id != r.object_id:
             # Another front registered it: its key now names another object (the client
             # unlinked it and made a new one). Served from it, this front's answers would
@@ -325,24 +332,60 @@ def _open_system(name: str, key: str, offset: int, byte_size: int) -> SystemRegi
                 f"unable to open shared memory region '{name}' (key '{key}'): not a shared "
                 "memory object"
             )
-        size = st.st_size
-        if byte_size == 0 or offset + byte_size > size:
-            raise InvalidInput(
-                f"shared memory region '{name}': offset {offset} + byte_size {byte_size} "
-                f"exceeds the {size} bytes of '{key}'"
-            )
-        if not reserve_pages(fd, offset, byte_size):  # (or an output write could fail)
-            raise Overloaded(
-                f"shared memory region '{name}' (key '{key}'): /dev/shm has no room for its "
-                f"{byte_size} bytes"
-            )
+        return _region_of(name, key, offset, byte_size, fd, st)
     except OSError as exc:
         os.close(fd)
         raise _unopenable(name, key, exc) from None
     except BaseException:
         os.close(fd)
         raise
+
+
+def _region_of(
+    name: str, key: str, offset: int, byte_size: int, fd: int, st: os.stat_result
+) -> SystemRegion:
+    """The region [offset, offset + byte_size) of the object open as `fd` (`st`: its stat);
+    the caller closes `fd` if this raises."""
+    size = st.st_size
+    if byte_size == 0 or offset + byte_size > size:
+        raise InvalidInput(
+            f"shared memory region '{name}': offset {offset} + byte_size {byte_size} "
+            f"exceeds the {size} bytes of '{key}'"
+        )
+    if not reserve_pages(fd, offset, byte_size):  # (or an output write could fail)
+        raise Overloaded(
+            f"shared memory region '{name}' (key '{key}'): /dev/shm has no room for its "
+            f"{byte_size} bytes"
+        )
     return SystemRegion(name, key, offset, byte_size, SharedFd(fd), (st.st_dev, st.st_ino))
+
+
+def _open_held(r: RegionRecord) -> SystemRegion | None:
+    """The region another front registered, opened through that front's own descriptor
+    (/proc/<pid>/fd/<n>): the object it opened, even once the client has unlinked its key,
+    as Triton (which maps it at registration) goes on serving it. None when that descriptor is
+    gone or is no longer the object (the front died, or unregistered it and reused the number):
+    the key is opened then."""
+    pid, number = r.holder
+    if not pid:
+        return None
+    try:
+        # (not O_NOFOLLOW: /proc's fd entries are links; the identity check below decides)
+        fd = os.open(f"/proc/{pid}/fd/{number}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != r.object_id or not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
+        return _region_of(r.name, r.key, r.offset, r.byte_size, fd, st)
+    except OSError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _is_servers(st: os.stat_result) -> bool:

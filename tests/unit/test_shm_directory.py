@@ -249,21 +249,41 @@ def test_a_lone_front_keeps_its_regions_to_itself(client: Client) -> None:
     a.close()
 
 
-def test_a_key_that_names_another_object_now_is_refused_on_the_other_front(
+def test_the_other_front_serves_the_object_registered_even_once_its_key_is_replaced(
     fronts: tuple[SharedMemoryRegistry, SharedMemoryRegistry], client: Client
 ) -> None:
     """The client unlinked the object it registered on front a and made a new one under the
-    same key: front a reads the object it opened, front b opened the key on first use and
-    read the new one, so the same request had two answers, depending on the connection."""
+    same key: front a read the object it opened, front b opened the key on first use and
+    read the new one (the same request had two answers, depending on the connection), or
+    failed once the key was only unlinked. Front b now opens the object through front a's
+    descriptor (/proc/<pid>/fd/<n>), as Triton, which maps it at registration, serves it."""
     a, b = fronts
     key = client.region("swap", b"A" * 16)
     a.register_system("swap", key, 0, 16)
     (SHM / key[1:]).unlink()
     (SHM / key[1:]).write_bytes(b"B" * 16)
     assert read(a, "swap", 16) == b"A" * 16
-    with pytest.raises(InvalidInput) as info:
-        read(b, "swap", 16)
-    assert str(info.value) == (
-        f"shared memory region 'swap' (key '{key}') no longer names the object it was "
-        "registered with (unlinked or replaced since); unregister it and register it again"
-    )
+    assert read(b, "swap", 16) == b"A" * 16
+
+
+def test_without_the_registering_fronts_descriptor_a_replaced_key_is_refused(
+    tmp_path: Path, client: Client
+) -> None:
+    """Front a gone (its descriptors with it): front b opens the key, finds another object
+    there than the one registered, and refuses it rather than serve it."""
+    a = SharedMemoryRegistry(True, RegionDirectory(tmp_path))
+    b = SharedMemoryRegistry(True, RegionDirectory(tmp_path))
+    try:
+        key = client.region("gone", b"A" * 16)
+        a.register_system("gone", key, 0, 16)
+        a.close()  # (its records stay in the pod's directory, as a killed front's do)
+        (SHM / key[1:]).unlink()
+        (SHM / key[1:]).write_bytes(b"B" * 16)
+        with pytest.raises(InvalidInput) as info:
+            read(b, "gone", 16)
+        assert str(info.value) == (
+            f"shared memory region 'gone' (key '{key}') no longer names the object it was "
+            "registered with (unlinked or replaced since); unregister it and register it again"
+        )
+    finally:
+        b.close()
