@@ -523,8 +523,16 @@ def check_error(case: Case, code: Code, details: str) -> None:
     elif code == Code.INTERNAL and req.model_name in PARSES:
         assert f"model '{req.model_name}' version 1 failed: " in details, details
         assert not decimal_strings(case), ("text every element of which parses failed", req)
+    elif code == Code.DEADLINE_EXCEEDED and own_timeout(req):
+        assert "deadline" in details, details  # (its own `timeout` parameter, microseconds)
     else:
         assert code in CLIENT_ERRORS, (code, details, req)
+
+
+def own_timeout(req: pb.ModelInferRequest) -> bool:
+    """Whether the request sets Triton's `timeout` parameter: a deadline of its own."""
+    p = req.parameters.get("timeout")
+    return p is not None and p.WhichOneof("parameter_choice") == "int64_param" and p.int64_param > 0
 
 
 # Request headers the server reads (routing hints, W3C trace context), with odd values.
