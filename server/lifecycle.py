@@ -337,17 +337,17 @@ class ModelManager:
                 for v in s.versions
             )
         )
-        stale = [
+        unselected = [
             ve
             for v, ve in entry.versions.items()
-            if v not in s.versions and v not in s.version_errors and ve.state is ModelState.READY
+            if v not in s.versions and v not in s.version_errors
         ]
+        stale = [ve for ve in unselected if ve.state is ModelState.READY]
         # A failed version no longer selected (its directory removed, a new policy) is no
         # longer part of the model: listed on, it would keep the server unready for good.
-        for v, ve in list(entry.versions.items()):
-            gone = v not in s.versions and v not in s.version_errors
-            if gone and ve.state is ModelState.UNAVAILABLE:
-                del entry.versions[v]
+        for ve in unselected:
+            if ve.state is ModelState.UNAVAILABLE:
+                del entry.versions[ve.version]
                 self._forget(ve)
         if complete:
             await asyncio.gather(*(self._unload_version(ve) for ve in stale))
