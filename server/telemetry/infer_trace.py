@@ -199,6 +199,7 @@ class InferTrace:
                 "microtune.requested_version": self.requested,
             }
             events: Sequence[Event] = ()
+            status = None
             if self.route_error is not None:
                 etype, message = self.route_error
                 events = (Event("exception", route_exception(etype, message), self.route_end),)
@@ -206,8 +207,17 @@ class InferTrace:
                 assert self.served is not None
                 attrs["microtune.served_version"] = self.served
                 attrs["microtune.route_reason"] = self.reason
+                if not self.own_server and self.code is not _OK:
+                    # A streamed request has no server span of its own (the stream's holds no
+                    # per-message status), so the route span, its outermost, carries a failure
+                    # after routing: the code, the instrumentation's status rule, an event.
+                    attrs["rpc.grpc.status_code"] = self.code.value[0]
+                    status = server_status(self.code, self.details)
+                    exc = route_exception(self.code.name, self.details)
+                    events = (Event("exception", exc, self.route_end),)
+            extra = {"status": status} if status is not None else {}
             add("microtune.route", route_id, self.route_start, self.route_end,
-                attributes=attrs, events=events)  # fmt: skip
+                attributes=attrs, events=events, **extra)  # fmt: skip
         t = self.timings
         if t is not None:
             assert self.served is not None

@@ -212,6 +212,32 @@ def test_stream_requests_get_inner_spans_under_the_stream_span(traced: InProcess
     assert {s.context.trace_id for s in kids} == {server.context.trace_id}
 
 
+def test_streamed_request_that_fails_marks_its_route_span(traced: InProcess) -> None:
+    # A stream has one server span for all its requests, so a request that fails after routing
+    # says so on its route span: the code, ERROR for a server fault, an exception event.
+    exporter = fresh(traced)
+
+    async def stream() -> list[Any]:
+        async with grpc.aio.insecure_channel(traced.target) as ch:
+            stub = pbg.GRPCInferenceServiceStub(ch)
+            reqs = [fp32_request("dense"), fp32_request("rows4", values=3)]
+            return [r async for r in stub.ModelStreamInfer(iter(reqs))]
+
+    ok, failed = traced.run(stream())
+    assert ok.error_message == "" and failed.error_message != ""
+    routes = [s for s in settle(exporter) if s.name == "microtune.route"]
+    by_model = {s.attributes["microtune.model"]: s for s in routes}
+    good, bad = by_model["dense"], by_model["rows4"]
+    assert "rpc.grpc.status_code" not in good.attributes and not good.events
+    assert good.status.status_code is StatusCode.UNSET
+    assert bad.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INTERNAL.value[0]
+    assert bad.status.status_code is StatusCode.ERROR
+    (event,) = bad.events
+    assert event.name == "exception"
+    assert event.attributes["exception.type"] == "INTERNAL"
+    assert event.attributes["exception.message"] == failed.error_message
+
+
 def test_reflection_and_admin_rpcs_are_traced_too(traced: InProcess) -> None:
     # Every service's methods are wrapped at registration (no server interceptor): reflection,
     # registered through grpc-reflection's own helper, and the admin service get spans as well.
