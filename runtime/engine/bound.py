@@ -76,7 +76,7 @@ def run_bound(
                 if ref.datatype == "BYTES":  # IOBinding binds no string tensor
                     raise RegionError(
                         f"input '{ref.name}' is BYTES: a call with tensors in CUDA shared "
-                        "memory carries numeric tensors only"
+                        f"memory ({_in_regions(call)}) carries numeric tensors only"
                     )
                 io.bind_cpu_input(ref.name, arena.read(ref, buf))
                 continue
@@ -193,3 +193,11 @@ def _check_fits(name: str, region: str, offset: int, nbytes: int, size: int) -> 
             f"tensor '{name}': offset {offset} + byte_size {nbytes} is outside CUDA shared "
             f"memory region '{region}' ({size} bytes)"
         )
+
+
+def _in_regions(call: Infer) -> str:
+    """Names the tensors of `call` that are in CUDA shared memory, for a refusal whose cause
+    is another tensor (the client may have put only an output there)."""
+    named = [f"input '{t.name}'" for t in call.inputs if t.region]
+    named += [f"output '{t.name}'" for t in call.outputs if t.region]
+    return ", ".join(named)

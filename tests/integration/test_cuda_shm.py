@@ -179,8 +179,8 @@ def test_a_bytes_input_beside_a_region_is_refused_clearly(
     raises(
         lambda: c.infer("mixed_bytes", [shm_input("IN", [1, 4], "m", x.nbytes), tag]),
         "INVALID_ARGUMENT",
-        "input 'TAG' is BYTES: a call with tensors in CUDA shared memory carries numeric "
-        "tensors only",
+        "input 'TAG' is BYTES: a call with tensors in CUDA shared memory (input 'IN') "
+        "carries numeric tensors only",
     )
     res = c.infer("id_fp32", [shm_input("IN", [1, 4], "m", x.nbytes)])
     np.testing.assert_array_equal(res.as_numpy("OUT"), x)
