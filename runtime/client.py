@@ -60,6 +60,7 @@ __all__ = [
     "WorkerGone",
 ]
 
+_NS_MAX = 2**63 - 1
 _CODE_OK = Code.OK  # per call: an Enum member read through its class costs ~1k instructions
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,8 @@ class RuntimeClient:
                     buf[pos : pos + n] = payload
                 refs.append(TensorRef(t.name, t.datatype, t.shape, pos, n))
                 pos += align_up(n)
-            deadline_ns = int(deadline * 1e9) if deadline is not None else 0
+            # (capped: the wire's int64 holds ~292 years; a client's "no timeout" is larger)
+            deadline_ns = min(int(deadline * 1e9), _NS_MAX) if deadline is not None else 0
             if output_regions:
                 wanted = tuple(
                     OutputRequest(o, *output_regions[o])

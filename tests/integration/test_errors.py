@@ -416,3 +416,17 @@ def test_deadline_expires_in_the_server(stub: Stub) -> None:
     resp = stub.ModelInfer(req, timeout=30)
     assert list(resp.outputs[0].shape) == [32, 10]
     assert_still_serving(stub)
+
+
+@pytest.mark.parametrize("model", ["dense", "dense_large"])  # plain and batched
+def test_a_timeout_parameter_too_large_to_matter_is_no_deadline(
+    client: grpcclient.InferenceServerClient, model: str
+) -> None:
+    # tritonclient's infer(timeout=...) is microseconds in an int64; its largest value (a
+    # client's "no timeout") overflowed the worker's nanosecond deadline into INTERNAL.
+    width = 256 if model == "dense" else 1024
+    x = grpcclient.InferInput("INPUT0", [1, width], "FP32")
+    x.set_data_from_numpy(np.ones((1, width), np.float32))
+    for timeout in (10**16, 2**62, 2**63 - 1):
+        res = client.infer(model, [x], timeout=timeout)
+        assert res.as_numpy("OUTPUT0").shape[0] == 1
