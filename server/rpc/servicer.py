@@ -38,6 +38,10 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 ROUTE_REASON_KEY = "x-route-reason"
 # Requests of one ModelStreamInfer in progress at once (see InferenceServicer.ModelStreamInfer).
 STREAM_WINDOW = 64
+# Set true on every stream response (errors included): Triton's stream says so of each
+# response that completes its request, and clients loop until they see it. A model that is not
+# decoupled answers each request with one response, so every one is final.
+FINAL_FLAG = "triton_final_response"
 _NO_HINTS = RouteHints()
 _OK = grpc.StatusCode.OK  # (an Enum member read through its class costs ~1k instructions)
 
@@ -210,7 +214,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             result = await self.h.infer(decoded, deadline, hints, span)
             if span is not None:
                 tracer.end(span, grpc.StatusCode.OK)  # type: ignore[union-attr]
-            return pb.ModelStreamInferResponse(infer_response=codec.encode_infer(result))
+            response = codec.encode_infer(result)
+            response.parameters[FINAL_FLAG].bool_param = True
+            return pb.ModelStreamInferResponse(infer_response=response)
         except MicrotuneError as exc:
             if span is not None:
                 tracer.end(span, status_of(exc), exc.message)  # type: ignore[union-attr]
@@ -336,9 +342,15 @@ def _model_name_of(request: bytes) -> str:
 
 
 def _response_head(request: bytes) -> pb.ModelInferResponse:
-    """The model name and request id of a request that failed, if protobuf can read them."""
+    """A failed streamed request's response: its id, model name and version as the request
+    gave them (if protobuf can read them) and the final flag, as Triton's stream answers."""
     try:
         msg = pb.ModelInferRequest.FromString(request)
     except DecodeError:
-        return pb.ModelInferResponse()
-    return pb.ModelInferResponse(model_name=msg.model_name, id=msg.id)
+        head = pb.ModelInferResponse()
+    else:
+        head = pb.ModelInferResponse(
+            model_name=msg.model_name, model_version=msg.model_version, id=msg.id
+        )
+    head.parameters[FINAL_FLAG].bool_param = True
+    return head

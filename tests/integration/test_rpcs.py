@@ -529,12 +529,19 @@ class TestRawStub:
         bad.CopyFrom(good)
         bad.id = "bad"
         bad.raw_input_contents[1] = b"\x00" * 10  # 10 bytes for a [1, 16] INT32 tensor
+        bad.model_version = "1"
         again, _ = simple_request(rid="g2")
         responses = list(stub.ModelStreamInfer(iter([good, bad, again]), timeout=20))
         assert len(responses) == 3
         assert responses[0].error_message == "" and responses[0].infer_response.id == "g1"
         assert "input 'INPUT1' has 10 bytes of raw content" in responses[1].error_message
-        assert responses[1].infer_response.id == "bad"
+        head = responses[1].infer_response  # as Triton's: the request's id, name and version
+        assert (head.id, head.model_name, head.model_version) == ("bad", "simple", "1")
+        # Every response completes its request (the model is not decoupled), errors included:
+        # clients loop until they see Triton's flag.
+        for r in responses:
+            flag = r.infer_response.parameters["triton_final_response"]
+            assert flag.WhichOneof("parameter_choice") == "bool_param" and flag.bool_param
         assert responses[2].error_message == "" and responses[2].infer_response.id == "g2"
         out = np.frombuffer(responses[2].infer_response.raw_output_contents[0], dtype=np.int32)
         np.testing.assert_array_equal(out, (a + a).ravel())
