@@ -76,6 +76,11 @@ class Outbound:
 
     def close(self) -> None:
         """Shut the socket down, so that a writer blocked on it returns, and close it."""
+        # `on_stall` is usually a bound method of the owner, which holds this Outbound: a cycle
+        # that only a full cyclic collection frees, and a worker runs one rarely. The owner
+        # holds a front's arena (64 MiB of /dev/shm), so the cycle is broken here, where the
+        # socket's life ends.
+        self._on_stall = None
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
