@@ -80,16 +80,24 @@ def form_batch(
     *,
     drain: bool = False,
 ) -> Formed[T]:
-    """Decide what to run now, following Triton's dynamic batcher.
+    """Decide what to run now, as Triton's dynamic batcher does (core's
+    dynamic_batch_scheduler.cc, GetDynamicBatch). No preferred sizes means max_batch_size, as
+    Triton's config normalisation sets it; the largest preferred size is "the target".
 
     1. Requests whose deadline passed are expired, wherever they are in the queue.
-    2. Take the longest FIFO prefix of the rest that fits in max_batch_size rows.
-    3. Release that prefix when it cannot grow: it reached max_batch_size, or the next request
-       does not fit (requests are not split, and skipping it would reorder).
-    4. Else release it when the oldest request has waited max_queue_delay (0 = at once), or
-       when draining.
-    5. Else release the longest sub-prefix whose rows equal a preferred size, if any.
-    6. Else wait: until the oldest request's delay runs out or the first deadline passes.
+    2. Take the longest FIFO prefix of the rest that fits in max_batch_size rows (requests are
+       not split, and skipping one would reorder). Within it, the best prefix is the last one
+       whose rows equal a preferred size, or, if none was found before the next request would
+       take the rows past the target, the prefix just before that request.
+    3. Unless the oldest request has waited a non-zero max_queue_delay, a best prefix is
+       released at once (with a delay of 0 too: preferred sizes still shape batches).
+    4. Else the whole prefix is released when it cannot grow (the next request does not fit),
+       when its rows reach the target, when the oldest request has waited max_queue_delay
+       (0 = at once), or when draining.
+    5. Else wait: until the oldest request's delay runs out or the first deadline passes.
+
+    So a pending batch never waits once it has as many rows as the target, or once waiting
+    could only take it past the target: more rows would not make a preferred batch.
     """
     if len(queue) == 1:  # the common case below saturation, decided without building lists
         p = queue[0]
@@ -97,7 +105,7 @@ def form_batch(
             return Formed([], [p], None)
         if (
             drain
-            or p.batch_size >= max_batch_size
+            or p.batch_size >= (max(preferred) if preferred else max_batch_size)
             or now_ns - p.enqueued_ns >= max_queue_delay_ns
             or p.batch_size in preferred
         ):
@@ -118,19 +126,26 @@ def _form(
     live = [p for p in queue if not p.expired_at(now_ns)] if expired else list(queue)
     if not live:
         return Formed([], expired, None)
-    rows = cut = at_preferred = 0
+    target = max(preferred) if preferred else max_batch_size
+    rows = cut = best = 0
     for p in live:
+        if cut and rows + p.batch_size > target and not best:
+            best = cut  # waiting for this one would only take the batch past the target
         if cut and rows + p.batch_size > max_batch_size:
             break
         rows += p.batch_size
         cut += 1
         if rows in preferred:
-            at_preferred = cut
+            best = cut
         if rows >= max_batch_size:
             break
-    cannot_grow = rows >= max_batch_size or cut < len(live)
     waited = now_ns - live[0].enqueued_ns >= max_queue_delay_ns
-    take = cut if cannot_grow or waited or drain else at_preferred
+    if best and not (waited and max_queue_delay_ns) and not drain:
+        take = best
+    elif rows >= target or cut < len(live) or waited or drain:
+        take = cut
+    else:
+        take = 0
     rest = live[take:]
     return Formed(live[:take], expired, _next_event(rest, now_ns, max_queue_delay_ns))
 

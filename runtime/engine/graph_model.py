@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from runtime.engine.batch_probe import RUNS_ALONE, check_batches, unchecked
 from runtime.engine.batcher import Batcher, BatcherClosed, Idle, Pending, QueueFull
 from runtime.engine.bound import hold_outputs, place_outputs, region_input, run_bound
+from runtime.engine.buckets import default_buckets
 from runtime.engine.device_rows import DeviceRows
 from runtime.engine.golden import check_golden, load_golden
 from runtime.engine.graph_batch import BadBatch, BatchResult, UnsplitOutput
@@ -96,6 +98,7 @@ class GraphModel:
                 try:
                     model.graphs = make_graphs()  # loads and captures on this thread
                     model.signature = model.graphs.signature
+                    model._check_batches()
                     if spec.golden_path:
                         model._self_test(spec.golden_path)
                 except BaseException as exc:
@@ -298,16 +301,35 @@ class GraphModel:
         per_request): each call gets all of its own output, run alone, as without batching;
         the version batches no more, or a later batch whose output happened to have as many
         rows would be cut all the same."""
+        self._run_alone(f"{exc}{RUNS_ALONE}")
+
+    def _run_alone(self, why: str) -> None:
         if self.splits_batches:
             self.splits_batches = False
-            log.warning(
-                "model '%s' version %d: %s, and a batch's outputs cannot be split between its "
-                "requests. Its calls run one at a time from now on; its config should not ask "
-                "for dynamic_batching.",
-                self.name,
-                self.version,
-                exc,
+            log.warning("model '%s' version %d: %s", self.name, self.version, why)
+
+    def _check_batches(self) -> None:
+        """At load, on the serving thread: a version whose batches run eagerly (no captured
+        graph) is checked as a plain version's warm-up checks it (runtime.engine.batch_probe).
+        A captured one needs no check: each bucket was captured with its outputs bound at the
+        bucket's rows, which onnxruntime refuses for an output that does not have them. Here
+        nothing fails the load: without the check the version used to load, so a model that
+        refuses even zeros runs its calls alone."""
+        graphs = self.graphs
+        assert graphs is not None
+        if graphs.captured or self.spec.max_batch_size < 2:
+            return
+        try:
+            why = check_batches(
+                graphs.run_unrecorded,
+                graphs.signature.inputs,
+                graphs.output_names,
+                default_buckets(self.spec.max_batch_size),
             )
+        except Exception as exc:
+            why = unchecked(exc)
+        if why is not None:
+            self._run_alone(why)
 
     def _outputs(
         self,

@@ -463,6 +463,14 @@ class GraphSet:
         with self._lock:
             return run(self.session, self._eager_options)
 
+    def run_unrecorded(self, feeds: Mapping[str, Array]) -> list[Array]:
+        """One eager run of every output, left out of the statistics: the load's own runs
+        (runtime.engine.batch_probe), on the serving thread under the device lock."""
+        if self._closed:
+            raise RuntimeError("GraphSet is closed")
+        with self._lock:
+            return self.session.run(list(self.output_names), dict(feeds), self._eager_options)
+
     def _eager(
         self, bucket: int | None, feeds: Sequence[Mapping[str, Array]], sizes: list[int]
     ) -> BatchResult:

@@ -17,6 +17,7 @@ from typing import Any, Final
 import numpy as np
 import onnxruntime as ort
 
+from runtime.engine.batch_probe import check_batches, made_up, probe_feeds, unsplit
 from runtime.engine.bound import run_bound
 from runtime.engine.buckets import default_buckets
 from runtime.engine.golden import GoldenMismatch, check_golden, load_golden
@@ -98,26 +99,33 @@ class LoadedModel:
         return model
 
     def warm_up(self) -> None:
-        """Run zeros at every batch size the model will see (each bucket of
+        """Run the model at every batch size it will see (each bucket of
         `default_buckets(max_batch_size)`; once without a batch dimension), so that no request
-        pays lazy initialisation. Skipped when a shape is not fully known or an input is text.
-        A batching model whose output does not have the batch's rows here cannot have its
-        batches split between requests (`stop_batching`): found before any request is batched,
-        where `execute_batch` would find it on a batch, after earlier batches whose rows
-        happened to match were split wrongly."""
+        pays lazy initialisation. A batching version is checked there too: each output's first
+        dimension must follow the batch (runtime.engine.batch_probe), or its calls run one at a
+        time (`run_alone`), decided before any request is batched, where `execute_batch` would
+        find it only on a batch whose rows the output does not match, after earlier batches
+        that matched by chance were split wrongly. Inputs the signature leaves open (text,
+        variable dimensions after the batch's) are made up for that check only: for a version
+        that does not batch they would warm no shape its calls have."""
         max_batch = self.spec.max_batch_size if self.spec is not None else 0
-        for batch in default_buckets(max_batch) if max_batch > 0 else (1,):
-            feeds: dict[str, Any] = {}
-            for t in self.signature.inputs:
-                dims = [batch if (i == 0 and d == -1) else d for i, d in enumerate(t.shape)]
-                if t.datatype == "BYTES" or any(d < 0 for d in dims):
-                    return
-                feeds[t.name] = np.zeros(dims, dtype=DTYPES[t.datatype].numpy)
-            results = self.session.run(list(self.output_names), feeds)
-            if max_batch > 0:
-                for name, out in zip(self.output_names, results, strict=True):
-                    if not out.shape or out.shape[0] != batch:
-                        self.stop_batching(name, out.shape, batch)
+        batching = self.spec is not None and self.spec.batching is not None
+        names = list(self.output_names)
+        inputs = self.signature.inputs
+        if max_batch < 1:
+            if not made_up(inputs):
+                self.session.run(names, probe_feeds(inputs, None))
+            return
+        if made_up(inputs) and not (batching and max_batch > 1):
+            return
+        why = check_batches(
+            lambda feeds: self.session.run(names, dict(feeds)),
+            inputs,
+            names,
+            default_buckets(max_batch),
+        )
+        if why is not None:
+            self.run_alone(why)
 
     def self_test(self, golden_path: str) -> None:
         """The golden request must give the golden answer (runtime/engine/golden.py);
@@ -135,19 +143,13 @@ class LoadedModel:
 
     def stop_batching(self, output: str, shape: Sequence[int], rows: int) -> None:
         """A batch of `rows` rows gave `output` this shape: run calls one at a time now."""
+        self.run_alone(unsplit(output, shape, rows))
+
+    def run_alone(self, why: str) -> None:
+        """Run calls one at a time from now on, and say `why` in the log (once)."""
         if self.splits_batches:
             self.splits_batches = False
-            log.warning(
-                "model '%s' version %d: output '%s' of a batch of %d rows has shape %s: its "
-                "first dimension is not the batch dimension, and a batch's outputs cannot be "
-                "split between its requests. Its calls run one at a time from now on; its "
-                "config should not ask for dynamic_batching.",
-                self.name,
-                self.version,
-                output,
-                rows,
-                list(shape),
-            )
+            log.warning("model '%s' version %d: %s", self.name, self.version, why)
 
     def execute(
         self,

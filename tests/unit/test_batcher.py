@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import threading
 import time
@@ -113,6 +114,52 @@ def test_unreachable_preferred_size_waits() -> None:
     assert batch == []
 
 
+# Past the largest preferred size, as Triton's GetDynamicBatch (core dynamic_batch_scheduler.cc):
+# more rows could not make a preferred batch, so waiting for them only adds latency.
+
+
+@pytest.mark.parametrize("rows", [4, 5, 6, 8])
+def test_a_lone_request_at_or_past_the_largest_preferred_size_runs_at_once(rows: int) -> None:
+    batch, _, wait = form_batch([req(1, rows)], 0, 8, (4,), 500 * MS)
+    assert ids(batch) == [1] and wait is None
+
+
+def test_the_prefix_before_a_request_that_passes_the_largest_preferred_size_runs_at_once() -> None:
+    queue = [req(1, 3, at=0), req(2, 3, at=MS)]
+    batch, _, wait = form_batch(queue, MS, 8, (4,), 500 * MS)
+    assert ids(batch) == [1]  # 3 rows now; 6 would pass 4
+    assert wait == 500 * MS  # request 2 waits for its own delay (or more requests)
+
+
+def test_a_preferred_size_found_before_passing_the_largest_one_wins() -> None:
+    # 2 = preferred; 2+1 = 3 is not; 3+3 passes 4: Triton runs the 2-row prefix.
+    queue = [req(1, 2), req(2, 1), req(3, 3)]
+    batch, _, _ = form_batch(queue, 0, 8, (2, 4), 500 * MS)
+    assert ids(batch) == [1]
+
+
+def test_past_the_delay_everything_that_fits_runs() -> None:
+    queue = [req(1, 3, at=0), req(2, 3, at=0)]
+    batch, _, _ = form_batch(queue, 500 * MS, 8, (4,), 500 * MS)
+    assert ids(batch) == [1, 2]  # 6 rows: the delay passed, preferred sizes no longer shape it
+
+
+def test_without_a_delay_preferred_sizes_still_shape_batches() -> None:
+    batch, _, _ = form_batch([req(1, 3), req(2, 3)], 0, 8, (4,), 0)
+    assert ids(batch) == [1]
+    batch, _, _ = form_batch([req(1, 2), req(2, 2), req(3, 1)], 0, 8, (4,), 0)
+    assert ids(batch) == [1, 2]
+    batch, _, _ = form_batch([req(1, 1), req(2, 2)], 0, 8, (4,), 0)
+    assert ids(batch) == [1, 2]  # below every preferred size: all of it, at once
+
+
+def test_without_preferred_sizes_max_batch_size_is_the_target() -> None:
+    batch, _, _ = form_batch([req(1, 5), req(2, 2)], 0, 8, (), 500 * MS)
+    assert batch == []  # 7 rows < 8: waits for the delay (Triton: preferred = [8])
+    batch, _, _ = form_batch([req(1, 5), req(2, 4)], 0, 8, (), 500 * MS)
+    assert ids(batch) == [1]  # 9 would pass 8
+
+
 def test_expired_requests_are_never_in_a_batch() -> None:
     queue = [req(1, 1, deadline=5 * MS), req(2, 1, deadline=20 * MS), req(3, 1, deadline=2 * MS)]
     batch, expired, _ = form_batch(queue, 5 * MS, 8, (), 0)
@@ -154,6 +201,7 @@ def test_batch_is_a_fifo_prefix_and_nothing_is_lost(
     preferred: tuple[int, ...],
     delay: int,
 ) -> None:
+    preferred = tuple(s for s in preferred if s <= max_batch)  # as Batcher requires
     batch, expired, wait = form_batch(queue, now, max_batch, preferred, delay)
     live = [p for p in queue if not p.expired_at(now)]
     assert expired == [p for p in queue if p.expired_at(now)]
@@ -162,9 +210,14 @@ def test_batch_is_a_fifo_prefix_and_nothing_is_lost(
     assert rows <= max_batch or len(batch) == 1  # never split; oversized runs alone
     if live and not batch:
         assert wait is not None and wait > 0  # waiting always has a timed end
+    target = max(preferred) if preferred else max_batch
     if len(batch) < len(live):
         nxt = live[len(batch)].batch_size
-        assert batch == [] or rows + nxt > max_batch or rows in preferred
+        assert batch == [] or rows + nxt > target or rows in preferred
+    if live and not batch:
+        # It waits only while no prefix is a preferred size and all of it is below the target.
+        sums = list(itertools.accumulate(p.batch_size for p in live))
+        assert sums[-1] < target and not set(sums) & set(preferred)
 
 
 @given(
