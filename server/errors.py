@@ -12,6 +12,7 @@ maps each ErrorCode to a gRPC status in one table.
     ├── Unsupported       RPC or feature not implemented
     ├── ModelFailed       the model itself failed on this input (onnxruntime run error)
     └── LoadFailed        a repository load request failed (Triton answers INTERNAL)
+        └── LoadInterrupted  it met only a restarting worker: retry (UNAVAILABLE)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "ErrorCode",
     "InvalidInput",
     "LoadFailed",
+    "LoadInterrupted",
     "MicrotuneError",
     "ModelFailed",
     "NotFound",
@@ -94,6 +96,13 @@ class ModelFailed(MicrotuneError):
 
 class LoadFailed(MicrotuneError):
     code = ErrorCode.LOAD_FAILED
+
+
+class LoadInterrupted(LoadFailed):
+    """A load that failed only because the worker was restarting: nothing is wrong with the
+    model, and the load resumes once the worker is back, so the client is told to retry."""
+
+    code = ErrorCode.NOT_READY
 
 
 class CannotStart(Exception):

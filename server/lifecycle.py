@@ -29,7 +29,13 @@ from runtime.ipc.protocol import (
     ModelSignature,
     TensorInfo,
 )
-from server.errors import InvalidInput, LoadFailed, NotFound, Unsupported
+from server.errors import (
+    InvalidInput,
+    LoadFailed,
+    LoadInterrupted,
+    NotFound,
+    Unsupported,
+)
 from server.model_config import ConfigError, parse_config_json
 from server.models import NOT_LOADED, ModelEntry, ModelTable, VersionEntry
 from server.overrides import Overrides
@@ -47,6 +53,11 @@ DRAIN_TIMEOUT_S = 30.0
 # Worker deaths during a version's load after which it is left UNAVAILABLE (the second one has
 # it loading alone: reload_all) and the repository poll stops trying it.
 GIVE_UP_AFTER_CRASHES = 2
+# Load failures that say nothing of the model: the worker restarts, and the load resumes once it
+# is back (reload_all). A RepositoryModelLoad that meets only these is LoadInterrupted:
+# UNAVAILABLE, which clients retry, rather than INTERNAL.
+RESTARTING = "the runtime worker is restarting"
+RESTARTED = "the runtime worker restarted during the load"
 
 
 class ControlLog(Protocol):
@@ -359,6 +370,8 @@ class ModelManager:
             )
         if failures or s.version_errors:
             reasons = failures + list(s.version_errors.values())
+            if set(reasons) <= {RESTARTING, RESTARTED}:
+                raise LoadInterrupted(f"failed to load '{s.name}': {reasons[0]}; retry")
             raise LoadFailed(f"failed to load '{s.name}': {'; '.join(reasons)}")
 
     # ------------------------------------------------------------------ worker restarts
@@ -417,7 +430,7 @@ class ModelManager:
         try:
             client = self.link.require()
         except WorkerGone:
-            return "the runtime worker is restarting"
+            return RESTARTING
         try:
             msg = LoadModel(
                 client.next_request_id(),
@@ -464,7 +477,7 @@ class ModelManager:
         loading alone (reload_all) or is the one that keeps doing it: leave it UNAVAILABLE."""
         ve.load_crashes += 1
         if ve.load_crashes < GIVE_UP_AFTER_CRASHES:
-            return "the runtime worker restarted during the load"
+            return RESTARTED
         reason = (
             "the runtime worker died twice while loading this version (a crash in onnxruntime "
             "or CUDA); not loaded again until a load request or a change in the repository"

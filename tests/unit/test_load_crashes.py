@@ -13,12 +13,16 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import grpc
+import pytest
 from fake_worker_link import SIGNATURE, FakeWorkerLink
 
 from runtime.client import WorkerGone
 from runtime.ipc.protocol import Code, LoadDone, LoadModel
-from server.lifecycle import ModelManager
+from server.errors import LoadInterrupted
+from server.lifecycle import RESTARTED, RESTARTING, ModelManager
 from server.models import ModelTable
+from server.rpc.status import status_of
 from server.types import ModelState
 
 CONFIG = """name: "{name}"
@@ -105,3 +109,37 @@ def test_a_version_that_kills_the_worker_at_load_is_left_out(tmp_path: Path) -> 
     # the next repository poll.
     assert link.deaths == 2
     assert all(table.models[n].versions[1].load_crashes == 0 for n in names if n != "poison")
+
+
+class RestartingLink(FakeWorkerLink):
+    """A worker that is restarting (`require` raises), or that dies during every load."""
+
+    def __init__(self, down: bool) -> None:
+        super().__init__()
+        self.down = down
+
+    def require(self) -> FakeWorkerLink:
+        if self.down:
+            raise WorkerGone("the runtime worker is restarting")
+        return self
+
+    async def load(self, msg: LoadModel) -> LoadDone:
+        raise WorkerGone("worker process exited")
+
+
+@pytest.mark.parametrize("down", [True, False], ids=["restarting", "dies-during-the-load"])
+def test_a_load_that_meets_only_a_restarting_worker_is_retryable(
+    tmp_path: Path, down: bool
+) -> None:
+    # Nothing is wrong with the model, and the load resumes once the worker is back: the
+    # client is told UNAVAILABLE (retry), not INTERNAL (the model failed).
+    (tmp_path / "alpha" / "1").mkdir(parents=True)
+    (tmp_path / "alpha" / "1" / "model.onnx").write_bytes(b"onnx")
+    (tmp_path / "alpha" / "config.pbtxt").write_text(CONFIG.format(name="alpha"))
+    link = RestartingLink(down)
+    manager = ModelManager(tmp_path, link, ModelTable(), 1, mode="explicit", startup="")  # type: ignore[arg-type]
+    with pytest.raises(LoadInterrupted) as err:
+        asyncio.run(asyncio.wait_for(manager.load("alpha"), 10))
+    assert status_of(err.value) is grpc.StatusCode.UNAVAILABLE
+    reason = RESTARTING if down else RESTARTED
+    assert err.value.message == f"failed to load 'alpha': {reason}; retry"
