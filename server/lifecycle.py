@@ -40,7 +40,15 @@ from server.model_config import ConfigError, parse_config_json
 from server.models import NOT_LOADED, ModelEntry, ModelTable, VersionEntry
 from server.overrides import Overrides
 from server.pod_records import Identity
-from server.poll_policy import Seen, next_poll_in, poll_work, revision, seen_since, unsettled
+from server.poll_policy import (
+    Seen,
+    held_back,
+    next_poll_in,
+    poll_work,
+    revision,
+    seen_since,
+    unsettled,
+)
 from server.repository import ScannedModel, scan_model, scan_repository
 from server.types import ModelSpec, ModelState
 from server.worker_link import WorkerLink
@@ -360,6 +368,8 @@ class ModelManager:
             if ve.state is ModelState.UNAVAILABLE:
                 del entry.versions[ve.version]
                 self._forget(ve)
+        # (set before the unloads below: a poll meanwhile must not take them for a change)
+        entry.held = None if complete else held_back(entry, s)
         if complete:
             await asyncio.gather(*(self._unload_version(ve) for ve in stale))
         elif stale:

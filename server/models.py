@@ -57,6 +57,10 @@ class ModelEntry:
     # explicit mode did not load at start-up, and for one unloaded by request, until a load.
     # Readiness (--strict-readiness) counts only the failures of requested models.
     requested: bool = True
+    # Set by a load that left versions the scan no longer selects serving, because a selected
+    # one does not (server.poll_policy.held_back): the next polls leave them be until the
+    # scan or the table changes, instead of trying (and logging) again at every period.
+    held: object = None
 
     def ready_versions(self) -> list[int]:
         return sorted(v for v, e in self.versions.items() if e.state is _READY)

@@ -12,7 +12,16 @@ from server.models import ModelEntry
 from server.repository import ScannedModel
 from server.types import Fingerprint, ModelState
 
-__all__ = ["SETTLE_S", "Seen", "next_poll_in", "poll_work", "revision", "seen_since", "unsettled"]
+__all__ = [
+    "SETTLE_S",
+    "Seen",
+    "held_back",
+    "next_poll_in",
+    "poll_work",
+    "revision",
+    "seen_since",
+    "unsettled",
+]
 
 # A version whose files changed this recently before a scan may be half-written (a copy in
 # place): it waits until scans have found its files unchanged for this long (`unsettled`).
@@ -104,7 +113,27 @@ def poll_work(
         for v, ve in entry.versions.items()
         if v not in s.versions
     )
+    if removed and not stale and entry.held is not None and entry.held == held_back(entry, s):
+        return None  # kept serving while a selected version fails: said once, not every poll
     return stale if stale or removed else None
+
+
+def held_back(entry: ModelEntry, s: ScannedModel) -> object:
+    """What a load of `s` that left versions serving (those READY that the scan no longer
+    selects, kept while a selected version does not serve, as Triton keeps them) left as it
+    was: those versions, the selected ones' states and the scan's version errors. While it is
+    the same, another load would do and say the same."""
+    return (
+        frozenset(
+            v
+            for v, ve in entry.versions.items()
+            if v not in s.versions and ve.state is ModelState.READY
+        ),
+        tuple(
+            sorted((v, ve.state, ve.files) for v, ve in entry.versions.items() if v in s.versions)
+        ),
+        tuple(sorted(s.version_errors.items())),
+    )
 
 
 def revision(files: Fingerprint, token: str = "") -> str:

@@ -419,3 +419,35 @@ def test_a_failed_version_deselected_by_a_load_is_forgotten(tmp_path: Path) -> N
     asyncio.run(scenario())
     assert states(table) == {1: ModelState.READY}
     assert not table.failed()
+
+
+@pytest.mark.parametrize("case", ["new-version-fails", "serving-file-went"])
+def test_what_a_poll_left_serving_is_said_once_not_at_every_poll(
+    tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new version that fails (the old one kept serving), or a serving version whose file
+    went: the first poll says so; the later ones, with nothing changed, neither load again
+    nor log again. Every poll used to take the kept version for a change and redo both."""
+    root = repository(tmp_path, v1=b"one")
+    if case == "new-version-fails":
+        (root / "m" / "config.pbtxt").write_text(LATEST)
+    manager, link, table = manager_over(root)
+
+    async def scenario() -> None:
+        await manager.load_repository()
+        if case == "new-version-fails":
+            write(root / "m" / "2" / "model.onnx", b"broken", LATER)
+        else:
+            (root / "m" / "1" / "model.onnx").unlink()
+        with caplog.at_level(logging.WARNING, logger="server.lifecycle"):
+            await manager.poll_once()
+            first = len(caplog.records)
+            assert first > 0
+            for _ in range(3):
+                await manager.poll_once()
+            assert len(caplog.records) == first, [r.getMessage() for r in caplog.records]
+
+    asyncio.run(scenario())
+    assert table.models["m"].ready_versions() == [1]
+    assert len(link.loads) == (2 if case == "new-version-fails" else 1)  # start (+ 2 once)
+    assert link.unloads == []
