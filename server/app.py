@@ -219,7 +219,10 @@ class App:
         self.server = server
         log.info("gRPC listening on %s:%d", s.grpc_host, self.port)
         if s.port_file is not None:
-            s.port_file.write_text(str(self.port))
+            try:
+                s.port_file.write_text(str(self.port))
+            except OSError as exc:  # (a directory that is not writable, a full disk)
+                raise CannotStart(f"cannot write the port file {s.port_file}: {exc}") from None
 
     def _start_metrics(self) -> None:
         s, m = self.settings, self.metrics
@@ -318,8 +321,12 @@ class App:
         grace = self.settings.shutdown_grace_s
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            # Bounded: a task that lost its cancellation (asyncio.wait_for on Python 3.11 can
+            # swallow one that races its result) would otherwise hold the stop for ever.
+            _, left = await asyncio.wait(self._tasks, timeout=5)
+            if left:
+                log.warning("%d background task(s) did not stop; shutting down anyway", len(left))
         await self.health.shutdown()
         if self.server is not None:
             await self.server.stop(grace)

@@ -116,7 +116,10 @@ class WorkerLink:
         if client is None or client.closed:
             return None
         try:
-            return await asyncio.wait_for(client.status(), timeout_s)
+            # (asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that races the answer, and the metrics task that calls this then never stops)
+            async with asyncio.timeout(timeout_s):
+                return await client.status()
         except WorkerGone:
             return None
 

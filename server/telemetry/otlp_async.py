@@ -153,7 +153,8 @@ class AsyncChunkSender:
                 )
                 wake_at = loop.time() + backoff
                 with contextlib.suppress(TimeoutError):  # close() wakes the wait
-                    await asyncio.wait_for(closing.wait(), backoff)
+                    async with asyncio.timeout(backoff):  # (not wait_for: see WorkerLink.status)
+                        await closing.wait()
                 if wake_at > self._close_by:  # the retry would come after the close
                     self._failed(code, "the server is shutting down")
                     return

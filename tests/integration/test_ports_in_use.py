@@ -113,3 +113,19 @@ def test_a_worker_that_cannot_start_stops_the_server_with_one_line(
     assert f"server exited with code {EXIT_CONFIG}" in text, text[-3000:]
     assert "cannot start: the runtime worker did not listen within 0.01 s" in text
     assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_a_port_file_that_cannot_be_written_stops_the_server_with_one_line(
+    model_repository: Path, tmp_path: Path, frontends: str
+) -> None:
+    """(A lone front ended with a traceback and exit code 1; under the supervisor, front 0
+    crash-looped to the restart limit, or hung in its stop and went on accepting
+    connections after SIGTERM.) /proc/x: a file in a directory that nobody can write."""
+    args = ("--frontends", frontends, "--port-file", "/proc/x")  # (the last --port-file wins)
+    with pytest.raises(ServerExited) as info:
+        Server(model_repository, tmp_path, extra_args=args, start_timeout=60)
+    text = str(info.value)
+    assert f"server exited with code {EXIT_CONFIG}" in text, text[-3000:]
+    assert "cannot start: cannot write the port file /proc/x:" in text
+    assert "Traceback" not in text
