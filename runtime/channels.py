@@ -7,12 +7,13 @@ and runs it: a graph-served version's serving thread (onnxruntime keeps CUDA gra
 capturing thread, so the reader cannot replay them itself), or a plain batcher's thread. That
 hop costs 17-25 us here and 42 us on an H100 VM (docs/gpu.md §12). A direct channel removes
 it. The version listens on a Unix socket of its own, named in LoadDone; each front connects,
-says `Attach(connection)` and sends that version's calls there; the batching thread waits in
-`select` on those sockets and on a wake pipe (`Waker`, the batcher's `Idle`), reads, queues,
-batches, runs and answers on the same socket. Calls that still come through a reader (a front
-without the channel) wake it through the pipe, and all of them batch together in the one
-queue. A plain version with several instances has no channel: the instance reading it would
-hold the others back while it runs a batch.
+says `Attach(connection)` and sends that version's calls there (and the `Cancel` of one its
+client gave up); the batching thread waits in `select` on those sockets and on a wake pipe
+(`Waker`, the batcher's `Idle`), reads, queues, batches, runs and answers on the same socket.
+Calls that still come through a reader (a front without the channel) wake it through the
+pipe, and all of them batch together in the one queue. A plain version with several
+instances has no channel: the instance reading it would hold the others back while it runs a
+batch.
 
 A version's channels outlive its instances: a reload (same name and version, new files) hands
 them (`Channels.hand_to`) from the old instance's thread to the new one's, so the fronts keep
@@ -38,7 +39,15 @@ from typing import Protocol
 
 from runtime.engine.regions import RegionTable
 from runtime.ipc.outbound import Outbound
-from runtime.ipc.protocol import MAX_FRAME, Attach, FrameReader, Infer, InferDone, decode_front
+from runtime.ipc.protocol import (
+    MAX_FRAME,
+    Attach,
+    Cancel,
+    FrameReader,
+    Infer,
+    InferDone,
+    decode_front,
+)
 from runtime.ipc.protocol import encode as encode_frame
 
 __all__ = ["Channel", "ChannelTable", "Channels", "Front", "Queue", "Waker"]
@@ -59,6 +68,10 @@ class Front(Protocol):
 
     def stalled(self) -> None:
         """Count a stall of one of the front's sockets (its metrics report them)."""
+        ...
+
+    def cancel(self, msg: Cancel) -> None:
+        """The front gave up a call it sent (here or on its link): drop it if still queued."""
         ...
 
 
@@ -247,6 +260,9 @@ class Channels:
                 msg = decode_front(body)
                 if isinstance(msg, Infer) and chan.front is not None:
                     waker.queue(msg, chan, received)
+                elif isinstance(msg, Cancel) and chan.front is not None:
+                    # After the call it names, on this socket: queued by now, unless it ran.
+                    chan.front.cancel(msg)
                 elif isinstance(msg, Attach) and chan.front is None:
                     chan.front = self._attach(msg.connection)
                     if chan.front is None:

@@ -3,7 +3,9 @@
 Owns the front's shared-memory arena and slot pool. `infer` leases a run of slots, copies the
 inputs into it (the one host copy of a request's tensors), sends an Infer message, and awaits
 InferDone. A lease is returned only once the worker can no longer write to it: on its reply, or
-when the worker is known dead. If the link drops, every pending call fails with WorkerGone.
+when the worker is known dead. If the link drops, every pending call fails with WorkerGone. A
+call whose caller is cancelled before the reply is named to the worker in a Cancel: still
+queued there, it is dropped and answered at once (its lease comes back then), never computed.
 
 A batched version served by one thread (from CUDA graphs, or a plain batcher with one
 instance) has a direct channel (`LoadDone.channel`, runtime.channels): a second socket, read by
@@ -28,6 +30,7 @@ from runtime.ipc.file_slice import FileSlice
 from runtime.ipc.protocol import (
     PROTOCOL_VERSION,
     Attach,
+    Cancel,
     CloseRegion,
     Code,
     FrontMessage,
@@ -319,7 +322,7 @@ class RuntimeClient:
                     done = await fut
                 else:
                     done = await asyncio.wait_for(fut, max(deadline - time.monotonic(), 0.0))
-            except BaseException:
+            except BaseException as exc:
                 if fut.done() and not fut.cancelled():
                     # Answered as the deadline or a cancellation hit: the reader left the
                     # lease to this call, which must return it.
@@ -333,6 +336,11 @@ class RuntimeClient:
                     # returns the lease when the worker's answer arrives.
                     fut.cancel()
                     self._orphans[call_id] = (name, version)
+                    if isinstance(exc, asyncio.CancelledError):
+                        # Its client cancelled it (or grpc did, at its deadline): a call
+                        # still queued in the worker is dropped and answered at once. (A
+                        # deadline of ours the worker knows: it expires the call itself.)
+                        self._give_up(Cancel(call_id, name, version), chan)
                 raise
         finally:
             if not released:  # never sent (a link or channel gone): nobody else returns it
@@ -386,6 +394,15 @@ class RuntimeClient:
         self._channels[key] = chan
         if old is not None:
             old.retire()
+
+    def _give_up(self, msg: Cancel, chan: DirectChannel | None) -> None:
+        """Tell the worker that nobody waits for a call any more, on the socket the call took
+        (`chan`, or the link): it reads the Cancel after the call."""
+        frame = encode(msg)
+        if chan is not None:
+            chan.send(frame)
+        elif self._link is not None and not self.closed:
+            self._link.send(frame)
 
     def _channel_lost(self, chan: DirectChannel) -> None:
         """The worker closed a direct channel: it died (its channels may end before its link

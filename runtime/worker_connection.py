@@ -2,10 +2,11 @@
 
 The reader decodes every complete frame of a `recv` and acts on it: a call known to be short
 (runtime.engine.inline_gate) runs right there (its answer leaves with the read's other answers
-in one write), a batched call goes to its model's batcher, any other to the worker's pool;
-loads get a thread of their own, and unloads and client CUDA region (un)registrations run in
-order on the connection's control thread, because they take the device lock, which a load or a
-capture holds for seconds.
+in one write), a batched call goes to its model's batcher, any other to the worker's pool (a
+Cancel takes a call still waiting in either out: `Connection.cancel`); loads get a thread of
+their own, and unloads and client CUDA region (un)registrations run in order on the
+connection's control thread, because they take the device lock, which a load or a capture
+holds for seconds.
 When the front goes, its regions, its arena's pinning and the arena itself are released here.
 """
 
@@ -29,6 +30,7 @@ from runtime.ipc.pinning import CudaError, PinnedRegion, pin_arena
 from runtime.ipc.protocol import (
     MAX_FRAME,
     PROTOCOL_VERSION,
+    Cancel,
     CloseRegion,
     Code,
     FrameReader,
@@ -63,6 +65,8 @@ log = logging.getLogger("microtune.worker")
 # when it arrived.
 Queued = tuple[Any, Infer, int]
 
+_GONE = object()  # (Connection._alone: a call no longer waiting for the pool)
+
 
 class Connection:
     """One front process: its arena and its socket."""
@@ -85,6 +89,10 @@ class Connection:
         # Unloads and region (un)registrations take the device lock, which a load or a capture
         # holds for seconds: they run here, in order, while the reader goes on reading.
         self._control = ThreadPoolExecutor(1, thread_name_prefix="control")
+        # This front's calls waiting for a pool thread (call id -> their answer's way back, None
+        # = this connection): whichever of the pool thread and a Cancel pops a call first has
+        # it (dict.pop is atomic), so a cancelled call is answered once and never runs.
+        self._alone: dict[int, Callable[[InferDone], None] | None] = {}
 
     def send(self, msg: Any) -> None:
         frame = encode(msg)
@@ -163,6 +171,8 @@ class Connection:
         """Act on one message; False ends the connection."""
         if isinstance(msg, Infer):
             self._dispatch(msg, time.monotonic_ns())
+        elif isinstance(msg, Cancel):
+            self.cancel(msg)
         elif isinstance(msg, Hello):
             self._hello(msg)
         elif isinstance(msg, LoadModel):
@@ -204,10 +214,7 @@ class Connection:
         # arena, not us.
         buf = None if self.arena is None else self.arena.buf
         # A plain batcher's calls carry us, or the direct channel they came on (runtime.channels)
-        counts = [
-            ((name, v), b.count_queued(lambda q: q[0] is self or getattr(q[0], "front", 0) is self))
-            for (name, v), b in plain
-        ]
+        counts = [((name, v), b.count_queued(self._mine)) for (name, v), b in plain]
         counts += [((name, v), b.count_queued(lambda q: q[2] is buf)) for (name, v), b in graphs]
         pinned = self.pinned
         return WorkerStatus(
@@ -331,7 +338,47 @@ class Connection:
     ) -> None:
         """Run `call` by itself on the pool, answered through `answer` (a direct channel's:
         runtime.channels) or on this connection."""
-        self.worker.pool.submit(self._infer, call, received_ns, answer)
+        self._alone[call.call_id] = answer
+        self.worker.pool.submit(self._run_queued, call, received_ns, answer)
+
+    def _run_queued(
+        self, call: Infer, received_ns: int, answer: Callable[[InferDone], None] | None
+    ) -> None:
+        if self._alone.pop(call.call_id, _GONE) is _GONE:
+            return  # cancelled while it waited, and answered then
+        self._infer(call, received_ns, answer)
+
+    def cancel(self, msg: Cancel) -> None:
+        """This front gave call `msg.call_id` up (its client cancelled). Still waiting in its
+        version's batcher or for a pool thread, it is answered CANCELLED now, which frees its
+        queue place and the front's arena lease, and never runs; already running (or never
+        seen), nothing changes: a run is not interrupted, and its answer returns the lease.
+        Read on the reader of the socket the call came on, after the call."""
+        call_id = msg.call_id
+        done = InferDone(call_id, Code.CANCELLED, "cancelled by the client while queued")
+        key = (msg.name, msg.version)
+        graph_model = self.worker.graph_models.get(key)
+        if graph_model is not None and self.arena is not None:
+            buf = self.arena.buf  # a graph version's queued calls carry their front's arena
+            taken = graph_model.batcher.cancel(call_id, lambda q: q[2] is buf)
+            if taken is not None:
+                taken.payload[0](done)
+                return
+        batcher = self.worker.batchers.get(key)
+        if batcher is not None:
+            found = batcher.cancel(call_id, self._mine)
+            if found is not None:
+                found.payload[0].send_quiet(done)
+                return
+        answer = self._alone.pop(call_id, _GONE)
+        if answer is not _GONE:
+            (answer or self.send_quiet)(done)
+
+    def _mine(self, queued: Queued) -> bool:
+        """Whether a plain batcher's queued call is this front's: it carries this connection,
+        or the direct channel it came on (runtime.channels)."""
+        sender = queued[0]
+        return sender is self or getattr(sender, "front", None) is self
 
     def _infer(
         self,

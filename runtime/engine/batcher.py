@@ -4,8 +4,9 @@
 Invariants: requests are never split and never reordered (a batch is a FIFO prefix of the live
 queue); a batch never exceeds max_batch_size rows (a lone request larger than that, which the
 front's validation should have refused, runs alone rather than block the queue forever); a
-request whose deadline has passed is handed to `expire` and never computed. Time comes from an
-injected clock in nanoseconds (CLOCK_MONOTONIC in production, the same clock as
+request whose deadline has passed is handed to `expire` and never computed; one its caller gave
+up on is taken out by `cancel` (its owner answers it) and never computed either. Time comes
+from an injected clock in nanoseconds (CLOCK_MONOTONIC in production, the same clock as
 `Infer.deadline_ns`), so tests drive every decision deterministically.
 """
 
@@ -185,6 +186,7 @@ class BatcherStats:
     batched_rows: int
     expired: int  # deadline passed while queued
     rejected: int  # QueueFull
+    cancelled: int  # taken out by cancel(): the caller gave up while it waited
 
 
 class Batcher(Generic[T]):
@@ -232,7 +234,7 @@ class Batcher(Generic[T]):
         self._runners: set[int] = set()  # thread ids of the active run() loops
         self._waiting: Idle | None = None  # a loop's Idle while it waits in it
         self._batches = self._batched_requests = self._batched_rows = 0
-        self._expired = self._rejected = 0
+        self._expired = self._rejected = self._cancelled = 0
 
     def submit(self, item: Pending[T]) -> None:
         with self._cond:
@@ -247,6 +249,22 @@ class Batcher(Generic[T]):
             self._queue.append(item)
             self._cond.notify()
             self._wake_idle()
+
+    def cancel(self, call_id: int, where: Callable[[T], bool]) -> Pending[T] | None:
+        """Take the queued request `call_id` whose payload satisfies `where` (call ids repeat
+        across fronts) out of the queue, and return it: the caller answers it. None when it is
+        not queued (in a batch already, answered, or never here). A cancel is rare (a client
+        gave up): a pass over the queue, so that submit and batching pay nothing for it.
+
+        What stays queued is decided again at the loop's next wake-up: a removed head leaves
+        the loop waiting for the old head's delay at most, and then it waits for the new one."""
+        with self._cond:
+            for i, p in enumerate(self._queue):
+                if p.call_id == call_id and where(p.payload):
+                    del self._queue[i]  # (by index: equality would compare payloads)
+                    self._cancelled += 1
+                    return p
+        return None
 
     def _wake_idle(self) -> None:
         # Under the lock. Once per wait: a loop that has not started waiting yet will see
@@ -336,6 +354,7 @@ class Batcher(Generic[T]):
                 batched_rows=self._batched_rows,
                 expired=self._expired,
                 rejected=self._rejected,
+                cancelled=self._cancelled,
             )
 
     def count_queued(self, where: Callable[[T], bool]) -> int:

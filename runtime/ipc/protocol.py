@@ -20,6 +20,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Attach",
     "Batching",
+    "Cancel",
     "CloseRegion",
     "Code",
     "FrameReader",
@@ -50,7 +51,7 @@ __all__ = [
     "encode",
 ]
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 FRAME_HEADER: Final = struct.Struct("<I")
 MAX_FRAME: Final = 64 * 1024 * 1024  # inline outputs are the only large payloads
 GOLDEN_FILE: Final = "golden.json"  # a version's golden request/response, beside its model file
@@ -72,6 +73,9 @@ class Code(enum.IntEnum):
     # range, dims that do not agree): the client's to fix, yet a failure of this version
     # (a broken canary may refuse data its stable version takes: the guard counts it)
     DATA_REJECTED = 9
+    # The front gave the call up (Cancel) while it waited: dropped, never run. Nobody waits for
+    # this answer; it tells the front that the call's arena lease is free.
+    CANCELLED = 10
 
 
 class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, frozen=True):
@@ -207,6 +211,20 @@ class Infer(_Msg, tag="infer"):
         return inputs[0].shape[0] if inputs and inputs[0].shape else 1
 
 
+class Cancel(_Msg, tag="cancel"):
+    """Nobody waits for call `call_id` of model `name` version `version` any more (its client
+    cancelled it). Sent where the call went (the link or the version's direct channel), so the
+    worker reads it after the call. A call still queued (a batcher, the pool) is answered
+    CANCELLED at once and never runs; one already running finishes, and its answer returns the
+    lease as before. As Triton (r23.10+) drops cancelled requests from its schedulers' queues:
+    without this they kept their queue places (a live client got "queue full" behind calls
+    nobody would read), their arena leases, and were computed."""
+
+    call_id: int
+    name: str
+    version: int
+
+
 class GetStatus(_Msg, tag="status"):
     """Ask what the worker holds for this front (the front's metrics poll it about once a
     second, off the request path)."""
@@ -247,6 +265,7 @@ FrontMessage = (
     | LoadModel
     | UnloadModel
     | Infer
+    | Cancel
     | GetStatus
     | Shutdown
     | OpenRegion

@@ -68,6 +68,13 @@ def _deadline(context: Ctx) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def _check_not_ended(deadline: float | None) -> None:
+    """Past its deadline a stream is ended by grpc: what it would write then fails in core and
+    grpc logs it at ERROR (as server.rpc.status explains for unary calls)."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise asyncio.CancelledError("the stream's deadline passed")
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, handler: InferenceHandler) -> None:
         self.h = handler
@@ -185,10 +192,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             while (task := await answers.get()) is not None:
                 try:
-                    yield await task
+                    response = await task
+                    _check_not_ended(deadline)
+                    yield response
                 finally:
                     window.release()
             await reader  # a read that failed (the client's stream broke) fails the call
+            _check_not_ended(deadline)  # (grpc then sends the stream's status)
         finally:
             reader.cancel()
             while not answers.empty():

@@ -1,10 +1,20 @@
 """The one table from domain errors to gRPC status codes, and the decorator that applies it to
 every RPC. Unexpected exceptions answer INTERNAL with a generic message and an error id; the
 detail goes to the log only.
+
+A call that grpc has already ended is not answered: its deadline passed (grpc core ends the
+call with DEADLINE_EXCEEDED when it does, and a request that waited for the model until then
+fails with our DeadlineExceeded at that same instant), or its client cancelled it. grpc.aio
+learns that from core a moment after core knows it, so an answer sent in between fails in
+core, and grpc logs "ExecuteBatchError raised in core by servicer method" with a traceback
+at ERROR: under load with short deadlines, an ordinary race logged as a server fault. Raising
+CancelledError instead is what grpc.aio's own cancellation of the handler does (logged at
+DEBUG): the client's status is the one core gave the call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import uuid
@@ -71,22 +81,39 @@ Handler = Callable[..., Awaitable[R]]  # (self, request, context, *extra)
 
 
 def rpc_errors(fn: Handler[R]) -> Handler[R]:
-    """Wrap a unary servicer method so that every exception becomes a proper status."""
+    """Wrap a unary servicer method so that every exception becomes a proper status, and no
+    answer goes to a call grpc has ended (module docstring)."""
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext, *args: Any) -> R:
         try:
-            return await fn(self, request, context, *args)
+            response = await fn(self, request, context, *args)
         except MicrotuneError as exc:
-            await context.abort(STATUS[exc.code], exc.message)
+            await _abort(context, STATUS[exc.code], exc.message)
         except grpc.aio.AbortError:
             raise
         except Exception:
-            await context.abort(grpc.StatusCode.INTERNAL, internal_error(fn.__name__, request))
-        raise AssertionError("unreachable")  # abort() always raises
+            await _abort(context, grpc.StatusCode.INTERNAL, internal_error(fn.__name__, request))
+        else:
+            if context.time_remaining() == 0:  # (None: no deadline)
+                raise asyncio.CancelledError("the call's deadline passed before its answer")
+            return response
+        raise AssertionError("unreachable")  # _abort() always raises
 
     wrapper.__rpc_errors__ = True  # type: ignore[attr-defined]
     return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End the call with `code`, unless grpc has ended it (module docstring); always raises."""
+    if context.time_remaining() == 0:
+        raise asyncio.CancelledError("the call's deadline passed before its answer")
+    try:
+        await context.abort(code, details)
+    except grpc.aio.InternalError:
+        # Core refused the status (grpc.aio's ExecuteBatchError): it had ended the call, on its
+        # deadline or the client's cancellation, before grpc.aio told this task.
+        raise asyncio.CancelledError("the call ended before its answer") from None
 
 
 def internal_error(rpc: str, request: Any) -> str:

@@ -287,6 +287,46 @@ def test_count_queued_counts_waiting_requests_by_payload() -> None:
     assert b.count_queued(lambda owner: True) == 0
 
 
+def test_cancel_takes_a_queued_request_out_and_the_rest_batches_without_it() -> None:
+    """A request whose caller gave up leaves the queue (its place is free for the next
+    submit) and is handed back to be answered; the others batch as if it never came."""
+    clock = FakeClock()
+    b: Batcher[str] = Batcher(8, max_queue_delay_ns=MS, max_queue_size=3, clock=clock)
+    for i in (1, 2, 3):
+        b.submit(Pending(i, 1, 0, payload="a"))
+    taken = b.cancel(2, lambda owner: owner == "a")
+    assert taken is not None and (taken.call_id, taken.payload) == (2, "a")
+    b.submit(Pending(4, 1, 0, payload="a"))  # the cancelled one's place: not QueueFull
+    clock.now = MS
+    formed = b.poll(lambda batch: None, lambda p: None)
+    assert [p.call_id for p in formed.batch] == [1, 3, 4] and formed.expired == []
+    s = b.stats()
+    assert (s.queued, s.cancelled, s.batched_requests, s.rejected) == (0, 1, 3, 0)
+
+
+def test_cancel_matches_the_owner_too_as_call_ids_repeat_across_fronts() -> None:
+    b: Batcher[str] = Batcher(8, max_queue_delay_ns=MS)
+    b.submit(Pending(7, 1, 0, payload="front a"))
+    b.submit(Pending(7, 1, 0, payload="front b"))
+    taken = b.cancel(7, lambda owner: owner == "front b")
+    assert taken is not None and taken.payload == "front b"
+    assert b.cancel(7, lambda owner: owner == "front b") is None  # gone: answered once
+    assert b.count_queued(lambda owner: owner == "front a") == 1
+
+
+def test_cancel_leaves_a_request_already_in_a_batch_alone() -> None:
+    """A request taken into a batch runs to its end (its answer frees what it holds):
+    cancel() finds nothing, changes nothing, and counts nothing."""
+    rec = Recorder()
+    b: Batcher[None] = Batcher(8)  # no delay: released at once
+    b.submit(req(1))
+    b.poll(rec.execute, rec.expire)
+    assert rec.batches == [[1]]
+    assert b.cancel(1, lambda payload: True) is None
+    assert b.cancel(99, lambda payload: True) is None  # never queued
+    assert b.stats().cancelled == 0
+
+
 def test_submit_after_close_is_refused() -> None:
     b: Batcher[None] = Batcher(8)
     assert b.close() is True  # nothing queued, no loop

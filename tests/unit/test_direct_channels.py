@@ -27,7 +27,7 @@ import onnxruntime as ort
 import pytest
 
 from runtime.channels import ChannelTable
-from runtime.client import CallFailed, InferResult, PreparedInput, RuntimeClient
+from runtime.client import CallFailed, InferResult, PreparedInput, RuntimeClient, WorkerGone
 from runtime.ipc.protocol import Attach, Batching, Code, LoadModel, ModelSignature, encode
 from runtime.ipc.shm import Arena, SlotPool
 from runtime.settings import WorkerSettings
@@ -285,7 +285,8 @@ def test_a_front_that_goes_with_a_call_queued_does_not_fail_its_batch_mates(
 ) -> None:
     """Front a's call waits in the queue for a second row when a leaves; b's call then forms
     the batch with it. a's arena is still mapped for its queued call (before, the worker had
-    closed it: reading a released buffer failed the whole batch, b's call included)."""
+    closed it: reading a released buffer failed the whole batch, b's call included). (a
+    leaves without cancelling its call: a cancelled call would leave the queue.)"""
     x = np.full((1, 256), 2.0, dtype=np.float32)
 
     async def scenario() -> None:
@@ -295,7 +296,8 @@ def test_a_front_that_goes_with_a_call_queued_does_not_fail_its_batch_mates(
                 assert (await a.load(load(2, batching=WAIT_FOR_TWO))).code == Code.OK
                 queued = asyncio.create_task(infer(a, x))
                 await asyncio.sleep(0.3)
-                queued.cancel()
+            with pytest.raises(WorkerGone):  # a closed its link under its call
+                await queued
             await asyncio.sleep(0.3)  # a is gone, its call still queued
             assert_dense(await infer(b, x, deadline_s=10), x)
 

@@ -15,6 +15,7 @@ from runtime.ipc.protocol import (
     MAX_FRAME,
     PROTOCOL_VERSION,
     Attach,
+    Cancel,
     CloseRegion,
     Code,
     FrameReader,
@@ -79,6 +80,7 @@ FRONT: list[FrontMessage] = [
         out_capacity=0,
         bound=True,
     ),
+    Cancel(42, "simple", 1),
     GetStatus(5),
     OpenRegion(6, "gpu0", bytes(range(64)), 0, 1 << 20),
     CloseRegion(7, "gpu0"),
@@ -107,6 +109,7 @@ WORKER: list[WorkerMessage] = [
     ),
     InferDone(43, Code.MODEL_FAILED, "Cast failed"),
     InferDone(44, Code.DEADLINE),
+    InferDone(45, Code.CANCELLED, "cancelled by the client while queued"),
     WorkerStatus(5, (QueuedCalls("dense_large", 1, 3), QueuedCalls("dense", 2, 1)), 1 << 26),
     WorkerStatus(6),
 ]
