@@ -79,11 +79,31 @@ def main(argv: list[str] | None = None) -> int:
             "cannot start: model repository %s is not a directory", settings.model_repository
         )
         return EXIT_CONFIG
+    if missing := _missing_startup_models(settings):
+        # As Triton, which does not start without every model it was told to load: a typo
+        # here would otherwise leave a server that looks ready and never serves the model.
+        logging.getLogger("microtune").error(
+            "cannot start: --load-model %s: no such model in %s",
+            ", ".join(missing),
+            settings.model_repository,
+        )
+        return EXIT_CONFIG
     from server.supervisor import frontends_for, run_supervisor
 
     if frontends_for(settings) > 1:
         return run_supervisor(settings)
     return serve_front(settings)
+
+
+def _missing_startup_models(settings: Settings) -> list[str]:
+    """The models --load-model names (explicit mode) that the repository does not have."""
+    from server.repository import model_names
+
+    if settings.model_control_mode != "explicit" or settings.load_model.strip() == "*":
+        return []
+    names = [n.strip() for n in settings.load_model.split(",") if n.strip()]
+    present = set(model_names(settings.model_repository))
+    return [n for n in names if n not in present]
 
 
 def serve_front(settings: Settings) -> int:

@@ -192,6 +192,20 @@ def test_a_missing_model_repository_stops_the_server_with_one_line(
     assert f"cannot start: model repository {missing} is not a directory" in err
 
 
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_a_load_model_name_the_repository_lacks_stops_the_server_with_one_line(
+    frontends: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(A typo in --load-model left a server that said it was ready, one ERROR line aside, and
+    never served the model; Triton does not start.)"""
+    (tmp_path / "dense").mkdir()
+    argv = ["serve", "--model-repository", str(tmp_path), "--grpc-port", "0", "--metrics-port"]
+    argv += ["-1", "--frontends", frontends, "--model-control-mode", "explicit"]
+    assert main([*argv, "--load-model", "dense, desne,other"]) == 78
+    err = capsys.readouterr().err
+    assert f"cannot start: --load-model desne, other: no such model in {tmp_path}" in err
+
+
 def test_a_front_finds_its_model_repository_gone(tmp_path: Path) -> None:
     """A front of the supervisor (or a lone one started otherwise than by `main`) checks too."""
     from server.cli import serve_front
