@@ -126,6 +126,9 @@ def test_internal_error_line_carries_the_request_fields() -> None:
     class Context:
         details = ""
 
+        def time_remaining(self) -> None:
+            return None  # no deadline
+
         async def abort(self, code: grpc.StatusCode, details: str) -> None:
             self.details = details
             raise grpc.aio.AbortError()
