@@ -6,9 +6,27 @@ EXTRAS ?= cpu,test
 BIN    := $(VENV)/bin
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+extras := $(subst $(comma), ,$(EXTRAS))
+# The onnxruntime distribution the EXTRAS install, and the one they exclude (none, when they
+# name neither cpu nor gpu).
+ORT       := $(if $(filter gpu,$(extras)),onnxruntime-gpu,$(if $(filter cpu,$(extras)),onnxruntime))
+ORT_OTHER := $(if $(filter gpu,$(extras)),onnxruntime,$(if $(filter cpu,$(extras)),onnxruntime-gpu))
+
+# Run before each install. onnxruntime and onnxruntime-gpu install the same `onnxruntime`
+# module and pip lets both in: the second installed silently wins, and uninstalling one
+# deletes files the other needs. A .venv set up with the other variant (EXTRAS switched
+# between cpu and gpu) so loses both, and the install brings back the one EXTRAS asks for.
+define one_onnxruntime
+	@if [ -n "$(filter cpu,$(extras))" ] && [ -n "$(filter gpu,$(extras))" ]; then \
+		echo "EXTRAS=$(EXTRAS): cpu and gpu exclude each other (one onnxruntime)"; exit 1; fi
+	@if [ -n "$(ORT_OTHER)" ] && [ -x $(BIN)/python ] && \
+		$(BIN)/python -m pip show -q $(ORT_OTHER) >/dev/null 2>&1; then \
+		echo "EXTRAS=$(EXTRAS) wants $(ORT), not $(ORT_OTHER): uninstalling both first"; \
+		$(BIN)/python -m pip uninstall -q -y onnxruntime onnxruntime-gpu; fi
+endef
 
 .PHONY: setup serve test test-fast lint proto demo-repository bench bench-quick bench-fast \
-	bench-observability clean
+	bench-observability clean one-onnxruntime
 
 setup: $(STAMP)
 
@@ -17,10 +35,14 @@ $(STAMP): pyproject.toml
 		{ echo "microtune needs Python >= 3.11"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || \
 		{ echo "python venv failed: on Debian, apt-get install python3-venv"; exit 1; }
+	$(one_onnxruntime)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+
+one-onnxruntime:
+	$(one_onnxruntime)
 
 serve: setup
 	$(BIN)/microtune serve $(ARGS)

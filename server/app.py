@@ -53,6 +53,11 @@ class App:
     def __init__(self, settings: Settings, span_exporter: SpanExporter | None = None) -> None:
         """`span_exporter` replaces the configured trace exporter (tests)."""
         self.settings = settings
+        # First: a tracing configuration that cannot work stops the server here (CannotStart),
+        # before anything below makes a run directory that nothing would remove.
+        self.tracing = make_tracing(
+            settings.tracing, settings.trace_sampling_ratio, __version__, span_exporter
+        )
         self.table = ModelTable()
         self.link = WorkerLink(settings, settings.frontend_index)
         self.manager = ModelManager(
@@ -72,9 +77,6 @@ class App:
         shared = RegionDirectory(pod_dir) if pod_dir is not None else None
         self.shm = SharedMemoryRegistry(settings.allow_client_shm, shared)
         self.metrics = Metrics() if settings.metrics_port >= 0 else None
-        self.tracing = make_tracing(
-            settings.tracing, settings.trace_sampling_ratio, __version__, span_exporter
-        )
         if self.metrics is not None and self.tracing is not None and self.tracing.sender:
             self.tracing.sender.on_loss = self.metrics.trace_chunk_lost
         self.router = Router(self.table, on_rollback=self._rolled_back)

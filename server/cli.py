@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve a model repository over gRPC",
         description="Serve a model repository. Every flag can also be set "
-        "as MICROTUNE_<NAME> in the environment; flags win.",
+        "as MICROTUNE_<NAME> in the environment (an empty one counts as unset); flags win.",
     )
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -48,10 +49,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    given: dict[str, Any] = {
-        k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None
-    }
-    return Settings(**given)
+    return Settings(**_given(args))
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+
+
+def settings_error(exc: ValidationError, given: dict[str, Any]) -> str:
+    """One line: each problem after the flag or MICROTUNE_* variable that set the value, as the
+    user wrote it (pydantic's text runs over lines, names the field, links to its docs)."""
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        message = error["msg"].removeprefix("Value error, ")
+        if field in given:
+            where = f"--{field.replace('_', '-')} {given[field]!r}"
+        elif (var := _variable(field)) is not None:
+            where = f"{var}={os.environ[var]!r}"
+        else:
+            where = field or "settings"
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems)
+
+
+def _variable(field: str) -> str | None:
+    """The environment variable that set `field` (their names are case-insensitive)."""
+    wanted = f"MICROTUNE_{field}".upper()
+    return next((k for k in os.environ if k.upper() == wanted), None) if field else None
 
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -69,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        print(f"microtune: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"microtune: invalid settings: {settings_error(exc, _given(args))}", file=sys.stderr)
         return 2
     from server.telemetry.logs import setup_logging
 

@@ -118,6 +118,8 @@ class ModelManager:
         # clock, as file mtimes are).
         self._scanned: dict[str, Seen] = {}
         self.wall_clock: Callable[[], float] = time.time
+        # Each model's config fields last said to be ignored (`_say_ignored`).
+        self._ignored_said: dict[str, tuple[str, ...]] = {}
         link.on_restart = self.reload_all
         link.on_lost = self.mark_worker_lost
 
@@ -437,6 +439,7 @@ class ModelManager:
         the worker has, of any revision, if another front loaded it from the same path and
         config."""
         assert spec is not None
+        self._say_ignored(spec)
         try:
             client = self.link.require()
         except WorkerGone:
@@ -481,6 +484,17 @@ class ModelManager:
             ve.reason = f"reload failed, serving the instance loaded before: {done.message}"
         log.error("model %s %s", spec.name, reason)
         return reason
+
+    def _say_ignored(self, spec: ModelSpec) -> None:
+        """A warning naming the config fields microtune accepts but does not act on (a config
+        moved over from Triton), once per model and config, not once per version or reload."""
+        if self._ignored_said.get(spec.name, ()) != spec.ignored and spec.ignored:
+            log.warning(
+                "model %s: config fields accepted but ignored by microtune: %s",
+                spec.name,
+                ", ".join(spec.ignored),
+            )
+        self._ignored_said[spec.name] = spec.ignored
 
     def _died_loading(self, name: str, ve: VersionEntry) -> str:
         """The worker died while it loaded `ve` (and maybe others). The second time, `ve` was

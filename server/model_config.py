@@ -1,17 +1,29 @@
 """Reads a model's config file into a ModelSpec.
 
 The format is Triton's: `config.pbtxt` (protobuf text) or `config.json` (the same message as
-JSON, which is also what RepositoryModelLoad's `config` parameter carries), restricted to the
-fields microtune uses. Everything is optional: inputs and outputs left out are read from the
-ONNX graph by the worker. See docs/model-repository.md.
+JSON, which is also what RepositoryModelLoad's `config` parameter carries). Everything is
+optional: inputs and outputs left out are read from the ONNX graph by the worker. See
+docs/model-repository.md.
+
+Every field of Triton's ModelConfig parses (repositories move over from Triton unchanged), and
+each falls in one of three kinds:
+- read (`_READ`): microtune acts on it;
+- refused (`_refuse_unsupported`): ignoring it would change what clients get (a stateful
+  model's sequence control inputs, an ensemble's steps, a decoupled model's many responses,
+  inputs the server computes for a batch), so the model does not load, saying so;
+- any other field set: accepted and ignored, as it changes nothing a client receives (a
+  response cache, priorities, host policies, warm-up samples, CUDA graph or TensorRT
+  settings...); `ModelSpec.ignored` names them and the load logs them in one warning.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 from google.protobuf import json_format, text_format
+from google.protobuf.message import Message
 
 from runtime.ipc.dtypes import BY_CONFIG
 from server._proto.inference import grpc_service_pb2 as pb
@@ -44,7 +56,9 @@ def parse_config_json(text: str, name: str) -> ModelSpec:
     try:
         json_format.Parse(text, msg)
     except json_format.ParseError as exc:
-        raise ConfigError(f"config of model '{name}' does not parse: {exc}") from exc
+        # (Its first line says what is wrong; the next lists every field of the message.)
+        first = str(exc).split("\n", 1)[0]
+        raise ConfigError(f"config of model '{name}' does not parse: {first}") from exc
     return spec_from_pb(msg, name)
 
 
@@ -62,6 +76,7 @@ def spec_from_pb(msg: pb.ModelConfig, dir_name: str) -> ModelSpec:
             f"model '{dir_name}': {what} is not supported "
             "(microtune serves onnxruntime_onnx models)"
         )
+    _refuse_unsupported(msg, dir_name)
     if msg.max_batch_size < 0:
         raise ConfigError(f"model '{dir_name}': max_batch_size must be >= 0")
     batching = None
@@ -90,7 +105,84 @@ def spec_from_pb(msg: pb.ModelConfig, dir_name: str) -> ModelSpec:
         default_model_filename=_file_name(dir_name, msg.default_model_filename or "model.onnx"),
         platform=platform,
         parameters={k: v.string_value for k, v in msg.parameters.items()},
+        ignored=ignored_fields(msg),
     )
+
+
+def _refuse_unsupported(msg: pb.ModelConfig, model: str) -> None:
+    """Triton features whose absence would change the answers: refused, not ignored."""
+    unsupported = []
+    if msg.HasField("sequence_batching"):  # a stateful model: no control inputs, no state
+        unsupported.append("sequence_batching (stateful models)")
+    if msg.HasField("ensemble_scheduling"):
+        unsupported.append("ensemble_scheduling (ensembles)")
+    if msg.model_transaction_policy.decoupled:  # responses are one per request here
+        unsupported.append("model_transaction_policy { decoupled: true }")
+    if msg.batch_input:  # tensors the server computes for each batch, which the model reads
+        unsupported.append("batch_input")
+    if msg.batch_output:
+        unsupported.append("batch_output")
+    if unsupported:
+        raise ConfigError(f"model '{model}': {', '.join(unsupported)}: not supported by microtune")
+
+
+# The fields microtune acts on, as dotted paths (a path covers the fields under it). The
+# parameters other than `routing` are the backend's in Triton, so they are ignored here. An
+# instance group's `kind` and `gpus` count as read: where versions run is --device's choice
+# for every model, as documented, and nearly every Triton config sets them.
+_READ = frozenset(
+    {
+        "name",
+        "platform",
+        "backend",
+        "max_batch_size",
+        "version_policy",
+        "input.name",
+        "input.data_type",
+        "input.dims",
+        "input.reshape",
+        "output.name",
+        "output.data_type",
+        "output.dims",
+        "output.reshape",
+        "instance_group.name",
+        "instance_group.count",
+        "instance_group.kind",
+        "instance_group.gpus",
+        "dynamic_batching.preferred_batch_size",
+        "dynamic_batching.max_queue_delay_microseconds",
+        "dynamic_batching.default_queue_policy.max_queue_size",
+        "default_model_filename",
+        "parameters.routing",
+    }
+)
+
+
+def ignored_fields(msg: pb.ModelConfig) -> tuple[str, ...]:
+    """The fields `msg` sets that microtune does not act on, as dotted paths, each once. A
+    message nothing of which is read is named whole (`model_warmup`), or, when it is a single
+    one, by what it sets (`optimization.priority`, `response_cache.enable`)."""
+    return tuple(dict.fromkeys(_ignored(msg, "")))
+
+
+def _ignored(msg: Message, prefix: str) -> Iterator[str]:
+    for fd, value in msg.ListFields():  # (proto3 scalars: only those not at their default)
+        path = prefix + fd.name
+        if any(path == r or path.startswith(r + ".") for r in _READ):
+            continue
+        is_map = fd.message_type is not None and fd.message_type.GetOptions().map_entry
+        if not any(r.startswith(path + ".") for r in _READ):  # nothing under it is read
+            if fd.message_type is None or is_map or fd.is_repeated:
+                yield path
+            else:
+                yield from (f"{path}.{sub.name}" for sub, _ in value.ListFields())
+        elif is_map:  # parameters: the backend's keys (Triton's), ours is `routing`
+            yield from (f"{path}.{key}" for key in value if f"{path}.{key}" not in _READ)
+        elif fd.is_repeated:
+            for item in value:
+                yield from _ignored(item, path + ".")
+        else:
+            yield from _ignored(value, path + ".")
 
 
 def _file_name(model: str, name: str) -> str:

@@ -288,8 +288,8 @@ class Router:
         # The file is small and read once a second.
         try:
             raw = path.read_bytes()
-        except OSError as exc:
-            self.file_error = f"cannot read {path}: {exc.strerror}"
+        except OSError as exc:  # a typo'd path, a volume not mounted, a directory
+            self._file_failed(f"cannot read {path}: {exc.strerror}")
             return False
         if raw == self._file_bytes and not self.file_error:
             return False
@@ -304,15 +304,18 @@ class Router:
             tables = parse_routing_file_json(raw)  # any problem of the content: RoutingError
             self._validate_file(tables)
         except RoutingError as exc:
-            error = f"{path}: {exc.message}; the previous tables keep serving"
-            if error != self.file_error:
-                log.error("routing file rejected: %s", error)
-            self.file_error = error
+            self._file_failed(f"{path}: {exc.message}; the previous tables keep serving")
             return False
         self._file, self._file_bytes, self.file_error = tables, raw, ""
         self._rebuild()
         log.info("routing file %s applied (%d model(s))", path, len(tables))
         return True
+
+    def _file_failed(self, error: str) -> None:
+        """Logged when the error changes, not at each poll of the file (once a second)."""
+        if error != self.file_error:
+            log.error("routing file rejected: %s", error)
+        self.file_error = error
 
     def _validate(self, model: str, table: RoutingTable) -> None:
         entry = self.models.models.get(model)

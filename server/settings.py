@@ -2,14 +2,18 @@
 
 Values come from, in increasing priority: defaults, `MICROTUNE_*` environment variables, CLI
 flags (server.cli builds one flag per field). Nothing else in the project reads the environment.
+An empty variable counts as unset (`MICROTUNE_MODEL_REPOSITORY=`, what a template leaves for a
+value it lacks, served the working directory: `/` in the image); an empty path given as a flag
+is refused.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["DEMO_REPOSITORY", "Settings"]
@@ -19,13 +23,18 @@ DEMO_REPOSITORY = Path(__file__).resolve().parent / "demo_repository"
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="MICROTUNE_", frozen=True, extra="forbid", use_attribute_docstrings=True
+        env_prefix="MICROTUNE_",
+        env_ignore_empty=True,
+        frozen=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
     )
 
     model_repository: Path = DEMO_REPOSITORY
     """Directory of models: <repo>/<model>/[config.pbtxt|config.json] and <version>/model.onnx."""
     grpc_host: str = "127.0.0.1"
-    """Address to bind the gRPC server to ("0.0.0.0" or "[::]" in a container)."""
+    """Address to bind the gRPC server to ("0.0.0.0" or "[::]" in a container; an IPv6
+    address is bracketed if given bare: "::1" is "[::1]")."""
     grpc_port: int = Field(8001, ge=0, le=65535)
     """gRPC port; 0 picks a free one (written to --port-file)."""
     port_file: Path | None = None
@@ -52,7 +61,7 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = "auto"
     """Logs: JSON lines (default when stderr is not a terminal, as in a container) or text."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    """Log level of the front and the worker."""
+    """Log level of the front and the worker (any case: "debug" is "DEBUG")."""
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,3})?)$")
     """"auto", "cpu" or "cuda:N" ("cuda" = "cuda:0"): where the worker runs models. Anything
     else is refused (a "gpu" served on the CPU)."""
@@ -122,12 +131,43 @@ class Settings(BaseSettings):
     """Name reported by ServerMetadata. Defaults to "triton" because Triton clients (its own
     example programs among them) check it; the version field carries microtune's version."""
 
-    @model_validator(mode="after")
-    def _check(self) -> Settings:
-        if self.shm_slot_bytes % 4096:
-            raise ValueError("shm_slot_bytes must be a multiple of 4096")
-        if self.port_file is not None and (
-            self.port_file.is_dir() or not self.port_file.parent.is_dir()
-        ):
-            raise ValueError(f"port_file {str(self.port_file)!r} is not a file in a directory")
-        return self
+    # Each check is a field's: its error names the field, so that server.cli can say which flag
+    # or variable the user set wrong.
+
+    @field_validator("model_repository", "routing_file", "port_file", mode="before")
+    @classmethod
+    def _not_empty(cls, value: object) -> object:
+        """("" is Path("."): the working directory, taken for a repository or a file.)"""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("an empty path")
+        return value
+
+    @field_validator("shm_slot_bytes")
+    @classmethod
+    def _whole_pages(cls, value: int) -> int:
+        if value % 4096:
+            raise ValueError("must be a multiple of 4096")
+        return value
+
+    @field_validator("port_file")
+    @classmethod
+    def _a_file_in_a_directory(cls, value: Path | None) -> Path | None:
+        if value is not None and (value.is_dir() or not value.parent.is_dir()):
+            raise ValueError("not a file in an existing directory")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("grpc_host")
+    @classmethod
+    def _bracketed(cls, host: str) -> str:
+        """gRPC's addresses put an IPv6 host in brackets: "::1:8001" reads as [::0.1.0.0]:443,
+        and the server said the address was in use."""
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return host
+        return f"[{host}]"

@@ -92,6 +92,9 @@ class ModelSpec:
     default_model_filename: str = "model.onnx"
     platform: str = "onnxruntime_onnx"
     parameters: Mapping[str, str] = field(default_factory=dict)
+    # Fields the config sets that microtune accepts and does not act on (dotted paths, e.g.
+    # "response_cache.enable"): the load names them in a warning (server.model_config).
+    ignored: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

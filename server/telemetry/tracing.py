@@ -26,6 +26,7 @@ OTEL_RESOURCE_ATTRIBUTES say otherwise.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from time import time_ns
@@ -45,6 +46,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+from server.errors import CannotStart
 from server.rpc.registration import Registrations, decoding_in_handler
 from server.telemetry.infer_trace import InferTrace, random_span_ids, span_ids_from, span_ref
 from server.telemetry.otlp_async import AsyncChunkSender
@@ -106,8 +108,8 @@ def make_tracing(
         # The instrumentation's spans (other RPCs, a few) batch as usual; ModelInfer's are
         # encoded into chunks on the event loop and sent from it (server.telemetry.otlp_async)
         # as soon as one is full (1024 requests) or 0.5 s old. Both read OTEL_EXPORTER_OTLP_*.
-        tp.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        sender = AsyncChunkSender(OTLPSpanExporter())
+        tp.add_span_processor(BatchSpanProcessor(_otlp_exporter()))
+        sender = AsyncChunkSender(_otlp_exporter())
         chunker = SpanChunker(encoder, lambda chunk: sender.submit(chunk.payload))
         return Tracing(tp, chunker.add, ratio, chunker, sender)
     processor: SpanProcessor
@@ -117,6 +119,36 @@ def make_tracing(
         processor = BatchSpanProcessor(ExpandingSpanExporter(ConsoleSpanExporter(), encoder))
     tp.add_span_processor(processor)
     return Tracing(tp, processor.on_end, ratio)  # type: ignore[arg-type]  # see infer_trace
+
+
+def _otlp_exporter() -> OTLPSpanExporter:
+    """The OTLP exporter as the OTEL_EXPORTER_OTLP_* variables configure it. A value it cannot
+    use stops the server at start (CannotStart: one line naming the variable, exit code 78):
+    the exporter raises a bare ValueError ("could not convert string to float: '5s'") that
+    names no variable, and a front that died of it was restarted, failing alike, until the
+    supervisor gave up. (Its constructor only reads configuration: nothing connects yet.)"""
+    try:
+        return OTLPSpanExporter()
+    except Exception as exc:  # ValueError, its InvalidCompressionValueException, RuntimeError...
+        raise CannotStart(f"--tracing otlp: {_misconfigured(exc)}") from None
+
+
+_COMPRESSIONS = ("gzip", "deflate", "none")  # what the exporter's environ_to_compression takes
+
+
+def _misconfigured(exc: Exception) -> str:
+    """The OTEL_EXPORTER_OTLP_* variable (and value) behind `exc`, else `exc` itself."""
+    for name, value in sorted(os.environ.items()):
+        if not name.startswith("OTEL_EXPORTER_OTLP_"):
+            continue
+        if name.endswith("_TIMEOUT"):
+            try:
+                float(value)
+            except ValueError:
+                return f"{name}={value!r} is not a number of seconds"
+        elif name.endswith("_COMPRESSION") and value.strip().lower() not in _COMPRESSIONS:
+            return f"{name}={value!r} is not one of {', '.join(_COMPRESSIONS)}"
+    return f"the OTLP exporter refused its OTEL_EXPORTER_OTLP_* settings: {exc}"
 
 
 # RPCs the instrumentation does not trace: ModelInfer (ours, RequestTracer) and health checks

@@ -162,3 +162,37 @@ def test_a_gpu_pod_without_limits_renders_and_takes_one_gpu_only(helm: str) -> N
     )
     assert proc.returncode != 0
     assert "gpu.count: microtune runs one runtime worker per pod, on one GPU" in proc.stderr
+
+
+def _render_fails(helm: str, *sets: str) -> str:
+    """`helm template` with `sets`, expected to fail: its error."""
+    args = [helm, "template", "t", str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    env = {**os.environ, "HOME": tempfile.mkdtemp()}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, check=False, timeout=120)
+    assert proc.returncode != 0, proc.stdout
+    return proc.stderr
+
+
+def test_a_service_monitor_the_cluster_cannot_take_fails_the_render(helm: str) -> None:
+    """(Nothing was rendered, without a word, where the API was not known: plain `helm
+    template`, a cluster without the Prometheus Operator.)"""
+    err = _render_fails(helm, "serviceMonitor.enabled=true")
+    assert (
+        "serviceMonitor.enabled: this cluster has no monitoring.coreos.com/v1 ServiceMonitor"
+        in (err)
+    )
+    assert "--api-versions monitoring.coreos.com/v1/ServiceMonitor" in err
+    assert "ServiceMonitor" not in render(helm)  # off: nothing, and no error
+
+
+def test_args_come_after_the_charts_flags_so_they_win(helm: str) -> None:
+    """values.yaml sends users who want another value than the chart's flag to `args` (an
+    `env` MICROTUNE_* variable loses to the flag): the last of a flag given twice wins."""
+    args = render(helm, "args={--strict-readiness=false}")["Deployment"]["spec"]["template"]
+    args = args["spec"]["containers"][0]["args"]
+    assert args.index("--strict-readiness=false") > args.index("--strict-readiness=true")
+    from server.cli import build_parser
+
+    assert build_parser().parse_args(args).strict_readiness == "false"

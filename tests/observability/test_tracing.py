@@ -436,3 +436,45 @@ def test_otlp_export_over_the_wire_continues_client_trace(
     # OTEL_SERVICE_NAME (a standard variable) wins over the default service name.
     assert srv.resource["service.name"] == "microtune-under-test"
     assert "service.version" in srv.resource
+
+
+# ----------------------------------------------------------------------------- misconfigured
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "5s", "is not a number of seconds"),
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "ten", "is not a number of seconds"),
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd", "is not one of gzip, deflate, none"),
+        ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "lz4", "is not one of gzip, deflate, none"),
+    ],
+)
+def test_an_otlp_variable_the_exporter_cannot_use_is_a_start_error(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    """(The exporter's bare ValueError escaped App: a traceback naming no variable, exit 1.)"""
+    from server.errors import CannotStart
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(CannotStart) as info:
+        make_tracing("otlp", 1.0, "9.9.9")
+    assert str(info.value) == f"--tracing otlp: {variable}={value!r} {message}"
+    make_tracing("console", 1.0, "9.9.9")  # only the OTLP exporter reads them
+
+
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_a_bad_otlp_variable_stops_the_server_with_one_line(
+    model_repository: Path, tmp_path: Path, frontends: str
+) -> None:
+    """A lone front ended with ~40 lines of traceback and exit code 1; under the supervisor
+    every front died so and was restarted until --restart-limit, then the server exited 70."""
+    args = ["--model-repository", str(model_repository), "--tracing", "otlp",
+            "--metrics-port", "-1", "--log-format", "json", "--frontends", frontends]  # fmt: skip
+    server = ServerProcess(tmp_path, args, {"OTEL_EXPORTER_OTLP_TIMEOUT": "5s"})
+    with pytest.raises(AssertionError, match=r"server exited \(78\)"):
+        server.start(timeout=60)
+    err = server.stderr()
+    assert "cannot start: --tracing otlp: OTEL_EXPORTER_OTLP_TIMEOUT='5s' is not a number" in err
+    assert "Traceback" not in err
+    assert all(line.startswith("{") for line in err.splitlines()), err  # JSON lines only

@@ -145,6 +145,28 @@ def test_the_inference_messages_are_complete(
     assert incomplete == {}
 
 
+def test_the_model_config_is_complete(tables: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    """ModelConfig and every message under it carry every field Triton's do, so any config
+    written for Triton parses (a subset refused `response_cache`, `sequence_batching`,
+    `optimization { priority }`, `instance_group { host_policy }`... as "does not parse";
+    server/model_config.py decides what microtune does with each field)."""
+    ours, triton = tables
+    seen, todo = set(), ["inference.ModelConfig"]
+    while todo:
+        message = todo.pop()
+        if message in seen or message not in triton:  # (enums: compared below)
+            continue
+        seen.add(message)
+        todo.extend(type_name for *_, type_name in triton[message].values() if type_name)
+    incomplete = {
+        m: sorted(set(triton[m]) - set(ours.get(m, {})))
+        for m in sorted(seen)
+        if set(triton[m]) - set(ours.get(m, {}))
+    }
+    assert incomplete == {}
+    assert len(seen) > 30  # (the walk went down the nested messages)
+
+
 def test_enums_match_triton(tables: tuple[dict[str, Any], dict[str, Any]]) -> None:
     ours, triton = tables
     assert "inference.DataType" in ours["__enums__"]

@@ -51,6 +51,7 @@ def test_full_pbtxt(tmp_path: Path) -> None:
         default_model_filename="net.onnx",
         platform="onnxruntime_onnx",
         parameters={"k": "v"},
+        ignored=("parameters.k",),  # (a backend parameter, in Triton)
     )
 
 
@@ -323,3 +324,144 @@ def test_reshape_is_read(tmp_path: Path) -> None:
     spec = read_model_config(model_dir(tmp_path, "m", pbtxt))
     assert spec.inputs == (TensorSpec("x", "FP32", (1,), ()),)
     assert spec.outputs == (TensorSpec("y", "FP32", (2, 3), (6,)),)
+
+
+# ----------------------------------------------------------------------------- Triton's fields
+
+# A config written for Triton, setting fields microtune does not act on (each changes nothing
+# a client receives). A subset of Triton's ModelConfig refused it as "does not parse".
+TRITON_EXTRAS = """
+max_batch_size: 8
+input [ { name: "A" data_type: TYPE_FP32 format: FORMAT_NCHW dims: [ 4 ] optional: true } ]
+output [ { name: "C" data_type: TYPE_FP32 dims: [ 4 ] label_filename: "labels.txt" } ]
+instance_group [
+  { count: 2 kind: KIND_GPU gpus: [ 0 ] host_policy: "numa0"
+    rate_limiter { resources [ { name: "R" count: 1 } ] } },
+  { kind: KIND_CPU host_policy: "numa1" }
+]
+dynamic_batching {
+  preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 100 priority_levels: 2
+  default_queue_policy { max_queue_size: 5 timeout_action: DELAY }
+}
+optimization {
+  priority: PRIORITY_MAX
+  cuda { graphs: true }
+  execution_accelerators {
+    gpu_execution_accelerator [
+      { name: "tensorrt" parameters { key: "precision_mode" value: "FP16" } }
+    ]
+  }
+}
+response_cache { enable: true }
+model_warmup [ { name: "w" batch_size: 1
+  inputs { key: "A" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } } ]
+model_transaction_policy { decoupled: false }
+model_operations { op_library_filename: "libcustom.so" }
+model_repository_agents { agents [ { name: "checksum" } ] }
+metric_tags { key: "team" value: "search" }
+model_metrics { metric_control [ { metric_identifier { family: "nv_inference_queue_duration" } } ] }
+cc_model_filenames { key: "8.0" value: "model.onnx" }
+parameters [
+  { key: "routing" value: { string_value: "{}" } },
+  { key: "intra_op_thread_count" value: { string_value: "4" } }
+]
+"""
+
+IGNORED = (
+    "input.format",
+    "input.optional",
+    "output.label_filename",
+    "instance_group.rate_limiter.resources",
+    "instance_group.host_policy",
+    "cc_model_filenames",
+    "metric_tags",
+    "dynamic_batching.priority_levels",
+    "dynamic_batching.default_queue_policy.timeout_action",
+    "optimization.priority",
+    "optimization.cuda",
+    "optimization.execution_accelerators",
+    "parameters.intra_op_thread_count",
+    "model_warmup",
+    "model_operations.op_library_filename",
+    "model_repository_agents.agents",
+    "response_cache.enable",
+    "model_metrics.metric_control",
+)
+
+
+def test_a_triton_config_loads_and_names_the_fields_it_ignores(tmp_path: Path) -> None:
+    spec = read_model_config(model_dir(tmp_path, "m", TRITON_EXTRAS))
+    assert spec.ignored == IGNORED
+    # What is read is read as before.
+    assert spec.dynamic_batching == DynamicBatching((4,), 100, 5, 3)
+    assert spec.inputs == (TensorSpec("A", "FP32", (4,)),)
+    assert spec.parameters["routing"] == "{}"
+
+
+def test_the_same_config_as_json_parses_the_same(tmp_path: Path) -> None:
+    """Triton's JSON (config.json, RepositoryModelLoad's `config`): field numbers and names
+    are Triton's, so JSON written from Triton's message parses to the same spec."""
+    from google.protobuf import json_format, text_format
+
+    from server._proto.inference import grpc_service_pb2 as pb
+
+    msg = text_format.Parse(TRITON_EXTRAS, pb.ModelConfig())
+    text = json_format.MessageToJson(msg)  # lowerCamelCase, as Triton writes it
+    assert "responseCache" in text
+    assert parse_config_json(text, "m") == read_model_config(
+        model_dir(tmp_path, "m", TRITON_EXTRAS)
+    )
+
+
+def test_a_config_with_only_read_fields_ignores_nothing(tmp_path: Path) -> None:
+    only_read = SIMPLE_PBTXT.replace('parameters { key: "k" value: { string_value: "v" } }', "")
+    assert read_model_config(model_dir(tmp_path, "simple", only_read)).ignored == ()
+    # Defaults said out loud change nothing either.
+    pbtxt = "model_transaction_policy { decoupled: false } response_cache { enable: false }"
+    assert read_model_config(model_dir(tmp_path, "m", pbtxt)).ignored == ()
+
+
+@pytest.mark.parametrize(
+    ("pbtxt", "feature"),
+    [
+        (
+            "max_batch_size: 8 sequence_batching { max_sequence_idle_microseconds: 5000000 "
+            'control_input [ { name: "START" control [ { kind: CONTROL_SEQUENCE_START '
+            "int32_false_true: [ 0, 1 ] } ] } ] oldest { max_candidate_sequences: 4 } }",
+            "sequence_batching (stateful models)",
+        ),
+        ("sequence_batching { }", "sequence_batching (stateful models)"),
+        (
+            'ensemble_scheduling { step [ { model_name: "a" model_version: -1 '
+            'input_map { key: "x" value: "y" } } ] }',
+            "ensemble_scheduling (ensembles)",
+        ),
+        (
+            "model_transaction_policy { decoupled: true }",
+            "model_transaction_policy { decoupled: true }",
+        ),
+        (
+            'batch_input [ { kind: BATCH_ELEMENT_COUNT target_name: "N" data_type: TYPE_FP32 '
+            'source_input: "A" } ]',
+            "batch_input",
+        ),
+        ('batch_output [ { target_name: "C" source_input: "A" } ]', "batch_output"),
+    ],
+    ids=["sequence", "sequence-empty", "ensemble", "decoupled", "batch-input", "batch-output"],
+)
+def test_triton_features_that_would_change_the_answers_are_refused(
+    tmp_path: Path, pbtxt: str, feature: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        read_model_config(model_dir(tmp_path, "m", pbtxt))
+    assert str(info.value) == f"model 'm': {feature}: not supported by microtune"
+
+
+def test_a_json_typo_is_one_line(tmp_path: Path) -> None:
+    """(json_format's error goes on with every field name of the message.)"""
+    with pytest.raises(ConfigError) as info:
+        parse_config_json('{"respons_cache": {}}', "m")
+    assert str(info.value) == (
+        "config of model 'm' does not parse: Message type \"inference.ModelConfig\" has no "
+        'field named "respons_cache" at "ModelConfig".'
+    )

@@ -180,6 +180,32 @@ def test_a_routing_file_that_comes_back_unchanged_clears_the_error(tmp_path: Pat
     assert r.file_error == ""
 
 
+def test_a_routing_file_that_cannot_be_read_is_logged_once_per_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """(Only GetRouting's file_error said so: a typo'd --routing-file or a volume not mounted
+    left the server ready without its tables and nothing in the log.)"""
+    r, _, _ = router()
+    path = tmp_path / "routing.json"
+    with caplog.at_level("ERROR", logger="server.router"):
+        for _ in range(3):  # polls, once a second
+            assert not r.reload_file(path)
+    assert caplog.messages == [
+        f"routing file rejected: cannot read {path}: No such file or directory"
+    ]
+    assert r.file_error == f"cannot read {path}: No such file or directory"
+    caplog.clear()
+    path.mkdir()  # another error: said too
+    with caplog.at_level("ERROR", logger="server.router"):
+        assert not r.reload_file(path)
+        assert not r.reload_file(path)
+    assert caplog.messages == [f"routing file rejected: cannot read {path}: Is a directory"]
+    path.rmdir()
+    path.write_text(file_table(1, 2))
+    assert r.reload_file(path)
+    assert r.file_error == ""
+
+
 def test_a_canary_given_a_share_again_is_not_judged_on_its_rolled_back_errors() -> None:
     """After a rollback, requests pinned to the broken canary kept filling the window of the
     same (stable, canary, rule); the operator fixed and reloaded it and sent the pairing again

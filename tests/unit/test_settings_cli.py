@@ -92,8 +92,8 @@ def test_frozen() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"shm_slot_bytes": 4096 + 1}, "shm_slot_bytes must be a multiple of 4096"),
-        ({"shm_slot_bytes": 3 * 4096 // 2 + 4096}, "shm_slot_bytes must be a multiple of 4096"),
+        ({"shm_slot_bytes": 4096 + 1}, "shm_slot_bytes\n  Value error, must be a multiple of 4096"),
+        ({"shm_slot_bytes": 4096 * 5 // 2}, "shm_slot_bytes\n  Value error, must be a multiple of"),
         ({"shm_slot_bytes": 1024}, "greater than or equal to 4096"),
         ({"grpc_port": 70000}, "less than or equal to 65535"),
         ({"grpc_port": -1}, "greater than or equal to 0"),
@@ -104,8 +104,12 @@ def test_frozen() -> None:
         ({"device": "gpu"}, "String should match pattern"),
         ({"device": "cuda:x"}, "String should match pattern"),
         # (ended in a traceback once the server listened; "" is ".", a directory)
-        ({"port_file": ""}, "port_file '.' is not a file in a directory"),
-        ({"port_file": "/no/such/dir/port"}, "port_file '/no/such/dir/port' is not a file in"),
+        ({"port_file": ""}, "port_file\n  Value error, an empty path"),
+        ({"port_file": "/no/such/dir/port"}, "not a file in an existing directory"),
+        ({"port_file": "/tmp"}, "not a file in an existing directory"),
+        # ("" served the working directory, / in the image, each directory a failed model)
+        ({"model_repository": ""}, "model_repository\n  Value error, an empty path"),
+        ({"routing_file": " "}, "routing_file\n  Value error, an empty path"),
         ({"shutdown_grace_s": -1}, "greater than or equal to 0"),
     ],
 )
@@ -121,19 +125,75 @@ def test_invalid_env_is_a_validation_error(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.parametrize(
-    ("argv", "message"),
+    ("argv", "env", "message"),
     [
-        (["--shm-slot-bytes", "5000"], "shm_slot_bytes must be a multiple of 4096"),
-        (["--grpc-port", "http"], "grpc_port"),
+        (["--shm-slot-bytes", "5000"], {}, "--shm-slot-bytes '5000': must be a multiple of 4096"),
+        (
+            ["--grpc-port", "http"],
+            {},
+            "--grpc-port 'http': Input should be a valid integer, unable to parse string as an "
+            "integer",
+        ),
+        ([], {"MICROTUNE_GRPC_PORT": "abc"}, "MICROTUNE_GRPC_PORT='abc': Input should be a valid"),
+        ([], {"microtune_shm_slot_bytes": "5000"}, "microtune_shm_slot_bytes='5000': must be a"),
+        (["--model-repository", ""], {}, "--model-repository '': an empty path"),
+        (
+            ["--log-level", "trace"],
+            {"MICROTUNE_SHM_SLOTS": "0"},
+            "--log-level 'trace': Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR'; "
+            "MICROTUNE_SHM_SLOTS='0': Input should be greater than or equal to 1",
+        ),
     ],
 )
-def test_main_reports_invalid_settings(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+def test_main_reports_invalid_settings_in_one_line_naming_the_flag_or_variable(
+    argv: list[str],
+    env: dict[str, str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """(pydantic's text: 3-4 lines per error, naming the field rather than the flag or the
+    variable, with a link to its documentation.)"""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("microtune: invalid settings:")
-    assert message in err
+    assert err.startswith(f"microtune: invalid settings: {message}"), err
+    assert err.count("\n") == 1
+    assert "pydantic" not in err
+
+
+@pytest.mark.parametrize(
+    "var", ["MICROTUNE_MODEL_REPOSITORY", "MICROTUNE_ROUTING_FILE", "MICROTUNE_GRPC_PORT"]
+)
+def test_an_empty_variable_counts_as_unset(var: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a template leaves for a value it lacks. MICROTUNE_MODEL_REPOSITORY= served the
+    working directory (in the image, `/`: bin, boot, dev... each a failed model)."""
+    monkeypatch.setenv(var, "")
+    assert Settings() == Settings.model_construct()
+    assert from_cli() == Settings()
+
+
+@pytest.mark.parametrize("level", ["debug", "Info", "warning", "ERROR"])
+def test_log_level_in_any_case(level: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert from_cli("--log-level", level).log_level == level.upper()
+    monkeypatch.setenv("MICROTUNE_LOG_LEVEL", level)
+    assert Settings().log_level == level.upper()
+
+
+@pytest.mark.parametrize(
+    ("host", "bound"),
+    [
+        ("::1", "[::1]"),  # (gRPC read "::1:8001" as [::0.1.0.0]:443: "address in use")
+        ("::", "[::]"),
+        ("fe80::1%eth0", "[fe80::1%eth0]"),
+        ("[::1]", "[::1]"),
+        ("0.0.0.0", "0.0.0.0"),
+        ("localhost", "localhost"),
+    ],
+)
+def test_a_bare_ipv6_host_is_bracketed(host: str, bound: str) -> None:
+    assert from_cli("--grpc-host", host).grpc_host == bound
 
 
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
