@@ -23,7 +23,7 @@ from server.router import RouteHints
 from server.routing import HEADER_CANARY_WEIGHT, HEADER_MODEL_VERSION, HEADER_ROUTING_KEY
 from server.rpc import codec
 from server.rpc.registration import Registrations
-from server.rpc.status import internal_error, rpc_errors, status_of
+from server.rpc.status import clip_details, internal_error, rpc_errors, status_of
 from server.rpc.wire import InferDecoder, encode_response
 from server.telemetry.infer_trace import InferTrace
 from server.telemetry.logs import LOG_SPAN
@@ -236,7 +236,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 tracer.end(span, grpc.StatusCode.INTERNAL)  # type: ignore[union-attr]
             error = internal_error("ModelStreamInfer", request)
         return pb.ModelStreamInferResponse(
-            error_message=error, infer_response=_response_head(request)
+            error_message=clip_details(error), infer_response=_response_head(request)
         )
 
     ModelStreamInfer.__rpc_errors__ = True  # type: ignore[attr-defined]  # handles its own

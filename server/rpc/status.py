@@ -28,7 +28,7 @@ from server._proto.inference import grpc_service_pb2 as pb
 from server.errors import ErrorCode, MicrotuneError
 from server.telemetry.logs import request_context
 
-__all__ = ["STATUS", "rpc_errors", "status_of"]
+__all__ = ["MAX_DETAILS", "STATUS", "clip_details", "rpc_errors", "status_of"]
 
 log = logging.getLogger("microtune.rpc")
 
@@ -104,12 +104,26 @@ def rpc_errors(fn: Handler[R]) -> Handler[R]:
     return wrapper
 
 
+# The most of a message a client gets (characters). A status's details travel in a header:
+# past grpc's metadata limit (8-16 KiB, percent-encoded) the client got RESOURCE_EXHAUSTED
+# "Stream removed" instead of the error; and messages quote what the client sent (names,
+# shapes, lists of a model's inputs), which a client can make megabytes long.
+MAX_DETAILS = 2000
+
+
+def clip_details(details: str) -> str:
+    """`details`, cut to MAX_DETAILS characters, saying so."""
+    if len(details) <= MAX_DETAILS:
+        return details
+    return f"{details[: MAX_DETAILS - 40]}... ({len(details)} characters in all)"
+
+
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
     """End the call with `code`, unless grpc has ended it (module docstring); always raises."""
     if context.time_remaining() == 0:
         raise asyncio.CancelledError("the call's deadline passed before its answer")
     try:
-        await context.abort(code, details)
+        await context.abort(code, clip_details(details))
     except grpc.aio.InternalError:
         # Core refused the status (grpc.aio's ExecuteBatchError): it had ended the call, on its
         # deadline or the client's cancellation, before grpc.aio told this task.

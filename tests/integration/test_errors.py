@@ -430,3 +430,20 @@ def test_a_timeout_parameter_too_large_to_matter_is_no_deadline(
     for timeout in (10**16, 2**62, 2**63 - 1):
         res = client.infer(model, [x], timeout=timeout)
         assert res.as_numpy("OUTPUT0").shape[0] == 1
+
+
+def test_an_error_that_quotes_a_huge_request_stays_that_error(stub: Stub) -> None:
+    # Messages quote what the client sent; a status's details travel in a header, and past
+    # grpc's metadata limit the client got RESOURCE_EXHAUSTED "Stream removed" instead.
+    name = "X" * 100_000
+    req = simple(inputs=[(name, I32, [1, 16], A.tobytes()), GOOD1])
+    details = expect(stub, req, Code.INVALID_ARGUMENT, "XXXX", "characters in all)")
+    assert len(details) <= 2000
+    # In a stream, the error message is the same, clipped the same.
+    (answer,) = stub.ModelStreamInfer(iter([req]), timeout=10)
+    assert answer.error_message == details
+
+
+def test_a_shape_of_thousands_of_dims_is_refused_as_such(stub: Stub) -> None:
+    req = simple(inputs=[("INPUT0", I32, [1] * 3000, A.tobytes()), GOOD1])
+    expect(stub, req, Code.INVALID_ARGUMENT, "INPUT0")
