@@ -186,7 +186,8 @@ class ModelManager:
                 # are unloaded, some loaded): the other fronts do the same, and fail alike.
                 failed = exc
             finally:
-                self._prune_overrides(name, keep=root)
+                # (the root of a failed load is kept only for the other fronts to replay)
+                self._prune_overrides(name, keep=root if self.control is not None else None)
             written = self._publish(name, "load", config_json, root, token)
         await self._settled(name, "load", token, written)
         if failed is not None:
@@ -547,6 +548,9 @@ class ModelManager:
         self.overrides.close()
 
 
+_NAME_MAX = 255  # bytes in a file name (NAME_MAX on Linux)
+
+
 def _check_name(name: str) -> None:
     """A model is a directory of the repository: its name is joined to paths (the repository's,
     an upload's private root), so one that could lead out of them ("../x", "/etc") is refused
@@ -555,6 +559,11 @@ def _check_name(name: str) -> None:
         raise InvalidInput(
             f"'{name[:128]}' is not a model name: a model is a directory of the repository, "
             "named without '/', '\\' or a leading '.'"
+        )
+    if len(name.encode()) > _NAME_MAX:  # (the file system refuses it: ENAMETOOLONG)
+        raise InvalidInput(
+            f"'{name[:128]}...' is not a model name: a model is a directory of the repository, "
+            f"and a directory's name has at most {_NAME_MAX} bytes"
         )
 
 

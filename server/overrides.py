@@ -20,7 +20,8 @@ from server.errors import LoadFailed
 
 __all__ = ["Overrides"]
 
-_FILE_PARAM = re.compile(r"^file:([1-9][0-9]*)/([A-Za-z0-9._-]{1,128})$")
+# A version number and a plain file name: "." and ".." (a name of dots alone) are no files.
+_FILE_PARAM = re.compile(r"^file:([1-9][0-9]*)/(?!\.{1,2}$)([A-Za-z0-9._-]{1,128})$")
 
 
 class Overrides:

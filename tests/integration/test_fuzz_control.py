@@ -188,6 +188,32 @@ def test_a_model_name_cannot_lead_out_of_the_repository(
     assert_still_serving(stub)
 
 
+@pytest.mark.parametrize(
+    ("name", "key", "message"),
+    [
+        ("dense", "file:1/..", "invalid file parameter 'file:1/..'"),
+        ("dense", "file:1/.", "invalid file parameter 'file:1/.'"),
+        ("m" * 256, "file:1/model.onnx", "a directory's name has at most 255 bytes"),
+    ],
+    ids=["dot-dot", "dot", "long-name"],
+)
+def test_an_upload_the_file_system_cannot_take_is_refused_as_such(
+    control: tuple[Server, Stub, dict[str, Any]], name: str, key: str, message: str
+) -> None:
+    """(A file named ".." failed writing, and a model name past 255 bytes failed in the file
+    system: INTERNAL "internal error", with a traceback in the log.)"""
+    _server, stub, configs = control
+    req = pb.RepositoryModelLoadRequest(model_name=name)
+    req.parameters["config"].string_param = json.dumps(dict(configs["dense"], name=name))
+    req.parameters[key].bytes_param = b"not a model"
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.RepositoryModelLoad(req, timeout=30)
+    assert ei.value.code() in (Code.INVALID_ARGUMENT, Code.INTERNAL), ei.value.details()
+    details = ei.value.details() or ""
+    assert message in details and "internal error" not in details, details
+    assert_still_serving(stub)
+
+
 def test_default_model_filename_cannot_lead_out_of_the_version(
     control: tuple[Server, Stub, dict[str, Any]],
 ) -> None:

@@ -160,3 +160,29 @@ def test_uploads_no_version_is_served_from_are_removed(tmp_path: Path) -> None:
     asyncio.run(scenario())
     left = list((tmp_path / "pod").glob("override-*"))
     assert [Path(tb.models["m"].versions[1].path).is_relative_to(d) for d in left] == [True]
+
+
+def test_a_lone_front_removes_the_files_of_a_failed_upload(tmp_path: Path) -> None:
+    """No other front replays a lone front's load: a failed upload's files went only when the
+    model was unloaded (five failed 20 MB uploads kept 100 MB)."""
+    repo = tmp_path / "repo"
+    (repo / "m" / "1").mkdir(parents=True)
+    (repo / "m" / "config.pbtxt").write_text(CONFIG)
+    manager = ModelManager(repo, FileLink(), ModelTable(), 1, mode="explicit", startup="")  # type: ignore[arg-type]
+    made: list[Path] = []
+    write = manager.overrides.write
+
+    def recording(name: str, files: dict[str, bytes]) -> Path:
+        made.append(write(name, files))
+        return made[-1]
+
+    manager.overrides.write = recording  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        await manager.load("m", CONFIG_JSON, {"file:1/model.onnx": b"ok"})
+        for _ in range(3):
+            with pytest.raises(LoadFailed):
+                await manager.load("m", CONFIG_JSON, {"file:1/model.onnx": b"broken"})
+
+    asyncio.run(scenario())
+    assert [p.exists() for p in made] == [True, False, False, False]  # the one served stays
