@@ -92,6 +92,10 @@ class ModelSpec:
     default_model_filename: str = "model.onnx"
     platform: str = "onnxruntime_onnx"
     parameters: Mapping[str, str] = field(default_factory=dict)
+    # instance_group counts, summed (calls or batches of a version that run at once); 0: the
+    # config has no instance_group (dynamic batching: one batch at a time; otherwise
+    # --worker-threads calls).
+    instances: int = 0
 
 
 @dataclass(frozen=True, slots=True)
