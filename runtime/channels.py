@@ -63,7 +63,7 @@ class Front(Protocol):
     def arena_buf(self) -> memoryview: ...
 
     def run_alone(self, call: Infer, received_ns: int, answer: Callable[[InferDone], None]) -> None:
-        """Run `call` by itself on the worker's pool (a call the batcher does not take)."""
+        """Run `call` by itself on its version's lane (a call the batcher does not take)."""
         ...
 
     def stalled(self) -> None:

@@ -14,7 +14,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     device: str = "auto"
     """"auto" (CUDA when onnxruntime-gpu and a GPU are present, else CPU), "cpu" or "cuda:N"."""
     exec_threads: int = 2
-    """Threads running inference calls; onnxruntime releases the GIL while it computes."""
+    """Threads of a plain version's lane (runtime.lanes) when its config has no instance_group:
+    calls of the version that run at once (onnxruntime releases the GIL while it computes)."""
     log_level: str = "INFO"
     cpu_graphs: bool = False
     """Serve batched models through the CUDA-graph executor on the CPU EP (graph ids accepted

@@ -5,7 +5,7 @@ it). It listens on a Unix socket; each front connects, says Hello with the name 
 shared-memory arena, then sends typed messages (runtime.ipc.protocol), read and acted on by
 that front's `Connection` (runtime.worker_connection). The Worker holds what all fronts
 share: the loaded versions (plain sessions, batchers, graph models), the device and its lock,
-the thread pool, and loading and unloading.
+each plain version's lane of threads (runtime.lanes), and loading and unloading.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from runtime.channels import Channel, ChannelTable, Front, Waker
@@ -61,6 +60,7 @@ from runtime.ipc.protocol import (
     UnloadModel,
 )
 from runtime.ipc.shm import pid_alive
+from runtime.lanes import Lane
 from runtime.native_stderr import route_native_stderr
 from runtime.plain_batching import drain_channels, run_alone, start_batcher
 from runtime.process import WORKER_CANNOT_START
@@ -121,7 +121,10 @@ class Worker:
         # One load or unload of a version at a time: a front's load that finds the version
         # loaded must register its hold before another front's unload can decide it is free.
         self._version_locks: dict[tuple[str, int], threading.Lock] = {}
-        self.pool = ThreadPoolExecutor(settings.exec_threads, thread_name_prefix="exec")
+        # Each plain version's threads for its calls that run neither inline nor batched
+        # (runtime.lanes): a version's calls wait only for its own. Set before the version
+        # appears in `models`, so a call that finds the version finds its lane.
+        self.lanes: dict[Key, Lane] = {}
         # Beside the socket, in the directory the front made (server/rundir.py): what the
         # worker writes there (a reshaped model while it loads) goes with it, crash included.
         self.run_dir = os.path.dirname(settings.socket_path) or None
@@ -157,7 +160,7 @@ class Worker:
             self.channels.close_all()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.close_lanes()
 
     def batchers_now(
         self,
@@ -167,6 +170,42 @@ class Worker:
             plain = list(self.batchers.items())
             graphs = [(key, gm.batcher) for key, gm in self.graph_models.items()]
         return plain, graphs
+
+    def queue_alone(self, key: Key, fn: Callable[..., object], *args: object) -> bool:
+        """Queue `fn(*args)` on the lane of version `key`; False when it has none (not
+        loaded, or no longer)."""
+        while True:
+            lane = self.lanes.get(key)
+            if lane is None:
+                return False
+            if lane.submit(fn, *args):
+                return True
+            # Retired: a reload that changed the instance count put its successor first.
+            if self.lanes.get(key) is lane:
+                return False  # (the interpreter is exiting)
+
+    def close_lanes(self) -> None:
+        """The worker stops: every lane is retired, its queued calls dropped."""
+        with self._models_lock:
+            lanes, self.lanes = list(self.lanes.values()), {}
+        for lane in lanes:
+            lane.retire(drop_queued=True)
+
+    def _lane(self, msg: LoadModel) -> Lane:
+        """The lane of the plain version `msg` loads: the one it has if its size is still
+        right (a reload in place keeps its queue and order), else a new one. Its size is the
+        version's instance count: the batch threads' with dynamic batching (what runs on the
+        lane then is the calls a batch does not take), else `msg.instances`, the config's
+        instance_group counts (the worker's `exec_threads` without)."""
+        b = msg.batching
+        if b is not None and msg.max_batch_size > 0:
+            threads = max(1, b.instances)
+        else:
+            threads = msg.instances or self.settings.exec_threads
+        lane = self.lanes.get((msg.name, msg.version))
+        if lane is not None and lane.threads == threads:
+            return lane
+        return Lane(msg.name, msg.version, threads)
 
     def _memory_probe(self) -> Probe | None:
         """The device's memory in use, on a GPU; None on the CPU, where no memory is attributed
@@ -212,8 +251,11 @@ class Worker:
                     self.batchers.pop(key, None),
                     None,
                 )
+                lane = self.lanes.pop(key, None)
             else:
-                plain, batcher, graph = None, None, self.graph_models.pop(key, None)
+                plain, batcher, graph, lane = None, None, self.graph_models.pop(key, None), None
+        if lane is not None:
+            lane.retire()  # (its queued calls find the graph version gone: NOT_LOADED)
         if batcher is not None:
             threading.Thread(target=batcher.close, daemon=True).start()
         if graph is not None:
@@ -288,9 +330,12 @@ class Worker:
             # Reloaded without batching: no batch thread reads them. The fronts hear it in
             # LoadDone and go back to their links; what they sent meanwhile runs alone.
             drain = Waker(channels, run_alone)
+        lane = self._lane(msg)
         # Replacing a loaded instance frees its session: a release for loads measured meanwhile.
         with self.memory.releasing() if current is not None else contextlib.nullcontext():
             with self._models_lock:
+                old_lane = self.lanes.get(key)
+                self.lanes[key] = lane  # first: a call that finds the model finds its lane
                 self.models[key] = model
                 old = self.batchers.pop(key, None)
                 if batcher is not None:
@@ -310,6 +355,10 @@ class Worker:
             ).start()
         if old is not None:  # calls already queued on the old instance finish there
             threading.Thread(target=old.close, daemon=True).start()
+        if old_lane is not None and old_lane is not lane:
+            # Another instance count: the old lane's queued calls still run, on the new
+            # instance (they look the version up as they start), beside the new lane's.
+            old_lane.retire()
         return LoadDone(
             msg.request_id,
             Code.OK,
@@ -472,6 +521,9 @@ class Worker:
             with self._models_lock:
                 plain = self.models.pop((msg.name, msg.version), None)
                 batcher = self.batchers.pop((msg.name, msg.version), None)
+                lane = self.lanes.pop((msg.name, msg.version), None)
+            if lane is not None:
+                lane.retire()  # what it queued finds the version gone: NOT_LOADED, as it ran
             if batcher is not None:
                 batcher.close()  # drains what is queued
             if channels is not None:

@@ -2,11 +2,11 @@
 
 The reader decodes every complete frame of a `recv` and acts on it: a call known to be short
 (runtime.engine.inline_gate) runs right there (its answer leaves with the read's other answers
-in one write), a batched call goes to its model's batcher, any other to the worker's pool (a
-Cancel takes a call still waiting in either out: `Connection.cancel`); loads get a thread of
-their own, and unloads and client CUDA region (un)registrations run in order on the
-connection's control thread, because they take the device lock, which a load or a capture
-holds for seconds.
+in one write), a batched call goes to its model's batcher, any other to its version's lane of
+threads (runtime.lanes; a Cancel takes a call still waiting in either out: `Connection.cancel`);
+loads get a thread of their own, and unloads and client CUDA region (un)registrations run in
+order on the connection's control thread, because they take the device lock, which a load or a
+capture holds for seconds.
 When the front goes, its regions, its arena's pinning and the arena itself are released here.
 """
 
@@ -65,7 +65,7 @@ log = logging.getLogger("microtune.worker")
 # when it arrived.
 Queued = tuple[Any, Infer, int]
 
-_GONE = object()  # (Connection._alone: a call no longer waiting for the pool)
+_GONE = object()  # (Connection._alone: a call no longer waiting for a lane thread)
 
 
 class Connection:
@@ -89,9 +89,10 @@ class Connection:
         # Unloads and region (un)registrations take the device lock, which a load or a capture
         # holds for seconds: they run here, in order, while the reader goes on reading.
         self._control = ThreadPoolExecutor(1, thread_name_prefix="control")
-        # This front's calls waiting for a pool thread (call id -> their answer's way back, None
-        # = this connection): whichever of the pool thread and a Cancel pops a call first has
-        # it (dict.pop is atomic), so a cancelled call is answered once and never runs.
+        # This front's calls waiting for a thread of their version's lane (call id -> their
+        # answer's way back, None = this connection): whichever of the lane thread and a Cancel
+        # pops a call first has it (dict.pop is atomic), so a cancelled call is answered once
+        # and never runs.
         self._alone: dict[int, Callable[[InferDone], None] | None] = {}
 
     def send(self, msg: Any) -> None:
@@ -288,7 +289,7 @@ class Connection:
 
     def _dispatch(self, call: Infer, received_ns: int) -> None:
         """Batched models queue the call on their batcher (answered by its thread); others
-        run it on the pool."""
+        run it inline or on their version's lane."""
         key = (call.name, call.version)
         graph_model = self.worker.graph_models.get(key)
         if graph_model is not None and self.arena is not None:
@@ -312,10 +313,10 @@ class Connection:
             del model  # never the last reference to a replaced version here (see _infer)
             lock = self.worker.gpu_lock
             # A call known to be short (runtime.engine.inline_gate) runs right here: a hop to
-            # the pool (thread wake-up, GIL handoff) would cost more than the model itself.
-            # But on a GPU, a load or a graph capture may hold the device for seconds: the
-            # reader never waits for it, or every call of this front (other models' included)
-            # would stop behind this one. A pool thread waits instead.
+            # a lane thread (thread wake-up, GIL handoff) would cost more than the model
+            # itself. But on a GPU, a load or a graph capture may hold the device for seconds:
+            # the reader never waits for it, or every call of this front (other models'
+            # included) would stop behind this one. A lane thread waits instead.
             if (
                 gate is not None
                 and gate.admits(call)
@@ -336,10 +337,15 @@ class Connection:
     def run_alone(
         self, call: Infer, received_ns: int, answer: Callable[[InferDone], None] | None = None
     ) -> None:
-        """Run `call` by itself on the pool, answered through `answer` (a direct channel's:
-        runtime.channels) or on this connection."""
+        """Run `call` by itself on its version's lane (runtime.lanes), answered through
+        `answer` (a direct channel's: runtime.channels) or on this connection. A version
+        without a lane is not loaded (or no longer): answered so at once."""
         self._alone[call.call_id] = answer
-        self.worker.pool.submit(self._run_queued, call, received_ns, answer)
+        key = (call.name, call.version)
+        if self.worker.queue_alone(key, self._run_queued, call, received_ns, answer):
+            return
+        if self._alone.pop(call.call_id, _GONE) is not _GONE:
+            (answer or self.send_quiet)(_not_loaded(call))
 
     def _run_queued(
         self, call: Infer, received_ns: int, answer: Callable[[InferDone], None] | None
@@ -350,7 +356,7 @@ class Connection:
 
     def cancel(self, msg: Cancel) -> None:
         """This front gave call `msg.call_id` up (its client cancelled). Still waiting in its
-        version's batcher or for a pool thread, it is answered CANCELLED now, which frees its
+        version's batcher or for a lane thread, it is answered CANCELLED now, which frees its
         queue place and the front's arena lease, and never runs; already running (or never
         seen), nothing changes: a run is not interrupted, and its answer returns the lease.
         Read on the reader of the socket the call came on, after the call."""
@@ -398,17 +404,19 @@ class Connection:
         try:
             model = self.worker.models.get((call.name, call.version))
             if model is None:
-                return InferDone(
-                    call.call_id,
-                    Code.NOT_LOADED,
-                    f"model '{call.name}' version {call.version} is not loaded",
-                )
+                return _not_loaded(call)
             if self.arena is None:
                 return InferDone(call.call_id, Code.INTERNAL, "no arena: Hello not received")
             return model.execute(call, self.arena.buf, received_ns, self.regions)
         except Exception as exc:
             log.exception("call %d failed", call.call_id)
             return InferDone(call.call_id, Code.INTERNAL, type(exc).__name__)
+
+
+def _not_loaded(call: Infer) -> InferDone:
+    return InferDone(
+        call.call_id, Code.NOT_LOADED, f"model '{call.name}' version {call.version} is not loaded"
+    )
 
 
 class _Sender(Protocol):

@@ -69,6 +69,7 @@ class App:
             settings.load_model,
         )
         self.manager.batching_enabled = settings.dynamic_batching
+        self.manager.worker_threads = settings.worker_threads
         # A front of server.supervisor shares the port and this directory (beside the worker's
         # socket) with the pod's other fronts; a lone front has neither.
         self.pod_dir = pod_dir = (

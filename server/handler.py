@@ -110,6 +110,7 @@ class ModelView:
     versions: tuple[int, ...]
     spec: ModelSpec
     signature: ModelSignature
+    instances: int  # calls (batches, with dynamic batching) the worker runs at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +195,8 @@ class InferenceHandler:
         assert entry.spec is not None and ve.signature is not None
         # As Triton: the version asked for, or every ready one.
         versions = (ve.version,) if version else tuple(entry.ready_versions())
-        return ModelView(name, ve.version, versions, entry.spec, ve.signature)
+        instances = self.manager.instances(entry.spec)
+        return ModelView(name, ve.version, versions, entry.spec, ve.signature, instances)
 
     # ------------------------------------------------------------ inference
 

@@ -104,6 +104,7 @@ class ModelManager:
         # Called with the model once poll mode found it gone from the repository.
         self.on_model_removed: Callable[[str], None] | None = None
         self.batching_enabled = True
+        self.worker_threads = 2  # (Settings.worker_threads: a version's calls at once by default)
         self.overrides = Overrides()  # models uploaded with load parameters
         # Several fronts: model control is the pod's. `control` records what this front did
         # (server.control_sync) before the model's lock is let go, so that a replay of an older
@@ -423,6 +424,17 @@ class ModelManager:
             db.max_queue_delay_us, db.preferred_batch_sizes, db.max_queue_size, db.instances
         )
 
+    def instances(self, spec: ModelSpec) -> int:
+        """How many calls (batches, with dynamic batching) of a version of `spec` the worker
+        runs at once: its instance count, as ModelConfig reports it."""
+        welcome = self.link.welcome
+        if spec.max_batch_size > 0 and welcome is not None and welcome.device.startswith("cuda"):
+            return 1  # served from CUDA graphs, by one thread (runtime.engine.graph_model)
+        batching = self._batching(spec)
+        if batching is not None:
+            return batching.instances
+        return spec.instances or self.worker_threads
+
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
@@ -462,6 +474,7 @@ class ModelManager:
                     for t in (*spec.inputs, *spec.outputs)
                     if t.reshape is not None
                 ),
+                instances=spec.instances,
             )
             done = await client.load(msg)
         except WorkerGone:

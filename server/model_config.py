@@ -79,6 +79,7 @@ def spec_from_pb(msg: pb.ModelConfig, dir_name: str) -> ModelSpec:
     _refuse_unsupported(msg, dir_name)
     if msg.max_batch_size < 0:
         raise ConfigError(f"model '{dir_name}': max_batch_size must be >= 0")
+    instances = _instances(msg, dir_name)
     batching = None
     if msg.HasField("dynamic_batching"):
         db = msg.dynamic_batching
@@ -93,7 +94,7 @@ def spec_from_pb(msg: pb.ModelConfig, dir_name: str) -> ModelSpec:
             tuple(db.preferred_batch_size),
             db.max_queue_delay_microseconds,
             queue,
-            _instances(msg, dir_name),
+            instances or 1,
         )
     return ModelSpec(
         name=dir_name,
@@ -106,6 +107,7 @@ def spec_from_pb(msg: pb.ModelConfig, dir_name: str) -> ModelSpec:
         platform=platform,
         parameters={k: v.string_value for k, v in msg.parameters.items()},
         ignored=ignored_fields(msg),
+        instances=instances,
     )
 
 
@@ -222,14 +224,15 @@ MAX_INSTANCES = 64
 
 
 def _instances(msg: pb.ModelConfig, model: str) -> int:
-    """How many batches of a version may execute at once: the instance_group counts, summed
-    (a group without a count is one instance, as in Triton); 1 without instance_group. Each
-    instance is a thread of the worker running the version's one session (onnxruntime sessions
-    are safe to run concurrently), so on CPU several batches use several cores."""
+    """How many batches (with dynamic batching) or calls (without) of a version may execute at
+    once: the instance_group counts, summed (a group without a count is one instance, as in
+    Triton); 0 without instance_group, for the default (one batch thread; --worker-threads
+    calls). Each instance is a thread of the worker running the version's one session
+    (onnxruntime sessions are safe to run concurrently), so on CPU several use several cores."""
     counts = [g.count for g in msg.instance_group]
     if any(c < 0 for c in counts):
         raise ConfigError(f"model '{model}': instance_group count must be >= 0")
-    total = sum(c or 1 for c in counts) or 1
+    total = sum(c or 1 for c in counts)
     if total > MAX_INSTANCES:
         raise ConfigError(f"model '{model}': {total} instances is more than {MAX_INSTANCES}")
     return total

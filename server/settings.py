@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     """"auto", "cpu" or "cuda:N" ("cuda" = "cuda:0"): where the worker runs models. Anything
     else is refused (a "gpu" served on the CPU)."""
     worker_threads: int = Field(2, ge=1, le=64)
-    """Threads in the worker that run inference calls concurrently."""
+    """Requests of one model version without dynamic batching that the worker runs at once
+    when its config has no instance_group (each version has threads of its own)."""
     intra_op_threads: int = Field(1, ge=0, le=256)
     """onnxruntime intra-op threads per session (0 = onnxruntime's default, all cores)."""
     shm_slot_bytes: int = Field(64 * 1024, ge=4096)

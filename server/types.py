@@ -95,6 +95,10 @@ class ModelSpec:
     # Fields the config sets that microtune accepts and does not act on (dotted paths, e.g.
     # "response_cache.enable"): the load names them in a warning (server.model_config).
     ignored: tuple[str, ...] = ()
+    # instance_group counts, summed (calls or batches of a version that run at once); 0: the
+    # config has no instance_group (dynamic batching: one batch at a time; otherwise
+    # --worker-threads calls).
+    instances: int = 0
 
 
 @dataclass(frozen=True, slots=True)

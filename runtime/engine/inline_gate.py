@@ -1,8 +1,9 @@
 """Which calls of a plain version may run on its front's reader thread (runtime.worker_connection).
 
-A call run on the reader is answered without the hop to the pool (a thread wake-up and a GIL
-handoff, which cost more than a tiny model's run). But while it runs, nothing else of that
-front is read: every other call of every model, from every client of the front, waits for it.
+A call run on the reader is answered without the hop to its version's lane of threads
+(runtime.lanes: a thread wake-up and a GIL handoff, which cost more than a tiny model's run).
+But while it runs, nothing else of that front is read: every other call of every model, from
+every client of the front, waits for it.
 An average of past calls cannot promise that the next call is short, because a call's time
 depends on its data: a Loop's trip count or an If's branch, a client sending a far larger
 tensor than usual, a Range or ConstantOfShape sized by an input's values. So a call runs there
@@ -19,7 +20,7 @@ only when all of these hold:
    waits for the GIL), while its CPU time stayed under 0.6 ms; a wall-time rule would have
    taken the fast path away from exactly the models it serves, at random.
 3. The call's input bytes are at most those of a call of the model that ran within
-   `INLINE_BELOW_NS` (on any thread): a larger input first runs on the pool, and only once a
+   `INLINE_BELOW_NS` (on any thread): a larger input first runs on the lane, and only once a
    call of that size has been seen to be fast do calls of that size run inline.
 4. The model's moving average (~16 calls) is under `INLINE_BELOW_NS`.
 
@@ -83,7 +84,7 @@ class InlineGate:
             self.closed = True
             log.warning(
                 "model '%s' version %d: a call took %.1f ms of CPU on the connection's reader "
-                "thread; its calls run on the pool from now on",
+                "thread; its calls run on its own threads from now on",
                 call.name,
                 call.version,
                 cpu_ns / 1e6,

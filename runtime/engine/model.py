@@ -171,7 +171,7 @@ class LoadedModel:
         t1 = time.monotonic_ns()
         # A run that may be long is stopped at its caller's deadline (runtime.engine
         # .run_deadlines): the front has answered DEADLINE_EXCEEDED by then, and the run
-        # would hold a pool thread for as long as its data says.
+        # would hold a thread of its version's lane for as long as its data says.
         watched = call.deadline_ns and (self.control_flow or self.inline.avg_ns > WATCH_ABOVE_NS)
         try:
             if watched:

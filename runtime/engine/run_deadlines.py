@@ -1,11 +1,12 @@
 """Stopping onnxruntime runs whose caller's deadline has passed.
 
 The front answers DEADLINE_EXCEEDED when a request's deadline passes, but a run already started
-went on to its end, holding a thread of the worker's pool: with a model whose time follows its
-data (a Loop whose trip count is an input), a few such calls held every pool thread for as long
-as their data said, and every other call of the worker waited behind them. onnxruntime checks a
-run's `RunOptions.terminate` between kernels (a Loop's body included) and then fails the run;
-`RunWatch` sets that flag when the deadline passes, from one thread for the whole worker.
+went on to its end, holding a thread of its version's lane (runtime.lanes): with a model whose
+time follows its data (a Loop whose trip count is an input), a few such calls held every thread
+of the lane for as long as their data said, and the version's other calls waited behind them.
+onnxruntime checks a run's `RunOptions.terminate` between kernels (a Loop's body included) and
+then fails the run; `RunWatch` sets that flag when the deadline passes, from one thread for the
+whole worker.
 
 Used for calls that have a deadline, of models whose calls may be long (runtime.engine.model:
 control flow, or slow on average); a fast model's call would pay the bookkeeping (~2 µs) to

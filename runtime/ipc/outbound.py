@@ -2,7 +2,7 @@
 one does not wait for that front to read.
 
 The threads that answer calls serve every front: a version's batching thread answers each call
-of a batch on its front's socket, the pool's threads answer slow calls. With a blocking
+of a batch on its front's socket, lane threads answer slow calls. With a blocking
 `sendall`, a front that stops reading for a while (its event loop busy under load, a GC pause,
 a stopped process) fills its socket's buffer, about 200 answers on Linux, and the batching
 thread then waits in `sendall`: every front's calls of that version stop behind the one front.

@@ -51,7 +51,7 @@ __all__ = [
     "encode",
 ]
 
-PROTOCOL_VERSION: Final = 3
+PROTOCOL_VERSION: Final = 4
 FRAME_HEADER: Final = struct.Struct("<I")
 MAX_FRAME: Final = 64 * 1024 * 1024  # inline outputs are the only large payloads
 GOLDEN_FILE: Final = "golden.json"  # a version's golden request/response, beside its model file
@@ -184,6 +184,10 @@ class LoadModel(_Msg, tag="load"):
     # Config tensors with Triton's `reshape`: (name, its shape in the graph, batch excluded);
     # the worker serves the graph with those tensors seen as `declared` (runtime.engine.reshape).
     reshapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # Without dynamic batching: how many calls of the version may run at once, each on a
+    # thread of its own (runtime.lanes): Triton's instance_group counts, summed; 0 = the
+    # worker's exec_threads. (A batching version's count is `batching.instances`.)
+    instances: int = 0
 
 
 class UnloadModel(_Msg, tag="unload"):
@@ -214,7 +218,7 @@ class Infer(_Msg, tag="infer"):
 class Cancel(_Msg, tag="cancel"):
     """Nobody waits for call `call_id` of model `name` version `version` any more (its client
     cancelled it). Sent where the call went (the link or the version's direct channel), so the
-    worker reads it after the call. A call still queued (a batcher, the pool) is answered
+    worker reads it after the call. A call still queued (a batcher, a lane) is answered
     CANCELLED at once and never runs; one already running finishes, and its answer returns the
     lease as before. As Triton (r23.10+) drops cancelled requests from its schedulers' queues:
     without this they kept their queue places (a live client got "queue full" behind calls

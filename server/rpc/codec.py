@@ -403,10 +403,9 @@ def encode_config(v: ModelView) -> pb.ModelConfigResponse:
         cfg.dynamic_batching.default_queue_policy.max_queue_size = batching.max_queue_size
     for k, val in spec.parameters.items():
         cfg.parameters[k].string_value = val
-    # The batches that may execute at once (the config's counts, summed); a version without
-    # dynamic batching runs each request as it comes, on the worker's pool.
-    count = batching.instances if batching is not None else 1
-    cfg.instance_group.add(name=v.name, count=count, kind=pb.ModelInstanceGroup.KIND_CPU)
+    # The batches (with dynamic batching) or calls (without) that may execute at once: the
+    # config's counts, summed, or the default in force (Triton echoes its default count too).
+    cfg.instance_group.add(name=v.name, count=v.instances, kind=pb.ModelInstanceGroup.KIND_CPU)
     return pb.ModelConfigResponse(config=cfg)
 
 

@@ -57,4 +57,4 @@ def test_a_gpu_load_reports_at_least_its_weights(tmp_path: Path, max_batch: int)
         assert weights * 0.9 <= done.device_memory < 8 << 30, done.device_memory
         worker.unload(UnloadModel(2, "dense_large", 1))
     finally:
-        worker.pool.shutdown()
+        worker.close_lanes()

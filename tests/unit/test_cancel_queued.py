@@ -5,8 +5,8 @@ from its dynamic batcher's queue.
 
 A real worker serves real fronts' RuntimeClients: the call waits in a batcher (a graph-served
 version on the CPU EP, and a plain session's batcher) reached through the front's link or the
-version's direct channel, or it waits for a thread of the worker's pool (a version without
-batching). An execution would reach the front as an orphan's answer with timings
+version's direct channel, or it waits for a thread of its version's lane (a version without
+batching: runtime.lanes). An execution would reach the front as an orphan's answer with timings
 (`on_orphan_execution`): none may come.
 """
 
@@ -88,15 +88,16 @@ def test_cancelled_calls_leave_the_batcher_at_once_and_never_run(
     asyncio.run(scenario())
 
 
-def test_a_cancelled_call_waiting_for_a_pool_thread_never_runs(tmp_path: Path) -> None:
-    """A version without batching runs each call on the worker's pool; with its one thread
-    busy, a call waits in the pool's queue. Cancelled there, it is answered at once (its
-    lease is back while the thread is still busy) and is not run once the thread is free."""
+def test_a_cancelled_call_waiting_for_a_lane_thread_never_runs(tmp_path: Path) -> None:
+    """A version without batching runs each call on its lane; with the lane's one thread
+    (exec_threads 1, no instance_group) busy, a call waits in its queue. Cancelled there, it is
+    answered at once (its lease is back while the thread is still busy) and is not run once the
+    thread is free."""
     settings = WorkerSettings(socket_path=str(tmp_path / "w.sock"), device="cpu", exec_threads=1)
     with serving_worker(settings) as worker:
         assert worker.load(load(None)).code == Code.OK
         busy = threading.Event()
-        worker.pool.submit(busy.wait, 30)  # the pool's only thread
+        assert worker.lanes[KEY].submit(busy.wait, 30)  # the lane's only thread
 
         async def scenario() -> None:
             async with front(worker, 1) as a:
@@ -109,7 +110,7 @@ def test_a_cancelled_call_waiting_for_a_pool_thread_never_runs(tmp_path: Path) -
                 await asyncio.gather(call, return_exceptions=True)
                 await until(lambda: a.pool.in_use == 0, "the cancelled call kept its lease")
                 busy.set()
-                # The pool runs in order: the cancelled call would have run before this one.
+                # The lane runs in order: the cancelled call would have run before this one.
                 result = await infer(a, X)
                 assert result.timings.executions == 1
                 assert executed == []

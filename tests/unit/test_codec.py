@@ -413,8 +413,8 @@ SIG = ModelSignature(
 )
 
 
-def view(spec: ModelSpec, sig: ModelSignature = SIG) -> ModelView:
-    return ModelView(spec.name, 2, (1, 2), spec, sig)
+def view(spec: ModelSpec, sig: ModelSignature = SIG, instances: int = 1) -> ModelView:
+    return ModelView(spec.name, 2, (1, 2), spec, sig, instances)
 
 
 def test_encode_metadata_has_full_shapes() -> None:
@@ -440,7 +440,7 @@ def test_encode_config_drops_the_batch_dim() -> None:
         default_model_filename="net.onnx",
         parameters={"k": "v"},
     )
-    cfg = encode_config(view(spec)).config
+    cfg = encode_config(view(spec, instances=3)).config
     assert cfg.name == "simple"
     assert cfg.platform == "onnxruntime_onnx"
     assert cfg.backend == "onnxruntime"
@@ -467,11 +467,13 @@ def test_encode_config_drops_the_batch_dim() -> None:
 
 def test_encode_config_without_batching_keeps_every_dim() -> None:
     sig = ModelSignature((TensorInfo("x", "FP32", (-1,)),), (TensorInfo("y", "FP32", (-1,)),))
-    cfg = encode_config(view(ModelSpec(name="identity_fp32"), sig)).config
+    cfg = encode_config(view(ModelSpec(name="identity_fp32"), sig, instances=2)).config
     assert cfg.max_batch_size == 0
     assert list(cfg.input[0].dims) == [-1]
     assert list(cfg.output[0].dims) == [-1]
     assert not cfg.HasField("dynamic_batching")
+    # (the calls of the version that run at once: --worker-threads' 2 without instance_group)
+    assert [(g.count, g.kind) for g in cfg.instance_group] == [(2, pb.ModelInstanceGroup.KIND_CPU)]
 
 
 @pytest.mark.parametrize(

@@ -178,7 +178,7 @@ def _load(name: str, version: int = 1, max_batch: int = 8, rid: int = 1) -> Load
 def cpu_worker(tmp_path: Path) -> Iterator[Worker]:
     w = Worker(WorkerSettings(socket_path=str(tmp_path / "w.sock"), device="cpu"))
     yield w
-    w.pool.shutdown()
+    w.close_lanes()
 
 
 def test_a_cpu_worker_attributes_no_device_memory(cpu_worker: Worker) -> None:
@@ -214,7 +214,7 @@ def test_the_worker_reports_what_the_load_took(tmp_path: Path, graphs: bool) -> 
         assert again.device_memory == 32 * MiB and calls == 2
         worker.unload(UnloadModel(3, "dense", 1))
     finally:
-        worker.pool.shutdown()
+        worker.close_lanes()
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["session", "graph-model"])
@@ -240,7 +240,7 @@ def test_a_load_of_the_same_revision_is_served_by_the_loaded_instance(
         assert not load(6, "fp2").reused
         worker.unload(UnloadModel(7, "dense", 1))
     finally:
-        worker.pool.shutdown()
+        worker.close_lanes()
 
 
 def test_load_done_carries_device_memory_only_when_known() -> None:

@@ -224,7 +224,7 @@ def test_worker_reports_the_failure_as_the_load_reason(double: Path, tmp_path: P
         ok = worker.load(spec(double, golden=write_golden(double, fp32_golden(GOOD))))
         assert ok.code == Code.OK and ("m", 1) in worker.models
     finally:
-        worker.pool.shutdown()
+        worker.close_lanes()
 
 
 # ----------------------------------------------------------------------------- front side

@@ -198,7 +198,7 @@ def front(tmp_path: Path) -> Iterator[Front]:
     f.sock.sendall(encode(Shutdown()))
     f.reader.join(30)
     f.sock.close()
-    worker.pool.shutdown()
+    worker.close_lanes()
 
 
 def loop_call(front: Front, n: int) -> Infer:
@@ -221,17 +221,17 @@ def test_a_long_loop_call_does_not_hold_another_models_call(front: Front, tmp_pa
     front.send(other)
     first, second = front.answer(), front.answer()
     assert (first.call_id, second.call_id) == (other.call_id, slow.call_id)
-    assert front.ran_on[slow.call_id].startswith("exec")  # on the pool: it has control flow
+    assert front.ran_on[slow.call_id].startswith("lane-")  # on its lane: it has control flow
 
 
 def test_a_call_larger_than_any_seen_fast_runs_on_the_pool(front: Front, tmp_path: Path) -> None:
     front.load("identity", identity_model(tmp_path / "identity" / "model.onnx"))
     small = {"X": np.ones((1, 4), np.float32)}
-    assert front.run(front.call("identity", small)).startswith("exec")  # not measured yet
+    assert front.run(front.call("identity", small)).startswith("lane-")  # not measured yet
     front.warm(lambda: front.call("identity", small))
     assert front.run(front.call("identity", small)) == "reader"
     large = {"X": np.ones((1 << 18, 4), np.float32)}  # 4 MiB
-    assert front.run(front.call("identity", large)).startswith("exec")
+    assert front.run(front.call("identity", large)).startswith("lane-")
 
 
 def test_after_one_long_call_on_the_reader_a_model_runs_on_the_pool(
@@ -253,7 +253,7 @@ def test_after_one_long_call_on_the_reader_a_model_runs_on_the_pool(
             break
         front.run(call(1))
     assert gate.avg_ns < INLINE_BELOW_NS
-    assert front.run(call(1)).startswith("exec")
+    assert front.run(call(1)).startswith("lane-")
 
 
 def _call(nbytes: int) -> Infer:

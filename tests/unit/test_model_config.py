@@ -302,6 +302,23 @@ def test_instance_groups_set_the_batch_instances(
 
 
 @pytest.mark.parametrize(
+    ("groups", "instances"),
+    [
+        ("", 0),  # none: the worker's default (--worker-threads calls at once)
+        ("instance_group [ { count: 1 kind: KIND_CPU } ]", 1),
+        ("instance_group [ { count: 2 }, { kind: KIND_CPU } ]", 3),
+    ],
+)
+def test_instance_groups_without_batching_set_the_calls_at_once(
+    tmp_path: Path, groups: str, instances: int
+) -> None:
+    """A version without dynamic batching runs that many calls at once, each on a thread of
+    its own lane (runtime.lanes), as a Triton model instance runs one request at a time."""
+    spec = read_model_config(model_dir(tmp_path, pbtxt=f"max_batch_size: 8\n{groups}\n"))
+    assert (spec.dynamic_batching, spec.instances) == (None, instances)
+
+
+@pytest.mark.parametrize(
     ("groups", "message"),
     [
         ("instance_group [ { count: -1 } ]", "model 'm': instance_group count must be >= 0"),

@@ -30,7 +30,7 @@ SIZE = 1 << 20
 def worker(tmp_path: Path) -> Iterator[Worker]:
     w = Worker(WorkerSettings(socket_path=str(tmp_path / "w.sock"), device="cpu"))
     yield w
-    w.pool.shutdown()
+    w.close_lanes()
 
 
 def mapped(name: str) -> bool:

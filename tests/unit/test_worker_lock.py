@@ -49,7 +49,7 @@ def worker(tmp_path: Path) -> Iterator[Worker]:
     w = Worker(settings)
     w.gpu_lock = w.device_lock  # as on a CUDA worker
     yield w
-    w.pool.shutdown()
+    w.close_lanes()
 
 
 def test_a_failed_load_frees_its_session_under_the_lock(

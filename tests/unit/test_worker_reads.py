@@ -25,7 +25,7 @@ CALLS = 30
 def worker(tmp_path: Path) -> Iterator[Worker]:
     w = Worker(WorkerSettings(socket_path=str(tmp_path / "w.sock"), device="cpu"))
     yield w
-    w.pool.shutdown()
+    w.close_lanes()
 
 
 @pytest.mark.parametrize("cut", ["whole", "bytes", "random"])

@@ -34,7 +34,7 @@ NEVER_NS = 10**15  # a queue delay no test waits out
 def worker(tmp_path: Path) -> Iterator[Worker]:
     w = Worker(WorkerSettings(socket_path=str(tmp_path / "w.sock"), device="cpu"))
     yield w
-    w.pool.shutdown()
+    w.close_lanes()
 
 
 @pytest.fixture

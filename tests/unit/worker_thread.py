@@ -34,4 +34,4 @@ def serving_worker(settings: WorkerSettings, listen_s: float = 30) -> Iterator[W
         server.join(10)
         for name, version in {*w.graph_models, *w.models}:
             w._unload(UnloadModel(0, name, version))  # whoever still holds it
-        w.pool.shutdown()
+        w.close_lanes()
