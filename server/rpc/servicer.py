@@ -194,7 +194,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 try:
                     response = await task
                     _check_not_ended(deadline)
-                    yield response
+                    await _write(context, response)
                 finally:
                     window.release()
             await reader  # a read that failed (the client's stream broke) fails the call
@@ -204,6 +204,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             while not answers.empty():
                 if (left := answers.get_nowait()) is not None:
                     left.cancel()
+
+        # It writes its responses itself (`_write`) but stays an async generator, yielding
+        # nothing: opentelemetry-instrumentation-grpc's stream wrapper iterates it.
+        if False:  # pragma: no cover
+            yield
 
     async def _stream_one(
         self, request: bytes, deadline: float | None, hints: RouteHints
@@ -344,6 +349,18 @@ def add_to_server(servicer: InferenceServicer, server: Any) -> None:
     handlers["ModelStreamInfer"] = handlers["ModelStreamInfer"]._replace(request_deserializer=None)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)
+
+
+async def _write(context: Ctx, response: pb.ModelStreamInferResponse) -> None:
+    """Send one stream response. Written here, not yielded: a yielded response is written by
+    grpc.aio outside this handler, and when the client has cancelled the call meanwhile, core
+    refuses the write and grpc logs "ExecuteBatchError raised in core" with a traceback at
+    ERROR, one per cancelled stream (any client can flood the log so). Here the refusal ends
+    the handler as grpc's own cancellation does (server.rpc.status)."""
+    try:
+        await context.write(response)
+    except grpc.aio.InternalError:
+        raise asyncio.CancelledError("the stream ended before its answer") from None
 
 
 def _model_name_of(request: bytes) -> str:

@@ -3,15 +3,17 @@ there is one), then proves the server still serves a good request right after.""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from harness import assert_still_serving
+from harness import Server, assert_still_serving
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
@@ -447,3 +449,39 @@ def test_an_error_that_quotes_a_huge_request_stays_that_error(stub: Stub) -> Non
 def test_a_shape_of_thousands_of_dims_is_refused_as_such(stub: Stub) -> None:
     req = simple(inputs=[("INPUT0", I32, [1] * 3000, A.tobytes()), GOOD1])
     expect(stub, req, Code.INVALID_ARGUMENT, "INPUT0")
+
+
+def test_streams_cancelled_while_the_server_writes_log_no_error(server: Server, stub: Stub) -> None:
+    """A client that stops reading a stream (its responses wait on flow control) and then
+    cancels it made grpc log "ExecuteBatchError raised in core" with a traceback at ERROR,
+    one per stream: a log any client could flood."""
+    req = simple()
+    req.id = "x" * (256 << 10)  # echoed in each response: the window fills at once
+    big = req.SerializeToString()
+
+    async def one() -> None:
+        async with grpc.aio.insecure_channel(server.url) as ch:
+            method = ch.stream_stream(
+                "/inference.GRPCInferenceService/ModelStreamInfer",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
+
+            async def requests() -> Any:
+                for _ in range(200):
+                    yield big
+
+            call = method(requests())
+            await asyncio.sleep(1.0)  # never read: the server's writes wait
+            call.cancel()
+            await asyncio.sleep(0.3)
+
+    before = server.log().count("ExecuteBatchError")
+
+    async def all_of_them() -> None:
+        await asyncio.gather(*(one() for _ in range(4)))
+
+    asyncio.run(all_of_them())
+    time.sleep(0.5)
+    assert server.log().count("ExecuteBatchError") == before
+    assert_still_serving(stub)

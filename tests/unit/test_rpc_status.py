@@ -108,6 +108,7 @@ class FakeContext:
         self.calls: list[tuple[grpc.StatusCode, str]] = []
         self.remaining = remaining
         self.ended = ended
+        self.written: list[Any] = []
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         self.calls.append((code, details))
@@ -120,6 +121,12 @@ class FakeContext:
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return ()
+
+    async def write(self, message: Any) -> None:
+        """A stream's response, as ModelStreamInfer writes it (recorded in `written`)."""
+        if self.ended:
+            raise grpc.aio.InternalError('Failed "execute_batch"')
+        self.written.append(message)
 
 
 class Boom:
@@ -403,7 +410,9 @@ def test_stream_errors_travel_in_error_message() -> None:
         yield pb.ModelInferRequest(id="c").SerializeToString()  # a decode error: goes on
 
     async def go() -> list[pb.ModelStreamInferResponse]:
-        return [r async for r in s.ModelStreamInfer(requests(), FakeContext())]  # type: ignore[arg-type]
+        ctx = FakeContext()
+        assert [r async for r in s.ModelStreamInfer(requests(), ctx)] == []  # type: ignore[arg-type]
+        return ctx.written  # (written, not yielded: see servicer._write)
 
     first, second, third = asyncio.run(go())
     assert first.error_message == "Request for unknown model: 'missing' is not found"
