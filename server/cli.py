@@ -104,14 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             "cannot start: model repository %s is not a directory", settings.model_repository
         )
         return EXIT_CONFIG
-    if missing := _missing_startup_models(settings):
+    if problem := _startup_models_problem(settings):
         # As Triton, which does not start without every model it was told to load: a typo
         # here would otherwise leave a server that looks ready and never serves the model.
-        logging.getLogger("microtune").error(
-            "cannot start: --load-model %s: no such model in %s",
-            ", ".join(missing),
-            settings.model_repository,
-        )
+        where = "--load-model" if "load_model" in _given(args) else _variable("load_model")
+        logging.getLogger("microtune").error("cannot start: %s %s", where, problem)
         return EXIT_CONFIG
     from server.supervisor import frontends_for, run_supervisor
 
@@ -120,15 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     return serve_front(settings)
 
 
-def _missing_startup_models(settings: Settings) -> list[str]:
-    """The models --load-model names (explicit mode) that the repository does not have."""
+def _startup_models_problem(settings: Settings) -> str:
+    """What is wrong with the models --load-model names (explicit mode), or ""."""
     from server.repository import model_names
 
-    if settings.model_control_mode != "explicit" or settings.load_model.strip() == "*":
-        return []
     names = [n.strip() for n in settings.load_model.split(",") if n.strip()]
+    if settings.model_control_mode != "explicit" or names == ["*"]:
+        return ""
+    if "*" in names:
+        return "'*' loads every model: it cannot stand beside other names"
     present = set(model_names(settings.model_repository))
-    return [n for n in names if n not in present]
+    if missing := [n for n in names if n not in present]:
+        return f"{', '.join(missing)}: no such model in {settings.model_repository}"
+    return ""
 
 
 def serve_front(settings: Settings) -> int:

@@ -19,6 +19,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = ["DEMO_REPOSITORY", "Settings"]
 
 DEMO_REPOSITORY = Path(__file__).resolve().parent / "demo_repository"
+# The longest duration a setting takes (a day), and finite: grpc takes its durations as 32-bit
+# milliseconds, a process join as at most ~24.8 days, and a front reads the supervisor's
+# settings as JSON, where infinity is null (each front refused it, and was restarted).
+MAX_SECONDS = 86_400.0
 
 
 class Settings(BaseSettings):
@@ -46,7 +50,7 @@ class Settings(BaseSettings):
     "poll" also rescans the repository every --repository-poll-s seconds."""
     load_model: str = ""
     """Comma-separated models to load at start-up in explicit mode ("*" = all)."""
-    repository_poll_s: float = Field(15.0, gt=0)
+    repository_poll_s: float = Field(15.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     """Rescan period of the repository in poll mode."""
     routing_file: Path | None = None
     """JSON routing file ({"models": {name: table}}), re-read when it changes (a mounted
@@ -56,7 +60,7 @@ class Settings(BaseSettings):
     tracing: Literal["off", "otlp", "console"] = "off"
     """OpenTelemetry traces: "otlp" exports over OTLP/gRPC, configured by the standard
     OTEL_EXPORTER_OTLP_* variables; "console" prints spans."""
-    trace_sampling_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    trace_sampling_ratio: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False)
     """Share of new traces sampled (parent-based: a sampled client trace is always kept)."""
     log_format: Literal["auto", "json", "text"] = "auto"
     """Logs: JSON lines (default when stderr is not a terminal, as in a container) or text."""
@@ -76,24 +80,24 @@ class Settings(BaseSettings):
     """Number of slots in each front's arena (arena = slots x slot bytes in /dev/shm)."""
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
     """Largest gRPC message accepted or sent."""
-    max_connection_age_s: float = Field(0.0, ge=0)
+    max_connection_age_s: float = Field(0.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
     """Close each client connection after about this many seconds (gRPC's max connection age:
     a GOAWAY, then the client reconnects on its own), so that long-lived clients spread again
     over front processes and, in Kubernetes, over replicas the autoscaler added; 0 = never."""
-    max_connection_age_grace_s: float = Field(0.0, ge=0)
+    max_connection_age_grace_s: float = Field(0.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
     """How long calls and streams still open on a connection past its age may go on; 0 = until
     they end (a ModelStreamInfer stream is never cut; new calls go to the new connection)."""
-    shutdown_grace_s: float = Field(30.0, ge=0)
+    shutdown_grace_s: float = Field(30.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
     """On SIGTERM: how long the requests in flight (and queued, and open streams) may take to
     be answered before they are cancelled (Triton's --exit-timeout-secs, 30 by default). In
     Kubernetes keep it under terminationGracePeriodSeconds less the preStop sleep (the Helm
     chart derives it so)."""
-    shutdown_delay_s: float = Field(0.0, ge=0)
+    shutdown_delay_s: float = Field(0.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
     """On SIGTERM: how long to go on serving, not ready (readiness NOT_SERVING, ServerReady
     false), before the drain: a load balancer that health-checks the server moves traffic away
     meanwhile, where a closed listener would only refuse it. 0 in Kubernetes, where the preStop
     sleep does this (the pod leaves the Service's endpoints first)."""
-    worker_start_timeout_s: float = Field(60.0, gt=0)
+    worker_start_timeout_s: float = Field(60.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     """How long the worker may take to start listening."""
     strict_readiness: bool = True
     """Readiness (and ServerReady) also requires every model to be available: none whose
@@ -106,7 +110,7 @@ class Settings(BaseSettings):
     --restart-window-s makes the server give up and exit with code 70, so that its container
     is restarted (crash-looping) instead of respawning it for ever; restarts wait longer after
     each death. 0 = never give up."""
-    restart_window_s: float = Field(600.0, gt=0)
+    restart_window_s: float = Field(600.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     """How long a death counts toward --restart-limit."""
     allow_client_shm: bool = False
     """Allow clients to register system shared-memory regions for inputs and outputs

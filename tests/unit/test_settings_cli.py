@@ -111,6 +111,14 @@ def test_frozen() -> None:
         ({"model_repository": ""}, "model_repository\n  Value error, an empty path"),
         ({"routing_file": " "}, "routing_file\n  Value error, an empty path"),
         ({"shutdown_grace_s": -1}, "greater than or equal to 0"),
+        # (inf: a front read the supervisor's JSON null and died, restart after restart; a
+        # huge finite one overflowed grpc's milliseconds or the supervisor's join at SIGTERM)
+        ({"shutdown_grace_s": float("inf")}, "Input should be a finite number"),
+        ({"shutdown_delay_s": float("nan")}, "Input should be a finite number"),
+        ({"max_connection_age_s": 1e300}, "less than or equal to 86400"),
+        ({"shutdown_grace_s": 3_000_000}, "less than or equal to 86400"),
+        ({"repository_poll_s": float("inf")}, "Input should be a finite number"),
+        ({"trace_sampling_ratio": float("nan")}, "Input should be a finite number"),
     ],
 )
 def test_validation_errors(kwargs: dict[str, object], message: str) -> None:
@@ -264,6 +272,20 @@ def test_a_load_model_name_the_repository_lacks_stops_the_server_with_one_line(
     assert main([*argv, "--load-model", "dense, desne,other"]) == 78
     err = capsys.readouterr().err
     assert f"cannot start: --load-model desne, other: no such model in {tmp_path}" in err
+    assert main([*argv, "--load-model", "*,dense"]) == 78
+    err = capsys.readouterr().err
+    assert "cannot start: --load-model '*' loads every model: it cannot stand beside" in err
+
+
+def test_a_load_model_variable_naming_a_missing_model_is_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MICROTUNE_LOAD_MODEL", "desne")
+    monkeypatch.setenv("MICROTUNE_MODEL_CONTROL_MODE", "explicit")
+    argv = ["serve", "--model-repository", str(tmp_path), "--grpc-port", "0"]
+    assert main([*argv, "--metrics-port", "-1"]) == 78
+    err = capsys.readouterr().err
+    assert f"cannot start: MICROTUNE_LOAD_MODEL desne: no such model in {tmp_path}" in err
 
 
 def test_a_front_finds_its_model_repository_gone(tmp_path: Path) -> None:
