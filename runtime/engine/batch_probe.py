@@ -45,7 +45,9 @@ __all__ = [
     "RUNS_ALONE",
     "TEXT",
     "check_batches",
+    "follows_batch",
     "made_up",
+    "not_batch_major",
     "probe_feeds",
     "unchecked",
     "unsplit",
@@ -112,12 +114,23 @@ def check_batches(
     return unchecked(refusal)
 
 
-def unsplit(output: str, shape: Sequence[int], rows: int) -> str:
-    """Why a batch whose `output` has this shape cannot be split (for the log)."""
+def follows_batch(shape: Sequence[int], rows: int) -> bool:
+    """Whether an output of this shape, from a batch of `rows` rows, can be cut by rows: its
+    first dimension is the batch's (a scalar has none)."""
+    return len(shape) > 0 and shape[0] == rows
+
+
+def not_batch_major(output: str, shape: Sequence[int], rows: int) -> str:
+    """What is wrong with an output that does not follow the batch (`follows_batch`)."""
     return (
         f"output '{output}' of a batch of {rows} rows has shape {list(shape)}: its first "
-        f"dimension is not the batch dimension{RUNS_ALONE}"
+        "dimension is not the batch dimension"
     )
+
+
+def unsplit(output: str, shape: Sequence[int], rows: int) -> str:
+    """Why a batch whose `output` has this shape cannot be split (for the log)."""
+    return not_batch_major(output, shape, rows) + RUNS_ALONE
 
 
 def unchecked(refusal: BaseException) -> str:
@@ -142,6 +155,6 @@ def _first_unsplit(
         results = run(probe_feeds(inputs, rows, dim))
         for name, out in zip(outputs, results, strict=True):
             shape = tuple(int(d) for d in np.shape(out))
-            if not shape or shape[0] != rows:
+            if not follows_batch(shape, rows):
                 return unsplit(name, shape, rows)
     return None

@@ -2,8 +2,9 @@
 model's inputs; the host staging memory they are gathered into (pinned when CUDA is there);
 a bucket's bound buffers; and the result, padding trimmed and split per request.
 
-Allowed imports: numpy, onnxruntime (types only), runtime.engine.{buckets,capturability},
-runtime.ipc.pinning (inside a function: CUDA only when pinned memory is asked for).
+Allowed imports: numpy, onnxruntime (types only),
+runtime.engine.{batch_probe,buckets,capturability}, runtime.ipc.pinning (inside a function:
+CUDA only when pinned memory is asked for).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from runtime.engine.batch_probe import follows_batch, not_batch_major
 from runtime.engine.buckets import split_outputs
 from runtime.engine.capturability import TensorSpec
 
@@ -46,10 +48,7 @@ class UnsplitOutput(BadBatch):
     """An output of a batch does not have the batch's rows: it cannot be cut per request."""
 
     def __init__(self, output: str, shape: tuple[int, ...], rows: int) -> None:
-        super().__init__(
-            f"output '{output}' of a batch of {rows} rows has shape {list(shape)}: its first "
-            "dimension is not the batch dimension"
-        )
+        super().__init__(not_batch_major(output, shape, rows))
         self.output = output
 
 
@@ -181,7 +180,7 @@ def per_request(
     if len(sizes) == 1 and sizes[0] == rows:
         return [list(results)]
     for name, r in zip(names, results, strict=True):
-        if r.ndim < 1 or r.shape[0] != rows:
+        if not follows_batch(r.shape, rows):
             raise UnsplitOutput(name, tuple(r.shape), rows)
     if len(sizes) == 1:  # one request (every batch at concurrency 1): no transposition
         return [[split_outputs(r, sizes)[0] for r in results]]

@@ -17,7 +17,13 @@ from typing import Any, Final
 import numpy as np
 import onnxruntime as ort
 
-from runtime.engine.batch_probe import check_batches, made_up, probe_feeds, unsplit
+from runtime.engine.batch_probe import (
+    check_batches,
+    follows_batch,
+    made_up,
+    probe_feeds,
+    unsplit,
+)
 from runtime.engine.bound import run_bound
 from runtime.engine.buckets import default_buckets
 from runtime.engine.golden import GoldenMismatch, check_golden, load_golden
@@ -289,13 +295,13 @@ def _run_group(
             return [o for o in out if o is not None]
         t2 = time.monotonic_ns()
         total = sum(rows)
-        unsplit = next((k for k, r in enumerate(results) if _rows(r) != total), None)
-        if unsplit is not None and len(ok) > 1:
+        bad = next((k for k, r in enumerate(results) if not follows_batch(r.shape, total)), None)
+        if bad is not None and len(ok) > 1:
             # Not the batch dimension (a NonZero's count, a reduction over the batch): cut
             # by rows, one call would get another's results. Each runs alone and gets all
             # of its output, as without batching; the version batches no more, or a later
             # batch whose output happened to have as many rows would be cut all the same.
-            model.stop_batching(names[unsplit], results[unsplit].shape, total)
+            model.stop_batching(names[bad], results[bad].shape, total)
             for i in ok:
                 call, buf, recv = calls[i]
                 out[i] = model.execute(call, buf, recv)
@@ -326,12 +332,6 @@ def _run_group(
             )
             out[i] = InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings)
     return [o for o in out if o is not None]
-
-
-def _rows(result: Any) -> int:
-    """The first dimension of an output (-1 for a scalar: no rows to split)."""
-    shape = result.shape
-    return int(shape[0]) if shape else -1
 
 
 def _input_array(ref: Any, buf: memoryview) -> np.ndarray[Any, Any]:
