@@ -23,7 +23,13 @@ from server.router import RouteHints
 from server.routing import HEADER_CANARY_WEIGHT, HEADER_MODEL_VERSION, HEADER_ROUTING_KEY
 from server.rpc import codec
 from server.rpc.registration import Registrations
-from server.rpc.status import clip_details, internal_error, rpc_errors, status_of
+from server.rpc.status import (
+    clip_details,
+    ensure_not_ended,
+    internal_error,
+    rpc_errors,
+    status_of,
+)
 from server.rpc.wire import InferDecoder, encode_response
 from server.telemetry.infer_trace import InferTrace
 from server.telemetry.logs import LOG_SPAN
@@ -66,13 +72,6 @@ def _hints(md: Metadata | None) -> RouteHints:
 def _deadline(context: Ctx) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
-
-
-def _check_not_ended(deadline: float | None) -> None:
-    """Past its deadline a stream is ended by grpc: what it would write then fails in core and
-    grpc logs it at ERROR (as server.rpc.status explains for unary calls)."""
-    if deadline is not None and time.monotonic() >= deadline:
-        raise asyncio.CancelledError("the stream's deadline passed")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -193,12 +192,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             while (task := await answers.get()) is not None:
                 try:
                     response = await task
-                    _check_not_ended(deadline)
+                    ensure_not_ended(context)
                     await _write(context, response)
                 finally:
                     window.release()
             await reader  # a read that failed (the client's stream broke) fails the call
-            _check_not_ended(deadline)  # (grpc then sends the stream's status)
+            ensure_not_ended(context)  # (grpc then sends the stream's status)
         finally:
             reader.cancel()
             while not answers.empty():

@@ -28,7 +28,7 @@ from server._proto.inference import grpc_service_pb2 as pb
 from server.errors import ErrorCode, MicrotuneError
 from server.telemetry.logs import request_context
 
-__all__ = ["MAX_DETAILS", "STATUS", "clip_details", "rpc_errors", "status_of"]
+__all__ = ["MAX_DETAILS", "STATUS", "clip_details", "ensure_not_ended", "rpc_errors", "status_of"]
 
 log = logging.getLogger("microtune.rpc")
 
@@ -95,8 +95,7 @@ def rpc_errors(fn: Handler[R]) -> Handler[R]:
         except Exception:
             await _abort(context, grpc.StatusCode.INTERNAL, internal_error(fn.__name__, request))
         else:
-            if context.time_remaining() == 0:  # (None: no deadline)
-                raise asyncio.CancelledError("the call's deadline passed before its answer")
+            ensure_not_ended(context)
             return response
         raise AssertionError("unreachable")  # _abort() always raises
 
@@ -118,10 +117,16 @@ def clip_details(details: str) -> str:
     return f"{details[: MAX_DETAILS - 40]}... ({len(details)} characters in all)"
 
 
+def ensure_not_ended(context: grpc.aio.ServicerContext) -> None:
+    """CancelledError once the call's deadline has passed: grpc has ended it, and what is sent
+    to it then fails in core (module docstring)."""
+    if context.time_remaining() == 0:  # (None: no deadline)
+        raise asyncio.CancelledError("the call's deadline passed before its answer")
+
+
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
     """End the call with `code`, unless grpc has ended it (module docstring); always raises."""
-    if context.time_remaining() == 0:
-        raise asyncio.CancelledError("the call's deadline passed before its answer")
+    ensure_not_ended(context)
     try:
         await context.abort(code, clip_details(details))
     except grpc.aio.InternalError:
