@@ -211,12 +211,8 @@ class Connection:
         """This front's calls waiting in batcher queues, and its arena's pinned bytes. Counted
         on the reader thread: a pass over queues that are short unless the worker is behind."""
         plain, graphs = self.worker.batchers_now()
-        # Graph models' calls carry an answer callback (ours or a direct channel's) and our
-        # arena, not us.
-        buf = None if self.arena is None else self.arena.buf
-        # A plain batcher's calls carry us, or the direct channel they came on (runtime.channels)
         counts = [((name, v), b.count_queued(self._mine)) for (name, v), b in plain]
-        counts += [((name, v), b.count_queued(lambda q: q[2] is buf)) for (name, v), b in graphs]
+        counts += [((name, v), b.count_queued(self._mine_graph)) for (name, v), b in graphs]
         pinned = self.pinned
         return WorkerStatus(
             msg.request_id,
@@ -364,9 +360,8 @@ class Connection:
         done = InferDone(call_id, Code.CANCELLED, "cancelled by the client while queued")
         key = (msg.name, msg.version)
         graph_model = self.worker.graph_models.get(key)
-        if graph_model is not None and self.arena is not None:
-            buf = self.arena.buf  # a graph version's queued calls carry their front's arena
-            taken = graph_model.batcher.cancel(call_id, lambda q: q[2] is buf)
+        if graph_model is not None:
+            taken = graph_model.batcher.cancel(call_id, self._mine_graph)
             if taken is not None:
                 taken.payload[0](done)
                 return
@@ -385,6 +380,11 @@ class Connection:
         or the direct channel it came on (runtime.channels)."""
         sender = queued[0]
         return sender is self or getattr(sender, "front", None) is self
+
+    def _mine_graph(self, queued: Any) -> bool:
+        """Whether a graph version's queued call is this front's: it carries an answer
+        callback (ours or a direct channel's) and this front's arena, not this connection."""
+        return self.arena is not None and queued[2] is self.arena.buf
 
     def _infer(
         self,
