@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _startup_models_problem(settings: Settings) -> str:
     """What is wrong with the models --load-model names (explicit mode), or ""."""
-    from server.repository import model_names
+    from server.repository import listed_models, model_names
 
-    names = [n.strip() for n in settings.load_model.split(",") if n.strip()]
+    names = listed_models(settings.load_model)
     if settings.model_control_mode != "explicit" or names == ["*"]:
         return ""
     if "*" in names:

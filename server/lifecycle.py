@@ -49,7 +49,7 @@ from server.poll_policy import (
     seen_since,
     unsettled,
 )
-from server.repository import ScannedModel, scan_model, scan_repository
+from server.repository import ScannedModel, listed_models, scan_model, scan_repository
 from server.types import ModelSpec, ModelState
 from server.worker_link import WorkerLink
 
@@ -153,9 +153,10 @@ class ModelManager:
             self.on_model_loaded(name)
 
     def _startup_set(self, names: list[str]) -> set[str]:
-        if self.mode != "explicit" or self.startup.strip() == "*":
+        listed = listed_models(self.startup)
+        if self.mode != "explicit" or listed == ["*"]:
             return set(names)
-        return {n.strip() for n in self.startup.split(",") if n.strip()}
+        return set(listed)
 
     # ------------------------------------------------------------------ model control
 

@@ -16,7 +16,14 @@ from server.model_config import ConfigError, read_model_config
 from server.types import Fingerprint, ModelSpec
 from server.versions import version_number
 
-__all__ = ["ScannedModel", "fingerprint", "scan_model", "scan_repository"]
+__all__ = [
+    "ScannedModel",
+    "fingerprint",
+    "listed_models",
+    "model_names",
+    "scan_model",
+    "scan_repository",
+]
 
 _MAX_FILES = 10_000  # a fingerprint is bounded whatever the directory holds
 
@@ -61,6 +68,12 @@ def scan_repository(root: Path) -> list[ScannedModel]:
     if not root.is_dir():
         raise FileNotFoundError(f"model repository {root} is not a directory")
     return [scan_model(root, name) for name in model_names(root)]
+
+
+def listed_models(text: str) -> list[str]:
+    """The model names of a comma-separated list (--load-model), blanks left out; ["*"] names
+    every model."""
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def model_names(root: Path) -> list[str]:
