@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import onnx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "server" / "demo_repository"
@@ -85,6 +85,22 @@ def _identity_model(elem: int) -> onnx.ModelProto:
     return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
     )
+
+
+def fp32_op_model(op: str, constant: float, x: str = "X", y: str = "Y") -> onnx.ModelProto:
+    """y = x <op> constant (a binary op: Mul, Add...), FP32 [batch, 4]."""
+    graph = helper.make_graph(
+        [helper.make_node(op, [x, "constant"], [y])],
+        op.lower(),
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.array(constant, np.float32), "constant")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
+    )
+    onnx.checker.check_model(model)
+    return model
 
 
 def _config(name: str, ins: list[tuple[str, str]], outs: list[tuple[str, str]]) -> str:

@@ -20,8 +20,7 @@ import grpc
 import numpy as np
 import onnx
 import pytest
-from harness import IR_VERSION, OPSET, Server, running_server
-from onnx import TensorProto, helper, numpy_helper
+from harness import Server, fp32_op_model, running_server
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
@@ -29,28 +28,12 @@ Code = grpc.StatusCode
 MODELS = {"held": "", "held_x2": "instance_group [ { count: 2 kind: KIND_CPU } ]\n"}
 
 
-def _double() -> onnx.ModelProto:
-    """Y = X * 2, X FP32 [batch, 4]."""
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["X", "two"], ["Y"])],
-        "double",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 4])],
-        [numpy_helper.from_array(np.array(2, np.float32), "two")],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
-    )
-    onnx.checker.check_model(model)
-    return model
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     repo = tmp_path_factory.mktemp("cancel") / "models"
     for name, instances in MODELS.items():
         (repo / name / "1").mkdir(parents=True)
-        onnx.save(_double(), str(repo / name / "1" / "model.onnx"))
+        onnx.save(fp32_op_model("Mul", 2), str(repo / name / "1" / "model.onnx"))
         (repo / name / "config.pbtxt").write_text(
             f'name: "{name}"\nmax_batch_size: 8\n{instances}'
             "dynamic_batching { max_queue_delay_microseconds: 60000000 "

@@ -21,8 +21,7 @@ import grpc
 import numpy as np
 import onnx
 import pytest
-from harness import IR_VERSION, OPSET, Server, running_server
-from onnx import TensorProto, helper, numpy_helper
+from harness import Server, fp32_op_model, running_server
 from spin_model import spin_repository, spin_request
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
@@ -36,22 +35,6 @@ SPINS = {
 }
 
 
-def _plus_one() -> onnx.ModelProto:
-    """OUTPUT0 = INPUT0 + 1, FP32 [batch, 4]."""
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["INPUT0", "one"], ["OUTPUT0"])],
-        "plus_one",
-        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 4])],
-        [numpy_helper.from_array(np.array(1, np.float32), "one")],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
-    )
-    onnx.checker.check_model(model)
-    return model
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, int]]:
     """The server, and the spin loop count that takes about a second."""
@@ -63,7 +46,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, i
             shutil.copytree(repo / "spin" / "1", repo / name / "1")
             (repo / name / "config.pbtxt").write_text(config + groups)
     (repo / "m" / "1").mkdir(parents=True)
-    onnx.save(_plus_one(), str(repo / "m" / "1" / "model.onnx"))
+    onnx.save(fp32_op_model("Add", 1, "INPUT0", "OUTPUT0"), str(repo / "m" / "1" / "model.onnx"))
     (repo / "m" / "config.pbtxt").write_text("max_batch_size: 8\n")
     args = ("--model-control-mode", "explicit", "--load-model", "*")
     with running_server(repo, repo.parent / "server", args) as s:
