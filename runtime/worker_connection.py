@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
@@ -65,8 +66,6 @@ log = logging.getLogger("microtune.worker")
 # when it arrived.
 Queued = tuple[Any, Infer, int]
 
-_GONE = object()  # (Connection._alone: a call no longer waiting for a lane thread)
-
 
 class Connection:
     """One front process: its arena and its socket."""
@@ -90,10 +89,10 @@ class Connection:
         # holds for seconds: they run here, in order, while the reader goes on reading.
         self._control = ThreadPoolExecutor(1, thread_name_prefix="control")
         # This front's calls waiting for a thread of their version's lane (call id -> their
-        # answer's way back, None = this connection): whichever of the lane thread and a Cancel
-        # pops a call first has it (dict.pop is atomic), so a cancelled call is answered once
-        # and never runs.
-        self._alone: dict[int, Callable[[InferDone], None] | None] = {}
+        # answer's way back, None = this connection; and their version, for the status):
+        # whichever of the lane thread and a Cancel pops a call first has it (dict.pop is
+        # atomic), so a cancelled call is answered once and never runs.
+        self._alone: dict[int, tuple[Callable[[InferDone], None] | None, tuple[str, int]]] = {}
 
     def send(self, msg: Any) -> None:
         frame = encode(msg)
@@ -208,15 +207,19 @@ class Connection:
         )
 
     def _status(self, msg: GetStatus) -> WorkerStatus:
-        """This front's calls waiting in batcher queues, and its arena's pinned bytes. Counted
-        on the reader thread: a pass over queues that are short unless the worker is behind."""
+        """This front's calls waiting in batcher queues or for a thread of their version's
+        lane, and its arena's pinned bytes. Counted on the reader thread: a pass over queues
+        that are short unless the worker is behind."""
         plain, graphs = self.worker.batchers_now()
-        counts = [((name, v), b.count_queued(self._mine)) for (name, v), b in plain]
-        counts += [((name, v), b.count_queued(self._mine_graph)) for (name, v), b in graphs]
+        counts = Counter(key for _, key in list(self._alone.values()))  # (a copy: lanes pop)
+        for key, b in plain:
+            counts[key] += b.count_queued(self._mine)
+        for key, b in graphs:
+            counts[key] += b.count_queued(self._mine_graph)
         pinned = self.pinned
         return WorkerStatus(
             msg.request_id,
-            tuple(QueuedCalls(name, v, n) for (name, v), n in counts if n),
+            tuple(QueuedCalls(name, v, n) for (name, v), n in counts.items() if n),
             0 if pinned is None or pinned.closed else pinned.size,
             self.send_stalls,
         )
@@ -336,17 +339,17 @@ class Connection:
         """Run `call` by itself on its version's lane (runtime.lanes), answered through
         `answer` (a direct channel's: runtime.channels) or on this connection. A version
         without a lane is not loaded (or no longer): answered so at once."""
-        self._alone[call.call_id] = answer
         key = (call.name, call.version)
+        self._alone[call.call_id] = (answer, key)
         if self.worker.queue_alone(key, self._run_queued, call, received_ns, answer):
             return
-        if self._alone.pop(call.call_id, _GONE) is not _GONE:
+        if self._alone.pop(call.call_id, None) is not None:
             (answer or self.send_quiet)(_not_loaded(call))
 
     def _run_queued(
         self, call: Infer, received_ns: int, answer: Callable[[InferDone], None] | None
     ) -> None:
-        if self._alone.pop(call.call_id, _GONE) is _GONE:
+        if self._alone.pop(call.call_id, None) is None:
             return  # cancelled while it waited, and answered then
         self._infer(call, received_ns, answer)
 
@@ -371,9 +374,9 @@ class Connection:
             if found is not None:
                 found.payload[0].send_quiet(done)
                 return
-        answer = self._alone.pop(call_id, _GONE)
-        if answer is not _GONE:
-            (answer or self.send_quiet)(done)
+        waiting = self._alone.pop(call_id, None)
+        if waiting is not None:
+            (waiting[0] or self.send_quiet)(done)
 
     def _mine(self, queued: Queued) -> bool:
         """Whether a plain batcher's queued call is this front's: it carries this connection,

@@ -195,7 +195,8 @@ class Metrics:
         r.register(_InFlightCollector(self.saturation))  # the loads' request counts
         self.pending = gauge(
             "microtune_pending_requests",
-            "Requests of this front waiting in a worker batcher queue (sampled every second).",
+            "Requests of this front waiting in the worker: in a batcher queue or for a thread"
+            " of their version (sampled every second).",
             ["model"],
         )
         self.rollbacks = counter(
@@ -369,9 +370,9 @@ class Metrics:
 
     def set_pending(self, queued: Iterable[tuple[str, int]]) -> None:
         """Replace every model's pending count with `queued`: (model, calls) for each version
-        with calls of this front waiting in the worker's batcher queue, as the worker reported
-        them (not per request: the front samples the worker off the request path). Declared
-        models not in it have 0 waiting."""
+        with calls of this front waiting in the worker (batcher queue or lane), as the worker
+        reported them (not per request: the front samples the worker off the request path).
+        Declared models not in it have 0 waiting."""
         counts = dict.fromkeys(self._models | self._pending_labels, 0)
         for model, calls in queued:
             label = model if model in self._models else OTHER_MODEL

@@ -6,6 +6,8 @@ worker has pinned. No model runs: the batchers have no loop, so what is submitte
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +24,7 @@ from runtime.ipc.protocol import (
     QueuedCalls,
     WorkerStatus,
 )
+from runtime.lanes import Lane
 from runtime.settings import WorkerSettings
 from runtime.worker import Worker
 from runtime.worker_connection import Connection
@@ -76,6 +79,39 @@ def test_each_front_sees_only_its_own_queued_calls(
     assert b._status(GetStatus(8)) == WorkerStatus(
         8, (QueuedCalls("dense", 1, 1), QueuedCalls("dense_large", 2, 3)), 0
     )
+
+
+def test_calls_waiting_for_a_lane_thread_are_queued_calls_too(
+    worker: Worker, fronts: tuple[Connection, Connection, socket.socket]
+) -> None:
+    """A version without dynamic batching (the default) queues its calls on its lane: those
+    waiting for its thread are pending too, counted with the batchers' in one entry per
+    version; a call the thread took is no longer waiting."""
+    a, b, _ = fronts
+    _queue(worker, a, b)
+    worker.lanes[("dense", 1)] = Lane("dense", 1, 1)
+    worker.lanes[("simple", 3)] = Lane("simple", 3, 1)
+    busy, running = threading.Event(), threading.Event()
+    for key in (("dense", 1), ("simple", 3)):  # each lane's one thread is held
+        worker.lanes[key].submit(lambda: (running.set(), busy.wait(10)))
+    running.wait(10)
+    a.run_alone(Infer(30, "dense", 1, (), (), 0, 0), 0)
+    for i in range(3):
+        a.run_alone(Infer(31 + i, "simple", 3, (), (), 0, 0), 0, lambda done: None)
+    b.run_alone(Infer(40, "simple", 3, (), (), 0, 0), 0)
+    assert a._status(GetStatus(7)).queued == (
+        QueuedCalls("dense", 1, 3),  # 2 in the batcher + 1 for the lane
+        QueuedCalls("simple", 3, 3),
+        QueuedCalls("dense_large", 2, 1),
+    )
+    busy.set()
+    deadline = time.monotonic() + 10
+    while a._status(GetStatus(8)).queued != (
+        QueuedCalls("dense", 1, 2),
+        QueuedCalls("dense_large", 2, 1),
+    ):
+        assert time.monotonic() < deadline, "the lanes never took their calls"
+        time.sleep(0.01)
 
 
 def test_pinned_bytes_are_the_fronts_registered_arena(
