@@ -16,7 +16,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from server import __version__
@@ -33,6 +32,7 @@ from server.restarts import EXIT_GAVE_UP
 from server.router import Router
 from server.rpc.admin import RoutingAdminServicer
 from server.rpc.health import HealthState
+from server.rpc.reflection import add_reflection
 from server.rpc.servicer import InferenceServicer, add_to_server
 from server.rpc.status import status_of
 from server.settings import Settings
@@ -150,7 +150,6 @@ class App:
             pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
             apb.DESCRIPTOR.services_by_name["RoutingAdmin"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
         )
         settle = None if self.admin_sync is None else self.admin_sync.settled
         infer, admin = InferenceServicer(self.handler), RoutingAdminServicer(self.router, settle)
@@ -160,7 +159,7 @@ class App:
                 lambda s: add_to_server(infer, s),
                 lambda s: health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, s),
                 lambda s: apb_grpc.add_RoutingAdminServicer_to_server(admin, s),
-                lambda s: reflection.enable_server_reflection(names, s),
+                lambda s: add_reflection(names, s),
             ),
             self.tracing,
         )

@@ -594,6 +594,45 @@ def test_health_serving(channel: grpc.Channel, service: str) -> None:
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.parametrize("package", ["grpc.reflection.v1", "grpc.reflection.v1alpha"])
+def test_reflection_is_served_as_v1_and_v1alpha(channel: grpc.Channel, package: str) -> None:
+    """Both reflection protocols (the same messages under two package names: v1alpha's types
+    read and write v1's bytes) list the services and describe each of them, v1's own service
+    included, in its own package: clients that speak only v1 got UNIMPLEMENTED."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2 as r
+
+    info = channel.stream_stream(
+        f"/{package}.ServerReflection/ServerReflectionInfo",
+        request_serializer=r.ServerReflectionRequest.SerializeToString,
+        response_deserializer=r.ServerReflectionResponse.FromString,
+    )
+    symbols = ["inference.GRPCInferenceService", "grpc.reflection.v1.ServerReflection"]
+    asks = [r.ServerReflectionRequest(list_services="")]
+    asks += [r.ServerReflectionRequest(file_containing_symbol=s) for s in symbols]
+    listed, *described = list(info(iter(asks), timeout=10))
+    assert {s.name for s in listed.list_services_response.service} == {
+        "inference.GRPCInferenceService",
+        "microtune.admin.v1.RoutingAdmin",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(
+            d.file_descriptor_response.file_descriptor_proto[0]
+        )
+        for d in described
+    ]
+    assert [f.package for f in files] == ["inference", "grpc.reflection.v1"]
+    (method,) = files[1].service[0].method
+    assert (method.name, method.input_type, method.output_type) == (
+        "ServerReflectionInfo",
+        ".grpc.reflection.v1.ServerReflectionRequest",
+        ".grpc.reflection.v1.ServerReflectionResponse",
+    )
+
+
 def test_health_unknown_service(channel: grpc.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     with pytest.raises(grpc.RpcError) as ei:
