@@ -156,6 +156,18 @@ class InferenceHandler:
         hit while it ran): its batch's other calls were answered, so it did run."""
         entry = self.table.models.get(model)
         ve = entry.versions.get(version) if entry is not None else None
+        self._count_execution(model, version, ve, t)
+
+    def _count_execution(
+        self, model: str, version: int, ve: VersionEntry | None, t: Timings
+    ) -> None:
+        """Count the execution `t` carries (`t.executions`) in the statistics and the metrics,
+        for a call that is no served request. The worker counts each execution on one call of
+        its batch, whichever that is; served requests' executions are counted with them (bulk
+        metrics: server.telemetry.served), any other call's here, or the execution is lost:
+        a call whose caller gave up, a shadow call."""
+        if not t.executions:
+            return
         if ve is not None:
             ve.stats.record_execution(t)
         if self.metrics is not None:
@@ -416,6 +428,9 @@ class InferenceHandler:
             result = await self.link.require().infer(
                 model, ve.version, plan.inputs, plan.outputs, plan.output_reserve, None
             )
+            # The worker may count a whole batch's execution on this call (it batches shadow
+            # calls with the version's own requests).
+            self._count_execution(model, ve.version, ve, result.timings)
             diff = compare_outputs(
                 served, [(o.name, o.datatype, o.shape, o.data) for o in result.outputs]
             )
