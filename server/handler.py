@@ -165,7 +165,7 @@ class InferenceHandler:
         for a call that is no served request. The worker counts each execution on one call of
         its batch, whichever that is; served requests' executions are counted with them (bulk
         metrics: server.telemetry.served), any other call's here, or the execution is lost:
-        a call whose caller gave up, a shadow call."""
+        a call whose caller gave up, a shadow call, a request that failed after its run."""
         if not t.executions:
             return
         if ve is not None:
@@ -363,7 +363,8 @@ class InferenceHandler:
             outputs = tuple(response_tensor(req, o, outs) for o in result.outputs)
             _check_response_size(outputs, self.max_message_bytes - RESPONSE_HEADROOM)
         except MicrotuneError:  # an output region too small, say: the client's, after the run
-            ve.stats.record_failure(time.perf_counter_ns() - start, t)
+            ve.stats.record_failure(time.perf_counter_ns() - start)
+            self._count_execution(req.model, ve.version, ve, t)  # the model did run
             raise
         elapsed = time.perf_counter_ns() - start
         ve.stats.record_success(elapsed, t, plan.batch_size)

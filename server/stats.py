@@ -54,17 +54,15 @@ class VersionStats:
         self.last_inference_ms = time.time_ns() // 1_000_000
         self.record_execution(t)
 
-    def record_failure(self, total_ns: int, t: Timings | None = None) -> None:
-        """A failed request; `t` when the model ran it (its answer then failed: an output
-        region too small), whose execution counts as any other."""
+    def record_failure(self, total_ns: int) -> None:
+        """A failed request (when the model ran it before its answer failed, the front counts
+        its execution with `record_execution`)."""
         self.fail.add(total_ns)
         self.last_inference_ms = time.time_ns() // 1_000_000
-        if t is not None:
-            self.record_execution(t)
 
     def record_execution(self, t: Timings) -> None:
-        """The execution `t` was counted on (a request's, or one its caller abandoned:
-        runtime.client.RuntimeClient.on_orphan_execution)."""
+        """The execution `t` was counted on (a request's, or any other call's:
+        server.handler.InferenceHandler._count_execution)."""
         if not t.executions:
             return  # another request of the same execution counts it
         self.execution_count += t.executions
