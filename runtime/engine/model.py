@@ -263,16 +263,14 @@ def execute_batch(
             except Exception as exc:  # this call's alone: the batch's others are answered
                 answers[members[0]] = call_error(call.call_id, exc)
             continue
-        for i, done in zip(
-            members, _run_group(model, [calls[i] for i in members], t0), strict=True
-        ):
+        for i, done in zip(members, _run_group(model, [calls[i] for i in members]), strict=True):
             answers[i] = done
     return [a for a in answers if a is not None]
 
 
-def _run_group(
-    model: LoadedModel, calls: list[tuple[Infer, memoryview, int]], t0: int
-) -> list[InferDone]:
+def _run_group(model: LoadedModel, calls: list[tuple[Infer, memoryview, int]]) -> list[InferDone]:
+    # Its own start: a group's calls wait (queue) while the batch's earlier groups run.
+    t0 = time.monotonic_ns()
     out: list[InferDone | None] = [None] * len(calls)
     feeds_each: list[dict[str, Any]] = []
     ok: list[int] = []
