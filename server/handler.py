@@ -239,14 +239,20 @@ class InferenceHandler:
         try:
             return await self._infer(req, deadline, hints, start, routed, span)
         except BaseException as exc:
-            counted: BaseException | None = exc
+            counted: BaseException = exc
             if isinstance(exc, asyncio.CancelledError):
                 # grpc cancels the call when its deadline passes before ours fires: that is a
-                # DEADLINE_EXCEEDED (the client's status), counted as such; a client's own
-                # cancellation is no request answered.
+                # DEADLINE_EXCEEDED (the client's status), counted as such. Any other
+                # cancellation counts as CANCELLED (as Triton's failure counter counts them):
+                # the client's own, and a deadline that fired at the client more than the
+                # slack before ours (ours starts when the call's headers are read, later
+                # under load), which reaches us as a cancellation, the client seeing
+                # DEADLINE_EXCEEDED. Either way the request failed, as ModelStatistics counts
+                # it (`fail`), and both views count the same failures.
                 expired = deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
-                counted = DeadlineExceeded("deadline exceeded") if expired else None
-            if self.metrics is not None and counted is not None:
+                if expired:
+                    counted = DeadlineExceeded("deadline exceeded")
+            if self.metrics is not None:
                 seconds = (time.perf_counter_ns() - start) / 1e9
                 self.metrics.observe_request(
                     req.model, routed.version, routed.reason, self.status_of(counted), seconds
