@@ -479,11 +479,14 @@ class InferenceHandler:
         return [(e.name, v, ve.stats) for e in models for v, ve in e.versions.items()]
 
     def _own_statistics(self, name: str, version: str) -> list[StatsRow]:
+        # As Triton: the version string is checked first, whatever the name; without a name,
+        # a valid one is ignored (every model's ready versions).
+        number = parse_version(version) if version else None
         entries = [self.table.get(name)] if name else list(self.table.models.values())
         rows: list[StatsRow] = []
         for e in entries:
-            if version and name:
-                ve = e.versions.get(parse_version(version))
+            if number is not None and name:
+                ve = e.versions.get(number)
                 if ve is None:
                     raise NotFound(f"model '{name}' has no version {version}")
                 rows.append(StatsRow(e.name, ve.version, ve.stats))
