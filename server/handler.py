@@ -156,6 +156,18 @@ class InferenceHandler:
         hit while it ran): its batch's other calls were answered, so it did run."""
         entry = self.table.models.get(model)
         ve = entry.versions.get(version) if entry is not None else None
+        self._count_execution(model, version, ve, t)
+
+    def _count_execution(
+        self, model: str, version: int, ve: VersionEntry | None, t: Timings
+    ) -> None:
+        """Count the execution `t` carries (`t.executions`) in the statistics and the metrics,
+        for a call that is no served request. The worker counts each execution on one call of
+        its batch, whichever that is; served requests' executions are counted with them (bulk
+        metrics: server.telemetry.served), any other call's here, or the execution is lost:
+        a call whose caller gave up, a shadow call, a request that failed after its run."""
+        if not t.executions:
+            return
         if ve is not None:
             ve.stats.record_execution(t)
         if self.metrics is not None:
@@ -227,14 +239,20 @@ class InferenceHandler:
         try:
             return await self._infer(req, deadline, hints, start, routed, span)
         except BaseException as exc:
-            counted: BaseException | None = exc
+            counted: BaseException = exc
             if isinstance(exc, asyncio.CancelledError):
                 # grpc cancels the call when its deadline passes before ours fires: that is a
-                # DEADLINE_EXCEEDED (the client's status), counted as such; a client's own
-                # cancellation is no request answered.
+                # DEADLINE_EXCEEDED (the client's status), counted as such. Any other
+                # cancellation counts as CANCELLED (as Triton's failure counter counts them):
+                # the client's own, and a deadline that fired at the client more than the
+                # slack before ours (ours starts when the call's headers are read, later
+                # under load), which reaches us as a cancellation, the client seeing
+                # DEADLINE_EXCEEDED. Either way the request failed, as ModelStatistics counts
+                # it (`fail`), and both views count the same failures.
                 expired = deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
-                counted = DeadlineExceeded("deadline exceeded") if expired else None
-            if self.metrics is not None and counted is not None:
+                if expired:
+                    counted = DeadlineExceeded("deadline exceeded")
+            if self.metrics is not None:
                 seconds = (time.perf_counter_ns() - start) / 1e9
                 self.metrics.observe_request(
                     req.model, routed.version, routed.reason, self.status_of(counted), seconds
@@ -351,7 +369,8 @@ class InferenceHandler:
             outputs = tuple(response_tensor(req, o, outs) for o in result.outputs)
             _check_response_size(outputs, self.max_message_bytes - RESPONSE_HEADROOM)
         except MicrotuneError:  # an output region too small, say: the client's, after the run
-            ve.stats.record_failure(time.perf_counter_ns() - start, t)
+            ve.stats.record_failure(time.perf_counter_ns() - start)
+            self._count_execution(req.model, ve.version, ve, t)  # the model did run
             raise
         elapsed = time.perf_counter_ns() - start
         ve.stats.record_success(elapsed, t, plan.batch_size)
@@ -416,6 +435,9 @@ class InferenceHandler:
             result = await self.link.require().infer(
                 model, ve.version, plan.inputs, plan.outputs, plan.output_reserve, None
             )
+            # The worker may count a whole batch's execution on this call (it batches shadow
+            # calls with the version's own requests).
+            self._count_execution(model, ve.version, ve, result.timings)
             diff = compare_outputs(
                 served, [(o.name, o.datatype, o.shape, o.data) for o in result.outputs]
             )
@@ -457,11 +479,14 @@ class InferenceHandler:
         return [(e.name, v, ve.stats) for e in models for v, ve in e.versions.items()]
 
     def _own_statistics(self, name: str, version: str) -> list[StatsRow]:
+        # As Triton: the version string is checked first, whatever the name; without a name,
+        # a valid one is ignored (every model's ready versions).
+        number = parse_version(version) if version else None
         entries = [self.table.get(name)] if name else list(self.table.models.values())
         rows: list[StatsRow] = []
         for e in entries:
-            if version and name:
-                ve = e.versions.get(parse_version(version))
+            if number is not None and name:
+                ve = e.versions.get(number)
                 if ve is None:
                     raise NotFound(f"model '{name}' has no version {version}")
                 rows.append(StatsRow(e.name, ve.version, ve.stats))

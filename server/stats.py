@@ -1,7 +1,8 @@
 """Per model-version statistics with Triton's semantics (ModelStatistics RPC).
 
 success/fail: end-to-end request time in the front; queue and compute_* come from the worker.
-inference_count counts batch-n requests as n; execution_count counts model executions.
+inference_count counts batch-n requests as n; execution_count counts model executions, and
+last_inference_ms is the time of the last one.
 """
 
 from __future__ import annotations
@@ -51,23 +52,23 @@ class VersionStats:
         self.compute_infer.add(t.infer_ns)
         self.compute_output.add(t.output_ns)
         self.inference_count += batch_size
-        self.last_inference_ms = time.time_ns() // 1_000_000
         self.record_execution(t)
 
-    def record_failure(self, total_ns: int, t: Timings | None = None) -> None:
-        """A failed request; `t` when the model ran it (its answer then failed: an output
-        region too small), whose execution counts as any other."""
+    def record_failure(self, total_ns: int) -> None:
+        """A failed request (when the model ran it before its answer failed, the front counts
+        its execution with `record_execution`)."""
         self.fail.add(total_ns)
-        self.last_inference_ms = time.time_ns() // 1_000_000
-        if t is not None:
-            self.record_execution(t)
 
     def record_execution(self, t: Timings) -> None:
-        """The execution `t` was counted on (a request's, or one its caller abandoned:
-        runtime.client.RuntimeClient.on_orphan_execution)."""
+        """The execution `t` was counted on (a request's, or any other call's:
+        server.handler.InferenceHandler._count_execution)."""
         if not t.executions:
             return  # another request of the same execution counts it
         self.execution_count += t.executions
+        # As Triton (InferenceStatsAggregator::UpdateInferBatchStatsWithDuration): the last
+        # execution's time; a request that never ran (failed, cancelled, expired in the queue)
+        # leaves it.
+        self.last_inference_ms = max(self.last_inference_ms, time.time_ns() // 1_000_000)
         b = self.batches.get(t.batch_size)
         if b is None:
             b = self.batches[t.batch_size] = BatchStats()

@@ -272,6 +272,7 @@ class GraphModel:
         t = result.timings
         links = tuple(p.payload[1].span for p in live if p.payload[1].span)
         row0 = 0
+        counted = False  # the execution goes on the first call answered OK (counted once)
         for k, (p, outs) in enumerate(zip(live, result.outputs, strict=True)):
             answer, call, _buf, recv, _regions = p.payload
             w0 = time.monotonic_ns()
@@ -289,11 +290,12 @@ class GraphModel:
                 infer_ns=t.run_ns,
                 output_ns=t.d2h_ns + time.monotonic_ns() - w0,
                 batch_size=result.rows,
-                executions=1 if k == 0 else 0,
+                executions=0 if counted else 1,
                 padded_batch=_padded(result),
                 mode=self._mode(result.replayed),
-                links=links if k == 0 else (),
+                links=() if counted else links,
             )
+            counted = True
             answer(InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings))
 
     def _stop_batching(self, exc: UnsplitOutput) -> None:

@@ -157,6 +157,12 @@ class LoadedModel:
             self.splits_batches = False
             log.warning("model '%s' version %d: %s", self.name, self.version, why)
 
+    def batch_of(self, call: Infer) -> int:
+        """The batch size of an execution of `call` alone: its rows when the version has a
+        batch dimension; 1 without one (max_batch_size 0), where a first dimension is the
+        tensor's own and each request is one inference, as Triton's backends count it."""
+        return call.rows if self.spec is None or self.spec.max_batch_size > 0 else 1
+
     def execute(
         self,
         call: Infer,
@@ -196,7 +202,7 @@ class LoadedModel:
         outputs = _write_outputs(names, results, self.signature, buf, call)
         t3 = time.monotonic_ns()
         self.inline.measured(t3 - t0, call)
-        timings = Timings(t0 - received_ns, t1 - t0, t2 - t1, t3 - t2, call.rows)
+        timings = Timings(t0 - received_ns, t1 - t0, t2 - t1, t3 - t2, self.batch_of(call))
         return InferDone(call.call_id, Code.OK, outputs=outputs, timings=timings)
 
     def _execute_bound(
@@ -220,7 +226,7 @@ class LoadedModel:
             run.t_bound - t0,
             run.t_ran - run.t_bound,
             run.t_done - run.t_ran,
-            call.rows,
+            self.batch_of(call),
         )
         return InferDone(call.call_id, Code.OK, outputs=run.outputs, timings=timings)
 
@@ -257,16 +263,14 @@ def execute_batch(
             except Exception as exc:  # this call's alone: the batch's others are answered
                 answers[members[0]] = call_error(call.call_id, exc)
             continue
-        for i, done in zip(
-            members, _run_group(model, [calls[i] for i in members], t0), strict=True
-        ):
+        for i, done in zip(members, _run_group(model, [calls[i] for i in members]), strict=True):
             answers[i] = done
     return [a for a in answers if a is not None]
 
 
-def _run_group(
-    model: LoadedModel, calls: list[tuple[Infer, memoryview, int]], t0: int
-) -> list[InferDone]:
+def _run_group(model: LoadedModel, calls: list[tuple[Infer, memoryview, int]]) -> list[InferDone]:
+    # Its own start: a group's calls wait (queue) while the batch's earlier groups run.
+    t0 = time.monotonic_ns()
     out: list[InferDone | None] = [None] * len(calls)
     feeds_each: list[dict[str, Any]] = []
     ok: list[int] = []

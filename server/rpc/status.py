@@ -54,6 +54,8 @@ def status_of(exc: BaseException | None) -> grpc.StatusCode:
         return _OK
     if isinstance(exc, MicrotuneError):
         return STATUS[exc.code]
+    if isinstance(exc, asyncio.CancelledError):  # grpc cancelled the handler: its client did
+        return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.INTERNAL
 
 

@@ -351,12 +351,13 @@ class Metrics:
         ran eagerly on a model that has graphs, None = graphs not in use (CPU).
         """
         mv = (model if model in self._models else OTHER_MODEL, str(version))
-        self.executions.inc(mv)
-        self.batch_size.series_for(mv).add(batch_size)
-        if graph_replay is True:
-            self.graph_replays.inc(mv)
-        elif graph_replay is False:
-            self.eager_fallbacks.inc(mv)
+        with self.served.lock:  # a fold (the scrape thread's too) writes these series
+            self.executions.inc(mv)
+            self.batch_size.series_for(mv).add(batch_size)
+            if graph_replay is True:
+                self.graph_replays.inc(mv)
+            elif graph_replay is False:
+                self.eager_fallbacks.inc(mv)
 
     def inflight(self, model: str) -> Load:
         """The in-flight work of `model` (an undeclared name: OTHER_MODEL's): the request path

@@ -8,9 +8,13 @@ per-(model, version, reason) tallies with numpy: on the event loop every 0.05 s,
 scrape thread before every collection, so a scrape counts every request answered before it.
 
 Bucketing is the per-request rule exactly: `searchsorted(side="left")` is `bisect_left`, and
-seconds are the same float64 divisions of integer nanoseconds. A fold runs under a lock, and
-only folds write the series of successful requests (failures are counted directly, in series
-of their own), so the loop and the scrape thread never write the same value concurrently.
+seconds are the same float64 divisions of integer nanoseconds. A fold runs under `lock`, and
+the series of successful requests are written only under it: by folds, and by the loop's
+count of an execution no served request carries (`Metrics.observe_execution`: an abandoned or
+shadow call's, a failed request's), which writes the executions and batch-size series a fold
+writes too. (Failures are counted directly, in series of their own.) So the loop and the
+scrape thread never write the same value concurrently: a read-modify-write of both at once
+lost counts.
 """
 
 from __future__ import annotations
@@ -69,12 +73,12 @@ class ServedLog:
         self._batch = np.array(batch_bounds, np.float64)
         self._entries: deque[Entry] = deque()
         self.append: Callable[[Entry], None] = self._entries.append  # thread-safe, O(1)
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # see the module's docstring
 
     def fold(self, apply: Callable[[tuple[str, int, str], Tally], None]) -> None:
         """Hand `apply` one tally per (model, version, reason) for the entries appended so
         far; `apply` runs under the fold lock (call from any thread)."""
-        with self._lock:
+        with self.lock:
             entries = self._entries
             n = len(entries)
             if not n:

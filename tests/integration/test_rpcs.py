@@ -462,7 +462,8 @@ class TestRawStub:
     ) -> None:
         """As in Triton, INVALID_ARGUMENT in its wording, on every RPC that names a version:
         ModelReady said ready=False, and 5000 digits (past Python's int() limit) answered
-        INTERNAL with a traceback in the log."""
+        INTERNAL with a traceback in the log. ModelStatistics checks it without a model name
+        too (Triton's handler parses the version first): it answered every model's rows."""
         wording = f"failed to get model version from specified version string '{version[:64]}'"
         calls = {
             "ModelReady": lambda: stub.ModelReady(
@@ -473,6 +474,9 @@ class TestRawStub:
             ),
             "ModelStatistics": lambda: stub.ModelStatistics(
                 pb.ModelStatisticsRequest(name="dense", version=version), timeout=5
+            ),
+            "ModelStatistics of every model": lambda: stub.ModelStatistics(
+                pb.ModelStatisticsRequest(version=version), timeout=5
             ),
             "ModelInfer": lambda: stub.ModelInfer(
                 pb.ModelInferRequest(model_name="dense", model_version=version), timeout=5
@@ -554,6 +558,11 @@ class TestRawStub:
         check_simple_stats(stats[0], before, batch=5, n=1)
         every = stub.ModelStatistics(pb.ModelStatisticsRequest(), timeout=5).model_stats
         assert {"simple", "dense", "id_bool"} <= {s.name for s in every}
+        # A valid version without a name is ignored, as in Triton: every model's rows.
+        same = stub.ModelStatistics(pb.ModelStatisticsRequest(version="7"), timeout=5)
+        assert {(s.name, s.version) for s in same.model_stats} == {
+            (s.name, s.version) for s in every
+        }
         for name, version, code in [
             ("no_such_model", "", grpc.StatusCode.NOT_FOUND),
             ("simple", "7", grpc.StatusCode.NOT_FOUND),

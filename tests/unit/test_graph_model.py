@@ -298,21 +298,34 @@ class _FailsToPlace(GraphModel):
     """Placing call 2's outputs fails, as a device-to-device copy into a client's CUDA region
     can (CudaError) after the batch itself ran."""
 
+    failing = 2
+
     def _outputs(self, p: Pending[Queued], *args: Any, **kwargs: Any) -> Any:
-        if p.payload[1].call_id == 2:
+        if p.payload[1].call_id == self.failing:
             raise CudaError("cudaMemcpyAsync failed: an illegal memory access was encountered")
         return super()._outputs(p, *args, **kwargs)
 
 
-def test_a_call_whose_outputs_cannot_be_placed_fails_alone() -> None:
+class _FirstFailsToPlace(_FailsToPlace):
+    failing = 1  # the batch's first call
+
+
+@pytest.mark.parametrize("model_type", [_FailsToPlace, _FirstFailsToPlace])
+def test_a_call_whose_outputs_cannot_be_placed_fails_alone(model_type: type[GraphModel]) -> None:
     """The rest of its batch is answered, with their outputs (before, the error left the
-    serving thread's batch and the calls after it waited for their deadlines)."""
-    sess, arena, calls, answers = _three_calls_in_one_batch(model_type=_FailsToPlace)
-    bad = answers[2]
+    serving thread's batch and the calls after it waited for their deadlines), and one of
+    them carries the batch's execution: when the failing call was the batch's first, none
+    did, and the execution was counted nowhere."""
+    sess, arena, calls, answers = _three_calls_in_one_batch(model_type=model_type)
+    failing = model_type.failing  # type: ignore[attr-defined]
+    bad = answers[failing]
     assert bad.code == Code.MODEL_FAILED
     assert bad.message == "cudaMemcpyAsync failed: an illegal memory access was encountered"
-    for call, x in (calls[0], calls[2]):
+    good = [(call, x) for call, x in calls if call.call_id != failing]
+    for call, x in good:
         _assert_answered(sess, arena, answers[call.call_id], x, rows=3)  # the batch ran once
+    executions = [answers[call.call_id].timings.executions for call, _x in good]  # type: ignore[union-attr]
+    assert sorted(executions) == [0, 1]
 
 
 @pytest.mark.parametrize(
