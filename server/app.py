@@ -301,7 +301,7 @@ class App:
 
     def _model_loaded(self, name: str) -> None:
         entry = self.table.models.get(name)
-        spec = None if entry is None else entry.spec
+        spec = None if entry is None else entry.in_force  # (not a failed load's config)
         self.router.set_config_table(name, None if spec is None else spec.parameters.get("routing"))
         if self.metrics is not None and entry is not None:
             # Now, not at the next sync: until its name is declared, the model's requests

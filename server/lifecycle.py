@@ -375,6 +375,8 @@ class ModelManager:
                 self._forget(ve)
         # (set before the unloads below: a poll meanwhile must not take them for a change)
         entry.held = None if complete else held_back(entry, s)
+        if complete or entry.in_force is None:
+            entry.in_force = s.spec
         if complete:
             await asyncio.gather(*(self._unload_version(ve) for ve in stale))
         elif stale:
@@ -603,7 +605,7 @@ def _loading(entry: ModelEntry) -> list[VersionEntry]:
 
 
 def _entry(s: ScannedModel) -> ModelEntry:
-    entry = ModelEntry(s.name, s.spec, s.reason)
+    entry = ModelEntry(s.name, s.spec, s.reason, in_force=s.spec)
     for v, path in s.versions.items():
         entry.versions[v] = VersionEntry(
             s.name, v, ModelState.LOADING, path=str(path), spec=s.spec, files=s.files.get(v, ())

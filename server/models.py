@@ -50,9 +50,14 @@ class VersionEntry:
 @dataclass(slots=True)
 class ModelEntry:
     name: str
-    spec: ModelSpec | None
+    spec: ModelSpec | None  # the config of its last load, whether that succeeded or not
     reason: str = ""  # model-level failure (bad config, no versions)
     versions: dict[int, VersionEntry] = field(default_factory=dict)
+    # The config in force, whose routing table applies: that of its last load that succeeded
+    # whole (or of its first). A load that fails leaves the versions serving as they were,
+    # and their config with it; each version's own (VersionEntry.spec) is what ModelConfig
+    # reports and requests are checked against.
+    in_force: ModelSpec | None = None
     # Whether the server is meant to serve it: false for a model of the repository that
     # explicit mode did not load at start-up, and for one unloaded by request, until a load.
     # Readiness (--strict-readiness) counts only the failures of requested models.

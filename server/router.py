@@ -255,8 +255,9 @@ class Router:
         self._rebuild()
 
     def set_config_table(self, model: str, routing_json: str | None) -> None:
-        """From the model config's `routing` parameter, after a (re)load of the model (also one
-        that failed: the config is the new one, its versions may not all be ready).
+        """From the `routing` parameter of the model's config in force (ModelEntry.in_force),
+        after each (re)load of the model, also one that failed (which leaves that config as it
+        was: its versions serve on, their table with them).
 
         A rejected table leaves the model's previous config table serving, as any rejected
         table does: dropping it sent every request to the highest ready version, typically
