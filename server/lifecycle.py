@@ -41,6 +41,7 @@ from server.models import NOT_LOADED, ModelEntry, ModelTable, VersionEntry
 from server.overrides import Overrides
 from server.pod_records import Identity
 from server.poll_policy import (
+    CONFIG,
     Seen,
     held_back,
     next_poll_in,
@@ -291,10 +292,13 @@ class ModelManager:
         self._scanned = {n: seen_since(s, now_ns, previous.get(n, {})) for n, s in scanned.items()}
         for name, s in scanned.items():
             entry = self.table.models.get(name)
+            waiting = unsettled(s, now_ns, self._scanned[name])
+            if CONFIG in waiting:
+                continue  # its config is being written: the whole model waits (`unsettled`)
             if s.spec is None:  # a config that no longer parses: what is loaded goes on serving
                 self._broken_config(name, entry, s.reason)
                 continue
-            work = poll_work(entry, s, unsettled(s, now_ns, self._scanned[name]))
+            work = poll_work(entry, s, waiting)
             if work is None:
                 if entry is not None:
                     entry.reason = s.reason  # (a config that parses again, unchanged)

@@ -13,6 +13,7 @@ from server.repository import ScannedModel
 from server.types import Fingerprint, ModelState
 
 __all__ = [
+    "CONFIG",
     "SETTLE_S",
     "Seen",
     "held_back",
@@ -24,12 +25,17 @@ __all__ = [
 ]
 
 # A version whose files changed this recently before a scan may be half-written (a copy in
-# place): it waits until scans have found its files unchanged for this long (`unsettled`).
+# place): it waits until scans have found its files unchanged for this long (`unsettled`). So
+# does a model whose config file changed (CONFIG).
 SETTLE_S = 1.0
 _SETTLE_NS = int(SETTLE_S * 1e9)
 
-# Per version: its files at the last scan, and the scan time (ns) they were first seen so.
-Seen = Mapping[int, tuple[Fingerprint, int]]
+# The key of a model's config file in `Seen` and `unsettled`, beside its version numbers.
+CONFIG = "config"
+
+# Per version (and CONFIG): its files at the last scan, and the scan time (ns) they were first
+# seen so.
+Seen = Mapping[int | str, tuple[Fingerprint, int]]
 
 
 def next_poll_in(now: float, period_s: float) -> float:
@@ -42,46 +48,59 @@ def next_poll_in(now: float, period_s: float) -> float:
     return period_s - now % period_s
 
 
-def seen_since(s: ScannedModel, now_ns: int, previous: Seen) -> dict[int, tuple[Fingerprint, int]]:
-    """`s`'s versions with the scan time their files were first seen as they are now: kept
-    from `previous` (the last scan's table) when they are unchanged, else `now_ns`. A time
-    after `now_ns` (the wall clock stepped back) starts again at `now_ns`."""
-    table: dict[int, tuple[Fingerprint, int]] = {}
-    for v, files in s.files.items():
-        before = previous.get(v)
+def _watched(s: ScannedModel) -> dict[int | str, Fingerprint]:
+    """What may be half-written in `s`: its selected versions' files, and its config file."""
+    watched: dict[int | str, Fingerprint] = dict(s.files)
+    if s.config_files:
+        watched[CONFIG] = s.config_files
+    return watched
+
+
+def seen_since(
+    s: ScannedModel, now_ns: int, previous: Seen
+) -> dict[int | str, tuple[Fingerprint, int]]:
+    """`s`'s versions (and CONFIG) with the scan time their files were first seen as they are
+    now: kept from `previous` (the last scan's table) when they are unchanged, else `now_ns`.
+    A time after `now_ns` (the wall clock stepped back) starts again at `now_ns`."""
+    table: dict[int | str, tuple[Fingerprint, int]] = {}
+    for key, files in _watched(s).items():
+        before = previous.get(key)
         if before is not None and before[0] == files and before[1] <= now_ns:
-            table[v] = before
+            table[key] = before
         else:
-            table[v] = (files, now_ns)
+            table[key] = (files, now_ns)
     return table
 
 
-def unsettled(s: ScannedModel, now_ns: int, seen: Seen) -> frozenset[int]:
-    """The versions of `s` whose files may still be being written: one changed in the last
-    SETTLE_S before the scan (`now_ns`, wall clock), whose files the scans (`seen`, this
-    scan's `seen_since`) have not found unchanged for SETTLE_S yet. A copy in place (`cp`
-    over model.onnx, a sync tool) moves the mtime as it writes: such a version waits instead
-    of loading a half-written file (or twice). A writer that pauses for less than SETTLE_S
-    (a slow disk, a busy machine) between two short poll periods is still waited for. Files
-    unchanged for SETTLE_S of scans count as settled whatever their mtimes say (a clock
-    ahead of this one, on a network file system)."""
+def unsettled(s: ScannedModel, now_ns: int, seen: Seen) -> frozenset[int | str]:
+    """The versions of `s` whose files may still be being written (and CONFIG, when its
+    config file may be): one changed in the last SETTLE_S before the scan (`now_ns`, wall
+    clock), whose files the scans (`seen`, this scan's `seen_since`) have not found unchanged
+    for SETTLE_S yet. A copy in place (`cp` over model.onnx, a sync tool, an editor saving
+    config.pbtxt) moves the mtime as it writes: such a version waits instead of loading a
+    half-written file (or twice), and a model whose config is being written waits whole (a
+    config cut short may parse, as another config: an empty one selects the default policy
+    and settings, and the versions it no longer selects were unloaded). A writer that pauses
+    for less than SETTLE_S (a slow disk, a busy machine) between two short poll periods is
+    still waited for. Files unchanged for SETTLE_S of scans count as settled whatever their
+    mtimes say (a clock ahead of this one, on a network file system)."""
     young = now_ns - _SETTLE_NS
     return frozenset(
-        v
-        for v, files in s.files.items()
+        key
+        for key, files in _watched(s).items()
         if max((mtime for _, _, mtime in files), default=0) > young
-        and now_ns - seen.get(v, (files, now_ns))[1] < _SETTLE_NS
+        and now_ns - seen.get(key, (files, now_ns))[1] < _SETTLE_NS
     )
 
 
 def poll_work(
-    entry: ModelEntry | None, s: ScannedModel, waiting: frozenset[int] = frozenset()
+    entry: ModelEntry | None, s: ScannedModel, waiting: frozenset[int | str] = frozenset()
 ) -> frozenset[int] | None:
     """What a repository poll must do for the model scanned as `s` (with a config): None when
     nothing changed, else the versions to (re)load (every selected one when the config
     changed; maybe none, when only a loaded version was removed). `waiting`: versions whose
     files are not settled yet (`unsettled`), left for a later poll (with a config change, the
-    whole change waits).
+    whole change waits; a model whose config file is not settled is not polled at all).
 
     A version is as it should be when it was last tried with the files it has now and is
     READY (or loading), or failed: a load that failed, or killed the worker twice, is tried
