@@ -327,6 +327,11 @@ class App:
 
     async def stop(self) -> None:
         grace = self.settings.shutdown_grace_s
+        # Model control and routing admin RPCs in flight answer once done here, without the
+        # other fronts' acknowledgements: they stop too (pod_records.Acks.stopping).
+        for records in (self.control_sync, self.admin_sync):
+            if records is not None:
+                records.stop_waiting()
         for task in self._tasks:
             task.cancel()
         if self._tasks:
