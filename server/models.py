@@ -161,7 +161,13 @@ class ModelTable:
         for entry in self.models.values():
             if not entry.requested:
                 continue
-            if entry.reason and (entry.spec is None or not entry.versions):
+            # A model-level failure counts unless versions loaded before serve on (or load):
+            # one asked for again after an unload keeps its old config and its unloaded
+            # versions' entries, and was not counted.
+            if entry.reason and not any(
+                ve.state is _READY or ve.state is ModelState.LOADING
+                for ve in entry.versions.values()
+            ):
                 return True
             for ve in entry.versions.values():
                 if ve.state is ModelState.UNAVAILABLE and not ve.unloaded:

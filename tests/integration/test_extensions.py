@@ -351,9 +351,10 @@ def test_strict_readiness_follows_failed_models(model_repository: Path, tmp_path
 def test_readiness_and_index_in_explicit_mode_follow_what_was_asked_for(tmp_path: Path) -> None:
     """Explicit mode with --strict-readiness: a model of the repository nobody asked for does
     not make the server unready, even with a config that does not parse (it did, for good);
-    asking for it and failing does, until it is unloaded. The index lists the repository as it
-    is now (as Triton's, which polls it): a model added since start-up shows, one removed and
-    not loaded goes."""
+    asking for it and failing does, until it is unloaded, and so does asking again for one
+    unloaded before (it did not: its entry kept the old config and the unloaded versions).
+    The index lists the repository as it is now (as Triton's, which polls it): a model added
+    since start-up shows, one removed and not loaded goes."""
     repo = tmp_path / "repo"
     shutil.copytree(DEMO / "simple", repo / "simple")
     (repo / "broken").mkdir()
@@ -381,5 +382,13 @@ def test_readiness_and_index_in_explicit_mode_follow_what_was_asked_for(tmp_path
             assert listed["later"] == ("UNAVAILABLE", "not loaded")
             assert "broken" not in listed and listed["simple"][0] == "READY"
             assert c.is_server_ready()
+
+            c.unload_model("simple")
+            (repo / "simple" / "config.pbtxt").write_text("this is { not a config")
+            raises(lambda: c.load_model("simple"), "INTERNAL", "failed to load 'simple'")
+            s.wait_health("readiness", NOT_SERVING, 10)
+            assert not c.is_server_ready() and not c.is_model_ready("simple")
+            c.unload_model("simple")
+            s.wait_health("readiness", SERVING, 10)
         finally:
             c.close()

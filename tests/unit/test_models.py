@@ -182,6 +182,23 @@ def test_index_says_a_model_reason_beside_the_versions_own() -> None:
     assert t.index(ready_only=False)[0].reason == "config.pbtxt does not parse"  # (said once)
 
 
+def test_a_model_level_failure_counts_unless_versions_serve_on() -> None:
+    """--strict-readiness: a model asked for again after an unload, whose config no longer
+    parses, has only its unloaded versions' entries (and its old config): it failed. One
+    whose versions loaded before serve on (a config that stopped parsing in poll mode) has
+    not, and neither has one nobody asks for."""
+    t = table(m={1: (UNAVAILABLE, "unloaded")})
+    for ve in t.models["m"].versions.values():
+        ve.unloaded = True
+    t.models["m"].reason = "config of model 'm' does not parse"
+    assert t.failed()
+    t.models["m"].versions[1].state = READY
+    assert not t.failed()
+    t.models["m"].versions[1].state = UNAVAILABLE
+    t.models["m"].requested = False
+    assert not t.failed()
+
+
 def test_index_of_an_empty_table() -> None:
     assert table().index(ready_only=False) == []
     assert not table().loading()
