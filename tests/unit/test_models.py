@@ -6,7 +6,7 @@ import pytest
 
 from server.errors import InvalidInput, NotFound, NotReady
 from server.handler import InferenceHandler
-from server.models import ModelEntry, ModelTable, VersionEntry
+from server.models import NOT_LOADED, ModelEntry, ModelTable, VersionEntry
 from server.types import ModelIndexEntry, ModelSpec, ModelState
 from server.versions import parse_version
 
@@ -197,6 +197,23 @@ def test_a_model_level_failure_counts_unless_versions_serve_on() -> None:
     t.models["m"].versions[1].state = UNAVAILABLE
     t.models["m"].requested = False
     assert not t.failed()
+
+
+def test_index_lists_a_model_never_loaded_by_its_name_only() -> None:
+    """As Triton: a model of the repository not loaded (explicit mode) has no version, state or
+    reason in the index; it was listed UNAVAILABLE, "not loaded", as if a load had failed."""
+    t = table(m={1: (READY, "")})
+    t.models["later"] = ModelEntry("later", ModelSpec(name="later"), NOT_LOADED, requested=False)
+    on_disk = frozenset({"m", "later", "new"})
+    assert t.index(ready_only=False, on_disk=on_disk) == [
+        ModelIndexEntry("later", "", "", ""),
+        ModelIndexEntry("m", "1", "READY", ""),
+        ModelIndexEntry("new", "", "", ""),
+    ]
+    assert t.index(ready_only=False, on_disk=frozenset({"m"})) == [  # "later" removed
+        ModelIndexEntry("m", "1", "READY", "")
+    ]
+    assert t.index(ready_only=True, on_disk=on_disk) == [ModelIndexEntry("m", "1", "READY", "")]
 
 
 def test_index_of_an_empty_table() -> None:
