@@ -41,8 +41,8 @@ from server.models import NOT_LOADED, ModelEntry, ModelTable, VersionEntry
 from server.overrides import Overrides
 from server.pod_records import Identity
 from server.poll_policy import (
-    CONFIG,
     Seen,
+    config_unsettled,
     held_back,
     next_poll_in,
     poll_work,
@@ -292,13 +292,12 @@ class ModelManager:
         self._scanned = {n: seen_since(s, now_ns, previous.get(n, {})) for n, s in scanned.items()}
         for name, s in scanned.items():
             entry = self.table.models.get(name)
-            waiting = unsettled(s, now_ns, self._scanned[name])
-            if CONFIG in waiting:
-                continue  # its config is being written: the whole model waits (`unsettled`)
+            if config_unsettled(s, now_ns, self._scanned[name]):
+                continue  # its config is being written: read whole at a later poll
             if s.spec is None:  # a config that no longer parses: what is loaded goes on serving
                 self._broken_config(name, entry, s.reason)
                 continue
-            work = poll_work(entry, s, waiting)
+            work = poll_work(entry, s, unsettled(s, now_ns, self._scanned[name]))
             if work is None:
                 if entry is not None:
                     entry.reason = s.reason  # (a config that parses again, unchanged)

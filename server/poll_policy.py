@@ -16,6 +16,7 @@ __all__ = [
     "CONFIG",
     "SETTLE_S",
     "Seen",
+    "config_unsettled",
     "held_back",
     "next_poll_in",
     "poll_work",
@@ -26,11 +27,11 @@ __all__ = [
 
 # A version whose files changed this recently before a scan may be half-written (a copy in
 # place): it waits until scans have found its files unchanged for this long (`unsettled`). So
-# does a model whose config file changed (CONFIG).
+# does a model whose config file changed (`config_unsettled`).
 SETTLE_S = 1.0
 _SETTLE_NS = int(SETTLE_S * 1e9)
 
-# The key of a model's config file in `Seen` and `unsettled`, beside its version numbers.
+# The key of a model's config file in `Seen`, beside its version numbers.
 CONFIG = "config"
 
 # Per version (and CONFIG): its files at the last scan, and the scan time (ns) they were first
@@ -72,35 +73,42 @@ def seen_since(
     return table
 
 
-def unsettled(s: ScannedModel, now_ns: int, seen: Seen) -> frozenset[int | str]:
-    """The versions of `s` whose files may still be being written (and CONFIG, when its
-    config file may be): one changed in the last SETTLE_S before the scan (`now_ns`, wall
-    clock), whose files the scans (`seen`, this scan's `seen_since`) have not found unchanged
-    for SETTLE_S yet. A copy in place (`cp` over model.onnx, a sync tool, an editor saving
-    config.pbtxt) moves the mtime as it writes: such a version waits instead of loading a
-    half-written file (or twice), and a model whose config is being written waits whole (a
-    config cut short may parse, as another config: an empty one selects the default policy
-    and settings, and the versions it no longer selects were unloaded). A writer that pauses
-    for less than SETTLE_S (a slow disk, a busy machine) between two short poll periods is
-    still waited for. Files unchanged for SETTLE_S of scans count as settled whatever their
-    mtimes say (a clock ahead of this one, on a network file system)."""
+def unsettled(s: ScannedModel, now_ns: int, seen: Seen) -> frozenset[int]:
+    """The versions of `s` whose files may still be being written: one changed in the last
+    SETTLE_S before the scan (`now_ns`, wall clock), whose files the scans (`seen`, this
+    scan's `seen_since`) have not found unchanged for SETTLE_S yet. A copy in place (`cp`
+    over model.onnx, a sync tool) moves the mtime as it writes: such a version waits instead
+    of loading a half-written file (or twice). A writer that pauses for less than SETTLE_S
+    (a slow disk, a busy machine) between two short poll periods is still waited for. Files
+    unchanged for SETTLE_S of scans count as settled whatever their mtimes say (a clock
+    ahead of this one, on a network file system)."""
+    return frozenset(v for v, files in s.files.items() if _settling(files, v, now_ns, seen))
+
+
+def config_unsettled(s: ScannedModel, now_ns: int, seen: Seen) -> bool:
+    """Whether `s`'s config file may still be being written, as `unsettled` tells of a
+    version's files (an editor saving config.pbtxt, `cp`): the whole model then waits. A
+    config cut short may parse, as another config: an empty one has the default policy and
+    settings, and the versions it did not select were unloaded until the write ended."""
+    return _settling(s.config_files, CONFIG, now_ns, seen)
+
+
+def _settling(files: Fingerprint, key: int | str, now_ns: int, seen: Seen) -> bool:
     young = now_ns - _SETTLE_NS
-    return frozenset(
-        key
-        for key, files in _watched(s).items()
-        if max((mtime for _, _, mtime in files), default=0) > young
+    return (
+        max((mtime for _, _, mtime in files), default=0) > young
         and now_ns - seen.get(key, (files, now_ns))[1] < _SETTLE_NS
     )
 
 
 def poll_work(
-    entry: ModelEntry | None, s: ScannedModel, waiting: frozenset[int | str] = frozenset()
+    entry: ModelEntry | None, s: ScannedModel, waiting: frozenset[int] = frozenset()
 ) -> frozenset[int] | None:
     """What a repository poll must do for the model scanned as `s` (with a config): None when
     nothing changed, else the versions to (re)load (every selected one when the config
     changed; maybe none, when only a loaded version was removed). `waiting`: versions whose
     files are not settled yet (`unsettled`), left for a later poll (with a config change, the
-    whole change waits; a model whose config file is not settled is not polled at all).
+    whole change waits).
 
     A version is as it should be when it was last tried with the files it has now and is
     READY (or loading), or failed: a load that failed, or killed the worker twice, is tried

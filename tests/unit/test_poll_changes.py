@@ -19,10 +19,10 @@ import pytest
 from fake_worker_link import SIGNATURE, FakeWorkerLink
 
 from runtime.ipc.protocol import Code, LoadDone, LoadModel
-from server import poll_policy
 from server.lifecycle import ModelManager
 from server.models import ModelTable
-from server.poll_policy import next_poll_in, poll_work, seen_since, unsettled
+from server.poll_policy import CONFIG as CONFIG_KEY
+from server.poll_policy import config_unsettled, next_poll_in, poll_work, seen_since, unsettled
 from server.repository import ScannedModel, fingerprint, scan_model
 from server.types import ModelState
 
@@ -348,9 +348,11 @@ def test_a_config_file_is_unsettled_as_a_versions_files_are() -> None:
     s = ScannedModel("m", None, "", {}, {}, {}, young)
     now = 10 * 10**9 + 500_000_000
     first = seen_since(s, now, {})
-    assert first == {poll_policy.CONFIG: (young, now)}
-    assert unsettled(s, now, first) == {poll_policy.CONFIG}
-    assert unsettled(s, now + 10**9, first) == frozenset()  # unchanged for SETTLE_S of scans
+    assert first == {CONFIG_KEY: (young, now)}
+    assert config_unsettled(s, now, first)
+    assert not config_unsettled(s, now + 10**9, first)  # unchanged for SETTLE_S of scans
+    assert not config_unsettled(s, now + 2 * 10**9, {})  # written SETTLE_S before the scan
+    assert not config_unsettled(ScannedModel("m", None), now, {})  # no config file
 
 
 def scan_model_files(files: dict[int, tuple[tuple[str, int, int], ...]]) -> ScannedModel:
