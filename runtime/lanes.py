@@ -42,7 +42,7 @@ class Lane:
         return True
 
     def retire(self, *, drop_queued: bool = False) -> None:
-        """Take no more calls. What is queued still runs (each call then finds the version as
-        it is: a reload's new instance, or none after an unload) unless `drop_queued` (the
-        worker is stopping); the threads end once the queue is empty. Does not wait."""
+        """Take no more calls. What is queued still runs (each call on the instance it was
+        queued for, runtime.worker.Worker.queue_alone) unless `drop_queued` (the worker is
+        stopping); the threads end once the queue is empty. Does not wait."""
         self._pool.shutdown(wait=False, cancel_futures=drop_queued)

@@ -172,24 +172,27 @@ class Worker:
         return plain, graphs
 
     def queue_alone(self, key: Key, fn: Callable[..., object], *args: object) -> bool:
-        """Queue `fn(*args)` on the lane of version `key`; False when it has none (not
-        loaded, or no longer)."""
-        while True:
+        """Queue `fn(accepted, *args)` on the lane of version `key`; False when it has none
+        (not loaded, or no longer). `accepted` is a list holding the version's instance as it
+        is now: a queued call runs on the instance it was accepted for, though the version be
+        reloaded or unloaded while it waits, as a batched version's queued calls finish on
+        their batcher's instance (it ran on the new one: another model file's answer, or an
+        onnxruntime error for the output names it had been checked against). `fn` takes the
+        instance out under the GPU lock: it may be the last reference to a replaced version."""
+        with self._models_lock:
+            # Under the lock: a lane is retired only once it is out of `lanes` (a reload with
+            # another count, an unload, the worker's stop), so the lane found takes the call.
             lane = self.lanes.get(key)
-            if lane is None:
-                return False
-            if lane.submit(fn, *args):
-                return True
-            # Retired: a reload that changed the instance count put its successor first.
-            if self.lanes.get(key) is lane:
-                return False  # (the interpreter is exiting)
+            return lane is not None and lane.submit(fn, [self.models.get(key)], *args)
 
     def close_lanes(self) -> None:
-        """The worker stops: every lane is retired, its queued calls dropped."""
+        """The worker stops: every lane is retired, its queued calls dropped (under the GPU
+        lock: each holds the instance it was accepted for, maybe the last reference to it)."""
         with self._models_lock:
             lanes, self.lanes = list(self.lanes.values()), {}
-        for lane in lanes:
-            lane.retire(drop_queued=True)
+        with self.gpu_lock or contextlib.nullcontext():
+            for lane in lanes:
+                lane.retire(drop_queued=True)
 
     def _lane(self, msg: LoadModel) -> Lane:
         """The lane of the plain version `msg` loads: the one it has if its size is still
@@ -255,7 +258,7 @@ class Worker:
             else:
                 plain, batcher, graph, lane = None, None, self.graph_models.pop(key, None), None
         if lane is not None:
-            lane.retire()  # (its queued calls find the graph version gone: NOT_LOADED)
+            lane.retire()  # (its queued calls run on the plain instance they were accepted for)
         if batcher is not None:
             threading.Thread(target=batcher.close, daemon=True).start()
         if graph is not None:
@@ -356,8 +359,8 @@ class Worker:
         if old is not None:  # calls already queued on the old instance finish there
             threading.Thread(target=old.close, daemon=True).start()
         if old_lane is not None and old_lane is not lane:
-            # Another instance count: the old lane's queued calls still run, on the new
-            # instance (they look the version up as they start), beside the new lane's.
+            # Another instance count: the old lane's queued calls still run, on the instance
+            # they were accepted for (queue_alone), beside the new lane's.
             old_lane.retire()
         return LoadDone(
             msg.request_id,
@@ -523,7 +526,7 @@ class Worker:
                 batcher = self.batchers.pop((msg.name, msg.version), None)
                 lane = self.lanes.pop((msg.name, msg.version), None)
             if lane is not None:
-                lane.retire()  # what it queued finds the version gone: NOT_LOADED, as it ran
+                lane.retire()  # what it queued runs on the instance it was accepted for
             if batcher is not None:
                 batcher.close()  # drains what is queued
             if channels is not None:

@@ -55,6 +55,7 @@ from runtime.ipc.protocol import (
 from runtime.ipc.shm import Arena
 
 if TYPE_CHECKING:
+    from runtime.engine.model import LoadedModel
     from runtime.worker import Worker
 
 __all__ = ["Connection", "Queued"]
@@ -347,11 +348,21 @@ class Connection:
             (answer or self.send_quiet)(_not_loaded(call))
 
     def _run_queued(
-        self, call: Infer, received_ns: int, answer: Callable[[InferDone], None] | None
+        self,
+        accepted: list[LoadedModel | None],
+        call: Infer,
+        received_ns: int,
+        answer: Callable[[InferDone], None] | None,
     ) -> None:
+        """A lane thread's turn for `call`, on the instance it was queued for (`accepted`:
+        Worker.queue_alone)."""
         if self._alone.pop(call.call_id, None) is None:
-            return  # cancelled while it waited, and answered then
-        self._infer(call, received_ns, answer)
+            # Cancelled while it waited, and answered then. The instance goes under the GPU
+            # lock: it may be the last reference to a version replaced meanwhile (_infer).
+            with self.worker.gpu_lock or contextlib.nullcontext():
+                accepted.clear()
+            return
+        self._infer(call, received_ns, answer, accepted)
 
     def cancel(self, msg: Cancel) -> None:
         """This front gave call `msg.call_id` up (its client cancelled). Still waiting in its
@@ -394,18 +405,27 @@ class Connection:
         call: Infer,
         received_ns: int,
         answer: Callable[[InferDone], None] | None = None,
+        accepted: list[LoadedModel | None] | None = None,
     ) -> None:
         # On a GPU the whole call runs under the lock, and so does the end of `_execute`'s
-        # frame: the model it looked up may be the last reference to a version replaced
-        # meanwhile (its session is freed there), and an error's traceback holds it too.
+        # frame: the model it looked up (or took out of `accepted`) may be the last reference
+        # to a version replaced meanwhile (its session is freed there), and an error's
+        # traceback holds it too.
         with self.worker.gpu_lock or contextlib.nullcontext():
-            done = self._execute(call, received_ns)
+            done = self._execute(call, received_ns, accepted)
         with contextlib.suppress(OSError):
             (answer or self.send)(done)
 
-    def _execute(self, call: Infer, received_ns: int) -> InferDone:
+    def _execute(
+        self, call: Infer, received_ns: int, accepted: list[LoadedModel | None] | None
+    ) -> InferDone:
+        """Run `call` on the instance it was queued for (`accepted`), else on the version's
+        instance now (a call run inline)."""
         try:
-            model = self.worker.models.get((call.name, call.version))
+            if accepted is None:
+                model = self.worker.models.get((call.name, call.version))
+            else:
+                model = accepted.pop()
             if model is None:
                 return _not_loaded(call)
             if self.arena is None:

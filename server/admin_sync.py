@@ -86,6 +86,10 @@ class AdminSync:
                 model, silent, self.ack_timeout_s,
             )  # fmt: skip
 
+    def stop_waiting(self) -> None:
+        """This front stops: `settled` no longer waits for the others (Acks.stopping)."""
+        self._records.acks.stopping = True
+
     def poll(self) -> None:
         """Apply what other fronts published since the last poll."""
         fresh = self._records.watch.changed()

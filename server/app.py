@@ -81,7 +81,7 @@ class App:
         if self.metrics is not None and self.tracing is not None and self.tracing.sender:
             self.tracing.sender.on_loss = self.metrics.trace_chunk_lost
         self.router = Router(self.table, on_rollback=self._rolled_back)
-        self.manager.on_model_loaded = self._model_loaded
+        self.manager.on_model_changed = self._model_changed
         self.handler = InferenceHandler(
             self.table,
             self.link,
@@ -299,10 +299,16 @@ class App:
         if self.metrics is not None:
             self.metrics.count_rollback(model, version)
 
-    def _model_loaded(self, name: str) -> None:
+    def _model_changed(self, name: str) -> None:
         entry = self.table.models.get(name)
-        spec = None if entry is None else entry.spec
-        self.router.set_config_table(name, None if spec is None else spec.parameters.get("routing"))
+        if entry is None or not entry.requested:
+            # Unloaded, removed or never loaded: the table of what it served goes, and its
+            # next load is routed as its first (Router.forget_config).
+            self.router.forget_config(name)
+        else:
+            spec = entry.in_force  # (not a failed load's config)
+            table = None if spec is None else spec.parameters.get("routing")
+            self.router.set_config_table(name, table)
         if self.metrics is not None and entry is not None:
             # Now, not at the next sync: until its name is declared, the model's requests
             # would be counted under "_other".
@@ -321,6 +327,11 @@ class App:
 
     async def stop(self) -> None:
         grace = self.settings.shutdown_grace_s
+        # Model control and routing admin RPCs in flight answer once done here, without the
+        # other fronts' acknowledgements: they stop too (pod_records.Acks.stopping).
+        for records in (self.control_sync, self.admin_sync):
+            if records is not None:
+                records.stop_waiting()
         for task in self._tasks:
             task.cancel()
         if self._tasks:

@@ -10,7 +10,8 @@ frees the version in the worker when the last front lets it go. A front that sta
 every record before it listens. Each front acknowledges each action it has done
 (server.pod_records.Acks), and the RPC answers once every front has: after it, a client's
 next call finds the model loaded (or gone) whichever front it reaches. A front that does not
-acknowledge within ACK_TIMEOUT_S (crashed and restarting slowly) is logged and not waited for.
+acknowledge within ACK_TIMEOUT_S (crashed and restarting slowly) is logged and not waited for;
+none is once this front stops (`stop_waiting`: the pod is stopping).
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class ControlSync:
                 "model %s: %s not acknowledged by front(s) %s within %.0f s; answering anyway",
                 name, action, silent, self.ack_timeout_s,
             )  # fmt: skip
+
+    def stop_waiting(self) -> None:
+        """This front stops: `settled` no longer waits for the others (Acks.stopping)."""
+        self._records.acks.stopping = True
 
     async def poll(self) -> None:
         """Replay what other fronts did since the last poll."""

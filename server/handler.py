@@ -204,11 +204,13 @@ class InferenceHandler:
             raise InvalidInput("model name is required")
         ve = self.table.resolve(name, version)
         entry = self.table.get(name)
-        assert entry.spec is not None and ve.signature is not None
+        # The config the version serves with, which requests are checked against: the
+        # model's last config may be that of a load that failed, leaving it serving as it was.
+        assert ve.spec is not None and ve.signature is not None
         # As Triton: the version asked for, or every ready one.
         versions = (ve.version,) if version else tuple(entry.ready_versions())
-        instances = self.manager.instances(entry.spec)
-        return ModelView(name, ve.version, versions, entry.spec, ve.signature, instances)
+        instances = self.manager.instances(ve.spec)
+        return ModelView(name, ve.version, versions, ve.spec, ve.signature, instances)
 
     # ------------------------------------------------------------ inference
 

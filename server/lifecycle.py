@@ -42,6 +42,7 @@ from server.overrides import Overrides
 from server.pod_records import Identity
 from server.poll_policy import (
     Seen,
+    config_unsettled,
     held_back,
     next_poll_in,
     poll_work,
@@ -97,7 +98,10 @@ class ModelManager:
         self.mode = mode
         self.startup = startup
         self._locks: dict[str, asyncio.Lock] = {}
-        self.on_model_loaded: Callable[[str], None] | None = None
+        # Called with a model's name after each load of it (failed or not), its unload by
+        # request and its removal from the repository: the owner routes it by its config in
+        # force (ModelEntry.in_force), or by none when it is no longer asked for.
+        self.on_model_changed: Callable[[str], None] | None = None
         # Called with (model, version) once a version is gone from the worker (unloaded, or its
         # model removed from the repository): the owner drops what it keeps about it (metrics).
         self.on_version_unloaded: Callable[[str, int], None] | None = None
@@ -149,8 +153,8 @@ class ModelManager:
             log.error("--load-model %s: no such model in %s", name, self.repository)
 
     def _announce(self, name: str) -> None:
-        if self.on_model_loaded is not None:
-            self.on_model_loaded(name)
+        if self.on_model_changed is not None:
+            self.on_model_changed(name)
 
     def _startup_set(self, names: list[str]) -> set[str]:
         listed = listed_models(self.startup)
@@ -256,17 +260,18 @@ class ModelManager:
 
     async def _load_from(self, name: str, spec: ModelSpec | None, root: Path, token: str) -> None:
         scanned = await asyncio.to_thread(scan_model, root, name, spec)
-        if scanned.spec is None or (scanned.reason and not scanned.versions):
-            entry = self.table.models.get(name)
-            if entry is not None and (root / name).is_dir():
-                # Asked for, so its failure counts (readiness) until an unload; what it
-                # loaded before, if anything, serves on. (A name that is not in the
-                # repository is only the request's error.)
-                entry.reason, entry.requested = scanned.reason, True
-            raise LoadFailed(
-                f"failed to load '{name}', failed to poll from model repository: {scanned.reason}"
-            )
         try:
+            if scanned.spec is None or (scanned.reason and not scanned.versions):
+                entry = self.table.models.get(name)
+                if entry is not None and (root / name).is_dir():
+                    # Asked for, so its failure counts (readiness) until an unload; what it
+                    # loaded before, if anything, serves on. (A name that is not in the
+                    # repository is only the request's error.)
+                    entry.reason, entry.requested = scanned.reason, True
+                raise LoadFailed(
+                    f"failed to load '{name}', failed to poll from model repository: "
+                    f"{scanned.reason}"
+                )
             await self._apply(scanned, token=token)
         finally:
             self._announce(name)
@@ -287,6 +292,8 @@ class ModelManager:
         self._scanned = {n: seen_since(s, now_ns, previous.get(n, {})) for n, s in scanned.items()}
         for name, s in scanned.items():
             entry = self.table.models.get(name)
+            if config_unsettled(s, now_ns, self._scanned[name]):
+                continue  # its config is being written: read whole at a later poll
             if s.spec is None:  # a config that no longer parses: what is loaded goes on serving
                 self._broken_config(name, entry, s.reason)
                 continue
@@ -310,6 +317,7 @@ class ModelManager:
                     self._forget(ve)
                 if self.on_model_removed is not None:
                     self.on_model_removed(name)
+                self._announce(name)
 
     def _broken_config(self, name: str, entry: ModelEntry | None, reason: str) -> None:
         if entry is None:
@@ -375,6 +383,8 @@ class ModelManager:
                 self._forget(ve)
         # (set before the unloads below: a poll meanwhile must not take them for a change)
         entry.held = None if complete else held_back(entry, s)
+        if complete or entry.in_force is None:
+            entry.in_force = s.spec
         if complete:
             await asyncio.gather(*(self._unload_version(ve) for ve in stale))
         elif stale:
@@ -530,7 +540,10 @@ class ModelManager:
         await self._unload_ready(entry)
         for ve in entry.versions.values():  # (failed ones too: the model is not wanted now)
             ve.unloaded = True
-        entry.reason, entry.requested = "unloaded", False
+        # Nothing of it serves: its next load is as its first (its config takes force even if
+        # a version fails, and its table gates its routing while its versions load).
+        entry.reason, entry.requested, entry.in_force = "unloaded", False, None
+        self._announce(entry.name)
 
     async def _unload_ready(self, entry: ModelEntry) -> None:
         """Drain and unload every READY version of a model, concurrently."""
@@ -603,7 +616,7 @@ def _loading(entry: ModelEntry) -> list[VersionEntry]:
 
 
 def _entry(s: ScannedModel) -> ModelEntry:
-    entry = ModelEntry(s.name, s.spec, s.reason)
+    entry = ModelEntry(s.name, s.spec, s.reason, in_force=s.spec)
     for v, path in s.versions.items():
         entry.versions[v] = VersionEntry(
             s.name, v, ModelState.LOADING, path=str(path), spec=s.spec, files=s.files.get(v, ())

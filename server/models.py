@@ -16,7 +16,7 @@ from server.versions import parse_version
 
 __all__ = ["NOT_LOADED", "ModelEntry", "ModelTable", "VersionEntry"]
 
-# The index's reason for a model of the repository the server was not asked to load.
+# Why a model of the repository the server was not asked to load does not serve.
 NOT_LOADED = "not loaded"
 
 _READY = ModelState.READY  # read per request: an Enum member via its class costs ~1k instructions
@@ -50,9 +50,14 @@ class VersionEntry:
 @dataclass(slots=True)
 class ModelEntry:
     name: str
-    spec: ModelSpec | None
+    spec: ModelSpec | None  # the config of its last load, whether that succeeded or not
     reason: str = ""  # model-level failure (bad config, no versions)
     versions: dict[int, VersionEntry] = field(default_factory=dict)
+    # The config in force, whose routing table applies: that of its last load that succeeded
+    # whole (or of its first). A load that fails leaves the versions serving as they were,
+    # and their config with it; each version's own (VersionEntry.spec) is what ModelConfig
+    # reports and requests are checked against.
+    in_force: ModelSpec | None = None
     # Whether the server is meant to serve it: false for a model of the repository that
     # explicit mode did not load at start-up, and for one unloaded by request, until a load.
     # Readiness (--strict-readiness) counts only the failures of requested models.
@@ -121,16 +126,19 @@ class ModelTable:
         self, ready_only: bool, on_disk: frozenset[str] | None = None
     ) -> list[ModelIndexEntry]:
         """`on_disk`: the repository's models now, when the table may lag it (explicit and
-        none modes): those not in the table are listed as not loaded, and a model gone from
+        none modes): those not in the table are listed as never loaded, and a model gone from
         the disk is no longer listed unless it was loaded and serves on."""
         out: list[ModelIndexEntry] = []
         for name in sorted(self.models.keys() | (on_disk or ())):
             entry = self.models.get(name)
-            if entry is None:
+            gone = on_disk is not None and name not in on_disk
+            if gone and entry is not None and not entry.requested:
+                continue  # gone from the disk, and not served
+            if entry is None or (entry.reason == NOT_LOADED and not entry.versions):
+                # Never loaded: its name only, without a state or a reason, as Triton lists a
+                # model it knows of and never loaded (clients tell it from a failed one so).
                 if not ready_only:
-                    out.append(ModelIndexEntry(name, "", ModelState.UNAVAILABLE.value, NOT_LOADED))
-                continue
-            if on_disk is not None and name not in on_disk and not entry.requested:
+                    out.append(ModelIndexEntry(name, "", "", ""))
                 continue
             if entry.reason and not entry.versions:
                 if not ready_only:
@@ -156,7 +164,13 @@ class ModelTable:
         for entry in self.models.values():
             if not entry.requested:
                 continue
-            if entry.reason and (entry.spec is None or not entry.versions):
+            # A model-level failure counts unless versions loaded before serve on (or load):
+            # one asked for again after an unload keeps its old config and its unloaded
+            # versions' entries, and was not counted.
+            if entry.reason and not any(
+                ve.state is _READY or ve.state is ModelState.LOADING
+                for ve in entry.versions.values()
+            ):
                 return True
             for ve in entry.versions.values():
                 if ve.state is ModelState.UNAVAILABLE and not ve.unloaded:

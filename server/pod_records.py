@@ -139,6 +139,10 @@ class Acks:
         self.kind = kind
         self.index = index  # this front's
         self.fronts = fronts  # how many the supervisor runs
+        # Set once this front stops (App.stop): the pod is stopping (every front gets the
+        # signal), the others no longer act on records, and a wait for them held the
+        # shutdown to the grace period, then answered UNAVAILABLE an RPC whose action was done.
+        self.stopping = False
 
     def ack(self, key: str, token: str) -> None:
         """This front has acted on the write of `key` that carries `token` (well or not)."""
@@ -149,13 +153,13 @@ class Acks:
     ) -> list[int]:
         """Until every other front has acknowledged `token`, the write of `record` that this
         front made (`written`, acknowledged by this front already), or another write replaced
-        it (its writer waits instead), or `timeout_s`: the fronts that had not acknowledged
-        then (empty when all did)."""
+        it (its writer waits instead), or this front stops (`stopping`), or `timeout_s`: the
+        fronts that had not acknowledged then (empty when all did, or it stops)."""
         deadline = time.monotonic() + timeout_s
         waiting = [i for i in range(self.fronts) if i != self.index]
         while True:
             waiting = [i for i in waiting if not self._acked(i, key, token)]
-            if not waiting or _replaced(record, written):
+            if not waiting or self.stopping or _replaced(record, written):
                 return []
             if time.monotonic() > deadline:
                 return waiting

@@ -13,8 +13,10 @@ from server.repository import ScannedModel
 from server.types import Fingerprint, ModelState
 
 __all__ = [
+    "CONFIG",
     "SETTLE_S",
     "Seen",
+    "config_unsettled",
     "held_back",
     "next_poll_in",
     "poll_work",
@@ -24,12 +26,17 @@ __all__ = [
 ]
 
 # A version whose files changed this recently before a scan may be half-written (a copy in
-# place): it waits until scans have found its files unchanged for this long (`unsettled`).
+# place): it waits until scans have found its files unchanged for this long (`unsettled`). So
+# does a model whose config file changed (`config_unsettled`).
 SETTLE_S = 1.0
 _SETTLE_NS = int(SETTLE_S * 1e9)
 
-# Per version: its files at the last scan, and the scan time (ns) they were first seen so.
-Seen = Mapping[int, tuple[Fingerprint, int]]
+# The key of a model's config file in `Seen`, beside its version numbers.
+CONFIG = "config"
+
+# Per version (and CONFIG): its files at the last scan, and the scan time (ns) they were first
+# seen so.
+Seen = Mapping[int | str, tuple[Fingerprint, int]]
 
 
 def next_poll_in(now: float, period_s: float) -> float:
@@ -42,17 +49,27 @@ def next_poll_in(now: float, period_s: float) -> float:
     return period_s - now % period_s
 
 
-def seen_since(s: ScannedModel, now_ns: int, previous: Seen) -> dict[int, tuple[Fingerprint, int]]:
-    """`s`'s versions with the scan time their files were first seen as they are now: kept
-    from `previous` (the last scan's table) when they are unchanged, else `now_ns`. A time
-    after `now_ns` (the wall clock stepped back) starts again at `now_ns`."""
-    table: dict[int, tuple[Fingerprint, int]] = {}
-    for v, files in s.files.items():
-        before = previous.get(v)
+def _watched(s: ScannedModel) -> dict[int | str, Fingerprint]:
+    """What may be half-written in `s`: its selected versions' files, and its config file."""
+    watched: dict[int | str, Fingerprint] = dict(s.files)
+    if s.config_files:
+        watched[CONFIG] = s.config_files
+    return watched
+
+
+def seen_since(
+    s: ScannedModel, now_ns: int, previous: Seen
+) -> dict[int | str, tuple[Fingerprint, int]]:
+    """`s`'s versions (and CONFIG) with the scan time their files were first seen as they are
+    now: kept from `previous` (the last scan's table) when they are unchanged, else `now_ns`.
+    A time after `now_ns` (the wall clock stepped back) starts again at `now_ns`."""
+    table: dict[int | str, tuple[Fingerprint, int]] = {}
+    for key, files in _watched(s).items():
+        before = previous.get(key)
         if before is not None and before[0] == files and before[1] <= now_ns:
-            table[v] = before
+            table[key] = before
         else:
-            table[v] = (files, now_ns)
+            table[key] = (files, now_ns)
     return table
 
 
@@ -65,12 +82,22 @@ def unsettled(s: ScannedModel, now_ns: int, seen: Seen) -> frozenset[int]:
     (a slow disk, a busy machine) between two short poll periods is still waited for. Files
     unchanged for SETTLE_S of scans count as settled whatever their mtimes say (a clock
     ahead of this one, on a network file system)."""
+    return frozenset(v for v, files in s.files.items() if _settling(files, v, now_ns, seen))
+
+
+def config_unsettled(s: ScannedModel, now_ns: int, seen: Seen) -> bool:
+    """Whether `s`'s config file may still be being written, as `unsettled` tells of a
+    version's files (an editor saving config.pbtxt, `cp`): the whole model then waits. A
+    config cut short may parse, as another config: an empty one has the default policy and
+    settings, and the versions it did not select were unloaded until the write ended."""
+    return _settling(s.config_files, CONFIG, now_ns, seen)
+
+
+def _settling(files: Fingerprint, key: int | str, now_ns: int, seen: Seen) -> bool:
     young = now_ns - _SETTLE_NS
-    return frozenset(
-        v
-        for v, files in s.files.items()
-        if max((mtime for _, _, mtime in files), default=0) > young
-        and now_ns - seen.get(v, (files, now_ns))[1] < _SETTLE_NS
+    return (
+        max((mtime for _, _, mtime in files), default=0) > young
+        and now_ns - seen.get(key, (files, now_ns))[1] < _SETTLE_NS
     )
 
 

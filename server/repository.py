@@ -3,7 +3,8 @@
 Pure file-system reading; a broken model becomes a ScannedModel with a reason, never an
 exception, so one bad model cannot stop the server or the others. Each selected version also
 gets a fingerprint of its directory's files (name, size, mtime): poll mode reloads a version
-whose files changed, and tries a version that failed to load again only once they change.
+whose files changed, and tries a version that failed to load again only once they change. The
+config file gets one too: poll mode waits for a config being written as for a version's files.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class ScannedModel:
     versions: dict[int, Path] = field(default_factory=dict)  # selected version -> model file
     version_errors: dict[int, str] = field(default_factory=dict)
     files: dict[int, Fingerprint] = field(default_factory=dict)  # of each selected version
+    config_files: Fingerprint = ()  # config.pbtxt and config.json, those there are
 
 
 def fingerprint(version_dir: Path) -> Fingerprint:
@@ -87,11 +89,12 @@ def scan_model(root: Path, name: str, spec: ModelSpec | None = None) -> ScannedM
     model_dir = root / name
     if not model_dir.is_dir():
         return ScannedModel(name, None, f"model '{name}' is not in the repository")
+    config_files = _config_fingerprint(model_dir)  # (before it is read: a write since is seen)
     if spec is None:
         try:
             spec = read_model_config(model_dir)
         except ConfigError as exc:
-            return ScannedModel(name, None, str(exc))
+            return ScannedModel(name, None, str(exc), config_files=config_files)
     # A version is a directory named by its number: "01" is not (Triton skips it too), and
     # neither is one past int64 (Triton's versions are int64).
     available = [
@@ -106,6 +109,7 @@ def scan_model(root: Path, name: str, spec: ModelSpec | None = None) -> ScannedM
             spec,
             f"model '{name}' has no version directory selected by its version policy "
             f"(found: {sorted(available) or 'none'})",
+            config_files=config_files,
         )
     versions: dict[int, Path] = {}
     errors: dict[int, str] = {}
@@ -117,4 +121,15 @@ def scan_model(root: Path, name: str, spec: ModelSpec | None = None) -> ScannedM
             files[v] = fingerprint(path.parent)
         else:
             errors[v] = f"version {v} has no {spec.default_model_filename}"
-    return ScannedModel(name, spec, "", versions, errors, files)
+    return ScannedModel(name, spec, "", versions, errors, files, config_files)
+
+
+def _config_fingerprint(model_dir: Path) -> Fingerprint:
+    found = []
+    for n in ("config.pbtxt", "config.json"):
+        try:
+            st = os.stat(model_dir / n)
+        except OSError:  # none (the config is optional), or removed meanwhile
+            continue
+        found.append((n, st.st_size, st.st_mtime_ns))
+    return tuple(found)

@@ -114,17 +114,20 @@ class Router:
         self.counters = _Counters()
         self.file_error = ""
         self._file_bytes: bytes | None = None  # the routing file as last read
-        # Models whose config's routing table has been applied or refused at least once: until
-        # then, one whose config has a table is not routed without a pinned version (at start-up
-        # its versions become READY one by one before their table applies; the first to load
-        # took every request, whatever the table said).
+        # Models whose config's routing table has been applied or refused since they were
+        # (re)loaded as a whole: until then, one whose config has a table is not routed without
+        # a pinned version (at start-up, or after an unload, its versions become READY one by
+        # one before their table applies; the first to load took every request, whatever the
+        # table said).
         self._config_seen: set[str] = set()
 
     # ------------------------------------------------------------------ per request
 
     def route(self, model: str, request_version: str, hints: RouteHints) -> Route:
         entry = self.models.get(model)
-        if model not in self.tables and model not in self._config_seen:
+        # (A model unloaded, or never loaded, is not loading: its requests hear why it is not
+        # available, below.)
+        if model not in self.tables and model not in self._config_seen and entry.requested:
             spec = entry.spec
             pinned = request_version or hints.header_version
             if not pinned and spec is not None and "routing" in spec.parameters:
@@ -255,8 +258,9 @@ class Router:
         self._rebuild()
 
     def set_config_table(self, model: str, routing_json: str | None) -> None:
-        """From the model config's `routing` parameter, after a (re)load of the model (also one
-        that failed: the config is the new one, its versions may not all be ready).
+        """From the `routing` parameter of the model's config in force (ModelEntry.in_force),
+        after each (re)load of the model, also one that failed (which leaves that config as it
+        was: its versions serve on, their table with them).
 
         A rejected table leaves the model's previous config table serving, as any rejected
         table does: dropping it sent every request to the highest ready version, typically
@@ -279,6 +283,15 @@ class Router:
                 return
             self._config[model] = table
         self._rebuild()
+
+    def forget_config(self, model: str) -> None:
+        """The model no longer serves (unloaded by request, gone from the repository): its
+        config table goes, and its next load is gated as its first (`route`). Kept, the table
+        of the versions it had sent requests to versions still loading, and so fell back to
+        the highest ready one, the canary, for the length of the load."""
+        self._config_seen.discard(model)
+        if self._config.pop(model, None) is not None:
+            self._rebuild()
 
     def reload_file(self, path: Path) -> bool:
         """(Re)read the routing file if it changed; True if a new file was applied."""

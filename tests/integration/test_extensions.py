@@ -351,9 +351,10 @@ def test_strict_readiness_follows_failed_models(model_repository: Path, tmp_path
 def test_readiness_and_index_in_explicit_mode_follow_what_was_asked_for(tmp_path: Path) -> None:
     """Explicit mode with --strict-readiness: a model of the repository nobody asked for does
     not make the server unready, even with a config that does not parse (it did, for good);
-    asking for it and failing does, until it is unloaded. The index lists the repository as it
-    is now (as Triton's, which polls it): a model added since start-up shows, one removed and
-    not loaded goes."""
+    asking for it and failing does, until it is unloaded, and so does asking again for one
+    unloaded before (it did not: its entry kept the old config and the unloaded versions).
+    The index lists the repository as it is now (as Triton's, which polls it): a model added
+    since start-up shows, one removed and not loaded goes."""
     repo = tmp_path / "repo"
     shutil.copytree(DEMO / "simple", repo / "simple")
     (repo / "broken").mkdir()
@@ -368,7 +369,7 @@ def test_readiness_and_index_in_explicit_mode_follow_what_was_asked_for(tmp_path
 
             s.wait_health("readiness", SERVING, 10)
             assert c.is_server_ready() and c.is_model_ready("simple")
-            assert index()["broken"] == ("UNAVAILABLE", "not loaded")
+            assert index()["broken"] == ("", "")  # never loaded: its name only, as in Triton
             raises(lambda: c.load_model("broken"), "INTERNAL", "failed to load 'broken'")
             s.wait_health("readiness", NOT_SERVING, 10)
             assert not c.is_server_ready() and c.is_server_live()
@@ -378,8 +379,16 @@ def test_readiness_and_index_in_explicit_mode_follow_what_was_asked_for(tmp_path
             shutil.copytree(DEMO / "simple", repo / "later")
             shutil.rmtree(repo / "broken")
             listed = index()
-            assert listed["later"] == ("UNAVAILABLE", "not loaded")
+            assert listed["later"] == ("", "")
             assert "broken" not in listed and listed["simple"][0] == "READY"
             assert c.is_server_ready()
+
+            c.unload_model("simple")
+            (repo / "simple" / "config.pbtxt").write_text("this is { not a config")
+            raises(lambda: c.load_model("simple"), "INTERNAL", "failed to load 'simple'")
+            s.wait_health("readiness", NOT_SERVING, 10)
+            assert not c.is_server_ready() and not c.is_model_ready("simple")
+            c.unload_model("simple")
+            s.wait_health("readiness", SERVING, 10)
         finally:
             c.close()

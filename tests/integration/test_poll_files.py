@@ -138,3 +138,52 @@ def test_a_slow_copy_in_place_is_loaded_once_whole(tmp_path: Path) -> None:
         log = s.log()
         assert "model plus version 1: " not in log, log[-3000:]  # no half-written file tried
         assert log.count("loaded plus version 1 in") == 2, log[-3000:]
+
+
+def test_a_config_written_in_place_is_applied_once_whole(tmp_path: Path) -> None:
+    """config.pbtxt rewritten in place by a slow writer (an editor, `cp`, `kubectl cp`): a poll
+    read it as it was being written, and its first bytes (here none: truncated) parsed as a
+    config of their own. The default policy (latest 1) unloaded version 1, and requests for
+    it failed until the write ended. The polls now wait for the whole file, as for a model
+    file, and apply it once."""
+    root = tmp_path / "models"
+    for v in (1, 2):
+        (root / "plus" / str(v)).mkdir(parents=True)
+        (root / "plus" / str(v) / "model.onnx").write_bytes(plus_model(float(v)))
+    config = root / "plus" / "config.pbtxt"
+    config.write_text(CONFIG + "version_policy: { all { } }\n")
+    os.utime(config, (time.time() - 60, time.time() - 60))  # written long before the server
+    with running_server(root, tmp_path / "server", ARGS) as s:
+        errors: list[str] = []
+        stop = threading.Event()
+
+        def pinned_traffic() -> None:
+            with grpcclient.InferenceServerClient(s.url) as c:
+                inp = grpcclient.InferInput("X", [2, 4], "FP32")
+                inp.set_data_from_numpy(X)
+                while not stop.is_set():
+                    try:
+                        c.infer("plus", [inp], model_version="1")
+                    except Exception as exc:  # every failure is reported
+                        errors.append(str(exc))
+
+        worker = threading.Thread(target=pinned_traffic)
+        worker.start()
+        try:
+            with config.open("w") as f:  # truncates, then writes 0.6 s later: two polls
+                f.flush()
+                time.sleep(0.6)
+                f.write(CONFIG.replace("max_batch_size: 8", "max_batch_size: 4"))
+                f.write("version_policy: { all { } }\n")
+            deadline = time.monotonic() + 20
+            with grpcclient.InferenceServerClient(s.url) as c:
+                while c.get_model_config("plus").config.max_batch_size != 4:
+                    assert time.monotonic() < deadline, s.log()[-3000:]
+                    time.sleep(0.05)
+        finally:
+            stop.set()
+            worker.join(30)
+        assert errors == [], errors[:3]
+        log = s.log()
+        assert "unloaded plus version" not in log, log[-3000:]
+        assert log.count("loaded plus version 1 in") == 2, log[-3000:]  # start, then once

@@ -13,6 +13,7 @@ Every error is checked for its status code and its message.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import json
 import os
 import time
@@ -37,6 +38,7 @@ from routing_support import (
     dense_input,
     dense_request,
 )
+from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -387,6 +389,68 @@ def test_table_from_the_routing_file_reloads_while_serving(
         time.sleep(0.05)
     assert table_of(status)["weights"] == {"1": 10000, "2": 0}
     assert infer(stub, "dense_file", x_routing_key="f0") == ("1", "stable")
+
+
+@pytest.mark.parametrize("mode", ["explicit", "poll"])
+def test_a_model_loaded_again_waits_for_its_config_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """As at start-up, a model loaded again as a whole (RepositoryModelUnload then Load, or its
+    directory moved away and back in poll mode) is not routed before its config table applies:
+    while version 1 (all the traffic) still loaded, version 2 (the canary, no share, loaded
+    first) took every request that pinned no version."""
+    table = {"weights": {"1": 10000, "2": 0}, "labels": {"stable": 1, "canary": 2}}
+    repo = tmp_path / "repo"
+    model = copy_dense(repo, "slow", parameters={"routing": json.dumps(table)})
+    slow_load = Path(__file__).parent / "slow_load"
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join((str(slow_load), os.environ.get("PYTHONPATH", "")))
+    )
+    monkeypatch.setenv("SLOW_LOAD_TEST_S", "3")
+    monkeypatch.setenv("SLOW_LOAD_TEST_VERSIONS", "1")
+    args = ("--model-control-mode", mode, "--load-model", "slow")
+    if mode == "poll":
+        args = ("--model-control-mode", mode, "--repository-poll-s", "0.5")
+    with running_server(repo, tmp_path / "log", args) as s, grpc.insecure_channel(s.url) as ch:
+        stub = Stub(ch)
+
+        def ready(version: str) -> bool:
+            req = pb.ModelReadyRequest(name="slow", version=version)
+            return stub.ModelReady(req, timeout=5).ready
+
+        def until(cond: Callable[[], bool], what: str) -> None:
+            deadline = time.monotonic() + 20
+            while not cond():
+                assert time.monotonic() < deadline, (what, s.log()[-3000:])
+                time.sleep(0.02)
+
+        def unpinned() -> set[str]:
+            return {
+                stub.ModelInfer(dense_request("slow"), timeout=10).model_version for _ in range(20)
+            }
+
+        assert unpinned() == {"1"}
+        with cf.ThreadPoolExecutor(1) as pool:
+            if mode == "explicit":
+                unload = pb.RepositoryModelUnloadRequest(model_name="slow")
+                stub.RepositoryModelUnload(unload, timeout=30)
+                load = pb.RepositoryModelLoadRequest(model_name="slow")
+                loading = pool.submit(stub.RepositoryModelLoad, load, timeout=60)
+            else:
+                model.rename(tmp_path / "away")
+                until(lambda: not ready(""), "the poll never removed the model")
+                (tmp_path / "away").rename(model)
+            until(lambda: ready("2"), "version 2 never loaded")
+            assert not ready("1")
+            msg = rejected(stub, Code.UNAVAILABLE, "slow")
+            assert (
+                msg == "model 'slow' is loading: its routing table applies once its versions serve"
+            )
+            assert stub.ModelInfer(dense_request("slow", "2"), timeout=10).model_version == "2"
+            if mode == "explicit":
+                loading.result()
+            until(lambda: ready("1"), "version 1 never loaded")
+        assert unpinned() == {"1"}
 
 
 # ============================================================================ admin RPC

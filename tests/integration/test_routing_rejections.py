@@ -3,7 +3,7 @@ rejection is reported (docs/routing.md, "The routing table").
 
 One explicit-mode server on two copies of the demo `dense` model (versions 1 and 2):
   dense       a 90/10 table in its config; reloaded with config overrides whose table is
-              invalid, or that name a version that fails to load
+              invalid, that name a version that fails to load, or that fail for every version
   dense_file  named by the routing file, which starts as JSON nested too deeply to parse
 """
 
@@ -26,6 +26,7 @@ from routing_support import (
     apb,
     copy_dense,
     dense_config_json,
+    dense_input,
     dense_request,
     write_corrupt_version,
 )
@@ -140,7 +141,41 @@ def test_a_rejected_config_table_leaves_the_previous_one_serving(
     status = routing(admin, "dense")
     assert status.source == "config" and weights(status) == {"1": 9000, "2": 1000}
     assert split(stub, "dense") == before
-    assert "weights name version 3, which is not loaded (loaded: 1, 2)" in server.log()
+    assert "version 3, which is not loaded" not in server.log()  # (a failed load's: not tried)
+
+
+def test_a_load_that_fails_leaves_the_config_in_force_and_its_table(
+    server: Server, stub: Stub, admin: AdminStub
+) -> None:
+    """A config that no version loads with (an input of another datatype), with a valid table
+    of its own: the versions served on with their instances, but the failed config's table
+    took over (every request to version 2) and ModelConfig reported that config
+    (max_batch_size 2), while requests of 6 rows were still accepted."""
+    before, config = split(stub, "dense"), stub.ModelConfig(pb.ModelConfigRequest(name="dense"))
+    assert set(before) == {"1", "2"} and config.config.max_batch_size == 8
+
+    failing = json.loads(dense_config_json("dense", [1, 2]))
+    failing["max_batch_size"] = 2
+    failing["input"][0]["data_type"] = "TYPE_INT32"
+    failing["parameters"] = {"routing": {"string_value": json.dumps({"weights": {"2": 10000}})}}
+    req = pb.RepositoryModelLoadRequest(model_name="dense")
+    req.parameters["config"].string_param = json.dumps(failing)
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.RepositoryModelLoad(req, timeout=60)
+    assert ei.value.code() == Code.INTERNAL
+    assert (ei.value.details() or "").startswith(
+        "failed to load 'dense': version 1: config input 'INPUT0' is INT32 but the ONNX graph "
+        "has FP32"
+    )
+
+    status = routing(admin, "dense")
+    assert status.source == "config" and weights(status) == {"1": 9000, "2": 1000}
+    assert split(stub, "dense") == before
+    for version in ("", "1", "2"):
+        got = stub.ModelConfig(pb.ModelConfigRequest(name="dense", version=version))
+        assert got.config == config.config, version
+    resp = stub.ModelInfer(dense_request("dense", "2", x=dense_input(batch=6)), timeout=10)
+    assert resp.outputs[0].shape == [6, 10]
 
 
 def test_a_routing_file_nested_too_deeply_is_reported_from_start_up(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from harness import Server
+from harness import DEMO, Server
 from spin_model import spin_repository, spin_request
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
@@ -93,5 +94,39 @@ def test_shutdown_delay_serves_on_not_ready_before_the_drain(
             assert stub.ModelInfer(spin_request(1), timeout=5).model_name == "spin"
         assert server.proc.wait(30) == 0, server.log()[-3000:]
         assert "not ready; serving 4.0 s more before the drain" in server.log()
+    finally:
+        server.stop(check=False)
+
+
+def test_a_model_load_in_flight_is_answered_and_the_fronts_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--frontends 2, SIGTERM while a RepositoryModelLoad runs (model "slow" takes 3 s to load:
+    slow_load/). The front that got it waited, once it was done, for the other front to
+    acknowledge doing the same; but the shutdown had cancelled that front's poll, so the wait
+    held the shutdown for the whole grace period, and the load, done, was answered
+    UNAVAILABLE. It is answered once done here now, and the pod exits then."""
+    repo = tmp_path / "repo"
+    shutil.copytree(DEMO / "identity_fp32", repo / "slow")
+    config = repo / "slow" / "config.pbtxt"
+    config.write_text(config.read_text().replace('"identity_fp32"', '"slow"'))
+    slow_load = Path(__file__).parent / "slow_load"
+    path = os.pathsep.join((str(slow_load), os.environ.get("PYTHONPATH", "")))
+    monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.setenv("SLOW_LOAD_TEST_S", "3")
+    args = ("--frontends", "2", "--model-control-mode", "explicit", "--shutdown-grace-s", "15")
+    server = Server(repo, tmp_path, extra_args=args, kill_after=60)
+    try:
+        with grpc.insecure_channel(server.url) as ch, cf.ThreadPoolExecutor(1) as pool:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+            request = pb.RepositoryModelLoadRequest(model_name="slow")
+            load = pool.submit(stub.RepositoryModelLoad, request, timeout=60)
+            time.sleep(1.0)  # loading in the worker
+            assert not load.done(), load.exception()
+            start = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            load.result()  # answered OK
+            assert server.proc.wait(60) == 0, server.log()[-3000:]
+        assert time.monotonic() - start < 8, server.log()[-3000:]
     finally:
         server.stop(check=False)

@@ -129,9 +129,9 @@ class Front:
         self.ran_on: dict[int, str] = {}
         execute = self.conn._execute
 
-        def recording(call: Infer, received_ns: int) -> InferDone:
+        def recording(call: Infer, received_ns: int, *accepted: Any) -> InferDone:
             self.ran_on[call.call_id] = threading.current_thread().name
-            return execute(call, received_ns)
+            return execute(call, received_ns, *accepted)
 
         self.conn._execute = recording  # type: ignore[method-assign]
         self.reader = threading.Thread(target=self.conn.run, name="reader", daemon=True)

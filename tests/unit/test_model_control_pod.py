@@ -108,6 +108,28 @@ def test_a_load_and_an_unload_on_two_fronts_at_once_end_alike(tmp_path: Path) ->
     assert ready(ta) == ready(tb)
 
 
+def test_a_front_that_stops_answers_without_the_others(tmp_path: Path) -> None:
+    """The pod is stopping: the other front no longer polls (its poll was cancelled, or it
+    is gone), so its acknowledgement never comes. A load in flight on the front that got the
+    RPC waited for it until the timeout (ACK_TIMEOUT_S, 120 s, cut short by the shutdown's
+    grace, which then answered UNAVAILABLE a load that was done); once that front stops, the
+    load answers as soon as it is done there."""
+    (a, sa, ta), (b, _sb, _tb) = two_fronts(tmp_path)  # B never polls
+
+    async def scenario() -> float:
+        await asyncio.gather(a.load_repository(), b.load_repository())
+        load = asyncio.create_task(a.load("m"))
+        await asyncio.sleep(0.3)  # done here (a load takes 0.05 s), waiting for B
+        assert not load.done()
+        start = asyncio.get_running_loop().time()
+        sa.stop_waiting()  # App.stop
+        await asyncio.wait_for(load, 1)
+        return asyncio.get_running_loop().time() - start
+
+    assert asyncio.run(scenario()) < 0.5
+    assert ready(ta) == [1]
+
+
 def test_a_load_that_fails_is_done_on_every_front(tmp_path: Path) -> None:
     """Version 2 only, from an upload that does not load: the front that got the RPC failed,
     and so does the other; both keep serving version 1 (no longer selected, but the load that

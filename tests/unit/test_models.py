@@ -6,7 +6,7 @@ import pytest
 
 from server.errors import InvalidInput, NotFound, NotReady
 from server.handler import InferenceHandler
-from server.models import ModelEntry, ModelTable, VersionEntry
+from server.models import NOT_LOADED, ModelEntry, ModelTable, VersionEntry
 from server.types import ModelIndexEntry, ModelSpec, ModelState
 from server.versions import parse_version
 
@@ -180,6 +180,40 @@ def test_index_says_a_model_reason_beside_the_versions_own() -> None:
     ]
     t.models["m"].versions[1].reason = "config.pbtxt does not parse"
     assert t.index(ready_only=False)[0].reason == "config.pbtxt does not parse"  # (said once)
+
+
+def test_a_model_level_failure_counts_unless_versions_serve_on() -> None:
+    """--strict-readiness: a model asked for again after an unload, whose config no longer
+    parses, has only its unloaded versions' entries (and its old config): it failed. One
+    whose versions loaded before serve on (a config that stopped parsing in poll mode) has
+    not, and neither has one nobody asks for."""
+    t = table(m={1: (UNAVAILABLE, "unloaded")})
+    for ve in t.models["m"].versions.values():
+        ve.unloaded = True
+    t.models["m"].reason = "config of model 'm' does not parse"
+    assert t.failed()
+    t.models["m"].versions[1].state = READY
+    assert not t.failed()
+    t.models["m"].versions[1].state = UNAVAILABLE
+    t.models["m"].requested = False
+    assert not t.failed()
+
+
+def test_index_lists_a_model_never_loaded_by_its_name_only() -> None:
+    """As Triton: a model of the repository not loaded (explicit mode) has no version, state or
+    reason in the index; it was listed UNAVAILABLE, "not loaded", as if a load had failed."""
+    t = table(m={1: (READY, "")})
+    t.models["later"] = ModelEntry("later", ModelSpec(name="later"), NOT_LOADED, requested=False)
+    on_disk = frozenset({"m", "later", "new"})
+    assert t.index(ready_only=False, on_disk=on_disk) == [
+        ModelIndexEntry("later", "", "", ""),
+        ModelIndexEntry("m", "1", "READY", ""),
+        ModelIndexEntry("new", "", "", ""),
+    ]
+    assert t.index(ready_only=False, on_disk=frozenset({"m"})) == [  # "later" removed
+        ModelIndexEntry("m", "1", "READY", "")
+    ]
+    assert t.index(ready_only=True, on_disk=on_disk) == [ModelIndexEntry("m", "1", "READY", "")]
 
 
 def test_index_of_an_empty_table() -> None:

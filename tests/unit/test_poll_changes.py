@@ -21,7 +21,8 @@ from fake_worker_link import SIGNATURE, FakeWorkerLink
 from runtime.ipc.protocol import Code, LoadDone, LoadModel
 from server.lifecycle import ModelManager
 from server.models import ModelTable
-from server.poll_policy import next_poll_in, poll_work, seen_since, unsettled
+from server.poll_policy import CONFIG as CONFIG_KEY
+from server.poll_policy import config_unsettled, next_poll_in, poll_work, seen_since, unsettled
 from server.repository import ScannedModel, fingerprint, scan_model
 from server.types import ModelState
 
@@ -60,9 +61,14 @@ def write(path: Path, content: bytes, mtime_ns: int) -> None:
     os.utime(path, ns=(mtime_ns, mtime_ns))  # (a coarse clock could give two writes one mtime)
 
 
+def write_config(model: Path, text: str) -> None:
+    """`model`'s config.pbtxt, written long before the scans: settled (`unsettled`)."""
+    write(model / "config.pbtxt", text.encode(), EARLIER)
+
+
 def repository(root: Path, **versions: bytes) -> Path:
     (root / "m").mkdir(parents=True)
-    (root / "m" / "config.pbtxt").write_text(CONFIG)
+    write_config(root / "m", CONFIG)
     for v, content in versions.items():
         write(root / "m" / v.lstrip("v") / "model.onnx", content, EARLIER)
     return root
@@ -141,15 +147,15 @@ def test_a_config_that_stops_parsing_leaves_the_model_serving(
     root = repository(tmp_path, v1=b"one")
     manager, link, table = manager_over(root)
     (root / "broken").mkdir()
-    (root / "broken" / "config.pbtxt").write_text("max_batch_size: -3")
+    write_config(root / "broken", "max_batch_size: -3")
 
     async def scenario() -> None:
         await manager.load_repository()
-        (root / "m" / "config.pbtxt").write_text(CONFIG.replace("max_batch_size: 0", "nonsense"))
+        write_config(root / "m", CONFIG.replace("max_batch_size: 0", "nonsense"))
         # A model added meanwhile, scanned after "m": the broken config must not stop the poll
         # before it (an AssertionError ended every poll there).
         (root / "n").mkdir()
-        (root / "n" / "config.pbtxt").write_text(CONFIG.replace('"m"', '"n"'))
+        write_config(root / "n", CONFIG.replace('"m"', '"n"'))
         write(root / "n" / "1" / "model.onnx", b"n", EARLIER)
         with caplog.at_level(logging.ERROR, logger="server.lifecycle"):
             for _ in range(3):
@@ -157,7 +163,7 @@ def test_a_config_that_stops_parsing_leaves_the_model_serving(
         assert table.models["n"].versions[1].state is ModelState.READY
         (m,) = [e for e in table.index(ready_only=True) if e.name == "m"]
         assert m.state == "READY" and m.reason.startswith("config of model 'm' does not parse"), m
-        (root / "m" / "config.pbtxt").write_text(CONFIG)
+        write_config(root / "m", CONFIG)
         await manager.poll_once()
 
     asyncio.run(scenario())
@@ -268,7 +274,7 @@ def test_a_model_still_being_copied_in_appears_once_settled(tmp_path: Path) -> N
     async def scenario() -> None:
         await manager.load_repository()
         (root / "n").mkdir()
-        (root / "n" / "config.pbtxt").write_text(CONFIG.replace('"m"', '"n"'))
+        write_config(root / "n", CONFIG.replace('"m"', '"n"'))
         write(root / "n" / "1" / "model.onnx", b"n, half", int(now * 1e9))
         await manager.poll_once()
         assert "n" not in table.models
@@ -300,6 +306,55 @@ def test_unsettled_is_young_and_not_yet_seen_unchanged_for_settle_s() -> None:
     assert unsettled(ahead, now + 10**9, {1: (ahead.files[1], now)}) == frozenset()
 
 
+@pytest.mark.parametrize("half", ["", 'name: "m"\nplatform: "onnx'], ids=["empty", "cut-short"])
+def test_a_config_written_in_place_is_applied_once_whole(
+    tmp_path: Path, half: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """config.pbtxt being written in place (truncated, then written: an editor, `cp`): a poll
+    in between read what was there. An empty file parsed as the default config (latest 1:
+    version 1 drained and unloaded, and its requests failed, until the write ended); a file
+    cut short was reported as a config that does not parse. The model now waits whole until
+    the config file has settled, as for a version's files, then the change loads once."""
+    root = repository(tmp_path, v1=b"one", v2=b"two")
+    manager, link, table = manager_over(root)
+    now = 2_000_000_000.0  # the scans' wall clock (2033), files written "just now"
+    manager.wall_clock = lambda: now
+    config = root / "m" / "config.pbtxt"
+    just_now = int(now * 1e9) - 100_000_000
+
+    async def scenario() -> None:
+        nonlocal now
+        await manager.load_repository()
+        write(config, half.encode(), just_now)  # the write under way
+        with caplog.at_level(logging.WARNING, logger="server.lifecycle"):
+            await manager.poll_once()
+            write(config, CONFIG.replace("[ 4 ]", "[ -1 ]").encode(), just_now + 50_000_000)
+            for step in (0.3, 0.3):
+                now += step
+                await manager.poll_once()  # the whole file, but unchanged for 0.3 s only
+            assert caplog.records == []
+        assert len(link.loads) == 2 and table.models["m"].reason == ""
+        now += 0.8
+        await manager.poll_once()  # unchanged for 1.1 s of scans: settled
+
+    asyncio.run(scenario())
+    assert sorted(link.loads[2:]) == [("m", 1, b"one"), ("m", 2, b"two")]
+    assert link.unloads == []
+    assert states(table) == {1: ModelState.READY, 2: ModelState.READY}
+
+
+def test_a_config_file_is_unsettled_as_a_versions_files_are() -> None:
+    young = (("config.pbtxt", 5, 10 * 10**9),)
+    s = ScannedModel("m", None, "", {}, {}, {}, young)
+    now = 10 * 10**9 + 500_000_000
+    first = seen_since(s, now, {})
+    assert first == {CONFIG_KEY: (young, now)}
+    assert config_unsettled(s, now, first)
+    assert not config_unsettled(s, now + 10**9, first)  # unchanged for SETTLE_S of scans
+    assert not config_unsettled(s, now + 2 * 10**9, {})  # written SETTLE_S before the scan
+    assert not config_unsettled(ScannedModel("m", None), now, {})  # no config file
+
+
 def scan_model_files(files: dict[int, tuple[tuple[str, int, int], ...]]) -> ScannedModel:
     return ScannedModel("m", None, "", {v: Path(f"/r/m/{v}/model.onnx") for v in files}, {}, files)
 
@@ -313,7 +368,7 @@ def test_latest_keeps_the_old_version_until_the_new_one_serves(tmp_path: Path) -
     load, the model had no READY version (UNAVAILABLE for every request; for good in the
     second case). 1 now goes only once 2 serves."""
     root = repository(tmp_path, v1=b"one")
-    (root / "m" / "config.pbtxt").write_text(LATEST)
+    write_config(root / "m", LATEST)
     manager, link, table = manager_over(root)
     now = 2_000_000_000.0  # the scans' wall clock (2033)
     manager.wall_clock = lambda: now
@@ -363,7 +418,7 @@ def test_a_config_change_waits_for_a_version_still_being_copied(tmp_path: Path) 
     async def scenario() -> None:
         await manager.load_repository()
         write(root / "m" / "2" / "model.onnx", b"two, half-cop", int(now * 1e9) - 10**8)
-        (root / "m" / "config.pbtxt").write_text(CONFIG.replace("[ 4 ]", "[ -1 ]"))
+        write_config(root / "m", CONFIG.replace("[ 4 ]", "[ -1 ]"))
         loads = len(link.loads)
         await manager.poll_once()
         assert len(link.loads) == loads  # nothing loaded while 2 is being written
@@ -379,7 +434,7 @@ def test_a_failed_version_whose_directory_went_is_forgotten(tmp_path: Path) -> N
     the server stayed unready (--strict-readiness) and the index listed the failure, for
     good, though version 1 served all along."""
     root = repository(tmp_path, v1=b"one")
-    (root / "m" / "config.pbtxt").write_text(LATEST)
+    write_config(root / "m", LATEST)
     manager, _link, table = manager_over(root)
 
     async def scenario() -> None:
@@ -430,7 +485,7 @@ def test_what_a_poll_left_serving_is_said_once_not_at_every_poll(
     nor log again. Every poll used to take the kept version for a change and redo both."""
     root = repository(tmp_path, v1=b"one")
     if case == "new-version-fails":
-        (root / "m" / "config.pbtxt").write_text(LATEST)
+        write_config(root / "m", LATEST)
     manager, link, table = manager_over(root)
 
     async def scenario() -> None:

@@ -136,9 +136,12 @@ def test_model_file_that_is_a_directory_is_missing(tmp_path: Path) -> None:
 
 def test_bad_config_is_a_model_reason(tmp_path: Path) -> None:
     make_model(tmp_path, "m", ["1"], "max_batch_size: -3")
-    assert scan_model(tmp_path, "m") == ScannedModel(
-        "m", None, "model 'm': max_batch_size must be >= 0"
+    scanned = scan_model(tmp_path, "m")
+    assert scanned == ScannedModel(
+        "m", None, "model 'm': max_batch_size must be >= 0", config_files=scanned.config_files
     )
+    # (its config file is fingerprinted all the same: poll mode waits for one being written)
+    assert [(name, size) for name, size, _ in scanned.config_files] == [("config.pbtxt", 18)]
 
 
 def test_explicit_spec_replaces_the_config_file(tmp_path: Path) -> None:

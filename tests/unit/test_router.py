@@ -347,3 +347,35 @@ def test_a_model_is_not_routed_before_its_config_table_applies() -> None:
     plain, _, _ = router((1, 2))
     plain.models.models["m"].spec = ModelSpec("m")
     assert plain.route("m", "", RouteHints()).version == 2
+
+
+def test_a_model_unloaded_is_routed_as_at_start_up_once_loaded_again() -> None:
+    """After an unload (or a removal from the repository) the model's config table stayed in
+    force and the model counted as routed by it: loaded again, its first READY version (the
+    canary, with no share) took every unpinned request until the table applied again.
+    Forgotten, the table gates the next load as at start-up; meanwhile the unloaded model says
+    why it does not serve, not that it is loading."""
+    table_json = json.dumps({"weights": {"1": 10_000, "2": 0}, "labels": {"stable": 1}})
+    r, _, _ = router((1, 2))
+    entry = r.models.models["m"]
+    entry.spec = ModelSpec("m", parameters={"routing": table_json})
+    r.set_config_table("m", table_json)
+    assert r.route("m", "", RouteHints()).version == 1
+
+    for ve in entry.versions.values():
+        ve.state, ve.reason = ModelState.UNAVAILABLE, "unloaded"
+    entry.reason, entry.requested = "unloaded", False
+    r.forget_config("m")
+    assert r.view("m").source == "none"
+    with pytest.raises(VersionNotReady, match="model 'm' is not available: unloaded"):
+        r.route("m", "", RouteHints())
+
+    entry.reason, entry.requested = "", True  # loaded again: 2 is READY first
+    entry.versions[1].state = ModelState.LOADING
+    entry.versions[2].state = ModelState.READY
+    with pytest.raises(VersionNotReady, match="model 'm' is loading: its routing table"):
+        r.route("m", "", RouteHints())
+    assert r.route("m", "2", RouteHints()).version == 2
+    entry.versions[1].state = ModelState.READY
+    r.set_config_table("m", table_json)
+    assert r.route("m", "", RouteHints()).version == 1

@@ -22,6 +22,7 @@ from worker_frames import read_frame
 
 from runtime.engine.session import SessionError
 from runtime.ipc.protocol import (
+    Cancel,
     CloseRegion,
     Code,
     Infer,
@@ -104,6 +105,54 @@ def test_a_version_replaced_during_a_failing_call_is_freed_under_the_lock(
         assert (done.call_id, done.code, done.message) == (7, Code.INTERNAL, "RuntimeError")
         assert freed_under_lock == [True]
     finally:
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.parametrize("cancelled", [7, 8], ids=["last-runs", "last-cancelled"])
+def test_a_version_replaced_while_calls_wait_on_its_lane_is_freed_under_the_lock(
+    worker: Worker, cancelled: int
+) -> None:
+    """Calls queued on a version's lane hold the instance they were accepted for: a reload
+    meanwhile leaves the last of them (the lane has one thread: call 8) the last reference to
+    the old one, which goes under the lock whether that call runs or was cancelled while it
+    waited."""
+    key = ("dense", 1)
+    freed_under_lock: list[bool] = []
+    lock: Any = worker.device_lock
+
+    def load(request_id: int, revision: str) -> None:
+        msg = LoadModel(
+            request_id, "dense", 1, str(DENSE), 8, ModelSignature((), ()), revision=revision,
+            instances=1,
+        )  # fmt: skip
+        assert worker.load(msg).code == Code.OK
+
+    load(1, "r1")
+    session = worker.models[key].session  # (freed with the instance: nothing else holds it)
+    weakref.finalize(session, lambda: freed_under_lock.append(lock._is_owned()))
+    del session
+    busy = threading.Event()
+    assert worker.lanes[key].submit(busy.wait, 30)  # the lane's one thread: the calls wait
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(10)
+    try:
+        conn = Connection(worker, ours)
+        conn.arena = SimpleNamespace(buf=memoryview(bytearray(64)))  # type: ignore[assignment]
+        for call_id in (7, 8):
+            conn.run_alone(Infer(call_id, "dense", 1, (), (), 0, 0), time.monotonic_ns())
+        conn.cancel(Cancel(cancelled, "dense", 1))
+        assert _answer(theirs).code == Code.CANCELLED
+        load(2, "r2")
+        assert freed_under_lock == []  # the queued calls hold it
+        busy.set()
+        assert _answer(theirs).call_id == 15 - cancelled  # (the one not cancelled)
+        deadline = time.monotonic() + 10
+        while not freed_under_lock and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert freed_under_lock == [True]
+    finally:
+        busy.set()
         ours.close()
         theirs.close()
 

@@ -1,7 +1,8 @@
 """Test-only fault injection (tests/integration/test_stop_during_start.py): put this directory
 on PYTHONPATH, and the runtime worker (spawn passes the environment on) takes
-SLOW_LOAD_TEST_S seconds to load any model named "slow", as a large model or its
-CUDA graph captures would. Nothing else changes; other processes import nothing of it."""
+SLOW_LOAD_TEST_S seconds to load any model named "slow" (only the versions listed in
+SLOW_LOAD_TEST_VERSIONS, "1,3", when set), as a large model or its CUDA graph captures would.
+Nothing else changes; other processes import nothing of it."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ class _SlowLoads(importlib.abc.MetaPathFinder):
             exec_module(module)
             load = module.Worker.load
 
+            versions = os.environ.get("SLOW_LOAD_TEST_VERSIONS", "")
+
             def slow_load(self: Any, msg: Any, holder: Any = None) -> Any:
-                if msg.name == "slow":
+                if msg.name == "slow" and (not versions or str(msg.version) in versions.split(",")):
                     time.sleep(float(os.environ.get("SLOW_LOAD_TEST_S", "30")))
                 return load(self, msg, holder)
 
