@@ -122,12 +122,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tracer = self.h.tracer
         md = context.invocation_metadata()  # read once: each call builds it anew
         span = None if tracer is None else tracer.begin(context, md)
+        answer = self._model_infer(request, context, span, md)
+        # An abort's AbortError holds this frame until a cyclic GC: not the request's bytes
+        # (server.rpc.status._abort).
+        del request
         if span is None:
-            return await self._model_infer(request, context, None, md)
+            return await answer
         assert tracer is not None
         LOG_SPAN.set(span.ref)  # this RPC's task only (see its comment)
         try:
-            response = await self._model_infer(request, context, span, md)
+            response = await answer
         except grpc.aio.AbortError:
             tracer.end(span, context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
             raise
