@@ -242,9 +242,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if span is not None:
                 tracer.end(span, grpc.StatusCode.INTERNAL)  # type: ignore[union-attr]
             error = internal_error("ModelStreamInfer", request)
-        return pb.ModelStreamInferResponse(
+        answer = pb.ModelStreamInferResponse(
             error_message=clip_details(error), infer_response=_response_head(request)
         )
+        if answer.ByteSize() > self.h.max_message_bytes:
+            # An id as large as the request allows: echoed, it made an answer gRPC does not
+            # send, and the stream ended there.
+            answer.infer_response.id = ""
+        return answer
 
     ModelStreamInfer.__rpc_errors__ = True  # type: ignore[attr-defined]  # handles its own
 

@@ -418,7 +418,11 @@ def test_a_refused_request_is_freed_at_once_not_by_the_cyclic_gc() -> None:
 
 
 def _servicer(**handler_attrs: Any) -> InferenceServicer:
-    counted = {"refused": lambda model, exc, start: None, **handler_attrs}
+    counted = {
+        "refused": lambda model, exc, start: None,
+        "max_message_bytes": 2**62,
+        **handler_attrs,
+    }
     return InferenceServicer(SimpleNamespace(tracer=None, **counted))  # type: ignore[arg-type]
 
 
