@@ -369,7 +369,7 @@ class InferenceHandler:
         t = result.timings
         try:
             outputs = tuple(response_tensor(req, o, outs) for o in result.outputs)
-            _check_response_size(outputs, self.max_message_bytes - RESPONSE_HEADROOM)
+            _check_response_size(req.id, outputs, self.max_message_bytes - RESPONSE_HEADROOM)
         except MicrotuneError:  # an output region too small, say: the client's, after the run
             ve.stats.record_failure(time.perf_counter_ns() - start)
             self._count_execution(req.model, ve.version, ve, t)  # the model did run
@@ -528,15 +528,25 @@ class InferenceHandler:
         return Unsupported(f"{rpc} is not supported by this server: {why}")
 
 
-def _check_response_size(outputs: Sequence[Tensor], limit: int) -> None:
+def _check_response_size(request_id: str, outputs: Sequence[Tensor], limit: int) -> None:
     """Refuse a response gRPC would not send: it failed the call as it was sent, after the
-    request was counted a success, and on ModelStreamInfer it ended the whole stream."""
-    size = sum(len(t.data) for t in outputs)
-    if size > limit:
+    request was counted a success, and on ModelStreamInfer it ended the whole stream. Besides
+    the outputs' bytes, a response echoes what the client chose, as large as its request may
+    be: the request's id and the names of the regions outputs were written to (the rest, the
+    model's names and shapes, fits in RESPONSE_HEADROOM)."""
+    size = 0
+    echoed = len(request_id.encode())
+    for t in outputs:
+        size += len(t.data)
+        if t.shm is not None:
+            echoed += len(t.shm.region.encode())
+    if size + echoed > limit:
         raise Overloaded(
-            f"the outputs take {size} bytes, more than a response may carry ({limit} bytes: "
-            "--max-message-bytes less room for the rest of the message); ask for fewer "
-            "outputs or a smaller batch, or have them written to shared memory"
+            f"the response would take {size + echoed} bytes ({size} of outputs, {echoed} of the "
+            "request's id and output region names), more than a response may carry "
+            f"({limit} bytes: --max-message-bytes less room for the rest of the message); ask "
+            "for fewer outputs or a smaller batch, have them written to shared memory, or send "
+            "a shorter id"
         )
 
 

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
@@ -30,7 +29,7 @@ from server.rpc.status import (
     rpc_errors,
     status_of,
 )
-from server.rpc.wire import InferDecoder, encode_response
+from server.rpc.wire import InferDecoder, encode_response, request_head
 from server.telemetry.infer_trace import InferTrace
 from server.telemetry.logs import LOG_SPAN
 
@@ -122,12 +121,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tracer = self.h.tracer
         md = context.invocation_metadata()  # read once: each call builds it anew
         span = None if tracer is None else tracer.begin(context, md)
+        answer = self._model_infer(request, context, span, md)
+        # An abort's AbortError holds this frame until a cyclic GC: not the request's bytes
+        # (server.rpc.status._abort).
+        del request
         if span is None:
-            return await self._model_infer(request, context, None, md)
+            return await answer
         assert tracer is not None
         LOG_SPAN.set(span.ref)  # this RPC's task only (see its comment)
         try:
-            response = await self._model_infer(request, context, span, md)
+            response = await answer
         except grpc.aio.AbortError:
             tracer.end(span, context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
             raise
@@ -239,9 +242,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if span is not None:
                 tracer.end(span, grpc.StatusCode.INTERNAL)  # type: ignore[union-attr]
             error = internal_error("ModelStreamInfer", request)
-        return pb.ModelStreamInferResponse(
+        answer = pb.ModelStreamInferResponse(
             error_message=clip_details(error), infer_response=_response_head(request)
         )
+        if answer.ByteSize() > self.h.max_message_bytes:
+            # An id as large as the request allows: echoed, it made an answer gRPC does not
+            # send, and the stream ended there.
+            answer.infer_response.id = ""
+        return answer
 
     ModelStreamInfer.__rpc_errors__ = True  # type: ignore[attr-defined]  # handles its own
 
@@ -363,20 +371,14 @@ async def _write(context: Ctx, response: pb.ModelStreamInferResponse) -> None:
 
 
 def _model_name_of(request: bytes) -> str:
-    """The model a request that did not decode names, if protobuf can read that much."""
-    return _response_head(request).model_name
+    """The model a request that did not decode names, if it can be read."""
+    return request_head(request)[0]
 
 
 def _response_head(request: bytes) -> pb.ModelInferResponse:
     """A failed streamed request's response: its id, model name and version as the request
-    gave them (if protobuf can read them) and the final flag, as Triton's stream answers."""
-    try:
-        msg = pb.ModelInferRequest.FromString(request)
-    except DecodeError:
-        head = pb.ModelInferResponse()
-    else:
-        head = pb.ModelInferResponse(
-            model_name=msg.model_name, model_version=msg.model_version, id=msg.id
-        )
+    gave them (if they can be read) and the final flag, as Triton's stream answers."""
+    model, version, ident = request_head(request)
+    head = pb.ModelInferResponse(model_name=model, model_version=version, id=ident)
     head.parameters[FINAL_FLAG].bool_param = True
     return head

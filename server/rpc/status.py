@@ -91,14 +91,18 @@ def rpc_errors(fn: Handler[R]) -> Handler[R]:
         try:
             response = await fn(self, request, context, *args)
         except MicrotuneError as exc:
-            await _abort(context, STATUS[exc.code], exc.message)
+            code, details = STATUS[exc.code], exc.message
         except grpc.aio.AbortError:
             raise
         except Exception:
-            await _abort(context, grpc.StatusCode.INTERNAL, internal_error(fn.__name__, request))
+            code, details = grpc.StatusCode.INTERNAL, internal_error(fn.__name__, request)
         else:
             ensure_not_ended(context)
             return response
+        # Aborted here, past the `except` (see _abort): the error, its traceback and the request
+        # are gone before grpc's AbortError is raised.
+        del request
+        await _abort(context, code, details)
         raise AssertionError("unreachable")  # _abort() always raises
 
     wrapper.__rpc_errors__ = True  # type: ignore[attr-defined]
@@ -127,7 +131,15 @@ def ensure_not_ended(context: grpc.aio.ServicerContext) -> None:
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
-    """End the call with `code`, unless grpc has ended it (module docstring); always raises."""
+    """End the call with `code`, unless grpc has ended it (module docstring); always raises.
+
+    grpc's AbortError is part of a reference cycle (its traceback holds the handler's frames,
+    which hold the context, whose call state holds the AbortError), freed only when Python's
+    cyclic GC runs, and big buffers do not make it run. Whatever those frames hold lives that
+    long: so it is called outside any `except` block (a handled exception, its traceback and
+    the frames that raised it, the request's bytes and its parsed message among them, would
+    hang from the AbortError as its __context__), from frames that no longer hold the request.
+    """
     ensure_not_ended(context)
     try:
         await context.abort(code, clip_details(details))

@@ -13,6 +13,13 @@ Anything the walk does not expect (another wire type, an unknown or malformed fi
 memory, BYTES or typed `contents` inputs, an unseen header) takes the full path: protobuf
 parses the bytes and `decode_infer` decodes and checks them, with its errors.
 
+Before any of that, the number of top-level fields is bounded (MAX_TENSORS, MAX_OTHER_FIELDS):
+the walk, protobuf's parse (a message object per input or output) and `decode_infer` all work
+per field, on the event loop, so one valid message of millions of 2-byte fields (empty inputs,
+a repeated model_name) held every other request and probe for seconds to minutes and took
+~200x its size in memory. A message past a bound is refused before protobuf sees it, and the
+walk that finds that out stops there: its cost is bounded, not the message's size.
+
 The response goes the other way (`encode_response`): protobuf serializes everything but the
 raw output contents, which are appended as their fields. Serialized messages concatenate into
 their merge, and a repeated field's entries append, so this is the message protobuf would
@@ -32,55 +39,184 @@ from server.errors import InvalidInput
 from server.rpc.codec import decode_infer, encode_infer_head
 from server.types import InferRequest, InferResponse, Tensor
 
-__all__ = ["InferDecoder", "encode_response", "split_request"]
+__all__ = [
+    "MAX_OTHER_FIELDS",
+    "MAX_TENSORS",
+    "InferDecoder",
+    "encode_response",
+    "request_head",
+    "split_request",
+]
+
+# The most inputs, requested outputs and raw_input_contents entries (each) a request may have:
+# far more than any model has, few enough that walking and parsing them stays in milliseconds.
+MAX_TENSORS = 4096
+# The most other top-level fields (model_name, model_version, id, parameters entries, unknown
+# fields and what unknown groups hold) a request may have: a client sends a handful.
+MAX_OTHER_FIELDS = 1024
 
 # ModelInferRequest's fields, all length-delimited (wire type 2): tag byte = number << 3 | 2.
 _ID = 3 << 3 | 2
 _RAW = 7 << 3 | 2
-_FIRST, _LAST = 1 << 3 | 2, 7 << 3 | 2
+_TAGS = frozenset(range(1 << 3 | 2, 8 << 3, 8))  # fields 1 to 7
 _RAW_OUTPUT = bytes([6 << 3 | 2])  # ModelInferResponse.raw_output_contents
+
+# A message of fewer fields than this is within every bound, whatever its fields are.
+_UNCOUNTED = min(MAX_TENSORS, MAX_OTHER_FIELDS)
+# _scan's kinds of top-level field: other, inputs (5), outputs (6), raw_input_contents (7).
+_LIMITS = (MAX_OTHER_FIELDS, MAX_TENSORS, MAX_TENSORS, MAX_TENSORS)
+_TOO_MANY = (
+    f"the request has more than {MAX_OTHER_FIELDS} top-level fields besides its inputs, "
+    "outputs and raw_input_contents (model_name, model_version, id, parameters, unknown "
+    "fields), the most this server takes",
+    f"the request has more than {MAX_TENSORS} inputs, the most this server takes",
+    f"the request asks for more than {MAX_TENSORS} outputs, the most this server takes",
+    f"the request has more than {MAX_TENSORS} raw_input_contents entries, the most this "
+    "server takes",
+)
 
 
 def split_request(data: bytes) -> tuple[bytes, bytes, list[memoryview]] | None:
     """The header (every field but `id` and `raw_input_contents`, as sent), the id's bytes and
     a view of each raw input of a serialized ModelInferRequest; None when the bytes hold
-    anything else at the top level (protobuf decides what they mean)."""
+    anything else at the top level (protobuf decides what they mean). InvalidInput when they
+    hold more fields than the bounds (module docstring) allow."""
     view = memoryview(data)
     n = len(data)
     header: list[bytes] = []
     raws: list[memoryview] = []
     ident = b""
     pos = start = 0  # start: where the header's current run of fields began
-    while pos < n:
-        tag = data[pos]
-        if tag & 7 != 2 or not _FIRST <= tag <= _LAST:
-            return None
-        p = pos + 1
-        size = shift = 0
-        while True:  # the length, a varint
-            if p >= n or shift > 35:
-                return None
-            b = data[p]
-            p += 1
-            size |= (b & 0x7F) << shift
-            if b < 0x80:
-                break
-            shift += 7
-        end = p + size
-        if end > n:
-            return None
-        if tag in (_RAW, _ID):
-            if pos > start:
-                header.append(data[start:pos])
-            if tag == _RAW:
-                raws.append(view[p:end])
-            else:
-                ident = data[p:end]
-            start = end
-        pos = end
+    uncounted = _UNCOUNTED
+    try:
+        while pos < n:
+            uncounted -= 1
+            if not uncounted:  # (once: then below 0)
+                _check_counts(data)
+            tag = data[pos]
+            if tag not in _TAGS:
+                return _unexpected(data)
+            size = data[pos + 1]  # the length, a varint: mostly one byte
+            p = pos + 2
+            if size > 0x7F:
+                size &= 0x7F
+                shift = 7
+                while True:
+                    b = data[p]
+                    p += 1
+                    size |= (b & 0x7F) << shift
+                    if b < 0x80:
+                        break
+                    shift += 7
+                    if shift > 35:
+                        return _unexpected(data)
+            end = p + size
+            if end > n:
+                return _unexpected(data)
+            if tag == _RAW or tag == _ID:  # noqa: SIM109 (a tuple of globals is built anew)
+                if pos > start:
+                    header.append(data[start:pos])
+                if tag == _RAW:
+                    raws.append(view[p:end])
+                else:
+                    ident = data[p:end]
+                start = end
+            pos = end
+    except IndexError:  # a varint cut short by the end
+        return _unexpected(data)
     if n > start:
         header.append(data[start:n])
     return b"".join(header), ident, raws
+
+
+def _unexpected(data: bytes) -> None:
+    """split_request's answer to bytes that protobuf must read: they may hold many more fields
+    past what the walk read, so they are counted first."""
+    _check_counts(data)
+
+
+def _check_counts(data: bytes) -> None:
+    too_many, _ = _scan(data)
+    if too_many is not None:
+        raise InvalidInput(too_many)
+
+
+def request_head(data: bytes) -> tuple[str, str, str]:
+    """The model name, version and id a serialized ModelInferRequest gives (for a request that
+    failed: its statistics, its stream error), each "" if not given; all "" when protobuf
+    would not read the bytes. Read from the bytes without parsing the rest: a refused request
+    may be large, or hold too many fields (what was read up to the bound)."""
+    _, head = _scan(data)
+    if head is None:
+        return "", "", ""
+    try:
+        name, version, ident = (bytes(head[k]).decode() if k in head else "" for k in (1, 2, 3))
+    except UnicodeDecodeError:  # (protobuf refuses the message)
+        return "", "", ""
+    return name, version, ident
+
+
+def _scan(data: bytes) -> tuple[str | None, dict[int, memoryview] | None]:
+    """Walk every field of the message's top level (and the fields of unknown groups), kind
+    by kind counted against the bounds. Returns why there are too many, if there are (the
+    walk stops at the first bound passed), and the last model_name, model_version and id met
+    (by field number); None for those when the bytes stop being a message protobuf reads."""
+    view = memoryview(data)
+    n = len(data)
+    counts = [0, 0, 0, 0]
+    head: dict[int, memoryview] = {}
+    groups: list[int] = []  # the field numbers of the groups being skipped
+    pos = 0
+    try:
+        while pos < n:
+            key, pos = _read_varint(data, pos)
+            number, kind = key >> 3, key & 7
+            if number == 0:
+                return None, None
+            field = 0
+            if kind == 2:  # length-delimited
+                size, pos = _read_varint(data, pos)
+                end = pos + size
+                if end > n:
+                    return None, None
+                if not groups:
+                    if number <= 3:
+                        head[number] = view[pos:end]
+                    elif number <= 7:
+                        field = number - 4
+                pos = end
+            elif kind == 0:  # varint
+                _, pos = _read_varint(data, pos)
+            elif kind in (1, 5):  # fixed 64 or 32 bits
+                pos += 8 if kind == 1 else 4
+            elif kind == 3:  # a group starts
+                groups.append(number)
+            elif kind == 4 and groups and groups[-1] == number:  # ... and ends
+                groups.pop()
+            else:
+                return None, None
+            counts[field] += 1
+            if counts[field] > _LIMITS[field]:
+                return _TOO_MANY[field], head
+    except IndexError:  # a varint cut short by the end
+        return None, None
+    if pos > n or groups:
+        return None, None
+    return None, head
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at `pos` and where it ends; IndexError past the end or past 10 bytes."""
+    value = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise IndexError("a varint of more than 10 bytes")
 
 
 @dataclass(frozen=True, slots=True)

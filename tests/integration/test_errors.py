@@ -485,3 +485,30 @@ def test_streams_cancelled_while_the_server_writes_log_no_error(server: Server, 
     time.sleep(0.5)
     assert server.log().count("ExecuteBatchError") == before
     assert_still_serving(stub)
+
+
+def test_a_request_of_millions_of_empty_inputs_is_refused_at_once(
+    channel: grpc.Channel, stub: Stub
+) -> None:
+    """One valid ModelInferRequest of 4M empty inputs (8 MB) held the front's event loop for
+    ~17 s, every other request and health probe waiting, and took ~200x its size in memory
+    (protobuf's parse, then a second one for the model's name). It is refused as soon as the
+    walk over its bytes passes the bound, on ModelInfer and on a stream alike."""
+    body = b"\x2a\x00" * (4 << 20) + simple().SerializeToString()
+    too_many = "the request has more than 4096 inputs, the most this server takes"
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as ei:
+        channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(body, timeout=30)
+    assert ei.value.code() == Code.INVALID_ARGUMENT, ei.value.details()
+    assert ei.value.details() == too_many
+    stream = channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        response_deserializer=pb.ModelStreamInferResponse.FromString,
+    )
+    good = simple()
+    good.id = "after"
+    answers = list(stream(iter([body, good.SerializeToString()]), timeout=30))
+    assert [a.error_message for a in answers] == [too_many, ""]
+    assert answers[1].infer_response.id == "after"
+    assert time.monotonic() - start < 5  # (milliseconds of work; it took ~35 s)
+    assert_still_serving(stub)

@@ -166,12 +166,14 @@ def test_no_slot_leaks_when_deadlines_race_answers(
     assert list(resp.outputs[0].shape) == [8, 630]
 
 
-def test_a_response_past_the_message_limit_is_refused_and_counted_failed(tmp_path: Path) -> None:
-    """`quad` answers four times its input. With --max-message-bytes 1 MiB, 300 KB in make
-    1.2 MB out: gRPC failed the call as it sent it, after the server had counted a success,
-    and on ModelStreamInfer it ended the stream (the requests after it unanswered). Now it is
-    that request's RESOURCE_EXHAUSTED, counted a failure, and the stream goes on."""
-    repo = tmp_path / "repo"
+LIMIT = 1 << 20  # --max-message-bytes of the `limited` server
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with --max-message-bytes 1 MiB serving `quad`, which answers four times its
+    input (FP32 [n] -> [4n])."""
+    repo = tmp_path_factory.mktemp("quad")
     graph = helper.make_graph(
         [helper.make_node("Concat", ["X", "X", "X", "X"], ["Y"], axis=0)],
         "quad",
@@ -186,35 +188,87 @@ def test_a_response_past_the_message_limit_is_refused_and_counted_failed(tmp_pat
         'input [ { name: "X" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
         'output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
     )
+    log_dir = tmp_path_factory.mktemp("limited")
+    with running_server(repo, log_dir, ("--max-message-bytes", str(LIMIT))) as s:
+        yield s
 
-    def quad(n: int, rid: str) -> pb.ModelInferRequest:
-        req = pb.ModelInferRequest(model_name="quad", id=rid)
-        req.inputs.add(name="X", datatype="FP32", shape=[n])
-        req.raw_input_contents.append(np.ones(n, np.float32).tobytes())
-        return req
 
+def quad(n: int, rid: str) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name="quad", id=rid)
+    req.inputs.add(name="X", datatype="FP32", shape=[n])
+    req.raw_input_contents.append(np.ones(n, np.float32).tobytes())
+    return req
+
+
+def quad_counts(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> tuple[int, int]:
+    stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="quad"), timeout=10)
+    infer_stats = stats.model_stats[0].inference_stats
+    return infer_stats.success.count, infer_stats.fail.count
+
+
+def test_a_response_past_the_message_limit_is_refused_and_counted_failed(limited: Server) -> None:
+    """With --max-message-bytes 1 MiB, 300 KB in make 1.2 MB out: gRPC failed the call as it
+    sent it, after the server had counted a success, and on ModelStreamInfer it ended the
+    stream (the requests after it unanswered). Now it is that request's RESOURCE_EXHAUSTED,
+    counted a failure, and the stream goes on."""
     big, small = 75_000, 4  # 300 KB in, 1.2 MB out; 16 B in
-    with running_server(repo, tmp_path / "log", ("--max-message-bytes", str(1 << 20))) as s:
-        ch = grpc.insecure_channel(s.url)
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
-        try:
-            with pytest.raises(grpc.RpcError) as ei:
-                stub.ModelInfer(quad(big, "big"), timeout=30)
-            assert ei.value.code() == Code.RESOURCE_EXHAUSTED, ei.value.details()
-            assert (ei.value.details() or "").startswith(
-                "the outputs take 1200000 bytes, more than a response may carry"
-            ), ei.value.details()
-            stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="quad"), timeout=10)
-            infer_stats = stats.model_stats[0].inference_stats
-            assert (infer_stats.success.count, infer_stats.fail.count) == (0, 1)
+    ch = grpc.insecure_channel(limited.url)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+    try:
+        before = quad_counts(stub)
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.ModelInfer(quad(big, "big"), timeout=30)
+        assert ei.value.code() == Code.RESOURCE_EXHAUSTED, ei.value.details()
+        assert (ei.value.details() or "").startswith(
+            "the response would take 1200003 bytes (1200000 of outputs, 3 of the request's id "
+            "and output region names), more than a response may carry"
+        ), ei.value.details()
+        success, fail = quad_counts(stub)
+        assert (success - before[0], fail - before[1]) == (0, 1)
 
-            answers = list(
-                stub.ModelStreamInfer(
-                    iter([quad(small, "1"), quad(big, "2"), quad(small, "3")]), timeout=30
-                )
+        answers = list(
+            stub.ModelStreamInfer(
+                iter([quad(small, "1"), quad(big, "2"), quad(small, "3")]), timeout=30
             )
-            assert [a.infer_response.id for a in answers] == ["1", "2", "3"]
-            errors = [a.error_message[:40] for a in answers]
-            assert errors == ["", "the outputs take 1200000 bytes, more tha", ""]
-        finally:
-            ch.close()
+        )
+        assert [a.infer_response.id for a in answers] == ["1", "2", "3"]
+        errors = [a.error_message[:39] for a in answers]
+        assert errors == ["", "the response would take 1200001 bytes (", ""]
+    finally:
+        ch.close()
+
+
+def test_a_response_past_the_limit_by_its_echoed_id_is_refused_and_counted_failed(
+    limited: Server,
+) -> None:
+    """A response echoes its request's id: a request a few bytes under the limit, nearly all
+    id, made a response a few bytes over it, which the check of the outputs' size let
+    through. gRPC failed the call ("Sent message larger than max") and logged an ERROR
+    traceback, the request counted a success, and on ModelStreamInfer the stream ended there.
+    Now it is RESOURCE_EXHAUSTED, counted a failure, and the stream goes on (its error
+    answer without the id, which would not fit either)."""
+    req = quad(4, "")
+    req.id = "x" * (LIMIT - req.ByteSize() - 8)
+    assert LIMIT - 8 <= req.ByteSize() <= LIMIT
+    ch = grpc.insecure_channel(limited.url)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+    try:
+        before = quad_counts(stub)
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.ModelInfer(req, timeout=30)
+        assert ei.value.code() == Code.RESOURCE_EXHAUSTED, ei.value.details()
+        assert (ei.value.details() or "").startswith(
+            f"the response would take {len(req.id) + 64} bytes (64 of outputs, {len(req.id)} of "
+            "the request's id and output region names), more than a response may carry"
+        ), ei.value.details()
+        success, fail = quad_counts(stub)
+        assert (success - before[0], fail - before[1]) == (0, 1)
+
+        answers = list(stub.ModelStreamInfer(iter([quad(4, "1"), req, quad(4, "3")]), timeout=30))
+        assert [a.infer_response.id for a in answers] == ["1", "", "3"]
+        took = f"the response would take {len(req.id) + 64} bytes"
+        assert [a.error_message[: len(took)] for a in answers] == ["", took, ""]
+        assert answers[1].infer_response.model_name == "quad"
+    finally:
+        ch.close()
+    assert '"level": "ERROR"' not in limited.log()

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import inspect
 import logging
 import re
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -340,11 +342,87 @@ def test_answers_at_the_deadline_make_grpc_log_no_error(caplog: pytest.LogCaptur
     assert codes[grpc.StatusCode.DEADLINE_EXCEEDED] >= 200  # every ModelInfer, at least
 
 
+def test_a_refused_request_is_freed_at_once_not_by_the_cyclic_gc() -> None:
+    """grpc's AbortError is in a reference cycle with the call's state. Aborting inside the
+    `except` chained the error, its traceback and the frames that raised it to that cycle, and
+    the handler's frames held the request: a refused request's bytes (and on ModelInfer their
+    parsed copy) stayed until a GC ran, and large buffers do not trigger one (a front grew by
+    twice each refused request's size). Each refusal here, with the GC off, must free them."""
+
+    async def load_model(name: str, config: object, files: object) -> None:
+        raise errors.InvalidInput("no repository holds this model")
+
+    size = 4 << 20
+    infer = pb.ModelInferRequest(model_name="m", id="x")  # a raw input one element short
+    infer.inputs.add(name="INPUT0", datatype="FP32", shape=[size // 4 + 1])
+    infer.raw_input_contents.append(b"\x01" * size)
+    data = infer.SerializeToString()  # (one copy on the client's side, whatever it keeps)
+    load = pb.RepositoryModelLoadRequest(model_name="m")
+    load.parameters["file:1/model.onnx"].bytes_param = b"\x01" * size
+    service = "/inference.GRPCInferenceService"
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+
+    async def go() -> dict[str, list[int]]:
+        server = grpc.aio.server(options=options)
+        add_to_server(_servicer(load_model=load_model), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        kept: dict[str, list[int]] = {}
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as ch:
+                unary = ch.unary_unary(f"{service}/ModelInfer")
+                stream = ch.stream_stream(f"{service}/ModelStreamInfer")
+                stub = pb_grpc.GRPCInferenceServiceStub(ch)
+
+                async def on_stream() -> None:
+                    call = stream(timeout=10)
+                    await call.write(data)
+                    await call.done_writing()
+                    (answer,) = [pb.ModelStreamInferResponse.FromString(r) async for r in call]
+                    assert answer.error_message.startswith("input 'INPUT0' has 4194304 bytes")
+
+                async def refused(rpc: str) -> None:
+                    if rpc == "ModelStreamInfer":
+                        return await on_stream()
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        if rpc == "ModelInfer":
+                            await unary(data, timeout=10)
+                        else:
+                            await stub.RepositoryModelLoad(load, timeout=10)
+                    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+                for rpc in ("ModelInfer", "ModelStreamInfer", "RepositoryModelLoad"):
+                    await refused(rpc)  # (grpc's and the codec's first-call allocations)
+                    base = tracemalloc.get_traced_memory()[0]
+                    kept[rpc] = []
+                    for _ in range(3):
+                        await refused(rpc)
+                        await asyncio.sleep(0.05)  # (grpc ends the call)
+                        kept[rpc].append(tracemalloc.get_traced_memory()[0] - base)
+        finally:
+            await server.stop(None)
+        return kept
+
+    gc.collect()
+    gc.disable()  # what frees them must be reference counting
+    tracemalloc.start()
+    try:
+        kept = asyncio.run(go())
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert all(b < size // 2 for counts in kept.values() for b in counts), kept
+
+
 # ----------------------------------------------------------------------------- the servicer
 
 
 def _servicer(**handler_attrs: Any) -> InferenceServicer:
-    counted = {"refused": lambda model, exc, start: None, **handler_attrs}
+    counted = {
+        "refused": lambda model, exc, start: None,
+        "max_message_bytes": 2**62,
+        **handler_attrs,
+    }
     return InferenceServicer(SimpleNamespace(tracer=None, **counted))  # type: ignore[arg-type]
 
 

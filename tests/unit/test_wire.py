@@ -9,9 +9,11 @@ Never import tritonclient here: it registers the same protobuf names as server._
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from msgspec.structs import replace
@@ -20,7 +22,14 @@ from runtime.ipc.dtypes import DTYPES
 from server._proto.inference import grpc_service_pb2 as pb
 from server.errors import InvalidInput
 from server.rpc.codec import decode_infer, encode_infer
-from server.rpc.wire import InferDecoder, encode_response, split_request
+from server.rpc.wire import (
+    MAX_OTHER_FIELDS,
+    MAX_TENSORS,
+    InferDecoder,
+    encode_response,
+    request_head,
+    split_request,
+)
 from server.types import InferRequest, InferResponse, ShmRef, Tensor
 
 
@@ -226,6 +235,149 @@ def test_any_sequence_of_requests_decodes_as_protobuf_and_decode_infer_do(
     for data in batch + batch:  # the second pass finds the headers cached
         assert outcome(decoder.decode, data) == outcome(reference, data)
     event(f"headers cached: {min(len(decoder._templates), 1)}")
+
+
+# ----------------------------------------------------------------------------- bounds
+
+
+def varint(n: int, width: int = 1) -> bytes:
+    """`n` as a varint of at least `width` bytes (protobuf reads the padded ones too)."""
+    out = bytearray()
+    while n > 0x7F or len(out) < width - 1:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def field(number: int, payload: bytes, key_width: int = 1, length_width: int = 1) -> bytes:
+    return varint(number << 3 | 2, key_width) + varint(len(payload), length_width) + payload
+
+
+VALID = dense_request(request_id="r").SerializeToString()
+EMPTY_ENTRY = {"inputs": b"\x2a\x00", "outputs": b"\x32\x00", "raw": b"\x3a\x00"}
+TOO_MANY = {
+    "inputs": f"the request has more than {MAX_TENSORS} inputs, the most this server takes",
+    "outputs": f"the request asks for more than {MAX_TENSORS} outputs, the most this server takes",
+    "raw": (
+        f"the request has more than {MAX_TENSORS} raw_input_contents entries, the most this "
+        "server takes"
+    ),
+    "other": (
+        f"the request has more than {MAX_OTHER_FIELDS} top-level fields besides its inputs, "
+        "outputs and raw_input_contents (model_name, model_version, id, parameters, unknown "
+        "fields), the most this server takes"
+    ),
+}
+N = 2 << 20  # 2M fields of two bytes (or three: a group's)
+FLOODS = {
+    "empty inputs": (b"\x2a\x00" * N + VALID, "inputs"),
+    "empty outputs": (VALID + b"\x32\x00" * N, "outputs"),
+    "empty raw entries": (b"\x3a\x00" * N + VALID, "raw"),
+    # a valid request, the model named 2M times first (the last one counts)
+    "repeated model_name": (b"\x0a\x00" * N + VALID, "other"),
+    "empty parameters": (VALID + b"\x22\x00" * N, "other"),
+    # fields the header cache's walk does not take (protobuf's parse does)
+    "unknown varint fields": (b"\x40\x00" * N + VALID, "other"),
+    "empty inputs after an unknown field": (b"\x40\x00" + b"\x2a\x00" * N + VALID, "inputs"),
+    "empty inputs with long lengths": (field(5, b"", length_width=2) * N + VALID, "inputs"),
+    "a group of fields": (b"\x43" + b"\x08\x00" * N + b"\x44" + VALID, "other"),
+}
+
+
+@pytest.mark.parametrize("case", FLOODS)
+def test_a_request_of_millions_of_fields_is_refused_before_it_is_parsed(case: str) -> None:
+    """One valid message of millions of tiny fields held the front's event loop for seconds
+    (walk, protobuf's parse, decode_infer, then a second parse for the model's name) and took
+    ~200x its size in memory. Now it is refused as soon as the walk passes a bound."""
+    data, kind = FLOODS[case]
+    start = time.perf_counter()
+    with pytest.raises(InvalidInput) as exc:
+        InferDecoder().decode(data)
+    assert exc.value.message == TOO_MANY[kind]
+    # the model a refused request is counted under, read as far as the bound
+    assert request_head(data)[0] == ("" if data.endswith(VALID) else "dense")
+    assert time.perf_counter() - start < 1.0  # (milliseconds; it took seconds to minutes)
+
+
+def many(kind: str, count: int) -> pb.ModelInferRequest:
+    """A request of `count` inputs (with their raw contents) or outputs, or of `count` fields
+    other than those (its model name, and parameters)."""
+    r = pb.ModelInferRequest(model_name="m")
+    if kind == "other":
+        for k in range(count - 1):
+            r.parameters[f"p{k}"].int64_param = k
+    for k in range(count if kind in ("inputs", "raw") else 0):
+        r.inputs.add(name=f"I{k}", datatype="UINT8", shape=[1])
+        r.raw_input_contents.append(b"\x01")
+    for k in range(count if kind == "outputs" else 0):
+        r.outputs.add(name=f"O{k}")
+    return r
+
+
+@pytest.mark.parametrize("kind", ["inputs", "outputs", "other"])
+def test_a_request_at_the_bounds_is_decoded_and_one_field_more_is_refused(kind: str) -> None:
+    bound = MAX_OTHER_FIELDS if kind == "other" else MAX_TENSORS
+    decoder = InferDecoder()
+    data = many(kind, bound).SerializeToString()
+    for _ in range(2):  # (cached the second time)
+        assert plain(decoder.decode(data)) == reference(data)
+    extra = {"inputs": b"\x2a\x00", "outputs": b"\x32\x00", "other": b"\x1a\x00"}[kind]
+    with pytest.raises(InvalidInput) as exc:
+        decoder.decode(data + extra)
+    assert exc.value.message == TOO_MANY[kind]
+    with pytest.raises(InvalidInput) as exc:
+        decoder.decode(data + b"\x3a\x00" * (MAX_TENSORS + 1 - (kind == "inputs") * bound))
+    assert exc.value.message == TOO_MANY["raw"]
+
+
+@st.composite
+def odd_fields(draw: st.DrawFn) -> bytes:
+    """A top-level field as protobuf may find it: any wire type, padded keys and lengths,
+    unknown fields and groups, or bytes that are no field at all."""
+    number = draw(st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 15, 16, (1 << 29) - 1]))
+    key_width = draw(st.sampled_from([1, 1, 1, 2, 5, 6]))
+    kind = draw(st.sampled_from(["len", "len", "len", "varint", "fixed", "group", "bad"]))
+    if kind == "len":
+        payload = {
+            1: draw(st.sampled_from([b"dense", b"m", b"", b"\xff"])),
+            2: draw(st.sampled_from([b"1", b""])),
+            3: draw(st.text(max_size=3)).encode(),
+            4: draw(st.sampled_from([b"", b"\x0a\x01k\x12\x02\x08\x01"])),
+            5: draw(st.sampled_from([b"", b"\x0a\x01X\x12\x04FP32\x1a\x01\x01"])),
+            6: draw(st.sampled_from([b"", b"\x0a\x01Y"])),
+        }.get(number, draw(st.binary(max_size=4)))
+        return field(number, payload, key_width, draw(st.sampled_from([1, 1, 2, 10, 11])))
+    if kind == "varint":
+        return varint(number << 3, key_width) + varint(
+            draw(st.integers(0, 300)), draw(st.sampled_from([1, 3, 10, 11]))
+        )
+    if kind == "fixed":
+        wire = draw(st.sampled_from([1, 5]))
+        return varint(number << 3 | wire, key_width) + b"\x00" * draw(st.sampled_from([4, 8]))
+    if kind == "group":
+        inner = b"".join(draw(st.lists(st.sampled_from([b"\x08\x01", b"\x12\x00"]), max_size=3)))
+        end = draw(st.sampled_from([number, number, number + 1]))
+        return varint(number << 3 | 3, key_width) + inner + varint(end << 3 | 4, key_width)
+    return draw(st.sampled_from([b"\x00\x01", b"\x0c", b"\x0e\x00", b"\x0a\x05ab", b"\x0a"]))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(odd_fields(), max_size=6), st.booleans())
+def test_odd_encodings_read_as_protobuf_reads_them(fields: list[bytes], valid: bool) -> None:
+    """The bounded walk (request_head; split_request's count) stops only where protobuf
+    refuses the bytes too, and reads the model, version and id protobuf reads."""
+    data = b"".join(fields) + (VALID if valid else b"")
+    try:
+        message = pb.ModelInferRequest.FromString(data)
+    except DecodeError:
+        expected: object = ("InvalidInput", "the request is not a valid ModelInferRequest message")
+    else:
+        assert request_head(data) == (message.model_name, message.model_version, message.id)
+        expected = outcome(reference, data)
+    decoder = InferDecoder()
+    for _ in range(2):
+        assert outcome(decoder.decode, data) == expected
 
 
 # ----------------------------------------------------------------------------- encode_response
