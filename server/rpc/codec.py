@@ -8,7 +8,7 @@ the shape, the byte count and (BYTES) the element framing. Responses are always 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
 import numpy as np
@@ -139,10 +139,21 @@ def _int_param(tensor: str, key: str, p: pb.InferParameter | None) -> int:
 _MAX_ELEMENTS = 1 << 59
 
 
-def _shape(name: str, dims: Iterable[int]) -> tuple[int, ...]:
+# The most dimensions an input may have: numpy's limit (NPY_MAXDIMS), which onnxruntime's
+# Python binding needs to hand the tensor over.
+MAX_RANK = 64
+
+
+def _shape(name: str, dims: Sequence[int]) -> tuple[int, ...]:
     """An input's shape: no negative dimension, and no size past what an array can have, even
     with no element at all ([0, 2**62] is 0 bytes, but numpy cannot shape an array so: the
-    worker failed the call INTERNAL, and with it every call batched with it)."""
+    worker failed the call INTERNAL, and with it every call batched with it); and no more
+    dimensions than an array can have (numpy's 64): a shape of millions of dimensions held the
+    event loop for the Python passes over it, and messages quoted it whole."""
+    if len(dims) > MAX_RANK:  # (a repeated field: its length is known before any pass)
+        raise InvalidInput(
+            f"input '{name}' has {len(dims)} dimensions, more than a tensor may have ({MAX_RANK})"
+        )
     shape = tuple(dims)
     if any(d < 0 for d in shape):
         raise InvalidInput(f"input '{name}' has a negative dimension in shape {list(shape)}")

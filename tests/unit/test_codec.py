@@ -224,6 +224,14 @@ def _no_data() -> pb.ModelInferRequest:
             "input 'INPUT0' has a negative dimension in shape [-1, 16]",
         ),
         (
+            lambda: _raw("INT32", [1] * 65, b"\0" * 4),
+            "input 'INPUT0' has 65 dimensions, more than a tensor may have (64)",
+        ),
+        (
+            lambda: _raw("INT32", [0] * 2_000_000, b""),
+            "input 'INPUT0' has 2000000 dimensions, more than a tensor may have (64)",
+        ),
+        (
             lambda: _typed("INT32", [2, -2], "int_contents", [1, 2, 3, 4]),
             "input 'INPUT0' has a negative dimension in shape [2, -2]",
         ),
@@ -278,6 +286,8 @@ def _no_data() -> pb.ModelInferRequest:
         "bytes-length",
         "bytes-prefix",
         "negative-dim-raw",
+        "rank-65",
+        "rank-millions",
         "negative-dim-typed",
         "unknown-datatype",
         "empty-datatype",
