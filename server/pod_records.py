@@ -40,6 +40,10 @@ __all__ = [
 # captures, takes seconds; a front that is restarting acknowledges once it has caught up).
 ACK_TIMEOUT_S = 120.0
 
+# How long after a directory's mtime a scan must begin for that mtime to cover it (Watch):
+# well over a jiffy of the kernel's file clock.
+_SETTLED_NS = 1_000_000_000
+
 Identity = tuple[int, int]  # (inode, mtime ns) of a record's file: which write of it it is
 
 # Why the writer stamps the mtime itself (`_written`): a record removed or replaced frees its
@@ -110,6 +114,10 @@ class Watch:
         self.directory = directory
         self.prefix = prefix
         self._taken: dict[Path, Identity] = {}
+        # The directory's mtime at the last scan, when that scan began (this machine's clock),
+        # and what it listed: while the mtime stays, nothing was written or removed in it.
+        self._scanned: tuple[int, int] = (0, 0)
+        self._listed: list[tuple[Path, Identity]] = []
 
     def path(self, key: str) -> Path:
         return record_path(self.directory, self.prefix, key)
@@ -119,7 +127,20 @@ class Watch:
         self._taken[path] = written
 
     def changed(self) -> list[tuple[Path, Identity]]:
-        """The records written since taken, by name, with the identity of what is there now."""
+        """The records written since taken, by name, with the identity of what is there now.
+
+        Globbing and stating every file of the directory at each poll, four times a second on
+        each front's event loop, cost idle CPU and request latency that grew with the files
+        (registrations a client never removes, records of every model loaded). A record's
+        write or removal renames or unlinks in the directory, which sets its mtime: while it
+        stays, what was listed stands. The kernel stamps that mtime from a clock that may tick
+        once per jiffy, so a write just after a scan could keep the mtime the scan saw: the
+        scan is trusted only once it began clearly after that mtime (`_SETTLED_NS`)."""
+        mtime = os.stat(self.directory).st_mtime_ns
+        seen, began = self._scanned
+        if mtime == seen and began > mtime + _SETTLED_NS:
+            return [(p, w) for p, w in self._listed if self._taken.get(p) != w]
+        began = time.time_ns()
         fresh: list[tuple[Path, Identity]] = []
         present: set[Path] = set()
         for path in sorted(self.directory.glob(self.prefix + "*")):
@@ -132,6 +153,7 @@ class Watch:
                 fresh.append((path, written))
         # A record removed (AckedRecords.retire) is forgotten here too.
         self._taken = {p: w for p, w in self._taken.items() if p in present}
+        self._scanned, self._listed = (mtime, began), fresh
         return fresh
 
 
