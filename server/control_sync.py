@@ -37,6 +37,7 @@ class _Record(msgspec.Struct, frozen=True):
     root: str  # the repository the model was (re)loaded from: the server's, or an override
     token: str  # this action's: each front acknowledges it once done (pod_records.Acks)
     config_json: str | None = None
+    failed: str = ""  # how the action failed on the front that did it ("": it did not)
 
 
 _decoder = msgspec.json.Decoder(_Record)
@@ -52,23 +53,30 @@ class ControlSync:
         self._records = AckedRecords(directory, "control", index, fronts)
 
     def publish(
-        self, name: str, action: str, config_json: str | None, root: Path, token: str
-    ) -> Identity:
+        self, name: str, action: str, config_json: str | None, root: Path, token: str,
+        failed: str = "",
+    ) -> Identity:  # fmt: skip
         """This front loaded or unloaded `name` (ModelManager.control, under the model's lock):
         the record every front replays; what `settled` waits on. `token` is the action's own
-        (its loads' revision: the worker loads it once)."""
-        record = _Record(name, action, str(root), token, config_json)
+        (its loads' revision: the worker loads it once); `failed`, how it failed here."""
+        record = _Record(name, action, str(root), token, config_json, failed)
         return self._records.write(name, msgspec.json.encode(record), record.token)
 
-    async def settled(self, name: str, action: str, token: str, written: Identity) -> None:
+    async def settled(
+        self, name: str, action: str, token: str, written: Identity, retire: bool = False
+    ) -> None:
         """Until every front has done it (or a newer action replaced it, whose writer waits
-        instead), so a client's next call finds it done on any front; or ack_timeout_s."""
+        instead), so a client's next call finds it done on any front; or ack_timeout_s. With
+        `retire` (an unload that leaves the model as a starting front has it), the record and
+        its acknowledgements then go, if every front did acknowledge it."""
         silent = await self._records.wait(name, token, written, self.ack_timeout_s)
         if silent:
             log.warning(
                 "model %s: %s not acknowledged by front(s) %s within %.0f s; answering anyway",
                 name, action, silent, self.ack_timeout_s,
             )  # fmt: skip
+        elif retire:
+            self._records.retire(name, token, written)
 
     def stop_waiting(self) -> None:
         """This front stops: `settled` no longer waits for the others (Acks.stopping)."""
@@ -89,7 +97,10 @@ class ControlSync:
                     record.token, latest=functools.partial(is_current, path, written),
                 )  # fmt: skip
             except MicrotuneError as exc:
-                log.error(
+                # Failing as the front that did it failed is the client's answer, not news:
+                # an ERROR is for a front that diverges from the others.
+                log.log(
+                    logging.DEBUG if record.failed else logging.ERROR,
                     "model %s: %s by another front failed here: %s",
                     record.name, record.action, exc.message,
                 )  # fmt: skip

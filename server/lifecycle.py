@@ -73,12 +73,17 @@ class ControlLog(Protocol):
     """Where a front publishes its model control for the others (server.control_sync)."""
 
     def publish(
-        self, name: str, action: str, config_json: str | None, root: Path, token: str
-    ) -> Identity:
-        """Record the action (under the model's lock); what `settled` waits on."""
+        self, name: str, action: str, config_json: str | None, root: Path, token: str,
+        failed: str = "",
+    ) -> Identity:  # fmt: skip
+        """Record the action (under the model's lock), and how it failed here if it did;
+        what `settled` waits on."""
 
-    async def settled(self, name: str, action: str, token: str, written: Identity) -> None:
-        """Until every front has done it (outside the lock)."""
+    async def settled(
+        self, name: str, action: str, token: str, written: Identity, retire: bool = False
+    ) -> None:
+        """Until every front has done it (outside the lock); then, with `retire`, its record
+        goes."""
 
 
 class ModelManager:
@@ -185,16 +190,25 @@ class ModelManager:
                         f"failed to load '{name}': file parameters need a 'config' parameter too"
                     )
                 root = await asyncio.to_thread(self.overrides.write, name, files)
+            publish = self.control is not None
             try:
                 await self._load_from(name, spec, root, token)
+            except _Untouched as exc:
+                # Nothing changed here: nothing for the other fronts to replay (a record
+                # for every mistyped name stayed in the pod's directory for ever, and each
+                # other front logged the client's mistake at ERROR).
+                failed, publish = exc, False
             except LoadFailed as exc:
                 # It may have changed what this front serves (versions no longer selected
                 # are unloaded, some loaded): the other fronts do the same, and fail alike.
                 failed = exc
             finally:
                 # (the root of a failed load is kept only for the other fronts to replay)
-                self._prune_overrides(name, keep=root if self.control is not None else None)
-            written = self._publish(name, "load", config_json, root, token)
+                self._prune_overrides(name, keep=root if publish else None)
+            written = None
+            if publish:
+                reason = "" if failed is None else failed.message
+                written = self._publish(name, "load", config_json, root, token, reason)
         await self._settled(name, "load", token, written)
         if failed is not None:
             raise failed
@@ -209,18 +223,25 @@ class ModelManager:
             await self._unload_model(entry)
             self._prune_overrides(name)
             written = self._publish(name, "unload", None, self.repository, token)
-        await self._settled(name, "unload", token, written)
+        # A front that starts loads models of the repository only: the unload of any other
+        # name leaves it as every front starts, so once every front has done it its record
+        # has nothing more to tell and goes (a record per name ever uploaded stayed for ever).
+        retire = not (self.repository / name).is_dir()
+        await self._settled(name, "unload", token, written, retire)
 
     def _publish(
-        self, name: str, action: str, config_json: str | None, root: Path, token: str
-    ) -> Identity | None:
+        self, name: str, action: str, config_json: str | None, root: Path, token: str,
+        failed: str = "",
+    ) -> Identity | None:  # fmt: skip
         if self.control is None:
             return None
-        return self.control.publish(name, action, config_json, root, token)
+        return self.control.publish(name, action, config_json, root, token, failed)
 
-    async def _settled(self, name: str, action: str, token: str, written: Identity | None) -> None:
+    async def _settled(
+        self, name: str, action: str, token: str, written: Identity | None, retire: bool = False
+    ) -> None:
         if self.control is not None and written is not None:
-            await self.control.settled(name, action, token, written)
+            await self.control.settled(name, action, token, written, retire)
 
     async def replay(
         self,
@@ -268,7 +289,10 @@ class ModelManager:
                     # loaded before, if anything, serves on. (A name that is not in the
                     # repository is only the request's error.)
                     entry.reason, entry.requested = scanned.reason, True
-                raise LoadFailed(
+                    failed: type[LoadFailed] = LoadFailed
+                else:
+                    failed = _Untouched
+                raise failed(
                     f"failed to load '{name}', failed to poll from model repository: "
                     f"{scanned.reason}"
                 )
@@ -576,6 +600,11 @@ class ModelManager:
 
 
 _NAME_MAX = 255  # bytes in a file name (NAME_MAX on Linux)
+
+
+class _Untouched(LoadFailed):
+    """A load refused before it changed anything on this front (a name not in the repository,
+    a model not loaded whose config does not parse)."""
 
 
 def _check_name(name: str) -> None:

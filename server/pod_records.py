@@ -12,11 +12,14 @@ it answers only when any connection (whichever front it reached) sees the change
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import os
 import secrets
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
@@ -36,6 +39,10 @@ __all__ = [
 # How long the front that wrote a record waits for the others (a load on a GPU, with graph
 # captures, takes seconds; a front that is restarting acknowledges once it has caught up).
 ACK_TIMEOUT_S = 120.0
+
+# How long after a directory's mtime a scan must begin for that mtime to cover it (Watch):
+# well over a jiffy of the kernel's file clock.
+_SETTLED_NS = 1_000_000_000
 
 Identity = tuple[int, int]  # (inode, mtime ns) of a record's file: which write of it it is
 
@@ -101,13 +108,16 @@ def _written(directory: Path, data: bytes) -> tuple[Path, Identity]:
 
 
 class Watch:
-    """The records `<directory>/<prefix>*` written since this front took them (`take`).
-    (Records are replaced, never removed: what was taken never needs forgetting.)"""
+    """The records `<directory>/<prefix>*` written since this front took them (`take`)."""
 
     def __init__(self, directory: Path, prefix: str) -> None:
         self.directory = directory
         self.prefix = prefix
         self._taken: dict[Path, Identity] = {}
+        # The directory's mtime at the last scan, when that scan began (this machine's clock),
+        # and what it listed: while the mtime stays, nothing was written or removed in it.
+        self._scanned: tuple[int, int] = (0, 0)
+        self._listed: list[tuple[Path, Identity]] = []
 
     def path(self, key: str) -> Path:
         return record_path(self.directory, self.prefix, key)
@@ -117,15 +127,33 @@ class Watch:
         self._taken[path] = written
 
     def changed(self) -> list[tuple[Path, Identity]]:
-        """The records written since taken, by name, with the identity of what is there now."""
+        """The records written since taken, by name, with the identity of what is there now.
+
+        Globbing and stating every file of the directory at each poll, four times a second on
+        each front's event loop, cost idle CPU and request latency that grew with the files
+        (registrations a client never removes, records of every model loaded). A record's
+        write or removal renames or unlinks in the directory, which sets its mtime: while it
+        stays, what was listed stands. The kernel stamps that mtime from a clock that may tick
+        once per jiffy, so a write just after a scan could keep the mtime the scan saw: the
+        scan is trusted only once it began clearly after that mtime (`_SETTLED_NS`)."""
+        mtime = os.stat(self.directory).st_mtime_ns
+        seen, began = self._scanned
+        if mtime == seen and began > mtime + _SETTLED_NS:
+            return [(p, w) for p, w in self._listed if self._taken.get(p) != w]
+        began = time.time_ns()
         fresh: list[tuple[Path, Identity]] = []
+        present: set[Path] = set()
         for path in sorted(self.directory.glob(self.prefix + "*")):
             try:
                 written = identity(path)
             except FileNotFoundError:
                 continue
+            present.add(path)
             if self._taken.get(path) != written:
                 fresh.append((path, written))
+        # A record removed (AckedRecords.retire) is forgotten here too.
+        self._taken = {p: w for p, w in self._taken.items() if p in present}
+        self._scanned, self._listed = (mtime, began), fresh
         return fresh
 
 
@@ -165,6 +193,13 @@ class Acks:
                 return waiting
             await asyncio.sleep(0.02)
 
+    def everyone_acked(self, key: str, token: str) -> bool:
+        return all(self._acked(i, key, token) for i in range(self.fronts))
+
+    def remove(self, key: str) -> None:
+        for i in range(self.fronts):
+            self._path(i, key).unlink(missing_ok=True)
+
     def _acked(self, front: int, key: str, token: str) -> bool:
         try:
             return self._path(front, key).read_text() == token
@@ -183,14 +218,34 @@ class AckedRecords:
     def __init__(self, directory: Path, kind: str, index: int, fronts: int) -> None:
         self.watch = Watch(directory, f"{kind}-")
         self.acks = Acks(directory, kind, index, fronts)
+        self._lock = directory / f".lock-{kind}"
 
     def write(self, key: str, data: bytes, token: str) -> Identity:
         """Write `key`'s record (whole, atomically), done here already; its identity."""
         path = self.watch.path(key)
-        written = replace_file(path, data)
+        with _locked(self._lock):
+            written = replace_file(path, data)
         self.watch.take(path, written)
         self.acks.ack(key, token)
         return written
+
+    def retire(self, key: str, token: str, written: Identity) -> bool:
+        """Remove `key`'s record and its acknowledgements if it is still the write `written`
+        (carrying `token`) and every front has acknowledged it: no front has anything left to
+        do for it. Whether it went.
+
+        Under the pod's lock of this kind, which `write` takes too: another front's newer
+        write of `key` between the check and the removal would go unseen by every front.
+        (Acknowledgements need no lock: every front acknowledged this write, and a front
+        acknowledges writes of a key in order, so none writes an older one after; a newer one
+        needs a newer write, which waits for the lock.)"""
+        path = self.watch.path(key)
+        with _locked(self._lock):
+            if not is_current(path, written) or not self.acks.everyone_acked(key, token):
+                return False
+            path.unlink()
+            self.acks.remove(key)
+        return True
 
     async def wait(self, key: str, token: str, written: Identity, timeout_s: float) -> list[int]:
         """Acks.wait for this front's write of `key` (`written`, carrying `token`)."""
@@ -201,7 +256,18 @@ def _replaced(path: Path, written: Identity) -> bool:
     try:
         return identity(path) != written
     except FileNotFoundError:
-        return False  # (records of this kind are replaced, never removed)
+        return True  # retired (AckedRecords.retire): a newer write, every front acknowledged
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock among the pod's fronts (held for a few file operations)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _stamp() -> int:

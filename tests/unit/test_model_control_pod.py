@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,11 @@ def two_fronts(tmp_path: Path) -> tuple[Front, Front]:
 
 
 def ready(table: ModelTable) -> list[int]:
-    entry = table.models.get("m")
+    return ready_versions(table, "m")
+
+
+def ready_versions(table: ModelTable, name: str) -> list[int]:
+    entry = table.models.get(name)
     if entry is None:
         return []
     return sorted(v for v, ve in entry.versions.items() if ve.state is ModelState.READY)
@@ -208,3 +213,102 @@ def test_a_lone_front_removes_the_files_of_a_failed_upload(tmp_path: Path) -> No
 
     asyncio.run(scenario())
     assert [p.exists() for p in made] == [True, False, False, False]  # the one served stays
+
+
+def records(tmp_path: Path) -> list[str]:
+    """The model-control records and acknowledgements in the pod's directory."""
+    pod = tmp_path / "pod"
+    return sorted(p.name for p in pod.iterdir() if p.name.startswith(("control-", "ack-")))
+
+
+def test_loads_of_names_not_in_the_repository_leave_nothing_to_replay(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mistyped name changes nothing: it was published all the same, so every such name left
+    a record and an acknowledgement per front in the pod's directory for ever (each front
+    scanned them all four times a second), and each other front replayed it and logged the
+    client's mistake at ERROR. B never polls here: the load answers without waiting for it."""
+    (a, _sa, _ta), (b, sb, tb) = two_fronts(tmp_path)
+
+    async def scenario() -> None:
+        await asyncio.gather(a.load_repository(), b.load_repository())
+        for i in range(20):
+            with pytest.raises(LoadFailed, match=f"model 'typo{i}' is not in the repository"):
+                await asyncio.wait_for(a.load(f"typo{i}"), 1)
+        await sb.poll()
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(scenario())
+    assert records(tmp_path) == []
+    assert set(tb.models) == {"m"}
+    assert [r.message for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_failed_replay_logs_an_error_only_where_the_outcome_differs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A load that failed on the front that did it, and fails alike on the other, is the
+    client's answer: not an ERROR on every other front."""
+    (a, _sa, _ta), (b, sb, _tb) = two_fronts(tmp_path)
+
+    async def scenario() -> None:
+        await asyncio.gather(a.load_repository(), b.load_repository())
+        pollers = await polling(sb)
+        with pytest.raises(LoadFailed):
+            await a.load("m", CONFIG_JSON, {"file:2/model.onnx": b"broken"})
+        for p in pollers:
+            p.cancel()
+
+    with caplog.at_level(logging.DEBUG, logger="server.control_sync"):
+        asyncio.run(scenario())
+    replays = [r for r in caplog.records if "by another front failed here" in r.message]
+    assert [r.levelno for r in replays] == [logging.DEBUG]
+
+
+def test_records_of_uploaded_models_go_once_unloaded_everywhere(tmp_path: Path) -> None:
+    """One model per tenant or per build, uploaded and later unloaded: each name left its
+    record and an acknowledgement per front for ever. A front that starts does not load them,
+    so once every front has unloaded one, nothing needs its record."""
+    (a, sa, _ta), (b, sb, tb) = two_fronts(tmp_path)
+
+    async def scenario() -> None:
+        await asyncio.gather(a.load_repository(), b.load_repository())
+        pollers = await polling(sa, sb)
+        for i in range(5):
+            config = CONFIG_JSON.replace('"m"', f'"t{i}"')
+            for _ in range(2):  # the same name again: still one record
+                await a.load(f"t{i}", config, {"file:1/model.onnx": b"ok"})
+            assert len(records(tmp_path)) == 3  # t{i}'s record, each front's ack
+            await b.unload(f"t{i}")
+            assert records(tmp_path) == []
+        for p in pollers:
+            p.cancel()
+
+    asyncio.run(scenario())
+    assert [n for n in tb.models if ready_versions(tb, n)] == ["m"]
+    assert list((tmp_path / "pod").glob("override-*")) == []
+
+
+def test_a_front_that_starts_later_catches_up_on_an_unloaded_repository_model(
+    tmp_path: Path,
+) -> None:
+    """A starting front loads the repository's models: the unload of one must stay on record
+    for it."""
+    (a, _sa, ta), (b, sb, tb) = two_fronts(tmp_path)
+
+    async def scenario() -> ModelTable:
+        await asyncio.gather(a.load_repository(), b.load_repository())
+        pollers = await polling(sb)
+        await a.unload("m")
+        for p in pollers:
+            p.cancel()
+        table = ModelTable()  # front B restarted
+        manager = ModelManager(tmp_path / "repo", FileLink(), table, 1, mode="explicit")  # type: ignore[arg-type]
+        sync = ControlSync(tmp_path / "pod", manager, 1, 2, ack_timeout_s=5)
+        manager.control = sync
+        await manager.load_repository()
+        await sync.poll()  # App.start: before it listens
+        return table
+
+    table = asyncio.run(scenario())
+    assert ready(ta) == ready(tb) == ready(table) == []

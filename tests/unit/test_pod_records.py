@@ -79,3 +79,40 @@ def test_a_region_registered_again_within_one_tick_is_followed(tmp_path: Path) -
         b.close()
         for key in keys:
             Path("/dev/shm", key[1:]).unlink(missing_ok=True)
+
+
+def test_an_idle_directory_is_not_scanned_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each front globbed and stated every file of the pod's directory four times a second,
+    changed or not: idle CPU and latency grew with the files. While the directory's mtime
+    stays (and the last scan began well after it), what was listed stands; a write is seen."""
+    watch = Watch(tmp_path, "t-")
+    replace_file(watch.path("a"), b"1")
+    for name in range(50):
+        replace_file(tmp_path / f"other-{name}", b"x")
+    old = 1_000_000_000_000_000_000  # long before this scan: settled
+    os.utime(tmp_path, ns=(old, old))
+    assert [p for p, _ in watch.changed()] == [watch.path("a")]  # not taken: listed again
+    globs = []
+    real_glob = Path.glob
+    monkeypatch.setattr(
+        Path, "glob", lambda self, pattern: globs.append(pattern) or real_glob(self, pattern)
+    )
+    assert [p for p, _ in watch.changed()] == [watch.path("a")]
+    assert globs == []
+    b = replace_file(watch.path("b"), b"2")
+    assert (watch.path("b"), b) in watch.changed()
+    assert globs == ["t-*"]
+
+
+def test_a_write_in_the_tick_of_the_last_scan_is_seen(tmp_path: Path) -> None:
+    """The kernel may stamp the directory from a clock that ticks once per jiffy: a write just
+    after a scan can leave the mtime that scan saw."""
+    watch = Watch(tmp_path, "t-")
+    replace_file(watch.path("a"), b"1")
+    mtime = os.stat(tmp_path).st_mtime_ns
+    watch.changed()
+    b = replace_file(watch.path("b"), b"2")
+    os.utime(tmp_path, ns=(mtime, mtime))  # the same tick
+    assert (watch.path("b"), b) in watch.changed()
