@@ -132,6 +132,7 @@ class ModelManager:
         for s in scanned:
             if s.name in wanted:
                 self.table.models[s.name] = _entry(s)
+                _say_refused(s)
             else:
                 entry = ModelEntry(s.name, s.spec, NOT_LOADED, requested=False)
                 self.table.models[s.name] = entry
@@ -383,6 +384,8 @@ class ModelManager:
                 s.name,
                 ", ".join(str(ve.version) for ve in stale),
             )
+        if s.reason:  # (poll mode: its last version directory went, or it came with none)
+            raise LoadFailed(f"failed to load '{s.name}': {s.reason}")
         if failures or s.version_errors:
             reasons = failures + list(s.version_errors.values())
             if set(reasons) <= {RESTARTING, RESTARTED}:
@@ -600,6 +603,18 @@ def _loading(entry: ModelEntry) -> list[VersionEntry]:
         for ve in entry.versions.values()
         if ve.state is ModelState.LOADING and (ve.spec or entry.spec) is not None
     ]
+
+
+def _say_refused(s: ScannedModel) -> None:
+    """Why a model, or some of its versions, cannot load (a config refused, no version
+    directory, one without its model file), at ERROR as a failed load is. Said once at start-up:
+    the entry keeps the reason, so poll mode speaks again only when it changes (_broken_config,
+    _apply). Otherwise the only trace of a model that keeps a strict server unready for good
+    is RepositoryIndex, which an operator reading the pod's log rarely has at hand."""
+    if s.reason:  # (these name the model)
+        log.error("%s", s.reason)
+    for v in sorted(s.version_errors):
+        log.error("model %s %s", s.name, s.version_errors[v])
 
 
 def _entry(s: ScannedModel) -> ModelEntry:
