@@ -287,7 +287,18 @@ class App:
                 ready_batches.append(ve.spec.max_batch_size)
         m.set_capacity(name, capacity_for(ready_batches))
         table = self.router.tables.get(name)
-        m.set_routing_weights(name, {} if table is None else table.weights)
+        # Only the versions the model has and has not unloaded: a routing table outlives an
+        # unload (and may name a version that never was), and its weights would show a share
+        # of traffic for versions that serve none.
+        weights = {} if table is None else table.weights
+        m.set_routing_weights(
+            name,
+            {
+                v: bp
+                for v, bp in weights.items()
+                if (ve := entry.versions.get(v)) is not None and not ve.unloaded
+            },
+        )
 
     async def _fold_metrics(self) -> None:
         """Count the answered requests in bulk (server.telemetry.served), often enough that a
