@@ -11,8 +11,8 @@ request of ModelStreamInfer have:
 - `microtune.route`: model, requested and served version, routing reason;
 - `microtune.queue`: time the call waited in the worker (batcher queue);
 - `microtune.execute`: the model execution the request ran in: batch size, padded bucket,
-  graph replay or eager, input/compute/output nanoseconds. The request the worker counted the
-  execution on carries span links to every request the batch served.
+  graph replay or eager, input/compute/output nanoseconds. When the execution served several
+  requests, the one the worker counted it on carries span links to every sampled one of them.
 
 Queue and execute spans are reconstructed from the worker's measured durations, ending when
 the answer reached the front. With tracing off no provider exists and the servicer and handler
