@@ -133,6 +133,7 @@ class ModelManager:
             if s.name in wanted:
                 self.table.models[s.name] = _entry(s)
                 _say_refused(s)
+                _say_missing(s)
             else:
                 entry = ModelEntry(s.name, s.spec, NOT_LOADED, requested=False)
                 self.table.models[s.name] = entry
@@ -328,6 +329,7 @@ class ModelManager:
         versions (of them, those in `only` when given; the others are left as they are), then
         drain and unload the ones no longer selected. `token`: a RepositoryModelLoad's, which
         reloads what the worker has loaded even from the same files and config."""
+        _say_missing(s)
         entry = self.table.models.get(s.name)
         if entry is None:
             entry = self.table.models[s.name] = ModelEntry(s.name, s.spec)
@@ -615,6 +617,17 @@ def _say_refused(s: ScannedModel) -> None:
         log.error("%s", s.reason)
     for v in sorted(s.version_errors):
         log.error("model %s %s", s.name, s.version_errors[v])
+
+
+def _say_missing(s: ScannedModel) -> None:
+    """A version the `specific` policy names without a directory is skipped, as in Triton, and
+    said at ERROR in Triton's words: a load that answers OK would otherwise hide it."""
+    for v in s.missing:
+        log.error(
+            "version %d is specified for model '%s', but the version directory is not present",
+            v,
+            s.name,
+        )
 
 
 def _entry(s: ScannedModel) -> ModelEntry:

@@ -36,6 +36,9 @@ class ScannedModel:
     versions: dict[int, Path] = field(default_factory=dict)  # selected version -> model file
     version_errors: dict[int, str] = field(default_factory=dict)
     files: dict[int, Fingerprint] = field(default_factory=dict)  # of each selected version
+    # Versions a `specific` version policy names that have no directory: not an error (the
+    # others load, as in Triton), but said in the log (ModelManager).
+    missing: tuple[int, ...] = ()
 
 
 def fingerprint(version_dir: Path) -> Fingerprint:
@@ -100,12 +103,14 @@ def scan_model(root: Path, name: str, spec: ModelSpec | None = None) -> ScannedM
         if d.is_dir() and not d.name.startswith("0") and (v := version_number(d.name)) is not None
     ]
     selected = spec.version_policy.select(available)
+    missing = tuple(spec.version_policy.missing(available))
     if not selected:
         return ScannedModel(
             name,
             spec,
             f"model '{name}' has no version directory selected by its version policy "
             f"(found: {sorted(available) or 'none'})",
+            missing=missing,
         )
     versions: dict[int, Path] = {}
     errors: dict[int, str] = {}
@@ -117,4 +122,4 @@ def scan_model(root: Path, name: str, spec: ModelSpec | None = None) -> ScannedM
             files[v] = fingerprint(path.parent)
         else:
             errors[v] = f"version {v} has no {spec.default_model_filename}"
-    return ScannedModel(name, spec, "", versions, errors, files)
+    return ScannedModel(name, spec, "", versions, errors, files, missing)
