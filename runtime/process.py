@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import multiprocessing
 import os
 import signal
@@ -39,7 +40,24 @@ def _worker_main(settings_json: bytes, log_setup: Callable[[], object] | None = 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if log_setup is not None:
         log_setup()
-    importlib.import_module("runtime.worker").run(settings_json)
+    try:
+        worker = importlib.import_module("runtime.worker")
+    except ModuleNotFoundError as exc:
+        if exc.name not in _EXTRA_MODULES:
+            raise
+        # `pip install .` installs neither: they come with the cpu or gpu extra (one of two
+        # onnxruntime packages). One line saying so, not a traceback the front calls "exit 1".
+        logging.getLogger("microtune.worker").error(
+            "cannot start: %s is not installed: install microtune with its cpu extra "
+            "(pip install '.[cpu]'), or gpu on a CUDA machine ('.[gpu]')",
+            exc.name,
+        )
+        raise SystemExit(WORKER_CANNOT_START) from None
+    worker.run(settings_json)
+
+
+# What the worker imports from the cpu / gpu extras (pyproject.toml).
+_EXTRA_MODULES = ("onnxruntime", "onnx")
 
 
 class WorkerProcess:

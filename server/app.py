@@ -287,7 +287,18 @@ class App:
                 ready_batches.append(ve.spec.max_batch_size)
         m.set_capacity(name, capacity_for(ready_batches))
         table = self.router.tables.get(name)
-        m.set_routing_weights(name, {} if table is None else table.weights)
+        # Only the versions the model has and has not unloaded: a routing table outlives an
+        # unload (and may name a version that never was), and its weights would show a share
+        # of traffic for versions that serve none.
+        weights = {} if table is None else table.weights
+        m.set_routing_weights(
+            name,
+            {
+                v: bp
+                for v, bp in weights.items()
+                if (ve := entry.versions.get(v)) is not None and not ve.unloaded
+            },
+        )
 
     async def _fold_metrics(self) -> None:
         """Count the answered requests in bulk (server.telemetry.served), often enough that a
@@ -376,7 +387,7 @@ async def serve(settings: Settings) -> int:
         await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
             starting.result()  # a start-up failure raises here
-            log.info("microtune ready: %d model(s)", len(app.table.models))
+            _say_started(app)
             await stopping
             if settings.shutdown_delay_s > 0 and not app.link.gave_up:
                 # Not ready, still serving: health checkers see NOT_SERVING and move traffic
@@ -398,6 +409,33 @@ async def serve(settings: Settings) -> int:
             orphan_watch.cancel()
         await app.stop()
     return EXIT_GAVE_UP if app.link.gave_up else 0
+
+
+def _say_started(app: App) -> None:
+    """The start-up's last line says what readiness says, and which models failed: with strict
+    readiness one refused config keeps the server NOT_SERVING for good, and a line saying
+    "ready" sent whoever read the log looking elsewhere."""
+    models, failed = len(app.table.models), app.table.failed_models()
+    ready = app.handler.ready()
+    if ready and not failed:
+        log.info("microtune ready: %d model(s)", models)
+        return
+    named = ", ".join(failed[:_NAMED]) + (", ..." if len(failed) > _NAMED else "")
+    unavailable = f", {len(failed)} unavailable ({named})" if failed else ""
+    if ready:
+        log.warning("microtune ready: %d model(s)%s", models, unavailable)
+    elif failed and app.settings.strict_readiness:
+        log.warning(
+            "microtune started, not ready: %d model(s)%s; readiness stays NOT_SERVING while "
+            "they fail (--strict-readiness)",
+            models,
+            unavailable,
+        )
+    else:
+        log.warning("microtune started, not ready: %d model(s)%s", models, unavailable)
+
+
+_NAMED = 10  # failed models the start-up line names
 
 
 async def _exit_with_parent(parent: int, stop: asyncio.Event) -> None:

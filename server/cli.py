@@ -118,11 +118,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _startup_models_problem(settings: Settings) -> str:
-    """What is wrong with the models --load-model names (explicit mode), or ""."""
+    """What is wrong with the models --load-model names, or ""."""
     from server.repository import listed_models, model_names
 
     names = listed_models(settings.load_model)
-    if settings.model_control_mode != "explicit" or names == ["*"]:
+    if names and settings.model_control_mode != "explicit":
+        # As Triton: the other modes load every model, so a forgotten --model-control-mode
+        # would silently load the models the list left out (and ignore a name that is not
+        # in the repository).
+        return "requires --model-control-mode explicit as well"
+    if not names or names == ["*"]:
         return ""
     if "*" in names:
         return "'*' loads every model: it cannot stand beside other names"

@@ -141,6 +141,8 @@ class ModelManager:
         for s in scanned:
             if s.name in wanted:
                 self.table.models[s.name] = _entry(s)
+                _say_refused(s)
+                _say_missing(s)
             else:
                 entry = ModelEntry(s.name, s.spec, NOT_LOADED, requested=False)
                 self.table.models[s.name] = entry
@@ -359,6 +361,7 @@ class ModelManager:
         versions (of them, those in `only` when given; the others are left as they are), then
         drain and unload the ones no longer selected. `token`: a RepositoryModelLoad's, which
         reloads what the worker has loaded even from the same files and config."""
+        _say_missing(s)
         entry = self.table.models.get(s.name)
         if entry is None:
             entry = self.table.models[s.name] = ModelEntry(s.name, s.spec)
@@ -417,6 +420,8 @@ class ModelManager:
                 s.name,
                 ", ".join(str(ve.version) for ve in stale),
             )
+        if s.reason:  # (poll mode: its last version directory went, or it came with none)
+            raise LoadFailed(f"failed to load '{s.name}': {s.reason}")
         if failures or s.version_errors:
             reasons = failures + list(s.version_errors.values())
             if set(reasons) <= {RESTARTING, RESTARTED}:
@@ -642,6 +647,29 @@ def _loading(entry: ModelEntry) -> list[VersionEntry]:
         for ve in entry.versions.values()
         if ve.state is ModelState.LOADING and (ve.spec or entry.spec) is not None
     ]
+
+
+def _say_refused(s: ScannedModel) -> None:
+    """Why a model, or some of its versions, cannot load (a config refused, no version
+    directory, one without its model file), at ERROR as a failed load is. Said once at start-up:
+    the entry keeps the reason, so poll mode speaks again only when it changes (_broken_config,
+    _apply). Otherwise the only trace of a model that keeps a strict server unready for good
+    is RepositoryIndex, which an operator reading the pod's log rarely has at hand."""
+    if s.reason:  # (these name the model)
+        log.error("%s", s.reason)
+    for v in sorted(s.version_errors):
+        log.error("model %s %s", s.name, s.version_errors[v])
+
+
+def _say_missing(s: ScannedModel) -> None:
+    """A version the `specific` policy names without a directory is skipped, as in Triton, and
+    said at ERROR in Triton's words: a load that answers OK would otherwise hide it."""
+    for v in s.missing:
+        log.error(
+            "version %d is specified for model '%s', but the version directory is not present",
+            v,
+            s.name,
+        )
 
 
 def _entry(s: ScannedModel) -> ModelEntry:

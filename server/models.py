@@ -161,21 +161,11 @@ class ModelTable:
         """Whether a model the server should serve is not available: its config does not parse
         or names no version, or a version of it failed to load (--strict-readiness). Models
         not loaded at start-up (explicit mode) and those unloaded by request do not count."""
-        for entry in self.models.values():
-            if not entry.requested:
-                continue
-            # A model-level failure counts unless versions loaded before serve on (or load):
-            # one asked for again after an unload keeps its old config and its unloaded
-            # versions' entries, and was not counted.
-            if entry.reason and not any(
-                ve.state is _READY or ve.state is ModelState.LOADING
-                for ve in entry.versions.values()
-            ):
-                return True
-            for ve in entry.versions.values():
-                if ve.state is ModelState.UNAVAILABLE and not ve.unloaded:
-                    return True
-        return False
+        return any(_failed(entry) for entry in self.models.values())
+
+    def failed_models(self) -> list[str]:
+        """The models that make `failed()` true, by name."""
+        return sorted(name for name, entry in self.models.items() if _failed(entry))
 
     def loading(self) -> bool:
         return any(
@@ -183,6 +173,20 @@ class ModelTable:
             for e in self.models.values()
             for ve in e.versions.values()
         )
+
+
+def _failed(entry: ModelEntry) -> bool:
+    if not entry.requested:
+        return False
+    # A model-level failure counts unless versions loaded before serve on (or load): one
+    # asked for again after an unload keeps its old config and its unloaded versions' entries.
+    if entry.reason and not any(
+        ve.state is _READY or ve.state is ModelState.LOADING for ve in entry.versions.values()
+    ):
+        return True
+    return any(
+        ve.state is ModelState.UNAVAILABLE and not ve.unloaded for ve in entry.versions.values()
+    )
 
 
 def _not_ready(name: str, ve: VersionEntry) -> str:

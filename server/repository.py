@@ -38,6 +38,9 @@ class ScannedModel:
     version_errors: dict[int, str] = field(default_factory=dict)
     files: dict[int, Fingerprint] = field(default_factory=dict)  # of each selected version
     config_files: Fingerprint = ()  # config.pbtxt and config.json, those there are
+    # Versions a `specific` version policy names that have no directory: not an error (the
+    # others load, as in Triton), but said in the log (ModelManager).
+    missing: tuple[int, ...] = ()
 
 
 def fingerprint(version_dir: Path) -> Fingerprint:
@@ -103,6 +106,7 @@ def scan_model(root: Path, name: str, spec: ModelSpec | None = None) -> ScannedM
         if d.is_dir() and not d.name.startswith("0") and (v := version_number(d.name)) is not None
     ]
     selected = spec.version_policy.select(available)
+    missing = tuple(spec.version_policy.missing(available))
     if not selected:
         return ScannedModel(
             name,
@@ -110,6 +114,7 @@ def scan_model(root: Path, name: str, spec: ModelSpec | None = None) -> ScannedM
             f"model '{name}' has no version directory selected by its version policy "
             f"(found: {sorted(available) or 'none'})",
             config_files=config_files,
+            missing=missing,
         )
     versions: dict[int, Path] = {}
     errors: dict[int, str] = {}
@@ -121,7 +126,7 @@ def scan_model(root: Path, name: str, spec: ModelSpec | None = None) -> ScannedM
             files[v] = fingerprint(path.parent)
         else:
             errors[v] = f"version {v} has no {spec.default_model_filename}"
-    return ScannedModel(name, spec, "", versions, errors, files, config_files)
+    return ScannedModel(name, spec, "", versions, errors, files, config_files, missing)
 
 
 def _config_fingerprint(model_dir: Path) -> Fingerprint:

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     requests; "explicit" loads --load-model at start-up and obeys RepositoryModelLoad/Unload;
     "poll" also rescans the repository every --repository-poll-s seconds."""
     load_model: str = ""
-    """Comma-separated models to load at start-up in explicit mode ("*" = all)."""
+    """Comma-separated models to load at start-up ("*" = all); explicit mode only."""
     repository_poll_s: float = Field(15.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     """Rescan period of the repository in poll mode."""
     routing_file: Path | None = None

@@ -70,6 +70,13 @@ class VersionPolicy:
             return [v for v in ordered if v in self.versions]
         return ordered[-self.num_versions :] if self.num_versions > 0 else []
 
+    def missing(self, available: list[int]) -> list[int]:
+        """The versions a `specific` policy names that have no directory (Triton loads the
+        others and logs each of these)."""
+        if self.kind != "specific":
+            return []
+        return sorted(set(self.versions) - set(available))
+
 
 @dataclass(frozen=True, slots=True)
 class DynamicBatching:

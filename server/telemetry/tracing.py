@@ -11,8 +11,8 @@ request of ModelStreamInfer have:
 - `microtune.route`: model, requested and served version, routing reason;
 - `microtune.queue`: time the call waited in the worker (batcher queue);
 - `microtune.execute`: the model execution the request ran in: batch size, padded bucket,
-  graph replay or eager, input/compute/output nanoseconds. The request the worker counted the
-  execution on carries span links to every request the batch served.
+  graph replay or eager, input/compute/output nanoseconds. When the execution served several
+  requests, the one the worker counted it on carries span links to every sampled one of them.
 
 Queue and execute spans are reconstructed from the worker's measured durations, ending when
 the answer reached the front. With tracing off no provider exists and the servicer and handler
@@ -127,27 +127,48 @@ def _otlp_exporter() -> OTLPSpanExporter:
     the exporter raises a bare ValueError ("could not convert string to float: '5s'") that
     names no variable, and a front that died of it was restarted, failing alike, until the
     supervisor gave up. (Its constructor only reads configuration: nothing connects yet.)"""
+    compression = _compression()
     try:
-        return OTLPSpanExporter()
-    except Exception as exc:  # ValueError, its InvalidCompressionValueException, RuntimeError...
+        return OTLPSpanExporter(compression=compression)
+    except Exception as exc:  # ValueError, RuntimeError...
         raise CannotStart(f"--tracing otlp: {_misconfigured(exc)}") from None
 
 
-_COMPRESSIONS = ("gzip", "deflate", "none")  # what the exporter's environ_to_compression takes
+# OTLP's values (the specification's OTEL_EXPORTER_OTLP_COMPRESSION: gzip or none). The pinned
+# exporter (opentelemetry-exporter-otlp-proto-grpc 1.45) maps only "gzip" from the variable and
+# refuses "none", so the variable is read here and the exporter given the result. (grpc could
+# send deflate too, but collectors decode gzip, snappy and zstd over gRPC, not deflate: each
+# export would fail.)
+_COMPRESSIONS = {"gzip": grpc.Compression.Gzip, "none": grpc.Compression.NoCompression}
+# The traces' own variable wins, as in the exporter.
+_COMPRESSION_VARIABLES = (
+    "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+    "OTEL_EXPORTER_OTLP_COMPRESSION",
+)
+
+
+def _compression() -> grpc.Compression:
+    for name in _COMPRESSION_VARIABLES:
+        value = os.environ.get(name, "")
+        if not value.strip():  # (an empty variable is an unset one, as the specification says)
+            continue
+        compression = _COMPRESSIONS.get(value.strip().lower())
+        if compression is None:
+            raise CannotStart(
+                f"--tracing otlp: {name}={value!r} is not one of {', '.join(_COMPRESSIONS)}"
+            )
+        return compression
+    return grpc.Compression.NoCompression
 
 
 def _misconfigured(exc: Exception) -> str:
     """The OTEL_EXPORTER_OTLP_* variable (and value) behind `exc`, else `exc` itself."""
     for name, value in sorted(os.environ.items()):
-        if not name.startswith("OTEL_EXPORTER_OTLP_"):
-            continue
-        if name.endswith("_TIMEOUT"):
+        if name.startswith("OTEL_EXPORTER_OTLP_") and name.endswith("_TIMEOUT"):
             try:
                 float(value)
             except ValueError:
                 return f"{name}={value!r} is not a number of seconds"
-        elif name.endswith("_COMPRESSION") and value.strip().lower() not in _COMPRESSIONS:
-            return f"{name}={value!r} is not one of {', '.join(_COMPRESSIONS)}"
     return f"the OTLP exporter refused its OTEL_EXPORTER_OTLP_* settings: {exc}"
 
 

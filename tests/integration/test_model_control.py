@@ -4,6 +4,7 @@ demo repository, and so do its inference examples."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -172,3 +173,26 @@ def test_tritonclient_model_control_example(tmp_path: Path) -> None:
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, out + "\n--- server log ---\n" + s.log()[-4000:]
         assert "PASS: model control" in out, out
+
+
+def test_a_specific_version_without_its_directory_is_logged(tmp_path: Path) -> None:
+    """docs/routing.md's "load version 3 beside 2" on the demo repository, which has no version
+    3: the load answers OK and serves 2, as in Triton, which logs the missing version at ERROR;
+    it was skipped without a word."""
+    repo = tmp_path / "models"
+    copy_dense(repo)
+    args = ("--model-control-mode", "explicit", "--load-model", "dense", "--log-format", "text")
+    with running_server(repo, tmp_path / "server", args) as s:
+        c = grpcclient.InferenceServerClient(s.url)
+        try:
+            cfg = {"max_batch_size": 8, "version_policy": {"specific": {"versions": [2, 3]}}}
+            c.load_model("dense", config=json.dumps(cfg))
+            assert index(c, "dense") == {"1": ("UNAVAILABLE", "unloaded"), "2": ("READY", "")}
+        finally:
+            c.close()
+        missing = [line for line in s.log().splitlines() if "version directory" in line]
+    assert len(missing) == 1, missing
+    assert missing[0].endswith(
+        f"ERROR server.lifecycle[{s.pid}] version 3 is specified for model 'dense', but the "
+        "version directory is not present"
+    ), missing

@@ -6,13 +6,14 @@ longer heard SIGTERM; a lone front ended with a traceback."""
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from grpc_health.v1 import health_pb2
-from harness import Server, ServerExited
+from harness import ROOT, Server, ServerExited
 
 EXIT_CONFIG = 78
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -112,6 +113,41 @@ def test_a_worker_that_cannot_start_stops_the_server_with_one_line(
     text = str(info.value)
     assert f"server exited with code {EXIT_CONFIG}" in text, text[-3000:]
     assert "cannot start: the runtime worker did not listen within 0.01 s" in text
+    assert "Traceback" not in text
+
+
+# Makes onnxruntime (and onnx) unimportable, as after a plain `pip install .`: they come with
+# the cpu or gpu extra.
+_NO_ONNXRUNTIME = """
+import sys
+class _Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("onnxruntime", "onnx"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, _Missing())
+"""
+
+
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_a_worker_without_onnxruntime_names_the_extra_to_install(
+    model_repository: Path, tmp_path: Path, frontends: str
+) -> None:
+    """(The worker died with a ModuleNotFoundError traceback, and the server said only that
+    it exited with code 1 during start-up.)"""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_NO_ONNXRUNTIME)
+    path = f"PYTHONPATH={site}{os.pathsep}{ROOT}"
+    with pytest.raises(ServerExited) as info:
+        Server(model_repository, tmp_path, extra_args=("--frontends", frontends),
+               prefix=("env", path))  # fmt: skip
+    text = str(info.value)
+    assert f"server exited with code {EXIT_CONFIG}" in text, text[-3000:]
+    assert (
+        "cannot start: onnxruntime is not installed: install microtune with its cpu extra "
+        "(pip install '.[cpu]'), or gpu on a CUDA machine ('.[gpu]')"
+    ) in text
+    assert "the runtime worker exited with code 78 during start-up (see its error above)" in text
     assert "Traceback" not in text
 
 

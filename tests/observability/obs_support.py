@@ -208,8 +208,9 @@ def _serving(target: str) -> bool:
 class ServerProcess:
     """`python -m server serve --grpc-port 0 --port-file F ARGS...`, stdout and stderr to files.
 
-    `start()` waits for the port file and grpc.health.v1 readiness; it fails with the log if the
-    process exits first. `stop()` sends SIGTERM (a clean shutdown flushes spans) and waits.
+    `start()` waits for the port file and grpc.health.v1 readiness (unless told not to); it fails
+    with the log if the process exits first. `stop()` sends SIGTERM (a clean shutdown flushes
+    spans) and waits.
     """
 
     def __init__(self, tmp: Path, args: Sequence[str], env: dict[str, str] | None = None) -> None:
@@ -232,7 +233,8 @@ class ServerProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 90.0) -> ServerProcess:
+    def start(self, timeout: float = 90.0, ready: bool = True) -> ServerProcess:
+        """`ready=False`: wait for the port file only (a server meant to stay NOT_SERVING)."""
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
                 [
@@ -249,7 +251,7 @@ class ServerProcess:
                 self.stop()
                 raise AssertionError(f"server not ready in {timeout}s:\n{self.stderr()}")
             text = self.port_file.read_text().strip() if self.port_file.exists() else ""
-            if text and _serving(f"127.0.0.1:{int(text)}"):
+            if text and (not ready or _serving(f"127.0.0.1:{int(text)}")):
                 self.port = int(text)
                 return self
             time.sleep(0.1)

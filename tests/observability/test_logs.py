@@ -7,12 +7,15 @@ import asyncio
 import io
 import json
 import logging
+import shutil
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from obs_support import ServerProcess, fp32_request, json_log_records, wait_for
 from opentelemetry import propagate, trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
@@ -181,3 +184,65 @@ def test_debug_level_keeps_grpc_per_call_lines_out() -> None:
     text = out.getvalue()
     assert "Loaded running loop" not in text
     assert "grpc info" in text and "ours" in text
+
+
+def _refused_repository(root: Path) -> Path:
+    """`simple`, and four models that cannot load: a config microtune refuses, one that does
+    not parse, a version directory without its model file, and no version directory."""
+    shutil.copytree(DEMO_REPOSITORY / "simple", root / "simple")
+    config = (DEMO_REPOSITORY / "simple" / "config.pbtxt").read_text()
+    for name, extra in (("seq", "sequence_batching { }\n"), ("typo", "max_batchsize: 8\n")):
+        shutil.copytree(DEMO_REPOSITORY / "simple", root / name)
+        renamed = config.replace('name: "simple"', f'name: "{name}"')
+        (root / name / "config.pbtxt").write_text(renamed + extra)
+    (root / "nofile" / "1").mkdir(parents=True)
+    (root / "noversion").mkdir()
+    return root
+
+
+def test_each_refused_model_is_logged_once_and_the_last_line_says_not_ready(
+    tmp_path: Path,
+) -> None:
+    """A model refused at start-up (none of its versions can load) was in RepositoryIndex
+    only: the log ended "microtune ready: 5 model(s)" while strict readiness kept the server
+    NOT_SERVING for good. Each reason is now an ERROR line, said once (poll mode does not say
+    it again at every poll, and says a model that comes without a version directory), and the
+    start-up's last line says the server is not ready, and why."""
+    repo = _refused_repository(tmp_path / "models")
+    args = ["--model-repository", str(repo), "--log-format", "json", "--metrics-port", "-1",
+            "--model-control-mode", "poll", "--repository-poll-s", "0.5"]  # fmt: skip
+    server = ServerProcess(tmp_path / "server", args).start(ready=False)
+    try:
+        wait_for(lambda: "microtune started" in server.stderr(), 60, "the start-up's last line")
+        (repo / "late").mkdir()  # a model without a version, added while the server runs
+        (repo / "late" / "config.pbtxt").write_text(
+            (repo / "simple" / "config.pbtxt").read_text().replace('"simple"', '"late"')
+        )
+        wait_for(lambda: "'late'" in server.stderr(), 10, "the late model's error")
+        time.sleep(2.0)  # four polls more
+        with grpc.insecure_channel(server.target) as ch:
+            got = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="readiness"), timeout=10
+            )
+        assert got.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        server.stop()
+    records = json_log_records(server.stderr())
+    errors = sorted(r["msg"] for r in records if r["level"] == "ERROR")
+    assert len(errors) == 5, errors
+    assert errors[0].startswith("config of model 'typo' does not parse: "), errors
+    assert 'no field named "max_batchsize"' in errors[0]
+    assert errors[1:] == [
+        "failed to load 'late': model 'late' has no version directory selected by its "
+        "version policy (found: none)",
+        "model 'noversion' has no version directory selected by its version policy (found: none)",
+        "model 'seq': sequence_batching (stateful models): not supported by microtune",
+        "model nofile version 1 has no model.onnx",
+    ], errors
+    (started,) = [r for r in records if r["msg"].startswith("microtune started")]
+    assert started["level"] == "WARNING"
+    assert started["msg"] == (
+        "microtune started, not ready: 5 model(s), 4 unavailable (nofile, noversion, seq, "
+        "typo); readiness stays NOT_SERVING while they fail (--strict-readiness)"
+    )
+    assert not [r for r in records if r["msg"].startswith("microtune ready")]

@@ -30,6 +30,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from runtime.ipc.protocol import LoadDone, LoadModel, QueuedCalls, WorkerStatus
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pbg
+from server._proto.microtune import admin_pb2 as apb
+from server._proto.microtune import admin_pb2_grpc as apb_grpc
 from server.settings import DEMO_REPOSITORY
 
 SYNC_PERIOD_S = 1.0  # App._sync_metrics
@@ -142,6 +144,42 @@ def test_unloaded_versions_leave_the_exposition(explicit: InProcess, repo: Path)
     assert gauges_of(srv, "simple") == set()
     assert not {n for n, lab, _ in scrape(srv) if lab.get("model") == "simple"} & per_model
     assert gauges_of(srv, "dense") >= {"microtune_model_state"}
+
+
+def test_an_unloaded_versions_routing_weight_leaves_the_exposition(explicit: InProcess) -> None:
+    """(The routing table outlives an unload, and the periodic sync wrote its weights back
+    within a second: the canary's share of traffic read 20 % for a model that served none.)"""
+    srv = explicit
+    table = '{"weights": {"1": 8000, "2": 2000}, "labels": {"stable": 1, "canary": 2}}'
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pbg.GRPCInferenceServiceStub(ch)
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="dense"), timeout=60)
+        admin = apb_grpc.RoutingAdminStub(ch)
+        admin.SetRouting(apb.SetRoutingRequest(model="dense", table_json=table), timeout=10)
+        weights = {"1": 8000.0, "2": 2000.0}
+        wait_for(
+            lambda: (
+                {
+                    lab["version"]: v
+                    for lab, v in series(
+                        srv, "microtune_routing_weight_basis_points", model="dense"
+                    )
+                }
+                == weights
+            ),
+            5,
+            "dense's routing weights",
+        )
+        stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="dense"), timeout=30)
+        time.sleep(2.5 * SYNC_PERIOD_S)
+        assert series(srv, "microtune_routing_weight_basis_points", model="dense") == []
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="dense"), timeout=60)
+        wait_for(  # loaded again: the table's weights are back
+            lambda: len(series(srv, "microtune_routing_weight_basis_points", model="dense")) == 2,
+            5,
+            "dense's routing weights again",
+        )
+        admin.ClearRouting(apb.ClearRoutingRequest(model="dense"), timeout=10)
 
 
 def requests(srv: InProcess, **labels: str) -> float:

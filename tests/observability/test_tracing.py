@@ -397,13 +397,17 @@ def test_resource_service_name_defaults_and_otel_variables(
 # ----------------------------------------------------------------------------- over the wire
 
 
+@pytest.mark.parametrize("compression", ["gzip", "none"])
 def test_otlp_export_over_the_wire_continues_client_trace(
-    model_repository: Path, tmp_path: Path
+    model_repository: Path, tmp_path: Path, compression: str
 ) -> None:
+    """(OTEL_EXPORTER_OTLP_COMPRESSION=none, OTLP's other value, stopped the server at start:
+    the pinned exporter reads only gzip from the variable.)"""
     collector = FakeCollector().start()
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_EXPORTER_OTLP_COMPRESSION": compression,
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # export within 0.1 s instead of 5 s
         "OTEL_SERVICE_NAME": "microtune-under-test",
     }
@@ -446,8 +450,10 @@ def test_otlp_export_over_the_wire_continues_client_trace(
     [
         ("OTEL_EXPORTER_OTLP_TIMEOUT", "5s", "is not a number of seconds"),
         ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "ten", "is not a number of seconds"),
-        ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd", "is not one of gzip, deflate, none"),
-        ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "lz4", "is not one of gzip, deflate, none"),
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd", "is not one of gzip, none"),
+        ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "lz4", "is not one of gzip, none"),
+        # (grpc could send it, but a collector does not decode it over gRPC)
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "deflate", "is not one of gzip, none"),
     ],
 )
 def test_an_otlp_variable_the_exporter_cannot_use_is_a_start_error(
@@ -461,6 +467,37 @@ def test_an_otlp_variable_the_exporter_cannot_use_is_a_start_error(
         make_tracing("otlp", 1.0, "9.9.9")
     assert str(info.value) == f"--tracing otlp: {variable}={value!r} {message}"
     make_tracing("console", 1.0, "9.9.9")  # only the OTLP exporter reads them
+
+
+BOTH_COMPRESSIONS = {  # the traces' own variable wins
+    "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+    "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "none",
+}
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        ({}, grpc.Compression.NoCompression),
+        ({"OTEL_EXPORTER_OTLP_COMPRESSION": "gzip"}, grpc.Compression.Gzip),
+        ({"OTEL_EXPORTER_OTLP_COMPRESSION": " NONE "}, grpc.Compression.NoCompression),
+        ({"OTEL_EXPORTER_OTLP_COMPRESSION": ""}, grpc.Compression.NoCompression),  # unset
+        (BOTH_COMPRESSIONS, grpc.Compression.NoCompression),
+    ],
+)
+def test_the_otlp_compressions_the_docs_name_configure_the_sender(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], expected: grpc.Compression
+) -> None:
+    for name in ("OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    tracing = make_tracing("otlp", 1.0, "9.9.9")
+    assert tracing is not None and tracing.sender is not None
+    try:
+        assert tracing.sender._compression == expected
+    finally:
+        tracing.provider.shutdown()
 
 
 @pytest.mark.parametrize("frontends", ["1", "2"])

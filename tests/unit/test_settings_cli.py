@@ -277,6 +277,25 @@ def test_a_load_model_name_the_repository_lacks_stops_the_server_with_one_line(
     assert "cannot start: --load-model '*' loads every model: it cannot stand beside" in err
 
 
+@pytest.mark.parametrize("mode", ["none", "poll"])
+def test_load_model_outside_explicit_mode_stops_the_server_with_one_line(
+    mode: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(It was ignored without a word: every model loaded, and a name the repository lacks
+    said nothing. Triton: "Use of '--load-model' requires setting
+    '--model-control-mode=explicit' as well.")"""
+    (tmp_path / "dense").mkdir()
+    argv = ["serve", "--model-repository", str(tmp_path), "--grpc-port", "0", "--metrics-port"]
+    argv += ["-1", "--model-control-mode", mode]
+    assert main([*argv, "--load-model", "dense,no_such_model"]) == 78
+    err = capsys.readouterr().err
+    assert "cannot start: --load-model requires --model-control-mode explicit as well" in err
+    monkeypatch.setenv("MICROTUNE_LOAD_MODEL", "*")
+    assert main(argv) == 78
+    err = capsys.readouterr().err
+    assert "cannot start: MICROTUNE_LOAD_MODEL requires --model-control-mode explicit" in err
+
+
 def test_a_load_model_variable_naming_a_missing_model_is_named_as_such(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
