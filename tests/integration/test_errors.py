@@ -56,6 +56,18 @@ def strings(shape: list[int], raw: bytes) -> pb.ModelInferRequest:
     return req
 
 
+def stream_then_good(channel: grpc.Channel, first: bytes) -> list[pb.ModelStreamInferResponse]:
+    """The answers of one ModelStreamInfer stream that sends `first` (bytes as they are), then
+    a good `simple` request of id "after"."""
+    stream = channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        response_deserializer=pb.ModelStreamInferResponse.FromString,
+    )
+    good = simple()
+    good.id = "after"
+    return list(stream(iter([first, good.SerializeToString()]), timeout=30))
+
+
 def expect(stub: Stub, req: pb.ModelInferRequest, code: grpc.StatusCode, *needles: str) -> str:
     with pytest.raises(grpc.RpcError) as ei:
         stub.ModelInfer(req, timeout=10)
@@ -296,13 +308,7 @@ def test_bytes_that_are_no_request_message_on_the_streams(
     """On ModelStreamInfer, such a message is one request's error (error_message) and the
     stream goes on: it ended the stream, the requests after it unanswered. The other streams
     (health's Watch, reflection) end with INVALID_ARGUMENT."""
-    stream = channel.stream_stream(
-        "/inference.GRPCInferenceService/ModelStreamInfer",
-        response_deserializer=pb.ModelStreamInferResponse.FromString,
-    )
-    good = simple()
-    good.id = "after"
-    answers = list(stream(iter([GARBAGE, good.SerializeToString()]), timeout=10))
+    answers = stream_then_good(channel, GARBAGE)
     assert [a.error_message for a in answers] == [
         "the request is not a valid ModelInferRequest message",
         "",
@@ -501,13 +507,7 @@ def test_a_request_of_millions_of_empty_inputs_is_refused_at_once(
         channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(body, timeout=30)
     assert ei.value.code() == Code.INVALID_ARGUMENT, ei.value.details()
     assert ei.value.details() == too_many
-    stream = channel.stream_stream(
-        "/inference.GRPCInferenceService/ModelStreamInfer",
-        response_deserializer=pb.ModelStreamInferResponse.FromString,
-    )
-    good = simple()
-    good.id = "after"
-    answers = list(stream(iter([body, good.SerializeToString()]), timeout=30))
+    answers = stream_then_good(channel, body)
     assert [a.error_message for a in answers] == [too_many, ""]
     assert answers[1].infer_response.id == "after"
     assert time.monotonic() - start < 5  # (milliseconds of work; it took ~35 s)
