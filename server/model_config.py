@@ -29,15 +29,19 @@ from runtime.ipc.dtypes import BY_CONFIG
 from server._proto.inference import grpc_service_pb2 as pb
 from server.types import DynamicBatching, ModelSpec, TensorSpec, VersionPolicy
 
-__all__ = ["ConfigError", "parse_config_json", "read_model_config", "spec_from_pb"]
+__all__ = ["CONFIG_FILES", "ConfigError", "parse_config_json", "read_model_config", "spec_from_pb"]
 
 
 class ConfigError(ValueError):
     """The config file is unreadable or asks for something microtune cannot do."""
 
 
+# A model's config file, by precedence: Triton's text format, else the same message in JSON.
+CONFIG_FILES = ("config.pbtxt", "config.json")
+
+
 def read_model_config(model_dir: Path) -> ModelSpec:
-    pbtxt, js = model_dir / "config.pbtxt", model_dir / "config.json"
+    pbtxt, js = (model_dir / n for n in CONFIG_FILES)
     msg = pb.ModelConfig()
     try:
         if pbtxt.exists():

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.model_config import ConfigError, read_model_config
+from server.model_config import CONFIG_FILES, ConfigError, read_model_config
 from server.types import Fingerprint, ModelSpec
 from server.versions import version_number
 
@@ -131,7 +131,7 @@ def scan_model(root: Path, name: str, spec: ModelSpec | None = None) -> ScannedM
 
 def _config_fingerprint(model_dir: Path) -> Fingerprint:
     found = []
-    for n in ("config.pbtxt", "config.json"):
+    for n in CONFIG_FILES:
         try:
             st = os.stat(model_dir / n)
         except OSError:  # none (the config is optional), or removed meanwhile
