@@ -44,6 +44,7 @@ __all__ = [
     "encode_infer",
     "encode_metadata",
     "encode_statistics",
+    "read_varint",
 ]
 
 
@@ -222,6 +223,21 @@ def _decode_input(inp: pb.ModelInferRequest.InferInputTensor, raw: bytes | None)
     return Tensor(name, dt.wire, shape, arr.tobytes())
 
 
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The protobuf varint at `pos` of serialized bytes and where it ends; IndexError past the
+    end or past 10 bytes. (server.rpc.wire's walk of every request inlines its own.)"""
+    value = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise IndexError("a varint of more than 10 bytes")
+
+
 # InferTensorContents' fixed-width fields: wire tag (packed: length-delimited) and item size.
 _PACKED_FLOATS = {"FP32": (6 << 3 | 2, 4), "FP64": (7 << 3 | 2, 8)}
 
@@ -238,15 +254,10 @@ def _packed_floats(contents: pb.InferTensorContents, wire: str, count: int) -> b
     data = contents.SerializeToString()
     if not data or data[0] != tag:
         return None
-    size = shift = 0
-    pos = 1
-    while pos < len(data):  # the field's length, a varint
-        byte = data[pos]
-        pos += 1
-        size |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            break
+    try:
+        size, pos = read_varint(data, 1)  # the field's length
+    except IndexError:
+        return None
     if size != count * width or pos + size != len(data):
         return None
     return memoryview(data)[pos:]  # (no copy of the tensor)

@@ -36,7 +36,7 @@ from google.protobuf.message import DecodeError
 from runtime.ipc.dtypes import DTYPES
 from server._proto.inference import grpc_service_pb2 as pb
 from server.errors import InvalidInput
-from server.rpc.codec import decode_infer, encode_infer_head
+from server.rpc.codec import decode_infer, encode_infer_head, read_varint
 from server.types import InferRequest, InferResponse, Tensor
 
 __all__ = [
@@ -169,13 +169,13 @@ def _scan(data: bytes) -> tuple[str | None, dict[int, memoryview] | None]:
     pos = 0
     try:
         while pos < n:
-            key, pos = _read_varint(data, pos)
+            key, pos = read_varint(data, pos)
             number, kind = key >> 3, key & 7
             if number == 0:
                 return None, None
             field = 0
             if kind == 2:  # length-delimited
-                size, pos = _read_varint(data, pos)
+                size, pos = read_varint(data, pos)
                 end = pos + size
                 if end > n:
                     return None, None
@@ -186,7 +186,7 @@ def _scan(data: bytes) -> tuple[str | None, dict[int, memoryview] | None]:
                         field = number - 4
                 pos = end
             elif kind == 0:  # varint
-                _, pos = _read_varint(data, pos)
+                _, pos = read_varint(data, pos)
             elif kind in (1, 5):  # fixed 64 or 32 bits
                 pos += 8 if kind == 1 else 4
             elif kind == 3:  # a group starts
@@ -203,20 +203,6 @@ def _scan(data: bytes) -> tuple[str | None, dict[int, memoryview] | None]:
     if pos > n or groups:
         return None, None
     return None, head
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """The varint at `pos` and where it ends; IndexError past the end or past 10 bytes."""
-    value = shift = 0
-    while True:
-        b = data[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            raise IndexError("a varint of more than 10 bytes")
 
 
 @dataclass(frozen=True, slots=True)
